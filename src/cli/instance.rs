@@ -1,0 +1,263 @@
+//! `app instance list | info | stop` and `app whoami`.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::config::{self, Timing, format_age};
+use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::instance::{self, StopOutcome};
+use crate::paths::AppPaths;
+use crate::registry::{Entry, InstanceRecord, Liveness, Registry};
+
+/// Subcommands of `app instance`.
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// List instances: one ID:PID line per live instance, oldest first.
+    List(ListArgs),
+    /// Show one instance.
+    Info {
+        /// Instance id or name.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an instance: SIGTERM, then SIGKILL after the timeout.
+    Stop {
+        /// Instance id or name.
+        id: String,
+        /// How long to wait after SIGTERM before killing (e.g. 500ms, 10s, 1m).
+        #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// Arguments of `app instance list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// A table: id, pid, status, age, heartbeat age, branch, worktree, command.
+    #[arg(long)]
+    long: bool,
+    /// Include stale and forged entries, marked as such.
+    #[arg(long)]
+    all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    config::parse_duration(text).map_err(|err| err.to_string())
+}
+
+pub(super) fn run(command: InstanceCommand) -> Result<u8> {
+    let timing = Timing::from_env()?;
+    let paths = AppPaths::discover(&super::current_dir()?)?;
+    let registry = Registry::open_read_only(&paths)?;
+    match command {
+        InstanceCommand::List(args) => list(&registry, &args, timing),
+        InstanceCommand::Info { id, json } => info(&registry, &id, json, timing),
+        InstanceCommand::Stop { id, timeout } => {
+            let outcome = instance::stop(&registry, &id, timeout, timing)?;
+            match outcome {
+                StopOutcome::Terminated => eprintln!("app: instance {id} stopped"),
+                StopOutcome::Killed => eprintln!(
+                    "app: instance {id} did not stop within {}; killed it",
+                    format_age(timeout)
+                ),
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// One row of a listing: a verified record with its liveness, or a forged entry.
+enum Row<'a> {
+    Valid(&'a InstanceRecord, Liveness),
+    Forged { key: &'a str, reason: &'a str },
+}
+
+fn list(registry: &Registry, args: &ListArgs, timing: Timing) -> Result<u8> {
+    let snapshot = registry.snapshot()?;
+    let mut rows: Vec<Row> = snapshot
+        .valid_instances()
+        .into_iter()
+        .map(|record| Row::Valid(record, record.liveness(timing.stale_after)))
+        .filter(|row| args.all || matches!(row, Row::Valid(_, Liveness::Live)))
+        .collect();
+    if args.all {
+        rows.extend(snapshot.instances.iter().filter_map(|entry| match entry {
+            Entry::Forged { key, reason } => Some(Row::Forged { key, reason }),
+            Entry::Valid(_) => None,
+        }));
+    }
+    if args.json {
+        let values: Vec<Value> = rows.iter().map(row_json).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&values).expect("JSON values serialize")
+        );
+    } else if args.long {
+        print_table(&rows);
+    } else {
+        for row in &rows {
+            match row {
+                Row::Valid(record, Liveness::Live) => println!("{}:{}", record.id, record.pid),
+                Row::Valid(record, Liveness::Stale(reason)) => {
+                    println!("{}:{} stale ({reason})", record.id, record.pid)
+                }
+                Row::Forged { key, reason } => println!("{key}:? forged ({reason})"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn row_json(row: &Row) -> Value {
+    match row {
+        Row::Valid(record, liveness) => {
+            let mut value = serde_json::to_value(record).expect("records serialize");
+            let (state, reason) = match liveness {
+                Liveness::Live => ("live", Value::Null),
+                Liveness::Stale(reason) => ("stale", Value::String(reason.clone())),
+            };
+            value["liveness"] = json!(state);
+            value["reason"] = reason;
+            value
+        }
+        Row::Forged { key, reason } => json!({"id": key, "liveness": "forged", "reason": reason}),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "ID",
+        "PID",
+        "STATUS",
+        "AGE",
+        "HEARTBEAT",
+        "BRANCH",
+        "WORKTREE",
+        "COMMAND",
+    ];
+    let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for row in rows {
+        table.push(match row {
+            Row::Valid(record, liveness) => vec![
+                record.id.clone(),
+                record.pid.to_string(),
+                match liveness {
+                    Liveness::Live => record.status.to_string(),
+                    Liveness::Stale(_) => "stale".to_string(),
+                },
+                format_age(record.started_at.age()),
+                format_age(record.heartbeat_at.age()),
+                record.branch.clone().unwrap_or_else(|| "-".into()),
+                record
+                    .worktree
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |w| w.display().to_string()),
+                record.command.join(" "),
+            ],
+            Row::Forged { key, .. } => {
+                let mut cells = vec![key.to_string(), "?".into(), "forged".into()];
+                cells.resize(header.len(), "-".into());
+                cells
+            }
+        });
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|col| {
+            table
+                .iter()
+                .map(|row| row[col].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in &table {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(col, cell)| {
+                if col + 1 == row.len() {
+                    cell.clone()
+                } else {
+                    format!("{cell:<width$}", width = widths[col])
+                }
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8> {
+    let snapshot = registry.snapshot()?;
+    let record = snapshot
+        .instance(id)
+        .ok_or_else(|| Error::UnknownInstance { id: id.to_string() })?;
+    let liveness = record.liveness(timing.stale_after);
+    if json {
+        let value = row_json(&Row::Valid(record, liveness));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON values serialize")
+        );
+        return Ok(0);
+    }
+    let state = match &liveness {
+        Liveness::Live => format!("live ({})", record.status),
+        Liveness::Stale(reason) => format!("stale ({reason})"),
+    };
+    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+    println!("id:         {}", record.id);
+    println!("state:      {state}");
+    println!("pid:        {}", record.pid);
+    println!(
+        "child pid:  {}",
+        or_dash(record.child_pid.map(|p| p.to_string()))
+    );
+    println!("host:       {}", record.host);
+    println!(
+        "started:    {} ({} ago)",
+        record.started_at,
+        format_age(record.started_at.age())
+    );
+    println!(
+        "heartbeat:  {} ({} ago)",
+        record.heartbeat_at,
+        format_age(record.heartbeat_at.age())
+    );
+    println!(
+        "worktree:   {}",
+        or_dash(record.worktree.as_ref().map(|w| w.display().to_string()))
+    );
+    println!("cwd:        {}", record.cwd.display());
+    println!("branch:     {}", or_dash(record.branch.clone()));
+    println!("base:       {}", or_dash(record.base.clone()));
+    println!("command:    {}", record.command.join(" "));
+    Ok(0)
+}
+
+pub(super) fn whoami() -> Result<u8> {
+    let cwd = super::current_dir()?;
+    let paths = AppPaths::discover(&cwd)?;
+    let registry = Registry::open_read_only(&paths)?;
+    let snapshot = registry.snapshot()?;
+    let dir = std::fs::canonicalize(&cwd).unwrap_or(cwd);
+    match instance::owner_of(&snapshot, &dir) {
+        Some(record) => {
+            println!("{}", record.id);
+            Ok(0)
+        }
+        None => {
+            eprintln!(
+                "app: {} is not inside the worktree of a registered instance",
+                dir.display()
+            );
+            Ok(EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Settings read from the environment, and the duration syntax every flag and variable shares.
+//!
+//! Durations are written as a number and a unit: `500ms`, `3s`, `2m`, `1h`, `1d` (a bare number
+//! means seconds; units may be combined, `1m30s`). A variable that is set but malformed is an
+//! error, never silently replaced by the default.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Default time between two heartbeats of a running instance.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// Default age past which a heartbeat no longer proves an instance alive.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// Parses a duration such as `500ms`, `3s`, `2m`, `1h30m` or `10` (seconds).
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let bad = || {
+        Error::bad_input(format!(
+            "invalid duration {text:?}; write a number and a unit such as 500ms, 3s, 2m or 1h"
+        ))
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds).map_err(|_| bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let number: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit_seconds = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" | "sec" | "secs" => 1.0,
+            "m" | "min" | "mins" => 60.0,
+            "h" | "hour" | "hours" => 3600.0,
+            "d" | "day" | "days" => 86400.0,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(number * unit_seconds).map_err(|_| bad())?;
+    }
+    Ok(total)
+}
+
+/// Reads a duration from the environment variable `name`, or `default` when it is unset.
+pub fn env_duration(name: &str, default: Duration) -> Result<Duration> {
+    match std::env::var(name) {
+        Ok(value) => {
+            parse_duration(&value).map_err(|err| Error::bad_input(format!("{name}: {err}")))
+        }
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(Error::bad_input(format!("{name} is not valid UTF-8")))
+        }
+    }
+}
+
+/// The timing settings shared by every command.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Time between two heartbeats (`APP_HEARTBEAT_INTERVAL`).
+    pub heartbeat_interval: Duration,
+    /// Heartbeat age past which an instance is stale (`APP_STALE_AFTER`).
+    pub stale_after: Duration,
+}
+
+impl Timing {
+    /// Reads `APP_HEARTBEAT_INTERVAL` and `APP_STALE_AFTER`.
+    pub fn from_env() -> Result<Self> {
+        let heartbeat_interval =
+            env_duration("APP_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL)?;
+        let stale_after = env_duration("APP_STALE_AFTER", DEFAULT_STALE_AFTER)?;
+        if heartbeat_interval.is_zero() {
+            return Err(Error::bad_input(
+                "APP_HEARTBEAT_INTERVAL must be greater than zero",
+            ));
+        }
+        Ok(Timing {
+            heartbeat_interval,
+            stale_after,
+        })
+    }
+}
+
+/// Formats a duration compactly for tables: `850ms`, `12s`, `4m`, `3h`, `2d`.
+pub fn format_age(age: Duration) -> String {
+    let secs = age.as_secs();
+    match secs {
+        0 => format!("{}ms", age.as_millis()),
+        1..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in ["", "s", "3x", "-1s", "ms5", "1s2", "abc"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn formats_ages() {
+        assert_eq!(format_age(Duration::from_millis(850)), "850ms");
+        assert_eq!(format_age(Duration::from_secs(12)), "12s");
+        assert_eq!(format_age(Duration::from_secs(240)), "4m");
+        assert_eq!(format_age(Duration::from_secs(3 * 86400)), "3d");
+    }
+}

@@ -1,0 +1,611 @@
+//! Instance lifecycle: `app run` (claim an id, make a worktree, register, supervise the command,
+//! clean up), and `app instance stop`.
+//!
+//! Invariants:
+//! - All validation happens before the first write: bad input changes nothing on disk.
+//! - The id (and the branch) are claimed under the registry lock, so two instances racing for the
+//!   same name or branch cannot both win; the worktree checkout runs outside the lock.
+//! - The supervisor heartbeats while the command runs; SIGINT, SIGTERM and SIGHUP sent to it are
+//!   forwarded to the command, except those the terminal already delivered to the whole
+//!   foreground process group (forwarding them would deliver a Ctrl-C twice).
+//! - On the way out the instance is unregistered and its worktree removed only when that loses
+//!   nothing (see [`worktree::remove_if_clean`]).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use git2::Repository;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::low_level::siginfo::Cause;
+
+use crate::config::Timing;
+use crate::error::{Error, GitContext, IoContext, Result};
+use crate::paths::AppPaths;
+use crate::process::{self, Presence, ProcessIdentity};
+use crate::registry::{
+    BranchRecord, Entry, InstanceRecord, InstanceStatus, Liveness, Registry, Snapshot, Timestamp,
+};
+use crate::worktree::{self, Cleanup, WorktreePlan};
+
+/// Checks a user-given instance name: `[a-z0-9][a-z0-9_-]{0,63}`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !first_ok || !rest_ok || name.len() > 64 {
+        return Err(Error::bad_input(format!(
+            "invalid instance name {name:?}: use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh random id: 8 lowercase hex characters from a v4 UUID.
+fn random_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
+}
+
+/// Whether `id` was ever used in this repository as far as any trace shows.
+fn id_in_use(repo: &Repository, paths: &AppPaths, snapshot: &Snapshot, id: &str) -> bool {
+    snapshot.instances.iter().any(|entry| match entry {
+        Entry::Valid(record) => record.id == id,
+        Entry::Forged { key, .. } => key == id,
+    }) || paths.worktree(id).exists()
+        || paths.git_worktree_admin(id).exists()
+        || repo
+            .find_branch(&worktree::default_branch(id), git2::BranchType::Local)
+            .is_ok()
+}
+
+/// What `app run` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// A name to use as the instance id instead of a random one.
+    pub name: Option<String>,
+    /// Branch to check out (default `app/<id>`).
+    pub branch: Option<String>,
+    /// Ref the new branch starts from (default HEAD).
+    pub base: Option<String>,
+    /// Register in the current directory without a worktree.
+    pub no_worktree: bool,
+    /// Keep worktree and branch on exit.
+    pub keep: bool,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The instance id.
+    pub id: String,
+    /// Exit code for `app`: the command's own, or 128+N when it died of signal N.
+    pub exit_code: u8,
+    /// The worktree, when the instance had one.
+    pub worktree: Option<PathBuf>,
+    /// The branch, when the instance had one.
+    pub branch: Option<String>,
+    /// What happened to worktree and branch (`None` with `--keep` or `--no-worktree`).
+    pub cleanup: Option<Cleanup>,
+}
+
+/// The command's pid as the signal thread sees it.
+#[derive(Debug, Default)]
+struct ChildSlot {
+    pid: Option<u32>,
+    /// Set once the child has exited but before it is reaped, so its pid cannot be reused
+    /// while a signal is being forwarded.
+    exited: bool,
+    /// A signal that arrived before the child existed: the run is cancelled.
+    pending: Option<i32>,
+}
+
+/// Runs `options.command` as a new instance and supervises it until it exits.
+pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcome> {
+    if options.command.is_empty() {
+        return Err(Error::bad_input(
+            "no command given; write it after '--', e.g. app run -- bash",
+        ));
+    }
+    if let Some(name) = &options.name {
+        validate_name(name)?;
+    }
+    if options.no_worktree && (options.branch.is_some() || options.base.is_some()) {
+        return Err(Error::bad_input(
+            "--branch and --base need a worktree; drop them or drop --no-worktree",
+        ));
+    }
+    let paths = AppPaths::discover(cwd)?;
+    let repo = Repository::open(paths.repo_root())
+        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+
+    // Everything below until `open_for_write` only reads.
+    let reader = Registry::open_read_only(&paths)?;
+    let snapshot = reader.snapshot()?;
+    let id = match &options.name {
+        Some(name) => {
+            refuse_live_holder(&snapshot, name, timing)?;
+            name.clone()
+        }
+        None => (0..16)
+            .map(|_| random_id())
+            .find(|id| !id_in_use(&repo, &paths, &snapshot, id))
+            .ok_or_else(|| Error::Failed("could not find an unused instance id".into()))?,
+    };
+    let plan = if options.no_worktree {
+        None
+    } else {
+        Some(worktree::plan(
+            &repo,
+            &paths,
+            &id,
+            options.branch.as_deref(),
+            options.base.as_deref(),
+        )?)
+    };
+
+    // From here on, signals are ours: one arriving before the command starts cancels the run.
+    let slot = Arc::new(Mutex::new(ChildSlot::default()));
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
+        .io_context("installing signal handlers for", "app run")?;
+    let signal_handle = signals.handle();
+    let signal_thread = {
+        let slot = Arc::clone(&slot);
+        thread::spawn(move || {
+            for origin in signals.forever() {
+                forward_signal(&slot, origin.signal, &origin.cause);
+            }
+        })
+    };
+    let result = supervise(&paths, &repo, &id, plan, options, timing, &slot);
+    signal_handle.close();
+    let _ = signal_thread.join();
+    result
+}
+
+fn forward_signal(slot: &Mutex<ChildSlot>, signal: i32, cause: &Cause) {
+    let mut slot = slot.lock().unwrap_or_else(|poison| poison.into_inner());
+    match slot.pid {
+        None => {
+            slot.pending.get_or_insert(signal);
+        }
+        Some(pid) if !slot.exited => {
+            // A terminal's Ctrl-C or hangup reaches the whole foreground process group, the
+            // command included: forwarding it would deliver it twice.
+            if matches!(cause, Cause::Kernel) {
+                return;
+            }
+            if let Ok(sig) = Signal::try_from(signal) {
+                let _ = nix::sys::signal::kill(process::pid_of(pid), sig);
+            }
+        }
+        Some(_) => {}
+    }
+}
+
+fn refuse_live_holder(snapshot: &Snapshot, name: &str, timing: Timing) -> Result<()> {
+    if let Some(record) = snapshot.instance(name)
+        && record.liveness(timing.stale_after) == Liveness::Live
+    {
+        return Err(Error::Busy(format!(
+            "instance name {name:?} is held by a live instance (pid {}, started {}); pick another --instance or stop it with 'app instance stop {name}'",
+            record.pid, record.started_at
+        )));
+    }
+    Ok(())
+}
+
+fn supervise(
+    paths: &AppPaths,
+    repo: &Repository,
+    id: &str,
+    plan: Option<WorktreePlan>,
+    options: &RunOptions,
+    timing: Timing,
+    slot: &Arc<Mutex<ChildSlot>>,
+) -> Result<RunOutcome> {
+    let registry = Registry::open_for_write(paths)?;
+    let me = ProcessIdentity::current();
+    let cwd = match &plan {
+        Some(plan) => plan.path.clone(),
+        None => std::env::current_dir().io_context("reading", "the current directory")?,
+    };
+    let now = Timestamp::now();
+    let mut record = InstanceRecord {
+        id: id.to_string(),
+        pid: me.pid,
+        start_time: me.start_time,
+        boot_id: me.boot_id.clone(),
+        host: process::hostname().to_string(),
+        started_at: now,
+        heartbeat_at: now,
+        worktree: plan.as_ref().map(|p| p.path.clone()),
+        cwd: cwd.clone(),
+        branch: plan.as_ref().map(|p| p.branch.clone()),
+        base: plan.as_ref().map(|p| p.base.to_string()),
+        command: options.command.clone(),
+        child_pid: None,
+        child_start_time: None,
+        status: InstanceStatus::Starting,
+    };
+    let created_branch = claim(&registry, &record, plan.as_ref(), timing)?;
+
+    if let Some(plan) = &plan
+        && let Err(err) = worktree::create(repo, plan)
+    {
+        unregister(
+            &registry,
+            id,
+            plan.create_branch.then_some(plan.branch.as_str()),
+        );
+        return Err(err);
+    }
+
+    let spawned = {
+        let mut guard = slot.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Some(signal) = guard.pending {
+            Err(signal)
+        } else {
+            let mut command = Command::new(&options.command[0]);
+            command.args(&options.command[1..]).current_dir(&cwd);
+            command.env("APP_INSTANCE_ID", id);
+            command.env("APP_REPO_ROOT", paths.repo_root());
+            if let Some(plan) = &plan {
+                command.env("APP_WORKTREE", &plan.path);
+                command.env("APP_BRANCH", &plan.branch);
+            }
+            match command.spawn() {
+                Ok(child) => {
+                    guard.pid = Some(child.id());
+                    Ok(Ok(child))
+                }
+                Err(err) => Ok(Err(err)),
+            }
+        }
+    };
+    let mut child = match spawned {
+        Ok(Ok(child)) => child,
+        Ok(Err(err)) => {
+            finish(
+                repo,
+                &registry,
+                &record,
+                plan.as_ref(),
+                created_branch,
+                options.keep,
+            )?;
+            return Err(Error::Spawn {
+                command: options.command[0].clone(),
+                source: err,
+            });
+        }
+        Err(signal) => {
+            let cleanup = finish(
+                repo,
+                &registry,
+                &record,
+                plan.as_ref(),
+                created_branch,
+                options.keep,
+            )?;
+            return Ok(outcome(
+                &record,
+                128u8.saturating_add(signal as u8),
+                cleanup,
+            ));
+        }
+    };
+
+    record.child_pid = Some(child.id());
+    record.child_start_time = process::start_time(child.id());
+    record.status = InstanceStatus::Running;
+    let child_pid = record.child_pid;
+    let child_start_time = record.child_start_time;
+    if let Err(err) = registry.update(|tables| {
+        if let Some(mut current) = tables.instance(id) {
+            current.child_pid = child_pid;
+            current.child_start_time = child_start_time;
+            current.status = InstanceStatus::Running;
+            tables.put_instance(&current);
+        }
+        Ok(())
+    }) {
+        tracing::warn!(instance = %id, %err, "recording the command's pid failed");
+    }
+
+    let (stop_heartbeat, heartbeat) = start_heartbeat(registry.clone(), id.to_string(), timing);
+    let status = wait_child(&mut child, slot);
+    drop(stop_heartbeat);
+    let _ = heartbeat.join();
+    let exit_code = match status {
+        Ok(status) => exit_code_of(status),
+        Err(err) => {
+            tracing::error!(instance = %id, %err, "waiting for the command failed");
+            1
+        }
+    };
+    let cleanup = finish(
+        repo,
+        &registry,
+        &record,
+        plan.as_ref(),
+        created_branch,
+        options.keep,
+    )?;
+    Ok(outcome(&record, exit_code, cleanup))
+}
+
+fn outcome(record: &InstanceRecord, exit_code: u8, cleanup: Option<Cleanup>) -> RunOutcome {
+    RunOutcome {
+        id: record.id.clone(),
+        exit_code,
+        worktree: record.worktree.clone(),
+        branch: record.branch.clone(),
+        cleanup,
+    }
+}
+
+/// Registers the instance and claims its branch under the lock. Returns whether the branch is
+/// one `app` creates (or created, for a reused worktree).
+fn claim(
+    registry: &Registry,
+    record: &InstanceRecord,
+    plan: Option<&WorktreePlan>,
+    timing: Timing,
+) -> Result<bool> {
+    registry.update(|tables| {
+        if let Some(existing) = tables.instance(&record.id) {
+            if existing.liveness(timing.stale_after) == Liveness::Live {
+                return Err(Error::Busy(format!(
+                    "instance name {:?} is held by a live instance (pid {}); pick another --instance",
+                    record.id, existing.pid
+                )));
+            }
+        } else if tables.has_instance_key(&record.id) {
+            return Err(Error::Failed(format!(
+                "the registry holds an entry for {:?} that does not verify; run 'app doctor' to see it",
+                record.id
+            )));
+        }
+        let mut created_branch = false;
+        if let Some(plan) = plan {
+            for entry in tables.instances() {
+                if let Entry::Valid(other) = entry
+                    && other.id != record.id
+                    && other.branch.as_deref() == Some(plan.branch.as_str())
+                    && other.liveness(timing.stale_after) == Liveness::Live
+                {
+                    return Err(Error::Busy(format!(
+                        "branch {} is held by live instance {} (pid {}); pick another --branch",
+                        plan.branch, other.id, other.pid
+                    )));
+                }
+            }
+            // An existing branch app made earlier keeps its provenance: its original base, and
+            // app's right to delete it once it holds nothing beyond that base.
+            let previous = tables.branch(&plan.branch).filter(|_| !plan.create_branch);
+            created_branch = plan.create_branch || previous.as_ref().is_some_and(|b| b.created_branch);
+            let base = previous.map_or_else(|| plan.base.to_string(), |b| b.base);
+            tables.put_branch(&BranchRecord {
+                branch: plan.branch.clone(),
+                instance: record.id.clone(),
+                worktree: plan.path.clone(),
+                base,
+                created_at: record.started_at,
+                created_branch,
+            });
+        }
+        tables.put_instance(record);
+        Ok(created_branch)
+    })
+}
+
+/// Removes the instance's registry entry, and its branch entry when given.
+fn unregister(registry: &Registry, id: &str, branch: Option<&str>) {
+    let result = registry.update(|tables| {
+        tables.remove_instance(id);
+        if let Some(branch) = branch {
+            tables.remove_branch(branch);
+        }
+        Ok(())
+    });
+    if let Err(err) = result {
+        tracing::warn!(instance = %id, %err, "unregistering failed");
+    }
+}
+
+/// Cleans up the worktree (unless kept) and unregisters.
+fn finish(
+    repo: &Repository,
+    registry: &Registry,
+    record: &InstanceRecord,
+    plan: Option<&WorktreePlan>,
+    created_branch: bool,
+    keep: bool,
+) -> Result<Option<Cleanup>> {
+    let _ = registry.update(|tables| {
+        if let Some(mut current) = tables.instance(&record.id) {
+            current.status = InstanceStatus::Stopping;
+            tables.put_instance(&current);
+        }
+        Ok(())
+    });
+    let Some(plan) = plan.filter(|_| !keep) else {
+        unregister(registry, &record.id, None);
+        return Ok(None);
+    };
+    // The base the branch is compared with is the one recorded when it was first claimed.
+    let base = registry
+        .snapshot()
+        .ok()
+        .and_then(|s| {
+            s.branches.into_iter().find_map(|b| match b {
+                Entry::Valid(b) if b.branch == plan.branch => b.base.parse().ok(),
+                _ => None,
+            })
+        })
+        .unwrap_or(plan.base);
+    let cleanup = worktree::remove_if_clean(
+        repo,
+        &plan.id,
+        &plan.path,
+        &plan.branch,
+        base,
+        created_branch,
+    );
+    // The branch entry lives as long as the branch it describes (doctor compares it with its
+    // base later); a branch app did not create is released with its worktree.
+    let forget_branch = match &cleanup {
+        Ok(c) => c.branch_deleted || (c.worktree_removed && !created_branch),
+        Err(_) => false,
+    };
+    unregister(
+        registry,
+        &record.id,
+        forget_branch.then_some(plan.branch.as_str()),
+    );
+    cleanup.map(Some)
+}
+
+fn start_heartbeat(
+    registry: Registry,
+    id: String,
+    timing: Timing,
+) -> (mpsc::Sender<()>, thread::JoinHandle<()>) {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let handle = thread::spawn(move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) =
+            stopped.recv_timeout(timing.heartbeat_interval)
+        {
+            let result = registry.update(|tables| {
+                if let Some(mut current) = tables.instance(&id) {
+                    current.heartbeat_at = Timestamp::now();
+                    tables.put_instance(&current);
+                }
+                Ok(())
+            });
+            if let Err(err) = result {
+                // A heartbeat that cannot be written never kills the agent.
+                tracing::warn!(instance = %id, %err, "heartbeat failed");
+            }
+        }
+    });
+    (stop, handle)
+}
+
+/// Waits for the child, marking it exited before reaping so the signal thread never signals a
+/// recycled pid.
+fn wait_child(
+    child: &mut std::process::Child,
+    slot: &Mutex<ChildSlot>,
+) -> std::io::Result<ExitStatus> {
+    let pid = process::pid_of(child.id());
+    loop {
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => return Err(std::io::Error::from(err)),
+        }
+    }
+    slot.lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .exited = true;
+    child.wait()
+}
+
+/// `app`'s exit code for a command's status: its code, or 128+N for signal N.
+pub fn exit_code_of(status: ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code).unwrap_or(1),
+        (None, Some(signal)) => 128u8.saturating_add(u8::try_from(signal).unwrap_or(0)),
+        (None, None) => 1,
+    }
+}
+
+/// How `app instance stop` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The instance stopped after SIGTERM.
+    Terminated,
+    /// The command had to be killed with SIGKILL.
+    Killed,
+}
+
+/// Stops a live instance: SIGTERM to its supervisor (which forwards it to the command), then
+/// after `timeout` SIGKILL to the command, and to the supervisor if it still does not exit.
+pub fn stop(
+    registry: &Registry,
+    id: &str,
+    timeout: Duration,
+    timing: Timing,
+) -> Result<StopOutcome> {
+    let snapshot = registry.snapshot()?;
+    let record = snapshot
+        .instance(id)
+        .ok_or_else(|| Error::UnknownInstance { id: id.to_string() })?
+        .clone();
+    if let Liveness::Stale(reason) = record.liveness(timing.stale_after) {
+        return Err(Error::Failed(format!(
+            "instance {id} is not running ({reason}); 'app doctor --fix' reclaims what it left"
+        )));
+    }
+    let supervisor = record.identity();
+    supervisor.signal(Signal::SIGTERM);
+    if wait_gone(&supervisor, timeout) {
+        return Ok(StopOutcome::Terminated);
+    }
+    if let (Some(pid), Some(start_time)) = (record.child_pid, record.child_start_time) {
+        let child = ProcessIdentity {
+            pid,
+            start_time,
+            boot_id: record.boot_id.clone(),
+        };
+        child.signal(Signal::SIGKILL);
+    }
+    // The supervisor cleans up once its command is gone; give it a moment before forcing.
+    if !wait_gone(&supervisor, Duration::from_secs(5)) {
+        supervisor.signal(Signal::SIGKILL);
+        wait_gone(&supervisor, Duration::from_secs(2));
+    }
+    Ok(StopOutcome::Killed)
+}
+
+fn wait_gone(identity: &ProcessIdentity, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if identity.presence() != Presence::Running {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The registered instance whose worktree contains `dir`, if any.
+pub fn owner_of(snapshot: &Snapshot, dir: &Path) -> Option<InstanceRecord> {
+    snapshot
+        .valid_instances()
+        .into_iter()
+        .filter(|record| {
+            record
+                .worktree
+                .as_ref()
+                .is_some_and(|worktree| dir.starts_with(worktree))
+        })
+        .max_by_key(|record| record.worktree.as_ref().map_or(0, |w| w.as_os_str().len()))
+        .cloned()
+}

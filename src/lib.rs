@@ -1,0 +1,19 @@
+//! `app`: coordinate many agents working on one git repository at once.
+//!
+//! Every agent instance gets its own git worktree under `.app/worktrees/<id>` on its own branch,
+//! an entry in signed, lock-protected registries with a heartbeat, and a cleanup that never
+//! loses work. The binary (`src/main.rs`) only parses arguments and maps errors to exit codes;
+//! everything else lives here. See docs/ARCHITECTURE.md for the module map.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod instance;
+pub mod paths;
+pub mod process;
+pub mod registry;
+pub mod sign;
+pub mod state;
+pub mod worktree;
+
+pub use error::{Error, Result};

@@ -1,0 +1,197 @@
+//! The only module that knows the layout of `.app/`.
+//!
+//! Layout, under the main worktree's root (the *repo root*):
+//!
+//! ```text
+//! .app/                      0700, listed in .git/info/exclude
+//!   worktrees/<id>/          git worktree of instance <id>
+//!   branch_registry.json     branch -> owning instance
+//!   process_registry.json    instance id -> process record
+//!   registry.lock            flock taken around every registry read-modify-write
+//!   secret                   HMAC key when APP_SHARED_SECRET is not set (0600)
+//! ```
+//!
+//! The repo root is found through git's *common* directory, so every path is the same whether
+//! `app` runs in the main worktree, in a subdirectory, or inside an instance's worktree.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, GitContext, IoContext, Result};
+use crate::state;
+
+/// Name of the state directory under the repo root.
+pub const STATE_DIR: &str = ".app";
+
+/// Resolved locations of one repository's `app` state.
+#[derive(Debug, Clone)]
+pub struct AppPaths {
+    repo_root: PathBuf,
+    git_common_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl AppPaths {
+    /// Finds the repository containing `start` and resolves its main worktree root.
+    ///
+    /// Works from any directory of the main worktree and from inside any linked worktree.
+    pub fn discover(start: &Path) -> Result<Self> {
+        let repo = git2::Repository::discover(start).map_err(|err| {
+            if err.code() == git2::ErrorCode::NotFound {
+                Error::NotARepository {
+                    path: start.to_path_buf(),
+                }
+            } else {
+                Error::git(
+                    format!("opening the repository at {}", start.display()),
+                    err,
+                )
+            }
+        })?;
+        let common = repo.commondir().to_path_buf();
+        // Open the common dir itself: its work directory is the main worktree, even when the
+        // repository was discovered from a linked worktree.
+        let main = git2::Repository::open(&common)
+            .git_context(|| format!("opening the repository at {}", common.display()))?;
+        let root = main.workdir().ok_or_else(|| {
+            Error::bad_input(format!(
+                "{} is a bare repository; app needs a repository with a working tree",
+                common.display()
+            ))
+        })?;
+        let repo_root = fs::canonicalize(root).io_context("resolving", root)?;
+        let git_common_dir = fs::canonicalize(&common).io_context("resolving", &common)?;
+        Ok(Self::from_parts(repo_root, git_common_dir))
+    }
+
+    /// Builds the paths for a repo root whose git common dir is already known.
+    pub fn from_parts(repo_root: PathBuf, git_common_dir: PathBuf) -> Self {
+        let state_dir = repo_root.join(STATE_DIR);
+        AppPaths {
+            repo_root,
+            git_common_dir,
+            state_dir,
+        }
+    }
+
+    /// The main worktree's root directory.
+    pub fn repo_root(&self) -> &Path {
+        &self.repo_root
+    }
+
+    /// Git's common directory (`.git` of the main worktree).
+    pub fn git_common_dir(&self) -> &Path {
+        &self.git_common_dir
+    }
+
+    /// `.app/` itself.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Parent directory of every instance worktree.
+    pub fn worktrees_dir(&self) -> PathBuf {
+        self.state_dir.join("worktrees")
+    }
+
+    /// The worktree directory of instance `id`.
+    pub fn worktree(&self, id: &str) -> PathBuf {
+        self.worktrees_dir().join(id)
+    }
+
+    /// Git's administrative directory for the linked worktree named `id`.
+    pub fn git_worktree_admin(&self, id: &str) -> PathBuf {
+        self.git_common_dir.join("worktrees").join(id)
+    }
+
+    /// The process registry file.
+    pub fn process_registry(&self) -> PathBuf {
+        self.state_dir.join("process_registry.json")
+    }
+
+    /// The branch registry file.
+    pub fn branch_registry(&self) -> PathBuf {
+        self.state_dir.join("branch_registry.json")
+    }
+
+    /// The lock file serializing registry updates.
+    pub fn registry_lock(&self) -> PathBuf {
+        self.state_dir.join("registry.lock")
+    }
+
+    /// The generated HMAC key.
+    pub fn secret(&self) -> PathBuf {
+        self.state_dir.join("secret")
+    }
+
+    /// Creates `.app/` (0700) and `worktrees/`, and lists `.app/` in `.git/info/exclude`.
+    ///
+    /// Safe to call from many processes at once.
+    pub fn ensure_state_dir(&self) -> Result<()> {
+        if !self.state_dir.is_dir() {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&self.state_dir)
+                .or_else(|err| {
+                    if err.kind() == std::io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    }
+                })
+                .io_context("creating", &self.state_dir)?;
+        }
+        let worktrees = self.worktrees_dir();
+        if !worktrees.is_dir() {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(&worktrees)
+                .io_context("creating", &worktrees)?;
+        }
+        self.ensure_excluded()
+    }
+
+    /// Adds `/.app/` to `.git/info/exclude` unless a line already names it.
+    ///
+    /// The user's `.gitignore` is never edited. Appends happen under the registry lock so two
+    /// first starts do not both add the line.
+    fn ensure_excluded(&self) -> Result<()> {
+        let info = self.git_common_dir.join("info");
+        let exclude = info.join("exclude");
+        let listed = |text: &str| {
+            text.lines()
+                .map(str::trim)
+                .any(|line| matches!(line, ".app" | ".app/" | "/.app" | "/.app/"))
+        };
+        let current = fs::read_to_string(&exclude).unwrap_or_default();
+        if listed(&current) {
+            return Ok(());
+        }
+        let _guard = state::lock_exclusive(&self.registry_lock())?;
+        let current = fs::read_to_string(&exclude).unwrap_or_default();
+        if listed(&current) {
+            return Ok(());
+        }
+        fs::create_dir_all(&info).io_context("creating", &info)?;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o644)
+            .open(&exclude)
+            .io_context("opening", &exclude)?;
+        let separator = if current.is_empty() || current.ends_with('\n') {
+            ""
+        } else {
+            "\n"
+        };
+        write!(
+            file,
+            "{separator}# app: per-repository agent state\n/.app/\n"
+        )
+        .io_context("writing", &exclude)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! Process identity: a pid is only the same process while its start time (and the boot it
+//! belongs to) matches what was recorded, so a reused pid is never mistaken for an instance.
+
+use std::fs;
+use std::sync::OnceLock;
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// What identifies one process on one machine across pid reuse and reboots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// The process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+    pub start_time: u64,
+    /// The kernel's boot id; a start time from another boot means nothing now.
+    pub boot_id: String,
+}
+
+/// Whether a recorded process is still the one running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// The pid exists with the recorded start time in this boot.
+    Running,
+    /// No process has that pid.
+    Gone,
+    /// The pid exists but belongs to another process (start time or boot differs).
+    Reused,
+}
+
+impl ProcessIdentity {
+    /// The identity of the calling process.
+    pub fn current() -> Self {
+        let pid = std::process::id();
+        Self::of(pid).expect("the calling process can always read its own /proc entry")
+    }
+
+    /// The identity of the running process `pid`, or `None` when there is none.
+    pub fn of(pid: u32) -> Option<Self> {
+        Some(ProcessIdentity {
+            pid,
+            start_time: start_time(pid)?,
+            boot_id: boot_id().to_string(),
+        })
+    }
+
+    /// Whether this identity still names a running process.
+    pub fn presence(&self) -> Presence {
+        if self.boot_id != boot_id() {
+            // After a reboot the pid, if it exists, is someone else.
+            return if start_time(self.pid).is_some() {
+                Presence::Reused
+            } else {
+                Presence::Gone
+            };
+        }
+        match start_time(self.pid) {
+            None => Presence::Gone,
+            Some(t) if t == self.start_time => Presence::Running,
+            Some(_) => Presence::Reused,
+        }
+    }
+
+    /// Sends `sig` only if this identity still names the running process.
+    ///
+    /// Returns false when the process is gone or its pid was reused (nothing is sent then).
+    pub fn signal(&self, sig: Signal) -> bool {
+        if self.presence() != Presence::Running {
+            return false;
+        }
+        match signal::kill(pid_of(self.pid), sig) {
+            Ok(()) => true,
+            Err(Errno::ESRCH) => false,
+            Err(err) => {
+                tracing::warn!(pid = self.pid, signal = ?sig, %err, "sending signal failed");
+                false
+            }
+        }
+    }
+}
+
+/// Converts a recorded pid to nix's type.
+pub fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+/// Start time of `pid` in clock ticks since boot, or `None` when the process does not exist.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces or ')': split after the
+    // last ')'. Field 3 is then the first field, and field 22 the twentieth.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), read once.
+pub fn boot_id() -> &'static str {
+    static BOOT_ID: OnceLock<String> = OnceLock::new();
+    BOOT_ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// This machine's host name.
+pub fn hostname() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .unwrap_or_else(|| "localhost".to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_identity_is_running_and_altered_start_time_is_reused() {
+        let me = ProcessIdentity::current();
+        assert_eq!(me.presence(), Presence::Running);
+        let reused = ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me.clone()
+        };
+        assert_eq!(reused.presence(), Presence::Reused);
+    }
+
+    #[test]
+    fn missing_pid_is_gone() {
+        // Pids above the kernel's pid_max (at most 2^22) never exist.
+        let ghost = ProcessIdentity {
+            pid: 4_194_304 + 7,
+            start_time: 1,
+            boot_id: boot_id().to_string(),
+        };
+        assert_eq!(ghost.presence(), Presence::Gone);
+    }
+}

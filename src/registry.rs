@@ -1,0 +1,574 @@
+//! The branch and process registries: which instances exist, which branches they own.
+//!
+//! Invariants:
+//! - Both files are replaced atomically ([`state::write_atomic`]); every read-modify-write holds
+//!   the exclusive registry lock and reloads both files inside it ([`Registry::update`]), so N
+//!   processes registering at once all end up registered.
+//! - Every entry carries an HMAC-SHA256 over its fields. An entry that does not verify (or does
+//!   not parse) is *forged*: ignored by every command, kept on disk for `doctor` to report, shown
+//!   by `instance list --all`.
+//! - An instance is *live* only when its pid runs with the recorded start time in this boot and
+//!   its heartbeat is younger than the stale limit. Everything else is *stale*.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::paths::AppPaths;
+use crate::process::{self, Presence, ProcessIdentity};
+use crate::sign::SigningKey;
+use crate::state;
+
+const FORMAT_VERSION: u32 = 1;
+
+/// A point in time, stored as RFC 3339 text with milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(SystemTime);
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Self {
+        Timestamp(SystemTime::now())
+    }
+
+    /// The wrapped time.
+    pub fn system_time(self) -> SystemTime {
+        self.0
+    }
+
+    /// Time elapsed since this timestamp (zero if it lies in the future).
+    pub fn age(self) -> Duration {
+        SystemTime::now().duration_since(self.0).unwrap_or_default()
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(time: SystemTime) -> Self {
+        Timestamp(time)
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_rfc3339_weak(&text)
+            .map(Timestamp)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Lifecycle stage of an instance, as its supervisor last recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Registered, command not started yet.
+    Starting,
+    /// The command is running.
+    Running,
+    /// The command is being stopped or has exited; cleanup is under way.
+    Stopping,
+}
+
+impl std::fmt::Display for InstanceStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InstanceStatus::Starting => "starting",
+            InstanceStatus::Running => "running",
+            InstanceStatus::Stopping => "stopping",
+        })
+    }
+}
+
+/// One entry of the process registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Instance id (8 hex characters, or a user-given name).
+    pub id: String,
+    /// Pid of the supervising `app` process.
+    pub pid: u32,
+    /// Start time of that process, in clock ticks since boot.
+    pub start_time: u64,
+    /// Boot the start time belongs to.
+    pub boot_id: String,
+    /// Host the instance runs on.
+    pub host: String,
+    /// When the instance registered.
+    pub started_at: Timestamp,
+    /// When the supervisor last proved it was alive.
+    pub heartbeat_at: Timestamp,
+    /// The instance's own worktree, or `None` with `--no-worktree`.
+    pub worktree: Option<PathBuf>,
+    /// Directory the command runs in (the worktree, or where `app run` was started).
+    pub cwd: PathBuf,
+    /// The instance's branch, when it has a worktree.
+    pub branch: Option<String>,
+    /// Commit the branch started from.
+    pub base: Option<String>,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// Pid of the command, once spawned.
+    pub child_pid: Option<u32>,
+    /// Start time of the command's process, so a stop never signals a reused pid.
+    pub child_start_time: Option<u64>,
+    /// Lifecycle stage.
+    pub status: InstanceStatus,
+}
+
+impl InstanceRecord {
+    /// The supervisor's process identity.
+    pub fn identity(&self) -> ProcessIdentity {
+        ProcessIdentity {
+            pid: self.pid,
+            start_time: self.start_time,
+            boot_id: self.boot_id.clone(),
+        }
+    }
+
+    /// Judges whether this instance is alive now.
+    pub fn liveness(&self, stale_after: Duration) -> Liveness {
+        if self.host != process::hostname() {
+            // Another machine's pids mean nothing here; only the heartbeat speaks.
+            return self.heartbeat_liveness(stale_after);
+        }
+        match self.identity().presence() {
+            Presence::Gone => Liveness::Stale(format!("pid {} is gone", self.pid)),
+            Presence::Reused => Liveness::Stale(format!(
+                "pid {} now belongs to another process (start time differs)",
+                self.pid
+            )),
+            Presence::Running => self.heartbeat_liveness(stale_after),
+        }
+    }
+
+    fn heartbeat_liveness(&self, stale_after: Duration) -> Liveness {
+        let age = self.heartbeat_at.age();
+        if age > stale_after {
+            Liveness::Stale(format!(
+                "last heartbeat {} ago (stale after {})",
+                crate::config::format_age(age),
+                crate::config::format_age(stale_after)
+            ))
+        } else {
+            Liveness::Live
+        }
+    }
+}
+
+/// Whether an instance is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// Pid, start time and heartbeat all check out.
+    Live,
+    /// Something does not; the text says what.
+    Stale(String),
+}
+
+/// One entry of the branch registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchRecord {
+    /// Branch name without `refs/heads/`.
+    pub branch: String,
+    /// Owning instance.
+    pub instance: String,
+    /// Worktree the branch is checked out in.
+    pub worktree: PathBuf,
+    /// Commit the branch started from.
+    pub base: String,
+    /// When the branch was claimed.
+    pub created_at: Timestamp,
+    /// Whether `app` created the branch (and may delete it when it holds no work).
+    pub created_branch: bool,
+}
+
+/// An entry as read from disk: verified, or not to be trusted.
+#[derive(Debug, Clone)]
+pub enum Entry<T> {
+    /// The signature verifies.
+    Valid(T),
+    /// The entry does not parse or its signature does not verify.
+    Forged {
+        /// The entry's key in the registry.
+        key: String,
+        /// Why it is not trusted.
+        reason: String,
+    },
+}
+
+/// The JSON document of one registry file: a version and signed entries by key.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RegistryDoc {
+    version: u32,
+    #[serde(default)]
+    entries: BTreeMap<String, Value>,
+}
+
+/// Both registries, loaded under the lock, for one read-modify-write.
+#[derive(Debug)]
+pub struct Tables {
+    key: SigningKey,
+    processes: RegistryDoc,
+    branches: RegistryDoc,
+    processes_changed: bool,
+    branches_changed: bool,
+}
+
+impl Tables {
+    /// Every process entry, verified or forged, in key order.
+    pub fn instances(&self) -> Vec<Entry<InstanceRecord>> {
+        entries(&self.processes, Some(&self.key))
+    }
+
+    /// The verified record of instance `id`.
+    pub fn instance(&self, id: &str) -> Option<InstanceRecord> {
+        verified(&self.processes, id, Some(&self.key))
+    }
+
+    /// Whether any entry, even a forged one, uses `id`.
+    pub fn has_instance_key(&self, id: &str) -> bool {
+        self.processes.entries.contains_key(id)
+    }
+
+    /// Signs and stores `record` under its id.
+    pub fn put_instance(&mut self, record: &InstanceRecord) {
+        let value = signed_value(record, &self.key);
+        self.processes.entries.insert(record.id.clone(), value);
+        self.processes_changed = true;
+    }
+
+    /// Removes instance `id`; returns whether it was there.
+    pub fn remove_instance(&mut self, id: &str) -> bool {
+        let removed = self.processes.entries.remove(id).is_some();
+        self.processes_changed |= removed;
+        removed
+    }
+
+    /// Every branch entry, verified or forged.
+    pub fn branches(&self) -> Vec<Entry<BranchRecord>> {
+        entries(&self.branches, Some(&self.key))
+    }
+
+    /// The verified record of `branch`.
+    pub fn branch(&self, branch: &str) -> Option<BranchRecord> {
+        verified(&self.branches, branch, Some(&self.key))
+    }
+
+    /// Signs and stores `record` under its branch name.
+    pub fn put_branch(&mut self, record: &BranchRecord) {
+        let value = signed_value(record, &self.key);
+        self.branches.entries.insert(record.branch.clone(), value);
+        self.branches_changed = true;
+    }
+
+    /// Removes `branch`; returns whether it was there.
+    pub fn remove_branch(&mut self, branch: &str) -> bool {
+        let removed = self.branches.entries.remove(branch).is_some();
+        self.branches_changed |= removed;
+        removed
+    }
+}
+
+/// A consistent read of both registries, taken without changing anything.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Every process entry.
+    pub instances: Vec<Entry<InstanceRecord>>,
+    /// Every branch entry.
+    pub branches: Vec<Entry<BranchRecord>>,
+}
+
+impl Snapshot {
+    /// The verified record of instance `id`.
+    pub fn instance(&self, id: &str) -> Option<&InstanceRecord> {
+        self.instances.iter().find_map(|entry| match entry {
+            Entry::Valid(record) if record.id == id => Some(record),
+            _ => None,
+        })
+    }
+
+    /// Verified instance records, oldest first.
+    pub fn valid_instances(&self) -> Vec<&InstanceRecord> {
+        let mut records: Vec<_> = self
+            .instances
+            .iter()
+            .filter_map(|entry| match entry {
+                Entry::Valid(record) => Some(record),
+                Entry::Forged { .. } => None,
+            })
+            .collect();
+        records.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        records
+    }
+}
+
+/// Access to one repository's registries.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    paths: AppPaths,
+    key: Option<SigningKey>,
+}
+
+impl Registry {
+    /// Opens the registries for writing: creates `.app/` and the secret when missing.
+    pub fn open_for_write(paths: &AppPaths) -> Result<Self> {
+        paths.ensure_state_dir()?;
+        let key = SigningKey::load(paths, true)?;
+        Ok(Registry {
+            paths: paths.clone(),
+            key,
+        })
+    }
+
+    /// Opens the registries for reading only: creates nothing.
+    pub fn open_read_only(paths: &AppPaths) -> Result<Self> {
+        let key = if paths.state_dir().is_dir() {
+            SigningKey::load(paths, false)?
+        } else {
+            None
+        };
+        Ok(Registry {
+            paths: paths.clone(),
+            key,
+        })
+    }
+
+    /// The repository paths this registry belongs to.
+    pub fn paths(&self) -> &AppPaths {
+        &self.paths
+    }
+
+    /// Reads both registries consistently (under a shared lock when `.app/` exists).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        if !self.paths.state_dir().is_dir() {
+            return Ok(Snapshot {
+                instances: Vec::new(),
+                branches: Vec::new(),
+            });
+        }
+        let _guard = state::lock_shared(&self.paths.registry_lock())?;
+        let processes = load_doc(&self.paths.process_registry())?;
+        let branches = load_doc(&self.paths.branch_registry())?;
+        Ok(Snapshot {
+            instances: entries(&processes, self.key.as_ref()),
+            branches: entries(&branches, self.key.as_ref()),
+        })
+    }
+
+    /// Runs `change` on both registries under the exclusive lock, reloading them first and
+    /// saving whichever changed. Nothing is saved when `change` fails.
+    pub fn update<T>(&self, change: impl FnOnce(&mut Tables) -> Result<T>) -> Result<T> {
+        let key = self.key.clone().ok_or_else(|| {
+            Error::Failed("the registry was opened read-only; this is a bug in app".into())
+        })?;
+        let _guard = state::lock_exclusive(&self.paths.registry_lock())?;
+        let mut tables = Tables {
+            key,
+            processes: load_doc(&self.paths.process_registry())?,
+            branches: load_doc(&self.paths.branch_registry())?,
+            processes_changed: false,
+            branches_changed: false,
+        };
+        let result = change(&mut tables)?;
+        if tables.processes_changed {
+            save_doc(&self.paths.process_registry(), &tables.processes)?;
+        }
+        if tables.branches_changed {
+            save_doc(&self.paths.branch_registry(), &tables.branches)?;
+        }
+        Ok(result)
+    }
+}
+
+fn load_doc(path: &Path) -> Result<RegistryDoc> {
+    let Some(bytes) = state::read_optional(path)? else {
+        return Ok(RegistryDoc {
+            version: FORMAT_VERSION,
+            entries: BTreeMap::new(),
+        });
+    };
+    let doc: RegistryDoc = serde_json::from_slice(&bytes).map_err(|source| Error::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if doc.version > FORMAT_VERSION {
+        return Err(Error::Failed(format!(
+            "{} has format version {}, newer than this app understands ({FORMAT_VERSION}); upgrade app",
+            path.display(),
+            doc.version
+        )));
+    }
+    Ok(doc)
+}
+
+fn save_doc(path: &Path, doc: &RegistryDoc) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(doc).expect("registry documents always serialize");
+    bytes.push(b'\n');
+    state::write_atomic(path, &bytes)
+}
+
+/// The record's fields as a JSON object plus its `signature`.
+fn signed_value<T: Serialize>(record: &T, key: &SigningKey) -> Value {
+    let bytes = serde_json::to_vec(record).expect("registry records always serialize");
+    let mut value = serde_json::to_value(record).expect("registry records always serialize");
+    if let Value::Object(map) = &mut value {
+        map.insert("signature".into(), Value::String(key.sign(&bytes)));
+    }
+    value
+}
+
+/// Parses and verifies one stored entry.
+fn verify_value<T: Serialize + DeserializeOwned>(
+    value: &Value,
+    key: Option<&SigningKey>,
+) -> Result<T, String> {
+    let Value::Object(map) = value else {
+        return Err("entry is not a JSON object".into());
+    };
+    let mut fields = map.clone();
+    let signature = match fields.remove("signature") {
+        Some(Value::String(signature)) => signature,
+        _ => return Err("entry is unsigned".into()),
+    };
+    let record: T = serde_json::from_value(Value::Object(fields))
+        .map_err(|err| format!("entry does not parse: {err}"))?;
+    let key = key.ok_or("no secret to verify it with (.app/secret is missing)")?;
+    let bytes = serde_json::to_vec(&record).expect("registry records always serialize");
+    if !key.verify(&bytes, &signature) {
+        return Err("signature does not verify".into());
+    }
+    Ok(record)
+}
+
+fn entries<T: Serialize + DeserializeOwned + Keyed>(
+    doc: &RegistryDoc,
+    key: Option<&SigningKey>,
+) -> Vec<Entry<T>> {
+    doc.entries
+        .iter()
+        .map(|(name, value)| match verify_value::<T>(value, key) {
+            Ok(record) if record.key() == name => Entry::Valid(record),
+            Ok(_) => Entry::Forged {
+                key: name.clone(),
+                reason: "entry is filed under another key than its own".into(),
+            },
+            Err(reason) => Entry::Forged {
+                key: name.clone(),
+                reason,
+            },
+        })
+        .collect()
+}
+
+fn verified<T: Serialize + DeserializeOwned + Keyed>(
+    doc: &RegistryDoc,
+    name: &str,
+    key: Option<&SigningKey>,
+) -> Option<T> {
+    let value = doc.entries.get(name)?;
+    verify_value::<T>(value, key)
+        .ok()
+        .filter(|record| record.key() == name)
+}
+
+/// A record that knows the key it is filed under.
+trait Keyed {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for InstanceRecord {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Keyed for BranchRecord {
+    fn key(&self) -> &str {
+        &self.branch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> InstanceRecord {
+        let me = ProcessIdentity::current();
+        InstanceRecord {
+            id: id.into(),
+            pid: me.pid,
+            start_time: me.start_time,
+            boot_id: me.boot_id,
+            host: process::hostname().into(),
+            started_at: Timestamp::now(),
+            heartbeat_at: Timestamp::now(),
+            worktree: None,
+            cwd: "/tmp".into(),
+            branch: None,
+            base: None,
+            command: vec!["true".into()],
+            child_pid: None,
+            child_start_time: None,
+            status: InstanceStatus::Running,
+        }
+    }
+
+    #[test]
+    fn signed_entries_verify_and_tampering_is_detected() {
+        let key = SigningKey::from_bytes(b"secret".to_vec());
+        let rec = record("abcd1234");
+        let value = signed_value(&rec, &key);
+        assert_eq!(
+            verify_value::<InstanceRecord>(&value, Some(&key)).unwrap(),
+            rec
+        );
+
+        let mut tampered = value.clone();
+        tampered["pid"] = Value::from(1);
+        assert!(verify_value::<InstanceRecord>(&tampered, Some(&key)).is_err());
+
+        let other = SigningKey::from_bytes(b"other".to_vec());
+        assert!(verify_value::<InstanceRecord>(&value, Some(&other)).is_err());
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let ts = Timestamp::now();
+        let json = serde_json::to_string(&ts).unwrap();
+        let back: Timestamp = serde_json::from_str(&json).unwrap();
+        let diff = ts
+            .system_time()
+            .duration_since(back.system_time())
+            .unwrap_or_default();
+        assert!(diff < Duration::from_millis(1));
+    }
+
+    #[test]
+    fn live_record_of_this_process_and_stale_heartbeat() {
+        let rec = record("abcd1234");
+        assert_eq!(rec.liveness(Duration::from_secs(30)), Liveness::Live);
+        let old = InstanceRecord {
+            heartbeat_at: Timestamp(SystemTime::now() - Duration::from_secs(60)),
+            ..rec
+        };
+        assert!(matches!(
+            old.liveness(Duration::from_secs(30)),
+            Liveness::Stale(_)
+        ));
+    }
+}

@@ -1,0 +1,155 @@
+//! Crash-safe primitives for shared state files.
+//!
+//! Invariants:
+//! - A shared file is never written in place: [`write_atomic`] writes a temp file in the same
+//!   directory, fsyncs it, renames it over the target and fsyncs the directory, so a reader sees
+//!   the old or the new version, never half of one, whatever instant a crash comes.
+//! - Read-modify-write happens while holding a [`LockGuard`] (an exclusive `flock` on a separate
+//!   lock file, released when the guard drops or the process dies), with the data reloaded
+//!   inside the lock.
+//! - Files are created with mode 0600.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Holds an exclusive lock on a lock file until dropped.
+#[derive(Debug)]
+pub struct LockGuard {
+    // Closing the file releases the flock.
+    _file: File,
+}
+
+/// Takes an exclusive lock on `path` (created 0600 if missing), blocking until it is free.
+pub fn lock_exclusive(path: &Path) -> Result<LockGuard> {
+    let file = open_lock_file(path)?;
+    file.lock().io_context("locking", path)?;
+    Ok(LockGuard { _file: file })
+}
+
+/// Takes a shared lock on `path`, blocking while an exclusive holder exists.
+pub fn lock_shared(path: &Path) -> Result<LockGuard> {
+    let file = open_lock_file(path)?;
+    file.lock_shared().io_context("locking", path)?;
+    Ok(LockGuard { _file: file })
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .io_context("opening lock file", path)
+}
+
+/// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, fsync dir).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .io_context("creating", &tmp)?;
+        file.write_all(bytes).io_context("writing", &tmp)?;
+        file.sync_all().io_context("syncing", &tmp)?;
+        fs::rename(&tmp, path).io_context("replacing", path)?;
+        sync_parent(path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates `path` with `bytes` only if it does not exist yet; returns false if it did.
+///
+/// The content appears whole or not at all: it is written to a temp file and hard-linked into
+/// place, which fails if another process got there first.
+pub fn create_atomic(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .io_context("creating", &tmp)?;
+        file.write_all(bytes).io_context("writing", &tmp)?;
+        file.sync_all().io_context("syncing", &tmp)?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => {
+                sync_parent(path)?;
+                Ok(true)
+            }
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(err) => Err(Error::io("creating", path, err)),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// Reads `path`, or `None` when it does not exist.
+pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(Error::io("reading", path, err)),
+    }
+}
+
+/// A temp name beside `path`, unique to this process and call.
+fn temp_path(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp.{}.{n}", std::process::id()))
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        let dir = File::open(parent).io_context("opening", parent)?;
+        dir.sync_all().io_context("syncing", parent)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temp file may remain");
+    }
+
+    #[test]
+    fn create_atomic_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        assert!(create_atomic(&path, b"one").unwrap());
+        assert!(!create_atomic(&path, b"two").unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+    }
+}

@@ -1,0 +1,388 @@
+//! Instance worktrees: validate, create and remove them without losing anyone's work.
+//!
+//! Invariants:
+//! - [`plan`] only reads: every bad branch name, unknown ref or branch checked out elsewhere is
+//!   rejected there, before anything is created.
+//! - [`create`] leaves nothing behind when it fails: a branch it made is deleted again.
+//! - [`remove_if_clean`] removes a worktree only when that loses nothing: no uncommitted or
+//!   untracked (non-ignored) change, and HEAD still on the instance's branch. A branch is
+//!   deleted only when `app` created it and it holds no commit beyond its base.
+//! - Only the worktree named by the instance id is pruned; `git worktree prune` is never run
+//!   repository-wide.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use git2::{BranchType, ErrorCode, Oid, Repository, StatusOptions, WorktreeAddOptions};
+
+use crate::error::{Error, GitContext, Result};
+use crate::paths::AppPaths;
+
+/// Everything needed to create an instance's worktree, checked before anything is written.
+#[derive(Debug, Clone)]
+pub struct WorktreePlan {
+    /// Worktree name in git (`.git/worktrees/<id>`) and directory name.
+    pub id: String,
+    /// `.app/worktrees/<id>`.
+    pub path: PathBuf,
+    /// Branch to check out.
+    pub branch: String,
+    /// Commit the branch starts from (or its tip, when it already exists).
+    pub base: Oid,
+    /// Whether the branch must be created.
+    pub create_branch: bool,
+    /// Whether an existing worktree of this instance is reused as it is.
+    pub reuse: bool,
+}
+
+/// The default branch name of instance `id`.
+pub fn default_branch(id: &str) -> String {
+    format!("app/{id}")
+}
+
+/// Checks a branch name against git's rules.
+pub fn validate_branch_name(name: &str) -> Result<()> {
+    let valid = git2::Branch::name_is_valid(name)
+        .git_context(|| format!("checking branch name {name:?}"))?;
+    if !valid || name == "HEAD" || name.starts_with('-') {
+        return Err(Error::bad_input(format!(
+            "{name:?} is not a valid branch name (see 'git check-ref-format --branch')"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates the worktree an instance would get, touching nothing.
+///
+/// `branch` defaults to `app/<id>`, `base` to the repository's HEAD. An existing branch is
+/// checked out as it is (then `base` must not be given); a branch checked out in any worktree is
+/// refused. When `.app/worktrees/<id>` already is a worktree (kept from an earlier run of a named
+/// instance), it is reused.
+pub fn plan(
+    repo: &Repository,
+    paths: &AppPaths,
+    id: &str,
+    branch: Option<&str>,
+    base: Option<&str>,
+) -> Result<WorktreePlan> {
+    let path = paths.worktree(id);
+    if let Some(name) = branch {
+        validate_branch_name(name)?;
+    }
+    if path.exists() {
+        return plan_reuse(repo, paths, id, branch, base, path);
+    }
+    let branch = branch.map_or_else(|| default_branch(id), str::to_string);
+    let existing = match repo.find_branch(&branch, BranchType::Local) {
+        Ok(found) => Some(found),
+        Err(err) if err.code() == ErrorCode::NotFound => None,
+        Err(err) => return Err(Error::git(format!("looking up branch {branch}"), err)),
+    };
+    if let Some(existing) = existing {
+        if base.is_some() {
+            return Err(Error::bad_input(format!(
+                "branch {branch} already exists; --base applies only to a new branch (drop --base to check {branch} out as it is)"
+            )));
+        }
+        if let Some(holder) = checked_out_in(repo, &branch)? {
+            return Err(Error::bad_input(format!(
+                "branch {branch} is already checked out in {}; pick another --branch",
+                holder.display()
+            )));
+        }
+        let tip = existing
+            .get()
+            .peel_to_commit()
+            .git_context(|| format!("branch {branch} does not point at a commit"))?;
+        return Ok(WorktreePlan {
+            id: id.to_string(),
+            path,
+            branch,
+            base: tip.id(),
+            create_branch: false,
+            reuse: false,
+        });
+    }
+    let base = resolve_base(repo, base)?;
+    Ok(WorktreePlan {
+        id: id.to_string(),
+        path,
+        branch,
+        base,
+        create_branch: true,
+        reuse: false,
+    })
+}
+
+fn plan_reuse(
+    repo: &Repository,
+    paths: &AppPaths,
+    id: &str,
+    branch: Option<&str>,
+    base: Option<&str>,
+    path: PathBuf,
+) -> Result<WorktreePlan> {
+    let kept = || {
+        format!(
+            "{} already exists but is not a worktree app can reuse; move it aside or run 'app doctor'",
+            path.display()
+        )
+    };
+    if !paths.git_worktree_admin(id).is_dir() {
+        return Err(Error::Failed(kept()));
+    }
+    let wt_repo = Repository::open(&path).map_err(|_| Error::Failed(kept()))?;
+    let head = wt_repo.head().map_err(|_| Error::Failed(kept()))?;
+    let current = head
+        .shorthand()
+        .ok()
+        .filter(|_| head.is_branch())
+        .ok_or_else(|| {
+            Error::Failed(format!(
+                "{} has a detached HEAD; check a branch out there first",
+                path.display()
+            ))
+        })?
+        .to_string();
+    if branch.is_some_and(|b| b != current) || base.is_some() {
+        return Err(Error::bad_input(format!(
+            "{} already exists on branch {current} (kept from an earlier run); run without --branch/--base to reuse it",
+            path.display()
+        )));
+    }
+    let tip = head
+        .peel_to_commit()
+        .git_context(|| format!("reading HEAD of {}", path.display()))?;
+    let _ = repo;
+    Ok(WorktreePlan {
+        id: id.to_string(),
+        path,
+        branch: current,
+        base: tip.id(),
+        create_branch: false,
+        reuse: true,
+    })
+}
+
+/// Resolves `--base` (default HEAD) to a commit, or a bad-input error naming the ref.
+pub fn resolve_base(repo: &Repository, base: Option<&str>) -> Result<Oid> {
+    let spec = base.unwrap_or("HEAD");
+    let object = repo.revparse_single(spec).map_err(|err| {
+        if base.is_none() && matches!(err.code(), ErrorCode::UnbornBranch | ErrorCode::NotFound) {
+            Error::bad_input(
+                "the repository has no commit yet; make a first commit, then run app again",
+            )
+        } else {
+            Error::bad_input(format!(
+                "unknown ref {spec:?}: {}; give --base a branch, tag or commit",
+                err.message()
+            ))
+        }
+    })?;
+    let commit = object
+        .peel_to_commit()
+        .map_err(|_| Error::bad_input(format!("{spec:?} does not name a commit")))?;
+    Ok(commit.id())
+}
+
+/// The worktree (main or linked) that has `branch` checked out, if any.
+pub fn checked_out_in(repo: &Repository, branch: &str) -> Result<Option<PathBuf>> {
+    let full = format!("refs/heads/{branch}");
+    let main_head = repo
+        .find_reference("HEAD")
+        .ok()
+        .and_then(|r| r.symbolic_target().ok().flatten().map(str::to_string));
+    if main_head.as_deref() == Some(full.as_str()) {
+        return Ok(Some(repo.workdir().unwrap_or(repo.path()).to_path_buf()));
+    }
+    let names = repo
+        .worktrees()
+        .git_context(|| "listing worktrees".into())?;
+    for name in names.iter().filter_map(|name| name.ok().flatten()) {
+        // Read the linked worktree's HEAD file directly: opening a repository per worktree is
+        // slower and fails for worktrees whose directory is gone (they still hold the branch).
+        let admin = repo.path().join("worktrees").join(name);
+        let head = fs::read_to_string(admin.join("HEAD")).unwrap_or_default();
+        if head.trim().strip_prefix("ref: ") == Some(full.as_str()) {
+            let gitdir = fs::read_to_string(admin.join("gitdir")).unwrap_or_default();
+            let path = Path::new(gitdir.trim())
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or(admin);
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
+/// Creates the planned worktree (and branch). On failure nothing it made is left behind.
+pub fn create(repo: &Repository, plan: &WorktreePlan) -> Result<()> {
+    if plan.reuse {
+        return Ok(());
+    }
+    let commit = repo
+        .find_commit(plan.base)
+        .git_context(|| format!("reading commit {}", plan.base))?;
+    let branch = if plan.create_branch {
+        repo.branch(&plan.branch, &commit, false).map_err(|err| {
+            if err.code() == ErrorCode::Exists {
+                Error::bad_input(format!(
+                    "branch {} was created by someone else a moment ago; pick another --branch",
+                    plan.branch
+                ))
+            } else {
+                Error::git(format!("creating branch {}", plan.branch), err)
+            }
+        })?
+    } else {
+        repo.find_branch(&plan.branch, BranchType::Local)
+            .git_context(|| format!("looking up branch {}", plan.branch))?
+    };
+    prune_dangling_admin(repo, &plan.id);
+    let mut options = WorktreeAddOptions::new();
+    options.reference(Some(branch.get()));
+    let added = repo.worktree(&plan.id, &plan.path, Some(&options));
+    drop(branch);
+    if let Err(err) = added {
+        // Roll back: a half-made directory and the branch we created must not survive.
+        let _ = fs::remove_dir_all(&plan.path);
+        if let Ok(wt) = repo.find_worktree(&plan.id) {
+            let _ = wt.prune(Some(git2::WorktreePruneOptions::new().valid(true)));
+        }
+        if plan.create_branch
+            && let Ok(mut b) = repo.find_branch(&plan.branch, BranchType::Local)
+        {
+            let _ = b.delete();
+        }
+        return Err(match checked_out_in(repo, &plan.branch) {
+            Ok(Some(holder)) => Error::bad_input(format!(
+                "branch {} is already checked out in {}; pick another --branch",
+                plan.branch,
+                holder.display()
+            )),
+            _ => Error::git(format!("creating worktree {}", plan.path.display()), err),
+        });
+    }
+    Ok(())
+}
+
+/// Removes git's record of worktree `id` when its directory is gone (left by a crash).
+fn prune_dangling_admin(repo: &Repository, id: &str) {
+    if let Ok(wt) = repo.find_worktree(id)
+        && wt.validate().is_err()
+    {
+        let _ = wt.prune(None);
+    }
+}
+
+/// What happened to an instance's worktree and branch at its end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// The worktree directory was removed.
+    pub worktree_removed: bool,
+    /// Why the worktree was kept, when it was.
+    pub worktree_kept_because: Option<String>,
+    /// The branch was deleted.
+    pub branch_deleted: bool,
+    /// Why the branch was kept, when `app` created it but kept it.
+    pub branch_kept_because: Option<String>,
+}
+
+/// Removes an instance's worktree and branch when that loses nothing.
+///
+/// `created_branch` says whether `app` made the branch: a branch it did not make is never
+/// deleted. `base` is the commit the branch started from.
+pub fn remove_if_clean(
+    repo: &Repository,
+    id: &str,
+    path: &Path,
+    branch: &str,
+    base: Oid,
+    created_branch: bool,
+) -> Result<Cleanup> {
+    let mut cleanup = Cleanup::default();
+    if path.exists() {
+        if let Some(reason) = unsaved_work(path, branch)? {
+            cleanup.worktree_kept_because = Some(reason);
+            // The branch is checked out in the kept worktree: it stays too.
+            return Ok(cleanup);
+        }
+        let wt = repo
+            .find_worktree(id)
+            .git_context(|| format!("looking up worktree {id}"))?;
+        wt.prune(Some(
+            git2::WorktreePruneOptions::new()
+                .valid(true)
+                .working_tree(true),
+        ))
+        .git_context(|| format!("removing worktree {}", path.display()))?;
+        cleanup.worktree_removed = true;
+    } else {
+        prune_dangling_admin(repo, id);
+    }
+
+    if !created_branch {
+        return Ok(cleanup);
+    }
+    let mut found = match repo.find_branch(branch, BranchType::Local) {
+        Ok(found) => found,
+        Err(err) if err.code() == ErrorCode::NotFound => return Ok(cleanup),
+        Err(err) => return Err(Error::git(format!("looking up branch {branch}"), err)),
+    };
+    let tip = found
+        .get()
+        .peel_to_commit()
+        .git_context(|| format!("reading branch {branch}"))?
+        .id();
+    let contained = tip == base
+        || repo
+            .graph_descendant_of(base, tip)
+            .git_context(|| format!("comparing {branch} with its base"))?;
+    if contained {
+        found
+            .delete()
+            .git_context(|| format!("deleting branch {branch}"))?;
+        cleanup.branch_deleted = true;
+    } else {
+        let (ahead, _) = repo
+            .graph_ahead_behind(tip, base)
+            .git_context(|| format!("comparing {branch} with its base"))?;
+        cleanup.branch_kept_because = Some(format!(
+            "{ahead} commit{} beyond its base",
+            if ahead == 1 { "" } else { "s" }
+        ));
+    }
+    Ok(cleanup)
+}
+
+/// Why removing the worktree at `path` would lose work, or `None` when it would not.
+fn unsaved_work(path: &Path, branch: &str) -> Result<Option<String>> {
+    let repo =
+        Repository::open(path).git_context(|| format!("opening worktree {}", path.display()))?;
+    let head = repo.head().ok();
+    let on_branch = head
+        .as_ref()
+        .is_some_and(|h| h.is_branch() && h.shorthand().ok() == Some(branch));
+    if !on_branch {
+        return Ok(Some(format!(
+            "its HEAD is no longer on branch {branch} (commits there may exist nowhere else)"
+        )));
+    }
+    let mut options = StatusOptions::new();
+    options
+        .include_untracked(true)
+        .recurse_untracked_dirs(false)
+        .include_ignored(false)
+        .exclude_submodules(false);
+    let statuses = repo
+        .statuses(Some(&mut options))
+        .git_context(|| format!("reading the status of {}", path.display()))?;
+    if statuses.is_empty() {
+        return Ok(None);
+    }
+    let n = statuses.len();
+    Ok(Some(format!(
+        "{n} uncommitted or untracked change{}",
+        if n == 1 { "" } else { "s" }
+    )))
+}
