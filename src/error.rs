@@ -62,7 +62,7 @@ pub enum Error {
     },
 
     /// A git operation failed.
-    #[error("git: {message}")]
+    #[error("git: {message}: {}", source.message())]
     Git {
         /// What `app` was doing.
         message: String,

@@ -87,13 +87,20 @@ pub fn pid_of(pid: u32) -> Pid {
     Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
 }
 
-/// Start time of `pid` in clock ticks since boot, or `None` when the process does not exist.
+/// Start time of `pid` in clock ticks since boot, or `None` when no such process is running.
+///
+/// A zombie (exited, not yet reaped by its parent) counts as not running: it does nothing more
+/// and holds nothing but its pid.
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces or ')': split after the
-    // last ')'. Field 3 is then the first field, and field 22 the twentieth.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    // last ')'. Field 3 (the state) is then the first field, and field 22 the twentieth.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    if matches!(state, "Z" | "X" | "x") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), read once.
@@ -130,6 +137,20 @@ mod tests {
             ..me.clone()
         };
         assert_eq!(reused.presence(), Presence::Reused);
+    }
+
+    #[test]
+    fn unreaped_child_is_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let started = std::time::Instant::now();
+        while start_time(pid).is_some() {
+            assert!(started.elapsed().as_secs() < 10, "child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Still a zombie: its /proc entry exists until it is reaped.
+        assert!(fs::metadata(format!("/proc/{pid}")).is_ok());
+        child.wait().unwrap();
     }
 
     #[test]

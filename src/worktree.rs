@@ -12,10 +12,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
-use git2::{BranchType, ErrorCode, Oid, Repository, StatusOptions, WorktreeAddOptions};
+use git2::{BranchType, ErrorCode, Oid, Repository, StatusOptions};
 
-use crate::error::{Error, GitContext, Result};
+use crate::error::{Error, GitContext, IoContext, Result};
 use crate::paths::AppPaths;
 
 /// Everything needed to create an instance's worktree, checked before anything is written.
@@ -220,11 +221,11 @@ pub fn create(repo: &Repository, plan: &WorktreePlan) -> Result<()> {
     if plan.reuse {
         return Ok(());
     }
-    let commit = repo
-        .find_commit(plan.base)
-        .git_context(|| format!("reading commit {}", plan.base))?;
-    let branch = if plan.create_branch {
-        repo.branch(&plan.branch, &commit, false).map_err(|err| {
+    if plan.create_branch {
+        let commit = repo
+            .find_commit(plan.base)
+            .git_context(|| format!("reading commit {}", plan.base))?;
+        retry_locked(|| repo.branch(&plan.branch, &commit, false)).map_err(|err| {
             if err.code() == ErrorCode::Exists {
                 Error::bad_input(format!(
                     "branch {} was created by someone else a moment ago; pick another --branch",
@@ -233,37 +234,66 @@ pub fn create(repo: &Repository, plan: &WorktreePlan) -> Result<()> {
             } else {
                 Error::git(format!("creating branch {}", plan.branch), err)
             }
-        })?
-    } else {
-        repo.find_branch(&plan.branch, BranchType::Local)
-            .git_context(|| format!("looking up branch {}", plan.branch))?
-    };
-    prune_dangling_admin(repo, &plan.id);
-    let mut options = WorktreeAddOptions::new();
-    options.reference(Some(branch.get()));
-    let added = repo.worktree(&plan.id, &plan.path, Some(&options));
-    drop(branch);
-    if let Err(err) = added {
-        // Roll back: a half-made directory and the branch we created must not survive.
-        let _ = fs::remove_dir_all(&plan.path);
-        if let Ok(wt) = repo.find_worktree(&plan.id) {
-            let _ = wt.prune(Some(git2::WorktreePruneOptions::new().valid(true)));
-        }
-        if plan.create_branch
-            && let Ok(mut b) = repo.find_branch(&plan.branch, BranchType::Local)
-        {
-            let _ = b.delete();
-        }
-        return Err(match checked_out_in(repo, &plan.branch) {
-            Ok(Some(holder)) => Error::bad_input(format!(
-                "branch {} is already checked out in {}; pick another --branch",
-                plan.branch,
-                holder.display()
-            )),
-            _ => Error::git(format!("creating worktree {}", plan.path.display()), err),
-        });
+        })?;
     }
-    Ok(())
+    prune_dangling_admin(repo, &plan.id);
+    let admin = repo.path().join("worktrees").join(&plan.id);
+    let added = add_worktree(&admin, plan);
+    if added.is_err() {
+        // Roll back: a half-made worktree and a branch made for it must not survive.
+        let _ = fs::remove_dir_all(&plan.path);
+        let _ = fs::remove_dir_all(&admin);
+        if plan.create_branch {
+            let _ = delete_branch(repo, &plan.branch);
+        }
+    }
+    added
+}
+
+/// Writes git's linked-worktree metadata for `plan` and checks its branch out.
+///
+/// This is what `git worktree add` does (same files, same `locked` marker while it works, so a
+/// concurrent `git worktree prune` leaves it alone). libgit2's own `git_worktree_add` is not
+/// used: its "branch already checked out" check misfires while another process adds or prunes a
+/// worktree, so concurrent instances failed at random. Exclusivity of the branch is checked in
+/// [`plan`] and claimed in the registry instead.
+fn add_worktree(admin: &Path, plan: &WorktreePlan) -> Result<()> {
+    let admin_parent = admin
+        .parent()
+        .expect("the admin dir lives in <gitdir>/worktrees");
+    fs::create_dir_all(admin_parent).io_context("creating", admin_parent)?;
+    fs::create_dir(admin).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::Failed(format!(
+                "git already has a worktree named {} ({}); run 'app doctor' or pick another --instance",
+                plan.id,
+                admin.display()
+            ))
+        } else {
+            Error::io("creating", admin, err)
+        }
+    })?;
+    let write = |path: PathBuf, text: String| fs::write(&path, text).io_context("writing", &path);
+    write(admin.join("locked"), "initializing\n".into())?;
+    fs::create_dir(&plan.path).io_context("creating", &plan.path)?;
+    let dot_git = plan.path.join(".git");
+    write(admin.join("gitdir"), format!("{}\n", dot_git.display()))?;
+    write(admin.join("commondir"), "../..\n".into())?;
+    write(
+        admin.join("HEAD"),
+        format!("ref: refs/heads/{}\n", plan.branch),
+    )?;
+    write(dot_git, format!("gitdir: {}\n", admin.display()))?;
+
+    let worktree = Repository::open(&plan.path)
+        .git_context(|| format!("opening new worktree {}", plan.path.display()))?;
+    let mut checkout = git2::build::CheckoutBuilder::new();
+    checkout.force();
+    worktree
+        .checkout_head(Some(&mut checkout))
+        .git_context(|| format!("checking out {} in {}", plan.branch, plan.path.display()))?;
+    let locked = admin.join("locked");
+    fs::remove_file(&locked).io_context("removing", &locked)
 }
 
 /// Removes git's record of worktree `id` when its directory is gone (left by a crash).
@@ -324,7 +354,7 @@ pub fn remove_if_clean(
     if !created_branch {
         return Ok(cleanup);
     }
-    let mut found = match repo.find_branch(branch, BranchType::Local) {
+    let found = match repo.find_branch(branch, BranchType::Local) {
         Ok(found) => found,
         Err(err) if err.code() == ErrorCode::NotFound => return Ok(cleanup),
         Err(err) => return Err(Error::git(format!("looking up branch {branch}"), err)),
@@ -339,9 +369,8 @@ pub fn remove_if_clean(
             .graph_descendant_of(base, tip)
             .git_context(|| format!("comparing {branch} with its base"))?;
     if contained {
-        found
-            .delete()
-            .git_context(|| format!("deleting branch {branch}"))?;
+        drop(found);
+        delete_branch(repo, branch)?;
         cleanup.branch_deleted = true;
     } else {
         let (ahead, _) = repo
@@ -353,6 +382,48 @@ pub fn remove_if_clean(
         ));
     }
     Ok(cleanup)
+}
+
+/// Deletes local branch `branch` and its configuration section.
+///
+/// libgit2's `git_branch_delete` is not used: its "checked out in a linked worktree" check
+/// reports *any* branch as checked out while another process prunes some other worktree (the
+/// lookup failure is taken for a match), which made concurrent cleanups fail. The check is done
+/// here instead, from the worktrees' HEAD files.
+fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
+    if let Some(holder) = checked_out_in(repo, branch)? {
+        return Err(Error::Failed(format!(
+            "branch {branch} is checked out in {}; not deleting it",
+            holder.display()
+        )));
+    }
+    let refname = format!("refs/heads/{branch}");
+    retry_locked(|| match repo.find_reference(&refname) {
+        Ok(mut reference) => reference.delete(),
+        Err(err) if err.code() == ErrorCode::NotFound => Ok(()),
+        Err(err) => Err(err),
+    })
+    .git_context(|| format!("deleting branch {branch}"))?;
+    // Like `git branch -d`, drop branch.<name>.* (upstream settings and such).
+    if let Ok(mut config) = repo.config() {
+        let prefix = format!("branch.{branch}.");
+        let names: Vec<String> = config
+            .entries(None)
+            .map(|entries| {
+                let mut names = Vec::new();
+                let _ = entries.for_each(|entry| {
+                    if let Some(name) = entry.name().ok().filter(|n| n.starts_with(&prefix)) {
+                        names.push(name.to_string());
+                    }
+                });
+                names
+            })
+            .unwrap_or_default();
+        for name in names {
+            let _ = config.remove_multivar(&name, ".*");
+        }
+    }
+    Ok(())
 }
 
 /// Why removing the worktree at `path` would lose work, or `None` when it would not.
@@ -385,4 +456,31 @@ fn unsaved_work(path: &Path, branch: &str) -> Result<Option<String>> {
         "{n} uncommitted or untracked change{}",
         if n == 1 { "" } else { "s" }
     )))
+}
+
+/// Retries a git operation that failed because another process holds one of git's lock files
+/// (a ref's `.lock`, `packed-refs.lock`). Many instances ending at once contend for them, and
+/// libgit2, unlike the git CLI, does not wait for a lock itself.
+fn retry_locked<T>(
+    mut op: impl FnMut() -> std::result::Result<T, git2::Error>,
+) -> std::result::Result<T, git2::Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut delay = Duration::from_millis(2);
+    loop {
+        match op() {
+            Err(err) if err.code() == ErrorCode::Locked && Instant::now() < deadline => {
+                // Jitter keeps the waiters from retrying in lockstep.
+                let nanos = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .subsec_nanos();
+                let jitter =
+                    Duration::from_nanos(u64::from(nanos) % delay.as_nanos().max(1) as u64);
+                tracing::debug!(%err, ?delay, "git lock held; retrying");
+                std::thread::sleep(delay + jitter);
+                delay = (delay * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
 }

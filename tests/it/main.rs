@@ -1,0 +1,8 @@
+//! Integration tests, compiled as one binary so the suite links once.
+//!
+//! Every test gets its own [`support::TestRepo`] and drives the real `app` binary.
+
+mod instance;
+mod registry;
+mod run;
+mod support;

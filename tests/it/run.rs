@@ -1,0 +1,476 @@
+//! `app run`: worktrees, branches, registration, exit codes, signals, cleanup, bad input.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::support::{TestRepo, code, kill, stderr, stdout, wait_for};
+
+#[test]
+fn run_gives_the_command_its_own_worktree_branch_and_environment() {
+    let repo = TestRepo::new();
+    let out = repo.scratch().join("env.txt");
+    let script = format!(
+        "printf '%s\\n' \"$PWD\" \"$APP_INSTANCE_ID\" \"$APP_WORKTREE\" \"$APP_BRANCH\" \"$APP_REPO_ROOT\" \"$(git rev-parse --abbrev-ref HEAD)\" > {}",
+        out.display()
+    );
+    let output = repo.run_app(&["run", "--", "sh", "-c", &script]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+
+    let text = fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let id = lines[1];
+    assert_eq!(id.len(), 8);
+    assert!(
+        id.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
+    let worktree = repo.state_dir().join("worktrees").join(id);
+    assert_eq!(lines[0], worktree.to_str().unwrap());
+    assert_eq!(lines[2], worktree.to_str().unwrap());
+    assert_eq!(lines[3], format!("app/{id}"));
+    assert_eq!(lines[4], repo.root().to_str().unwrap());
+    assert_eq!(lines[5], format!("app/{id}"));
+
+    // Clean exit: worktree, branch and registry entries are gone.
+    assert!(!worktree.exists());
+    assert_eq!(repo.branches(), vec!["main".to_string()]);
+    assert!(repo.instances().is_empty());
+    assert!(!repo.git(&["worktree", "list"]).contains(".app"));
+
+    // State is private and ignored through .git/info/exclude, never .gitignore.
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&repo.state_dir()), 0o700);
+    for file in [
+        "process_registry.json",
+        "branch_registry.json",
+        "secret",
+        "registry.lock",
+    ] {
+        assert_eq!(mode(&repo.state_dir().join(file)), 0o600, "{file}");
+    }
+    let exclude = fs::read_to_string(repo.root().join(".git/info/exclude")).unwrap();
+    assert_eq!(exclude.matches("/.app/").count(), 1);
+    assert!(!repo.root().join(".gitignore").exists());
+    assert_eq!(repo.git(&["status", "--porcelain"]), "");
+}
+
+#[test]
+fn sixteen_simultaneous_runs_get_distinct_instances() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    let go = scratch.join("go");
+    let script = format!(
+        "touch {dir}/ready-$APP_INSTANCE_ID; while [ ! -e {go} ]; do sleep 0.05; done",
+        dir = scratch.display(),
+        go = go.display()
+    );
+    let mut runs: Vec<_> = (0..16)
+        .map(|_| repo.spawn_app(&["run", "--", "sh", "-c", &script]))
+        .collect();
+    let ready = || {
+        fs::read_dir(&scratch)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("ready-")
+            })
+            .count()
+    };
+    wait_for("16 instances to start", Duration::from_secs(120), || {
+        runs.iter_mut().for_each(|run| run.assert_running());
+        ready() == 16
+    });
+
+    let records = repo.instances();
+    assert_eq!(records.len(), 16, "every run is registered");
+    let mut ids: Vec<_> = records.iter().map(|r| r.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 16, "ids are distinct");
+    let porcelain = repo.git(&["worktree", "list", "--porcelain"]);
+    for record in &records {
+        let worktree = record.worktree.as_ref().unwrap();
+        assert_eq!(
+            worktree,
+            &repo.state_dir().join("worktrees").join(&record.id)
+        );
+        let branch = record.branch.as_ref().unwrap();
+        assert_eq!(branch, &format!("app/{}", record.id));
+        let block = format!("worktree {}\nHEAD ", worktree.display());
+        let at = porcelain
+            .find(&block)
+            .unwrap_or_else(|| panic!("{worktree:?} missing from git worktree list"));
+        let entry = &porcelain[at..porcelain[at..]
+            .find("\n\n")
+            .map_or(porcelain.len(), |e| at + e)];
+        assert!(
+            entry.contains(&format!("branch refs/heads/{branch}")),
+            "{entry}"
+        );
+    }
+    let snapshot = repo.registry().snapshot().unwrap();
+    assert_eq!(snapshot.branches.len(), 16);
+
+    fs::write(&go, "").unwrap();
+    for run in runs {
+        let output = run.wait(Duration::from_secs(120));
+        assert_eq!(code(&output), 0, "{}", stderr(&output));
+    }
+    assert!(repo.instances().is_empty());
+    assert_eq!(repo.branches(), vec!["main".to_string()]);
+    assert_eq!(
+        repo.git(&["worktree", "list", "--porcelain"])
+            .matches("worktree ")
+            .count(),
+        1
+    );
+    // Both registries still parse as JSON after all that concurrency.
+    for file in ["process_registry.json", "branch_registry.json"] {
+        let text = fs::read_to_string(repo.state_dir().join(file)).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap();
+    }
+}
+
+#[test]
+fn exit_codes_and_signal_deaths_pass_through() {
+    let repo = TestRepo::new();
+    let cases = [
+        ("exit 7", 7),
+        ("exit 0", 0),
+        ("kill -TERM $$", 143),
+        ("kill -KILL $$", 137),
+    ];
+    for (script, expected) in cases {
+        let output = repo.run_app(&["run", "--", "sh", "-c", script]);
+        assert_eq!(code(&output), expected, "{script}: {}", stderr(&output));
+    }
+    let missing = repo.run_app(&["run", "--", "no-such-command-anywhere"]);
+    assert_eq!(code(&missing), 127);
+    assert!(stderr(&missing).contains("no-such-command-anywhere"));
+    assert!(repo.instances().is_empty());
+    assert_eq!(repo.branches(), vec!["main".to_string()]);
+}
+
+#[test]
+fn signals_sent_to_app_reach_the_command() {
+    let repo = TestRepo::new();
+    for (signal, expected) in [
+        (Signal::SIGTERM, 143),
+        (Signal::SIGINT, 130),
+        (Signal::SIGHUP, 129),
+    ] {
+        let run = repo.spawn_app(&["run", "--", "sleep", "30"]);
+        let record = repo.wait_running(run.pid());
+        kill(run.pid(), signal);
+        let output = run.wait(Duration::from_secs(20));
+        assert_eq!(code(&output), expected, "{signal:?}: {}", stderr(&output));
+        assert!(
+            !record.worktree.unwrap().exists(),
+            "cleaned up after {signal:?}"
+        );
+    }
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn uncommitted_work_survives_exit_and_commits_keep_the_branch() {
+    let repo = TestRepo::new();
+    let output = repo.run_app(&[
+        "run",
+        "--instance",
+        "dirty",
+        "--",
+        "sh",
+        "-c",
+        "echo draft > notes.txt && echo edited >> README.md",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let worktree = repo.state_dir().join("worktrees/dirty");
+    assert_eq!(
+        fs::read_to_string(worktree.join("notes.txt")).unwrap(),
+        "draft\n"
+    );
+    assert_eq!(
+        fs::read_to_string(worktree.join("README.md")).unwrap(),
+        "hello\nedited\n"
+    );
+    assert!(
+        stderr(&output).contains("kept worktree"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains(worktree.to_str().unwrap()));
+    assert!(repo.branches().contains(&"app/dirty".to_string()));
+    assert!(
+        repo.instances().is_empty(),
+        "the instance itself is unregistered"
+    );
+
+    let output = repo.run_app(&[
+        "run",
+        "--instance",
+        "committed",
+        "--",
+        "sh",
+        "-c",
+        "echo done > result.txt && git add result.txt && git commit -qm result",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(
+        !repo.state_dir().join("worktrees/committed").exists(),
+        "clean worktree removed"
+    );
+    assert_eq!(
+        repo.git(&["show", "app/committed:result.txt"]),
+        "done\n",
+        "the commit survives on its branch"
+    );
+    assert!(stderr(&output).contains("kept branch app/committed (1 commit beyond its base)"));
+
+    // A named instance picks its kept worktree up again, work intact, and cleans up once the
+    // work is gone.
+    let output = repo.run_app(&[
+        "run",
+        "--instance",
+        "dirty",
+        "--",
+        "sh",
+        "-c",
+        "cat notes.txt && git checkout -q README.md && rm notes.txt",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(stdout(&output), "draft\n");
+    assert!(!worktree.exists());
+    assert!(!repo.branches().contains(&"app/dirty".to_string()));
+}
+
+#[test]
+fn keep_and_no_worktree() {
+    let repo = TestRepo::new();
+    let output = repo.run_app(&["run", "--keep", "--instance", "kept", "--", "true"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(repo.state_dir().join("worktrees/kept").is_dir());
+    assert!(repo.branches().contains(&"app/kept".to_string()));
+
+    let output = repo.run_app(&[
+        "run",
+        "--no-worktree",
+        "--",
+        "sh",
+        "-c",
+        "pwd; echo \"[$APP_BRANCH]\"",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(stdout(&output), format!("{}\n[]\n", repo.root().display()));
+    assert_eq!(repo.branches().len(), 2, "no branch for --no-worktree");
+}
+
+#[test]
+fn branch_and_base_options() {
+    let repo = TestRepo::new();
+    repo.git(&["checkout", "-q", "-b", "feature"]);
+    fs::write(repo.root().join("feature.txt"), "f\n").unwrap();
+    repo.git(&["add", "feature.txt"]);
+    repo.git(&["commit", "-q", "-m", "feature"]);
+    repo.git(&["checkout", "-q", "main"]);
+
+    let output = repo.run_app(&[
+        "run",
+        "--branch",
+        "work/one",
+        "--base",
+        "feature",
+        "--",
+        "test",
+        "-f",
+        "feature.txt",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(
+        !repo.branches().contains(&"work/one".to_string()),
+        "untouched branch deleted"
+    );
+
+    // An existing branch that is not checked out anywhere is checked out as it is, and kept.
+    let output = repo.run_app(&[
+        "run",
+        "--branch",
+        "feature",
+        "--",
+        "test",
+        "-f",
+        "feature.txt",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(
+        repo.branches().contains(&"feature".to_string()),
+        "a user's branch is never deleted"
+    );
+}
+
+#[test]
+fn works_from_subdirectories_and_inside_instance_worktrees() {
+    let repo = TestRepo::new();
+    let output = repo
+        .app(&[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "cd src && \"$APP_BIN\" run -- sh -c 'echo \"$APP_REPO_ROOT\"; pwd'",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        repo.root().to_str().unwrap(),
+        "the main root, not the worktree"
+    );
+    assert!(lines[1].starts_with(repo.state_dir().join("worktrees").to_str().unwrap()));
+    assert_eq!(
+        lines[1].matches("/.app/").count(),
+        1,
+        "not nested inside the outer worktree"
+    );
+
+    let mut sub = repo.app(&["run", "--", "true"]);
+    sub.current_dir(repo.root().join("src"));
+    assert_eq!(code(&sub.output().unwrap()), 0);
+}
+
+#[test]
+fn named_instance_held_by_a_live_one_is_refused() {
+    let repo = TestRepo::new();
+    let first = repo.spawn_app(&["run", "--instance", "alice", "--", "sleep", "30"]);
+    repo.wait_running(first.pid());
+    let before = TestRepo::tree_state(&repo.state_dir());
+    let output = repo.run_app(&["run", "--instance", "alice", "--", "true"]);
+    assert_eq!(code(&output), 3, "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("pid {}", first.pid())),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(TestRepo::tree_state(&repo.state_dir()).len(), before.len());
+    kill(first.pid(), Signal::SIGTERM);
+    first.wait(Duration::from_secs(20));
+}
+
+#[test]
+fn bad_input_exits_2_and_changes_nothing() {
+    let repo = TestRepo::new();
+    repo.git(&["branch", "taken"]);
+    let worktree_dir = repo.scratch().join("user-worktree");
+    repo.git(&[
+        "worktree",
+        "add",
+        "-q",
+        worktree_dir.to_str().unwrap(),
+        "taken",
+    ]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "--branch", "bad..name", "--", "true"],
+            "not a valid branch name",
+        ),
+        (vec!["run", "--branch", "-x", "--", "true"], ""),
+        (
+            vec!["run", "--base", "no-such-ref", "--", "true"],
+            "unknown ref",
+        ),
+        (
+            vec!["run", "--branch", "main", "--", "true"],
+            "already checked out",
+        ),
+        (
+            vec!["run", "--branch", "taken", "--", "true"],
+            "already checked out",
+        ),
+        (
+            vec!["run", "--branch", "taken", "--base", "main", "--", "true"],
+            "already exists",
+        ),
+        (
+            vec!["run", "--instance", "Bad Name", "--", "true"],
+            "invalid instance name",
+        ),
+        (vec!["run", "--instance", "-lead", "--", "true"], ""),
+        (
+            vec!["run", "--no-worktree", "--branch", "x", "--", "true"],
+            "need a worktree",
+        ),
+        (vec!["run"], ""),
+        (vec!["instance", "info", "nosuch"], "no instance nosuch"),
+        (vec!["instance", "stop", "nosuch"], "no instance nosuch"),
+        (
+            vec!["instance", "stop", "x", "--timeout", "soon"],
+            "invalid duration",
+        ),
+        (vec!["no-such-subcommand"], ""),
+    ];
+    let check = |label: &str| {
+        for (args, message) in &cases {
+            let before_branches = repo.branches();
+            let before_state = TestRepo::tree_state(&repo.state_dir());
+            let before_exclude = fs::read(repo.root().join(".git/info/exclude")).unwrap();
+            let before_worktrees = repo.git(&["worktree", "list", "--porcelain"]);
+            let output = repo.run_app(args);
+            assert_eq!(code(&output), 2, "{label} {args:?}: {}", stderr(&output));
+            assert!(
+                stderr(&output).contains(message),
+                "{args:?}: {}",
+                stderr(&output)
+            );
+            assert_eq!(repo.branches(), before_branches, "{args:?}");
+            assert_eq!(
+                TestRepo::tree_state(&repo.state_dir()),
+                before_state,
+                "{args:?}"
+            );
+            assert_eq!(
+                fs::read(repo.root().join(".git/info/exclude")).unwrap(),
+                before_exclude
+            );
+            assert_eq!(
+                repo.git(&["worktree", "list", "--porcelain"]),
+                before_worktrees
+            );
+        }
+    };
+    // Before `.app/` exists: nothing may create it.
+    check("fresh");
+    assert!(!repo.state_dir().exists());
+    // And with state present.
+    assert_eq!(
+        code(&repo.run_app(&["run", "--keep", "--instance", "k", "--", "true"])),
+        0
+    );
+    check("with state");
+
+    let bad_env = repo
+        .app(&["run", "--", "true"])
+        .env("APP_STALE_AFTER", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(code(&bad_env), 2);
+    assert!(stderr(&bad_env).contains("APP_STALE_AFTER"));
+
+    let outside = tempfile::tempdir().unwrap();
+    let output = repo
+        .app(&["run", "--", "true"])
+        .current_dir(outside.path())
+        .output()
+        .unwrap();
+    assert_eq!(code(&output), 2);
+    assert!(stderr(&output).contains("not inside a git repository"));
+    assert!(!outside.path().join(".app").exists());
+}

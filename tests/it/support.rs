@@ -1,0 +1,292 @@
+//! Shared test helpers: a hermetic repository and ways to drive the real `app` binary.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use app::paths::AppPaths;
+use app::registry::{Entry, InstanceRecord, Registry};
+
+/// The `app` binary under test.
+pub const APP: &str = env!("CARGO_BIN_EXE_app");
+
+/// A temp directory with a real git repository (one commit, fixed author and date), git
+/// configuration isolated from the machine, and every `app` location inside it.
+pub struct TestRepo {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl TestRepo {
+    /// A new repository with `README.md` and `src/lib.txt` committed on `main`.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("repo");
+        fs::create_dir_all(root.join("src")).unwrap();
+        fs::create_dir_all(dir.path().join("home")).unwrap();
+        let repo = TestRepo {
+            root: fs::canonicalize(&root).unwrap(),
+            dir,
+        };
+        repo.git(&["init", "-q", "-b", "main"]);
+        fs::write(repo.root.join("README.md"), "hello\n").unwrap();
+        fs::write(repo.root.join("src/lib.txt"), "one\ntwo\n").unwrap();
+        repo.git(&["add", "-A"]);
+        repo.git(&["commit", "-q", "-m", "first"]);
+        repo
+    }
+
+    /// The repository's root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A scratch directory outside the repository, for files tests exchange with children.
+    pub fn scratch(&self) -> PathBuf {
+        let path = self.dir.path().join("scratch");
+        fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    /// `.app/` of this repository.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join(".app")
+    }
+
+    fn isolate(&self, command: &mut Command) {
+        let home = self.dir.path().join("home");
+        command
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("XDG_DATA_HOME", home.join(".local/share"))
+            .env("APP_HOME", home.join("app"))
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_AUTHOR_NAME", "Test")
+            .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+            .env("GIT_COMMITTER_NAME", "Test")
+            .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+            .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+            .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+            .env("APP_BIN", APP);
+        for var in [
+            "APP_INSTANCE_ID",
+            "APP_WORKTREE",
+            "APP_BRANCH",
+            "APP_REPO_ROOT",
+            "APP_SHARED_SECRET",
+            "APP_STALE_AFTER",
+            "APP_HEARTBEAT_INTERVAL",
+            "APP_LOG",
+            "GIT_DIR",
+            "GIT_WORK_TREE",
+        ] {
+            command.env_remove(var);
+        }
+    }
+
+    /// Runs git in the repository and returns its stdout; panics when git fails.
+    pub fn git(&self, args: &[&str]) -> String {
+        self.git_in(&self.root, args)
+    }
+
+    /// Runs git in `dir` and returns its stdout; panics when git fails.
+    pub fn git_in(&self, dir: &Path, args: &[&str]) -> String {
+        let mut command = Command::new("git");
+        command.args(args).current_dir(dir);
+        self.isolate(&mut command);
+        let output = command.output().expect("run git");
+        assert!(
+            output.status.success(),
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// An `app` command with the given arguments, run in the repository root.
+    pub fn app(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(APP);
+        command.args(args).current_dir(&self.root);
+        self.isolate(&mut command);
+        command
+    }
+
+    /// Runs `app` to completion with no stdin.
+    pub fn run_app(&self, args: &[&str]) -> Output {
+        self.app(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run app")
+    }
+
+    /// Starts `app` in the background, killed (with its process group's command) on drop.
+    pub fn spawn_app(&self, args: &[&str]) -> Running {
+        let child = self
+            .app(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn app");
+        Running { child: Some(child) }
+    }
+
+    /// The repository's registry, read through the library.
+    pub fn registry(&self) -> Registry {
+        Registry::open_read_only(&AppPaths::discover(&self.root).unwrap()).unwrap()
+    }
+
+    /// Verified instance records, oldest first.
+    pub fn instances(&self) -> Vec<InstanceRecord> {
+        self.registry()
+            .snapshot()
+            .unwrap()
+            .valid_instances()
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Every entry of the process registry, forged ones included.
+    pub fn entries(&self) -> Vec<Entry<InstanceRecord>> {
+        self.registry().snapshot().unwrap().instances
+    }
+
+    /// Waits until an instance whose supervisor has pid `pid` runs its command.
+    pub fn wait_running(&self, pid: u32) -> InstanceRecord {
+        let mut found = None;
+        wait_for(
+            "the instance to start its command",
+            Duration::from_secs(30),
+            || {
+                found = self
+                    .instances()
+                    .into_iter()
+                    .find(|r| r.pid == pid && r.child_pid.is_some());
+                found.is_some()
+            },
+        );
+        found.unwrap()
+    }
+
+    /// Local branch names.
+    pub fn branches(&self) -> Vec<String> {
+        self.git(&["for-each-ref", "--format=%(refname:short)", "refs/heads/"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every file under `dir` with its bytes and mode, for before/after comparisons.
+    pub fn tree_state(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out = Vec::new();
+        if !dir.exists() {
+            return out;
+        }
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(path) = stack.pop() {
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode();
+            if meta.is_dir() {
+                out.push((path.clone(), Vec::new(), mode));
+                for entry in fs::read_dir(&path).unwrap() {
+                    stack.push(entry.unwrap().path());
+                }
+            } else {
+                out.push((path.clone(), fs::read(&path).unwrap_or_default(), mode));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// A background `app` process, killed on drop so a failing test leaves nothing running.
+pub struct Running {
+    child: Option<Child>,
+}
+
+impl Running {
+    /// The `app` process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Panics with the process's stderr if it has already exited: for waits that expect it to
+    /// keep running.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        if child.try_wait().unwrap().is_some() {
+            let output = self.child.take().unwrap().wait_with_output().unwrap();
+            panic!(
+                "app exited early with {:?}; stderr: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+
+    /// Waits for exit (bounded) and returns the output.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return child.wait_with_output().unwrap();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let output = child.wait_with_output().unwrap();
+                panic!(
+                    "app did not exit within {timeout:?}; stderr: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn kill(pid: u32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+/// Polls `condition` until it holds, panicking with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// stderr as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// stdout as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The exit code, or a panic naming stderr when there is none.
+pub fn code(output: &Output) -> i32 {
+    output
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal; stderr: {}", stderr(output)))
+}
