@@ -474,3 +474,34 @@ fn bad_input_exits_2_and_changes_nothing() {
     assert!(stderr(&output).contains("not inside a git repository"));
     assert!(!outside.path().join(".app").exists());
 }
+
+#[test]
+fn checkout_applies_attributes_wherever_they_are() {
+    let repo = TestRepo::new();
+    fs::create_dir_all(repo.root().join("deep/er")).unwrap();
+    fs::write(
+        repo.root().join("deep/.gitattributes"),
+        "*.txt text eol=crlf\n",
+    )
+    .unwrap();
+    fs::write(repo.root().join("deep/er/a.txt"), "x\ny\n").unwrap();
+    repo.git(&["add", "-A"]);
+    repo.git(&["commit", "-q", "-m", "attributes"]);
+    let output = repo.run_app(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "od -c deep/er/a.txt; od -c README.md",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let dump = stdout(&output);
+    assert!(
+        dump.contains("x  \\r  \\n   y  \\r  \\n"),
+        "eol=crlf applied: {dump}"
+    );
+    assert!(
+        dump.contains("h   e   l   l   o  \\n"),
+        "other files untouched: {dump}"
+    );
+}

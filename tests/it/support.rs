@@ -121,10 +121,13 @@ impl TestRepo {
             .expect("run app")
     }
 
-    /// Starts `app` in the background, killed (with its process group's command) on drop.
+    /// Starts `app` in the background in a process group of its own, so that on drop it and
+    /// everything it started are ended even when the test fails half-way.
     pub fn spawn_app(&self, args: &[&str]) -> Running {
+        use std::os::unix::process::CommandExt;
         let child = self
             .app(args)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -238,7 +241,8 @@ impl Running {
                 return child.wait_with_output().unwrap();
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
+                let group = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
                 let output = child.wait_with_output().unwrap();
                 panic!(
                     "app did not exit within {timeout:?}; stderr: {}",
@@ -252,10 +256,19 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // Politely first, so app cleans up its worktree; then the whole group, grandchildren
+        // included, so nothing outlives the test.
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
     }
 }
 
