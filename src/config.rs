@@ -95,6 +95,22 @@ impl Timing {
     }
 }
 
+/// The directory for `app`'s per-user data (the default database): `$APP_HOME/data` when
+/// `APP_HOME` is set (it moves every default location, for tests and CI jobs), else the
+/// platform's data directory (`~/.local/share/app` on Linux).
+pub fn data_dir() -> Result<std::path::PathBuf> {
+    if let Some(home) = std::env::var_os("APP_HOME").filter(|home| !home.is_empty()) {
+        return Ok(std::path::PathBuf::from(home).join("data"));
+    }
+    directories::ProjectDirs::from("", "", "app")
+        .map(|dirs| dirs.data_dir().to_path_buf())
+        .ok_or_else(|| {
+            Error::bad_input(
+                "cannot find a home directory for the default database; set APP_HOME, APP_DB_PATH or --db",
+            )
+        })
+}
+
 /// Formats a duration compactly for tables: `850ms`, `12s`, `4m`, `3h`, `2d`.
 pub fn format_age(age: Duration) -> String {
     let secs = age.as_secs();

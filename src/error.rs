@@ -83,6 +83,16 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A database operation failed (busy past the deadline is [`Error::Busy`] instead).
+    #[error("{message}: {source}")]
+    Database {
+        /// What `app` was doing, naming the database.
+        message: String,
+        /// The libsql error.
+        #[source]
+        source: libsql::Error,
+    },
+
     /// A state file could not be parsed.
     #[error("{} is not valid JSON ({source}); move it aside or run 'app doctor'", path.display())]
     Corrupt {
@@ -105,9 +115,11 @@ impl Error {
             // The shell's conventions: 127 command not found, 126 found but not executable.
             Error::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => 127,
             Error::Spawn { .. } => 126,
-            Error::Failed(_) | Error::Git { .. } | Error::Io { .. } | Error::Corrupt { .. } => {
-                EXIT_FAILURE
-            }
+            Error::Failed(_)
+            | Error::Git { .. }
+            | Error::Io { .. }
+            | Error::Database { .. }
+            | Error::Corrupt { .. } => EXIT_FAILURE,
         }
     }
 

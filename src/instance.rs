@@ -27,6 +27,10 @@ use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
 use crate::config::Timing;
+use crate::db::events::NewEvent;
+use crate::db::instances::InstanceRow;
+use crate::db::mirror::{Mirror, MirrorSender, Update};
+use crate::db::{DbSettings, Location};
 use crate::error::{Error, GitContext, IoContext, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
@@ -83,6 +87,8 @@ pub struct RunOptions {
     pub keep: bool,
     /// The command and its arguments.
     pub command: Vec<String>,
+    /// The shared database to mirror the instance into (`--db`, else the environment).
+    pub db: Option<PathBuf>,
 }
 
 /// How an instance ended.
@@ -126,6 +132,10 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
             "--branch and --base need a worktree; drop them or drop --no-worktree",
         ));
     }
+    let database = (
+        Location::resolve(options.db.as_deref())?,
+        DbSettings::from_env()?,
+    );
     let paths = AppPaths::discover(cwd)?;
     let repo = Repository::open(paths.repo_root())
         .git_context(|| format!("opening {}", paths.repo_root().display()))?;
@@ -168,7 +178,7 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
             }
         })
     };
-    let result = supervise(&paths, &repo, &id, plan, options, timing, &slot);
+    let result = supervise(&paths, &repo, &id, plan, options, timing, &slot, database);
     signal_handle.close();
     let _ = signal_thread.join();
     result
@@ -206,6 +216,62 @@ fn refuse_live_holder(snapshot: &Snapshot, name: &str, timing: Timing) -> Result
     Ok(())
 }
 
+/// Copies the instance's registry entry and lifecycle into the shared database, in the
+/// background; see [`crate::db::mirror`].
+struct DbMirror {
+    mirror: Mirror,
+    repo_root: PathBuf,
+    /// How long the way out waits for the last writes.
+    final_wait: Duration,
+}
+
+impl DbMirror {
+    fn start(paths: &AppPaths, (location, settings): (Location, DbSettings)) -> Self {
+        DbMirror {
+            mirror: Mirror::start(location, settings),
+            repo_root: paths.repo_root().to_path_buf(),
+            final_wait: settings.retry_deadline.min(Duration::from_secs(5)),
+        }
+    }
+
+    fn instance(&self, record: &InstanceRecord) {
+        self.mirror.send(Update::Instance(InstanceRow::from_record(
+            record,
+            &self.repo_root,
+        )));
+    }
+
+    fn event(&self, id: &str, kind: &str, payload: serde_json::Value) {
+        self.mirror.send(event(&self.repo_root, id, kind, payload));
+    }
+
+    /// Records the end of the instance and waits (bounded) for the mirror to catch up.
+    fn stopped(self, record: &InstanceRecord, exit_code: Option<u8>, payload: serde_json::Value) {
+        let mut row = InstanceRow::from_record(record, &self.repo_root);
+        let now = Timestamp::now().to_string();
+        row.status = "stopped".into();
+        row.last_heartbeat = now.clone();
+        row.stopped_at = Some(now);
+        row.exit_code = exit_code.map(i64::from);
+        self.mirror.send(Update::Instance(row));
+        self.event(&record.id, "instance.stopped", payload);
+        if !self.mirror.close(self.final_wait) {
+            tracing::warn!(instance = %record.id, "the database mirror did not catch up before exit; 'app doctor' reports the gap");
+        }
+    }
+}
+
+fn event(repo_root: &Path, id: &str, kind: &str, payload: serde_json::Value) -> Update {
+    Update::Event(NewEvent {
+        at: Timestamp::now(),
+        repo_root: Some(repo_root.display().to_string()),
+        instance: Some(id.to_string()),
+        kind: kind.to_string(),
+        payload,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn supervise(
     paths: &AppPaths,
     repo: &Repository,
@@ -214,6 +280,7 @@ fn supervise(
     options: &RunOptions,
     timing: Timing,
     slot: &Arc<Mutex<ChildSlot>>,
+    database: (Location, DbSettings),
 ) -> Result<RunOutcome> {
     let registry = Registry::open_for_write(paths)?;
     let me = ProcessIdentity::current();
@@ -240,6 +307,20 @@ fn supervise(
         status: InstanceStatus::Starting,
     };
     let created_branch = claim(&registry, &record, plan.as_ref(), timing)?;
+    let (db_var, db_value) = database.0.export();
+    let mirror = DbMirror::start(paths, database);
+    mirror.instance(&record);
+    mirror.event(
+        id,
+        "instance.started",
+        serde_json::json!({
+            "pid": record.pid,
+            "command": record.command,
+            "worktree": record.worktree,
+            "branch": record.branch,
+            "base": record.base,
+        }),
+    );
 
     if let Some(plan) = &plan
         && let Err(err) = worktree::create(repo, plan)
@@ -248,6 +329,11 @@ fn supervise(
             &registry,
             id,
             plan.create_branch.then_some(plan.branch.as_str()),
+        );
+        mirror.stopped(
+            &record,
+            None,
+            serde_json::json!({ "error": err.to_string() }),
         );
         return Err(err);
     }
@@ -261,6 +347,8 @@ fn supervise(
             command.args(&options.command[1..]).current_dir(&cwd);
             command.env("APP_INSTANCE_ID", id);
             command.env("APP_REPO_ROOT", paths.repo_root());
+            // The command's own `app` calls reach the same database as its supervisor.
+            command.env(db_var, &db_value);
             if let Some(plan) = &plan {
                 command.env("APP_WORKTREE", &plan.path);
                 command.env("APP_BRANCH", &plan.branch);
@@ -277,20 +365,6 @@ fn supervise(
     let mut child = match spawned {
         Ok(Ok(child)) => child,
         Ok(Err(err)) => {
-            finish(
-                repo,
-                &registry,
-                &record,
-                plan.as_ref(),
-                created_branch,
-                options.keep,
-            )?;
-            return Err(Error::Spawn {
-                command: options.command[0].clone(),
-                source: err,
-            });
-        }
-        Err(signal) => {
             let cleanup = finish(
                 repo,
                 &registry,
@@ -298,12 +372,34 @@ fn supervise(
                 plan.as_ref(),
                 created_branch,
                 options.keep,
-            )?;
-            return Ok(outcome(
+            );
+            mirror.stopped(
                 &record,
-                128u8.saturating_add(signal as u8),
-                cleanup,
-            ));
+                None,
+                serde_json::json!({ "error": err.to_string(), "cleanup": cleanup.as_ref().ok() }),
+            );
+            cleanup?;
+            return Err(Error::Spawn {
+                command: options.command[0].clone(),
+                source: err,
+            });
+        }
+        Err(signal) => {
+            let exit_code = 128u8.saturating_add(signal as u8);
+            let cleanup = finish(
+                repo,
+                &registry,
+                &record,
+                plan.as_ref(),
+                created_branch,
+                options.keep,
+            );
+            mirror.stopped(
+                &record,
+                Some(exit_code),
+                serde_json::json!({ "exit_code": exit_code, "cancelled_by_signal": signal, "cleanup": cleanup.as_ref().ok() }),
+            );
+            return Ok(outcome(&record, exit_code, cleanup?));
         }
     };
 
@@ -323,8 +419,14 @@ fn supervise(
     }) {
         tracing::warn!(instance = %id, %err, "recording the command's pid failed");
     }
+    mirror.instance(&record);
 
-    let (stop_heartbeat, heartbeat) = start_heartbeat(registry.clone(), id.to_string(), timing);
+    let (stop_heartbeat, heartbeat) = start_heartbeat(
+        registry.clone(),
+        id.to_string(),
+        timing,
+        (mirror.mirror.sender(), mirror.repo_root.clone()),
+    );
     let status = wait_child(&mut child, slot);
     drop(stop_heartbeat);
     let _ = heartbeat.join();
@@ -342,8 +444,13 @@ fn supervise(
         plan.as_ref(),
         created_branch,
         options.keep,
-    )?;
-    Ok(outcome(&record, exit_code, cleanup))
+    );
+    mirror.stopped(
+        &record,
+        Some(exit_code),
+        serde_json::json!({ "exit_code": exit_code, "cleanup": cleanup.as_ref().ok() }),
+    );
+    Ok(outcome(&record, exit_code, cleanup?))
 }
 
 fn outcome(record: &InstanceRecord, exit_code: u8, cleanup: Option<Cleanup>) -> RunOutcome {
@@ -482,6 +589,7 @@ fn start_heartbeat(
     registry: Registry,
     id: String,
     timing: Timing,
+    (mirror, repo_root): (MirrorSender, PathBuf),
 ) -> (mpsc::Sender<()>, thread::JoinHandle<()>) {
     let (stop, stopped) = mpsc::channel::<()>();
     let handle = thread::spawn(move || {
@@ -489,15 +597,20 @@ fn start_heartbeat(
             stopped.recv_timeout(timing.heartbeat_interval)
         {
             let result = registry.update(|tables| {
-                if let Some(mut current) = tables.instance(&id) {
+                let mut current = tables.instance(&id);
+                if let Some(current) = &mut current {
                     current.heartbeat_at = Timestamp::now();
-                    tables.put_instance(&current);
+                    tables.put_instance(current);
                 }
-                Ok(())
+                Ok(current)
             });
-            if let Err(err) = result {
+            match result {
+                Ok(Some(current)) => mirror.send(Update::Instance(InstanceRow::from_record(
+                    &current, &repo_root,
+                ))),
+                Ok(None) => {}
                 // A heartbeat that cannot be written never kills the agent.
-                tracing::warn!(instance = %id, %err, "heartbeat failed");
+                Err(err) => tracing::warn!(instance = %id, %err, "heartbeat failed"),
             }
         }
     });

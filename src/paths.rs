@@ -16,7 +16,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, GitContext, IoContext, Result};
@@ -130,27 +130,8 @@ impl AppPaths {
     ///
     /// Safe to call from many processes at once.
     pub fn ensure_state_dir(&self) -> Result<()> {
-        if !self.state_dir.is_dir() {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&self.state_dir)
-                .or_else(|err| {
-                    if err.kind() == std::io::ErrorKind::AlreadyExists {
-                        Ok(())
-                    } else {
-                        Err(err)
-                    }
-                })
-                .io_context("creating", &self.state_dir)?;
-        }
-        let worktrees = self.worktrees_dir();
-        if !worktrees.is_dir() {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .recursive(true)
-                .create(&worktrees)
-                .io_context("creating", &worktrees)?;
-        }
+        // Creating worktrees/ creates .app/ with it, both 0700.
+        state::create_private_dir_all(&self.worktrees_dir())?;
         self.ensure_excluded()
     }
 

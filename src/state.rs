@@ -11,7 +11,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -46,6 +46,28 @@ fn open_lock_file(path: &Path) -> Result<File> {
         .mode(0o600)
         .open(path)
         .io_context("opening lock file", path)
+}
+
+/// Creates `dir` and any missing parents with mode 0700; an existing directory is fine, which
+/// makes it safe for many processes at once.
+pub fn create_private_dir_all(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+        .io_context("creating", dir)
+}
+
+/// Creates `path` as an empty 0600 file unless it exists.
+pub fn create_private_file(path: &Path) -> Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .io_context("creating", path)
 }
 
 /// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, fsync dir).

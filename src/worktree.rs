@@ -365,7 +365,7 @@ fn prune_dangling_admin(repo: &Repository, id: &str) {
 }
 
 /// What happened to an instance's worktree and branch at its end.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Cleanup {
     /// The worktree directory was removed.
     pub worktree_removed: bool,

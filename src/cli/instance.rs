@@ -1,11 +1,13 @@
 //! `app instance list | info | stop` and `app whoami`.
 
+use std::path::Path;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::config::{self, Timing, format_age};
+use crate::db::instances;
 use crate::error::{EXIT_FAILURE, Error, Result};
 use crate::instance::{self, StopOutcome};
 use crate::paths::AppPaths;
@@ -46,14 +48,22 @@ pub struct ListArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Live instances of every repository and host, from the shared database.
+    #[arg(long, conflicts_with = "all")]
+    everywhere: bool,
 }
 
-fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     config::parse_duration(text).map_err(|err| err.to_string())
 }
 
-pub(super) fn run(command: InstanceCommand) -> Result<u8> {
+pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
     let timing = Timing::from_env()?;
+    if let InstanceCommand::List(args) = &command
+        && args.everywhere
+    {
+        return list_everywhere(args, db, timing);
+    }
     let paths = AppPaths::discover(&super::current_dir()?)?;
     let registry = Registry::open_read_only(&paths)?;
     match command {
@@ -131,6 +141,48 @@ fn row_json(row: &Row) -> Value {
     }
 }
 
+fn list_everywhere(args: &ListArgs, db: Option<&Path>, timing: Timing) -> Result<u8> {
+    let rows = super::with_db(db, async |db| {
+        instances::live_everywhere(db, timing.stale_after).await
+    })?;
+    if args.json {
+        super::print_json(&rows);
+    } else if args.long {
+        let mut table = vec![
+            [
+                "ID",
+                "PID",
+                "HOST",
+                "STATUS",
+                "HEARTBEAT",
+                "BRANCH",
+                "REPO",
+                "COMMAND",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for row in &rows {
+            table.push(vec![
+                row.id.clone(),
+                row.pid.to_string(),
+                row.host.clone(),
+                row.status.clone(),
+                row.last_heartbeat.clone(),
+                row.branch.clone().unwrap_or_else(|| "-".into()),
+                row.repo_root.clone(),
+                row.command.join(" "),
+            ]);
+        }
+        print_columns(&table);
+    } else {
+        for row in &rows {
+            println!("{}:{} {} {}", row.id, row.pid, row.host, row.repo_root);
+        }
+    }
+    Ok(0)
+}
+
 fn print_table(rows: &[Row]) {
     let header = [
         "ID",
@@ -168,7 +220,13 @@ fn print_table(rows: &[Row]) {
             }
         });
     }
-    let widths: Vec<usize> = (0..header.len())
+    print_columns(&table);
+}
+
+/// Prints rows as left-aligned columns (the last one unpadded).
+fn print_columns(table: &[Vec<String>]) {
+    let columns = table.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|col| {
             table
                 .iter()
@@ -177,7 +235,7 @@ fn print_table(rows: &[Row]) {
                 .unwrap_or(0)
         })
         .collect();
-    for row in &table {
+    for row in table {
         let line: Vec<String> = row
             .iter()
             .enumerate()

@@ -1,17 +1,27 @@
 //! The command line: argument definitions (`clap` derive) and everything printed to the
 //! terminal. The only module that prints; the rest of the library returns values.
 
+mod db;
+mod events;
 mod instance;
+mod notes;
 mod run;
+
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use crate::db::Db;
 use crate::error::Result;
 
 /// Coordinate many agents working on one git repository at once.
 #[derive(Debug, Parser)]
 #[command(name = "app", version, about, long_about = None)]
 pub struct Cli {
+    /// The shared database file (default: APP_DB_URL, APP_DB_PATH, DATABASE_URL, else app.db
+    /// in the user's data directory).
+    #[arg(long, global = true, value_name = "PATH")]
+    db: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,18 +35,52 @@ enum Command {
     Instance(instance::InstanceCommand),
     /// Print the id of the instance whose worktree contains the current directory.
     Whoami,
+    /// Shared notes by namespace: add, search, list.
+    #[command(subcommand)]
+    Notes(notes::NotesCommand),
+    /// Add a note (same as 'notes add').
+    Remember(notes::RememberArgs),
+    /// Search notes (same as 'notes search').
+    Recall(notes::SearchArgs),
+    /// Show the event log.
+    Events(events::EventsArgs),
+    /// The shared database itself.
+    #[command(subcommand)]
+    Db(db::DbCommand),
 }
 
 /// Runs the parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> Result<u8> {
+    let db = cli.db;
     match cli.command {
-        Command::Run(args) => run::run(args),
-        Command::Instance(command) => instance::run(command),
+        Command::Run(args) => run::run(args, db),
+        Command::Instance(command) => instance::run(command, db.as_deref()),
         Command::Whoami => instance::whoami(),
+        Command::Notes(command) => notes::run(command, db.as_deref()),
+        Command::Remember(args) => notes::remember(args, db.as_deref()),
+        Command::Recall(args) => notes::search(args, db.as_deref()),
+        Command::Events(args) => events::run(args, db.as_deref()),
+        Command::Db(command) => db::run(command, db.as_deref()),
     }
 }
 
-fn current_dir() -> Result<std::path::PathBuf> {
+fn current_dir() -> Result<PathBuf> {
     use crate::error::IoContext;
     std::env::current_dir().io_context("reading", "the current directory")
+}
+
+/// Opens the database named by `--db` or the environment and runs `body` with it.
+fn with_db<T>(flag: Option<&Path>, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
+    crate::db::runtime()?.block_on(async {
+        let db = Db::open_default(flag).await?;
+        body(&db).await
+    })
+}
+
+/// Prints a value as pretty JSON.
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("in-memory values serialize")
+    );
 }

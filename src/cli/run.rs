@@ -36,7 +36,7 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-pub(super) fn run(args: RunArgs) -> Result<u8> {
+pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
     let timing = Timing::from_env()?;
     let options = RunOptions {
         name: args.name,
@@ -45,6 +45,7 @@ pub(super) fn run(args: RunArgs) -> Result<u8> {
         no_worktree: args.no_worktree,
         keep: args.keep,
         command: args.command,
+        db,
     };
     let cwd = super::current_dir()?;
     let outcome = instance::run(&cwd, &options, timing)?;

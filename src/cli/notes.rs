@@ -1,0 +1,152 @@
+//! `app notes add | search | list`, and the short forms `app remember` / `app recall`.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+
+use crate::db::notes::{self, Note};
+use crate::error::Result;
+use crate::paths::AppPaths;
+
+/// Subcommands of `app notes`.
+#[derive(Debug, Subcommand)]
+pub enum NotesCommand {
+    /// Add a note to a namespace.
+    Add(AddArgs),
+    /// Find the notes of a namespace that contain every word of a query, best first.
+    Search(SearchArgs),
+    /// The newest notes of a namespace, newest first.
+    List(ListArgs),
+}
+
+/// Arguments of `app notes add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Namespace, e.g. project:myapp or global.
+    #[arg(short, long, value_name = "NS")]
+    namespace: String,
+    /// The note's text.
+    #[arg(value_name = "TEXT")]
+    text: String,
+    /// Print the stored note as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `app remember`.
+#[derive(Debug, Args)]
+pub struct RememberArgs {
+    /// Namespace, e.g. project:myapp or global.
+    #[arg(short, long, value_name = "NS")]
+    namespace: String,
+    /// The note's text.
+    #[arg(short, long, value_name = "TEXT")]
+    content: String,
+    /// Print the stored note as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `app notes search` and `app recall`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Namespace to search.
+    #[arg(short, long, value_name = "NS")]
+    namespace: String,
+    /// Words to look for (every one must occur).
+    #[arg(value_name = "QUERY", required = true, num_args = 1..)]
+    query: Vec<String>,
+    /// Most notes to show.
+    #[arg(long, default_value_t = 10)]
+    limit: u32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `app notes list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Namespace to list.
+    #[arg(short, long, value_name = "NS")]
+    namespace: String,
+    /// Most notes to show.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(super) fn run(command: NotesCommand, db: Option<&Path>) -> Result<u8> {
+    match command {
+        NotesCommand::Add(args) => add(&args.namespace, &args.text, args.json, db),
+        NotesCommand::Search(args) => search(args, db),
+        NotesCommand::List(args) => {
+            notes::validate_namespace(&args.namespace)?;
+            notes::validate_limit(args.limit)?;
+            let found = super::with_db(db, async |db| {
+                notes::list(db, &args.namespace, args.limit).await
+            })?;
+            print_notes(&found, args.json);
+            Ok(0)
+        }
+    }
+}
+
+pub(super) fn remember(args: RememberArgs, db: Option<&Path>) -> Result<u8> {
+    add(&args.namespace, &args.content, args.json, db)
+}
+
+pub(super) fn search(args: SearchArgs, db: Option<&Path>) -> Result<u8> {
+    let query = args.query.join(" ");
+    notes::validate_namespace(&args.namespace)?;
+    notes::validate_limit(args.limit)?;
+    notes::fts_query(&query)?;
+    let found = super::with_db(db, async |db| {
+        notes::search(db, &args.namespace, &query, args.limit).await
+    })?;
+    print_notes(&found, args.json);
+    // Like grep: nothing found is exit 1.
+    Ok(if found.is_empty() { 1 } else { 0 })
+}
+
+fn add(namespace: &str, text: &str, json: bool, db: Option<&Path>) -> Result<u8> {
+    notes::validate_namespace(namespace)?;
+    notes::validate_content(text)?;
+    let author = std::env::var("APP_INSTANCE_ID")
+        .ok()
+        .filter(|id| !id.is_empty());
+    let repo_root = repo_root();
+    let note = super::with_db(db, async |db| {
+        notes::add(db, namespace, text, author.as_deref(), repo_root.as_deref()).await
+    })?;
+    if json {
+        super::print_json(&note);
+    } else {
+        println!("note {} added to {}", note.id, note.namespace);
+    }
+    Ok(0)
+}
+
+/// The repository the current directory is in, when it is in one.
+fn repo_root() -> Option<PathBuf> {
+    let cwd = super::current_dir().ok()?;
+    AppPaths::discover(&cwd)
+        .ok()
+        .map(|paths| paths.repo_root().to_path_buf())
+}
+
+fn print_notes(found: &[Note], json: bool) {
+    if json {
+        super::print_json(&found);
+        return;
+    }
+    for note in found {
+        let author = note.author.as_deref().unwrap_or("-");
+        println!(
+            "#{} {} {author}: {}",
+            note.id, note.created_at, note.content
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! The `instances` table: a mirror of every process registry, across repositories and hosts,
+//! kept after the process is gone.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use libsql::Value;
+use serde::Serialize;
+
+use super::{Db, integer, opt, opt_text, text};
+use crate::error::Result;
+use crate::registry::{InstanceRecord, Timestamp};
+
+/// One registration as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceRow {
+    /// Instance id.
+    pub id: String,
+    /// Main worktree root of its repository.
+    pub repo_root: String,
+    /// Host it ran on.
+    pub host: String,
+    /// Supervisor pid.
+    pub pid: i64,
+    /// Supervisor start time (clock ticks since boot).
+    pub start_time: i64,
+    /// Its worktree, if any.
+    pub worktree: Option<String>,
+    /// Its branch, if any.
+    pub branch: Option<String>,
+    /// The commit its branch started from.
+    pub base: Option<String>,
+    /// The command it ran.
+    pub command: Vec<String>,
+    /// `starting`, `running`, `stopping` or `stopped`.
+    pub status: String,
+    /// When it registered.
+    pub started_at: String,
+    /// Its last heartbeat.
+    pub last_heartbeat: String,
+    /// When it stopped.
+    pub stopped_at: Option<String>,
+    /// The command's exit code (128+N for signal N), once stopped.
+    pub exit_code: Option<i64>,
+}
+
+impl InstanceRow {
+    /// The row mirroring a registry record of the repository at `repo_root`.
+    pub fn from_record(record: &InstanceRecord, repo_root: &Path) -> Self {
+        InstanceRow {
+            id: record.id.clone(),
+            repo_root: repo_root.display().to_string(),
+            host: record.host.clone(),
+            pid: record.pid.into(),
+            start_time: record.start_time as i64,
+            worktree: record.worktree.as_ref().map(|p| p.display().to_string()),
+            branch: record.branch.clone(),
+            base: record.base.clone(),
+            command: record.command.clone(),
+            status: record.status.to_string(),
+            started_at: record.started_at.to_string(),
+            last_heartbeat: record.heartbeat_at.to_string(),
+            stopped_at: None,
+            exit_code: None,
+        }
+    }
+}
+
+/// Inserts the row, or updates the registration it mirrors.
+pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
+    db.execute(
+        "mirroring an instance into",
+        "INSERT INTO instances (id, repo_root, host, pid, start_time, worktree, branch, base,
+                                command, status, started_at, last_heartbeat, stopped_at, exit_code)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT (host, repo_root, id, started_at) DO UPDATE SET
+             pid = excluded.pid, start_time = excluded.start_time, worktree = excluded.worktree,
+             branch = excluded.branch, base = excluded.base, command = excluded.command,
+             status = excluded.status, last_heartbeat = excluded.last_heartbeat,
+             stopped_at = excluded.stopped_at, exit_code = excluded.exit_code",
+        vec![
+            Value::Text(row.id.clone()),
+            Value::Text(row.repo_root.clone()),
+            Value::Text(row.host.clone()),
+            Value::Integer(row.pid),
+            Value::Integer(row.start_time),
+            opt(row.worktree.clone()),
+            opt(row.branch.clone()),
+            opt(row.base.clone()),
+            Value::Text(serde_json::to_string(&row.command).expect("strings serialize")),
+            Value::Text(row.status.clone()),
+            Value::Text(row.started_at.clone()),
+            Value::Text(row.last_heartbeat.clone()),
+            opt(row.stopped_at.clone()),
+            row.exit_code.map_or(Value::Null, Value::Integer),
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+/// Instances on any host and in any repository whose last heartbeat is younger than
+/// `stale_after` and that have not stopped, oldest first.
+pub async fn live_everywhere(db: &Db, stale_after: Duration) -> Result<Vec<InstanceRow>> {
+    let cutoff = Timestamp::from(SystemTime::now() - stale_after).to_string();
+    select(
+        db,
+        "WHERE status != 'stopped' AND last_heartbeat >= ?1 ORDER BY started_at",
+        vec![Value::Text(cutoff)],
+    )
+    .await
+}
+
+/// Every registration of instance `id` in the repository at `repo_root`, oldest first.
+pub async fn history(db: &Db, repo_root: &Path, id: &str) -> Result<Vec<InstanceRow>> {
+    select(
+        db,
+        "WHERE repo_root = ?1 AND id = ?2 ORDER BY started_at",
+        vec![
+            Value::Text(repo_root.display().to_string()),
+            Value::Text(id.to_string()),
+        ],
+    )
+    .await
+}
+
+async fn select(db: &Db, clause: &str, params: Vec<Value>) -> Result<Vec<InstanceRow>> {
+    let rows = db
+        .query_rows(
+            "reading instances from",
+            &format!(
+                "SELECT id, repo_root, host, pid, start_time, worktree, branch, base, command,
+                        status, started_at, last_heartbeat, stopped_at, exit_code
+                 FROM instances {clause}"
+            ),
+            params,
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| InstanceRow {
+            id: text(&row[0]),
+            repo_root: text(&row[1]),
+            host: text(&row[2]),
+            pid: integer(&row[3]).unwrap_or_default(),
+            start_time: integer(&row[4]).unwrap_or_default(),
+            worktree: opt_text(&row[5]),
+            branch: opt_text(&row[6]),
+            base: opt_text(&row[7]),
+            command: serde_json::from_str(&text(&row[8])).unwrap_or_default(),
+            status: text(&row[9]),
+            started_at: text(&row[10]),
+            last_heartbeat: text(&row[11]),
+            stopped_at: opt_text(&row[12]),
+            exit_code: integer(&row[13]),
+        })
+        .collect())
+}

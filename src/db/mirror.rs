@@ -1,0 +1,167 @@
+//! The supervisor's database mirror: a background thread that copies an instance's registry
+//! entry and lifecycle events into the shared database.
+//!
+//! Invariants:
+//! - The agent never waits for the database: updates go through a channel, and a database that
+//!   is down, locked or misconfigured only produces a warning (once per outage).
+//! - Nothing is lost while the database is away: the latest instance row (a full row, so one
+//!   write catches up on everything) and every event stay pending and are written in order on
+//!   the next attempt, which the next update (at least every heartbeat) triggers.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use super::events::{self, NewEvent};
+use super::instances::{self, InstanceRow};
+use super::{Db, DbSettings, Location};
+use crate::error::Result;
+
+/// A change to mirror.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// The instance's current row (replaces any pending one).
+    Instance(InstanceRow),
+    /// An event to append.
+    Event(NewEvent),
+}
+
+/// Handle to the mirror thread.
+#[derive(Debug)]
+pub struct Mirror {
+    sender: mpsc::Sender<Update>,
+    finished: mpsc::Receiver<bool>,
+}
+
+/// A cloneable way to send updates (for the heartbeat thread).
+#[derive(Debug, Clone)]
+pub struct MirrorSender(mpsc::Sender<Update>);
+
+impl MirrorSender {
+    /// Queues an update; never blocks.
+    pub fn send(&self, update: Update) {
+        // The thread outlives every sender; a send can only fail after it gave up.
+        let _ = self.0.send(update);
+    }
+}
+
+impl Mirror {
+    /// Starts the mirror thread for the database at `location`.
+    pub fn start(location: Location, settings: DbSettings) -> Mirror {
+        let (sender, updates) = mpsc::channel();
+        let (done, finished) = mpsc::channel();
+        thread::Builder::new()
+            .name("db-mirror".into())
+            .spawn(move || {
+                let flushed = mirror_loop(location, settings, updates);
+                let _ = done.send(flushed);
+            })
+            .expect("spawning a thread only fails when the system is out of resources");
+        Mirror { sender, finished }
+    }
+
+    /// A sender for other threads.
+    pub fn sender(&self) -> MirrorSender {
+        MirrorSender(self.sender.clone())
+    }
+
+    /// Queues an update; never blocks.
+    pub fn send(&self, update: Update) {
+        let _ = self.sender.send(update);
+    }
+
+    /// Stops taking updates and waits up to `wait` for the pending ones to be written. Returns
+    /// whether everything reached the database.
+    pub fn close(self, wait: Duration) -> bool {
+        drop(self.sender);
+        self.finished.recv_timeout(wait).unwrap_or(false)
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    row: Option<InstanceRow>,
+    events: VecDeque<NewEvent>,
+}
+
+impl Pending {
+    fn absorb(&mut self, update: Update) {
+        match update {
+            Update::Instance(row) => self.row = Some(row),
+            Update::Event(event) => self.events.push_back(event),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.row.is_none() && self.events.is_empty()
+    }
+}
+
+/// Runs until every sender is gone; returns whether the last flush succeeded.
+fn mirror_loop(location: Location, settings: DbSettings, updates: mpsc::Receiver<Update>) -> bool {
+    let runtime = match super::runtime() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::warn!(%err, "the database mirror cannot start; the registry stays authoritative");
+            return false;
+        }
+    };
+    let mut db: Option<Db> = None;
+    let mut pending = Pending::default();
+    let mut failing = false;
+    loop {
+        let closed = match updates.recv() {
+            Ok(update) => {
+                pending.absorb(update);
+                false
+            }
+            Err(mpsc::RecvError) => true,
+        };
+        while let Ok(update) = updates.try_recv() {
+            pending.absorb(update);
+        }
+        if !pending.is_empty() {
+            match runtime.block_on(flush(&mut db, &location, settings, &mut pending)) {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!(database = %location, "database mirror caught up");
+                    }
+                    failing = false;
+                }
+                Err(err) => {
+                    if !failing {
+                        tracing::warn!(database = %location, %err, "cannot mirror this instance into the database; will retry, the registry stays authoritative");
+                    }
+                    failing = true;
+                    // A broken connection is reopened on the next attempt.
+                    db = None;
+                }
+            }
+        }
+        if closed {
+            return pending.is_empty();
+        }
+    }
+}
+
+async fn flush(
+    db: &mut Option<Db>,
+    location: &Location,
+    settings: DbSettings,
+    pending: &mut Pending,
+) -> Result<()> {
+    if db.is_none() {
+        *db = Some(Db::open(location.clone(), settings).await?);
+    }
+    let db = db.as_ref().expect("opened just above");
+    if let Some(row) = &pending.row {
+        instances::upsert(db, row).await?;
+        pending.row = None;
+    }
+    while let Some(event) = pending.events.front() {
+        events::record(db, event).await?;
+        pending.events.pop_front();
+    }
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! The shared LibSQL database: one store for every instance, on this machine or many.
+//!
+//! Invariants:
+//! - Every write goes through [`Db::execute`] or [`Db::transaction`]: a `BEGIN IMMEDIATE`
+//!   transaction on a local file (a single autocommit statement against a server, which the
+//!   server runs atomically), retried on SQLITE_BUSY/SQLITE_LOCKED with backoff up to the
+//!   deadline ([`retry`]), then [`Error::Busy`] (exit 3) naming the database.
+//! - The schema is the files of `schema/`, embedded and applied in order once per database
+//!   ([`schema`]); two processes opening an empty database at once both succeed.
+//! - Result sets are read to the end and dropped inside the helper that ran them, so no open
+//!   statement keeps a read snapshot (or a lock) alive.
+//! - The JSON registries stay authoritative; the database is a mirror and a history, so code on
+//!   an agent's path treats a database failure as a warning ([`mirror`]).
+
+pub mod events;
+pub mod instances;
+pub mod mirror;
+pub mod notes;
+pub mod retry;
+pub mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libsql::{Builder, Connection, Database, TransactionBehavior, Value};
+
+use crate::config;
+use crate::error::{Error, IoContext, Result};
+use crate::state;
+
+/// How long a busy database is retried before giving up (`APP_DB_RETRY_DEADLINE`).
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// SQLite's own busy wait on a local file, inside one attempt.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An embedded database file on this machine.
+    Local(PathBuf),
+    /// A libSQL server (`http://`, `https://` or `libsql://`).
+    Remote {
+        /// The server's URL.
+        url: String,
+        /// Bearer token (`APP_DB_AUTH_TOKEN`), empty for none.
+        auth_token: String,
+    },
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(path) => write!(f, "{}", path.display()),
+            Location::Remote { url, .. } => f.write_str(url),
+        }
+    }
+}
+
+impl Location {
+    /// Resolves the location: `--db PATH`, then `APP_DB_URL` (with `APP_DB_AUTH_TOKEN`), then
+    /// `APP_DB_PATH`, then `DATABASE_URL`, else `app.db` in the data directory.
+    pub fn resolve(flag: Option<&Path>) -> Result<Location> {
+        Self::resolve_with(flag, |name| std::env::var(name).ok())
+    }
+
+    fn resolve_with(flag: Option<&Path>, var: impl Fn(&str) -> Option<String>) -> Result<Location> {
+        let var = |name: &str| var(name).filter(|value| !value.is_empty());
+        if let Some(path) = flag {
+            return Ok(Location::Local(path.to_path_buf()));
+        }
+        let token = || var("APP_DB_AUTH_TOKEN").unwrap_or_default();
+        if let Some(url) = var("APP_DB_URL") {
+            if !is_server_url(&url) {
+                return Err(Error::bad_input(format!(
+                    "APP_DB_URL={url:?} is not a libSQL server URL; use http://, https:// or libsql://, or APP_DB_PATH for a file"
+                )));
+            }
+            return Ok(Location::Remote {
+                url,
+                auth_token: token(),
+            });
+        }
+        if let Some(path) = var("APP_DB_PATH") {
+            return Ok(Location::Local(PathBuf::from(path)));
+        }
+        // DATABASE_URL is shared with the projects agents work on; a value naming some other
+        // kind of database (postgres://...) is theirs, not ours, and is passed over.
+        if let Some(url) = var("DATABASE_URL") {
+            if is_server_url(&url) {
+                return Ok(Location::Remote {
+                    url,
+                    auth_token: token(),
+                });
+            }
+            if let Some(path) = ["sqlite://", "sqlite:", "file:"]
+                .iter()
+                .find_map(|prefix| url.strip_prefix(prefix))
+                .or((!url.contains("://")).then_some(url.as_str()))
+            {
+                return Ok(Location::Local(PathBuf::from(path)));
+            }
+            tracing::debug!(%url, "DATABASE_URL names another kind of database; using the default");
+        }
+        Ok(Location::Local(config::data_dir()?.join("app.db")))
+    }
+
+    /// The variable that hands this location to a child process.
+    pub fn export(&self) -> (&'static str, String) {
+        match self {
+            Location::Local(path) => ("APP_DB_PATH", path.display().to_string()),
+            Location::Remote { url, .. } => ("APP_DB_URL", url.clone()),
+        }
+    }
+}
+
+fn is_server_url(url: &str) -> bool {
+    ["http://", "https://", "libsql://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+}
+
+/// Settings of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct DbSettings {
+    /// How long busy errors are retried (`APP_DB_RETRY_DEADLINE`, 30 s).
+    pub retry_deadline: Duration,
+}
+
+impl DbSettings {
+    /// Reads the settings from the environment.
+    pub fn from_env() -> Result<Self> {
+        Ok(DbSettings {
+            retry_deadline: config::env_duration("APP_DB_RETRY_DEADLINE", DEFAULT_RETRY_DEADLINE)?,
+        })
+    }
+}
+
+/// A current-thread runtime for the synchronous parts of `app` to drive the async client.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .io_context("starting the database runtime for", "the database client")
+}
+
+/// An open, migrated database.
+pub struct Db {
+    // Kept alive for the connection's sake.
+    _database: Database,
+    conn: Connection,
+    location: Location,
+    settings: DbSettings,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+impl Db {
+    /// Opens (creating a local file and its directory when missing) and migrates the database.
+    pub async fn open(location: Location, settings: DbSettings) -> Result<Db> {
+        let fail = |source| Error::Database {
+            message: format!("opening the database {location}"),
+            source,
+        };
+        let database = match &location {
+            Location::Local(path) => {
+                if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                    state::create_private_dir_all(dir)?;
+                }
+                // Created 0600 before SQLite sees it; SQLite gives -wal and -shm the same mode.
+                state::create_private_file(path)?;
+                Builder::new_local(path).build().await.map_err(fail)?
+            }
+            Location::Remote { url, auth_token } => {
+                Builder::new_remote(url.clone(), auth_token.clone())
+                    .build()
+                    .await
+                    .map_err(fail)?
+            }
+        };
+        let conn = database.connect().map_err(fail)?;
+        let db = Db {
+            _database: database,
+            conn,
+            location,
+            settings,
+        };
+        if db.is_local() {
+            db.conn
+                .busy_timeout(BUSY_TIMEOUT.min(settings.retry_deadline))
+                .map_err(|source| db.error("setting the busy timeout of", source))?;
+            // journal_mode answers with a row; read it and let it go at once.
+            db.query_rows("switching to WAL", "PRAGMA journal_mode = WAL", vec![])
+                .await?;
+            db.conn
+                .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+                .await
+                .map_err(|source| db.error("setting pragmas of", source))?;
+        }
+        schema::migrate(&db).await?;
+        Ok(db)
+    }
+
+    /// Resolves the location from `flag` and the environment, then opens it.
+    pub async fn open_default(flag: Option<&Path>) -> Result<Db> {
+        Db::open(Location::resolve(flag)?, DbSettings::from_env()?).await
+    }
+
+    /// Where this database lives.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Whether this is an embedded file (as opposed to a server).
+    pub fn is_local(&self) -> bool {
+        matches!(self.location, Location::Local(_))
+    }
+
+    fn error(&self, what: &str, source: libsql::Error) -> Error {
+        Error::Database {
+            message: format!("{what} the database {}", self.location),
+            source,
+        }
+    }
+
+    fn retry_error(&self, what: &str, err: retry::RetryError) -> Error {
+        match err {
+            retry::RetryError::Deadline { last, attempts } => Error::Busy(format!(
+                "the database {} stayed locked by another writer for {} ({attempts} attempts) while {what}: {last}; {}retry later, or raise APP_DB_RETRY_DEADLINE",
+                self.location,
+                config::format_age(self.settings.retry_deadline),
+                if self.is_local() {
+                    "nothing was written; "
+                } else {
+                    // The server queues a request behind the lock; giving up cannot recall it.
+                    "the server may still apply a write it already received once the lock frees; "
+                }
+            )),
+            retry::RetryError::Failed(source) => Error::Database {
+                message: format!("{what} in the database {}", self.location),
+                source,
+            },
+        }
+    }
+
+    /// Runs one write statement atomically, retrying while the database is busy. Returns the
+    /// rowid it inserted (meaningful for an INSERT).
+    pub async fn execute(&self, what: &str, sql: &str, params: Vec<Value>) -> Result<i64> {
+        if !self.is_local() {
+            // One autocommit statement: atomic on the server, and one request. (A server was
+            // seen to stop taking writes under many concurrent interactive transactions.)
+            return retry::run(self.settings.retry_deadline, what, async || {
+                self.conn.execute(sql, params.clone()).await?;
+                Ok(self.conn.last_insert_rowid())
+            })
+            .await
+            .map_err(|err| self.retry_error(what, err));
+        }
+        self.transaction(what, async |conn| {
+            conn.execute(sql, params.clone()).await?;
+            Ok(conn.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// Runs `body` in a `BEGIN IMMEDIATE` transaction, committing when it succeeds and retrying
+    /// the whole transaction while the database is busy.
+    pub async fn transaction<T>(
+        &self,
+        what: &str,
+        mut body: impl AsyncFnMut(&Connection) -> libsql::Result<T>,
+    ) -> Result<T> {
+        retry::run(self.settings.retry_deadline, what, async || {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .await?;
+            match body(&tx).await {
+                Ok(value) => {
+                    tx.commit().await?;
+                    Ok(value)
+                }
+                Err(err) => {
+                    // A failed rollback leaves nothing to undo that the error does not report.
+                    let _ = tx.rollback().await;
+                    Err(err)
+                }
+            }
+        })
+        .await
+        .map_err(|err| self.retry_error(what, err))
+    }
+
+    /// Runs a query and returns every row, read to the end (so no statement stays open).
+    pub async fn query_rows(
+        &self,
+        what: &str,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<Vec<Vec<Value>>> {
+        retry::run(self.settings.retry_deadline, what, async || {
+            collect_rows(&self.conn, sql, params.clone()).await
+        })
+        .await
+        .map_err(|err| self.retry_error(what, err))
+    }
+
+    /// `PRAGMA quick_check`, or with `full` `PRAGMA integrity_check`: "ok" when the database is
+    /// sound, else the problems found, joined with "; ".
+    pub async fn check(&self, full: bool) -> Result<String> {
+        let pragma = if full {
+            "PRAGMA integrity_check"
+        } else {
+            "PRAGMA quick_check"
+        };
+        let rows = self.query_rows("checking", pragma, vec![]).await?;
+        let lines: Vec<String> = rows
+            .iter()
+            .filter_map(|row| row.first())
+            .map(text)
+            .collect();
+        Ok(lines.join("; "))
+    }
+}
+
+/// Reads every row of a query into memory and drops the statement.
+pub(crate) async fn collect_rows(
+    conn: &Connection,
+    sql: &str,
+    params: Vec<Value>,
+) -> libsql::Result<Vec<Vec<Value>>> {
+    let mut rows = conn.query(sql, params).await?;
+    let columns = rows.column_count();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await? {
+        out.push(
+            (0..columns)
+                .map(|i| row.get_value(i))
+                .collect::<libsql::Result<Vec<Value>>>()?,
+        );
+    }
+    Ok(out)
+}
+
+/// A value as text (NULL as the empty string).
+pub(crate) fn text(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::Integer(n) => n.to_string(),
+        Value::Real(x) => x.to_string(),
+        Value::Text(s) => s.clone(),
+        Value::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+    }
+}
+
+/// A value as optional text.
+pub(crate) fn opt_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        other => Some(text(other)),
+    }
+}
+
+/// A value as an integer (NULL and non-numbers as `None`).
+pub(crate) fn integer(value: &Value) -> Option<i64> {
+    match value {
+        Value::Integer(n) => Some(*n),
+        Value::Text(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Optional text as a parameter.
+pub(crate) fn opt(value: Option<impl Into<String>>) -> Value {
+    value.map_or(Value::Null, |v| Value::Text(v.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(flag: Option<&str>, vars: &[(&str, &str)]) -> Result<Location> {
+        Location::resolve_with(flag.map(Path::new), |name| {
+            vars.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_string())
+        })
+    }
+
+    #[test]
+    fn location_precedence() {
+        let all = [
+            ("APP_DB_URL", "http://127.0.0.1:8080"),
+            ("APP_DB_AUTH_TOKEN", "t"),
+            ("APP_DB_PATH", "/p/app.db"),
+            ("DATABASE_URL", "sqlite:///d/app.db"),
+        ];
+        assert_eq!(
+            resolve(Some("/flag.db"), &all).unwrap(),
+            Location::Local("/flag.db".into())
+        );
+        assert_eq!(
+            resolve(None, &all).unwrap(),
+            Location::Remote {
+                url: "http://127.0.0.1:8080".into(),
+                auth_token: "t".into()
+            }
+        );
+        assert_eq!(
+            resolve(None, &all[2..]).unwrap(),
+            Location::Local("/p/app.db".into())
+        );
+        assert_eq!(
+            resolve(None, &all[3..]).unwrap(),
+            Location::Local("/d/app.db".into())
+        );
+        assert_eq!(
+            resolve(None, &[("DATABASE_URL", "libsql://x.example")]).unwrap(),
+            Location::Remote {
+                url: "libsql://x.example".into(),
+                auth_token: String::new()
+            }
+        );
+        assert!(resolve(None, &[("APP_DB_URL", "/not/a/url")]).is_err());
+        assert_eq!(
+            resolve(None, &[("DATABASE_URL", "postgres://x/y")]).unwrap(),
+            Location::Local(config::data_dir().unwrap().join("app.db"))
+        );
+        // Empty variables count as unset.
+        assert_eq!(
+            resolve(None, &[("APP_DB_URL", ""), ("APP_DB_PATH", "/p.db")]).unwrap(),
+            Location::Local("/p.db".into())
+        );
+    }
+}
