@@ -14,16 +14,63 @@ use app::db::{Db, DbSettings, Location, notes};
 const NAMESPACE: &str = "bench:notes";
 /// Words notes are made of; searches pick from the same list.
 const WORDS: &[&str] = &[
-    "cargo", "lock", "schema", "migration", "port", "server", "test", "flaky", "branch", "merge",
-    "rebase", "worktree", "agent", "deploy", "cache", "index", "query", "latency", "config",
-    "secret", "token", "retry", "timeout", "deadline", "queue", "message", "heartbeat", "stale",
-    "doctor", "rescue", "commit", "review", "release", "build", "lint", "format", "bench",
-    "memory", "thread", "socket", "signal", "process", "registry", "journal", "plan", "task",
-    "graph", "cycle", "parser", "render",
+    "cargo",
+    "lock",
+    "schema",
+    "migration",
+    "port",
+    "server",
+    "test",
+    "flaky",
+    "branch",
+    "merge",
+    "rebase",
+    "worktree",
+    "agent",
+    "deploy",
+    "cache",
+    "index",
+    "query",
+    "latency",
+    "config",
+    "secret",
+    "token",
+    "retry",
+    "timeout",
+    "deadline",
+    "queue",
+    "message",
+    "heartbeat",
+    "stale",
+    "doctor",
+    "rescue",
+    "commit",
+    "review",
+    "release",
+    "build",
+    "lint",
+    "format",
+    "bench",
+    "memory",
+    "thread",
+    "socket",
+    "signal",
+    "process",
+    "registry",
+    "journal",
+    "plan",
+    "task",
+    "graph",
+    "cycle",
+    "parser",
+    "render",
 ];
 
 fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 /// A deterministic xorshift generator, so every run writes the same notes.
@@ -109,7 +156,12 @@ async fn search(path: &str) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runtime = app::db::runtime().expect("runtime");
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["write", db, count, name] => runtime.block_on(write(db, count.parse().unwrap(), name)),
         ["search", db] => runtime.block_on(search(db)),
         _ => {

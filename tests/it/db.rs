@@ -454,3 +454,106 @@ fn a_database_that_is_down_or_locked_never_stops_an_agent() {
     runtime.block_on(holder.execute("ROLLBACK", ())).unwrap();
     drop(db);
 }
+
+#[test]
+fn notes_from_the_command_line_round_trip_and_bad_input_writes_nothing() {
+    let repo = TestRepo::new();
+    let app = |args: &[&str]| repo.run_app(args);
+
+    for bad in [
+        &["notes", "add", "-n", "bad namespace", "text"][..],
+        &["notes", "add", "-n", "ok", "   "],
+        &["notes", "search", "-n", "ok", "  "],
+        &["notes", "list", "-n", "ok", "--limit", "0"],
+        &["events", "--since", "soon"],
+    ] {
+        let output = app(bad);
+        assert_eq!(code(&output), 2, "{bad:?}: {}", stderr(&output));
+    }
+    let output = repo
+        .app(&["notes", "add", "-n", "ok", "text"])
+        .env("APP_DB_URL", "not-a-url")
+        .output()
+        .unwrap();
+    assert_eq!(code(&output), 2, "{}", stderr(&output));
+    assert!(!repo.db_path().exists(), "bad input created no database");
+
+    let output = app(&[
+        "notes",
+        "add",
+        "-n",
+        "project:x",
+        "the Cargo.lock needs care",
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(stdout(&output), "note 1 added to project:x\n");
+    let output = repo
+        .app(&[
+            "remember",
+            "-n",
+            "project:x",
+            "-c",
+            "run \"migrations\" first",
+            "--json",
+        ])
+        .env("APP_INSTANCE_ID", "agent7")
+        .output()
+        .unwrap();
+    let note: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(note["author"], "agent7");
+    assert_eq!(note["repo_root"], repo.root().display().to_string());
+    app(&["notes", "add", "-n", "other", "migrations elsewhere"]);
+
+    let found = stdout(&app(&["recall", "-n", "project:x", "MIGRATIONS"]));
+    assert!(
+        found.contains("agent7: run \"migrations\" first"),
+        "{found}"
+    );
+    assert_eq!(found.lines().count(), 1, "only this namespace: {found}");
+    // Query syntax characters are plain text, never an error.
+    let output = app(&[
+        "notes",
+        "search",
+        "-n",
+        "project:x",
+        "\"migrations",
+        "OR",
+        "*",
+    ]);
+    assert_eq!(
+        code(&output),
+        1,
+        "no note has all three words: {}",
+        stderr(&output)
+    );
+
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&app(&[
+        "notes",
+        "list",
+        "-n",
+        "project:x",
+        "--json",
+    ])))
+    .unwrap();
+    let contents: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        contents,
+        ["run \"migrations\" first", "the Cargo.lock needs care"]
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&app(&["db", "status", "--json"]))).unwrap();
+    assert_eq!(status["location"], repo.db_path().display().to_string());
+    assert_eq!(status["quick_check"], "ok");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(repo.db_path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
