@@ -96,7 +96,15 @@ async fn open(path: &str) -> Db {
     let settings = DbSettings {
         retry_deadline: Duration::from_secs(120),
     };
-    Db::open(Location::Local(PathBuf::from(path)), settings)
+    let location = if path.starts_with("http") {
+        Location::Remote {
+            url: path.to_string(),
+            auth_token: String::new(),
+        }
+    } else {
+        Location::Local(PathBuf::from(path))
+    };
+    Db::open(location, settings)
         .await
         .expect("open the database")
 }
@@ -106,9 +114,13 @@ async fn write(path: &str, count: usize, name: &str) {
     let start = now_ns();
     for i in 0..count {
         let content = format!("{name} note {i} about the cargo lock and the schema migration");
+        let t = Instant::now();
         notes::add(&db, NAMESPACE, &content, Some(name), None)
             .await
             .expect("add a note");
+        if t.elapsed() > Duration::from_secs(1) {
+            eprintln!("{name} note {i} took {:?}", t.elapsed());
+        }
     }
     println!("{start} {}", now_ns());
 }
@@ -119,7 +131,7 @@ async fn fill(db: &Db, rng: &mut Rng, target: i64) {
     db.transaction("filling", async |conn| {
         for content in &rows {
             conn.execute(
-                "INSERT INTO notes (namespace, content, host, created_at) VALUES (?1, ?2, 'bench', '2026-01-01T00:00:00.000Z')",
+                "INSERT INTO notes (uid, namespace, content, host, created_at) VALUES (hex(randomblob(16)), ?1, ?2, 'bench', '2026-01-01T00:00:00.000Z')",
                 (NAMESPACE, content.as_str()),
             )
             .await?;

@@ -25,8 +25,11 @@ CREATE TABLE instances (
 CREATE INDEX instances_by_heartbeat ON instances (status, last_heartbeat);
 
 -- What happened, in order: lifecycle of instances now; messages, locks and runs later.
+-- `uid` is chosen by the writer, so a write sent twice (a retried request to a server) lands
+-- once.
 CREATE TABLE events (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid       TEXT    NOT NULL UNIQUE,
     at        TEXT    NOT NULL,
     host      TEXT    NOT NULL,
     repo_root TEXT,
@@ -40,6 +43,7 @@ CREATE INDEX events_by_instance ON events (instance, at);
 -- What agents learned, shared by namespace ("project:myapp", "global").
 CREATE TABLE notes (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid        TEXT    NOT NULL UNIQUE,
     namespace  TEXT    NOT NULL,
     content    TEXT    NOT NULL,
     author     TEXT,

@@ -26,7 +26,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 cat >"$tmp/writer.py" <<'PY'
-import sqlite3, sys, time
+import sqlite3, sys, time, uuid
 db, count, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 conn = sqlite3.connect(db, timeout=5.0, isolation_level=None)
 conn.execute("PRAGMA journal_mode = WAL").fetchall()
@@ -44,8 +44,8 @@ for i in range(count):
             if "locked" not in str(err) and "busy" not in str(err):
                 raise
     conn.execute(
-        "INSERT INTO notes (namespace, content, author, host, repo_root, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        ("bench:notes", content, name, "bench", None, now),
+        "INSERT INTO notes (uid, namespace, content, author, host, repo_root, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO NOTHING",
+        (uuid.uuid4().hex, "bench:notes", content, name, "bench", None, now),
     )
     conn.execute("COMMIT")
 print(start, time.time_ns())

@@ -263,6 +263,7 @@ impl DbMirror {
 
 fn event(repo_root: &Path, id: &str, kind: &str, payload: serde_json::Value) -> Update {
     Update::Event(NewEvent {
+        uid: crate::db::events::new_uid(),
         at: Timestamp::now(),
         repo_root: Some(repo_root.display().to_string()),
         instance: Some(id.to_string()),
@@ -706,6 +707,34 @@ fn wait_gone(identity: &ProcessIdentity, timeout: Duration) -> bool {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The instance the calling process acts for: the one `APP_INSTANCE_ID` names when it is
+/// registered, else the one whose worktree contains `cwd`.
+pub fn caller(snapshot: &Snapshot, cwd: &Path) -> Option<InstanceRecord> {
+    if let Ok(id) = std::env::var("APP_INSTANCE_ID")
+        && let Some(record) = snapshot.instance(&id)
+    {
+        return Some(record.clone());
+    }
+    let dir = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
+    owner_of(snapshot, &dir)
+}
+
+/// The holder of locks and reservations the caller takes: its instance, or outside any
+/// instance the parent process (the shell or script that ran `app`), so the hold ends with it.
+pub fn caller_holder(snapshot: &Snapshot, cwd: &Path) -> Result<crate::lock::Holder> {
+    if let Some(record) = caller(snapshot, cwd) {
+        return Ok(crate::lock::Holder::instance(&record));
+    }
+    let parent = nix::unistd::getppid().as_raw() as u32;
+    ProcessIdentity::of(parent)
+        .map(crate::lock::Holder::process)
+        .ok_or_else(|| {
+            Error::Failed(format!(
+                "cannot read the identity of the parent process {parent}"
+            ))
+        })
 }
 
 /// The registered instance whose worktree contains `dir`, if any.

@@ -9,12 +9,17 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod glob;
 pub mod instance;
+pub mod lock;
 pub mod paths;
 pub mod process;
+pub mod queue;
 pub mod registry;
+pub mod reserve;
 pub mod sign;
 pub mod state;
+pub mod watch;
 pub mod worktree;
 
 pub use error::{Error, Result};

@@ -9,6 +9,15 @@
 //!   process_registry.json    instance id -> process record
 //!   registry.lock            flock taken around every registry read-modify-write
 //!   secret                   HMAC key when APP_SHARED_SECRET is not set (0600)
+//!   coordination_queue/
+//!     inbox/<id>/<msg>.json    messages waiting for instance <id> (a broadcast: one copy each)
+//!     acked/<id>/<msg>.json    messages <id> acknowledged (the de-duplication record)
+//!     dead/<id>-<msg>.json     unacknowledged messages past their TTL, with the reason
+//!     quarantine/<file>        forged, oversized or unparsable files, with the reason
+//!   locks/
+//!     named/<name>.json        named lock: holder, fencing token, expiry (kept when free)
+//!     reservations.json        path reservations
+//!     .mutex                   flock taken around every lock and reservation change
 //! ```
 //!
 //! The repo root is found through git's *common* directory, so every path is the same whether
@@ -124,6 +133,56 @@ impl AppPaths {
     /// The generated HMAC key.
     pub fn secret(&self) -> PathBuf {
         self.state_dir.join("secret")
+    }
+
+    /// `.app/coordination_queue/`.
+    pub fn queue_dir(&self) -> PathBuf {
+        self.state_dir.join("coordination_queue")
+    }
+
+    /// Messages waiting for instance `id`.
+    pub fn inbox(&self, id: &str) -> PathBuf {
+        self.queue_dir().join("inbox").join(id)
+    }
+
+    /// Messages instance `id` acknowledged.
+    pub fn acked(&self, id: &str) -> PathBuf {
+        self.queue_dir().join("acked").join(id)
+    }
+
+    /// Messages that expired unacknowledged.
+    pub fn dead_letters(&self) -> PathBuf {
+        self.queue_dir().join("dead")
+    }
+
+    /// Message files that could not be trusted or read.
+    pub fn quarantine(&self) -> PathBuf {
+        self.queue_dir().join("quarantine")
+    }
+
+    /// `.app/locks/`.
+    pub fn locks_dir(&self) -> PathBuf {
+        self.state_dir.join("locks")
+    }
+
+    /// The state files of named locks.
+    pub fn named_locks_dir(&self) -> PathBuf {
+        self.locks_dir().join("named")
+    }
+
+    /// The state file of lock `name`.
+    pub fn lock_state(&self, name: &str) -> PathBuf {
+        self.named_locks_dir().join(format!("{name}.json"))
+    }
+
+    /// The path reservations.
+    pub fn reservations(&self) -> PathBuf {
+        self.locks_dir().join("reservations.json")
+    }
+
+    /// The flock around every lock and reservation change.
+    pub fn locks_mutex(&self) -> PathBuf {
+        self.locks_dir().join(".mutex")
     }
 
     /// Creates `.app/` (0700) and `worktrees/`, and lists `.app/` in `.git/info/exclude`.

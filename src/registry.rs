@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
-use crate::sign::SigningKey;
+use crate::sign::{self, SigningKey};
 use crate::state;
 
 const FORMAT_VERSION: u32 = 1;
@@ -252,7 +252,7 @@ impl Tables {
 
     /// Signs and stores `record` under its id.
     pub fn put_instance(&mut self, record: &InstanceRecord) {
-        let value = signed_value(record, &self.key);
+        let value = self.key.seal(record);
         self.processes.entries.insert(record.id.clone(), value);
         self.processes_changed = true;
     }
@@ -276,7 +276,7 @@ impl Tables {
 
     /// Signs and stores `record` under its branch name.
     pub fn put_branch(&mut self, record: &BranchRecord) {
-        let value = signed_value(record, &self.key);
+        let value = self.key.seal(record);
         self.branches.entries.insert(record.branch.clone(), value);
         self.branches_changed = true;
     }
@@ -427,46 +427,13 @@ fn save_doc(path: &Path, doc: &RegistryDoc) -> Result<()> {
     state::write_atomic(path, &bytes)
 }
 
-/// The record's fields as a JSON object plus its `signature`.
-fn signed_value<T: Serialize>(record: &T, key: &SigningKey) -> Value {
-    let bytes = serde_json::to_vec(record).expect("registry records always serialize");
-    let mut value = serde_json::to_value(record).expect("registry records always serialize");
-    if let Value::Object(map) = &mut value {
-        map.insert("signature".into(), Value::String(key.sign(&bytes)));
-    }
-    value
-}
-
-/// Parses and verifies one stored entry.
-fn verify_value<T: Serialize + DeserializeOwned>(
-    value: &Value,
-    key: Option<&SigningKey>,
-) -> Result<T, String> {
-    let Value::Object(map) = value else {
-        return Err("entry is not a JSON object".into());
-    };
-    let mut fields = map.clone();
-    let signature = match fields.remove("signature") {
-        Some(Value::String(signature)) => signature,
-        _ => return Err("entry is unsigned".into()),
-    };
-    let record: T = serde_json::from_value(Value::Object(fields))
-        .map_err(|err| format!("entry does not parse: {err}"))?;
-    let key = key.ok_or("no secret to verify it with (.app/secret is missing)")?;
-    let bytes = serde_json::to_vec(&record).expect("registry records always serialize");
-    if !key.verify(&bytes, &signature) {
-        return Err("signature does not verify".into());
-    }
-    Ok(record)
-}
-
 fn entries<T: Serialize + DeserializeOwned + Keyed>(
     doc: &RegistryDoc,
     key: Option<&SigningKey>,
 ) -> Vec<Entry<T>> {
     doc.entries
         .iter()
-        .map(|(name, value)| match verify_value::<T>(value, key) {
+        .map(|(name, value)| match sign::open::<T>(value, key) {
             Ok(record) if record.key() == name => Entry::Valid(record),
             Ok(_) => Entry::Forged {
                 key: name.clone(),
@@ -486,7 +453,7 @@ fn verified<T: Serialize + DeserializeOwned + Keyed>(
     key: Option<&SigningKey>,
 ) -> Option<T> {
     let value = doc.entries.get(name)?;
-    verify_value::<T>(value, key)
+    sign::open::<T>(value, key)
         .ok()
         .filter(|record| record.key() == name)
 }
@@ -537,18 +504,18 @@ mod tests {
     fn signed_entries_verify_and_tampering_is_detected() {
         let key = SigningKey::from_bytes(b"secret".to_vec());
         let rec = record("abcd1234");
-        let value = signed_value(&rec, &key);
+        let value = key.seal(&rec);
         assert_eq!(
-            verify_value::<InstanceRecord>(&value, Some(&key)).unwrap(),
+            sign::open::<InstanceRecord>(&value, Some(&key)).unwrap(),
             rec
         );
 
         let mut tampered = value.clone();
         tampered["pid"] = Value::from(1);
-        assert!(verify_value::<InstanceRecord>(&tampered, Some(&key)).is_err());
+        assert!(sign::open::<InstanceRecord>(&tampered, Some(&key)).is_err());
 
         let other = SigningKey::from_bytes(b"other".to_vec());
-        assert!(verify_value::<InstanceRecord>(&value, Some(&other)).is_err());
+        assert!(sign::open::<InstanceRecord>(&value, Some(&other)).is_err());
     }
 
     #[test]

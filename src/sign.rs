@@ -1,4 +1,4 @@
-//! HMAC-SHA256 signatures on registry entries (and, later, messages).
+//! HMAC-SHA256 signatures on registry entries, messages, locks and reservations.
 //!
 //! The key is `APP_SHARED_SECRET` when set, else the repository's generated `.app/secret`
 //! (32 random bytes, hex, mode 0600, created once and never replaced). An entry whose signature
@@ -8,6 +8,9 @@ use std::fs::File;
 use std::io::Read;
 
 use hmac::{Hmac, Mac};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use sha2::Sha256;
 
 use crate::error::{Error, IoContext, Result};
@@ -15,6 +18,29 @@ use crate::paths::AppPaths;
 use crate::state;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Parses and verifies a value made by [`SigningKey::seal`]; the error says why it is forged.
+pub fn open<T: Serialize + DeserializeOwned>(
+    value: &Value,
+    key: Option<&SigningKey>,
+) -> std::result::Result<T, String> {
+    let Value::Object(map) = value else {
+        return Err("entry is not a JSON object".into());
+    };
+    let mut fields = map.clone();
+    let signature = match fields.remove("signature") {
+        Some(Value::String(signature)) => signature,
+        _ => return Err("entry is unsigned".into()),
+    };
+    let record: T = serde_json::from_value(Value::Object(fields))
+        .map_err(|err| format!("entry does not parse: {err}"))?;
+    let key = key.ok_or("no secret to verify it with (.app/secret is missing)")?;
+    let bytes = serde_json::to_vec(&record).expect("records always serialize");
+    if !key.verify(&bytes, &signature) {
+        return Err("signature does not verify".into());
+    }
+    Ok(record)
+}
 
 /// The shared key that signs and verifies entries.
 #[derive(Clone)]
@@ -63,6 +89,17 @@ impl SigningKey {
         let bytes = state::read_optional(&path)?
             .ok_or_else(|| Error::Failed(format!("{} vanished after creation", path.display())))?;
         Ok(Some(Self::from_bytes(trim_ascii(bytes))))
+    }
+
+    /// The record's fields as a JSON object plus `signature`, the HMAC over the record's
+    /// canonical JSON.
+    pub fn seal<T: Serialize>(&self, record: &T) -> Value {
+        let bytes = serde_json::to_vec(record).expect("records always serialize");
+        let mut value = serde_json::to_value(record).expect("records always serialize");
+        if let Value::Object(map) = &mut value {
+            map.insert("signature".into(), Value::String(self.sign(&bytes)));
+        }
+        value
     }
 
     /// The hex HMAC-SHA256 of `message`.

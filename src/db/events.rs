@@ -5,6 +5,11 @@ use libsql::Value;
 use serde::Serialize;
 
 use super::{Db, integer, opt, opt_text, text};
+
+/// A fresh unique id for a row.
+pub fn new_uid() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
 use crate::error::Result;
 use crate::process;
 use crate::registry::Timestamp;
@@ -31,6 +36,8 @@ pub struct Event {
 /// An event to record.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
+    /// Unique id chosen by the writer, so recording it twice stores it once.
+    pub uid: String,
     /// When it happened.
     pub at: Timestamp,
     /// Repository it concerns.
@@ -43,11 +50,12 @@ pub struct NewEvent {
     pub payload: serde_json::Value,
 }
 
-/// Appends an event; returns its id.
-pub async fn record(db: &Db, event: &NewEvent) -> Result<i64> {
+/// Appends an event.
+pub async fn record(db: &Db, event: &NewEvent) -> Result<()> {
     db.execute(
-        "recording an event in",
-        "INSERT INTO events (at, host, repo_root, instance, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "recording an event",
+        "INSERT INTO events (uid, at, host, repo_root, instance, kind, payload)
+         VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (uid) DO NOTHING",
         vec![
             Value::Text(event.at.to_string()),
             Value::Text(process::hostname().to_string()),
@@ -55,9 +63,11 @@ pub async fn record(db: &Db, event: &NewEvent) -> Result<i64> {
             opt(event.instance.clone()),
             Value::Text(event.kind.clone()),
             Value::Text(event.payload.to_string()),
+            Value::Text(event.uid.clone()),
         ],
     )
     .await
+    .map(drop)
 }
 
 /// Which events to read.
@@ -77,7 +87,7 @@ pub struct EventFilter {
 pub async fn query(db: &Db, filter: &EventFilter, limit: u32) -> Result<Vec<Event>> {
     let rows = db
         .query_rows(
-            "reading events from",
+            "reading events",
             "SELECT id, at, host, repo_root, instance, kind, payload FROM events
              WHERE id > ?1
                AND (?2 IS NULL OR at >= ?2)

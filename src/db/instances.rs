@@ -69,7 +69,7 @@ impl InstanceRow {
 /// Inserts the row, or updates the registration it mirrors.
 pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
     db.execute(
-        "mirroring an instance into",
+        "mirroring an instance",
         "INSERT INTO instances (id, repo_root, host, pid, start_time, worktree, branch, base,
                                 command, status, started_at, last_heartbeat, stopped_at, exit_code)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
@@ -127,7 +127,7 @@ pub async fn history(db: &Db, repo_root: &Path, id: &str) -> Result<Vec<Instance
 async fn select(db: &Db, clause: &str, params: Vec<Value>) -> Result<Vec<InstanceRow>> {
     let rows = db
         .query_rows(
-            "reading instances from",
+            "reading instances",
             &format!(
                 "SELECT id, repo_root, host, pid, start_time, worktree, branch, base, command,
                         status, started_at, last_heartbeat, stopped_at, exit_code

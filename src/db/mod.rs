@@ -30,6 +30,8 @@ use crate::state;
 
 /// How long a busy database is retried before giving up (`APP_DB_RETRY_DEADLINE`).
 pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one request to a server may go unanswered before it is sent again.
+pub const REMOTE_ATTEMPT_LIMIT: Duration = Duration::from_secs(5);
 /// SQLite's own busy wait on a local file, inside one attempt.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -143,10 +145,19 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .io_context("starting the database runtime for", "the database client")
 }
 
+/// What a write changed, where the database reports it (a local file does; a server's batch
+/// does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Rows changed.
+    pub rows: Option<u64>,
+    /// The rowid of the last row inserted.
+    pub rowid: Option<i64>,
+}
+
 /// An open, migrated database.
 pub struct Db {
-    // Kept alive for the connection's sake.
-    _database: Database,
+    database: Database,
     conn: Connection,
     location: Location,
     settings: DbSettings,
@@ -185,7 +196,7 @@ impl Db {
         };
         let conn = database.connect().map_err(fail)?;
         let db = Db {
-            _database: database,
+            database,
             conn,
             location,
             settings,
@@ -193,14 +204,14 @@ impl Db {
         if db.is_local() {
             db.conn
                 .busy_timeout(BUSY_TIMEOUT.min(settings.retry_deadline))
-                .map_err(|source| db.error("setting the busy timeout of", source))?;
+                .map_err(|source| db.error("setting the busy timeout", source))?;
             // journal_mode answers with a row; read it and let it go at once.
             db.query_rows("switching to WAL", "PRAGMA journal_mode = WAL", vec![])
                 .await?;
             db.conn
                 .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
                 .await
-                .map_err(|source| db.error("setting pragmas of", source))?;
+                .map_err(|source| db.error("setting pragmas", source))?;
         }
         schema::migrate(&db).await?;
         Ok(db)
@@ -223,7 +234,7 @@ impl Db {
 
     fn error(&self, what: &str, source: libsql::Error) -> Error {
         Error::Database {
-            message: format!("{what} the database {}", self.location),
+            message: format!("{what} (database {})", self.location),
             source,
         }
     }
@@ -242,28 +253,49 @@ impl Db {
                 }
             )),
             retry::RetryError::Failed(source) => Error::Database {
-                message: format!("{what} in the database {}", self.location),
+                message: format!("{what} (database {})", self.location),
                 source,
             },
         }
     }
 
     /// Runs one write statement atomically, retrying while the database is busy. Returns the
-    /// rowid it inserted (meaningful for an INSERT).
-    pub async fn execute(&self, what: &str, sql: &str, params: Vec<Value>) -> Result<i64> {
+    /// number of rows it changed and the last rowid it inserted.
+    ///
+    /// Against a server the statement must be idempotent (an `INSERT` keyed by a unique id with
+    /// `ON CONFLICT DO NOTHING`, an upsert): an attempt left unanswered for
+    /// [`REMOTE_ATTEMPT_LIMIT`] is sent again on a fresh connection, because a server was seen to
+    /// leave requests of several concurrent writers unanswered for minutes.
+    pub async fn execute(&self, what: &str, sql: &str, params: Vec<Value>) -> Result<Written> {
         if !self.is_local() {
-            // One autocommit statement: atomic on the server, and one request. (A server was
-            // seen to stop taking writes under many concurrent interactive transactions.)
-            return retry::run(self.settings.retry_deadline, what, async || {
-                self.conn.execute(sql, params.clone()).await?;
-                Ok(self.conn.last_insert_rowid())
+            // One request: `BEGIN IMMEDIATE; <sql>; COMMIT` as a batch on a fresh stream that
+            // the request also closes. The write lock is taken up front: a statement that starts
+            // reading and then promotes to a write was seen to wedge the server's lock queue
+            // (SQLITE_BUSY_SNAPSHOT), and interactive transactions to stall writers. A batch
+            // takes no parameters, so they are inlined as SQL literals.
+            let batch = format!("BEGIN IMMEDIATE; {}; COMMIT;", inline_params(sql, &params));
+            let limit = Some(REMOTE_ATTEMPT_LIMIT);
+            return retry::run(self.settings.retry_deadline, limit, what, async || {
+                let conn = self.database.connect()?;
+                let result = conn.execute_batch(&batch).await;
+                if result.is_err() && !conn.is_autocommit() {
+                    let _ = conn.execute("ROLLBACK", ()).await;
+                }
+                result?;
+                Ok(Written {
+                    rows: None,
+                    rowid: None,
+                })
             })
             .await
             .map_err(|err| self.retry_error(what, err));
         }
         self.transaction(what, async |conn| {
-            conn.execute(sql, params.clone()).await?;
-            Ok(conn.last_insert_rowid())
+            let rows = conn.execute(sql, params.clone()).await?;
+            Ok(Written {
+                rows: Some(rows),
+                rowid: Some(conn.last_insert_rowid()),
+            })
         })
         .await
     }
@@ -275,7 +307,7 @@ impl Db {
         what: &str,
         mut body: impl AsyncFnMut(&Connection) -> libsql::Result<T>,
     ) -> Result<T> {
-        retry::run(self.settings.retry_deadline, what, async || {
+        retry::run(self.settings.retry_deadline, None, what, async || {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -303,8 +335,18 @@ impl Db {
         sql: &str,
         params: Vec<Value>,
     ) -> Result<Vec<Vec<Value>>> {
-        retry::run(self.settings.retry_deadline, what, async || {
-            collect_rows(&self.conn, sql, params.clone()).await
+        let limit = (!self.is_local()).then_some(REMOTE_ATTEMPT_LIMIT);
+        retry::run(self.settings.retry_deadline, limit, what, async || {
+            if self.is_local() {
+                return collect_rows(&self.conn, sql, params.clone()).await;
+            }
+            let conn = self.database.connect()?;
+            let rows = collect_rows(&conn, sql, params.clone()).await?;
+            // A query leaves its server stream open, and an open stream's read snapshot can
+            // stall the server's WAL checkpoint and with it every writer. An autocommit
+            // statement on the same stream closes it.
+            conn.execute("SELECT 1", ()).await?;
+            Ok(rows)
         })
         .await
         .map_err(|err| self.retry_error(what, err))
@@ -325,6 +367,41 @@ impl Db {
             .map(text)
             .collect();
         Ok(lines.join("; "))
+    }
+}
+
+/// `sql` with its `?N` placeholders replaced by `params` as SQL literals. Only for the crate's
+/// own statements, whose text has no `?` outside placeholders; the substituted values are
+/// never scanned again.
+fn inline_params(sql: &str, params: &[Value]) -> String {
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        if c != '?' {
+            out.push(c);
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some((_, d)) = chars.peek().filter(|(_, d)| d.is_ascii_digit()) {
+            digits.push(*d);
+            chars.next();
+        }
+        let index: usize = digits
+            .parse()
+            .expect("the crate's statements number their placeholders");
+        out.push_str(&literal(&params[index - 1]));
+    }
+    out
+}
+
+/// A value as an SQL literal.
+fn literal(value: &Value) -> String {
+    match value {
+        Value::Null => "NULL".into(),
+        Value::Integer(n) => n.to_string(),
+        Value::Real(x) => format!("{x:?}"),
+        Value::Text(text) => format!("'{}'", text.replace('\'', "''")),
+        Value::Blob(bytes) => format!("X'{}'", hex::encode(bytes)),
     }
 }
 
@@ -390,6 +467,19 @@ mod tests {
                 .find(|(key, _)| *key == name)
                 .map(|(_, value)| value.to_string())
         })
+    }
+
+    #[test]
+    fn inlined_parameters_are_quoted_once() {
+        let sql = "INSERT INTO t VALUES (?2, ?1, ?10, ?3)";
+        let mut params: Vec<Value> = (0..10).map(Value::Integer).collect();
+        params[0] = Value::Text("it's ?2".into());
+        params[1] = Value::Null;
+        params[2] = Value::Blob(vec![0xab]);
+        assert_eq!(
+            inline_params(sql, &params),
+            "INSERT INTO t VALUES (NULL, 'it''s ?2', 9, X'ab')"
+        );
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub fn validate_namespace(namespace: &str) -> Result<()> {
 
 /// Checks a note's content: not blank, at most [`MAX_NOTE_BYTES`].
 pub fn validate_content(content: &str) -> Result<()> {
+    if content.contains('\0') {
+        return Err(Error::bad_input("the note contains a NUL character"));
+    }
     if content.trim().is_empty() {
         return Err(Error::bad_input("the note is empty; give its text"));
     }
@@ -102,11 +105,12 @@ pub async fn add(
     validate_content(content)?;
     let created_at = Timestamp::now().to_string();
     let repo_root = repo_root.map(|p| p.display().to_string());
-    let id = db
+    let uid = super::events::new_uid();
+    let written = db
         .execute(
-            "adding a note to",
-            "INSERT INTO notes (namespace, content, author, host, repo_root, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "adding a note",
+            "INSERT INTO notes (uid, namespace, content, author, host, repo_root, created_at)
+             VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (uid) DO NOTHING",
             vec![
                 Value::Text(namespace.to_string()),
                 Value::Text(content.to_string()),
@@ -114,9 +118,27 @@ pub async fn add(
                 Value::Text(process::hostname().to_string()),
                 opt(repo_root.clone()),
                 Value::Text(created_at.clone()),
+                Value::Text(uid.clone()),
             ],
         )
         .await?;
+    let id = if let (Some(1), Some(rowid)) = (written.rows, written.rowid) {
+        rowid
+    } else {
+        // A server does not report the rowid of a batch, and an earlier attempt of this very
+        // write may have landed: find the row by its uid.
+        let rows = db
+            .query_rows(
+                "finding a note",
+                "SELECT id FROM notes WHERE uid = ?1",
+                vec![Value::Text(uid)],
+            )
+            .await?;
+        rows.first()
+            .and_then(|row| row.first())
+            .and_then(integer)
+            .unwrap_or_default()
+    };
     Ok(Note {
         id,
         namespace: namespace.to_string(),
@@ -136,7 +158,7 @@ pub async fn list(db: &Db, namespace: &str, limit: u32) -> Result<Vec<Note>> {
     validate_limit(limit)?;
     let rows = db
         .query_rows(
-            "listing notes in",
+            "listing notes",
             &format!(
                 "SELECT {COLUMNS} FROM notes n WHERE n.namespace = ?1 ORDER BY n.id DESC LIMIT ?2"
             ),
@@ -156,7 +178,7 @@ pub async fn search(db: &Db, namespace: &str, query: &str, limit: u32) -> Result
     let fts = fts_query(query)?;
     let rows = db
         .query_rows(
-            "searching notes in",
+            "searching notes",
             &format!(
                 "SELECT {COLUMNS} FROM notes_fts f JOIN notes n ON n.id = f.rowid
                  WHERE notes_fts MATCH ?1 AND n.namespace = ?2
@@ -176,7 +198,7 @@ pub async fn search(db: &Db, namespace: &str, query: &str, limit: u32) -> Result
 pub async fn count(db: &Db, namespace: &str) -> Result<i64> {
     let rows = db
         .query_rows(
-            "counting notes in",
+            "counting notes",
             "SELECT count(*) FROM notes WHERE namespace = ?1",
             vec![Value::Text(namespace.to_string())],
         )

@@ -31,9 +31,20 @@ pub fn is_busy(err: &libsql::Error) -> bool {
         libsql::Error::SqliteFailure(code, _) | libsql::Error::RemoteSqliteFailure(code, _, _) => {
             matches!(code & 0xff, 5 | 6)
         }
-        libsql::Error::Hrana(inner) => hrana_code(&inner.to_string()).is_some_and(|code| {
-            code.starts_with("SQLITE_BUSY") || code.starts_with("SQLITE_LOCKED")
-        }),
+        libsql::Error::Hrana(inner) => {
+            let text = inner.to_string();
+            match hrana_code(&text) {
+                Some(code) => code.starts_with("SQLITE_BUSY") || code.starts_with("SQLITE_LOCKED"),
+                // An error the server answers at the HTTP level carries no code, only SQLite's
+                // fixed text for SQLITE_BUSY ("database is locked") or SQLITE_LOCKED ("database
+                // table is locked").
+                None => {
+                    text.starts_with("api error:")
+                        && (text.contains("database is locked")
+                            || text.contains("database table is locked"))
+                }
+            }
+        }
         _ => false,
     }
 }
@@ -64,8 +75,12 @@ pub enum RetryError {
 }
 
 /// Runs `op` until it succeeds, fails with a non-busy error, or `deadline` has passed.
+///
+/// With `attempt_limit`, an attempt still unanswered after that long is abandoned and retried
+/// like a busy error: only for operations that are safe to send twice.
 pub async fn run<T>(
     deadline: Duration,
+    attempt_limit: Option<Duration>,
     what: &str,
     mut op: impl AsyncFnMut() -> libsql::Result<T>,
 ) -> Result<T, RetryError> {
@@ -74,19 +89,15 @@ pub async fn run<T>(
     loop {
         // A libSQL server queues a writer behind the lock holder instead of answering busy, so
         // the deadline is also enforced around each attempt.
-        let attempt_result = match tokio::time::timeout_at(until.into(), op()).await {
+        let limit = attempt_limit.map_or(until, |limit| until.min(Instant::now() + limit));
+        let result = match tokio::time::timeout_at(limit.into(), op()).await {
             Ok(result) => result,
-            Err(_elapsed) => {
-                return Err(RetryError::Deadline {
-                    last: libsql::Error::SqliteFailure(
-                        5,
-                        "still waiting for the write lock".into(),
-                    ),
-                    attempts: attempt + 1,
-                });
-            }
+            Err(_elapsed) => Err(libsql::Error::SqliteFailure(
+                5,
+                "no answer while waiting for the write lock".into(),
+            )),
         };
-        match attempt_result {
+        match result {
             Ok(value) => return Ok(value),
             Err(err) if is_busy(&err) => {
                 let now = Instant::now();
@@ -142,6 +153,12 @@ mod tests {
         assert!(!is_busy(&remote("SQLITE_CONSTRAINT_UNIQUE")));
         assert!(!is_busy(&libsql::Error::Hrana(
             "http error: `connection refused`".into()
+        )));
+        assert!(is_busy(&libsql::Error::Hrana(
+            "api error: `SQLite error: database is locked`".into()
+        )));
+        assert!(!is_busy(&libsql::Error::Hrana(
+            "api error: `SQLite error: no such table: x`".into()
         )));
     }
 }

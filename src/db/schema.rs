@@ -73,7 +73,7 @@ pub async fn migrate(db: &Db) -> Result<usize> {
     if current == LATEST {
         return Ok(0);
     }
-    db.transaction("migrating the schema of", async |conn| {
+    db.transaction("migrating the schema", async |conn| {
         conn.execute(CREATE_TABLE, ()).await?;
         let mut rows = conn
             .query(

@@ -230,7 +230,7 @@ fn a_held_write_lock_makes_writers_wait_then_fails_past_the_deadline(
             holder.execute("BEGIN IMMEDIATE", ()).await.unwrap();
             holder
                 .execute(
-                    "INSERT INTO notes (namespace, content, host, created_at) VALUES ('holder', 'held', 'h', 'now')",
+                    "INSERT INTO notes (uid, namespace, content, host, created_at) VALUES (hex(randomblob(16)), 'holder', 'held', 'h', 'now')",
                     (),
                 )
                 .await

@@ -1,0 +1,200 @@
+//! Path globs for reservations: matching a path, and deciding whether two globs can match a
+//! common path (so overlapping reservations are refused exactly, not by a prefix guess).
+//!
+//! Syntax, relative to the repository root: `*` any characters but `/`, `?` one character but
+//! `/`, `**` any characters including `/` (a whole `**/` segment also matches nothing), and a
+//! trailing `/` means everything below (`src/` is `src/**`). Everything else is literal.
+//! Both questions are answered by one search over pairs of positions in the two patterns (a
+//! path is a pattern without wildcards), which visits each pair at most once.
+
+use std::collections::HashSet;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Token {
+    /// One literal character.
+    Char(char),
+    /// `?`: one character other than `/`.
+    One,
+    /// `*`: any run of characters other than `/`.
+    Star,
+    /// `**`: any run of characters.
+    Any,
+}
+
+/// A parsed glob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    text: String,
+    tokens: Vec<Token>,
+}
+
+impl std::fmt::Display for Glob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Glob {
+    /// Parses a glob relative to the repository root.
+    pub fn parse(text: &str) -> Result<Glob> {
+        let bad = |why: &str| {
+            Error::bad_input(format!(
+                "invalid path pattern {text:?}: {why}; write it relative to the repository root, e.g. src/db/** or Cargo.lock"
+            ))
+        };
+        if text.is_empty() || text.len() > 1024 {
+            return Err(bad("it is empty or too long"));
+        }
+        if text.starts_with('/') {
+            return Err(bad("it is absolute"));
+        }
+        if text.split('/').any(|part| part == ".." || part == ".") {
+            return Err(bad("it contains '.' or '..'"));
+        }
+        if text.chars().any(|c| c.is_control()) {
+            return Err(bad("it contains control characters"));
+        }
+        let mut full = text.to_string();
+        if full.ends_with('/') {
+            full.push_str("**");
+        }
+        let mut tokens = Vec::new();
+        let mut chars = full.chars().peekable();
+        while let Some(c) = chars.next() {
+            tokens.push(match c {
+                '*' if chars.peek() == Some(&'*') => {
+                    chars.next();
+                    // `**` then `/`: the pair may also match nothing at all (`a/**/b` matches
+                    // `a/b`), see `skips`.
+                    Token::Any
+                }
+                '*' => Token::Star,
+                '?' => Token::One,
+                c => Token::Char(c),
+            });
+        }
+        Ok(Glob {
+            text: text.to_string(),
+            tokens,
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `path` (relative, `/`-separated) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        let literal: Vec<Token> = path.chars().map(Token::Char).collect();
+        intersect(&self.tokens, &literal)
+    }
+
+    /// Whether some path matches both globs.
+    pub fn overlaps(&self, other: &Glob) -> bool {
+        intersect(&self.tokens, &other.tokens)
+    }
+}
+
+/// Whether tokens `a` and `b` can produce a common string.
+fn intersect(a: &[Token], b: &[Token]) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![(0usize, 0usize)];
+    while let Some((i, j)) = stack.pop() {
+        if !seen.insert((i, j)) {
+            continue;
+        }
+        if i == a.len() && j == b.len() {
+            return true;
+        }
+        // Moves that consume nothing: a wildcard run matching the empty string, or an
+        // optional `**/` segment.
+        for (next_i, next_j) in skips(a, i)
+            .map(|n| (n, j))
+            .chain(skips(b, j).map(|n| (i, n)))
+        {
+            stack.push((next_i, next_j));
+        }
+        // Moves where both consume one common character.
+        if let (Some(&x), Some(&y)) = (a.get(i), b.get(j))
+            && compatible(x, y)
+        {
+            let next = |k: usize, t: Token| {
+                if matches!(t, Token::Star | Token::Any) {
+                    k
+                } else {
+                    k + 1
+                }
+            };
+            stack.push((next(i, x), next(j, y)));
+        }
+    }
+    false
+}
+
+/// Positions reachable from `k` without consuming a character.
+fn skips(tokens: &[Token], k: usize) -> impl Iterator<Item = usize> {
+    let star = matches!(tokens.get(k), Some(Token::Star | Token::Any)).then_some(k + 1);
+    let segment = (matches!(tokens.get(k), Some(Token::Any))
+        && tokens.get(k + 1) == Some(&Token::Char('/')))
+    .then_some(k + 2);
+    star.into_iter().chain(segment)
+}
+
+/// Whether some single character satisfies both tokens.
+fn compatible(x: Token, y: Token) -> bool {
+    use Token::*;
+    match (x, y) {
+        (Char(a), Char(b)) => a == b,
+        (Char(c), One | Star) | (One | Star, Char(c)) => c != '/',
+        (Char(_), Any) | (Any, Char(_)) => true,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn glob(text: &str) -> Glob {
+        Glob::parse(text).unwrap()
+    }
+
+    #[test]
+    fn matching() {
+        assert!(glob("Cargo.lock").matches("Cargo.lock"));
+        assert!(!glob("Cargo.lock").matches("Cargo.lockx"));
+        assert!(glob("src/*.rs").matches("src/main.rs"));
+        assert!(!glob("src/*.rs").matches("src/db/mod.rs"));
+        assert!(glob("src/**").matches("src/db/mod.rs"));
+        assert!(glob("src/").matches("src/db/mod.rs"));
+        assert!(glob("src/**/mod.rs").matches("src/mod.rs"));
+        assert!(glob("src/**/mod.rs").matches("src/a/b/mod.rs"));
+        assert!(!glob("src/**/mod.rs").matches("src/a/bmod.rs"));
+        assert!(glob("?.txt").matches("a.txt"));
+        assert!(!glob("?.txt").matches("/.txt"));
+        assert!(glob("**").matches("anything/at/all"));
+    }
+
+    #[test]
+    fn overlapping() {
+        let overlap = |a: &str, b: &str| glob(a).overlaps(&glob(b)) && glob(b).overlaps(&glob(a));
+        assert!(overlap("src/**", "src/db/mod.rs"));
+        assert!(overlap("src/*.rs", "src/m*"));
+        assert!(overlap("src/**/*.rs", "src/db/*"));
+        assert!(overlap("**", "README.md"));
+        assert!(!overlap("src/*.rs", "src/*.md"));
+        assert!(!overlap("src/*.rs", "src/db/*.rs"));
+        assert!(!overlap("docs/**", "src/**"));
+        assert!(!overlap("a?", "abc"));
+    }
+
+    #[test]
+    fn rejects_what_cannot_be_a_repository_path() {
+        for bad in ["", "/etc/passwd", "../up", "a/./b", "a\nb"] {
+            assert!(Glob::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Named locks with fencing tokens.
+//!
+//! Invariants:
+//! - A lock's state is one signed file, `locks/named/<name>.json`, changed only under the
+//!   `locks/.mutex` flock with the file reloaded inside it, and replaced atomically.
+//! - The fencing token grows strictly with every grant of a name: the file keeps the last token
+//!   after release, and a grant is saved (fsynced) before it is handed out.
+//! - A lock belongs to a [`Holder`]: an instance (it outlives the CLI call that took it) or a
+//!   process (`app lock run`, or the shell that called `app lock acquire` outside any instance).
+//!   A dead holder (pid gone or reused, instance unregistered or its heartbeat stale) or a run-out
+//!   `--ttl` loses the lock to the next acquirer; nobody has to clean up first.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::paths::AppPaths;
+use crate::process::{self, Presence, ProcessIdentity};
+use crate::registry::{InstanceRecord, Liveness, Registry, Snapshot, Timestamp};
+use crate::sign::{self, SigningKey};
+use crate::state;
+use crate::watch::DirWatch;
+
+/// How often a waiting acquirer re-checks a holder that may have died without releasing.
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// Who holds a lock or a reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The instance, when an instance holds it.
+    pub instance: Option<String>,
+    /// The process whose life bounds the hold (an instance's supervisor, or a plain process).
+    pub pid: u32,
+    /// That process's start time, so a reused pid is not taken for it.
+    pub start_time: u64,
+    /// The boot the start time belongs to.
+    pub boot_id: String,
+    /// Host of the process.
+    pub host: String,
+}
+
+impl Holder {
+    /// An instance as holder.
+    pub fn instance(record: &InstanceRecord) -> Holder {
+        Holder {
+            instance: Some(record.id.clone()),
+            pid: record.pid,
+            start_time: record.start_time,
+            boot_id: record.boot_id.clone(),
+            host: record.host.clone(),
+        }
+    }
+
+    /// A process as holder.
+    pub fn process(identity: ProcessIdentity) -> Holder {
+        Holder {
+            instance: None,
+            pid: identity.pid,
+            start_time: identity.start_time,
+            boot_id: identity.boot_id,
+            host: process::hostname().to_string(),
+        }
+    }
+
+    /// `Ok` while the holder lives; else why it is dead.
+    pub fn alive(
+        &self,
+        snapshot: &Snapshot,
+        stale_after: Duration,
+    ) -> std::result::Result<(), String> {
+        match &self.instance {
+            Some(id) => match snapshot.instance(id) {
+                Some(record) if record.pid == self.pid && record.start_time == self.start_time => {
+                    match record.liveness(stale_after) {
+                        Liveness::Live => Ok(()),
+                        Liveness::Stale(reason) => {
+                            Err(format!("instance {id} is stale ({reason})"))
+                        }
+                    }
+                }
+                _ => Err(format!("instance {id} is no longer registered")),
+            },
+            None => {
+                let identity = ProcessIdentity {
+                    pid: self.pid,
+                    start_time: self.start_time,
+                    boot_id: self.boot_id.clone(),
+                };
+                match identity.presence() {
+                    Presence::Running => Ok(()),
+                    _ => Err(format!("process {} is gone", self.pid)),
+                }
+            }
+        }
+    }
+
+    /// Whether `other` is the same holder.
+    pub fn same(&self, other: &Holder) -> bool {
+        match (&self.instance, &other.instance) {
+            (Some(a), Some(b)) => a == b && self.pid == other.pid,
+            (None, None) => {
+                self.pid == other.pid
+                    && self.start_time == other.start_time
+                    && self.boot_id == other.boot_id
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.instance {
+            Some(id) => write!(f, "instance {id} (pid {})", self.pid),
+            None => write!(f, "process {} on {}", self.pid, self.host),
+        }
+    }
+}
+
+/// Checks a lock name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !ok {
+        return Err(Error::bad_input(format!(
+            "invalid lock name {name:?}: use 1-128 characters from letters, digits and '_.-', starting with a letter or digit (e.g. db-schema or Cargo.lock)"
+        )));
+    }
+    Ok(())
+}
+
+/// A lock's stored state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockState {
+    /// The lock's name.
+    pub name: String,
+    /// The last fencing token granted.
+    pub token: u64,
+    /// The current holder, if any.
+    pub holder: Option<Holder>,
+    /// When the current holder got it.
+    pub acquired_at: Option<Timestamp>,
+    /// When the current hold runs out by itself (`--ttl`).
+    pub expires_at: Option<Timestamp>,
+}
+
+impl LockState {
+    /// Why the current hold no longer counts, if it does not: holder dead or TTL run out.
+    pub fn lapsed(&self, snapshot: &Snapshot, stale_after: Duration) -> Option<String> {
+        let holder = self.holder.as_ref()?;
+        if let Some(expires) = self.expires_at
+            && Timestamp::now() >= expires
+        {
+            return Some(format!("its ttl ran out at {expires}"));
+        }
+        holder.alive(snapshot, stale_after).err()
+    }
+}
+
+/// Reading and changing locks of one repository.
+#[derive(Debug, Clone)]
+pub struct Locks {
+    paths: AppPaths,
+    key: SigningKey,
+    stale_after: Duration,
+}
+
+/// What `acquire` was asked for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Lock name.
+    pub name: String,
+    /// Who will hold it.
+    pub holder: Holder,
+    /// Let the hold run out by itself after this long.
+    pub ttl: Option<Duration>,
+    /// How long to wait for a current holder.
+    pub timeout: Duration,
+}
+
+/// How `release` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// The caller held it; now it is free.
+    Released,
+    /// Nobody held it (or the hold had lapsed).
+    NotHeld,
+}
+
+impl Locks {
+    /// Locks of the repository at `paths`, signed with the repository's key.
+    pub fn open(paths: &AppPaths, stale_after: Duration) -> Result<Locks> {
+        paths.ensure_state_dir()?;
+        state::create_private_dir_all(&paths.named_locks_dir())?;
+        let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
+        Ok(Locks {
+            paths: paths.clone(),
+            key,
+            stale_after,
+        })
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        Registry::open_read_only(&self.paths)?.snapshot()
+    }
+
+    fn load(&self, name: &str) -> Result<Option<LockState>> {
+        let path = self.paths.lock_state(name);
+        let Some(bytes) = state::read_optional(&path)? else {
+            return Ok(None);
+        };
+        let forged = |reason: String| {
+            Error::Failed(format!(
+                "the state of lock {name:?} ({}) cannot be trusted: {reason}; 'app doctor' reports it",
+                path.display()
+            ))
+        };
+        let value = serde_json::from_slice(&bytes).map_err(|err| forged(err.to_string()))?;
+        let state: LockState = sign::open(&value, Some(&self.key)).map_err(forged)?;
+        if state.name != name {
+            return Err(forged("it names another lock".into()));
+        }
+        Ok(Some(state))
+    }
+
+    fn save(&self, state: &LockState) -> Result<()> {
+        let bytes =
+            serde_json::to_vec_pretty(&self.key.seal(state)).expect("lock states serialize");
+        state::write_atomic(&self.paths.lock_state(&state.name), &bytes)
+    }
+
+    /// One attempt: grants the lock when free, lapsed, or already the caller's. Returns the
+    /// token, or the current state when someone else holds it.
+    pub fn try_acquire(&self, request: &Request) -> Result<std::result::Result<u64, LockState>> {
+        validate_name(&request.name)?;
+        let snapshot = self.snapshot()?;
+        let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
+        let current = self.load(&request.name)?.unwrap_or(LockState {
+            name: request.name.clone(),
+            token: 0,
+            holder: None,
+            acquired_at: None,
+            expires_at: None,
+        });
+        let lapsed = current.lapsed(&snapshot, self.stale_after);
+        match &current.holder {
+            Some(holder) if holder.same(&request.holder) && lapsed.is_none() => {
+                return Ok(Ok(current.token));
+            }
+            Some(_) if lapsed.is_none() => return Ok(Err(current)),
+            Some(holder) => {
+                tracing::info!(lock = %request.name, %holder, reason = lapsed.as_deref(), "taking over a lapsed lock");
+            }
+            None => {}
+        }
+        let now = Timestamp::now();
+        let granted = LockState {
+            name: request.name.clone(),
+            token: current.token + 1,
+            holder: Some(request.holder.clone()),
+            acquired_at: Some(now),
+            expires_at: request
+                .ttl
+                .map(|ttl| Timestamp::from(now.system_time() + ttl)),
+        };
+        self.save(&granted)?;
+        Ok(Ok(granted.token))
+    }
+
+    /// Waits up to `request.timeout` for the lock; returns its fencing token. Times out with
+    /// [`Error::Busy`] naming the holder.
+    pub fn acquire(&self, request: &Request) -> Result<u64> {
+        let deadline = Instant::now() + request.timeout;
+        let watch = DirWatch::new(&self.paths.named_locks_dir(), RECHECK, false)?;
+        loop {
+            let held = match self.try_acquire(request)? {
+                Ok(token) => return Ok(token),
+                Err(held) => held,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                let holder = held.holder.expect("a refused request has a holder");
+                let since = held
+                    .acquired_at
+                    .map_or_else(|| "?".into(), |t| t.to_string());
+                return Err(Error::Busy(format!(
+                    "lock {:?} is held by {holder} since {since}; wait longer with --timeout, or run 'app doctor --fix' if that process is gone",
+                    request.name
+                )));
+            }
+            watch.wait(deadline - now);
+        }
+    }
+
+    /// Acquires and returns a guard that releases on drop.
+    pub fn hold(&self, request: &Request) -> Result<LockGuard> {
+        let token = self.acquire(request)?;
+        Ok(LockGuard {
+            locks: self.clone(),
+            name: request.name.clone(),
+            holder: request.holder.clone(),
+            token,
+        })
+    }
+
+    /// Releases `name` if `holder` holds it (or anyone does, with `force`).
+    pub fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
+        validate_name(name)?;
+        let snapshot = self.snapshot()?;
+        let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
+        let Some(mut current) = self.load(name)? else {
+            return Ok(Released::NotHeld);
+        };
+        let lapsed = current.lapsed(&snapshot, self.stale_after).is_some();
+        match &current.holder {
+            None => return Ok(Released::NotHeld),
+            Some(other) if !other.same(holder) && !force && !lapsed => {
+                return Err(Error::Busy(format!(
+                    "lock {name:?} is held by {other}, not by you; only its holder releases it (or use --force)"
+                )));
+            }
+            Some(_) => {}
+        }
+        current.holder = None;
+        current.acquired_at = None;
+        current.expires_at = None;
+        self.save(&current)?;
+        Ok(if lapsed {
+            Released::NotHeld
+        } else {
+            Released::Released
+        })
+    }
+
+    /// Every lock that has ever been granted, by name, with why its hold lapsed if it did.
+    pub fn list(&self) -> Result<Vec<(LockState, Option<String>)>> {
+        let snapshot = self.snapshot()?;
+        let dir = self.paths.named_locks_dir();
+        let mut names: Vec<String> = match fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_suffix(".json")
+                        .map(str::to_string)
+                })
+                .filter(|name| !name.starts_with('.'))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(state) = self.load(&name)? {
+                let lapsed = state.lapsed(&snapshot, self.stale_after);
+                out.push((state, lapsed));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A held lock, released when dropped.
+#[derive(Debug)]
+pub struct LockGuard {
+    locks: Locks,
+    name: String,
+    holder: Holder,
+    token: u64,
+}
+
+impl LockGuard {
+    /// The fencing token of this grant.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Err(err) = self.locks.release(&self.name, &self.holder, false) {
+            tracing::warn!(lock = %self.name, %err, "releasing the lock failed; it lapses with its holder");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["db-schema", "Cargo.lock", "a", "port_3000"] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129), "-x"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The coordination queue: signed JSON messages between instances, one file per message.
+//!
+//! Invariants:
+//! - A message is written whole or not at all ([`state::create_atomic`]) into the inbox of each
+//!   recipient (`inbox/<id>/<msg>.json`); a broadcast is one copy per instance live when it was
+//!   sent, the sender excepted. Each copy is signed with its recipient, so a file moved into
+//!   another inbox does not verify.
+//! - Delivery is at least once: a receiver hands a message out, then acknowledges it by renaming
+//!   it into `acked/<id>/`. That rename is the de-duplication record: a copy of an acked id is
+//!   never handed out again.
+//! - Nothing untrusted is delivered: an oversized, unparsable, unsigned or forged file is moved
+//!   to `quarantine/` with a `.reason` file beside it. An unacked message past its TTL is moved
+//!   to `dead/` wrapped with the reason.
+//! - Payloads are bounded (`APP_MAX_MESSAGE_BYTES`, 1 KiB): `send` refuses more, and reading
+//!   enforces the same limit.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+use crate::paths::AppPaths;
+use crate::registry::Timestamp;
+use crate::sign::{self, SigningKey};
+use crate::state;
+
+/// Default largest payload, in bytes of compact JSON.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024;
+/// Default time an unacked message waits before it goes to `dead/`.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// Room for the envelope (ids, type, signature) on top of the payload when reading a file.
+const ENVELOPE_BYTES: usize = 4096;
+
+/// The payload limit from `APP_MAX_MESSAGE_BYTES`.
+pub fn max_message_bytes() -> Result<usize> {
+    match std::env::var("APP_MAX_MESSAGE_BYTES") {
+        Ok(text) => text
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                Error::bad_input(format!(
+                    "APP_MAX_MESSAGE_BYTES={text:?} is not a positive number of bytes"
+                ))
+            }),
+        Err(_) => Ok(DEFAULT_MAX_MESSAGE_BYTES),
+    }
+}
+
+/// One message as stored (without its signature).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Unique id: 12 hex digits of milliseconds since the epoch, then 8 random ones, so ids
+    /// sort in sending order.
+    pub id: String,
+    /// Sending instance.
+    pub from: String,
+    /// Addressed instance, or `None` for a broadcast.
+    pub to: Option<String>,
+    /// The inbox this copy was filed to.
+    pub recipient: String,
+    /// What kind of message: a lowercase word such as `text` or `join_request`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When it was sent.
+    pub timestamp: Timestamp,
+    /// Milliseconds it may wait unacknowledged before going to `dead/`.
+    pub ttl_ms: u64,
+    /// The content.
+    pub payload: Value,
+}
+
+impl Message {
+    /// Whether the TTL has run out.
+    pub fn expired(&self) -> bool {
+        self.timestamp.age() > Duration::from_millis(self.ttl_ms)
+    }
+}
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Sending instance.
+    pub from: String,
+    /// One instance, or `None` for every live instance.
+    pub to: Option<String>,
+    /// Message type.
+    pub kind: String,
+    /// Time to live.
+    pub ttl: Duration,
+    /// Content.
+    pub payload: Value,
+}
+
+/// Checks a message type: a lowercase word, `[a-z][a-z0-9_]{0,63}`.
+pub fn validate_kind(kind: &str) -> Result<()> {
+    let ok = kind.len() <= 64
+        && kind.starts_with(|c: char| c.is_ascii_lowercase())
+        && kind
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !ok {
+        return Err(Error::bad_input(format!(
+            "invalid message type {kind:?}: use a lowercase word such as text or join_request"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `payload` fits in `max` bytes of compact JSON.
+pub fn check_payload(payload: &Value, max: usize) -> Result<()> {
+    let len = serde_json::to_vec(payload)
+        .expect("JSON values serialize")
+        .len();
+    if len > max {
+        return Err(Error::bad_input(format!(
+            "the payload is {len} bytes; the limit is {max} (APP_MAX_MESSAGE_BYTES)"
+        )));
+    }
+    Ok(())
+}
+
+fn new_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let random = uuid::Uuid::new_v4().as_u128() as u32;
+    format!("{millis:012x}{random:08x}")
+}
+
+/// Checks a message id as given to `app ack`.
+pub fn validate_id(id: &str) -> Result<()> {
+    if id.len() != 20
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
+        return Err(Error::bad_input(format!(
+            "invalid message id {id:?}: ids are 20 lowercase hex characters, as 'app recv' prints them"
+        )));
+    }
+    Ok(())
+}
+
+/// Files `message` into each of `recipients`' inboxes; returns the message id. Validation
+/// (type, payload size, recipients) is the caller's and happens before anything is written.
+pub fn send(
+    paths: &AppPaths,
+    key: &SigningKey,
+    outgoing: &Outgoing,
+    recipients: &[String],
+) -> Result<String> {
+    let id = new_id();
+    let timestamp = Timestamp::now();
+    for recipient in recipients {
+        let message = Message {
+            id: id.clone(),
+            from: outgoing.from.clone(),
+            to: outgoing.to.clone(),
+            recipient: recipient.clone(),
+            kind: outgoing.kind.clone(),
+            timestamp,
+            ttl_ms: outgoing.ttl.as_millis() as u64,
+            payload: outgoing.payload.clone(),
+        };
+        let inbox = paths.inbox(recipient);
+        state::create_private_dir_all(&inbox)?;
+        let bytes = serde_json::to_vec(&key.seal(&message)).expect("messages serialize");
+        state::create_atomic(&inbox.join(format!("{id}.json")), &bytes)?;
+    }
+    Ok(id)
+}
+
+/// What a scan of an inbox found besides deliverable messages.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// Files moved to `quarantine/`.
+    pub quarantined: usize,
+    /// Messages moved to `dead/`.
+    pub expired: usize,
+}
+
+/// One instance's inbox.
+#[derive(Debug)]
+pub struct Inbox {
+    paths: AppPaths,
+    owner: String,
+    key: Option<SigningKey>,
+    max_bytes: usize,
+}
+
+impl Inbox {
+    /// The inbox of instance `owner`.
+    pub fn new(paths: &AppPaths, owner: &str, key: Option<SigningKey>, max_bytes: usize) -> Self {
+        Inbox {
+            paths: paths.clone(),
+            owner: owner.to_string(),
+            key,
+            max_bytes,
+        }
+    }
+
+    /// The directory new messages arrive in.
+    pub fn dir(&self) -> PathBuf {
+        self.paths.inbox(&self.owner)
+    }
+
+    /// Deliverable messages, oldest first. Moves aside what cannot be trusted and what expired.
+    pub fn pending(&self) -> Result<(Vec<Message>, Swept)> {
+        let mut swept = Swept::default();
+        let mut found = Vec::new();
+        let dir = self.dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok((found, swept)),
+            Err(err) => return Err(Error::io("reading", &dir, err)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            // Temp files of writers in progress start with a dot.
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        names.sort();
+        for name in names {
+            let path = dir.join(&name);
+            match self.read(&path, &name) {
+                Ok(Some(message)) if self.acked_path(&message.id).exists() => {
+                    // A copy of an acknowledged message: already delivered.
+                    let _ = fs::remove_file(&path);
+                }
+                Ok(Some(message)) if message.expired() => {
+                    self.bury(&path, &message)?;
+                    swept.expired += 1;
+                }
+                Ok(Some(message)) => found.push(message),
+                Ok(None) => {}
+                Err(reason) => {
+                    self.quarantine(&path, &name, &reason)?;
+                    swept.quarantined += 1;
+                }
+            }
+        }
+        Ok((found, swept))
+    }
+
+    /// Reads one file; `Ok(None)` when it vanished (acked or moved by another reader).
+    fn read(&self, path: &Path, name: &str) -> std::result::Result<Option<Message>, String> {
+        let len = match fs::metadata(path) {
+            Ok(meta) => meta.len(),
+            Err(_) => return Ok(None),
+        };
+        if len > (self.max_bytes + ENVELOPE_BYTES) as u64 {
+            return Err(format!(
+                "file of {len} bytes is over the message size limit"
+            ));
+        }
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(_) => return Ok(None),
+        };
+        let value: Value =
+            serde_json::from_slice(&bytes).map_err(|err| format!("not JSON: {err}"))?;
+        let message: Message = sign::open(&value, self.key.as_ref())?;
+        if message.recipient != self.owner || name != format!("{}.json", message.id) {
+            return Err("filed under another inbox or name than its own".into());
+        }
+        check_payload(&message.payload, self.max_bytes).map_err(|err| err.to_string())?;
+        Ok(Some(message))
+    }
+
+    fn acked_path(&self, id: &str) -> PathBuf {
+        self.paths.acked(&self.owner).join(format!("{id}.json"))
+    }
+
+    /// Acknowledges message `id`: it will not be handed out again. Returns false when it was
+    /// acknowledged before.
+    pub fn ack(&self, id: &str) -> Result<bool> {
+        validate_id(id)?;
+        let from = self.dir().join(format!("{id}.json"));
+        let to = self.acked_path(id);
+        state::create_private_dir_all(&self.paths.acked(&self.owner))?;
+        match fs::rename(&from, &to) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if to.exists() {
+                    Ok(false)
+                } else {
+                    Err(Error::bad_input(format!(
+                        "no message {id} waits for instance {}; 'app recv --no-ack' lists them",
+                        self.owner
+                    )))
+                }
+            }
+            Err(err) => Err(Error::io("acknowledging", &from, err)),
+        }
+    }
+
+    fn bury(&self, path: &Path, message: &Message) -> Result<()> {
+        let dead = self.paths.dead_letters();
+        state::create_private_dir_all(&dead)?;
+        let record = serde_json::json!({
+            "reason": format!("not acknowledged within its TTL of {} ms", message.ttl_ms),
+            "moved_at": Timestamp::now(),
+            "message": message,
+        });
+        let target = dead.join(format!("{}-{}.json", self.owner, message.id));
+        state::write_atomic(
+            &target,
+            &serde_json::to_vec_pretty(&record).expect("serializes"),
+        )?;
+        remove_if_present(path)
+    }
+
+    fn quarantine(&self, path: &Path, name: &str, reason: &str) -> Result<()> {
+        let dir = self.paths.quarantine();
+        state::create_private_dir_all(&dir)?;
+        let target = dir.join(format!("{}-{name}", self.owner));
+        tracing::warn!(file = %path.display(), reason, "message quarantined");
+        match fs::rename(path, &target) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(Error::io("quarantining", path, err)),
+        }
+        let mut reason_path = target.into_os_string();
+        reason_path.push(".reason");
+        state::write_atomic(Path::new(&reason_path), format!("{reason}\n").as_bytes())
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).io_context("removing", path)
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_in_time_order_and_validate() {
+        let first = new_id();
+        std::thread::sleep(Duration::from_millis(2));
+        let second = new_id();
+        assert!(first < second);
+        validate_id(&first).unwrap();
+        assert!(validate_id("ABC").is_err());
+        assert!(validate_id(&first.to_uppercase()).is_err());
+    }
+
+    #[test]
+    fn kinds_and_payload_limits() {
+        validate_kind("join_request").unwrap();
+        for bad in ["", "Text", "1x", "a-b", &"a".repeat(65)] {
+            assert!(validate_kind(bad).is_err(), "{bad:?}");
+        }
+        check_payload(&Value::String("x".repeat(1022)), 1024).unwrap();
+        assert!(check_payload(&Value::String("x".repeat(1023)), 1024).is_err());
+    }
+}

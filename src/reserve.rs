@@ -1,0 +1,259 @@
+//! Path reservations: which files an instance says it is editing.
+//!
+//! Invariants:
+//! - All reservations live in one signed document, `locks/reservations.json`, changed only under
+//!   the `locks/.mutex` flock with the file reloaded inside it.
+//! - An exclusive reservation never coexists with an overlapping one of another live holder (two
+//!   globs overlap when some path matches both, see [`crate::glob`]); shared ones may overlap
+//!   each other. Reservations of dead holders and run-out TTLs are dropped by the next change.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::glob::Glob;
+use crate::lock::Holder;
+use crate::paths::AppPaths;
+use crate::registry::{Registry, Snapshot, Timestamp};
+use crate::sign::{self, SigningKey};
+use crate::state;
+
+/// A listed reservation with why it lapsed (if it did), or a forged entry as `(id, reason)`.
+pub type Listed = std::result::Result<(Reservation, Option<String>), (String, String)>;
+
+/// One reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// Unique id (8 hex characters).
+    pub id: String,
+    /// Who reserved.
+    pub holder: Holder,
+    /// Globs relative to the repository root.
+    pub patterns: Vec<String>,
+    /// Shared reservations may overlap each other; exclusive ones overlap nothing.
+    pub shared: bool,
+    /// Why, for the people reading `app reservations`.
+    pub reason: Option<String>,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// When it runs out by itself (`--ttl`).
+    pub expires_at: Option<Timestamp>,
+}
+
+impl Reservation {
+    fn globs(&self) -> Vec<Glob> {
+        self.patterns
+            .iter()
+            .filter_map(|p| Glob::parse(p).ok())
+            .collect()
+    }
+
+    /// Why it no longer counts, if it does not.
+    pub fn lapsed(&self, snapshot: &Snapshot, stale_after: Duration) -> Option<String> {
+        if let Some(expires) = self.expires_at
+            && Timestamp::now() >= expires
+        {
+            return Some(format!("its ttl ran out at {expires}"));
+        }
+        self.holder.alive(snapshot, stale_after).err()
+    }
+
+    fn conflicts_with(&self, globs: &[Glob], shared: bool) -> Option<(String, String)> {
+        if self.shared && shared {
+            return None;
+        }
+        for mine in self.globs() {
+            for theirs in globs {
+                if mine.overlaps(theirs) {
+                    return Some((theirs.to_string(), mine.to_string()));
+                }
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Doc {
+    version: u32,
+    entries: BTreeMap<String, Value>,
+}
+
+/// Reservations of one repository.
+#[derive(Debug, Clone)]
+pub struct Reservations {
+    paths: AppPaths,
+    key: SigningKey,
+    stale_after: Duration,
+}
+
+impl Reservations {
+    /// The reservations of the repository at `paths`.
+    pub fn open(paths: &AppPaths, stale_after: Duration) -> Result<Reservations> {
+        paths.ensure_state_dir()?;
+        state::create_private_dir_all(&paths.locks_dir())?;
+        let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
+        Ok(Reservations {
+            paths: paths.clone(),
+            key,
+            stale_after,
+        })
+    }
+
+    fn load(&self) -> Result<Vec<std::result::Result<Reservation, (String, String)>>> {
+        let path = self.paths.reservations();
+        let doc: Doc = match state::read_optional(&path)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|source| Error::Corrupt {
+                path: path.clone(),
+                source,
+            })?,
+            None => Doc::default(),
+        };
+        Ok(doc
+            .entries
+            .iter()
+            .map(
+                |(id, value)| match sign::open::<Reservation>(value, Some(&self.key)) {
+                    Ok(r) if &r.id == id => Ok(r),
+                    Ok(_) => Err((id.clone(), "filed under another id".into())),
+                    Err(reason) => Err((id.clone(), reason)),
+                },
+            )
+            .collect())
+    }
+
+    fn save(&self, live: &[Reservation]) -> Result<()> {
+        let doc = Doc {
+            version: 1,
+            entries: live
+                .iter()
+                .map(|r| (r.id.clone(), self.key.seal(r)))
+                .collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&doc).expect("reservations serialize");
+        state::write_atomic(&self.paths.reservations(), &bytes)
+    }
+
+    /// Reads, drops lapsed entries (forged ones are kept for `doctor`), applies `change`, saves.
+    fn update<T>(&self, change: impl FnOnce(&mut Vec<Reservation>) -> Result<T>) -> Result<T> {
+        let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
+        let loaded = self.load()?;
+        if loaded.iter().any(|entry| entry.is_err()) {
+            return Err(Error::Failed(format!(
+                "{} holds entries that do not verify; 'app doctor' reports them",
+                self.paths.reservations().display()
+            )));
+        }
+        let mut live: Vec<Reservation> = loaded
+            .into_iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|r| r.lapsed(&snapshot, self.stale_after).is_none())
+            .collect();
+        let result = change(&mut live)?;
+        self.save(&live)?;
+        Ok(result)
+    }
+
+    /// Reserves `patterns` for `holder`; refused with [`Error::Busy`] when an exclusive claim
+    /// (theirs or this one) overlaps another live holder's.
+    pub fn reserve(
+        &self,
+        holder: &Holder,
+        patterns: &[Glob],
+        shared: bool,
+        ttl: Option<Duration>,
+        reason: Option<String>,
+    ) -> Result<Reservation> {
+        if patterns.is_empty() {
+            return Err(Error::bad_input(
+                "give at least one path pattern to reserve",
+            ));
+        }
+        self.update(|live| {
+            for other in live.iter().filter(|r| !r.holder.same(holder)) {
+                if let Some((mine, theirs)) = other.conflicts_with(patterns, shared) {
+                    return Err(Error::Busy(format!(
+                        "{mine} overlaps {theirs}, reserved{} by {} since {}{}; wait for its release or reserve other paths",
+                        if other.shared { " (shared)" } else { "" },
+                        other.holder,
+                        other.created_at,
+                        other
+                            .reason
+                            .as_ref()
+                            .map_or_else(String::new, |r| format!(" ({r})"))
+                    )));
+                }
+            }
+            let now = Timestamp::now();
+            let reservation = Reservation {
+                id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+                holder: holder.clone(),
+                patterns: patterns.iter().map(|g| g.to_string()).collect(),
+                shared,
+                reason,
+                created_at: now,
+                expires_at: ttl.map(|ttl| Timestamp::from(now.system_time() + ttl)),
+            };
+            live.push(reservation.clone());
+            Ok(reservation)
+        })
+    }
+
+    /// Drops `holder`'s reservations of `patterns` (all of them when empty); returns how many
+    /// patterns were released.
+    pub fn release(&self, holder: &Holder, patterns: &[String]) -> Result<usize> {
+        self.update(|live| {
+            let mut released = 0;
+            for r in live.iter_mut().filter(|r| r.holder.same(holder)) {
+                let before = r.patterns.len();
+                r.patterns
+                    .retain(|p| !patterns.is_empty() && !patterns.contains(p));
+                released += before - r.patterns.len();
+            }
+            live.retain(|r| !r.patterns.is_empty());
+            Ok(released)
+        })
+    }
+
+    /// Every reservation with why it lapsed, if it did; forged entries as `(id, reason)`.
+    pub fn list(&self) -> Result<Vec<Listed>> {
+        let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        Ok(self
+            .load()?
+            .into_iter()
+            .map(|entry| {
+                entry.map(|r| {
+                    let lapsed = r.lapsed(&snapshot, self.stale_after);
+                    (r, lapsed)
+                })
+            })
+            .collect())
+    }
+
+    /// For each of `files` reserved exclusively by a live holder other than `me`, the file and
+    /// the reservation.
+    pub fn conflicts(
+        &self,
+        me: Option<&Holder>,
+        files: &[String],
+    ) -> Result<Vec<(String, Reservation)>> {
+        let mut found = Vec::new();
+        for entry in self.list()? {
+            let Ok((r, None)) = entry else { continue };
+            if r.shared || me.is_some_and(|me| r.holder.same(me)) {
+                continue;
+            }
+            let globs = r.globs();
+            for file in files {
+                if globs.iter().any(|g| g.matches(file)) {
+                    found.push((file.clone(), r.clone()));
+                }
+            }
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,79 @@
+//! Waking up when a directory changes: an inotify watch (through `notify`), with a polling
+//! fallback for file systems that deliver no events.
+//!
+//! Create the watch *before* scanning the directory, then scan, then wait: a change between
+//! the scan and the wait still wakes the waiter.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+
+use crate::config;
+use crate::error::Result;
+use crate::state;
+
+/// Default time between two scans when no event arrives (`APP_POLL_INTERVAL`).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The polling interval from `APP_POLL_INTERVAL`.
+pub fn poll_interval() -> Result<Duration> {
+    config::env_duration("APP_POLL_INTERVAL", DEFAULT_POLL_INTERVAL)
+}
+
+/// A watched directory.
+pub struct DirWatch {
+    // Dropping the watcher ends the watch.
+    _watcher: Option<RecommendedWatcher>,
+    events: mpsc::Receiver<()>,
+    // Held so that, without a watcher, waiting times out instead of finding the channel closed.
+    _sender: mpsc::Sender<()>,
+    poll: Duration,
+}
+
+impl DirWatch {
+    /// Watches `dir` (created 0700 when missing). With `poll_only`, or when the watch cannot be
+    /// set up, waits only by polling every `poll`.
+    pub fn new(dir: &Path, poll: Duration, poll_only: bool) -> Result<DirWatch> {
+        state::create_private_dir_all(dir)?;
+        let (sender, events) = mpsc::channel();
+        let watcher = if poll_only {
+            None
+        } else {
+            let sender = sender.clone();
+            let watched =
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    if event.is_ok() {
+                        let _ = sender.send(());
+                    }
+                })
+                .and_then(|mut watcher| {
+                    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+                    Ok(watcher)
+                });
+            match watched {
+                Ok(watcher) => Some(watcher),
+                Err(err) => {
+                    tracing::warn!(dir = %dir.display(), %err, "no file-system events here; polling instead");
+                    None
+                }
+            }
+        };
+        Ok(DirWatch {
+            _watcher: watcher,
+            events,
+            _sender: sender,
+            poll,
+        })
+    }
+
+    /// Waits until the directory changes, the poll interval passes, or `limit` passes,
+    /// whichever comes first.
+    pub fn wait(&self, limit: Duration) {
+        if self.events.recv_timeout(limit.min(self.poll)).is_ok() {
+            // One scan covers every event that arrived meanwhile.
+            while self.events.try_recv().is_ok() {}
+        }
+    }
+}
