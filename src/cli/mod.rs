@@ -4,7 +4,10 @@
 mod db;
 mod events;
 mod instance;
+mod lock;
 mod notes;
+mod queue;
+mod reserve;
 mod run;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +50,38 @@ enum Command {
     /// The shared database itself.
     #[command(subcommand)]
     Db(db::DbCommand),
+    /// Send a message to an instance, or to every live one.
+    Send(queue::SendArgs),
+    /// Receive this instance's messages.
+    Recv(queue::RecvArgs),
+    /// Acknowledge messages received with --no-ack.
+    Ack(queue::AckArgs),
+    /// Named locks with fencing tokens.
+    #[command(subcommand)]
+    Lock(lock::LockCommand),
+    /// Reserve paths you are editing, so other instances know.
+    Reserve(reserve::ReserveArgs),
+    /// List path reservations.
+    Reservations {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release your path reservations (all of them without GLOBs).
+    Release {
+        /// The patterns to release, as reserved.
+        #[arg(value_name = "GLOB")]
+        patterns: Vec<String>,
+    },
+    /// Exit 1 when a file is reserved exclusively by another live instance.
+    CheckPaths {
+        /// Files, relative to the current directory.
+        #[arg(value_name = "FILE")]
+        files: Vec<String>,
+    },
+    /// Git hooks that use app.
+    #[command(subcommand)]
+    Hooks(reserve::HooksCommand),
 }
 
 /// Runs the parsed command line; returns the process exit code.
@@ -61,6 +96,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Recall(args) => notes::search(args, db.as_deref()),
         Command::Events(args) => events::run(args, db.as_deref()),
         Command::Db(command) => db::run(command, db.as_deref()),
+        Command::Send(args) => queue::send(args),
+        Command::Recv(args) => queue::recv(args),
+        Command::Ack(args) => queue::ack(args),
+        Command::Lock(command) => lock::run(command),
+        Command::Reserve(args) => reserve::reserve(args),
+        Command::Reservations { json } => reserve::list(json),
+        Command::Release { patterns } => reserve::release(patterns),
+        Command::CheckPaths { files } => reserve::check_paths(files),
+        Command::Hooks(command) => reserve::hooks(command),
     }
 }
 

@@ -1,0 +1,182 @@
+//! `app lock acquire | release | list | run`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Subcommand;
+use nix::sys::signal::Signal;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::low_level::siginfo::Cause;
+
+use crate::config::Timing;
+use crate::error::{Error, IoContext, Result};
+use crate::instance;
+use crate::lock::{self, Holder, Locks, Released, Request};
+use crate::paths::AppPaths;
+use crate::process::{self, ProcessIdentity};
+use crate::registry::Registry;
+
+/// "Forever" for an acquire without --timeout (about 30 years).
+const FOREVER: Duration = Duration::from_secs(1 << 30);
+
+/// Subcommands of `app lock`.
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Take a named lock for the calling instance (or, outside one, the calling shell); prints
+    /// the fencing token.
+    Acquire {
+        /// Lock name, e.g. db-schema or Cargo.lock.
+        name: String,
+        /// Give up after DUR (exit 3); default: wait as long as it takes.
+        #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+        timeout: Option<Duration>,
+        /// Let the hold run out by itself after DUR.
+        #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Release a lock the caller holds.
+    Release {
+        /// Lock name.
+        name: String,
+        /// Release it even when someone else holds it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Every lock with its holder and last fencing token.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold a lock while CMD runs (like flock(1)); exits with CMD's code.
+    Run {
+        /// Lock name.
+        name: String,
+        /// Give up after DUR (exit 3); default: wait as long as it takes.
+        #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+        timeout: Option<Duration>,
+        /// The command, after '--'.
+        #[arg(value_name = "CMD", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+pub(super) fn run(command: LockCommand) -> Result<u8> {
+    let timing = Timing::from_env()?;
+    let cwd = super::current_dir()?;
+    if let LockCommand::Acquire { name, .. }
+    | LockCommand::Release { name, .. }
+    | LockCommand::Run { name, .. } = &command
+    {
+        lock::validate_name(name)?;
+    }
+    let paths = AppPaths::discover(&cwd)?;
+    let locks = Locks::open(&paths, timing.stale_after)?;
+    let caller = || -> Result<Holder> {
+        let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
+        instance::caller_holder(&snapshot, &cwd)
+    };
+    match command {
+        LockCommand::Acquire { name, timeout, ttl } => {
+            let holder = caller()?;
+            let token = locks.acquire(&Request {
+                name: name.clone(),
+                holder: holder.clone(),
+                ttl,
+                timeout: timeout.unwrap_or(FOREVER),
+            })?;
+            println!("{token}");
+            eprintln!("app: lock {name:?} held by {holder} (token {token})");
+            Ok(0)
+        }
+        LockCommand::Release { name, force } => {
+            match locks.release(&name, &caller()?, force)? {
+                Released::Released => eprintln!("app: lock {name:?} released"),
+                Released::NotHeld => eprintln!("app: lock {name:?} was not held"),
+            }
+            Ok(0)
+        }
+        LockCommand::List { json } => list(&locks, json),
+        LockCommand::Run {
+            name,
+            timeout,
+            command,
+        } => run_locked(&locks, &name, timeout.unwrap_or(FOREVER), &command),
+    }
+}
+
+fn list(locks: &Locks, json: bool) -> Result<u8> {
+    let all = locks.list()?;
+    if json {
+        let values: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(state, lapsed)| {
+                let mut value = serde_json::to_value(state).expect("lock states serialize");
+                value["lapsed"] = serde_json::json!(lapsed);
+                value
+            })
+            .collect();
+        super::print_json(&values);
+        return Ok(0);
+    }
+    for (state, lapsed) in all {
+        match (&state.holder, lapsed) {
+            (None, _) => println!("{} free (last token {})", state.name, state.token),
+            (Some(holder), None) => println!(
+                "{} held by {holder} since {} (token {}){}",
+                state.name,
+                state.acquired_at.map_or_else(String::new, |t| t.to_string()),
+                state.token,
+                state
+                    .expires_at
+                    .map_or_else(String::new, |t| format!(", expires {t}"))
+            ),
+            (Some(holder), Some(reason)) => println!(
+                "{} lapsed: was held by {holder} (token {}); {reason}",
+                state.name, state.token
+            ),
+        }
+    }
+    Ok(0)
+}
+
+/// `app lock run`: this process holds the lock while its child runs.
+fn run_locked(locks: &Locks, name: &str, timeout: Duration, command: &[String]) -> Result<u8> {
+    let guard = locks.hold(&Request {
+        name: name.to_string(),
+        holder: Holder::process(ProcessIdentity::current()),
+        ttl: None,
+        timeout,
+    })?;
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
+        .io_context("installing signal handlers for", "app lock run")?;
+    let mut child = Command::new(&command[0])
+        .args(&command[1..])
+        .env("APP_LOCK_NAME", name)
+        .env("APP_LOCK_TOKEN", guard.token().to_string())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            command: command[0].clone(),
+            source,
+        })?;
+    let pid = child.id();
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for origin in signals.forever() {
+            // A terminal's signal already reached the whole foreground group, the child too.
+            if matches!(origin.cause, Cause::Kernel) {
+                continue;
+            }
+            if let Ok(signal) = Signal::try_from(origin.signal) {
+                let _ = nix::sys::signal::kill(process::pid_of(pid), signal);
+            }
+        }
+    });
+    let status = child.wait().io_context("waiting for", &command[0]);
+    handle.close();
+    let _ = forwarder.join();
+    drop(guard);
+    Ok(instance::exit_code_of(status?))
+}

@@ -1,0 +1,237 @@
+//! `app send`, `app recv`, `app ack`.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::Value;
+
+use crate::config::{self, Timing};
+use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::instance;
+use crate::paths::AppPaths;
+use crate::queue::{self, Inbox, Message, Outgoing};
+use crate::registry::{Liveness, Registry, Snapshot};
+use crate::sign::SigningKey;
+use crate::watch::{self, DirWatch};
+
+/// Arguments of `app send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Recipient: an instance id or name, or `all` for every live instance.
+    #[arg(long, value_name = "ID|NAME|all")]
+    to: String,
+    /// Message type: a lowercase word such as text or join_request.
+    #[arg(long = "type", value_name = "TYPE", default_value = "text")]
+    kind: String,
+    /// How long the message may wait unacknowledged (default 1h).
+    #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+    ttl: Option<Duration>,
+    /// Sender, when not run inside an instance.
+    #[arg(long, value_name = "ID")]
+    from: Option<String>,
+    /// The payload is JSON (default: text).
+    #[arg(long)]
+    json: bool,
+    /// The payload.
+    #[arg(value_name = "PAYLOAD")]
+    payload: String,
+}
+
+/// Arguments of `app recv`.
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// Wait for a message (for DUR, or until one arrives).
+    #[arg(long, value_name = "DUR", num_args = 0..=1, default_missing_value = "forever")]
+    wait: Option<String>,
+    /// Keep receiving until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// Print without acknowledging ('app ack ID' later).
+    #[arg(long)]
+    no_ack: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Do not use file-system events; poll every APP_POLL_INTERVAL.
+    #[arg(long)]
+    poll: bool,
+    /// Receive for this instance, when not run inside one.
+    #[arg(long = "instance", value_name = "ID")]
+    instance: Option<String>,
+}
+
+/// Arguments of `app ack`.
+#[derive(Debug, Args)]
+pub struct AckArgs {
+    /// Message ids, as 'app recv' prints them.
+    #[arg(value_name = "ID", required = true)]
+    ids: Vec<String>,
+    /// Acknowledge for this instance, when not run inside one.
+    #[arg(long = "instance", value_name = "ID")]
+    instance: Option<String>,
+}
+
+fn setup() -> Result<(AppPaths, Snapshot, Timing)> {
+    let timing = Timing::from_env()?;
+    let paths = AppPaths::discover(&super::current_dir()?)?;
+    let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
+    Ok((paths, snapshot, timing))
+}
+
+/// The instance acting: `flag`, else the calling instance; it must be registered.
+fn acting(snapshot: &Snapshot, flag: Option<String>, what: &str) -> Result<String> {
+    let id = match flag {
+        Some(id) => id,
+        None => instance::caller(snapshot, &super::current_dir()?)
+            .map(|record| record.id)
+            .ok_or_else(|| {
+                Error::bad_input(format!(
+                    "not inside an instance; run this from one (app run) or give {what}"
+                ))
+            })?,
+    };
+    instance::validate_name(&id)?;
+    if snapshot.instance(&id).is_none() {
+        return Err(Error::UnknownInstance { id });
+    }
+    Ok(id)
+}
+
+pub(super) fn send(args: SendArgs) -> Result<u8> {
+    let (paths, snapshot, timing) = setup()?;
+    let max = queue::max_message_bytes()?;
+    queue::validate_kind(&args.kind)?;
+    let payload = if args.json {
+        serde_json::from_str(&args.payload)
+            .map_err(|err| Error::bad_input(format!("the payload is not JSON ({err}); drop --json to send text")))?
+    } else {
+        Value::String(args.payload)
+    };
+    queue::check_payload(&payload, max)?;
+    let from = match args.from {
+        Some(from) => {
+            instance::validate_name(&from)?;
+            from
+        }
+        None => acting(&snapshot, None, "--from")?,
+    };
+    let (to, recipients) = if args.to == "all" {
+        let live: Vec<String> = snapshot
+            .valid_instances()
+            .into_iter()
+            .filter(|r| r.id != from && r.liveness(timing.stale_after) == Liveness::Live)
+            .map(|r| r.id.clone())
+            .collect();
+        (None, live)
+    } else {
+        instance::validate_name(&args.to)?;
+        if snapshot.instance(&args.to).is_none() {
+            return Err(Error::UnknownInstance { id: args.to });
+        }
+        (Some(args.to.clone()), vec![args.to])
+    };
+    paths.ensure_state_dir()?;
+    let key = SigningKey::load(&paths, true)?.expect("load with create always yields a key");
+    let outgoing = Outgoing {
+        from,
+        to,
+        kind: args.kind,
+        ttl: args.ttl.unwrap_or(queue::DEFAULT_TTL),
+        payload,
+    };
+    let id = queue::send(&paths, &key, &outgoing, &recipients)?;
+    println!("{id}");
+    if outgoing.to.is_none() {
+        eprintln!("app: broadcast to {} live instance(s)", recipients.len());
+    }
+    Ok(0)
+}
+
+pub(super) fn recv(args: RecvArgs) -> Result<u8> {
+    let (paths, snapshot, _) = setup()?;
+    let me = acting(&snapshot, args.instance, "--instance")?;
+    let deadline = match args.wait.as_deref() {
+        None => None,
+        Some("forever") => Some(None),
+        Some(text) => Some(Some(Instant::now() + config::parse_duration(text)?)),
+    };
+    let poll = watch::poll_interval()?;
+    let key = SigningKey::load(&paths, false)?;
+    let inbox = Inbox::new(&paths, &me, key, queue::max_message_bytes()?);
+    // Watch before the first scan, so nothing arriving in between is missed.
+    let watch = if deadline.is_some() || args.follow {
+        Some(DirWatch::new(&inbox.dir(), poll, args.poll)?)
+    } else {
+        None
+    };
+    let mut shown = HashSet::new();
+    loop {
+        let (messages, swept) = inbox.pending()?;
+        if swept.quarantined + swept.expired > 0 {
+            eprintln!(
+                "app: moved aside {} untrusted and {} expired message(s); 'app doctor' lists them",
+                swept.quarantined, swept.expired
+            );
+        }
+        for message in messages {
+            if !shown.insert(message.id.clone()) {
+                continue;
+            }
+            print_message(&message, args.json);
+            // Printed first, acknowledged second: a crash in between delivers it again.
+            if !args.no_ack {
+                inbox.ack(&message.id)?;
+            }
+        }
+        let Some(watch) = &watch else { break };
+        if !args.follow && !shown.is_empty() {
+            break;
+        }
+        let limit = match deadline {
+            Some(Some(until)) if !args.follow => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                left
+            }
+            _ => poll,
+        };
+        watch.wait(limit);
+    }
+    Ok(if shown.is_empty() { EXIT_FAILURE } else { 0 })
+}
+
+pub(super) fn ack(args: AckArgs) -> Result<u8> {
+    let (paths, snapshot, _) = setup()?;
+    let me = acting(&snapshot, args.instance, "--instance")?;
+    for id in &args.ids {
+        queue::validate_id(id)?;
+    }
+    let inbox = Inbox::new(&paths, &me, None, queue::max_message_bytes()?);
+    for id in &args.ids {
+        if !inbox.ack(id)? {
+            eprintln!("app: message {id} was acknowledged before");
+        }
+    }
+    Ok(0)
+}
+
+fn print_message(message: &Message, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(message).expect("messages serialize")
+        );
+        return;
+    }
+    let payload = match &message.payload {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    println!(
+        "{} {} {} {payload}",
+        message.id, message.from, message.kind
+    );
+}

@@ -1,0 +1,221 @@
+//! `app reserve`, `app reservations`, `app release`, `app check-paths`, `app hooks install`.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::config::Timing;
+use crate::error::{EXIT_FAILURE, Error, GitContext, Result};
+use crate::glob::Glob;
+use crate::instance;
+use crate::paths::AppPaths;
+use crate::registry::{Registry, Snapshot};
+use crate::reserve::Reservations;
+use crate::state;
+
+/// Arguments of `app reserve`.
+#[derive(Debug, Args)]
+pub struct ReserveArgs {
+    /// Paths or globs relative to the repository root (`src/db/**`, `Cargo.lock`, `docs/`).
+    #[arg(value_name = "GLOB", required = true)]
+    patterns: Vec<String>,
+    /// Shared: other shared reservations may overlap; exclusive ones may not.
+    #[arg(long)]
+    shared: bool,
+    /// Let the reservation run out by itself after DUR.
+    #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+    ttl: Option<Duration>,
+    /// Why, for the others.
+    #[arg(long, value_name = "TEXT")]
+    reason: Option<String>,
+}
+
+/// Subcommands of `app hooks`.
+#[derive(Debug, Subcommand)]
+pub enum HooksCommand {
+    /// Install a pre-commit hook that refuses commits touching files another live instance
+    /// reserved exclusively. Never overwrites a hook of your own.
+    Install,
+}
+
+struct Context {
+    paths: AppPaths,
+    snapshot: Snapshot,
+    reservations: Reservations,
+    cwd: PathBuf,
+}
+
+fn context() -> Result<Context> {
+    let timing = Timing::from_env()?;
+    let cwd = super::current_dir()?;
+    let paths = AppPaths::discover(&cwd)?;
+    let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
+    let reservations = Reservations::open(&paths, timing.stale_after)?;
+    Ok(Context {
+        paths,
+        snapshot,
+        reservations,
+        cwd,
+    })
+}
+
+pub(super) fn reserve(args: ReserveArgs) -> Result<u8> {
+    let globs = args
+        .patterns
+        .iter()
+        .map(|p| Glob::parse(p))
+        .collect::<Result<Vec<_>>>()?;
+    let ctx = context()?;
+    let holder = instance::caller_holder(&ctx.snapshot, &ctx.cwd)?;
+    let reservation = ctx
+        .reservations
+        .reserve(&holder, &globs, args.shared, args.ttl, args.reason)?;
+    eprintln!(
+        "app: reserved {} ({}) for {holder}",
+        reservation.patterns.join(" "),
+        if reservation.shared { "shared" } else { "exclusive" }
+    );
+    println!("{}", reservation.id);
+    Ok(0)
+}
+
+pub(super) fn list(json: bool) -> Result<u8> {
+    let ctx = context()?;
+    let all = ctx.reservations.list()?;
+    if json {
+        let values: Vec<serde_json::Value> = all
+            .iter()
+            .map(|entry| match entry {
+                Ok((r, lapsed)) => {
+                    let mut value = serde_json::to_value(r).expect("reservations serialize");
+                    value["lapsed"] = serde_json::json!(lapsed);
+                    value
+                }
+                Err((id, reason)) => serde_json::json!({"id": id, "forged": reason}),
+            })
+            .collect();
+        super::print_json(&values);
+        return Ok(0);
+    }
+    for entry in all {
+        match entry {
+            Ok((r, lapsed)) => println!(
+                "{} {} {} by {} since {}{}{}",
+                r.id,
+                if r.shared { "shared" } else { "exclusive" },
+                r.patterns.join(" "),
+                r.holder,
+                r.created_at,
+                r.reason.map_or_else(String::new, |why| format!(" ({why})")),
+                lapsed.map_or_else(String::new, |why| format!(" [lapsed: {why}]"))
+            ),
+            Err((id, reason)) => println!("{id} forged ({reason})"),
+        }
+    }
+    Ok(0)
+}
+
+pub(super) fn release(patterns: Vec<String>) -> Result<u8> {
+    let ctx = context()?;
+    let holder = instance::caller_holder(&ctx.snapshot, &ctx.cwd)?;
+    let released = ctx.reservations.release(&holder, &patterns)?;
+    eprintln!("app: released {released} reserved pattern(s)");
+    Ok(0)
+}
+
+pub(super) fn check_paths(files: Vec<String>) -> Result<u8> {
+    let ctx = context()?;
+    let me = instance::caller_holder(&ctx.snapshot, &ctx.cwd)?;
+    // Paths are relative to the worktree the caller is in: its instance's, or the main one.
+    let root = instance::caller(&ctx.snapshot, &ctx.cwd)
+        .and_then(|record| record.worktree)
+        .unwrap_or_else(|| ctx.paths.repo_root().to_path_buf());
+    let relative = files
+        .iter()
+        .map(|file| relative_to(&root, &ctx.cwd, file))
+        .collect::<Result<Vec<_>>>()?;
+    let conflicts = ctx.reservations.conflicts(Some(&me), &relative)?;
+    for (file, r) in &conflicts {
+        eprintln!(
+            "app: {file} is reserved exclusively by {} since {} ({}){}",
+            r.holder,
+            r.created_at,
+            r.patterns.join(" "),
+            r.reason
+                .as_ref()
+                .map_or_else(String::new, |why| format!(": {why}"))
+        );
+    }
+    Ok(if conflicts.is_empty() { 0 } else { EXIT_FAILURE })
+}
+
+/// `file` (absolute, or relative to `cwd`) as a `/`-separated path relative to `root`.
+fn relative_to(root: &Path, cwd: &Path, file: &str) -> Result<String> {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
+    let joined = cwd.join(file);
+    let mut normal = PathBuf::new();
+    for component in joined.components() {
+        match component {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    let inside = normal.strip_prefix(&root).map_err(|_| {
+        Error::bad_input(format!(
+            "{file} is outside the worktree {}; give paths inside it",
+            root.display()
+        ))
+    })?;
+    Ok(inside
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/"))
+}
+
+/// The first line after the shebang marks a hook as ours.
+const HOOK_MARKER: &str = "# app: pre-commit check of path reservations";
+
+pub(super) fn hooks(command: HooksCommand) -> Result<u8> {
+    let HooksCommand::Install = command;
+    let cwd = super::current_dir()?;
+    let paths = AppPaths::discover(&cwd)?;
+    let repo = git2::Repository::open(paths.repo_root())
+        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+    let hooks_dir = match repo.config().and_then(|c| c.get_path("core.hooksPath")) {
+        Ok(dir) if dir.is_absolute() => dir,
+        Ok(dir) => paths.repo_root().join(dir),
+        Err(_) => paths.git_common_dir().join("hooks"),
+    };
+    let hook = hooks_dir.join("pre-commit");
+    if let Some(existing) = state::read_optional(&hook)?
+        && !String::from_utf8_lossy(&existing).contains(HOOK_MARKER)
+    {
+        return Err(Error::Failed(format!(
+            "{} is a hook of your own; app leaves it alone. Add this line to it instead:\n  git diff --cached --name-only -z | xargs -0 -r app check-paths --",
+            hook.display()
+        )));
+    }
+    let app = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "app".into());
+    let script = format!(
+        "#!/bin/sh\n{HOOK_MARKER} (installed by 'app hooks install'; delete this file to remove it)\n\
+         app_bin='{}'\n\
+         [ -x \"$app_bin\" ] || app_bin=app\n\
+         git diff --cached --name-only -z | xargs -0 -r \"$app_bin\" check-paths --\n",
+        app.replace('\'', "'\\''")
+    );
+    std::fs::create_dir_all(&hooks_dir).map_err(|err| Error::io("creating", &hooks_dir, err))?;
+    state::write_atomic(&hook, script.as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+        .map_err(|err| Error::io("making executable", &hook, err))?;
+    eprintln!("app: installed {}", hook.display());
+    Ok(0)
+}
