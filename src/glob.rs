@@ -21,6 +21,9 @@ enum Token {
     Star,
     /// `**`: any run of characters.
     Any,
+    /// Zero-width marker before a `**/` segment: the three tokens after it (`**`, `/`) may
+    /// instead match nothing, so `a/**/b` matches `a/b` but not `a/xb`.
+    Segment,
 }
 
 /// A parsed glob.
@@ -63,17 +66,19 @@ impl Glob {
         let mut tokens = Vec::new();
         let mut chars = full.chars().peekable();
         while let Some(c) = chars.next() {
-            tokens.push(match c {
+            let token = match c {
                 '*' if chars.peek() == Some(&'*') => {
                     chars.next();
-                    // `**` then `/`: the pair may also match nothing at all (`a/**/b` matches
-                    // `a/b`), see `skips`.
+                    if chars.peek() == Some(&'/') {
+                        tokens.push(Token::Segment);
+                    }
                     Token::Any
                 }
                 '*' => Token::Star,
                 '?' => Token::One,
                 c => Token::Char(c),
-            });
+            };
+            tokens.push(token);
         }
         Ok(Glob {
             text: text.to_string(),
@@ -109,8 +114,8 @@ fn intersect(a: &[Token], b: &[Token]) -> bool {
         if i == a.len() && j == b.len() {
             return true;
         }
-        // Moves that consume nothing: a wildcard run matching the empty string, or an
-        // optional `**/` segment.
+        // Moves that consume nothing: a wildcard run matching the empty string, or skipping a
+        // whole `**/` segment.
         for (next_i, next_j) in skips(a, i)
             .map(|n| (n, j))
             .chain(skips(b, j).map(|n| (i, n)))
@@ -119,6 +124,8 @@ fn intersect(a: &[Token], b: &[Token]) -> bool {
         }
         // Moves where both consume one common character.
         if let (Some(&x), Some(&y)) = (a.get(i), b.get(j))
+            && x != Token::Segment
+            && y != Token::Segment
             && compatible(x, y)
         {
             let next = |k: usize, t: Token| {
@@ -136,11 +143,14 @@ fn intersect(a: &[Token], b: &[Token]) -> bool {
 
 /// Positions reachable from `k` without consuming a character.
 fn skips(tokens: &[Token], k: usize) -> impl Iterator<Item = usize> {
-    let star = matches!(tokens.get(k), Some(Token::Star | Token::Any)).then_some(k + 1);
-    let segment = (matches!(tokens.get(k), Some(Token::Any))
-        && tokens.get(k + 1) == Some(&Token::Char('/')))
-    .then_some(k + 2);
-    star.into_iter().chain(segment)
+    let next = matches!(
+        tokens.get(k),
+        Some(Token::Star | Token::Any | Token::Segment)
+    )
+    .then_some(k + 1);
+    // Past `Segment`, `**` and `/`.
+    let past_segment = (tokens.get(k) == Some(&Token::Segment)).then_some(k + 3);
+    next.into_iter().chain(past_segment)
 }
 
 /// Whether some single character satisfies both tokens.
@@ -149,7 +159,6 @@ fn compatible(x: Token, y: Token) -> bool {
     match (x, y) {
         (Char(a), Char(b)) => a == b,
         (Char(c), One | Star) | (One | Star, Char(c)) => c != '/',
-        (Char(_), Any) | (Any, Char(_)) => true,
         _ => true,
     }
 }
@@ -173,6 +182,10 @@ mod tests {
         assert!(glob("src/**/mod.rs").matches("src/mod.rs"));
         assert!(glob("src/**/mod.rs").matches("src/a/b/mod.rs"));
         assert!(!glob("src/**/mod.rs").matches("src/a/bmod.rs"));
+        assert!(!glob("src/**/mod.rs").matches("src/xmod.rs"));
+        assert!(glob("**/mod.rs").matches("mod.rs"));
+        assert!(glob("**/mod.rs").matches("a/mod.rs"));
+        assert!(!glob("**/mod.rs").matches("amod.rs"));
         assert!(glob("?.txt").matches("a.txt"));
         assert!(!glob("?.txt").matches("/.txt"));
         assert!(glob("**").matches("anything/at/all"));
@@ -189,6 +202,9 @@ mod tests {
         assert!(!overlap("src/*.rs", "src/db/*.rs"));
         assert!(!overlap("docs/**", "src/**"));
         assert!(!overlap("a?", "abc"));
+        assert!(overlap("a/**/b", "a/b"));
+        assert!(!overlap("a/**/b", "a/xb"));
+        assert!(overlap("a/**/b", "a/*/b"));
     }
 
     #[test]
