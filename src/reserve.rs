@@ -86,19 +86,17 @@ struct Doc {
 #[derive(Debug, Clone)]
 pub struct Reservations {
     paths: AppPaths,
-    key: SigningKey,
+    /// `None` until something was ever signed in this repository.
+    key: Option<SigningKey>,
     stale_after: Duration,
 }
 
 impl Reservations {
-    /// The reservations of the repository at `paths`.
+    /// The reservations of the repository at `paths`. Creates nothing until the first change.
     pub fn open(paths: &AppPaths, stale_after: Duration) -> Result<Reservations> {
-        paths.ensure_state_dir()?;
-        state::create_private_dir_all(&paths.locks_dir())?;
-        let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
         Ok(Reservations {
             paths: paths.clone(),
-            key,
+            key: SigningKey::load(paths, false)?,
             stale_after,
         })
     }
@@ -116,7 +114,7 @@ impl Reservations {
             .entries
             .iter()
             .map(
-                |(id, value)| match sign::open::<Reservation>(value, Some(&self.key)) {
+                |(id, value)| match sign::open::<Reservation>(value, self.key.as_ref()) {
                     Ok(r) if &r.id == id => Ok(r),
                     Ok(_) => Err((id.clone(), "filed under another id".into())),
                     Err(reason) => Err((id.clone(), reason)),
@@ -125,13 +123,10 @@ impl Reservations {
             .collect())
     }
 
-    fn save(&self, live: &[Reservation]) -> Result<()> {
+    fn save(&self, key: &SigningKey, live: &[Reservation]) -> Result<()> {
         let doc = Doc {
             version: 1,
-            entries: live
-                .iter()
-                .map(|r| (r.id.clone(), self.key.seal(r)))
-                .collect(),
+            entries: live.iter().map(|r| (r.id.clone(), key.seal(r))).collect(),
         };
         let bytes = serde_json::to_vec_pretty(&doc).expect("reservations serialize");
         state::write_atomic(&self.paths.reservations(), &bytes)
@@ -140,8 +135,16 @@ impl Reservations {
     /// Reads, drops lapsed entries (forged ones are kept for `doctor`), applies `change`, saves.
     fn update<T>(&self, change: impl FnOnce(&mut Vec<Reservation>) -> Result<T>) -> Result<T> {
         let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        self.paths.ensure_state_dir()?;
+        state::create_private_dir_all(&self.paths.locks_dir())?;
+        let key =
+            SigningKey::load(&self.paths, true)?.expect("load with create always yields a key");
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
-        let loaded = self.load()?;
+        let loaded = Reservations {
+            key: Some(key.clone()),
+            ..self.clone()
+        }
+        .load()?;
         if loaded.iter().any(|entry| entry.is_err()) {
             return Err(Error::Failed(format!(
                 "{} holds entries that do not verify; 'app doctor' reports them",
@@ -154,7 +157,7 @@ impl Reservations {
             .filter(|r| r.lapsed(&snapshot, self.stale_after).is_none())
             .collect();
         let result = change(&mut live)?;
-        self.save(&live)?;
+        self.save(&key, &live)?;
         Ok(result)
     }
 

@@ -58,7 +58,12 @@ pub enum LockCommand {
         #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
         timeout: Option<Duration>,
         /// The command, after '--'.
-        #[arg(value_name = "CMD", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        #[arg(
+            value_name = "CMD",
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
         command: Vec<String>,
     },
 }
@@ -127,7 +132,9 @@ fn list(locks: &Locks, json: bool) -> Result<u8> {
             (Some(holder), None) => println!(
                 "{} held by {holder} since {} (token {}){}",
                 state.name,
-                state.acquired_at.map_or_else(String::new, |t| t.to_string()),
+                state
+                    .acquired_at
+                    .map_or_else(String::new, |t| t.to_string()),
                 state.token,
                 state
                     .expires_at

@@ -103,8 +103,11 @@ pub(super) fn send(args: SendArgs) -> Result<u8> {
     let max = queue::max_message_bytes()?;
     queue::validate_kind(&args.kind)?;
     let payload = if args.json {
-        serde_json::from_str(&args.payload)
-            .map_err(|err| Error::bad_input(format!("the payload is not JSON ({err}); drop --json to send text")))?
+        serde_json::from_str(&args.payload).map_err(|err| {
+            Error::bad_input(format!(
+                "the payload is not JSON ({err}); drop --json to send text"
+            ))
+        })?
     } else {
         Value::String(args.payload)
     };
@@ -230,8 +233,5 @@ fn print_message(message: &Message, json: bool) {
         Value::String(text) => text.clone(),
         other => other.to_string(),
     };
-    println!(
-        "{} {} {} {payload}",
-        message.id, message.from, message.kind
-    );
+    println!("{} {} {} {payload}", message.id, message.from, message.kind);
 }

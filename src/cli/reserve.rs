@@ -68,13 +68,17 @@ pub(super) fn reserve(args: ReserveArgs) -> Result<u8> {
         .collect::<Result<Vec<_>>>()?;
     let ctx = context()?;
     let holder = instance::caller_holder(&ctx.snapshot, &ctx.cwd)?;
-    let reservation = ctx
-        .reservations
-        .reserve(&holder, &globs, args.shared, args.ttl, args.reason)?;
+    let reservation =
+        ctx.reservations
+            .reserve(&holder, &globs, args.shared, args.ttl, args.reason)?;
     eprintln!(
         "app: reserved {} ({}) for {holder}",
         reservation.patterns.join(" "),
-        if reservation.shared { "shared" } else { "exclusive" }
+        if reservation.shared {
+            "shared"
+        } else {
+            "exclusive"
+        }
     );
     println!("{}", reservation.id);
     Ok(0)
@@ -147,7 +151,11 @@ pub(super) fn check_paths(files: Vec<String>) -> Result<u8> {
                 .map_or_else(String::new, |why| format!(": {why}"))
         );
     }
-    Ok(if conflicts.is_empty() { 0 } else { EXIT_FAILURE })
+    Ok(if conflicts.is_empty() {
+        0
+    } else {
+        EXIT_FAILURE
+    })
 }
 
 /// `file` (absolute, or relative to `cwd`) as a `/`-separated path relative to `root`.
