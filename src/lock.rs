@@ -276,6 +276,11 @@ impl Locks {
     /// [`Error::Busy`] naming the holder.
     pub fn acquire(&self, request: &Request) -> Result<u64> {
         let deadline = Instant::now() + request.timeout;
+        if let Ok(token) = self.try_acquire(request)? {
+            return Ok(token);
+        }
+        // Held: watch for its release. Trying again after the watch is set up catches a
+        // release that happened in between.
         let watch = DirWatch::new(&self.paths.named_locks_dir(), RECHECK, false)?;
         loop {
             let held = match self.try_acquire(request)? {

@@ -58,12 +58,7 @@ pub enum LockCommand {
         #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
         timeout: Option<Duration>,
         /// The command, after '--'.
-        #[arg(
-            value_name = "CMD",
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true
-        )]
+        #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
         command: Vec<String>,
     },
 }

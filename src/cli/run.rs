@@ -27,12 +27,7 @@ pub struct RunArgs {
     #[arg(long)]
     keep: bool,
     /// The command to run, after '--'.
-    #[arg(
-        value_name = "CMD",
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
     command: Vec<String>,
 }
 

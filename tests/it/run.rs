@@ -404,6 +404,11 @@ fn bad_input_exits_2_and_changes_nothing() {
             "invalid instance name",
         ),
         (vec!["run", "--instance", "-lead", "--", "true"], ""),
+        // A misspelt option is an error, not a command to run.
+        (
+            vec!["run", "--name", "lead", "--", "true"],
+            "unexpected argument '--name'",
+        ),
         (
             vec!["run", "--no-worktree", "--branch", "x", "--", "true"],
             "need a worktree",
