@@ -68,7 +68,8 @@ pub struct Message {
     pub kind: String,
     /// When it was sent.
     pub timestamp: Timestamp,
-    /// Milliseconds it may wait unacknowledged before going to `dead/`.
+    /// Milliseconds it may wait unacknowledged before going to `dead/` (`ttl` in the file).
+    #[serde(rename = "ttl")]
     pub ttl_ms: u64,
     /// The content.
     pub payload: Value,
