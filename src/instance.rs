@@ -37,7 +37,9 @@ use crate::process::{self, Presence, ProcessIdentity};
 use crate::registry::{
     BranchRecord, Entry, InstanceRecord, InstanceStatus, Liveness, Registry, Snapshot, Timestamp,
 };
+use crate::sign::SigningKey;
 use crate::worktree::{self, Cleanup, WorktreePlan};
+use crate::{fault, journal};
 
 /// Checks a user-given instance name: `[a-z0-9][a-z0-9_-]{0,63}`.
 pub fn validate_name(name: &str) -> Result<()> {
@@ -139,6 +141,12 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
     let paths = AppPaths::discover(cwd)?;
     let repo = Repository::open(paths.repo_root())
         .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+
+    // Operations a crash interrupted are finished or undone first (one directory read when
+    // there are none).
+    if paths.journal_dir().is_dir() {
+        crate::doctor::recover_journal(&paths, timing)?;
+    }
 
     // Everything below until `open_for_write` only reads.
     let reader = Registry::open_read_only(&paths)?;
@@ -307,7 +315,23 @@ fn supervise(
         child_start_time: None,
         status: InstanceStatus::Starting,
     };
-    let created_branch = claim(&registry, &record, plan.as_ref(), timing)?;
+    let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
+    if let Some(plan) = &plan {
+        journal::begin(
+            paths,
+            &key,
+            &intent(&record, journal::Operation::Start, plan, plan.create_branch),
+        )?;
+        fault::point("run.intent-written");
+    }
+    let created_branch = match claim(&registry, &record, plan.as_ref(), timing) {
+        Ok(created) => created,
+        Err(err) => {
+            let _ = journal::end(paths, id);
+            return Err(err);
+        }
+    };
+    fault::point("run.registered");
     let (db_var, db_value) = database.0.export();
     let mirror = DbMirror::start(paths, database);
     mirror.instance(&record);
@@ -331,12 +355,19 @@ fn supervise(
             id,
             plan.create_branch.then_some(plan.branch.as_str()),
         );
+        let _ = journal::end(paths, id);
         mirror.stopped(
             &record,
             None,
             serde_json::json!({ "error": err.to_string() }),
         );
         return Err(err);
+    }
+    if plan.is_some() {
+        fault::point("run.checked-out");
+        // The start is complete: from here on the worktree may hold the command's work, and a
+        // crash is a dead instance for `doctor`, never a start to undo.
+        journal::end(paths, id)?;
     }
 
     let spawned = {
@@ -553,6 +584,14 @@ fn finish(
         unregister(registry, &record.id, None);
         return Ok(None);
     };
+    let paths = registry.paths();
+    let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
+    journal::begin(
+        paths,
+        &key,
+        &intent(record, journal::Operation::Stop, plan, created_branch),
+    )?;
+    fault::point("stop.intent-written");
     // The base the branch is compared with is the one recorded when it was first claimed.
     let base = registry
         .snapshot()
@@ -583,7 +622,31 @@ fn finish(
         &record.id,
         forget_branch.then_some(plan.branch.as_str()),
     );
+    fault::point("stop.unregistered");
+    journal::end(paths, &record.id)?;
     cleanup.map(Some)
+}
+
+/// The journal intent of `operation` on the instance of `record` with worktree `plan`.
+fn intent(
+    record: &InstanceRecord,
+    operation: journal::Operation,
+    plan: &WorktreePlan,
+    create_branch: bool,
+) -> journal::Intent {
+    journal::Intent {
+        operation,
+        instance: record.id.clone(),
+        pid: record.pid,
+        start_time: record.start_time,
+        boot_id: record.boot_id.clone(),
+        worktree: Some(plan.path.clone()),
+        branch: Some(plan.branch.clone()),
+        base: Some(plan.base.to_string()),
+        create_branch,
+        reuse: plan.reuse,
+        written_at: Timestamp::now(),
+    }
 }
 
 fn start_heartbeat(

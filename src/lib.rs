@@ -8,9 +8,12 @@
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod doctor;
 pub mod error;
+pub mod fault;
 pub mod glob;
 pub mod instance;
+pub mod journal;
 pub mod lock;
 pub mod paths;
 pub mod process;

@@ -205,6 +205,19 @@ impl Locks {
         })
     }
 
+    /// The locks of the repository at `paths` when any can exist (a key and the locks
+    /// directory), creating nothing.
+    pub fn existing(paths: &AppPaths, stale_after: Duration) -> Result<Option<Locks>> {
+        if !paths.named_locks_dir().is_dir() {
+            return Ok(None);
+        }
+        Ok(SigningKey::load(paths, false)?.map(|key| Locks {
+            paths: paths.clone(),
+            key,
+            stale_after,
+        }))
+    }
+
     fn snapshot(&self) -> Result<Snapshot> {
         Registry::open_read_only(&self.paths)?.snapshot()
     }

@@ -14,6 +14,7 @@
 //!     acked/<id>/<msg>.json    messages <id> acknowledged (the de-duplication record)
 //!     dead/<id>-<msg>.json     unacknowledged messages past their TTL, with the reason
 //!     quarantine/<file>        forged, oversized or unparsable files, with the reason
+//!   journal/<id>.json        intent of a multi-step operation on instance <id> under way
 //!   locks/
 //!     named/<name>.json        named lock: holder, fencing token, expiry (kept when free)
 //!     reservations.json        path reservations
@@ -183,6 +184,16 @@ impl AppPaths {
     /// The flock around every lock and reservation change.
     pub fn locks_mutex(&self) -> PathBuf {
         self.locks_dir().join(".mutex")
+    }
+
+    /// `.app/journal/`: intents of operations under way.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.state_dir.join("journal")
+    }
+
+    /// The intent file of an operation on instance `id`.
+    pub fn intent(&self, id: &str) -> PathBuf {
+        self.journal_dir().join(format!("{id}.json"))
     }
 
     /// Creates `.app/` (0700) and `worktrees/`, and lists `.app/` in `.git/info/exclude`.

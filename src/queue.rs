@@ -213,6 +213,29 @@ impl Inbox {
 
     /// Deliverable messages, oldest first. Moves aside what cannot be trusted and what expired.
     pub fn pending(&self) -> Result<(Vec<Message>, Swept)> {
+        self.scan(true)
+    }
+
+    /// What [`Inbox::pending`] would deliver and move aside, without moving anything.
+    pub fn inspect(&self) -> Result<(Vec<Message>, Swept)> {
+        self.scan(false)
+    }
+
+    /// Moves every message of this inbox to `dead/` (untrusted files to `quarantine/`), for an
+    /// instance that is gone. Returns how many files it moved.
+    pub fn retire(&self, reason: &str) -> Result<usize> {
+        let (messages, swept) = self.pending()?;
+        for message in &messages {
+            self.bury(
+                &self.dir().join(format!("{}.json", message.id)),
+                message,
+                reason,
+            )?;
+        }
+        Ok(messages.len() + swept.expired + swept.quarantined)
+    }
+
+    fn scan(&self, move_aside: bool) -> Result<(Vec<Message>, Swept)> {
         let mut swept = Swept::default();
         let mut found = Vec::new();
         let dir = self.dir();
@@ -233,16 +256,24 @@ impl Inbox {
             match self.read(&path, &name) {
                 Ok(Some(message)) if self.acked_path(&message.id).exists() => {
                     // A copy of an acknowledged message: already delivered.
-                    let _ = fs::remove_file(&path);
+                    if move_aside {
+                        let _ = fs::remove_file(&path);
+                    }
                 }
                 Ok(Some(message)) if message.expired() => {
-                    self.bury(&path, &message)?;
+                    if move_aside {
+                        let reason =
+                            format!("not acknowledged within its TTL of {} ms", message.ttl_ms);
+                        self.bury(&path, &message, &reason)?;
+                    }
                     swept.expired += 1;
                 }
                 Ok(Some(message)) => found.push(message),
                 Ok(None) => {}
                 Err(reason) => {
-                    self.quarantine(&path, &name, &reason)?;
+                    if move_aside {
+                        self.quarantine(&path, &name, &reason)?;
+                    }
                     swept.quarantined += 1;
                 }
             }
@@ -302,11 +333,11 @@ impl Inbox {
         }
     }
 
-    fn bury(&self, path: &Path, message: &Message) -> Result<()> {
+    fn bury(&self, path: &Path, message: &Message, reason: &str) -> Result<()> {
         let dead = self.paths.dead_letters();
         state::create_private_dir_all(&dead)?;
         let record = serde_json::json!({
-            "reason": format!("not acknowledged within its TTL of {} ms", message.ttl_ms),
+            "reason": reason,
             "moved_at": Timestamp::now(),
             "message": message,
         });

@@ -161,6 +161,35 @@ impl Reservations {
         Ok(result)
     }
 
+    /// Drops lapsed reservations, and with `forged` the entries that do not verify; returns how
+    /// many entries it dropped.
+    pub fn prune(&self, forged: bool) -> Result<usize> {
+        let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        let Some(key) = SigningKey::load(&self.paths, false)? else {
+            return Ok(0);
+        };
+        let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
+        let loaded = Reservations {
+            key: Some(key.clone()),
+            ..self.clone()
+        }
+        .load()?;
+        if loaded.iter().any(|entry| entry.is_err()) && !forged {
+            return Ok(0);
+        }
+        let before = loaded.len();
+        let live: Vec<Reservation> = loaded
+            .into_iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|r| r.lapsed(&snapshot, self.stale_after).is_none())
+            .collect();
+        if live.len() == before {
+            return Ok(0);
+        }
+        self.save(&key, &live)?;
+        Ok(before - live.len())
+    }
+
     /// Reserves `patterns` for `holder`; refused with [`Error::Busy`] when an exclusive claim
     /// (theirs or this one) overlaps another live holder's.
     pub fn reserve(

@@ -236,6 +236,7 @@ pub fn create(repo: &Repository, plan: &WorktreePlan) -> Result<()> {
                 Error::git(format!("creating branch {}", plan.branch), err)
             }
         })?;
+        crate::fault::point("run.branch-created");
     }
     prune_dangling_admin(repo, &plan.id);
     let admin = repo.path().join("worktrees").join(&plan.id);
@@ -285,6 +286,7 @@ fn add_worktree(admin: &Path, plan: &WorktreePlan) -> Result<()> {
         format!("ref: refs/heads/{}\n", plan.branch),
     )?;
     write(dot_git, format!("gitdir: {}\n", admin.display()))?;
+    crate::fault::point("run.worktree-linked");
 
     let worktree = Repository::open(&plan.path)
         .git_context(|| format!("opening new worktree {}", plan.path.display()))?;
@@ -356,7 +358,7 @@ fn tune_libgit2() {
 }
 
 /// Removes git's record of worktree `id` when its directory is gone (left by a crash).
-fn prune_dangling_admin(repo: &Repository, id: &str) {
+pub fn prune_dangling_admin(repo: &Repository, id: &str) {
     if let Ok(wt) = repo.find_worktree(id)
         && wt.validate().is_err()
     {
@@ -391,21 +393,14 @@ pub fn remove_if_clean(
 ) -> Result<Cleanup> {
     let mut cleanup = Cleanup::default();
     if path.exists() {
-        if let Some(reason) = unsaved_work(path, branch)? {
+        if let Some(reason) = unsaved_work(path, Some(branch))? {
             cleanup.worktree_kept_because = Some(reason);
             // The branch is checked out in the kept worktree: it stays too.
             return Ok(cleanup);
         }
-        let wt = repo
-            .find_worktree(id)
-            .git_context(|| format!("looking up worktree {id}"))?;
-        wt.prune(Some(
-            git2::WorktreePruneOptions::new()
-                .valid(true)
-                .working_tree(true),
-        ))
-        .git_context(|| format!("removing worktree {}", path.display()))?;
+        remove(repo, id, path)?;
         cleanup.worktree_removed = true;
+        crate::fault::point("stop.worktree-removed");
     } else {
         prune_dangling_admin(repo, id);
     }
@@ -431,6 +426,7 @@ pub fn remove_if_clean(
         drop(found);
         delete_branch(repo, branch)?;
         cleanup.branch_deleted = true;
+        crate::fault::point("stop.branch-deleted");
     } else {
         let (ahead, _) = repo
             .graph_ahead_behind(tip, base)
@@ -443,13 +439,74 @@ pub fn remove_if_clean(
     Ok(cleanup)
 }
 
+/// Removes worktree `id` at `path`: its directory (ignored files included) and git's record
+/// of it. Callers decide first that this loses nothing.
+pub fn remove(repo: &Repository, id: &str, path: &Path) -> Result<()> {
+    let wt = repo
+        .find_worktree(id)
+        .git_context(|| format!("looking up worktree {id}"))?;
+    wt.prune(Some(
+        git2::WorktreePruneOptions::new()
+            .valid(true)
+            .working_tree(true),
+    ))
+    .git_context(|| format!("removing worktree {}", path.display()))
+}
+
+/// Saves what removing the worktree at `path` would lose as a commit on `refs/app/rescue/<id>`
+/// (or `<id>-2`, `-3`, … when taken): its tracked and untracked (not ignored) files, with the
+/// worktree's HEAD as parent, so commits on a detached HEAD stay reachable too. Returns the ref
+/// and commit, or `None` when nothing would be lost.
+pub fn rescue(repo: &Repository, id: &str, path: &Path) -> Result<Option<(String, Oid)>> {
+    let Some(reason) = unsaved_work(path, None)? else {
+        return Ok(None);
+    };
+    let wt =
+        Repository::open(path).git_context(|| format!("opening worktree {}", path.display()))?;
+    let context = || format!("saving the work in {}", path.display());
+    // The index is changed in memory only; the worktree's own index file stays as it was.
+    let mut index = wt.index().git_context(context)?;
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .git_context(context)?;
+    index.update_all(["*"], None).git_context(context)?;
+    let tree_id = index.write_tree_to(repo).git_context(context)?;
+    let tree = repo.find_tree(tree_id).git_context(context)?;
+    let parent = wt.head().ok().and_then(|head| head.peel_to_commit().ok());
+    let signature = repo
+        .signature()
+        .or_else(|_| git2::Signature::now("app doctor", "app@localhost"))
+        .git_context(context)?;
+    let message = format!(
+        "app: rescued work of instance {id}\n\nFrom worktree {} ({reason}).\n",
+        path.display()
+    );
+    let parents: Vec<&git2::Commit> = parent.iter().collect();
+    let commit = repo
+        .commit(None, &signature, &signature, &message, &tree, &parents)
+        .git_context(context)?;
+    for n in 1.. {
+        let name = if n == 1 {
+            format!("refs/app/rescue/{id}")
+        } else {
+            format!("refs/app/rescue/{id}-{n}")
+        };
+        match repo.reference(&name, commit, false, &message) {
+            Ok(_) => return Ok(Some((name, commit))),
+            Err(err) if err.code() == ErrorCode::Exists => continue,
+            Err(err) => return Err(Error::git(format!("creating {name}"), err)),
+        }
+    }
+    unreachable!("some rescue ref name is free")
+}
+
 /// Deletes local branch `branch` and its configuration section.
 ///
 /// libgit2's `git_branch_delete` is not used: its "checked out in a linked worktree" check
 /// reports *any* branch as checked out while another process prunes some other worktree (the
 /// lookup failure is taken for a match), which made concurrent cleanups fail. The check is done
 /// here instead, from the worktrees' HEAD files.
-fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
+pub fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
     if let Some(holder) = checked_out_in(repo, branch)? {
         return Err(Error::Failed(format!(
             "branch {branch} is checked out in {}; not deleting it",
@@ -485,18 +542,23 @@ fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
     Ok(())
 }
 
-/// Why removing the worktree at `path` would lose work, or `None` when it would not.
-fn unsaved_work(path: &Path, branch: &str) -> Result<Option<String>> {
+/// Why removing the worktree at `path` would lose work, or `None` when it would not. With
+/// `branch`, a HEAD elsewhere counts as work (its commits may exist nowhere else); without, a
+/// detached HEAD does.
+pub fn unsaved_work(path: &Path, branch: Option<&str>) -> Result<Option<String>> {
     let repo =
         Repository::open(path).git_context(|| format!("opening worktree {}", path.display()))?;
     let head = repo.head().ok();
-    let on_branch = head
-        .as_ref()
-        .is_some_and(|h| h.is_branch() && h.shorthand().ok() == Some(branch));
+    let on_branch = head.as_ref().is_some_and(|h| {
+        h.is_branch() && branch.is_none_or(|branch| h.shorthand().ok() == Some(branch))
+    });
     if !on_branch {
-        return Ok(Some(format!(
-            "its HEAD is no longer on branch {branch} (commits there may exist nowhere else)"
-        )));
+        return Ok(Some(match branch {
+            Some(branch) => format!(
+                "its HEAD is no longer on branch {branch} (commits there may exist nowhere else)"
+            ),
+            None => "its HEAD is on no branch (commits there may exist nowhere else)".into(),
+        }));
     }
     let mut options = StatusOptions::new();
     options

@@ -2,6 +2,7 @@
 //! terminal. The only module that prints; the rest of the library returns values.
 
 mod db;
+mod doctor;
 mod events;
 mod instance;
 mod lock;
@@ -79,6 +80,8 @@ enum Command {
         #[arg(value_name = "FILE")]
         files: Vec<String>,
     },
+    /// Find stale state left by crashes; --fix reclaims it without losing work.
+    Doctor(doctor::DoctorArgs),
     /// Git hooks that use app.
     #[command(subcommand)]
     Hooks(reserve::HooksCommand),
@@ -105,6 +108,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Release { patterns } => reserve::release(patterns),
         Command::CheckPaths { files } => reserve::check_paths(files),
         Command::Hooks(command) => reserve::hooks(command),
+        Command::Doctor(args) => doctor::run(args, db.as_deref()),
     }
 }
 

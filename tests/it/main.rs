@@ -4,6 +4,7 @@
 
 mod coordination;
 mod db;
+mod doctor;
 mod instance;
 mod registry;
 mod run;

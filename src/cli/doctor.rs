@@ -1,0 +1,109 @@
+//! `app doctor`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use clap::Args;
+
+use crate::config::Timing;
+use crate::doctor::{self, Finding, Fixed, Options};
+use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::paths::AppPaths;
+
+/// Arguments of `app doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Reclaim what was found (work is saved first, never lost).
+    #[arg(long, visible_alias = "cleanup-stale")]
+    fix: bool,
+    /// With --fix: discard uncommitted work and unmerged app branches instead of saving them.
+    #[arg(long)]
+    force: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(super) fn run(args: DoctorArgs, db: Option<&Path>) -> Result<u8> {
+    if args.force && !args.fix {
+        return Err(Error::bad_input(
+            "--force only changes what --fix does; add --fix (and know that it discards work)",
+        ));
+    }
+    let options = Options {
+        timing: Timing::from_env()?,
+        force: args.force,
+        db: db.map(Path::to_path_buf),
+    };
+    let paths = AppPaths::discover(&super::current_dir()?)?;
+    let (fixed, diagnosis) = if args.fix {
+        doctor::fix(&paths, &options)?
+    } else {
+        (Vec::new(), doctor::diagnose(&paths, &options)?)
+    };
+    let left = diagnosis.findings();
+    if args.json {
+        super::print_json(&serde_json::json!({
+            "findings": if args.fix { Vec::new() } else { left.clone() },
+            "fixed": fixed,
+            "remaining": if args.fix { left.clone() } else { Vec::new() },
+            "notices": diagnosis.notices,
+        }));
+    } else {
+        print_fixed(&fixed);
+        if args.fix && !left.is_empty() {
+            println!("left after --fix:");
+        }
+        print_grouped(&left, !args.fix);
+        for notice in &diagnosis.notices {
+            println!("note: {notice}");
+        }
+        if left.is_empty() {
+            println!(
+                "{}",
+                if fixed.is_empty() {
+                    "app doctor: nothing to reclaim"
+                } else {
+                    "app doctor: all reclaimed"
+                }
+            );
+        } else if !args.fix {
+            println!(
+                "app doctor: {} problem(s); 'app doctor --fix' reclaims the fixable ones without losing work",
+                left.len()
+            );
+        }
+    }
+    Ok(if left.is_empty() { 0 } else { EXIT_FAILURE })
+}
+
+fn print_grouped(findings: &[Finding], with_fix: bool) {
+    let mut groups: BTreeMap<&str, Vec<&Finding>> = BTreeMap::new();
+    for finding in findings {
+        groups.entry(finding.kind).or_default().push(finding);
+    }
+    for (kind, group) in groups {
+        println!("{kind} ({})", group.len());
+        for finding in group {
+            println!("  {}: {}", finding.subject, finding.problem);
+            if with_fix || !finding.fixable {
+                println!("    fix: {}", finding.fix);
+            }
+        }
+    }
+}
+
+fn print_fixed(fixed: &[Fixed]) {
+    for entry in fixed {
+        match &entry.outcome {
+            Ok(done) => println!(
+                "fixed {} {}: {done}",
+                entry.finding.kind, entry.finding.subject
+            ),
+            Err(err) => println!(
+                "FAILED {} {}: {err}",
+                entry.finding.kind, entry.finding.subject
+            ),
+        }
+    }
+}

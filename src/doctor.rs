@@ -1,0 +1,1126 @@
+//! `app doctor`: find every kind of stale state a crash can leave, and reclaim it without
+//! losing anyone's work.
+//!
+//! Invariants:
+//! - [`diagnose`] only reads: the state directory is byte-identical afterwards.
+//! - [`fix`] never deletes work: a dirty worktree is first saved on `refs/app/rescue/<id>`
+//!   ([`worktree::rescue`]), a branch with commits beyond its base is kept, and only `--force`
+//!   discards either. Only worktrees under `.app/worktrees/` and git's records of them are
+//!   touched; `git worktree prune` is never run repository-wide.
+//! - Anything in use is left alone: a registered instance whose supervisor or command still
+//!   runs, an intent whose writer still works, a temp file whose writer lives.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use git2::{BranchType, Oid, Repository};
+use serde::Serialize;
+
+use crate::config::Timing;
+use crate::db::{self, Db, DbSettings, Location, instances};
+use crate::error::{Error, GitContext, Result};
+use crate::journal::{self, Intent, Operation};
+use crate::lock::Locks;
+use crate::paths::AppPaths;
+use crate::process::{self, Presence, ProcessIdentity};
+use crate::queue::{self, Inbox};
+use crate::registry::{Entry, InstanceRecord, Liveness, Registry, Snapshot};
+use crate::reserve::Reservations;
+use crate::sign::SigningKey;
+use crate::worktree;
+
+/// How `doctor` runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Heartbeat limits, for liveness.
+    pub timing: Timing,
+    /// Discard instead of rescuing: dirty worktrees go without a rescue commit, branches with
+    /// commits beyond their base are deleted.
+    pub force: bool,
+    /// `--db`, for the database checks.
+    pub db: Option<PathBuf>,
+}
+
+/// One finding, as reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// Kind of problem (stable, for machines).
+    pub kind: &'static str,
+    /// What it is about: an instance id, a path, a branch.
+    pub subject: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What `--fix` does about it, or why it cannot.
+    pub fix: String,
+    /// Whether `--fix` can reclaim it.
+    pub fixable: bool,
+}
+
+/// What `--fix` did about a finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fixed {
+    /// The finding.
+    pub finding: Finding,
+    /// What was done (or the error that stopped it).
+    pub outcome: std::result::Result<String, String>,
+}
+
+/// A problem with what fixing it needs.
+#[derive(Debug, Clone)]
+enum Problem {
+    MissingSecret,
+    Permissions {
+        path: PathBuf,
+        mode: u32,
+        want: u32,
+    },
+    HalfDone(Intent),
+    UntrustedIntent {
+        path: PathBuf,
+        reason: String,
+    },
+    ForgedInstance {
+        key: String,
+        reason: String,
+    },
+    DeadInstance {
+        record: InstanceRecord,
+        reason: String,
+    },
+    InUse {
+        id: String,
+        reason: String,
+    },
+    OrphanWorktree {
+        id: String,
+        path: PathBuf,
+    },
+    Unreadable {
+        path: PathBuf,
+        reason: String,
+    },
+    DanglingMetadata {
+        name: String,
+        admin: PathBuf,
+    },
+    IdleBranch {
+        branch: String,
+    },
+    StaleBranchEntry {
+        branch: String,
+        reason: String,
+    },
+    LapsedLock {
+        name: String,
+        reason: String,
+    },
+    Locks {
+        reason: String,
+    },
+    LapsedReservations {
+        count: usize,
+        forged: usize,
+    },
+    OrphanInbox {
+        owner: String,
+        files: usize,
+    },
+    Messages {
+        owner: String,
+        expired: usize,
+        untrusted: usize,
+    },
+    TempFile {
+        path: PathBuf,
+    },
+    Database {
+        reason: String,
+    },
+    Unmirrored {
+        record: InstanceRecord,
+    },
+}
+
+impl Problem {
+    fn finding(&self) -> Finding {
+        let (kind, subject, problem, fix): (&str, String, String, String) = match self {
+            Problem::MissingSecret => (
+                "secret",
+                ".app/secret".into(),
+                "the signing key is missing (and APP_SHARED_SECRET is not set)".into(),
+                "create a new key; entries signed with the old one then show as forged".into(),
+            ),
+            Problem::Permissions { path, mode, want } => (
+                "permissions",
+                path.display().to_string(),
+                format!("mode {mode:o} lets others in"),
+                format!("chmod {want:o}"),
+            ),
+            Problem::HalfDone(intent) => (
+                "journal",
+                intent.instance.clone(),
+                format!(
+                    "a {} of instance {} was interrupted (pid {} is gone)",
+                    match intent.operation {
+                        Operation::Start => "start",
+                        Operation::Stop => "stop",
+                    },
+                    intent.instance,
+                    intent.pid
+                ),
+                match intent.operation {
+                    Operation::Start => {
+                        "undo it: remove what it made (its worktree held only its base's files)"
+                    }
+                    Operation::Stop => "finish it: rescue work, remove the worktree, unregister",
+                }
+                .into(),
+            ),
+            Problem::UntrustedIntent { path, reason } => (
+                "journal",
+                path.display().to_string(),
+                format!("an intent that cannot be trusted: {reason}"),
+                "remove the file (nothing is done from it)".into(),
+            ),
+            Problem::ForgedInstance { key, reason } => (
+                "forged-instance",
+                key.clone(),
+                format!("registry entry does not verify: {reason}"),
+                "remove the entry".into(),
+            ),
+            Problem::DeadInstance { record, reason } => (
+                "dead-instance",
+                record.id.clone(),
+                format!("registered but dead: {reason}"),
+                reclaim_plan(record.worktree.as_deref()),
+            ),
+            Problem::InUse { id, reason } => (
+                "stale-instance",
+                id.clone(),
+                reason.clone(),
+                "none while it runs: stop it (app instance stop, or kill), then run doctor again"
+                    .into(),
+            ),
+            Problem::OrphanWorktree { id, path } => (
+                "orphan-worktree",
+                id.clone(),
+                format!("{} belongs to no registered instance", path.display()),
+                reclaim_plan(Some(path)),
+            ),
+            Problem::Unreadable { path, reason } => (
+                "orphan-worktree",
+                path.display().to_string(),
+                format!("not a worktree app can read: {reason}"),
+                "none: look at it and move it out of .app/worktrees/ yourself".into(),
+            ),
+            Problem::DanglingMetadata { name, admin } => (
+                "worktree-metadata",
+                name.clone(),
+                format!(
+                    "git still lists worktree {name} ({}) whose directory is gone",
+                    admin.display()
+                ),
+                "remove git's record of this one worktree".into(),
+            ),
+            Problem::IdleBranch { branch } => (
+                "idle-branch",
+                branch.clone(),
+                "no live owner and no commits beyond its base".into(),
+                "delete the branch (it holds nothing its base lacks)".into(),
+            ),
+            Problem::StaleBranchEntry { branch, reason } => (
+                "branch-entry",
+                branch.clone(),
+                reason.clone(),
+                "remove the entry".into(),
+            ),
+            Problem::LapsedLock { name, reason } => (
+                "lapsed-lock",
+                name.clone(),
+                format!("held by a dead holder: {reason}"),
+                "release it (its fencing token is kept)".into(),
+            ),
+            Problem::Locks { reason } => (
+                "locks",
+                ".app/locks/named".into(),
+                reason.clone(),
+                "none: look at the file named".into(),
+            ),
+            Problem::LapsedReservations { count, forged } => (
+                "reservations",
+                ".app/locks/reservations.json".into(),
+                format!("{count} lapsed and {forged} forged reservation(s)"),
+                "drop them".into(),
+            ),
+            Problem::OrphanInbox { owner, files } => (
+                "messages",
+                owner.clone(),
+                format!("{files} message file(s) for an instance that is gone"),
+                "move them to dead/ (untrusted ones to quarantine/)".into(),
+            ),
+            Problem::Messages {
+                owner,
+                expired,
+                untrusted,
+            } => (
+                "messages",
+                owner.clone(),
+                format!("{expired} expired and {untrusted} untrusted message(s) in its inbox"),
+                "move them to dead/ and quarantine/".into(),
+            ),
+            Problem::TempFile { path } => (
+                "temp-file",
+                path.display().to_string(),
+                "left by a writer that is gone".into(),
+                "remove it".into(),
+            ),
+            Problem::Database { reason } => (
+                "database",
+                "database".into(),
+                reason.clone(),
+                "none: see 'app db status' and docs/DATABASE.md".into(),
+            ),
+            Problem::Unmirrored { record } => (
+                "database",
+                record.id.clone(),
+                "live instance missing from the database".into(),
+                "write its row".into(),
+            ),
+        };
+        Finding {
+            kind,
+            subject,
+            problem,
+            fix,
+            fixable: self.fixable(),
+        }
+    }
+
+    fn fixable(&self) -> bool {
+        !matches!(
+            self,
+            Problem::InUse { .. }
+                | Problem::Unreadable { .. }
+                | Problem::Locks { .. }
+                | Problem::Database { .. }
+        )
+    }
+}
+
+fn reclaim_plan(worktree: Option<&Path>) -> String {
+    match worktree {
+        Some(path) if path.exists() => "save uncommitted work on refs/app/rescue/<id>, remove the worktree, keep the branch if it has commits, unregister".into(),
+        _ => "remove git's record of the worktree, keep the branch if it has commits, unregister".into(),
+    }
+}
+
+/// What [`diagnose`] found.
+#[derive(Debug, Default)]
+pub struct Diagnosis {
+    problems: Vec<Problem>,
+    /// Things worth knowing that need no fixing (dead letters, quarantined files).
+    pub notices: Vec<String>,
+}
+
+impl Diagnosis {
+    /// Every finding, in the order `--fix` handles them.
+    pub fn findings(&self) -> Vec<Finding> {
+        self.problems.iter().map(Problem::finding).collect()
+    }
+
+    /// Whether `--fix` could reclaim anything.
+    fn any_fixable(&self) -> bool {
+        self.problems.iter().any(Problem::fixable)
+    }
+}
+
+/// Looks at everything, changes nothing.
+pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
+    let mut found = Diagnosis::default();
+    if !paths.state_dir().is_dir() {
+        return Ok(found);
+    }
+    let key = if std::env::var_os("APP_SHARED_SECRET").is_none() && !paths.secret().exists() {
+        found.problems.push(Problem::MissingSecret);
+        None
+    } else {
+        SigningKey::load(paths, false)?
+    };
+    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+    let repo = Repository::open(paths.repo_root())
+        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+    let stale_after = options.timing.stale_after;
+
+    // Interrupted operations first: finishing them changes what the rest sees.
+    let mut journaled = Vec::new();
+    for entry in journal::list(paths, key.as_ref())? {
+        match entry {
+            Ok(intent) => {
+                journaled.push(intent.instance.clone());
+                if !intent.writer_alive() {
+                    found.problems.push(Problem::HalfDone(intent));
+                }
+            }
+            Err((path, reason)) => found
+                .problems
+                .push(Problem::UntrustedIntent { path, reason }),
+        }
+    }
+
+    for entry in &snapshot.instances {
+        let record = match entry {
+            Entry::Forged { key, reason } => {
+                found.problems.push(Problem::ForgedInstance {
+                    key: key.clone(),
+                    reason: reason.clone(),
+                });
+                continue;
+            }
+            Entry::Valid(record) => record,
+        };
+        if journaled.contains(&record.id) {
+            continue;
+        }
+        if let Liveness::Stale(reason) = record.liveness(stale_after) {
+            match in_use(record) {
+                Some(why) => found.problems.push(Problem::InUse {
+                    id: record.id.clone(),
+                    reason: format!("stale ({reason}) but {why}"),
+                }),
+                None => found.problems.push(Problem::DeadInstance {
+                    record: record.clone(),
+                    reason,
+                }),
+            }
+        }
+    }
+
+    worktree_problems(paths, &repo, &snapshot, &journaled, stale_after, &mut found)?;
+    branch_problems(&repo, &snapshot, stale_after, &mut found)?;
+    coordination_problems(paths, key.as_ref(), &snapshot, stale_after, &mut found)?;
+    temp_files(paths.state_dir(), paths, &mut found.problems);
+    permissions(paths.state_dir(), paths, &mut found.problems);
+    database_problems(paths, &snapshot, options, &mut found);
+    Ok(found)
+}
+
+/// Why an instance whose registration went stale must still be left alone, if it must.
+fn in_use(record: &InstanceRecord) -> Option<String> {
+    if record.host != process::hostname() {
+        // Its pids mean nothing here; a stale heartbeat is all there is to go by.
+        return None;
+    }
+    if record.identity().presence() == Presence::Running {
+        return Some(format!("its supervisor (pid {}) still runs", record.pid));
+    }
+    if let (Some(pid), Some(start_time)) = (record.child_pid, record.child_start_time) {
+        let child = ProcessIdentity {
+            pid,
+            start_time,
+            boot_id: record.boot_id.clone(),
+        };
+        if child.presence() == Presence::Running {
+            return Some(format!(
+                "its command (pid {pid}) still runs in its worktree"
+            ));
+        }
+    }
+    None
+}
+
+fn worktree_problems(
+    paths: &AppPaths,
+    repo: &Repository,
+    snapshot: &Snapshot,
+    journaled: &[String],
+    stale_after: std::time::Duration,
+    found: &mut Diagnosis,
+) -> Result<()> {
+    let owned = |path: &Path| {
+        snapshot
+            .valid_instances()
+            .iter()
+            .any(|r| r.worktree.as_deref() == Some(path))
+    };
+    let dir = paths.worktrees_dir();
+    if let Ok(entries) = fs::read_dir(&dir) {
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for id in names {
+            let path = paths.worktree(&id);
+            if owned(&path) || journaled.contains(&id) {
+                continue;
+            }
+            match Repository::open(&path) {
+                Ok(_) if repo.find_worktree(&id).is_ok() => {
+                    found.problems.push(Problem::OrphanWorktree { id, path })
+                }
+                Ok(_) => found.problems.push(Problem::Unreadable {
+                    path,
+                    reason: format!("git has no worktree named {id}"),
+                }),
+                Err(err) => found.problems.push(Problem::Unreadable {
+                    path,
+                    reason: err.message().to_string(),
+                }),
+            }
+        }
+    }
+    // git's records of app's worktrees whose directory is gone; others' are not ours to judge.
+    let worktrees = repo
+        .worktrees()
+        .git_context(|| "listing worktrees".into())?;
+    for name in worktrees.iter().flatten().flatten() {
+        let admin = repo.path().join("worktrees").join(name);
+        let Some(path) = fs::read_to_string(admin.join("gitdir"))
+            .ok()
+            .and_then(|gitdir| Path::new(gitdir.trim()).parent().map(Path::to_path_buf))
+        else {
+            continue;
+        };
+        if path == paths.worktree(name)
+            && !path.exists()
+            && !journaled.iter().any(|id| id == name)
+            && snapshot
+                .instance(name)
+                .is_none_or(|r| in_use(r).is_none() && r.liveness(stale_after) != Liveness::Live)
+        {
+            found.problems.push(Problem::DanglingMetadata {
+                name: name.to_string(),
+                admin,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn branch_problems(
+    repo: &Repository,
+    snapshot: &Snapshot,
+    stale_after: std::time::Duration,
+    found: &mut Diagnosis,
+) -> Result<()> {
+    let live_owner = |id: &str| {
+        snapshot
+            .instance(id)
+            .is_some_and(|r| r.liveness(stale_after) == Liveness::Live || in_use(r).is_some())
+    };
+    let mut candidates: Vec<String> = Vec::new();
+    for entry in &snapshot.branches {
+        match entry {
+            Entry::Forged { key, reason } => found.problems.push(Problem::StaleBranchEntry {
+                branch: key.clone(),
+                reason: format!("entry does not verify: {reason}"),
+            }),
+            Entry::Valid(record) => {
+                if repo.find_branch(&record.branch, BranchType::Local).is_err() {
+                    if !live_owner(&record.instance) {
+                        found.problems.push(Problem::StaleBranchEntry {
+                            branch: record.branch.clone(),
+                            reason: "the branch it describes is gone".into(),
+                        });
+                    }
+                } else if record.created_branch {
+                    candidates.push(record.branch.clone());
+                }
+            }
+        }
+    }
+    let branches = repo
+        .branches(Some(BranchType::Local))
+        .git_context(|| "listing branches".into())?;
+    for (branch, _) in branches.flatten() {
+        if let Ok(Some(name)) = branch.name()
+            && name.starts_with("app/")
+            && !candidates.iter().any(|c| c == name)
+        {
+            candidates.push(name.to_string());
+        }
+    }
+    candidates.sort();
+    for name in candidates {
+        let record = snapshot.branches.iter().find_map(|entry| match entry {
+            Entry::Valid(record) if record.branch == name => Some(record),
+            _ => None,
+        });
+        if record.is_some_and(|r| live_owner(&r.instance))
+            || worktree::checked_out_in(repo, &name)?.is_some()
+        {
+            continue;
+        }
+        let base = record.and_then(|r| r.base.parse::<Oid>().ok());
+        if holds_nothing_new(repo, &name, base)? {
+            found.problems.push(Problem::IdleBranch { branch: name });
+        }
+    }
+    Ok(())
+}
+
+/// Whether branch `name` holds no commit beyond `base` (when unknown: beyond any other local
+/// branch).
+fn holds_nothing_new(repo: &Repository, name: &str, base: Option<Oid>) -> Result<bool> {
+    let tip = repo
+        .find_branch(name, BranchType::Local)
+        .and_then(|b| b.get().peel_to_commit())
+        .git_context(|| format!("reading branch {name}"))?
+        .id();
+    let contained_in =
+        |other: Oid| other == tip || repo.graph_descendant_of(other, tip).unwrap_or(false);
+    if let Some(base) = base {
+        return Ok(contained_in(base));
+    }
+    let branches = repo
+        .branches(Some(BranchType::Local))
+        .git_context(|| "listing branches".into())?;
+    Ok(branches.flatten().any(|(branch, _)| {
+        branch.name().ok().flatten() != Some(name)
+            && branch.get().target().is_some_and(contained_in)
+    }))
+}
+
+fn coordination_problems(
+    paths: &AppPaths,
+    key: Option<&SigningKey>,
+    snapshot: &Snapshot,
+    stale_after: std::time::Duration,
+    found: &mut Diagnosis,
+) -> Result<()> {
+    if let Some(locks) = Locks::existing(paths, stale_after)? {
+        match locks.list() {
+            Ok(all) => {
+                for (state, lapsed) in all {
+                    if let (Some(_), Some(reason)) = (&state.holder, lapsed) {
+                        found.problems.push(Problem::LapsedLock {
+                            name: state.name,
+                            reason,
+                        });
+                    }
+                }
+            }
+            Err(err) => found.problems.push(Problem::Locks {
+                reason: err.to_string(),
+            }),
+        }
+    }
+    let reservations = Reservations::open(paths, stale_after)?;
+    if paths.reservations().exists() {
+        let all = reservations.list()?;
+        let lapsed = all
+            .iter()
+            .filter(|entry| matches!(entry, Ok((_, Some(_)))))
+            .count();
+        let forged = all.iter().filter(|entry| entry.is_err()).count();
+        if lapsed + forged > 0 {
+            found.problems.push(Problem::LapsedReservations {
+                count: lapsed,
+                forged,
+            });
+        }
+    }
+    let max = queue::max_message_bytes()?;
+    for owner in subdirectories(&paths.queue_dir().join("inbox")) {
+        let inbox = Inbox::new(paths, &owner, key.cloned(), max);
+        let (messages, swept) = inbox.inspect()?;
+        if snapshot.instance(&owner).is_none() {
+            let files = messages.len() + swept.expired + swept.quarantined;
+            if files > 0 {
+                found.problems.push(Problem::OrphanInbox { owner, files });
+            }
+        } else if swept.expired + swept.quarantined > 0 {
+            found.problems.push(Problem::Messages {
+                owner,
+                expired: swept.expired,
+                untrusted: swept.quarantined,
+            });
+        }
+    }
+    for (dir, what) in [
+        (paths.dead_letters(), "dead letter(s) in"),
+        (paths.quarantine(), "quarantined file(s) in"),
+    ] {
+        let count = fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".reason"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if count > 0 {
+            found.notices.push(format!(
+                "{count} {what} {} (kept for you to read)",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn subdirectories(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Leftover temp files of `state::write_atomic` (`.<name>.tmp.<pid>.<n>`) whose writer is gone.
+fn temp_files(dir: &Path, paths: &AppPaths, problems: &mut Vec<Problem>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if path == paths.worktrees_dir() {
+            continue;
+        }
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            temp_files(&path, paths, problems);
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let writer = name
+            .starts_with('.')
+            .then(|| name.rsplitn(3, '.').collect::<Vec<_>>())
+            .filter(|parts| parts.len() == 3 && parts[2].ends_with(".tmp"))
+            .and_then(|parts| parts[1].parse::<u32>().ok());
+        if let Some(pid) = writer
+            && process::start_time(pid).is_none()
+        {
+            problems.push(Problem::TempFile { path });
+        }
+    }
+}
+
+/// Directories of `.app/` looser than 0700 and files looser than 0600 (not inside worktrees).
+fn permissions(dir: &Path, paths: &AppPaths, problems: &mut Vec<Problem>) {
+    let check = |path: &Path, meta: &fs::Metadata, problems: &mut Vec<Problem>| {
+        let mode = meta.permissions().mode() & 0o777;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        if mode & 0o077 != 0 {
+            problems.push(Problem::Permissions {
+                path: path.to_path_buf(),
+                mode,
+                want,
+            });
+        }
+    };
+    if dir == paths.state_dir()
+        && let Ok(meta) = fs::symlink_metadata(dir)
+    {
+        check(dir, &meta, problems);
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        check(&path, &meta, problems);
+        if meta.is_dir() && path != paths.worktrees_dir() {
+            permissions(&path, paths, problems);
+        }
+    }
+}
+
+fn database_problems(
+    paths: &AppPaths,
+    snapshot: &Snapshot,
+    options: &Options,
+    found: &mut Diagnosis,
+) {
+    let location = match Location::resolve(options.db.as_deref()) {
+        Ok(location) => location,
+        Err(err) => {
+            found.problems.push(Problem::Database {
+                reason: err.to_string(),
+            });
+            return;
+        }
+    };
+    if let Location::Local(path) = &location
+        && !path.exists()
+    {
+        found
+            .notices
+            .push(format!("no database at {} yet", path.display()));
+        return;
+    }
+    let checked = (|| -> Result<Vec<Problem>> {
+        db::runtime()?.block_on(async {
+            let db = Db::open(location.clone(), DbSettings::from_env()?).await?;
+            let mut problems = Vec::new();
+            let check = db.check(false).await?;
+            if check != "ok" {
+                problems.push(Problem::Database {
+                    reason: format!("quick_check of {location}: {check}"),
+                });
+            }
+            let version = db::schema::version(&db).await?;
+            if version > db::schema::LATEST {
+                problems.push(Problem::Database {
+                    reason: format!(
+                        "schema version {version} is newer than this app's ({}); upgrade app",
+                        db::schema::LATEST
+                    ),
+                });
+            }
+            for record in snapshot.valid_instances() {
+                if record.liveness(options.timing.stale_after) == Liveness::Live
+                    && instances::history(&db, paths.repo_root(), &record.id)
+                        .await?
+                        .is_empty()
+                {
+                    problems.push(Problem::Unmirrored {
+                        record: record.clone(),
+                    });
+                }
+            }
+            Ok(problems)
+        })
+    })();
+    match checked {
+        Ok(problems) => found.problems.extend(problems),
+        Err(err) => found.problems.push(Problem::Database {
+            reason: format!("cannot check the database: {err}"),
+        }),
+    }
+}
+
+/// Reclaims what [`diagnose`] found, in passes until nothing fixable is left (fixing one thing,
+/// such as unregistering a dead instance, can reveal another, such as its inbox). Returns what
+/// was done and the diagnosis of what is left.
+pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis)> {
+    let mut done = Vec::new();
+    let mut diagnosis = diagnose(paths, options)?;
+    for _ in 0..3 {
+        if !diagnosis.any_fixable() {
+            break;
+        }
+        for problem in diagnosis.problems.iter().filter(|p| p.fixable()) {
+            let outcome = fix_one(paths, options, problem).map_err(|err| err.to_string());
+            done.push(Fixed {
+                finding: problem.finding(),
+                outcome,
+            });
+        }
+        diagnosis = diagnose(paths, options)?;
+    }
+    Ok((done, diagnosis))
+}
+
+fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<String> {
+    let registry = || Registry::open_for_write(paths);
+    let repo = || {
+        Repository::open(paths.repo_root())
+            .git_context(|| format!("opening {}", paths.repo_root().display()))
+    };
+    match problem {
+        Problem::MissingSecret => {
+            SigningKey::load(paths, true)?;
+            Ok(format!("created {}", paths.secret().display()))
+        }
+        Problem::Permissions { path, want, .. } => {
+            fs::set_permissions(path, fs::Permissions::from_mode(*want))
+                .map_err(|err| Error::io("changing the mode of", path, err))?;
+            Ok(format!("chmod {want:o}"))
+        }
+        Problem::HalfDone(intent) => recover(paths, options, intent),
+        Problem::UntrustedIntent { path, .. } => {
+            remove_file(path)?;
+            Ok("removed".into())
+        }
+        Problem::ForgedInstance { key, .. } => {
+            registry()?.update(|tables| Ok(tables.remove_instance(key)))?;
+            Ok("removed the entry".into())
+        }
+        Problem::DeadInstance { record, .. } => {
+            // Re-read under the lock's protection: it may have been restarted meanwhile.
+            let snapshot = registry()?.snapshot()?;
+            match snapshot.instance(&record.id) {
+                Some(current)
+                    if current.pid == record.pid && current.start_time == record.start_time => {}
+                _ => return Ok("it changed meanwhile; left for the next run".into()),
+            }
+            reclaim(
+                paths,
+                options,
+                &record.id,
+                record.worktree.as_deref(),
+                record.branch.as_deref(),
+            )
+        }
+        Problem::OrphanWorktree { id, path } => {
+            let snapshot = registry()?.snapshot()?;
+            if snapshot.instance(id).is_some() {
+                return Ok("an instance took it meanwhile; left alone".into());
+            }
+            let branch = Repository::open(path).ok().and_then(|wt| {
+                wt.head()
+                    .ok()
+                    .filter(|h| h.is_branch())
+                    .and_then(|h| h.shorthand().ok().map(str::to_string))
+            });
+            reclaim(paths, options, id, Some(path), branch.as_deref())
+        }
+        Problem::DanglingMetadata { admin, .. } => {
+            fs::remove_dir_all(admin).map_err(|err| Error::io("removing", admin, err))?;
+            Ok(format!("removed {}", admin.display()))
+        }
+        Problem::IdleBranch { branch } => {
+            worktree::delete_branch(&repo()?, branch)?;
+            registry()?.update(|tables| Ok(tables.remove_branch(branch)))?;
+            Ok("deleted".into())
+        }
+        Problem::StaleBranchEntry { branch, .. } => {
+            registry()?.update(|tables| Ok(tables.remove_branch(branch)))?;
+            Ok("removed the entry".into())
+        }
+        Problem::LapsedLock { name, .. } => {
+            let locks = Locks::open(paths, options.timing.stale_after)?;
+            let holder = crate::lock::Holder::process(ProcessIdentity::current());
+            locks.release(name, &holder, true)?;
+            Ok("released".into())
+        }
+        Problem::LapsedReservations { .. } => {
+            let dropped = Reservations::open(paths, options.timing.stale_after)?.prune(true)?;
+            Ok(format!("dropped {dropped}"))
+        }
+        Problem::OrphanInbox { owner, .. } => {
+            let key = SigningKey::load(paths, false)?;
+            let inbox = Inbox::new(paths, owner, key, queue::max_message_bytes()?);
+            let moved = inbox.retire(&format!("instance {owner} is gone"))?;
+            let acked = paths.acked(owner);
+            if acked.exists() {
+                fs::remove_dir_all(&acked).map_err(|err| Error::io("removing", &acked, err))?;
+            }
+            let _ = fs::remove_dir(inbox.dir());
+            Ok(format!("moved {moved} file(s) aside"))
+        }
+        Problem::Messages { owner, .. } => {
+            let key = SigningKey::load(paths, false)?;
+            let (_, swept) =
+                Inbox::new(paths, owner, key, queue::max_message_bytes()?).pending()?;
+            Ok(format!(
+                "moved {} to dead/ and {} to quarantine/",
+                swept.expired, swept.quarantined
+            ))
+        }
+        Problem::TempFile { path } => {
+            remove_file(path)?;
+            Ok("removed".into())
+        }
+        Problem::Unmirrored { record } => {
+            let row = instances::InstanceRow::from_record(record, paths.repo_root());
+            db::runtime()?.block_on(async {
+                let db = Db::open_default(options.db.as_deref()).await?;
+                instances::upsert(&db, &row).await
+            })?;
+            Ok("wrote its row".into())
+        }
+        Problem::InUse { .. }
+        | Problem::Unreadable { .. }
+        | Problem::Locks { .. }
+        | Problem::Database { .. } => Ok("not fixable".into()),
+    }
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("removing", path, err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Finishes or undoes an interrupted operation (also run by `app run` before it starts).
+pub fn recover(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<String> {
+    let done = match intent.operation {
+        Operation::Stop => reclaim(
+            paths,
+            options,
+            &intent.instance,
+            intent.worktree.as_deref(),
+            intent.branch.as_deref(),
+        )?,
+        Operation::Start => undo_start(paths, intent)?,
+    };
+    journal::end(paths, &intent.instance)?;
+    Ok(done)
+}
+
+/// Undoes an interrupted start. Its command never ran (the intent is removed before the spawn),
+/// so a worktree it made holds its base's files and nothing else.
+fn undo_start(paths: &AppPaths, intent: &Intent) -> Result<String> {
+    let repo = Repository::open(paths.repo_root())
+        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+    let mut done = Vec::new();
+    let id = &intent.instance;
+    if !intent.reuse
+        && let Some(path) = intent.worktree.as_deref()
+        && path == paths.worktree(id)
+    {
+        if path.exists() {
+            fs::remove_dir_all(path).map_err(|err| Error::io("removing", path, err))?;
+            done.push(format!("removed the half-made worktree {}", path.display()));
+        }
+        let admin = repo.path().join("worktrees").join(id);
+        let ours = fs::read_to_string(admin.join("gitdir"))
+            .is_ok_and(|gitdir| Path::new(gitdir.trim()).parent() == Some(path));
+        if ours || (admin.exists() && !admin.join("gitdir").exists()) {
+            fs::remove_dir_all(&admin).map_err(|err| Error::io("removing", &admin, err))?;
+        }
+    }
+    let mut branch_gone = !intent.create_branch;
+    if intent.create_branch
+        && let (Some(branch), Some(base)) = (&intent.branch, &intent.base)
+    {
+        match repo.find_branch(branch, BranchType::Local) {
+            Ok(found) => {
+                let tip = found.get().target();
+                if tip.map(|t| t.to_string()).as_deref() == Some(base.as_str())
+                    && worktree::checked_out_in(&repo, branch)?.is_none()
+                {
+                    drop(found);
+                    worktree::delete_branch(&repo, branch)?;
+                    done.push(format!("deleted branch {branch}"));
+                    branch_gone = true;
+                }
+            }
+            Err(_) => branch_gone = true,
+        }
+    }
+    Registry::open_for_write(paths)?.update(|tables| {
+        if tables
+            .instance(id)
+            .is_some_and(|r| r.pid == intent.pid && r.start_time == intent.start_time)
+        {
+            tables.remove_instance(id);
+        }
+        if let Some(branch) = &intent.branch
+            && branch_gone
+            && tables.branch(branch).is_some_and(|b| &b.instance == id)
+        {
+            tables.remove_branch(branch);
+        }
+        Ok(())
+    })?;
+    done.push("unregistered".into());
+    Ok(done.join("; "))
+}
+
+/// Takes back the worktree and registration of instance `id`, which nobody uses any more:
+/// rescues uncommitted work, removes the worktree, deletes the branch only when it holds
+/// nothing beyond its base (or with `--force`), unregisters.
+fn reclaim(
+    paths: &AppPaths,
+    options: &Options,
+    id: &str,
+    path: Option<&Path>,
+    branch: Option<&str>,
+) -> Result<String> {
+    let repo = Repository::open(paths.repo_root())
+        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+    let registry = Registry::open_for_write(paths)?;
+    let mut done = Vec::new();
+    if let Some(path) = path.filter(|p| *p == paths.worktree(id)) {
+        if path.exists() {
+            if Repository::open(path).is_err() || repo.find_worktree(id).is_err() {
+                return Err(Error::Failed(format!(
+                    "{} is not a worktree app can read; left alone",
+                    path.display()
+                )));
+            }
+            if !options.force
+                && let Some((name, commit)) = worktree::rescue(&repo, id, path)?
+            {
+                done.push(format!(
+                    "saved its uncommitted work as {commit} on {name} (see it with 'git show {name}', restore it with 'git checkout {name} -- .' in a worktree of your choice)"
+                ));
+            }
+            worktree::remove(&repo, id, path)?;
+            done.push(format!("removed {}", path.display()));
+        } else {
+            worktree::prune_dangling_admin(&repo, id);
+        }
+    }
+    let snapshot = registry.snapshot()?;
+    let record = branch.and_then(|b| {
+        snapshot.branches.iter().find_map(|entry| match entry {
+            Entry::Valid(r) if r.branch == b => Some(r.clone()),
+            _ => None,
+        })
+    });
+    let mut forget_branch = false;
+    if let Some(branch) = branch
+        && repo.find_branch(branch, BranchType::Local).is_ok()
+        && worktree::checked_out_in(&repo, branch)?.is_none()
+    {
+        let created = record.as_ref().is_some_and(|r| r.created_branch);
+        let base = record.as_ref().and_then(|r| r.base.parse::<Oid>().ok());
+        if created && (options.force || holds_nothing_new(&repo, branch, base)?) {
+            worktree::delete_branch(&repo, branch)?;
+            done.push(format!("deleted branch {branch}"));
+            forget_branch = true;
+        } else {
+            done.push(format!(
+                "kept branch {branch} (it holds commits, or is not app's)"
+            ));
+            forget_branch = !created;
+        }
+    } else if branch.is_some() && record.is_some() {
+        forget_branch = repo
+            .find_branch(branch.unwrap_or_default(), BranchType::Local)
+            .is_err();
+    }
+    registry.update(|tables| {
+        tables.remove_instance(id);
+        if forget_branch && let Some(branch) = branch {
+            tables.remove_branch(branch);
+        }
+        Ok(())
+    })?;
+    done.push("unregistered".into());
+    Ok(done.join("; "))
+}
+
+/// Recovers intents left by crashed operations, quietly; `app run` calls this before it starts.
+/// Cheap when the journal is empty (one directory read).
+pub fn recover_journal(paths: &AppPaths, timing: Timing) -> Result<()> {
+    let key = SigningKey::load(paths, false)?;
+    let options = Options {
+        timing,
+        force: false,
+        db: None,
+    };
+    for intent in journal::list(paths, key.as_ref())?.into_iter().flatten() {
+        if !intent.writer_alive() {
+            match recover(paths, &options, &intent) {
+                Ok(done) => {
+                    tracing::info!(instance = %intent.instance, done, "recovered an interrupted operation")
+                }
+                Err(err) => {
+                    tracing::warn!(instance = %intent.instance, %err, "recovering an interrupted operation failed; run 'app doctor --fix'")
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! Crash points for tests: `APP_FAULT_POINT=<name>` makes the process SIGKILL itself when it
+//! reaches the named step of a multi-step operation, exactly like a crash there.
+//!
+//! Honoured only in debug builds (what `cargo test` builds); a release build ignores it, so an
+//! installed `app` cannot be crashed through its environment.
+
+/// Every crash point, in the order an instance passes them; tests iterate this list.
+pub const POINTS: &[&str] = &[
+    "run.intent-written",
+    "run.registered",
+    "run.branch-created",
+    "run.worktree-linked",
+    "run.checked-out",
+    "stop.intent-written",
+    "stop.worktree-removed",
+    "stop.branch-deleted",
+    "stop.unregistered",
+];
+
+/// Crashes here when `APP_FAULT_POINT` names `point` (debug builds only).
+pub fn point(point: &'static str) {
+    debug_assert!(POINTS.contains(&point), "unlisted fault point {point}");
+    if cfg!(debug_assertions)
+        && std::env::var_os("APP_FAULT_POINT").is_some_and(|wanted| wanted == point)
+    {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

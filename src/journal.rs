@@ -1,0 +1,128 @@
+//! Intents of multi-step operations, so a crash between two steps can be finished or undone.
+//!
+//! Invariants:
+//! - An operation writes its intent (`journal/<instance>.json`, signed, atomic) before its
+//!   first step and removes it after its last. An intent on disk whose writer is gone marks an
+//!   operation a crash interrupted; `doctor` (and the next `app run`) recovers it.
+//! - Starting an instance (register, branch, worktree, checkout) is undone: its intent is
+//!   removed before the command is spawned, so an interrupted start never handed its worktree
+//!   to anyone and holds nothing but its base's files. Stopping one (worktree, branch,
+//!   unregister) is finished, with the rescue rules of every cleanup.
+
+use std::fs;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::paths::AppPaths;
+use crate::process::{Presence, ProcessIdentity};
+use crate::registry::Timestamp;
+use crate::sign::{self, SigningKey};
+use crate::state;
+
+/// Which operation an intent belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Register, create branch and worktree, check out.
+    Start,
+    /// Remove worktree and branch when that loses nothing, unregister.
+    Stop,
+}
+
+/// One intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The operation.
+    pub operation: Operation,
+    /// The instance it is about.
+    pub instance: String,
+    /// The process doing it.
+    pub pid: u32,
+    /// That process's start time.
+    pub start_time: u64,
+    /// Its boot.
+    pub boot_id: String,
+    /// The instance's worktree, when it has one.
+    pub worktree: Option<PathBuf>,
+    /// The instance's branch, when it has one.
+    pub branch: Option<String>,
+    /// The commit the branch starts from.
+    pub base: Option<String>,
+    /// Whether this start creates the branch.
+    pub create_branch: bool,
+    /// Whether this start reuses a kept worktree (which must then never be removed).
+    pub reuse: bool,
+    /// When the intent was written.
+    pub written_at: Timestamp,
+}
+
+impl Intent {
+    /// Whether the process that wrote the intent is still at work.
+    pub fn writer_alive(&self) -> bool {
+        ProcessIdentity {
+            pid: self.pid,
+            start_time: self.start_time,
+            boot_id: self.boot_id.clone(),
+        }
+        .presence()
+            == Presence::Running
+    }
+}
+
+/// Writes `intent` before the operation's first step.
+pub fn begin(paths: &AppPaths, key: &SigningKey, intent: &Intent) -> Result<()> {
+    let dir = paths.journal_dir();
+    state::create_private_dir_all(&dir)?;
+    let bytes = serde_json::to_vec_pretty(&key.seal(intent)).expect("intents serialize");
+    state::write_atomic(&paths.intent(&intent.instance), &bytes)
+}
+
+/// Removes the intent of `instance` after the operation's last step.
+pub fn end(paths: &AppPaths, instance: &str) -> Result<()> {
+    let path = paths.intent(instance);
+    match fs::remove_file(&path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("removing", &path, err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An intent as found on disk: trusted, or with why not.
+pub type Found = std::result::Result<Intent, (PathBuf, String)>;
+
+/// Every intent on disk, by file name.
+pub fn list(paths: &AppPaths, key: Option<&SigningKey>) -> Result<Vec<Found>> {
+    let dir = paths.journal_dir();
+    let mut names: Vec<String> = match fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with('.') && name.ends_with(".json"))
+            .collect(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(Error::io("reading", &dir, err)),
+    };
+    names.sort();
+    let mut found = Vec::new();
+    for name in names {
+        let path = dir.join(&name);
+        let Some(bytes) = state::read_optional(&path)? else {
+            continue;
+        };
+        let intent = serde_json::from_slice(&bytes)
+            .map_err(|err| err.to_string())
+            .and_then(|value| sign::open::<Intent>(&value, key))
+            .and_then(|intent| {
+                if name == format!("{}.json", intent.instance) {
+                    Ok(intent)
+                } else {
+                    Err("filed under another instance's name".into())
+                }
+            });
+        found.push(intent.map_err(|reason| (path, reason)));
+    }
+    Ok(found)
+}
