@@ -2,8 +2,7 @@
 //!
 //! Invariants:
 //! - Every write goes through [`Db::execute`] or [`Db::transaction`]: a `BEGIN IMMEDIATE`
-//!   transaction on a local file (a single autocommit statement against a server, which the
-//!   server runs atomically), retried on SQLITE_BUSY/SQLITE_LOCKED with backoff up to the
+//!   transaction on a local file (one transactional batch request against a server), retried on SQLITE_BUSY/SQLITE_LOCKED with backoff up to the
 //!   deadline ([`retry`]), then [`Error::Busy`] (exit 3) naming the database.
 //! - The schema is the files of `schema/`, embedded and applied in order once per database
 //!   ([`schema`]); two processes opening an empty database at once both succeed.
@@ -268,20 +267,16 @@ impl Db {
     /// leave requests of several concurrent writers unanswered for minutes.
     pub async fn execute(&self, what: &str, sql: &str, params: Vec<Value>) -> Result<Written> {
         if !self.is_local() {
-            // One request: `BEGIN IMMEDIATE; <sql>; COMMIT` as a batch on a fresh stream that
-            // the request also closes. The write lock is taken up front: a statement that starts
-            // reading and then promotes to a write was seen to wedge the server's lock queue
-            // (SQLITE_BUSY_SNAPSHOT), and interactive transactions to stall writers. A batch
-            // takes no parameters, so they are inlined as SQL literals.
-            let batch = format!("BEGIN IMMEDIATE; {}; COMMIT;", inline_params(sql, &params));
+            // One request: a Hrana transactional batch (`BEGIN`, the statement, `COMMIT`, each
+            // step conditional on the previous) on a fresh stream that the request also closes.
+            // No interactive transaction (those stalled writers) and no read before the write
+            // (a read promoted to a write was seen to wedge the server's lock queue with
+            // SQLITE_BUSY_SNAPSHOT). A batch takes no parameters, so they are inlined.
+            let batch = inline_params(sql, &params);
             let limit = Some(REMOTE_ATTEMPT_LIMIT);
             return retry::run(self.settings.retry_deadline, limit, what, async || {
                 let conn = self.database.connect()?;
-                let result = conn.execute_batch(&batch).await;
-                if result.is_err() && !conn.is_autocommit() {
-                    let _ = conn.execute("ROLLBACK", ()).await;
-                }
-                result?;
+                conn.execute_transactional_batch(&batch).await?;
                 Ok(Written {
                     rows: None,
                     rowid: None,
