@@ -28,7 +28,8 @@ use crate::queue::{self, Inbox};
 use crate::registry::{Entry, InstanceRecord, Liveness, Registry, Snapshot};
 use crate::reserve::Reservations;
 use crate::sign::SigningKey;
-use crate::worktree;
+use crate::state;
+use crate::worktree::{self, BranchFate};
 
 /// How `doctor` runs.
 #[derive(Debug, Clone)]
@@ -564,23 +565,26 @@ fn branch_problems(
 /// Whether branch `name` holds no commit beyond `base` (when unknown: beyond any other local
 /// branch).
 fn holds_nothing_new(repo: &Repository, name: &str, base: Option<Oid>) -> Result<bool> {
-    let tip = repo
-        .find_branch(name, BranchType::Local)
-        .and_then(|b| b.get().peel_to_commit())
-        .git_context(|| format!("reading branch {name}"))?
-        .id();
-    let contained_in =
-        |other: Oid| other == tip || repo.graph_descendant_of(other, tip).unwrap_or(false);
+    let Some(tip) = worktree::branch_tip(repo, name)? else {
+        return Ok(false);
+    };
     if let Some(base) = base {
-        return Ok(contained_in(base));
+        return Ok(worktree::commits_beyond(repo, tip, base)? == 0);
     }
     let branches = repo
         .branches(Some(BranchType::Local))
         .git_context(|| "listing branches".into())?;
-    Ok(branches.flatten().any(|(branch, _)| {
-        branch.name().ok().flatten() != Some(name)
-            && branch.get().target().is_some_and(contained_in)
-    }))
+    for (branch, _) in branches.flatten() {
+        if branch.name().ok().flatten() == Some(name) {
+            continue;
+        }
+        if let Some(other) = branch.get().target()
+            && worktree::commits_beyond(repo, tip, other)? == 0
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn coordination_problems(
@@ -689,12 +693,7 @@ fn temp_files(dir: &Path, paths: &AppPaths, problems: &mut Vec<Problem>) {
             temp_files(&path, paths, problems);
             continue;
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let writer = name
-            .starts_with('.')
-            .then(|| name.rsplitn(3, '.').collect::<Vec<_>>())
-            .filter(|parts| parts.len() == 3 && parts[2].ends_with(".tmp"))
-            .and_then(|parts| parts[1].parse::<u32>().ok());
+        let writer = state::temp_file_writer(&entry.file_name().to_string_lossy());
         if let Some(pid) = writer
             && process::start_time(pid).is_none()
         {
@@ -833,7 +832,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
     };
     match problem {
         Problem::MissingSecret => {
-            SigningKey::load(paths, true)?;
+            SigningKey::load_or_create(paths)?;
             Ok(format!("created {}", paths.secret().display()))
         }
         Problem::Permissions { path, want, .. } => {
@@ -843,7 +842,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
         }
         Problem::HalfDone(intent) => recover(paths, options, intent),
         Problem::UntrustedIntent { path, .. } => {
-            remove_file(path)?;
+            state::remove_if_present(path)?;
             Ok("removed".into())
         }
         Problem::ForgedInstance { key, .. } => {
@@ -851,7 +850,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             Ok("removed the entry".into())
         }
         Problem::DeadInstance { record, .. } => {
-            // Re-read under the lock's protection: it may have been restarted meanwhile.
+            // Read again: it may have been restarted since the diagnosis.
             let snapshot = registry()?.snapshot()?;
             match snapshot.instance(&record.id) {
                 Some(current)
@@ -899,7 +898,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             Ok("released".into())
         }
         Problem::LapsedReservations { .. } => {
-            let dropped = Reservations::open(paths, options.timing.stale_after)?.prune(true)?;
+            let dropped = Reservations::open(paths, options.timing.stale_after)?.prune()?;
             Ok(format!("dropped {dropped}"))
         }
         Problem::OrphanInbox { owner, .. } => {
@@ -923,7 +922,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             ))
         }
         Problem::TempFile { path } => {
-            remove_file(path)?;
+            state::remove_if_present(path)?;
             Ok("removed".into())
         }
         Problem::Unmirrored { record } => {
@@ -938,15 +937,6 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
         | Problem::Unreadable { .. }
         | Problem::Locks { .. }
         | Problem::Database { .. } => Ok("not fixable".into()),
-    }
-}
-
-fn remove_file(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(Error::io("removing", path, err))
-        }
-        _ => Ok(()),
     }
 }
 
@@ -989,22 +979,18 @@ fn undo_start(paths: &AppPaths, intent: &Intent) -> Result<String> {
         }
     }
     let mut branch_gone = !intent.create_branch;
+    let base = intent.base.as_deref().and_then(|b| b.parse::<Oid>().ok());
     if intent.create_branch
-        && let (Some(branch), Some(base)) = (&intent.branch, &intent.base)
+        && let (Some(branch), Some(base)) = (&intent.branch, base)
+        && worktree::checked_out_in(&repo, branch)?.is_none()
     {
-        match repo.find_branch(branch, BranchType::Local) {
-            Ok(found) => {
-                let tip = found.get().target();
-                if tip.map(|t| t.to_string()).as_deref() == Some(base.as_str())
-                    && worktree::checked_out_in(&repo, branch)?.is_none()
-                {
-                    drop(found);
-                    worktree::delete_branch(&repo, branch)?;
-                    done.push(format!("deleted branch {branch}"));
-                    branch_gone = true;
-                }
+        match worktree::delete_branch_if_empty(&repo, branch, base)? {
+            BranchFate::Deleted => {
+                done.push(format!("deleted branch {branch}"));
+                branch_gone = true;
             }
-            Err(_) => branch_gone = true,
+            BranchFate::Gone => branch_gone = true,
+            BranchFate::Kept(_) => {}
         }
     }
     Registry::open_for_write(paths)?.update(|tables| {
@@ -1070,25 +1056,36 @@ fn reclaim(
     });
     let mut forget_branch = false;
     if let Some(branch) = branch
-        && repo.find_branch(branch, BranchType::Local).is_ok()
         && worktree::checked_out_in(&repo, branch)?.is_none()
     {
         let created = record.as_ref().is_some_and(|r| r.created_branch);
         let base = record.as_ref().and_then(|r| r.base.parse::<Oid>().ok());
-        if created && (options.force || holds_nothing_new(&repo, branch, base)?) {
-            worktree::delete_branch(&repo, branch)?;
-            done.push(format!("deleted branch {branch}"));
-            forget_branch = true;
-        } else {
-            done.push(format!(
-                "kept branch {branch} (it holds commits, or is not app's)"
-            ));
-            forget_branch = !created;
+        let fate = match (created, base) {
+            (true, _) if options.force => match worktree::branch_tip(&repo, branch)? {
+                Some(_) => {
+                    worktree::delete_branch(&repo, branch)?;
+                    BranchFate::Deleted
+                }
+                None => BranchFate::Gone,
+            },
+            (true, Some(base)) => worktree::delete_branch_if_empty(&repo, branch, base)?,
+            _ => match worktree::branch_tip(&repo, branch)? {
+                Some(_) => BranchFate::Kept("app did not create it".into()),
+                None => BranchFate::Gone,
+            },
+        };
+        match fate {
+            BranchFate::Gone => forget_branch = true,
+            BranchFate::Deleted => {
+                done.push(format!("deleted branch {branch}"));
+                forget_branch = true;
+            }
+            BranchFate::Kept(reason) => {
+                done.push(format!("kept branch {branch} ({reason})"));
+                // Its entry keeps the base a later cleanup compares with.
+                forget_branch = !created;
+            }
         }
-    } else if branch.is_some() && record.is_some() {
-        forget_branch = repo
-            .find_branch(branch.unwrap_or_default(), BranchType::Local)
-            .is_err();
     }
     registry.update(|tables| {
         tables.remove_instance(id);

@@ -315,7 +315,7 @@ fn supervise(
         child_start_time: None,
         status: InstanceStatus::Starting,
     };
-    let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
+    let key = SigningKey::load_or_create(paths)?;
     if let Some(plan) = &plan {
         journal::begin(
             paths,
@@ -400,6 +400,7 @@ fn supervise(
             let cleanup = finish(
                 repo,
                 &registry,
+                &key,
                 &record,
                 plan.as_ref(),
                 created_branch,
@@ -421,6 +422,7 @@ fn supervise(
             let cleanup = finish(
                 repo,
                 &registry,
+                &key,
                 &record,
                 plan.as_ref(),
                 created_branch,
@@ -472,6 +474,7 @@ fn supervise(
     let cleanup = finish(
         repo,
         &registry,
+        &key,
         &record,
         plan.as_ref(),
         created_branch,
@@ -568,6 +571,7 @@ fn unregister(registry: &Registry, id: &str, branch: Option<&str>) {
 fn finish(
     repo: &Repository,
     registry: &Registry,
+    key: &SigningKey,
     record: &InstanceRecord,
     plan: Option<&WorktreePlan>,
     created_branch: bool,
@@ -585,10 +589,9 @@ fn finish(
         return Ok(None);
     };
     let paths = registry.paths();
-    let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
     journal::begin(
         paths,
-        &key,
+        key,
         &intent(record, journal::Operation::Stop, plan, created_branch),
     )?;
     fault::point("stop.intent-written");

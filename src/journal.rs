@@ -81,13 +81,7 @@ pub fn begin(paths: &AppPaths, key: &SigningKey, intent: &Intent) -> Result<()> 
 
 /// Removes the intent of `instance` after the operation's last step.
 pub fn end(paths: &AppPaths, instance: &str) -> Result<()> {
-    let path = paths.intent(instance);
-    match fs::remove_file(&path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(Error::io("removing", &path, err))
-        }
-        _ => Ok(()),
-    }
+    state::remove_if_present(&paths.intent(instance))
 }
 
 /// An intent as found on disk: trusted, or with why not.

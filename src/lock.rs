@@ -197,7 +197,7 @@ impl Locks {
     pub fn open(paths: &AppPaths, stale_after: Duration) -> Result<Locks> {
         paths.ensure_state_dir()?;
         state::create_private_dir_all(&paths.named_locks_dir())?;
-        let key = SigningKey::load(paths, true)?.expect("load with create always yields a key");
+        let key = SigningKey::load_or_create(paths)?;
         Ok(Locks {
             paths: paths.clone(),
             key,

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::registry::Timestamp;
 use crate::sign::{self, SigningKey};
@@ -346,7 +346,7 @@ impl Inbox {
             &target,
             &serde_json::to_vec_pretty(&record).expect("serializes"),
         )?;
-        remove_if_present(path)
+        state::remove_if_present(path)
     }
 
     fn quarantine(&self, path: &Path, name: &str, reason: &str) -> Result<()> {
@@ -362,15 +362,6 @@ impl Inbox {
         let mut reason_path = target.into_os_string();
         reason_path.push(".reason");
         state::write_atomic(Path::new(&reason_path), format!("{reason}\n").as_bytes())
-    }
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(err).io_context("removing", path)
-        }
-        _ => Ok(()),
     }
 }
 

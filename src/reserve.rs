@@ -132,62 +132,45 @@ impl Reservations {
         state::write_atomic(&self.paths.reservations(), &bytes)
     }
 
-    /// Reads, drops lapsed entries (forged ones are kept for `doctor`), applies `change`, saves.
-    fn update<T>(&self, change: impl FnOnce(&mut Vec<Reservation>) -> Result<T>) -> Result<T> {
+    /// Reads, drops lapsed entries, applies `change`, saves. Entries that do not verify stop
+    /// the change (they are for `doctor` to report), unless `drop_forged`: then they go too.
+    /// `change` also gets how many entries were dropped.
+    fn update<T>(
+        &self,
+        drop_forged: bool,
+        change: impl FnOnce(&mut Vec<Reservation>, usize) -> Result<T>,
+    ) -> Result<T> {
         let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
         self.paths.ensure_state_dir()?;
         state::create_private_dir_all(&self.paths.locks_dir())?;
-        let key =
-            SigningKey::load(&self.paths, true)?.expect("load with create always yields a key");
+        let key = SigningKey::load_or_create(&self.paths)?;
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
         let loaded = Reservations {
             key: Some(key.clone()),
             ..self.clone()
         }
         .load()?;
-        if loaded.iter().any(|entry| entry.is_err()) {
+        if !drop_forged && loaded.iter().any(|entry| entry.is_err()) {
             return Err(Error::Failed(format!(
                 "{} holds entries that do not verify; 'app doctor' reports them",
                 self.paths.reservations().display()
             )));
         }
+        let before = loaded.len();
         let mut live: Vec<Reservation> = loaded
             .into_iter()
             .filter_map(|entry| entry.ok())
             .filter(|r| r.lapsed(&snapshot, self.stale_after).is_none())
             .collect();
-        let result = change(&mut live)?;
+        let dropped = before - live.len();
+        let result = change(&mut live, dropped)?;
         self.save(&key, &live)?;
         Ok(result)
     }
 
-    /// Drops lapsed reservations, and with `forged` the entries that do not verify; returns how
-    /// many entries it dropped.
-    pub fn prune(&self, forged: bool) -> Result<usize> {
-        let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
-        let Some(key) = SigningKey::load(&self.paths, false)? else {
-            return Ok(0);
-        };
-        let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
-        let loaded = Reservations {
-            key: Some(key.clone()),
-            ..self.clone()
-        }
-        .load()?;
-        if loaded.iter().any(|entry| entry.is_err()) && !forged {
-            return Ok(0);
-        }
-        let before = loaded.len();
-        let live: Vec<Reservation> = loaded
-            .into_iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|r| r.lapsed(&snapshot, self.stale_after).is_none())
-            .collect();
-        if live.len() == before {
-            return Ok(0);
-        }
-        self.save(&key, &live)?;
-        Ok(before - live.len())
+    /// Drops lapsed reservations and entries that do not verify; returns how many it dropped.
+    pub fn prune(&self) -> Result<usize> {
+        self.update(true, |_, dropped| Ok(dropped))
     }
 
     /// Reserves `patterns` for `holder`; refused with [`Error::Busy`] when an exclusive claim
@@ -205,7 +188,7 @@ impl Reservations {
                 "give at least one path pattern to reserve",
             ));
         }
-        self.update(|live| {
+        self.update(false, |live, _| {
             for other in live.iter().filter(|r| !r.holder.same(holder)) {
                 if let Some((mine, theirs)) = other.conflicts_with(patterns, shared) {
                     return Err(Error::Busy(format!(
@@ -238,7 +221,7 @@ impl Reservations {
     /// Drops `holder`'s reservations of `patterns` (all of them when empty); returns how many
     /// patterns were released.
     pub fn release(&self, holder: &Holder, patterns: &[String]) -> Result<usize> {
-        self.update(|live| {
+        self.update(false, |live, _| {
             let mut released = 0;
             for r in live.iter_mut().filter(|r| r.holder.same(holder)) {
                 let before = r.patterns.len();

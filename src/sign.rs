@@ -91,6 +91,11 @@ impl SigningKey {
         Ok(Some(Self::from_bytes(trim_ascii(bytes))))
     }
 
+    /// The repository's key, generating `.app/secret` on first use.
+    pub fn load_or_create(paths: &AppPaths) -> Result<Self> {
+        Ok(Self::load(paths, true)?.expect("load with create always yields a key"))
+    }
+
     /// The record's fields as a JSON object plus `signature`, the HMAC over the record's
     /// canonical JSON.
     pub fn seal<T: Serialize>(&self, record: &T) -> Value {

@@ -128,7 +128,26 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     }
 }
 
-/// A temp name beside `path`, unique to this process and call.
+/// Removes `path`; one that is already gone is not an error.
+pub fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(Error::io("removing", path, err)),
+        _ => Ok(()),
+    }
+}
+
+/// The pid of the process that made `file_name` if it is one of [`write_atomic`]'s temp files
+/// (`.<name>.tmp.<pid>.<n>`).
+pub fn temp_file_writer(file_name: &str) -> Option<u32> {
+    let rest = file_name.strip_prefix('.')?;
+    let (head, n) = rest.rsplit_once('.')?;
+    let (head, pid) = head.rsplit_once('.')?;
+    (head.ends_with(".tmp") && n.parse::<u64>().is_ok())
+        .then(|| pid.parse().ok())
+        .flatten()
+}
+
+/// A temp name beside `path`, unique to this process and call (see [`temp_file_writer`]).
 fn temp_path(path: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -164,6 +183,22 @@ mod tests {
         assert_eq!(mode, 0o600);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file may remain");
+    }
+
+    #[test]
+    fn temp_files_name_their_writer() {
+        let path = Path::new("/x/process_registry.json");
+        let temp = temp_path(path);
+        let name = temp.file_name().unwrap().to_str().unwrap();
+        assert_eq!(temp_file_writer(name), Some(std::process::id()));
+        for other in [
+            "process_registry.json",
+            ".secret",
+            ".a.tmp.x.1",
+            "a.tmp.1.2",
+        ] {
+            assert_eq!(temp_file_writer(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -408,35 +408,67 @@ pub fn remove_if_clean(
     if !created_branch {
         return Ok(cleanup);
     }
-    let found = match repo.find_branch(branch, BranchType::Local) {
-        Ok(found) => found,
-        Err(err) if err.code() == ErrorCode::NotFound => return Ok(cleanup),
-        Err(err) => return Err(Error::git(format!("looking up branch {branch}"), err)),
-    };
-    let tip = found
-        .get()
-        .peel_to_commit()
-        .git_context(|| format!("reading branch {branch}"))?
-        .id();
-    let contained = tip == base
-        || repo
-            .graph_descendant_of(base, tip)
-            .git_context(|| format!("comparing {branch} with its base"))?;
-    if contained {
-        drop(found);
-        delete_branch(repo, branch)?;
-        cleanup.branch_deleted = true;
-        crate::fault::point("stop.branch-deleted");
-    } else {
-        let (ahead, _) = repo
-            .graph_ahead_behind(tip, base)
-            .git_context(|| format!("comparing {branch} with its base"))?;
-        cleanup.branch_kept_because = Some(format!(
-            "{ahead} commit{} beyond its base",
-            if ahead == 1 { "" } else { "s" }
-        ));
+    match delete_branch_if_empty(repo, branch, base)? {
+        BranchFate::Gone => {}
+        BranchFate::Deleted => {
+            cleanup.branch_deleted = true;
+            crate::fault::point("stop.branch-deleted");
+        }
+        BranchFate::Kept(reason) => cleanup.branch_kept_because = Some(reason),
     }
     Ok(cleanup)
+}
+
+/// What [`delete_branch_if_empty`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BranchFate {
+    /// There was no such branch.
+    Gone,
+    /// It held nothing beyond its base and was deleted.
+    Deleted,
+    /// It was kept; the text says why.
+    Kept(String),
+}
+
+/// The commit local branch `branch` points at, or `None` when there is no such branch.
+pub fn branch_tip(repo: &Repository, branch: &str) -> Result<Option<Oid>> {
+    match repo.find_branch(branch, BranchType::Local) {
+        Ok(found) => Ok(Some(
+            found
+                .get()
+                .peel_to_commit()
+                .git_context(|| format!("reading branch {branch}"))?
+                .id(),
+        )),
+        Err(err) if err.code() == ErrorCode::NotFound => Ok(None),
+        Err(err) => Err(Error::git(format!("looking up branch {branch}"), err)),
+    }
+}
+
+/// How many commits `tip` holds that `base` does not (0: `tip` is `base` or one of its
+/// ancestors, so deleting a branch at `tip` loses nothing).
+pub fn commits_beyond(repo: &Repository, tip: Oid, base: Oid) -> Result<usize> {
+    let (ahead, _) = repo
+        .graph_ahead_behind(tip, base)
+        .git_context(|| format!("comparing {tip} with {base}"))?;
+    Ok(ahead)
+}
+
+/// Deletes `branch` when it holds no commit beyond `base`.
+pub fn delete_branch_if_empty(repo: &Repository, branch: &str, base: Oid) -> Result<BranchFate> {
+    let Some(tip) = branch_tip(repo, branch)? else {
+        return Ok(BranchFate::Gone);
+    };
+    match commits_beyond(repo, tip, base)? {
+        0 => {
+            delete_branch(repo, branch)?;
+            Ok(BranchFate::Deleted)
+        }
+        ahead => Ok(BranchFate::Kept(format!(
+            "{ahead} commit{} beyond its base",
+            if ahead == 1 { "" } else { "s" }
+        ))),
+    }
 }
 
 /// Removes worktree `id` at `path`: its directory (ignored files included) and git's record

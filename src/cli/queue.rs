@@ -135,7 +135,7 @@ pub(super) fn send(args: SendArgs) -> Result<u8> {
         (Some(args.to.clone()), vec![args.to])
     };
     paths.ensure_state_dir()?;
-    let key = SigningKey::load(&paths, true)?.expect("load with create always yields a key");
+    let key = SigningKey::load_or_create(&paths)?;
     let outgoing = Outgoing {
         from,
         to,

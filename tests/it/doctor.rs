@@ -353,3 +353,23 @@ fn bad_usage_exits_2_and_changes_nothing() {
     let clean = repo.run_app(&["doctor"]);
     assert_eq!(code(&clean), 0, "{}", stdout(&clean));
 }
+
+#[test]
+fn only_force_discards_work() {
+    let repo = TestRepo::new();
+    let script = format!(
+        "{} && echo draft > draft.txt && exec sleep 600",
+        Work::Committed.script("gone")
+    );
+    let run = repo.spawn_app(&["run", "--instance", "gone", "--", "sh", "-c", &script]);
+    let record = repo.wait_running(run.pid());
+    wait_for("the draft", Duration::from_secs(10), || {
+        record.worktree.as_ref().unwrap().join("draft.txt").exists()
+    });
+    let _ = run.kill_now();
+    let fixed = repo.run_app(&["doctor", "--fix", "--force"]);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(repo.git(&["for-each-ref", "refs/app/rescue"]).is_empty());
+    assert!(!repo.branches().contains(&"app/gone".to_string()));
+    assert_reclaimed(&repo);
+}
