@@ -37,11 +37,13 @@ pub fn is_busy(err: &libsql::Error) -> bool {
                 Some(code) => code.starts_with("SQLITE_BUSY") || code.starts_with("SQLITE_LOCKED"),
                 // An error the server answers at the HTTP level carries no code, only SQLite's
                 // fixed text for SQLITE_BUSY ("database is locked") or SQLITE_LOCKED ("database
-                // table is locked").
+                // table is locked"), or 429 Too Many Requests when every database connection
+                // it allows stayed taken while the request waited for one.
                 None => {
                     text.starts_with("api error:")
                         && (text.contains("database is locked")
-                            || text.contains("database table is locked"))
+                            || text.contains("database table is locked")
+                            || text.contains("status=429"))
                 }
             }
         }
@@ -159,6 +161,9 @@ mod tests {
         )));
         assert!(!is_busy(&libsql::Error::Hrana(
             "api error: `SQLite error: no such table: x`".into()
+        )));
+        assert!(is_busy(&libsql::Error::Hrana(
+            "api error: `status=429 Too Many Requests, body={\"error\":\"Timed out while opening database connection\"}`".into()
         )));
     }
 }

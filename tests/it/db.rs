@@ -17,13 +17,6 @@ enum Target {
 }
 
 impl Target {
-    fn notes_each(&self) -> usize {
-        match self {
-            Target::Local(_) => NOTES_EACH,
-            Target::Remote(_) => NOTES_EACH_REMOTE,
-        }
-    }
-
     fn location(&self) -> Location {
         match self {
             Target::Local(path) => Location::Local(path.clone()),
@@ -82,19 +75,14 @@ macro_rules! against_both {
 }
 
 against_both!(
-    eight_writers_add_notes_at_once,
+    eight_writers_each_add_500_notes,
     killed_writers_lose_no_committed_note,
     a_held_write_lock_makes_writers_wait_then_fails_past_the_deadline,
     concurrent_first_starts_migrate_once,
 );
 
 const WRITERS: usize = 8;
-/// Notes each writer adds to a local file.
 const NOTES_EACH: usize = 500;
-/// Notes each writer adds through a libSQL server: sqld 0.24.1-pre.42 wedges its write-lock
-/// queue under minutes of sustained 8-writer load on 2 cores (docs/DATABASE.md), so the server
-/// variant writes fewer.
-const NOTES_EACH_REMOTE: usize = 100;
 const NAMESPACE: &str = "test:writers";
 
 /// A writer child: this test binary run again with only [`writer_child`] selected.
@@ -103,7 +91,7 @@ fn spawn_writer(repo: &TestRepo, target: &Target, name: &str) -> Running {
     command
         .args(["db::writer_child", "--exact", "--ignored", "--nocapture"])
         .args(["--test-threads", "1"])
-        .env("APP_TEST_WRITER", format!("{name},{}", target.notes_each()));
+        .env("APP_TEST_WRITER", format!("{name},{NOTES_EACH}"));
     target.apply(&mut command);
     repo.spawn(command)
 }
@@ -158,7 +146,7 @@ fn all_notes(db: &Db) -> Vec<(i64, String)> {
         .collect()
 }
 
-fn eight_writers_add_notes_at_once(repo: &TestRepo, target: &Target) {
+fn eight_writers_each_add_500_notes(repo: &TestRepo, target: &Target) {
     let writers: Vec<Running> = (0..WRITERS)
         .map(|n| spawn_writer(repo, target, &format!("w{n}")))
         .collect();
@@ -168,12 +156,12 @@ fn eight_writers_add_notes_at_once(repo: &TestRepo, target: &Target) {
         assert_eq!(code(&output), 0, "writer failed: {}", stderr(&output));
         reported.extend(committed(&output));
     }
-    assert_eq!(reported.len(), WRITERS * target.notes_each());
+    assert_eq!(reported.len(), WRITERS * NOTES_EACH);
     let db = target.open();
     let mut stored = all_notes(&db);
     assert_eq!(
         stored.len(),
-        WRITERS * target.notes_each(),
+        WRITERS * NOTES_EACH,
         "exactly one row per note"
     );
     reported.sort();
@@ -199,7 +187,7 @@ fn killed_writers_lose_no_committed_note(repo: &TestRepo, target: &Target) {
     let reported: Vec<(i64, String)> = outputs.iter().flat_map(committed).collect();
     let stored = all_notes(&db);
     assert!(
-        stored.len() < WRITERS * target.notes_each(),
+        stored.len() < WRITERS * NOTES_EACH,
         "the writers were killed before they finished"
     );
     for note in &reported {

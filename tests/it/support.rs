@@ -357,6 +357,11 @@ impl Sqld {
                     "--http-listen-addr",
                     &format!("127.0.0.1:{port}"),
                     "--no-welcome",
+                    // One database connection: this sqld wedges (200% CPU, writes unanswered
+                    // for minutes) when several of its connections contend for the write
+                    // lock; see docs/DATABASE.md.
+                    "--max-concurrent-connections",
+                    "1",
                 ])
                 .current_dir(data.path())
                 .stdin(Stdio::null())
