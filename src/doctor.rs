@@ -132,6 +132,10 @@ enum Problem {
         expired: usize,
         untrusted: usize,
     },
+    StaleSocket {
+        path: PathBuf,
+        reason: String,
+    },
     TempFile {
         path: PathBuf,
     },
@@ -276,6 +280,12 @@ impl Problem {
                 "left by a writer that is gone".into(),
                 "remove it".into(),
             ),
+            Problem::StaleSocket { path, reason } => (
+                "socket",
+                path.display().to_string(),
+                format!("control socket of an instance that {reason}"),
+                "remove it".into(),
+            ),
             Problem::Database { reason } => (
                 "database",
                 "database".into(),
@@ -400,6 +410,7 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     worktree_problems(paths, &repo, &snapshot, &journaled, stale_after, &mut found)?;
     branch_problems(&repo, &snapshot, stale_after, &mut found)?;
     coordination_problems(paths, key.as_ref(), &snapshot, stale_after, &mut found)?;
+    stale_sockets(paths, &snapshot, stale_after, &mut found.problems);
     temp_files(paths.state_dir(), paths, &mut found.problems);
     permissions(paths.state_dir(), paths, &mut found.problems);
     database_problems(paths, &snapshot, options, &mut found);
@@ -679,6 +690,36 @@ fn subdirectories(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Control sockets whose instance is gone, or was never this socket's owner.
+fn stale_sockets(
+    paths: &AppPaths,
+    snapshot: &Snapshot,
+    stale_after: std::time::Duration,
+    problems: &mut Vec<Problem>,
+) {
+    let Ok(entries) = fs::read_dir(paths.run_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".sock") else {
+            continue;
+        };
+        let reason = match snapshot.instance(id) {
+            None => "is no longer registered".to_string(),
+            Some(record) => match record.liveness(stale_after) {
+                Liveness::Live => continue,
+                Liveness::Stale(_) if in_use(record).is_some() => continue,
+                Liveness::Stale(why) => format!("is dead ({why})"),
+            },
+        };
+        problems.push(Problem::StaleSocket {
+            path: entry.path(),
+            reason,
+        });
+    }
+}
+
 /// Leftover temp files of `state::write_atomic` (`.<name>.tmp.<pid>.<n>`) whose writer is gone.
 fn temp_files(dir: &Path, paths: &AppPaths, problems: &mut Vec<Problem>) {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -921,7 +962,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
                 swept.expired, swept.quarantined
             ))
         }
-        Problem::TempFile { path } => {
+        Problem::TempFile { path } | Problem::StaleSocket { path, .. } => {
             state::remove_if_present(path)?;
             Ok("removed".into())
         }

@@ -11,6 +11,7 @@
 //! - On the way out the instance is unregistered and its worktree removed only when that loses
 //!   nothing (see [`worktree::remove_if_clean`]).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
@@ -39,7 +40,7 @@ use crate::registry::{
 };
 use crate::sign::SigningKey;
 use crate::worktree::{self, Cleanup, WorktreePlan};
-use crate::{fault, journal};
+use crate::{control, fault, journal};
 
 /// Checks a user-given instance name: `[a-z0-9][a-z0-9_-]{0,63}`.
 pub fn validate_name(name: &str) -> Result<()> {
@@ -370,21 +371,41 @@ fn supervise(
         journal::end(paths, id)?;
     }
 
+    let mut env: Vec<(String, OsString)> = vec![
+        ("APP_INSTANCE_ID".into(), id.into()),
+        ("APP_REPO_ROOT".into(), paths.repo_root().into()),
+        // The command's own `app` calls reach the same database as its supervisor.
+        (db_var.into(), db_value.into()),
+    ];
+    if let Some(plan) = &plan {
+        env.push(("APP_WORKTREE".into(), plan.path.clone().into()));
+        env.push(("APP_BRANCH".into(), plan.branch.clone().into()));
+    }
+    // `app instance exec` runs commands in the same place with the same environment.
+    let control = match control::serve(
+        &paths.control_socket(id),
+        control::ExecContext {
+            cwd: cwd.clone(),
+            env: env.clone(),
+        },
+    ) {
+        Ok(server) => Some(server),
+        Err(err) => {
+            tracing::warn!(instance = %id, %err, "no control socket; 'app instance exec' cannot reach this instance");
+            None
+        }
+    };
+
     let spawned = {
         let mut guard = slot.lock().unwrap_or_else(|poison| poison.into_inner());
         if let Some(signal) = guard.pending {
             Err(signal)
         } else {
             let mut command = Command::new(&options.command[0]);
-            command.args(&options.command[1..]).current_dir(&cwd);
-            command.env("APP_INSTANCE_ID", id);
-            command.env("APP_REPO_ROOT", paths.repo_root());
-            // The command's own `app` calls reach the same database as its supervisor.
-            command.env(db_var, &db_value);
-            if let Some(plan) = &plan {
-                command.env("APP_WORKTREE", &plan.path);
-                command.env("APP_BRANCH", &plan.branch);
-            }
+            command
+                .args(&options.command[1..])
+                .current_dir(&cwd)
+                .envs(env.iter().map(|(k, v)| (k, v)));
             match command.spawn() {
                 Ok(child) => {
                     guard.pid = Some(child.id());
@@ -462,6 +483,7 @@ fn supervise(
         (mirror.mirror.sender(), mirror.repo_root.clone()),
     );
     let status = wait_child(&mut child, slot);
+    drop(control);
     drop(stop_heartbeat);
     let _ = heartbeat.join();
     let exit_code = match status {

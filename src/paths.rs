@@ -14,6 +14,7 @@
 //!     acked/<id>/<msg>.json    messages <id> acknowledged (the de-duplication record)
 //!     dead/<id>-<msg>.json     unacknowledged messages past their TTL, with the reason
 //!     quarantine/<file>        forged, oversized or unparsable files, with the reason
+//!   run/<id>.sock            control socket of live instance <id> (0600)
 //!   journal/<id>.json        intent of a multi-step operation on instance <id> under way
 //!   locks/
 //!     named/<name>.json        named lock: holder, fencing token, expiry (kept when free)
@@ -184,6 +185,16 @@ impl AppPaths {
     /// The flock around every lock and reservation change.
     pub fn locks_mutex(&self) -> PathBuf {
         self.locks_dir().join(".mutex")
+    }
+
+    /// `.app/run/`: control sockets of live instances.
+    pub fn run_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
+    }
+
+    /// The control socket of instance `id`.
+    pub fn control_socket(&self, id: &str) -> PathBuf {
+        self.run_dir().join(format!("{id}.sock"))
     }
 
     /// `.app/journal/`: intents of operations under way.

@@ -26,6 +26,15 @@ pub enum InstanceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command inside a running instance: its directory and environment, output streamed
+    /// back, exits with the command's code.
+    Exec {
+        /// Instance id or name.
+        id: String,
+        /// The command, after '--'.
+        #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
+        command: Vec<String>,
+    },
     /// Stop an instance: SIGTERM, then SIGKILL after the timeout.
     Stop {
         /// Instance id or name.
@@ -69,6 +78,19 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
     match command {
         InstanceCommand::List(args) => list(&registry, &args, timing),
         InstanceCommand::Info { id, json } => info(&registry, &id, json, timing),
+        InstanceCommand::Exec { id, command } => {
+            instance::validate_name(&id)?;
+            let snapshot = registry.snapshot()?;
+            let record = snapshot
+                .instance(&id)
+                .ok_or_else(|| Error::UnknownInstance { id: id.clone() })?;
+            if let Liveness::Stale(reason) = record.liveness(timing.stale_after) {
+                return Err(Error::Failed(format!(
+                    "instance {id} is not running ({reason}); 'app doctor' reclaims what it left"
+                )));
+            }
+            crate::control::exec(&paths.control_socket(&id), &command)
+        }
         InstanceCommand::Stop { id, timeout } => {
             let outcome = instance::stop(&registry, &id, timeout, timing)?;
             match outcome {

@@ -1,0 +1,320 @@
+//! The control socket of a running instance: `.app/run/<id>.sock`, served by the instance's
+//! supervisor, through which `app instance exec` runs commands inside the instance.
+//!
+//! Invariants:
+//! - The socket is created 0600 in a 0700 directory, and every connection's peer credentials
+//!   are checked: a peer with another uid is refused before anything is read.
+//! - `exec` runs the command as a child of the supervisor, in the instance's directory, with the
+//!   supervisor's environment plus the instance's `APP_*` variables: what the agent itself got.
+//! - The socket is removed when the instance ends; one whose instance is not live is stale
+//!   (`doctor` reports it).
+//!
+//! Protocol: the client sends one JSON line, `{"exec": ["cmd", "arg", ...]}`. Then both sides
+//! send frames, `[kind: u8][len: u32 big-endian][bytes]`: the client `STDIN` frames and an
+//! empty `STDIN` frame at end of input; the server `STDOUT` and `STDERR` frames and finally one
+//! `EXIT` frame whose 1-byte body is the exit code (128+N for signal N; 127 or 126 when it
+//! could not be started), or an `ERROR` frame with a message for a request it cannot serve.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::state;
+
+/// Frame kinds.
+pub const STDIN: u8 = 0;
+/// Output of the command.
+pub const STDOUT: u8 = 1;
+/// Error output of the command.
+pub const STDERR: u8 = 2;
+/// The command ended; the body is its exit code.
+pub const EXIT: u8 = 3;
+/// The request cannot be served; the body is the reason.
+pub const ERROR: u8 = 4;
+
+/// Largest frame body accepted.
+const MAX_FRAME: usize = 1 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    exec: Vec<String>,
+}
+
+/// Writes one frame.
+pub fn write_frame(out: &mut impl Write, kind: u8, body: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;
+    let mut header = [0u8; 5];
+    header[0] = kind;
+    header[1..].copy_from_slice(&len.to_be_bytes());
+    out.write_all(&header)?;
+    out.write_all(body)
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub fn read_frame(input: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
+    let mut header = [0u8; 5];
+    match input.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(err) => return Err(err),
+    }
+    let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit"),
+        ));
+    }
+    let mut body = vec![0; len];
+    input.read_exact(&mut body)?;
+    Ok(Some((header[0], body)))
+}
+
+/// Whether a peer with `peer_uid` may use the socket of a process running as `own_uid`.
+pub fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == own_uid
+}
+
+/// How commands run inside the instance.
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    /// Directory commands run in.
+    pub cwd: PathBuf,
+    /// Variables added to the supervisor's own environment.
+    pub env: Vec<(String, OsString)>,
+}
+
+/// A listening control socket; removes its file when dropped.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens on `path` and serves every connection on a thread of its own.
+pub fn serve(path: &Path, context: ExecContext) -> Result<ControlServer> {
+    let dir = path.parent().expect("sockets live in .app/run");
+    state::create_private_dir_all(dir)?;
+    // A socket left by a crashed instance of the same id would make bind fail.
+    state::remove_if_present(path)?;
+    let listener = UnixListener::bind(path).io_context("listening on", path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .io_context("restricting", path)?;
+    let context = Arc::new(context);
+    let own_uid = nix::unistd::getuid().as_raw();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let context = Arc::clone(&context);
+            thread::spawn(move || {
+                if let Err(err) = handle(stream, &context, own_uid) {
+                    tracing::debug!(%err, "control connection ended with an error");
+                }
+            });
+        }
+    });
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+    })
+}
+
+fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result<()> {
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(io::Error::from)?;
+    if !peer_allowed(peer.uid(), own_uid) {
+        tracing::warn!(
+            peer_uid = peer.uid(),
+            "refused a control connection from another user"
+        );
+        return Ok(());
+    }
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.by_ref().take(64 * 1024).read_line(&mut line)?;
+    let writer = Arc::new(Mutex::new(stream));
+    let send = |kind: u8, body: &[u8]| -> io::Result<()> {
+        let mut stream = writer.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut *stream, kind, body)
+    };
+    let argv = match serde_json::from_str::<Request>(&line) {
+        Ok(Request { exec }) if !exec.is_empty() => exec,
+        _ => return send(ERROR, b"bad request: expected {\"exec\": [\"cmd\", ...]}"),
+    };
+    let spawned = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(&context.cwd)
+        .envs(context.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            // The shell's conventions, as for `app run`: 127 not found, 126 not runnable.
+            let code = if err.kind() == io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            send(
+                STDERR,
+                format!("app: cannot run {:?}: {err}\n", argv[0]).as_bytes(),
+            )?;
+            return send(EXIT, &[code]);
+        }
+    };
+    // Input: frames from the client into the command's stdin, until an empty frame.
+    let mut stdin = child.stdin.take();
+    thread::spawn(move || {
+        while let Ok(Some((STDIN, body))) = read_frame(&mut reader) {
+            let Some(pipe) = stdin.as_mut() else { break };
+            if body.is_empty() || pipe.write_all(&body).is_err() {
+                break;
+            }
+        }
+        drop(stdin);
+    });
+    let pump = |source: Option<Box<dyn Read + Send>>, kind: u8| {
+        let writer = Arc::clone(&writer);
+        thread::spawn(move || {
+            let Some(mut source) = source else { return };
+            let mut buffer = vec![0u8; 64 * 1024];
+            while let Ok(n) = source.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                let mut stream = writer.lock().unwrap_or_else(|p| p.into_inner());
+                if write_frame(&mut *stream, kind, &buffer[..n]).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let out = pump(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        STDOUT,
+    );
+    let err = pump(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        STDERR,
+    );
+    let status = child.wait()?;
+    let _ = out.join();
+    let _ = err.join();
+    send(EXIT, &[crate::instance::exit_code_of(status)])?;
+    // Ends the input thread's read too, so nothing of this connection outlives the command.
+    let stream = writer.lock().unwrap_or_else(|p| p.into_inner());
+    stream.shutdown(std::net::Shutdown::Both)
+}
+
+/// Runs `argv` in the instance listening on `socket`, streaming this process's stdin to it and
+/// its output to this process's stdout and stderr; returns its exit code.
+pub fn exec(socket: &Path, argv: &[String]) -> Result<u8> {
+    let stream = UnixStream::connect(socket).map_err(|err| {
+        Error::Failed(format!(
+            "cannot reach the instance's control socket {}: {err}; is it still running? ('app instance list')",
+            socket.display()
+        ))
+    })?;
+    let mut writer = stream.try_clone().io_context("using", socket)?;
+    let request = serde_json::to_string(&Request {
+        exec: argv.to_vec(),
+    })
+    .expect("requests serialize");
+    writer
+        .write_all(format!("{request}\n").as_bytes())
+        .io_context("writing to", socket)?;
+    // Input is forwarded on a thread that may still block reading our stdin when the command
+    // ends; the process exits without waiting for it.
+    thread::spawn(move || {
+        let mut stdin = io::stdin().lock();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buffer) {
+                Ok(0) | Err(_) => {
+                    let _ = write_frame(&mut writer, STDIN, &[]);
+                    break;
+                }
+                Ok(n) => {
+                    if write_frame(&mut writer, STDIN, &buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut reader = BufReader::new(stream);
+    let mut stdout = io::stdout().lock();
+    let mut stderr = io::stderr();
+    loop {
+        match read_frame(&mut reader).io_context("reading from", socket)? {
+            Some((STDOUT, body)) => stdout.write_all(&body).io_context("writing", "stdout")?,
+            Some((STDERR, body)) => {
+                let _ = stdout.flush();
+                stderr.write_all(&body).io_context("writing", "stderr")?;
+            }
+            Some((EXIT, body)) => {
+                stdout.flush().io_context("writing", "stdout")?;
+                return Ok(body.first().copied().unwrap_or(1));
+            }
+            Some((ERROR, body)) => {
+                return Err(Error::Failed(String::from_utf8_lossy(&body).into_owned()));
+            }
+            Some(_) => {}
+            None => {
+                return Err(Error::Failed(
+                    "the instance closed the connection before the command ended (it may have stopped)"
+                        .into(),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bounded() {
+        let mut buffer = Vec::new();
+        write_frame(&mut buffer, STDOUT, b"hello").unwrap();
+        write_frame(&mut buffer, EXIT, &[7]).unwrap();
+        let mut input = &buffer[..];
+        assert_eq!(
+            read_frame(&mut input).unwrap(),
+            Some((STDOUT, b"hello".to_vec()))
+        );
+        assert_eq!(read_frame(&mut input).unwrap(), Some((EXIT, vec![7])));
+        assert_eq!(read_frame(&mut input).unwrap(), None);
+        let huge = [STDOUT, 0xff, 0xff, 0xff, 0xff];
+        assert!(read_frame(&mut &huge[..]).is_err());
+    }
+
+    #[test]
+    fn only_the_same_user_gets_in() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(!peer_allowed(0, 1000));
+        assert!(!peer_allowed(1001, 1000));
+    }
+}
