@@ -11,6 +11,7 @@
 //! - On the way out the instance is unregistered and its worktree removed only when that loses
 //!   nothing (see [`worktree::remove_if_clean`]).
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -40,7 +41,7 @@ use crate::registry::{
 };
 use crate::sign::SigningKey;
 use crate::worktree::{self, Cleanup, WorktreePlan};
-use crate::{control, fault, journal};
+use crate::{control, fault, journal, ports};
 
 /// Checks a user-given instance name: `[a-z0-9][a-z0-9_-]{0,63}`.
 pub fn validate_name(name: &str) -> Result<()> {
@@ -92,6 +93,8 @@ pub struct RunOptions {
     pub command: Vec<String>,
     /// The shared database to mirror the instance into (`--db`, else the environment).
     pub db: Option<PathBuf>,
+    /// How many TCP ports to lease (`--ports N`).
+    pub ports: Option<usize>,
 }
 
 /// How an instance ended.
@@ -129,6 +132,10 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
     }
     if let Some(name) = &options.name {
         validate_name(name)?;
+    }
+    if let Some(count) = options.ports {
+        ports::validate_count(count)?;
+        ports::range()?;
     }
     if options.no_worktree && (options.branch.is_some() || options.base.is_some()) {
         return Err(Error::bad_input(
@@ -315,6 +322,7 @@ fn supervise(
         child_pid: None,
         child_start_time: None,
         status: InstanceStatus::Starting,
+        ports: Vec::new(),
     };
     let key = SigningKey::load_or_create(paths)?;
     if let Some(plan) = &plan {
@@ -325,7 +333,7 @@ fn supervise(
         )?;
         fault::point("run.intent-written");
     }
-    let created_branch = match claim(&registry, &record, plan.as_ref(), timing) {
+    let created_branch = match claim(&registry, &mut record, plan.as_ref(), options.ports, timing) {
         Ok(created) => created,
         Err(err) => {
             let _ = journal::end(paths, id);
@@ -377,6 +385,11 @@ fn supervise(
         // The command's own `app` calls reach the same database as its supervisor.
         (db_var.into(), db_value.into()),
     ];
+    if let Some(first) = record.ports.first() {
+        let all: Vec<String> = record.ports.iter().map(u16::to_string).collect();
+        env.push(("APP_PORT".into(), first.to_string().into()));
+        env.push(("APP_PORTS".into(), all.join(",").into()));
+    }
     if let Some(plan) = &plan {
         env.push(("APP_WORKTREE".into(), plan.path.clone().into()));
         env.push(("APP_BRANCH".into(), plan.branch.clone().into()));
@@ -524,8 +537,9 @@ fn outcome(record: &InstanceRecord, exit_code: u8, cleanup: Option<Cleanup>) -> 
 /// one `app` creates (or created, for a reused worktree).
 fn claim(
     registry: &Registry,
-    record: &InstanceRecord,
+    record: &mut InstanceRecord,
     plan: Option<&WorktreePlan>,
+    ports: Option<usize>,
     timing: Timing,
 ) -> Result<bool> {
     registry.update(|tables| {
@@ -569,6 +583,30 @@ fn claim(
                 created_at: record.started_at,
                 created_branch,
             });
+        }
+        if let Some(ports) = ports {
+            let port_range = ports::range()?;
+            let taken: HashSet<u16> = tables
+                .instances()
+                .into_iter()
+                .filter_map(|entry| match entry {
+                    Entry::Valid(other)
+                        if other.id != record.id
+                            && other.liveness(timing.stale_after) == Liveness::Live =>
+                    {
+                        Some(other.ports)
+                    }
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            record.ports = ports::lease(ports, &taken, port_range.clone()).ok_or_else(|| {
+                Error::Busy(format!(
+                    "no {ports} consecutive free ports in {}-{}; ask for fewer or set APP_PORT_RANGE",
+                    port_range.start(),
+                    port_range.end()
+                ))
+            })?;
         }
         tables.put_instance(record);
         Ok(created_branch)

@@ -17,6 +17,7 @@ pub mod instance;
 pub mod journal;
 pub mod lock;
 pub mod paths;
+pub mod ports;
 pub mod process;
 pub mod queue;
 pub mod registry;

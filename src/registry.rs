@@ -134,6 +134,9 @@ pub struct InstanceRecord {
     pub child_start_time: Option<u64>,
     /// Lifecycle stage.
     pub status: InstanceStatus,
+    /// TCP ports leased to the instance (`app run --ports N`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 
 impl InstanceRecord {
@@ -497,6 +500,7 @@ mod tests {
             child_pid: None,
             child_start_time: None,
             status: InstanceStatus::Running,
+            ports: Vec::new(),
         }
     }
 

@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Keep the worktree and branch when the command exits.
     #[arg(long)]
     keep: bool,
+    /// Lease N consecutive free TCP ports for the command (APP_PORT, APP_PORTS).
+    #[arg(long, value_name = "N")]
+    ports: Option<usize>,
     /// The command to run, after '--'.
     #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
     command: Vec<String>,
@@ -41,6 +44,7 @@ pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
         keep: args.keep,
         command: args.command,
         db,
+        ports: args.ports,
     };
     let cwd = super::current_dir()?;
     let outcome = instance::run(&cwd, &options, timing)?;

@@ -25,6 +25,7 @@ fn record(id: &str, pid: u32, start_time: u64) -> InstanceRecord {
         child_pid: None,
         child_start_time: None,
         status: InstanceStatus::Running,
+        ports: Vec::new(),
     }
 }
 

@@ -510,3 +510,63 @@ fn checkout_applies_attributes_wherever_they_are() {
         "other files untouched: {dump}"
     );
 }
+
+#[test]
+fn port_leases_are_disjoint_exported_and_skip_busy_ports() {
+    let repo = TestRepo::new();
+    // A port some other program listens on, at the start of a small private range.
+    let foreign = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let low = foreign.local_addr().unwrap().port();
+    let range = format!("{low}-{}", low.saturating_add(40));
+    let out = repo.scratch();
+    let spawn = |name: &str| {
+        let mut command = repo.app(&[
+            "run",
+            "--instance",
+            name,
+            "--ports",
+            "3",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "echo \"$APP_PORT $APP_PORTS\" > {}/{name}; exec sleep 300",
+                out.display()
+            ),
+        ]);
+        command.env("APP_PORT_RANGE", &range);
+        repo.spawn(command)
+    };
+    let first = spawn("first");
+    repo.wait_running(first.pid());
+    let second = spawn("second");
+    repo.wait_running(second.pid());
+    let read = |name: &str| -> (u16, Vec<u16>) {
+        wait_for("the ports", Duration::from_secs(10), || {
+            fs::read_to_string(out.join(name)).is_ok_and(|t| t.ends_with('\n'))
+        });
+        let text = fs::read_to_string(out.join(name)).unwrap();
+        let (port, all) = text.trim().split_once(' ').unwrap();
+        (
+            port.parse().unwrap(),
+            all.split(',').map(|p| p.parse().unwrap()).collect(),
+        )
+    };
+    let (p1, all1) = read("first");
+    let (p2, all2) = read("second");
+    assert_eq!((all1.len(), all2.len()), (3, 3));
+    assert_eq!((all1[0], all2[0]), (p1, p2));
+    assert!(all1.iter().all(|p| !all2.contains(p)), "{all1:?} {all2:?}");
+    assert!(
+        !all1.contains(&low) && !all2.contains(&low),
+        "a busy port was leased"
+    );
+    let recorded: Vec<Vec<u16>> = repo.instances().into_iter().map(|r| r.ports).collect();
+    assert!(
+        recorded.contains(&all1) && recorded.contains(&all2),
+        "{recorded:?}"
+    );
+
+    let bad = repo.run_app(&["run", "--ports", "0", "--", "true"]);
+    assert_eq!(code(&bad), 2, "{}", stderr(&bad));
+}
