@@ -230,6 +230,25 @@ fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result
 /// Runs `argv` in the instance listening on `socket`, streaming this process's stdin to it and
 /// its output to this process's stdout and stderr; returns its exit code.
 pub fn exec(socket: &Path, argv: &[String]) -> Result<u8> {
+    run_in(
+        socket,
+        argv,
+        true,
+        &mut io::stdout().lock(),
+        &mut io::stderr(),
+    )
+}
+
+/// Runs `argv` in the instance listening on `socket`, writing its output to `out` and `err`;
+/// with `forward_stdin` this process's stdin becomes its input, else it gets none. Returns its
+/// exit code.
+pub fn run_in(
+    socket: &Path,
+    argv: &[String],
+    forward_stdin: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<u8> {
     let stream = UnixStream::connect(socket).map_err(|err| {
         Error::Failed(format!(
             "cannot reach the instance's control socket {}: {err}; is it still running? ('app instance list')",
@@ -244,37 +263,39 @@ pub fn exec(socket: &Path, argv: &[String]) -> Result<u8> {
     writer
         .write_all(format!("{request}\n").as_bytes())
         .io_context("writing to", socket)?;
-    // Input is forwarded on a thread that may still block reading our stdin when the command
-    // ends; the process exits without waiting for it.
-    thread::spawn(move || {
-        let mut stdin = io::stdin().lock();
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            match stdin.read(&mut buffer) {
-                Ok(0) | Err(_) => {
-                    let _ = write_frame(&mut writer, STDIN, &[]);
-                    break;
-                }
-                Ok(n) => {
-                    if write_frame(&mut writer, STDIN, &buffer[..n]).is_err() {
+    if forward_stdin {
+        // Input is forwarded on a thread that may still block reading our stdin when the
+        // command ends; the process exits without waiting for it.
+        thread::spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buffer) {
+                    Ok(0) | Err(_) => {
+                        let _ = write_frame(&mut writer, STDIN, &[]);
                         break;
+                    }
+                    Ok(n) => {
+                        if write_frame(&mut writer, STDIN, &buffer[..n]).is_err() {
+                            break;
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    } else {
+        write_frame(&mut writer, STDIN, &[]).io_context("writing to", socket)?;
+    }
     let mut reader = BufReader::new(stream);
-    let mut stdout = io::stdout().lock();
-    let mut stderr = io::stderr();
     loop {
         match read_frame(&mut reader).io_context("reading from", socket)? {
-            Some((STDOUT, body)) => stdout.write_all(&body).io_context("writing", "stdout")?,
+            Some((STDOUT, body)) => out.write_all(&body).io_context("writing", "stdout")?,
             Some((STDERR, body)) => {
-                let _ = stdout.flush();
-                stderr.write_all(&body).io_context("writing", "stderr")?;
+                let _ = out.flush();
+                err.write_all(&body).io_context("writing", "stderr")?;
             }
             Some((EXIT, body)) => {
-                stdout.flush().io_context("writing", "stdout")?;
+                out.flush().io_context("writing", "stdout")?;
                 return Ok(body.first().copied().unwrap_or(1));
             }
             Some((ERROR, body)) => {

@@ -45,6 +45,17 @@ pub enum InstanceCommand {
     },
 }
 
+/// Arguments of `app broadcast`.
+#[derive(Debug, Args)]
+pub struct BroadcastArgs {
+    /// Only these instances (default: every live one).
+    #[arg(long, value_name = "ID,...", value_delimiter = ',')]
+    instances: Vec<String>,
+    /// The command, after '--'.
+    #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
+    command: Vec<String>,
+}
+
 /// Arguments of `app instance list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -339,5 +350,89 @@ pub(super) fn whoami() -> Result<u8> {
             );
             Ok(EXIT_FAILURE)
         }
+    }
+}
+
+/// `app broadcast`: runs the command in every chosen instance at once, then prints each one's
+/// output under its id and a summary. Exit 0 only when every one succeeded.
+pub(super) fn broadcast(args: BroadcastArgs) -> Result<u8> {
+    let timing = Timing::from_env()?;
+    let paths = AppPaths::discover(&super::current_dir()?)?;
+    let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
+    for id in &args.instances {
+        instance::validate_name(id)?;
+        if snapshot.instance(id).is_none() {
+            return Err(Error::UnknownInstance { id: id.clone() });
+        }
+    }
+    let targets: Vec<(String, Liveness)> = if args.instances.is_empty() {
+        snapshot
+            .valid_instances()
+            .into_iter()
+            .map(|r| (r.id.clone(), r.liveness(timing.stale_after)))
+            .filter(|(_, liveness)| *liveness == Liveness::Live)
+            .collect()
+    } else {
+        args.instances
+            .iter()
+            .map(|id| {
+                let record = snapshot.instance(id).expect("checked above");
+                (id.clone(), record.liveness(timing.stale_after))
+            })
+            .collect()
+    };
+    if targets.is_empty() {
+        return Err(Error::Failed(
+            "no live instance to run it in; 'app instance list' shows them".into(),
+        ));
+    }
+    let runs: Vec<_> = targets
+        .into_iter()
+        .map(|(id, liveness)| {
+            let socket = paths.control_socket(&id);
+            let command = args.command.clone();
+            let handle = std::thread::spawn(move || {
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                let result = match liveness {
+                    Liveness::Stale(reason) => Err(format!("not running ({reason})")),
+                    Liveness::Live => {
+                        crate::control::run_in(&socket, &command, false, &mut out, &mut err)
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                (result, out, err)
+            });
+            (id, handle)
+        })
+        .collect();
+    let mut failed = Vec::new();
+    let total = runs.len();
+    for (id, handle) in runs {
+        let (result, out, err) = handle
+            .join()
+            .unwrap_or_else(|_| (Err("the runner panicked".into()), Vec::new(), Vec::new()));
+        let status = match &result {
+            Ok(code) => format!("exit {code}"),
+            Err(why) => why.clone(),
+        };
+        println!("== {id} ({status}) ==");
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(&out);
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().write_all(&err);
+        if result != Ok(0) {
+            failed.push(format!("{id} ({status})"));
+        }
+    }
+    if failed.is_empty() {
+        eprintln!("app broadcast: succeeded in all {total} instance(s)");
+        Ok(0)
+    } else {
+        eprintln!(
+            "app broadcast: {} of {total} succeeded; failed: {}",
+            total - failed.len(),
+            failed.join(", ")
+        );
+        Ok(EXIT_FAILURE)
     }
 }

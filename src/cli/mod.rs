@@ -37,6 +37,8 @@ enum Command {
     /// List, inspect and stop instances.
     #[command(subcommand)]
     Instance(instance::InstanceCommand),
+    /// Run a command in every live instance (or --instances), output under each id.
+    Broadcast(instance::BroadcastArgs),
     /// Print the id of the instance whose worktree contains the current directory.
     Whoami,
     /// Shared notes by namespace: add, search, list.
@@ -94,6 +96,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Run(args) => run::run(args, db),
         Command::Instance(command) => instance::run(command, db.as_deref()),
         Command::Whoami => instance::whoami(),
+        Command::Broadcast(args) => instance::broadcast(args),
         Command::Notes(command) => notes::run(command, db.as_deref()),
         Command::Remember(args) => notes::remember(args, db.as_deref()),
         Command::Recall(args) => notes::search(args, db.as_deref()),

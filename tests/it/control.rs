@@ -220,3 +220,40 @@ fn unknown_and_dead_instances_are_clear_errors_and_the_socket_goes_with_the_inst
     assert_eq!(code(&done), 0, "{}", stderr(&done));
     assert!(!repo.state_dir().join("run/brief.sock").exists());
 }
+
+#[test]
+fn broadcast_runs_everywhere_and_succeeds_only_when_all_do() {
+    let repo = TestRepo::new();
+    let (_a, _) = live(&repo, "alpha");
+    let (_b, _) = live(&repo, "beta");
+    let all = repo.run_app(&["broadcast", "--", "sh", "-c", "echo in $APP_INSTANCE_ID"]);
+    assert_eq!(code(&all), 0, "{}", stderr(&all));
+    let text = stdout(&all);
+    assert!(text.contains("== alpha (exit 0) ==\nin alpha\n"), "{text}");
+    assert!(text.contains("== beta (exit 0) ==\nin beta\n"), "{text}");
+
+    let some_fail = repo.run_app(&[
+        "broadcast",
+        "--",
+        "sh",
+        "-c",
+        "test $APP_INSTANCE_ID = alpha",
+    ]);
+    assert_eq!(code(&some_fail), 1);
+    assert!(
+        stderr(&some_fail).contains("1 of 2 succeeded; failed: beta (exit 1)"),
+        "{}",
+        stderr(&some_fail)
+    );
+
+    let only = repo.run_app(&["broadcast", "--instances", "beta", "--", "echo", "hi"]);
+    assert_eq!(code(&only), 0, "{}", stderr(&only));
+    assert_eq!(stdout(&only), "== beta (exit 0) ==\nhi\n");
+
+    let unknown = repo.run_app(&["broadcast", "--instances", "beta,ghost", "--", "true"]);
+    assert_eq!(code(&unknown), 2, "{}", stderr(&unknown));
+    assert!(
+        !stdout(&unknown).contains("=="),
+        "nothing may run on bad input"
+    );
+}
