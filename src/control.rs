@@ -1,5 +1,6 @@
 //! The control socket of a running instance: `.app/run/<id>.sock`, served by the instance's
-//! supervisor, through which `app instance exec` runs commands inside the instance.
+//! supervisor, through which `app instance exec` runs commands inside the instance and
+//! `app instance stop` asks it to stop.
 //!
 //! Invariants:
 //! - The socket is created 0600 in a 0700 directory, and every connection's peer credentials
@@ -9,7 +10,8 @@
 //! - The socket is removed when the instance ends; one whose instance is not live is stale
 //!   (`doctor` reports it).
 //!
-//! Protocol: the client sends one JSON line, `{"exec": ["cmd", "arg", ...]}`. Then both sides
+//! Protocol: the client sends one JSON line. `"stop"` asks the supervisor to SIGTERM its
+//! command and is answered with one `EXIT` frame. `{"exec": ["cmd", "arg", ...]}`: both sides
 //! send frames, `[kind: u8][len: u32 big-endian][bytes]`: the client `STDIN` frames and an
 //! empty `STDIN` frame at end of input; the server `STDOUT` and `STDERR` frames and finally one
 //! `EXIT` frame whose 1-byte body is the exit code (128+N for signal N; 127 or 126 when it
@@ -44,8 +46,12 @@ pub const ERROR: u8 = 4;
 const MAX_FRAME: usize = 1 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
-struct Request {
-    exec: Vec<String>,
+#[serde(rename_all = "snake_case")]
+enum Request {
+    /// Run a command: `{"exec": ["cmd", ...]}`.
+    Exec(Vec<String>),
+    /// Stop the instance's command (SIGTERM): `"stop"`.
+    Stop,
 }
 
 /// Writes one frame.
@@ -83,13 +89,15 @@ pub fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
     peer_uid == own_uid
 }
 
-/// How commands run inside the instance.
-#[derive(Debug, Clone)]
+/// What the socket serves: how commands run inside the instance, and how it is stopped.
+#[derive(Clone)]
 pub struct ExecContext {
     /// Directory commands run in.
     pub cwd: PathBuf,
     /// Variables added to the supervisor's own environment.
     pub env: Vec<(String, OsString)>,
+    /// Asks the instance's command to stop (SIGTERM through the supervisor).
+    pub stop: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// A listening control socket; removes its file when dropped.
@@ -150,8 +158,17 @@ fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result
         write_frame(&mut *stream, kind, body)
     };
     let argv = match serde_json::from_str::<Request>(&line) {
-        Ok(Request { exec }) if !exec.is_empty() => exec,
-        _ => return send(ERROR, b"bad request: expected {\"exec\": [\"cmd\", ...]}"),
+        Ok(Request::Exec(argv)) if !argv.is_empty() => argv,
+        Ok(Request::Stop) => {
+            (context.stop)();
+            return send(EXIT, &[0]);
+        }
+        _ => {
+            return send(
+                ERROR,
+                b"bad request: expected {\"exec\": [\"cmd\", ...]} or \"stop\"",
+            );
+        }
     };
     let spawned = Command::new(&argv[0])
         .args(&argv[1..])
@@ -227,6 +244,20 @@ fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result
     stream.shutdown(std::net::Shutdown::Both)
 }
 
+/// Asks the instance listening on `socket` to stop its command; `Ok` once it took the request.
+pub fn request_stop(socket: &Path) -> Result<()> {
+    let mut stream = UnixStream::connect(socket).io_context("connecting to", socket)?;
+    stream
+        .write_all(b"\"stop\"\n")
+        .io_context("writing to", socket)?;
+    match read_frame(&mut stream).io_context("reading from", socket)? {
+        Some((EXIT, _)) => Ok(()),
+        other => Err(Error::Failed(format!(
+            "the instance did not take the stop request ({other:?})"
+        ))),
+    }
+}
+
 /// Runs `argv` in the instance listening on `socket`, streaming this process's stdin to it and
 /// its output to this process's stdout and stderr; returns its exit code.
 pub fn exec(socket: &Path, argv: &[String]) -> Result<u8> {
@@ -256,10 +287,7 @@ pub fn run_in(
         ))
     })?;
     let mut writer = stream.try_clone().io_context("using", socket)?;
-    let request = serde_json::to_string(&Request {
-        exec: argv.to_vec(),
-    })
-    .expect("requests serialize");
+    let request = serde_json::to_string(&Request::Exec(argv.to_vec())).expect("requests serialize");
     writer
         .write_all(format!("{request}\n").as_bytes())
         .io_context("writing to", socket)?;

@@ -201,17 +201,20 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
 }
 
 fn forward_signal(slot: &Mutex<ChildSlot>, signal: i32, cause: &Cause) {
+    // A terminal's Ctrl-C or hangup reaches the whole foreground process group, the command
+    // included: forwarding it would deliver it twice.
+    deliver(slot, signal, matches!(cause, Cause::Kernel));
+}
+
+/// Sends `signal` to the command, or cancels the run when there is no command yet. A signal
+/// that `reached_group` already is only recorded.
+fn deliver(slot: &Mutex<ChildSlot>, signal: i32, reached_group: bool) {
     let mut slot = slot.lock().unwrap_or_else(|poison| poison.into_inner());
     match slot.pid {
         None => {
             slot.pending.get_or_insert(signal);
         }
-        Some(pid) if !slot.exited => {
-            // A terminal's Ctrl-C or hangup reaches the whole foreground process group, the
-            // command included: forwarding it would deliver it twice.
-            if matches!(cause, Cause::Kernel) {
-                return;
-            }
+        Some(pid) if !slot.exited && !reached_group => {
             if let Ok(sig) = Signal::try_from(signal) {
                 let _ = nix::sys::signal::kill(process::pid_of(pid), sig);
             }
@@ -400,6 +403,10 @@ fn supervise(
         control::ExecContext {
             cwd: cwd.clone(),
             env: env.clone(),
+            stop: {
+                let slot = Arc::clone(slot);
+                Arc::new(move || deliver(&slot, SIGTERM, false))
+            },
         },
     ) {
         Ok(server) => Some(server),
@@ -783,14 +790,24 @@ pub enum StopOutcome {
     Killed,
 }
 
-/// Stops a live instance: SIGTERM to its supervisor (which forwards it to the command), then
-/// after `timeout` SIGKILL to the command, and to the supervisor if it still does not exit.
+/// How `stop` asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRoute {
+    /// Through the instance's control socket.
+    Socket,
+    /// With a signal to its supervisor (no control socket answered).
+    Signal,
+}
+
+/// Stops a live instance: asks its supervisor through the control socket to SIGTERM the
+/// command (or, when no socket answers, sends SIGTERM to the supervisor, which forwards it),
+/// then after `timeout` SIGKILL to the command, and to the supervisor if it still does not exit.
 pub fn stop(
     registry: &Registry,
     id: &str,
     timeout: Duration,
     timing: Timing,
-) -> Result<StopOutcome> {
+) -> Result<(StopOutcome, StopRoute)> {
     let snapshot = registry.snapshot()?;
     let record = snapshot
         .instance(id)
@@ -802,9 +819,16 @@ pub fn stop(
         )));
     }
     let supervisor = record.identity();
-    supervisor.signal(Signal::SIGTERM);
+    let route = match control::request_stop(&registry.paths().control_socket(id)) {
+        Ok(()) => StopRoute::Socket,
+        Err(err) => {
+            tracing::debug!(instance = %id, %err, "no control socket answered; signalling");
+            supervisor.signal(Signal::SIGTERM);
+            StopRoute::Signal
+        }
+    };
     if wait_gone(&supervisor, timeout) {
-        return Ok(StopOutcome::Terminated);
+        return Ok((StopOutcome::Terminated, route));
     }
     if let (Some(pid), Some(start_time)) = (record.child_pid, record.child_start_time) {
         let child = ProcessIdentity {
@@ -819,7 +843,7 @@ pub fn stop(
         supervisor.signal(Signal::SIGKILL);
         wait_gone(&supervisor, Duration::from_secs(2));
     }
-    Ok(StopOutcome::Killed)
+    Ok((StopOutcome::Killed, route))
 }
 
 fn wait_gone(identity: &ProcessIdentity, timeout: Duration) -> bool {

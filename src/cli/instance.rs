@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::config::{self, Timing, format_age};
 use crate::db::instances;
 use crate::error::{EXIT_FAILURE, Error, Result};
-use crate::instance::{self, StopOutcome};
+use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
 use crate::registry::{Entry, InstanceRecord, Liveness, Registry};
 
@@ -103,11 +103,15 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
             crate::control::exec(&paths.control_socket(&id), &command)
         }
         InstanceCommand::Stop { id, timeout } => {
-            let outcome = instance::stop(&registry, &id, timeout, timing)?;
+            let (outcome, route) = instance::stop(&registry, &id, timeout, timing)?;
+            let how = match route {
+                StopRoute::Socket => "asked through its control socket",
+                StopRoute::Signal => "no control socket answered; sent SIGTERM",
+            };
             match outcome {
-                StopOutcome::Terminated => eprintln!("app: instance {id} stopped"),
+                StopOutcome::Terminated => eprintln!("app: instance {id} stopped ({how})"),
                 StopOutcome::Killed => eprintln!(
-                    "app: instance {id} did not stop within {}; killed it",
+                    "app: instance {id} did not stop within {} ({how}); killed it",
                     format_age(timeout)
                 ),
             }

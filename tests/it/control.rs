@@ -257,3 +257,30 @@ fn broadcast_runs_everywhere_and_succeeds_only_when_all_do() {
         "nothing may run on bad input"
     );
 }
+
+#[test]
+fn stop_asks_through_the_socket_and_falls_back_to_signals() {
+    let repo = TestRepo::new();
+    let (run, _) = live(&repo, "polite");
+    let stopped = repo.run_app(&["instance", "stop", "polite"]);
+    assert_eq!(code(&stopped), 0, "{}", stderr(&stopped));
+    assert!(
+        stderr(&stopped).contains("stopped (asked through its control socket)"),
+        "{}",
+        stderr(&stopped)
+    );
+    let output = run.wait(Duration::from_secs(30));
+    assert_eq!(code(&output), 128 + 15, "the command got SIGTERM");
+
+    let (run, _) = live(&repo, "socketless");
+    fs::remove_file(repo.state_dir().join("run/socketless.sock")).unwrap();
+    let stopped = repo.run_app(&["instance", "stop", "socketless"]);
+    assert_eq!(code(&stopped), 0, "{}", stderr(&stopped));
+    assert!(
+        stderr(&stopped).contains("no control socket answered; sent SIGTERM"),
+        "{}",
+        stderr(&stopped)
+    );
+    let output = run.wait(Duration::from_secs(30));
+    assert_eq!(code(&output), 128 + 15);
+}
