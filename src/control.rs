@@ -9,6 +9,10 @@
 //!   supervisor's environment plus the instance's `APP_*` variables: what the agent itself got.
 //! - The socket is removed when the instance ends; one whose instance is not live is stale
 //!   (`doctor` reports it).
+//! - Commands started through the socket never outlive the instance: `ControlServer::shutdown`
+//!   stops taking connections, SIGTERMs the running ones and SIGKILLs what is left after the
+//!   grace period (at once when forced). Their pids are forgotten before they are reaped, so
+//!   a recycled pid is never signalled.
 //!
 //! Protocol: the client sends one JSON line. `"stop"` asks the supervisor to SIGTERM its
 //! command and is answered with one `EXIT` frame. `{"exec": ["cmd", "arg", ...]}`: both sides
@@ -17,18 +21,24 @@
 //! `EXIT` frame whose 1-byte body is the exit code (128+N for signal N; 127 or 126 when it
 //! could not be started), or an `ERROR` frame with a message for a request it cannot serve.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::process;
 use crate::state;
 
 /// Frame kinds.
@@ -89,6 +99,9 @@ pub fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
     peer_uid == own_uid
 }
 
+/// Records what happened in the instance (an event kind and its details).
+pub type EventSink = Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
+
 /// What the socket serves: how commands run inside the instance, and how it is stopped.
 #[derive(Clone)]
 pub struct ExecContext {
@@ -98,17 +111,87 @@ pub struct ExecContext {
     pub env: Vec<(String, OsString)>,
     /// Asks the instance's command to stop (SIGTERM through the supervisor).
     pub stop: Arc<dyn Fn() + Send + Sync>,
+    /// Told of every exec (`instance.exec`) and its end (`instance.exec_exited`).
+    pub events: EventSink,
+}
+
+/// The state the listener, its connections and the owner share.
+#[derive(Default)]
+struct Shared {
+    closing: AtomicBool,
+    next_key: AtomicU64,
+    /// Running exec commands by connection: their pids, until they exit (before reaping).
+    children: Mutex<HashMap<u64, u32>>,
+}
+
+impl Shared {
+    fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.children.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn signal_children(&self, signal: Signal) {
+        for pid in self.children().values() {
+            let _ = nix::sys::signal::kill(process::pid_of(*pid), signal);
+        }
+    }
 }
 
 /// A listening control socket; removes its file when dropped.
-#[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ControlServer {
+    /// How many exec commands are running.
+    pub fn running(&self) -> usize {
+        self.shared.children().len()
+    }
+
+    /// Stops taking connections and ends the running exec commands: SIGTERM, then SIGKILL
+    /// after `grace`, or as soon as `forced()` turns true. Returns how many had to be killed.
+    pub fn shutdown(self, grace: Duration, forced: &dyn Fn() -> bool) -> usize {
+        self.close();
+        if self.running() == 0 {
+            return 0;
+        }
+        self.shared.signal_children(Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while self.running() > 0 && Instant::now() < deadline && !forced() {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let left = self.running();
+        if left > 0 {
+            self.shared.signal_children(Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.running() > 0 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        left
+    }
+
+    /// Stops the listener and removes the socket file.
+    fn close(&self) {
+        if !self.shared.closing.swap(true, Ordering::SeqCst) {
+            // Wakes the accept loop so it sees `closing` and ends.
+            let _ = UnixStream::connect(&self.path);
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.close();
     }
 }
 
@@ -122,24 +205,38 @@ pub fn serve(path: &Path, context: ExecContext) -> Result<ControlServer> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .io_context("restricting", path)?;
     let context = Arc::new(context);
+    let shared = Arc::new(Shared::default());
     let own_uid = nix::unistd::getuid().as_raw();
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let context = Arc::clone(&context);
-            thread::spawn(move || {
-                if let Err(err) = handle(stream, &context, own_uid) {
-                    tracing::debug!(%err, "control connection ended with an error");
+    {
+        let shared = Arc::clone(&shared);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if shared.closing.load(Ordering::SeqCst) {
+                    break;
                 }
-            });
-        }
-    });
+                let Ok(stream) = stream else { continue };
+                let context = Arc::clone(&context);
+                let shared = Arc::clone(&shared);
+                thread::spawn(move || {
+                    if let Err(err) = handle(stream, &context, &shared, own_uid) {
+                        tracing::debug!(%err, "control connection ended with an error");
+                    }
+                });
+            }
+        });
+    }
     Ok(ControlServer {
         path: path.to_path_buf(),
+        shared,
     })
 }
 
-fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result<()> {
+fn handle(
+    stream: UnixStream,
+    context: &ExecContext,
+    shared: &Shared,
+    own_uid: u32,
+) -> io::Result<()> {
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io::Error::from)?;
     if !peer_allowed(peer.uid(), own_uid) {
@@ -170,6 +267,15 @@ fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result
             );
         }
     };
+    // Registered under the lock a shutdown signals under, so no command starts unseen.
+    let mut children = shared.children();
+    if shared.closing.load(Ordering::SeqCst) {
+        drop(children);
+        return send(
+            ERROR,
+            b"the instance is stopping; it takes no more commands",
+        );
+    }
     let spawned = Command::new(&argv[0])
         .args(&argv[1..])
         .current_dir(&context.cwd)
@@ -178,6 +284,11 @@ fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn();
+    let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
+    if let Ok(child) = &spawned {
+        children.insert(key, child.id());
+    }
+    drop(children);
     let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
@@ -235,10 +346,19 @@ fn handle(stream: UnixStream, context: &ExecContext, own_uid: u32) -> io::Result
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
         STDERR,
     );
+    (context.events)("instance.exec", serde_json::json!({ "command": argv }));
+    let waited = process::wait_unreaped(child.id());
+    shared.children().remove(&key);
+    waited?;
     let status = child.wait()?;
     let _ = out.join();
     let _ = err.join();
-    send(EXIT, &[crate::instance::exit_code_of(status)])?;
+    let code = crate::instance::exit_code_of(status);
+    (context.events)(
+        "instance.exec_exited",
+        serde_json::json!({ "command": argv, "exit_code": code }),
+    );
+    send(EXIT, &[code])?;
     // Ends the input thread's read too, so nothing of this connection outlives the command.
     let stream = writer.lock().unwrap_or_else(|p| p.into_inner());
     stream.shutdown(std::net::Shutdown::Both)

@@ -8,6 +8,11 @@
 //! - The supervisor heartbeats while the command runs; SIGINT, SIGTERM and SIGHUP sent to it are
 //!   forwarded to the command, except those the terminal already delivered to the whole
 //!   foreground process group (forwarding them would deliver a Ctrl-C twice).
+//! - A signal sent to the supervisor itself is a stop request: the command gets it, and is
+//!   SIGKILLed when it outlives the stop timeout; a second request kills it at once. `app serve`
+//!   has no command: any signal stops it, and a second one forces the stop.
+//! - On the way out the API sends its final event and closes, and commands run through the
+//!   control socket are stopped (SIGTERM, SIGKILL after the stop timeout or a second request).
 //! - On the way out the instance is unregistered and its worktree removed only when that loses
 //!   nothing (see [`worktree::remove_if_clean`]).
 
@@ -16,18 +21,18 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use git2::Repository;
 use nix::sys::signal::Signal;
-use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
+use crate::api::{self, ApiOptions, ApiServer, Bound};
 use crate::config::Timing;
 use crate::db::events::NewEvent;
 use crate::db::instances::InstanceRow;
@@ -95,6 +100,36 @@ pub struct RunOptions {
     pub db: Option<PathBuf>,
     /// How many TCP ports to lease (`--ports N`).
     pub ports: Option<usize>,
+    /// Run no command: wait for a stop request (`app serve`; `command` is only recorded).
+    pub serve: bool,
+    /// Serve the HTTP API (`--with-api`).
+    pub api: Option<ApiOptions>,
+    /// How long a stop waits before SIGKILL (default [`DEFAULT_STOP_TIMEOUT`]).
+    pub stop_timeout: Option<Duration>,
+    /// Told what the person running `app` should see.
+    pub notify: Option<fn(&Notice)>,
+}
+
+/// How long a stop request waits for a command before killing it.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Something the person running the instance should know while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The API listens at `url`.
+    ApiListening {
+        /// The instance.
+        id: String,
+        /// Where.
+        url: String,
+    },
+    /// Every port of the range was taken; the instance runs without an API.
+    ApiUnavailable {
+        /// The instance.
+        id: String,
+        /// The ports tried.
+        range: std::ops::RangeInclusive<u16>,
+    },
 }
 
 /// How an instance ended.
@@ -112,7 +147,7 @@ pub struct RunOutcome {
     pub cleanup: Option<Cleanup>,
 }
 
-/// The command's pid as the signal thread sees it.
+/// The command's pid as the signal thread sees it, and the stop requests so far.
 #[derive(Debug, Default)]
 struct ChildSlot {
     pid: Option<u32>,
@@ -121,11 +156,54 @@ struct ChildSlot {
     exited: bool,
     /// A signal that arrived before the child existed: the run is cancelled.
     pending: Option<i32>,
+    /// Stop requests: signals sent to the supervisor itself, or any signal to `app serve`.
+    stops: u32,
+}
+
+/// The slot shared by the supervisor, the signal thread and the control socket.
+#[derive(Debug)]
+struct Slot {
+    state: Mutex<ChildSlot>,
+    /// Notified on every stop request.
+    changed: Condvar,
+    stop_timeout: Duration,
+}
+
+impl Slot {
+    fn new(stop_timeout: Duration) -> Arc<Slot> {
+        Arc::new(Slot {
+            state: Mutex::new(ChildSlot::default()),
+            changed: Condvar::new(),
+            stop_timeout,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChildSlot> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Whether a second stop request asked to stop at once.
+    fn forced(&self) -> bool {
+        self.lock().stops >= 2
+    }
+
+    /// Blocks until the first stop request (`app serve`).
+    fn wait_for_stop(&self) {
+        let mut state = self.lock();
+        while state.stops == 0 {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poison| poison.into_inner());
+        }
+    }
 }
 
 /// Runs `options.command` as a new instance and supervises it until it exits.
 pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcome> {
-    if options.command.is_empty() {
+    if options.command.is_empty() && !options.serve {
         return Err(Error::bad_input(
             "no command given; write it after '--', e.g. app run -- bash",
         ));
@@ -180,9 +258,28 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
             options.base.as_deref(),
         )?)
     };
+    // The API's address is the last check: an explicit one that is taken stops the run here.
+    let api = match &options.api {
+        None => None,
+        Some(api_options) => match api::bind(api_options)? {
+            Bound::Listening(binding) => Some(binding),
+            Bound::AllTaken(range) => {
+                match options.notify {
+                    Some(notify) => notify(&Notice::ApiUnavailable {
+                        id: id.clone(),
+                        range,
+                    }),
+                    None => {
+                        tracing::warn!(instance = %id, "every API port of {}-{} is taken; running without the API", range.start(), range.end())
+                    }
+                }
+                None
+            }
+        },
+    };
 
     // From here on, signals are ours: one arriving before the command starts cancels the run.
-    let slot = Arc::new(Mutex::new(ChildSlot::default()));
+    let slot = Slot::new(options.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT));
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
         .io_context("installing signal handlers for", "app run")?;
     let signal_handle = signals.handle();
@@ -194,29 +291,54 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
             }
         })
     };
-    let result = supervise(&paths, &repo, &id, plan, options, timing, &slot, database);
+    let result = supervise(
+        &paths, &repo, &id, plan, options, timing, &slot, database, api,
+    );
     signal_handle.close();
     let _ = signal_thread.join();
     result
 }
 
-fn forward_signal(slot: &Mutex<ChildSlot>, signal: i32, cause: &Cause) {
+fn forward_signal(slot: &Arc<Slot>, signal: i32, cause: &Cause) {
     // A terminal's Ctrl-C or hangup reaches the whole foreground process group, the command
     // included: forwarding it would deliver it twice.
     deliver(slot, signal, matches!(cause, Cause::Kernel));
 }
 
 /// Sends `signal` to the command, or cancels the run when there is no command yet. A signal
-/// that `reached_group` already is only recorded.
-fn deliver(slot: &Mutex<ChildSlot>, signal: i32, reached_group: bool) {
-    let mut slot = slot.lock().unwrap_or_else(|poison| poison.into_inner());
-    match slot.pid {
+/// that `reached_group` already is only recorded. A signal meant for the supervisor itself is a
+/// stop request: the first arms a SIGKILL after the stop timeout, a second one kills at once.
+fn deliver(slot: &Arc<Slot>, signal: i32, reached_group: bool) {
+    let mut state = slot.lock();
+    let request = !reached_group || state.pid.is_none();
+    if request {
+        state.stops += 1;
+        slot.changed.notify_all();
+    }
+    match state.pid {
         None => {
-            slot.pending.get_or_insert(signal);
+            state.pending.get_or_insert(signal);
         }
-        Some(pid) if !slot.exited && !reached_group => {
-            if let Ok(sig) = Signal::try_from(signal) {
-                let _ = nix::sys::signal::kill(process::pid_of(pid), sig);
+        Some(pid) if !state.exited && !reached_group => {
+            let signal = if state.stops >= 2 {
+                Signal::SIGKILL
+            } else {
+                match Signal::try_from(signal) {
+                    Ok(signal) => signal,
+                    Err(_) => return,
+                }
+            };
+            let _ = nix::sys::signal::kill(process::pid_of(pid), signal);
+            if state.stops == 1 {
+                let slot = Arc::clone(slot);
+                thread::spawn(move || {
+                    thread::sleep(slot.stop_timeout);
+                    let state = slot.lock();
+                    if state.pid == Some(pid) && !state.exited {
+                        tracing::warn!(pid, "the command outlived the stop timeout; killing it");
+                        let _ = nix::sys::signal::kill(process::pid_of(pid), Signal::SIGKILL);
+                    }
+                });
             }
         }
         Some(_) => {}
@@ -299,8 +421,9 @@ fn supervise(
     plan: Option<WorktreePlan>,
     options: &RunOptions,
     timing: Timing,
-    slot: &Arc<Mutex<ChildSlot>>,
+    slot: &Arc<Slot>,
     database: (Location, DbSettings),
+    api: Option<api::Binding>,
 ) -> Result<RunOutcome> {
     let registry = Registry::open_for_write(paths)?;
     let me = ProcessIdentity::current();
@@ -326,6 +449,7 @@ fn supervise(
         child_start_time: None,
         status: InstanceStatus::Starting,
         ports: Vec::new(),
+        api_url: api.as_ref().map(api::Binding::url),
     };
     let key = SigningKey::load_or_create(paths)?;
     if let Some(plan) = &plan {
@@ -345,6 +469,7 @@ fn supervise(
     };
     fault::point("run.registered");
     let (db_var, db_value) = database.0.export();
+    let api_database = database.clone();
     let mirror = DbMirror::start(paths, database);
     mirror.instance(&record);
     mirror.event(
@@ -397,6 +522,9 @@ fn supervise(
         env.push(("APP_WORKTREE".into(), plan.path.clone().into()));
         env.push(("APP_BRANCH".into(), plan.branch.clone().into()));
     }
+    if let Some(url) = &record.api_url {
+        env.push(("APP_API_URL".into(), url.into()));
+    }
     // `app instance exec` runs commands in the same place with the same environment.
     let control = match control::serve(
         &paths.control_socket(id),
@@ -407,6 +535,16 @@ fn supervise(
                 let slot = Arc::clone(slot);
                 Arc::new(move || deliver(&slot, SIGTERM, false))
             },
+            events: {
+                let (sender, repo_root, id) = (
+                    mirror.mirror.sender(),
+                    mirror.repo_root.clone(),
+                    id.to_string(),
+                );
+                Arc::new(move |kind, payload| {
+                    sender.send(event(&repo_root, &id, kind, payload));
+                })
+            },
         },
     ) {
         Ok(server) => Some(server),
@@ -416,9 +554,39 @@ fn supervise(
         }
     };
 
+    let api = api.and_then(|binding| {
+        let context = api::ApiContext {
+            instance_id: id.to_string(),
+            paths: paths.clone(),
+            stale_after: timing.stale_after,
+            database: api_database,
+            capacity: options
+                .api
+                .as_ref()
+                .map_or(api::DEFAULT_CAPACITY, |a| a.capacity),
+        };
+        match api::start(binding, context) {
+            Ok(server) => {
+                if let Some(notify) = options.notify {
+                    notify(&Notice::ApiListening {
+                        id: id.to_string(),
+                        url: server.url().to_string(),
+                    });
+                }
+                Some(server)
+            }
+            Err(err) => {
+                tracing::warn!(instance = %id, %err, "the API did not start; running without it");
+                None
+            }
+        }
+    });
+
     let spawned = {
-        let mut guard = slot.lock().unwrap_or_else(|poison| poison.into_inner());
-        if let Some(signal) = guard.pending {
+        let mut guard = slot.lock();
+        if options.serve {
+            Ok(Ok(None))
+        } else if let Some(signal) = guard.pending {
             Err(signal)
         } else {
             let mut command = Command::new(&options.command[0]);
@@ -429,7 +597,7 @@ fn supervise(
             match command.spawn() {
                 Ok(child) => {
                     guard.pid = Some(child.id());
-                    Ok(Ok(child))
+                    Ok(Ok(Some(child)))
                 }
                 Err(err) => Ok(Err(err)),
             }
@@ -438,6 +606,7 @@ fn supervise(
     let mut child = match spawned {
         Ok(Ok(child)) => child,
         Ok(Err(err)) => {
+            wind_down(id, api, control, slot, "the command could not start");
             let cleanup = finish(
                 repo,
                 &registry,
@@ -459,6 +628,7 @@ fn supervise(
             });
         }
         Err(signal) => {
+            wind_down(id, api, control, slot, "cancelled by a signal");
             let exit_code = 128u8.saturating_add(signal as u8);
             let cleanup = finish(
                 repo,
@@ -478,8 +648,8 @@ fn supervise(
         }
     };
 
-    record.child_pid = Some(child.id());
-    record.child_start_time = process::start_time(child.id());
+    record.child_pid = child.as_ref().map(std::process::Child::id);
+    record.child_start_time = record.child_pid.and_then(process::start_time);
     record.status = InstanceStatus::Running;
     let child_pid = record.child_pid;
     let child_start_time = record.child_start_time;
@@ -502,17 +672,25 @@ fn supervise(
         timing,
         (mirror.mirror.sender(), mirror.repo_root.clone()),
     );
-    let status = wait_child(&mut child, slot);
-    drop(control);
-    drop(stop_heartbeat);
-    let _ = heartbeat.join();
-    let exit_code = match status {
-        Ok(status) => exit_code_of(status),
-        Err(err) => {
-            tracing::error!(instance = %id, %err, "waiting for the command failed");
-            1
+    let (exit_code, reason) = match &mut child {
+        Some(child) => match wait_child(child, slot) {
+            Ok(status) => {
+                let code = exit_code_of(status);
+                (code, format!("the command exited with {code}"))
+            }
+            Err(err) => {
+                tracing::error!(instance = %id, %err, "waiting for the command failed");
+                (1, format!("waiting for the command failed: {err}"))
+            }
+        },
+        None => {
+            slot.wait_for_stop();
+            (0, "asked to stop".to_string())
         }
     };
+    wind_down(id, api, control, slot, &reason);
+    drop(stop_heartbeat);
+    let _ = heartbeat.join();
     let cleanup = finish(
         repo,
         &registry,
@@ -528,6 +706,26 @@ fn supervise(
         serde_json::json!({ "exit_code": exit_code, "cleanup": cleanup.as_ref().ok() }),
     );
     Ok(outcome(&record, exit_code, cleanup?))
+}
+
+/// The first steps of every way out: the API's final event and close, then the commands run
+/// through the control socket are stopped (see [`control::ControlServer::shutdown`]).
+fn wind_down(
+    id: &str,
+    api: Option<ApiServer>,
+    control: Option<control::ControlServer>,
+    slot: &Slot,
+    reason: &str,
+) {
+    if let Some(api) = api {
+        api.shutdown(id, reason);
+    }
+    if let Some(control) = control {
+        let killed = control.shutdown(slot.stop_timeout, &|| slot.forced());
+        if killed > 0 {
+            tracing::warn!(instance = %id, killed, "commands run with 'app instance exec' did not stop in time; killed them");
+        }
+    }
 }
 
 fn outcome(record: &InstanceRecord, exit_code: u8, cleanup: Option<Cleanup>) -> RunOutcome {
@@ -753,21 +951,9 @@ fn start_heartbeat(
 
 /// Waits for the child, marking it exited before reaping so the signal thread never signals a
 /// recycled pid.
-fn wait_child(
-    child: &mut std::process::Child,
-    slot: &Mutex<ChildSlot>,
-) -> std::io::Result<ExitStatus> {
-    let pid = process::pid_of(child.id());
-    loop {
-        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(err) => return Err(std::io::Error::from(err)),
-        }
-    }
-    slot.lock()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .exited = true;
+fn wait_child(child: &mut std::process::Child, slot: &Slot) -> std::io::Result<ExitStatus> {
+    process::wait_unreaped(child.id())?;
+    slot.lock().exited = true;
     child.wait()
 }
 

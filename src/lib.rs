@@ -5,6 +5,7 @@
 //! loses work. The binary (`src/main.rs`) only parses arguments and maps errors to exit codes;
 //! everything else lives here. See docs/ARCHITECTURE.md for the module map.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -142,9 +142,14 @@ impl AppPaths {
         self.state_dir.join("coordination_queue")
     }
 
+    /// The inboxes, one directory per recipient.
+    pub fn inboxes_dir(&self) -> PathBuf {
+        self.queue_dir().join("inbox")
+    }
+
     /// Messages waiting for instance `id`.
     pub fn inbox(&self, id: &str) -> PathBuf {
-        self.queue_dir().join("inbox").join(id)
+        self.inboxes_dir().join(id)
     }
 
     /// Messages instance `id` acknowledged.

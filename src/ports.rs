@@ -21,8 +21,13 @@ pub const MAX_LEASE: usize = 64;
 
 /// The range from `APP_PORT_RANGE` (`LOW-HIGH`), else [`DEFAULT_RANGE`].
 pub fn range() -> Result<RangeInclusive<u16>> {
-    let Ok(text) = std::env::var("APP_PORT_RANGE") else {
-        return Ok(DEFAULT_RANGE);
+    range_from("APP_PORT_RANGE", DEFAULT_RANGE)
+}
+
+/// A port range from the variable `var` (`LOW-HIGH`), or `default` when it is not set.
+pub fn range_from(var: &str, default: RangeInclusive<u16>) -> Result<RangeInclusive<u16>> {
+    let Ok(text) = std::env::var(var) else {
+        return Ok(default);
     };
     let parsed = text
         .split_once('-')
@@ -36,7 +41,9 @@ pub fn range() -> Result<RangeInclusive<u16>> {
     match parsed {
         Some((low, high)) => Ok(low..=high),
         None => Err(Error::bad_input(format!(
-            "APP_PORT_RANGE={text:?} is not a port range; write it as LOW-HIGH, e.g. 20000-29999"
+            "{var}={text:?} is not a port range; write it as LOW-HIGH, e.g. {}-{}",
+            default.start(),
+            default.end()
         ))),
     }
 }

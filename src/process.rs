@@ -87,6 +87,22 @@ pub fn pid_of(pid: u32) -> Pid {
     Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
 }
 
+/// Blocks until child `pid` has exited, without reaping it: until the caller reaps it (with
+/// `Child::wait`), the pid cannot be reused, so whoever may still signal it can first be told.
+pub fn wait_unreaped(pid: u32) -> std::io::Result<()> {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    loop {
+        match waitid(
+            Id::Pid(pid_of(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(err) => return Err(std::io::Error::from(err)),
+        }
+    }
+}
+
 /// Start time of `pid` in clock ticks since boot, or `None` when no such process is running.
 ///
 /// A zombie (exited, not yet reaped by its parent) counts as not running: it does nothing more

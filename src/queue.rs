@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
-use crate::registry::Timestamp;
+use crate::registry::{Liveness, Snapshot, Timestamp};
 use crate::sign::{self, SigningKey};
 use crate::state;
 
@@ -146,6 +146,69 @@ pub fn validate_id(id: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A message as a sender writes it, before validation.
+#[derive(Debug, Clone)]
+pub struct Post {
+    /// Sending instance (a valid instance name).
+    pub from: String,
+    /// An instance id, or `all` for every live instance but the sender.
+    pub to: String,
+    /// Message type.
+    pub kind: String,
+    /// Time to live.
+    pub ttl: Duration,
+    /// Content.
+    pub payload: Value,
+}
+
+/// A message that was filed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posted {
+    /// Its id.
+    pub id: String,
+    /// The inboxes it was filed to.
+    pub recipients: Vec<String>,
+}
+
+/// Validates `post` whole (type, payload size, sender, recipient known to `snapshot`), then
+/// files it: what `app send` and `POST /messages` do. Bad input changes nothing.
+pub fn post(
+    paths: &AppPaths,
+    snapshot: &Snapshot,
+    stale_after: Duration,
+    post: Post,
+) -> Result<Posted> {
+    validate_kind(&post.kind)?;
+    check_payload(&post.payload, max_message_bytes()?)?;
+    crate::instance::validate_name(&post.from)?;
+    let (to, recipients) = if post.to == "all" {
+        let live: Vec<String> = snapshot
+            .valid_instances()
+            .into_iter()
+            .filter(|r| r.id != post.from && r.liveness(stale_after) == Liveness::Live)
+            .map(|r| r.id.clone())
+            .collect();
+        (None, live)
+    } else {
+        crate::instance::validate_name(&post.to)?;
+        if snapshot.instance(&post.to).is_none() {
+            return Err(Error::UnknownInstance { id: post.to });
+        }
+        (Some(post.to.clone()), vec![post.to])
+    };
+    paths.ensure_state_dir()?;
+    let key = SigningKey::load_or_create(paths)?;
+    let outgoing = Outgoing {
+        from: post.from,
+        to,
+        kind: post.kind,
+        ttl: post.ttl,
+        payload: post.payload,
+    };
+    let id = send(paths, &key, &outgoing, &recipients)?;
+    Ok(Posted { id, recipients })
 }
 
 /// Files `message` into each of `recipients`' inboxes; returns the message id. Validation

@@ -137,6 +137,9 @@ pub struct InstanceRecord {
     /// TCP ports leased to the instance (`app run --ports N`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// Where the instance's HTTP API listens (`--with-api`), e.g. `http://127.0.0.1:3000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
 }
 
 impl InstanceRecord {
@@ -147,6 +150,18 @@ impl InstanceRecord {
             start_time: self.start_time,
             boot_id: self.boot_id.clone(),
         }
+    }
+
+    /// The record as JSON, with `liveness` (`live` or `stale`) and the `reason` it is stale.
+    pub fn to_json(&self, liveness: &Liveness) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("records serialize");
+        let (state, reason) = match liveness {
+            Liveness::Live => ("live", serde_json::Value::Null),
+            Liveness::Stale(reason) => ("stale", serde_json::Value::String(reason.clone())),
+        };
+        value["liveness"] = serde_json::json!(state);
+        value["reason"] = reason;
+        value
     }
 
     /// Judges whether this instance is alive now.
@@ -501,6 +516,7 @@ mod tests {
             child_start_time: None,
             status: InstanceStatus::Running,
             ports: Vec::new(),
+            api_url: None,
         }
     }
 

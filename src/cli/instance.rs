@@ -164,16 +164,7 @@ fn list(registry: &Registry, args: &ListArgs, timing: Timing) -> Result<u8> {
 
 fn row_json(row: &Row) -> Value {
     match row {
-        Row::Valid(record, liveness) => {
-            let mut value = serde_json::to_value(record).expect("records serialize");
-            let (state, reason) = match liveness {
-                Liveness::Live => ("live", Value::Null),
-                Liveness::Stale(reason) => ("stale", Value::String(reason.clone())),
-            };
-            value["liveness"] = json!(state);
-            value["reason"] = reason;
-            value
-        }
+        Row::Valid(record, liveness) => record.to_json(liveness),
         Row::Forged { key, reason } => json!({"id": key, "liveness": "forged", "reason": reason}),
     }
 }
@@ -229,6 +220,7 @@ fn print_table(rows: &[Row]) {
         "HEARTBEAT",
         "BRANCH",
         "WORKTREE",
+        "API",
         "COMMAND",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
@@ -248,6 +240,7 @@ fn print_table(rows: &[Row]) {
                     .worktree
                     .as_ref()
                     .map_or_else(|| "-".into(), |w| w.display().to_string()),
+                record.api_url.clone().unwrap_or_else(|| "-".into()),
                 record.command.join(" "),
             ],
             Row::Forged { key, .. } => {
@@ -332,6 +325,11 @@ fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8>
     println!("cwd:        {}", record.cwd.display());
     println!("branch:     {}", or_dash(record.branch.clone()));
     println!("base:       {}", or_dash(record.base.clone()));
+    if !record.ports.is_empty() {
+        let ports: Vec<String> = record.ports.iter().map(u16::to_string).collect();
+        println!("ports:      {}", ports.join(","));
+    }
+    println!("api:        {}", or_dash(record.api_url.clone()));
     println!("command:    {}", record.command.join(" "));
     Ok(0)
 }

@@ -34,6 +34,8 @@ pub struct Cli {
 enum Command {
     /// Run a command as a new instance in its own worktree and branch.
     Run(run::RunArgs),
+    /// Run a long-lived instance (no command, no worktree), with the HTTP API when --with-api.
+    Serve(run::ServeCommandArgs),
     /// List, inspect and stop instances.
     #[command(subcommand)]
     Instance(instance::InstanceCommand),
@@ -94,6 +96,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     let db = cli.db;
     match cli.command {
         Command::Run(args) => run::run(args, db),
+        Command::Serve(args) => run::serve(args, db),
         Command::Instance(command) => instance::run(command, db.as_deref()),
         Command::Whoami => instance::whoami(),
         Command::Broadcast(args) => instance::broadcast(args),

@@ -10,8 +10,8 @@ use crate::config::{self, Timing};
 use crate::error::{EXIT_FAILURE, Error, Result};
 use crate::instance;
 use crate::paths::AppPaths;
-use crate::queue::{self, Inbox, Message, Outgoing};
-use crate::registry::{Liveness, Registry, Snapshot};
+use crate::queue::{self, Inbox, Message};
+use crate::registry::{Registry, Snapshot};
 use crate::sign::SigningKey;
 use crate::watch::{self, DirWatch};
 
@@ -100,8 +100,6 @@ fn acting(snapshot: &Snapshot, flag: Option<String>, what: &str) -> Result<Strin
 
 pub(super) fn send(args: SendArgs) -> Result<u8> {
     let (paths, snapshot, timing) = setup()?;
-    let max = queue::max_message_bytes()?;
-    queue::validate_kind(&args.kind)?;
     let payload = if args.json {
         serde_json::from_str(&args.payload).map_err(|err| {
             Error::bad_input(format!(
@@ -111,42 +109,29 @@ pub(super) fn send(args: SendArgs) -> Result<u8> {
     } else {
         Value::String(args.payload)
     };
-    queue::check_payload(&payload, max)?;
     let from = match args.from {
-        Some(from) => {
-            instance::validate_name(&from)?;
-            from
-        }
+        Some(from) => from,
         None => acting(&snapshot, None, "--from")?,
     };
-    let (to, recipients) = if args.to == "all" {
-        let live: Vec<String> = snapshot
-            .valid_instances()
-            .into_iter()
-            .filter(|r| r.id != from && r.liveness(timing.stale_after) == Liveness::Live)
-            .map(|r| r.id.clone())
-            .collect();
-        (None, live)
-    } else {
-        instance::validate_name(&args.to)?;
-        if snapshot.instance(&args.to).is_none() {
-            return Err(Error::UnknownInstance { id: args.to });
-        }
-        (Some(args.to.clone()), vec![args.to])
-    };
-    paths.ensure_state_dir()?;
-    let key = SigningKey::load_or_create(&paths)?;
-    let outgoing = Outgoing {
-        from,
-        to,
-        kind: args.kind,
-        ttl: args.ttl.unwrap_or(queue::DEFAULT_TTL),
-        payload,
-    };
-    let id = queue::send(&paths, &key, &outgoing, &recipients)?;
-    println!("{id}");
-    if outgoing.to.is_none() {
-        eprintln!("app: broadcast to {} live instance(s)", recipients.len());
+    let broadcast = args.to == "all";
+    let posted = queue::post(
+        &paths,
+        &snapshot,
+        timing.stale_after,
+        queue::Post {
+            from,
+            to: args.to,
+            kind: args.kind,
+            ttl: args.ttl.unwrap_or(queue::DEFAULT_TTL),
+            payload,
+        },
+    )?;
+    println!("{}", posted.id);
+    if broadcast {
+        eprintln!(
+            "app: broadcast to {} live instance(s)",
+            posted.recipients.len()
+        );
     }
     Ok(0)
 }

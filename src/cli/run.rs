@@ -1,12 +1,80 @@
-//! `app run`.
+//! `app run` and `app serve`.
 
 use std::path::Path;
+use std::time::Duration;
 
 use clap::Args;
 
-use crate::config::Timing;
+use crate::api::{ApiOptions, DEFAULT_CAPACITY};
+use crate::config::{Timing, parse_duration};
 use crate::error::Result;
-use crate::instance::{self, RunOptions};
+use crate::instance::{self, Notice, RunOptions};
+
+/// The HTTP API and stop options `app run` and `app serve` share.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serve the HTTP API (health, instances, events, messages; docs/API.md).
+    #[arg(long)]
+    with_api: bool,
+    /// Address of the API (default: APP_API_ADDR, else the first free port of 3000-3010 on
+    /// 127.0.0.1). Any non-loopback address needs APP_API_TOKEN.
+    #[arg(long, value_name = "ADDR", requires = "with_api")]
+    api_addr: Option<String>,
+    /// Events the API buffers per subscriber before it tells a slow one it lagged.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CAPACITY, requires = "with_api")]
+    api_capacity: usize,
+    /// How long a stop request waits for commands before killing them (e.g. 500ms, 10s).
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    stop_timeout: Duration,
+}
+
+impl ServeArgs {
+    fn api(&self) -> Option<ApiOptions> {
+        self.with_api.then(|| ApiOptions {
+            addr: self.api_addr.clone(),
+            capacity: self.api_capacity,
+        })
+    }
+}
+
+/// Prints what the person running the instance should see while it runs.
+fn notify(notice: &Notice) {
+    match notice {
+        Notice::ApiListening { id, url } => eprintln!("API server [{id}] listening on {url}"),
+        Notice::ApiUnavailable { id, range } => eprintln!(
+            "app: warning: every API port of {}-{} is taken; instance {id} runs without the API (set APP_API_PORT_RANGE or --api-addr)",
+            range.start(),
+            range.end()
+        ),
+    }
+}
+
+/// Arguments of `app serve`.
+#[derive(Debug, Args)]
+pub struct ServeCommandArgs {
+    /// Use NAME as the instance id instead of a random one.
+    #[arg(long = "instance", value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+pub(super) fn serve(args: ServeCommandArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
+    let options = RunOptions {
+        name: args.name,
+        no_worktree: true,
+        command: vec!["app".into(), "serve".into()],
+        db,
+        serve: true,
+        api: args.serve.api(),
+        stop_timeout: Some(args.serve.stop_timeout),
+        notify: Some(notify),
+        ..RunOptions::default()
+    };
+    let outcome = instance::run(&super::current_dir()?, &options, Timing::from_env()?)?;
+    eprintln!("app: instance {} stopped", outcome.id);
+    Ok(outcome.exit_code)
+}
 
 /// Arguments of `app run`.
 #[derive(Debug, Args)]
@@ -29,6 +97,8 @@ pub struct RunArgs {
     /// Lease N consecutive free TCP ports for the command (APP_PORT, APP_PORTS).
     #[arg(long, value_name = "N")]
     ports: Option<usize>,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// The command to run, after '--'.
     #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
     command: Vec<String>,
@@ -45,6 +115,10 @@ pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
         command: args.command,
         db,
         ports: args.ports,
+        serve: false,
+        api: args.serve.api(),
+        stop_timeout: Some(args.serve.stop_timeout),
+        notify: Some(notify),
     };
     let cwd = super::current_dir()?;
     let outcome = instance::run(&cwd, &options, timing)?;

@@ -70,6 +70,18 @@ pub async fn record(db: &Db, event: &NewEvent) -> Result<()> {
     .map(drop)
 }
 
+/// The id of the newest event, or 0 when there is none.
+pub async fn latest_id(db: &Db) -> Result<i64> {
+    let rows = db
+        .query_rows(
+            "reading the newest event id",
+            "SELECT COALESCE(MAX(id), 0) FROM events",
+            Vec::new(),
+        )
+        .await?;
+    Ok(rows.first().and_then(|row| integer(&row[0])).unwrap_or(0))
+}
+
 /// Which events to read.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {

@@ -27,22 +27,33 @@ pub enum Update {
     Event(NewEvent),
 }
 
+/// What the mirror thread receives: updates, then one `Close` (senders other threads still
+/// hold need not be dropped first).
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "each message is moved once, never stored"
+)]
+enum Message {
+    Update(Update),
+    Close,
+}
+
 /// Handle to the mirror thread.
 #[derive(Debug)]
 pub struct Mirror {
-    sender: mpsc::Sender<Update>,
+    sender: mpsc::Sender<Message>,
     finished: mpsc::Receiver<bool>,
 }
 
-/// A cloneable way to send updates (for the heartbeat thread).
+/// A cloneable way to send updates (for the heartbeat thread and the control socket).
 #[derive(Debug, Clone)]
-pub struct MirrorSender(mpsc::Sender<Update>);
+pub struct MirrorSender(mpsc::Sender<Message>);
 
 impl MirrorSender {
-    /// Queues an update; never blocks.
+    /// Queues an update; never blocks. After the mirror closed it is dropped.
     pub fn send(&self, update: Update) {
-        // The thread outlives every sender; a send can only fail after it gave up.
-        let _ = self.0.send(update);
+        let _ = self.0.send(Message::Update(update));
     }
 }
 
@@ -68,13 +79,13 @@ impl Mirror {
 
     /// Queues an update; never blocks.
     pub fn send(&self, update: Update) {
-        let _ = self.sender.send(update);
+        let _ = self.sender.send(Message::Update(update));
     }
 
     /// Stops taking updates and waits up to `wait` for the pending ones to be written. Returns
     /// whether everything reached the database.
     pub fn close(self, wait: Duration) -> bool {
-        drop(self.sender);
+        let _ = self.sender.send(Message::Close);
         self.finished.recv_timeout(wait).unwrap_or(false)
     }
 }
@@ -99,7 +110,7 @@ impl Pending {
 }
 
 /// Runs until every sender is gone; returns whether the last flush succeeded.
-fn mirror_loop(location: Location, settings: DbSettings, updates: mpsc::Receiver<Update>) -> bool {
+fn mirror_loop(location: Location, settings: DbSettings, updates: mpsc::Receiver<Message>) -> bool {
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -111,15 +122,19 @@ fn mirror_loop(location: Location, settings: DbSettings, updates: mpsc::Receiver
     let mut pending = Pending::default();
     let mut failing = false;
     loop {
-        let closed = match updates.recv() {
-            Ok(update) => {
+        let mut closed = match updates.recv() {
+            Ok(Message::Update(update)) => {
                 pending.absorb(update);
                 false
             }
-            Err(mpsc::RecvError) => true,
+            Ok(Message::Close) | Err(mpsc::RecvError) => true,
         };
-        while let Ok(update) = updates.try_recv() {
-            pending.absorb(update);
+        while !closed {
+            match updates.try_recv() {
+                Ok(Message::Update(update)) => pending.absorb(update),
+                Ok(Message::Close) | Err(mpsc::TryRecvError::Disconnected) => closed = true,
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
         }
         if !pending.is_empty() {
             match runtime.block_on(flush(&mut db, &location, settings, &mut pending)) {

@@ -2,6 +2,7 @@
 //!
 //! Every test gets its own [`support::TestRepo`] and drives the real `app` binary.
 
+mod api;
 mod control;
 mod coordination;
 mod db;

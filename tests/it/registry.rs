@@ -26,6 +26,7 @@ fn record(id: &str, pid: u32, start_time: u64) -> InstanceRecord {
         child_start_time: None,
         status: InstanceStatus::Running,
         ports: Vec::new(),
+        api_url: None,
     }
 }
 

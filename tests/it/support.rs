@@ -88,6 +88,9 @@ impl TestRepo {
             "APP_DB_PATH",
             "APP_DB_AUTH_TOKEN",
             "APP_DB_RETRY_DEADLINE",
+            "APP_API_ADDR",
+            "APP_API_TOKEN",
+            "APP_API_PORT_RANGE",
             "DATABASE_URL",
             "GIT_DIR",
             "GIT_WORK_TREE",
@@ -270,6 +273,12 @@ impl Running {
         let group = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         child.wait_with_output().unwrap()
+    }
+
+    /// Sends `signal` to the `app` process alone, then waits like [`Running::wait`].
+    pub fn wait_after(self, signal: nix::sys::signal::Signal, timeout: Duration) -> Output {
+        kill(self.pid(), signal);
+        self.wait(timeout)
     }
 
     /// Waits for exit (bounded) and returns the output.

@@ -1,0 +1,389 @@
+//! The live event stream behind `GET /events`: a bounded broadcast hub and the two feeds that
+//! fill it.
+//!
+//! - The database feed tails the shared `events` table of this repository (`instance.started`,
+//!   `instance.stopped`, `instance.exec`, ... as every supervisor records them, on this machine
+//!   or another one sharing a libSQL server).
+//! - The local feed watches this repository's `.app/` state and reports what is only on disk:
+//!   instances that went stale, messages filed into inboxes or acknowledged, locks taken and
+//!   released.
+//!
+//! Invariants:
+//! - Publishing never waits for a subscriber: each one reads from a ring of `capacity` events;
+//!   one that falls behind loses the oldest and is told how many (`lagged`), the others are not
+//!   slowed down.
+//! - Nothing already in the log is replayed: a subscriber sees what happens after it connected.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+use crate::db::events::{self, EventFilter};
+use crate::db::{Db, DbSettings, Location};
+use crate::lock::Locks;
+use crate::paths::AppPaths;
+use crate::queue::Message;
+use crate::registry::{Liveness, Registry, Timestamp};
+use crate::sign::{self, SigningKey};
+
+/// How often the database is asked for new events.
+const DATABASE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often `.app/` is scanned.
+const LOCAL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long to wait before opening the database again after it failed.
+const REOPEN_AFTER: Duration = Duration::from_secs(5);
+
+/// One event of the stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiEvent {
+    /// The event log's row id, for events that come from the database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    /// What happened: `instance.started`, `message.sent`, `lock.acquired`, ...
+    pub kind: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The instance it concerns.
+    pub instance: Option<String>,
+    /// Details.
+    pub payload: Value,
+}
+
+impl ApiEvent {
+    /// An event that happens now.
+    pub fn now(kind: &str, instance: Option<&str>, payload: Value) -> Self {
+        ApiEvent {
+            id: None,
+            kind: kind.to_string(),
+            at: Timestamp::now().to_string(),
+            instance: instance.map(str::to_string),
+            payload,
+        }
+    }
+}
+
+/// The broadcast hub every subscriber reads from.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    sender: broadcast::Sender<Arc<ApiEvent>>,
+}
+
+impl Hub {
+    /// A hub that keeps up to `capacity` events for its slowest subscriber.
+    pub fn new(capacity: usize) -> Self {
+        Hub {
+            sender: broadcast::channel(capacity.max(1)).0,
+        }
+    }
+
+    /// Sends `event` to every subscriber; never blocks.
+    pub fn publish(&self, event: ApiEvent) {
+        // No subscriber is not an error: the event is simply not seen.
+        let _ = self.sender.send(Arc::new(event));
+    }
+
+    /// A new subscriber, seeing events published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ApiEvent>> {
+        self.sender.subscribe()
+    }
+
+    /// How many subscribers are connected.
+    pub fn subscribers(&self) -> usize {
+        self.sender.receiver_count()
+    }
+}
+
+/// Copies this repository's new database events into the hub until `stop` changes.
+pub async fn tail_database(
+    hub: Hub,
+    (location, settings): (Location, DbSettings),
+    repo_root: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut warned = false;
+    let mut after_id: Option<i64> = None;
+    loop {
+        let db = match Db::open(location.clone(), settings).await {
+            Ok(db) => db,
+            Err(err) => {
+                if !warned {
+                    tracing::warn!(database = %location, %err, "the event stream cannot read the database; instance events are missing until it can");
+                    warned = true;
+                }
+                if wait_or_stop(&mut stop, REOPEN_AFTER).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let start = match after_id {
+                Some(id) => id,
+                None => match events::latest_id(&db).await {
+                    Ok(id) => *after_id.insert(id),
+                    Err(_) => break,
+                },
+            };
+            let filter = EventFilter {
+                after_id: start,
+                repo_root: Some(repo_root.clone()),
+                ..EventFilter::default()
+            };
+            match events::query(&db, &filter, 500).await {
+                Ok(rows) => {
+                    warned = false;
+                    for row in rows {
+                        after_id = Some(row.id);
+                        hub.publish(ApiEvent {
+                            id: Some(row.id),
+                            kind: row.kind,
+                            at: row.at,
+                            instance: row.instance,
+                            payload: row.payload,
+                        });
+                    }
+                }
+                Err(err) => {
+                    if !warned {
+                        tracing::warn!(database = %location, %err, "reading events failed; retrying");
+                        warned = true;
+                    }
+                    break;
+                }
+            }
+            if wait_or_stop(&mut stop, DATABASE_INTERVAL).await {
+                return;
+            }
+        }
+        if wait_or_stop(&mut stop, REOPEN_AFTER).await {
+            return;
+        }
+    }
+}
+
+/// Scans `.app/` for changes into the hub until `stop` changes.
+pub async fn watch_local(
+    hub: Hub,
+    paths: AppPaths,
+    stale_after: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen = Some(LocalState::default());
+    loop {
+        let Some(mut state) = seen.take() else { return };
+        let paths = paths.clone();
+        let scanned = tokio::task::spawn_blocking(move || {
+            let events = state.scan(&paths, stale_after);
+            (state, events)
+        })
+        .await;
+        match scanned {
+            Ok((state, events)) => {
+                for event in events {
+                    hub.publish(event);
+                }
+                seen = Some(state);
+            }
+            Err(err) => {
+                tracing::warn!(%err, "scanning .app/ for the event stream failed; it stops");
+                return;
+            }
+        }
+        if wait_or_stop(&mut stop, LOCAL_INTERVAL).await {
+            return;
+        }
+    }
+}
+
+/// Waits `period`; returns true when `stop` changed first (or its sender is gone).
+async fn wait_or_stop(stop: &mut watch::Receiver<bool>, period: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(period) => false,
+        _ = stop.changed() => true,
+    }
+}
+
+/// What the last scan of `.app/` saw; the first scan only records.
+#[derive(Debug, Default)]
+pub struct LocalState {
+    primed: bool,
+    /// Instances already reported stale.
+    stale: HashSet<String>,
+    /// Message files in inboxes: (recipient, message id).
+    messages: HashSet<(String, String)>,
+    /// Acknowledged messages, the same way.
+    acked: HashSet<(String, String)>,
+    /// Locks by name: the last token and whether it was held.
+    locks: HashMap<String, (u64, bool)>,
+}
+
+impl LocalState {
+    /// Scans once; returns the changes since the last scan.
+    pub fn scan(&mut self, paths: &AppPaths, stale_after: Duration) -> Vec<ApiEvent> {
+        let mut out = Vec::new();
+        self.scan_instances(paths, stale_after, &mut out);
+        let key = SigningKey::load(paths, false).ok().flatten();
+        self.scan_messages(paths, key.as_ref(), &mut out);
+        self.scan_locks(paths, stale_after, &mut out);
+        let primed = std::mem::replace(&mut self.primed, true);
+        if primed { out } else { Vec::new() }
+    }
+
+    fn scan_instances(&mut self, paths: &AppPaths, stale_after: Duration, out: &mut Vec<ApiEvent>) {
+        let Ok(snapshot) = Registry::open_read_only(paths).and_then(|r| r.snapshot()) else {
+            return;
+        };
+        let mut stale = HashSet::new();
+        for record in snapshot.valid_instances() {
+            if let Liveness::Stale(reason) = record.liveness(stale_after) {
+                if !self.stale.contains(&record.id) {
+                    out.push(ApiEvent::now(
+                        "instance.stale",
+                        Some(&record.id),
+                        json!({ "pid": record.pid, "reason": reason }),
+                    ));
+                }
+                stale.insert(record.id.clone());
+            }
+        }
+        self.stale = stale;
+    }
+
+    fn scan_messages(
+        &mut self,
+        paths: &AppPaths,
+        key: Option<&SigningKey>,
+        out: &mut Vec<ApiEvent>,
+    ) {
+        let listed = |dir: fn(&AppPaths, &str) -> PathBuf| {
+            let mut found = HashSet::new();
+            for recipient in names_in(&paths.inboxes_dir()) {
+                for file in names_in(&dir(paths, &recipient)) {
+                    if let Some(id) = file.strip_suffix(".json") {
+                        found.insert((recipient.clone(), id.to_string()));
+                    }
+                }
+            }
+            found
+        };
+        let inbox = listed(AppPaths::inbox);
+        let acked = listed(AppPaths::acked);
+        if self.primed {
+            // A message acknowledged between two scans is seen in `acked/` only.
+            for (recipient, id) in inbox.iter().chain(&acked) {
+                let key_of = (recipient.clone(), id.clone());
+                if self.messages.contains(&key_of) || self.acked.contains(&key_of) {
+                    continue;
+                }
+                let file = format!("{id}.json");
+                let read = |dir: PathBuf| {
+                    let bytes = std::fs::read(dir.join(&file)).ok()?;
+                    let value = serde_json::from_slice::<Value>(&bytes).ok()?;
+                    // Only what verifies is announced; the rest is the receiver's to quarantine.
+                    sign::open::<Message>(&value, key).ok()
+                };
+                let Some(message) =
+                    read(paths.inbox(recipient)).or_else(|| read(paths.acked(recipient)))
+                else {
+                    continue;
+                };
+                out.push(ApiEvent::now(
+                    "message.sent",
+                    Some(&message.from),
+                    json!({
+                        "id": message.id,
+                        "from": message.from,
+                        "to": message.to,
+                        "recipient": message.recipient,
+                        "type": message.kind,
+                        "payload": message.payload,
+                    }),
+                ));
+            }
+            for (recipient, id) in acked.difference(&self.acked) {
+                out.push(ApiEvent::now(
+                    "message.acked",
+                    Some(recipient),
+                    json!({ "id": id, "recipient": recipient }),
+                ));
+            }
+        }
+        self.messages = inbox;
+        self.acked = acked;
+    }
+
+    fn scan_locks(&mut self, paths: &AppPaths, stale_after: Duration, out: &mut Vec<ApiEvent>) {
+        let Ok(Some(locks)) = Locks::existing(paths, stale_after) else {
+            return;
+        };
+        let Ok(list) = locks.list() else { return };
+        let mut now = HashMap::new();
+        for (state, _) in list {
+            let held = state.holder.is_some();
+            let before = self.locks.get(&state.name).copied();
+            // A new token is a grant; one taken and given back between two scans shows as a
+            // new token that is no longer held: both events are sent.
+            let granted = before.is_none_or(|(token, _)| token != state.token) && state.token > 0;
+            if granted {
+                let holder = state.holder.as_ref().and_then(|h| h.instance.clone());
+                out.push(ApiEvent::now(
+                    "lock.acquired",
+                    holder.as_deref(),
+                    json!({ "name": state.name, "token": state.token, "holder": state.holder }),
+                ));
+            }
+            if !held && (granted || before == Some((state.token, true))) {
+                out.push(ApiEvent::now(
+                    "lock.released",
+                    None,
+                    json!({ "name": state.name, "token": state.token }),
+                ));
+            }
+            now.insert(state.name, (state.token, held));
+        }
+        self.locks = now;
+    }
+}
+
+/// Names of the entries of `dir` (none when it does not exist).
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_subscriber_is_told_it_lagged_and_others_are_not() {
+        let hub = Hub::new(2);
+        let mut slow = hub.subscribe();
+        let mut fast = hub.subscribe();
+        for n in 0..5 {
+            hub.publish(ApiEvent::now("test", None, json!(n)));
+            assert_eq!(fast.recv().await.unwrap().payload, json!(n));
+        }
+        assert!(matches!(
+            slow.recv().await,
+            Err(broadcast::error::RecvError::Lagged(3))
+        ));
+        assert_eq!(slow.recv().await.unwrap().payload, json!(3));
+        assert_eq!(hub.subscribers(), 2);
+    }
+}

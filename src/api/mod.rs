@@ -1,0 +1,538 @@
+//! The HTTP API of an instance (`app serve --with-api`, `app run --with-api`): health, the
+//! instances of the repository, a live event stream (server-sent events) and messages.
+//!
+//! Invariants:
+//! - Loopback unless told otherwise; any other address needs a bearer token
+//!   (`APP_API_TOKEN`), and a token, once set, is checked on every request.
+//! - The address is chosen before the instance registers: an explicit address that is taken
+//!   is an error that changes nothing; without one the first free port of the range is used,
+//!   and when all are taken the instance runs without an API.
+//! - The server runs on a thread of its own with a single-threaded runtime; blocking work
+//!   (registry, queue) goes through `spawn_blocking`. `ApiServer::shutdown` sends a final
+//!   `instance.stopping` event, ends every stream and stops accepting, bounded in time.
+//! - Every error is JSON: `{"error": "...", "kind": "..."}`.
+
+pub mod feed;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+use self::feed::{ApiEvent, Hub};
+use crate::db::{DbSettings, Location};
+use crate::error::{Error, Result};
+use crate::paths::AppPaths;
+use crate::queue;
+use crate::registry::Registry;
+
+/// Ports tried, in order, when no address is given (`APP_API_PORT_RANGE` changes it).
+pub const DEFAULT_PORTS: RangeInclusive<u16> = 3000..=3010;
+/// Events kept for the slowest subscriber before it is told it lagged.
+pub const DEFAULT_CAPACITY: usize = 1024;
+/// The last event every stream gets before the server stops.
+pub const FINAL_EVENT: &str = "instance.stopping";
+/// How long `shutdown` waits for connections to close.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
+
+/// What `--with-api` was given.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// `--api-addr` (else `APP_API_ADDR`, else the first free port of the range).
+    pub addr: Option<String>,
+    /// `--api-capacity`: events buffered per subscriber.
+    pub capacity: usize,
+}
+
+/// A bound listener, not yet serving.
+#[derive(Debug)]
+pub struct Binding {
+    listener: TcpListener,
+    addr: SocketAddr,
+    token: Option<String>,
+}
+
+impl Binding {
+    /// The URL clients use (loopback for a wildcard address).
+    pub fn url(&self) -> String {
+        let ip = if self.addr.ip().is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            self.addr.ip()
+        };
+        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+}
+
+/// How binding went.
+#[derive(Debug)]
+pub enum Bound {
+    /// Listening.
+    Listening(Binding),
+    /// No address was given and every port of the range is taken.
+    AllTaken(RangeInclusive<u16>),
+}
+
+/// The port range from `APP_API_PORT_RANGE` (default 3000-3010).
+pub fn port_range() -> Result<RangeInclusive<u16>> {
+    crate::ports::range_from("APP_API_PORT_RANGE", DEFAULT_PORTS)
+}
+
+/// Binds the API's address: `options.addr`, else `APP_API_ADDR`, else the first free port of
+/// [`port_range`] on 127.0.0.1.
+pub fn bind(options: &ApiOptions) -> Result<Bound> {
+    let token = std::env::var("APP_API_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let explicit = options
+        .addr
+        .clone()
+        .or_else(|| std::env::var("APP_API_ADDR").ok())
+        .filter(|a| !a.trim().is_empty());
+    if options.capacity == 0 {
+        return Err(Error::bad_input(
+            "--api-capacity 0: give the number of events buffered per subscriber, e.g. 1024",
+        ));
+    }
+    let Some(text) = explicit else {
+        let range = port_range()?;
+        for port in range.clone() {
+            let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+            if let Ok(listener) = TcpListener::bind(addr) {
+                return Ok(Bound::Listening(Binding {
+                    listener,
+                    addr,
+                    token,
+                }));
+            }
+        }
+        return Ok(Bound::AllTaken(range));
+    };
+    let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        Error::bad_input(format!(
+            "API address {text:?} is not IP:PORT; write e.g. 127.0.0.1:3000"
+        ))
+    })?;
+    if !addr.ip().is_loopback() && token.is_none() {
+        return Err(Error::bad_input(format!(
+            "the API on {addr} would be reachable from other machines; set APP_API_TOKEN to a secret bearer token, or bind 127.0.0.1"
+        )));
+    }
+    let listener = TcpListener::bind(addr).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::AddrInUse {
+            Error::Busy(format!(
+                "API address {addr} is taken; pick another --api-addr, or leave it out to take the first free port of the range (APP_API_PORT_RANGE, default {}-{})",
+                DEFAULT_PORTS.start(),
+                DEFAULT_PORTS.end()
+            ))
+        } else {
+            Error::Failed(format!("cannot listen on {addr}: {err}"))
+        }
+    })?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    Ok(Bound::Listening(Binding {
+        listener,
+        addr,
+        token,
+    }))
+}
+
+/// What the API serves.
+#[derive(Debug, Clone)]
+pub struct ApiContext {
+    /// The instance the API belongs to.
+    pub instance_id: String,
+    /// The repository's `.app/` layout.
+    pub paths: AppPaths,
+    /// When an instance counts as stale.
+    pub stale_after: Duration,
+    /// The shared database whose events are streamed.
+    pub database: (Location, DbSettings),
+    /// Events buffered per subscriber.
+    pub capacity: usize,
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    url: String,
+    hub: Hub,
+    stop: watch::Sender<bool>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+struct AppState {
+    context: ApiContext,
+    hub: Hub,
+    token: Option<String>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Starts serving `binding` on a thread of its own.
+pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
+    let url = binding.url();
+    let hub = Hub::new(context.capacity);
+    let (stop, stopped) = watch::channel(false);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Error::Failed(format!("cannot start the API's runtime: {err}")))?;
+    binding
+        .listener
+        .set_nonblocking(true)
+        .map_err(|err| Error::Failed(format!("cannot set up the API's socket: {err}")))?;
+    let state = Arc::new(AppState {
+        context,
+        hub: hub.clone(),
+        token: binding.token,
+        stop: stopped.clone(),
+    });
+    let (finished, done) = std::sync::mpsc::channel();
+    let listener = binding.listener;
+    thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            runtime.block_on(serve(listener, state, stopped));
+            let _ = finished.send(());
+        })
+        .map_err(|err| Error::Failed(format!("cannot start the API thread: {err}")))?;
+    Ok(ApiServer {
+        url,
+        hub,
+        stop,
+        done,
+    })
+}
+
+impl ApiServer {
+    /// Where the API listens.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends the final event to every stream, stops accepting and waits (bounded) for the
+    /// connections to close.
+    pub fn shutdown(self, instance_id: &str, reason: &str) {
+        self.hub.publish(ApiEvent::now(
+            FINAL_EVENT,
+            Some(instance_id),
+            json!({ "reason": reason }),
+        ));
+        let _ = self.stop.send(true);
+        if self.done.recv_timeout(SHUTDOWN_WAIT).is_err() {
+            tracing::warn!(url = %self.url, "the API did not close its connections in time");
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<AppState>, stopped: watch::Receiver<bool>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::warn!(%err, "the API cannot listen");
+            return;
+        }
+    };
+    let context = &state.context;
+    // The database feed's future is not `Send` (libsql), so the feeds run beside the server
+    // in this task rather than as spawned tasks.
+    let database = feed::tail_database(
+        state.hub.clone(),
+        context.database.clone(),
+        context.paths.repo_root().display().to_string(),
+        stopped.clone(),
+    );
+    let local = feed::watch_local(
+        state.hub.clone(),
+        context.paths.clone(),
+        context.stale_after,
+        stopped.clone(),
+    );
+    let mut stop = stopped;
+    let shutdown = async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    let server = async {
+        if let Err(err) = axum::serve(listener, router(Arc::clone(&state)))
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(%err, "the API server failed");
+        }
+    };
+    tokio::join!(server, database, local);
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/instances", get(instances))
+        .route("/events", get(events))
+        .route("/messages", post(messages))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authorize,
+        ))
+        .with_state(state)
+}
+
+/// An error as the API returns it.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({ "error": self.message, "kind": self.kind })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        let (status, kind) = match &err {
+            Error::BadInput(_) | Error::NotARepository { .. } => {
+                (StatusCode::BAD_REQUEST, "bad_input")
+            }
+            Error::UnknownInstance { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            Error::Busy(_) => (StatusCode::CONFLICT, "busy"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+        };
+        ApiError::new(status, kind, err.to_string())
+    }
+}
+
+async fn authorize(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(given.trim(), token) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token; send 'Authorization: Bearer <APP_API_TOKEN>'",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(given: &str, expected: &str) -> bool {
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see docs/API.md (GET /health, GET /instances, GET /events, POST /messages)",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; see docs/API.md",
+    )
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "instance_id": state.context.instance_id,
+        "subscribers": state.hub.subscribers(),
+    }))
+}
+
+async fn instances(
+    State(state): State<Arc<AppState>>,
+) -> std::result::Result<Json<Value>, ApiError> {
+    let context = state.context.clone();
+    let listing = tokio::task::spawn_blocking(move || -> Result<Value> {
+        let snapshot = Registry::open_read_only(&context.paths)?.snapshot()?;
+        Ok(Value::Array(
+            snapshot
+                .valid_instances()
+                .into_iter()
+                .map(|record| record.to_json(&record.liveness(context.stale_after)))
+                .collect(),
+        ))
+    })
+    .await
+    .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))??;
+    Ok(Json(listing))
+}
+
+async fn events(
+    State(state): State<Arc<AppState>>,
+) -> Sse<impl Stream<Item = std::result::Result<Event, Infallible>>> {
+    let receiver = state.hub.subscribe();
+    let stop = state.stop.clone();
+    let stream = futures_util::stream::unfold(
+        (receiver, stop, false),
+        |(mut receiver, mut stop, ended)| async move {
+            if ended {
+                return None;
+            }
+            // Events already published come before the stop, so the final one is delivered.
+            let next = tokio::select! {
+                biased;
+                received = receiver.recv() => received,
+                _ = stop.wait_for(|stopped| *stopped) => return None,
+            };
+            match next {
+                Ok(event) => {
+                    let last = event.kind == FINAL_EVENT;
+                    Some((Ok(sse_event(&event)), (receiver, stop, last)))
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => Some((
+                    Ok(Event::default()
+                        .event("lagged")
+                        .data(json!({ "missed": missed }).to_string())),
+                    (receiver, stop, false),
+                )),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn sse_event(event: &ApiEvent) -> Event {
+    let data = serde_json::to_string(event).expect("events serialize");
+    let sse = Event::default().event(&event.kind).data(data);
+    match event.id {
+        Some(id) => sse.id(id.to_string()),
+        None => sse,
+    }
+}
+
+/// The body of `POST /messages`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    /// An instance id, or `all` for every live instance.
+    to: String,
+    /// The message type.
+    #[serde(rename = "type", default = "text_kind")]
+    kind: String,
+    /// Any JSON value.
+    payload: Value,
+    /// Milliseconds before an unacknowledged message expires.
+    ttl: Option<u64>,
+    /// The sending instance (default: the API's own).
+    from: Option<String>,
+}
+
+fn text_kind() -> String {
+    "text".into()
+}
+
+async fn messages(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> std::result::Result<(StatusCode, Json<Value>), ApiError> {
+    let request: PostMessage = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_input",
+            format!(
+                "the body is not a message ({err}); send {{\"to\": \"<id>|all\", \"type\": \"text\", \"payload\": ...}}"
+            ),
+        )
+    })?;
+    let context = state.context.clone();
+    let posted = tokio::task::spawn_blocking(move || -> Result<queue::Posted> {
+        let snapshot = Registry::open_read_only(&context.paths)?.snapshot()?;
+        queue::post(
+            &context.paths,
+            &snapshot,
+            context.stale_after,
+            queue::Post {
+                from: request.from.unwrap_or(context.instance_id),
+                to: request.to,
+                kind: request.kind,
+                ttl: request
+                    .ttl
+                    .map_or(queue::DEFAULT_TTL, Duration::from_millis),
+                payload: request.payload,
+            },
+        )
+    })
+    .await
+    .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))??;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": posted.id, "recipients": posted.recipients })),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abd", "abc"));
+        assert!(!same_secret("ab", "abc"));
+        assert!(!same_secret("", "abc"));
+    }
+}

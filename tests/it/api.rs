@@ -1,0 +1,523 @@
+//! The HTTP API of `app serve --with-api` and `app run --with-api`, driven over real TCP.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::support::{Running, TestRepo, code, kill, stderr, stdout, wait_for};
+
+/// `n` consecutive ports that are free now, below the kernel's ephemeral range.
+fn free_ports(n: u16) -> u16 {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+    for attempt in 0..500u64 {
+        let base = 12000
+            + ((seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(attempt * 7919))
+                % 18000) as u16;
+        if (base..base + n).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+/// `app` with the API's port range set to `base..base+len-1`.
+fn with_range(repo: &TestRepo, args: &[&str], base: u16, len: u16) -> std::process::Command {
+    let mut command = repo.app(args);
+    command.env("APP_API_PORT_RANGE", format!("{base}-{}", base + len - 1));
+    command
+}
+
+/// Waits until instance `id` is registered as running; returns its record's API URL.
+fn wait_serving(repo: &TestRepo, run: &mut Running, id: &str) -> Option<String> {
+    let mut url = None;
+    wait_for(
+        &format!("instance {id} to run"),
+        Duration::from_secs(30),
+        || {
+            run.assert_running();
+            match repo.instances().into_iter().find(|r| r.id == id) {
+                Some(record) if record.status.to_string() == "running" => {
+                    url = Some(record.api_url);
+                    true
+                }
+                _ => false,
+            }
+        },
+    );
+    url.unwrap()
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+fn http(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let address = url.strip_prefix("http://").unwrap();
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    request.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|err| panic!("not JSON ({err}): {body}"))
+}
+
+/// A server-sent-events subscription.
+struct Events {
+    reader: BufReader<TcpStream>,
+}
+
+impl Events {
+    /// Subscribes to `url`/events and waits until the server counts the subscriber.
+    fn subscribe(url: &str) -> Events {
+        let address = url.strip_prefix("http://").unwrap();
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        write!(stream, "GET /events HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+        let events = Events {
+            reader: BufReader::new(stream),
+        };
+        wait_for(
+            "the subscriber to be counted",
+            Duration::from_secs(10),
+            || json_of(&http(url, "GET", "/health", None, None).1)["subscribers"] == json!(1),
+        );
+        events
+    }
+
+    /// Reads events until one of kind `kind` matches `want`; returns its data. Every event
+    /// read on the way is appended to `seen`.
+    fn until(
+        &mut self,
+        kind: &str,
+        seen: &mut Vec<(String, Value)>,
+        want: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut event = String::new();
+        loop {
+            assert!(Instant::now() < deadline, "no {kind} event; saw {seen:?}");
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => panic!("the stream ended before a {kind} event; saw {seen:?}"),
+                Ok(_) => {}
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::WouldBlock
+                        || err.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    continue;
+                }
+                Err(err) => panic!("reading the stream: {err}"),
+            }
+            // Chunked transfer framing lines (sizes, blanks) carry no event fields.
+            let line = line.trim_end();
+            if let Some(name) = line.strip_prefix("event: ") {
+                event = name.to_string();
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                let data = json_of(data);
+                seen.push((event.clone(), data.clone()));
+                if event == kind && want(&data) {
+                    return data;
+                }
+            }
+        }
+    }
+
+    /// Whether the server closes the stream within `timeout`.
+    fn ends_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut line = String::new();
+        while Instant::now() < deadline {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::WouldBlock
+                        || err.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+#[test]
+fn two_serves_take_consecutive_ports_a_stream_sees_a_third_and_a_full_range_runs_without_api() {
+    let repo = TestRepo::new();
+    let base = free_ports(2);
+    let mut first = repo.spawn(with_range(
+        &repo,
+        &["serve", "--with-api", "--instance", "one"],
+        base,
+        2,
+    ));
+    let url_one = wait_serving(&repo, &mut first, "one").expect("one has an API");
+    let mut second = repo.spawn(with_range(
+        &repo,
+        &["serve", "--with-api", "--instance", "two"],
+        base,
+        2,
+    ));
+    let url_two = wait_serving(&repo, &mut second, "two").expect("two has an API");
+    assert_eq!(url_one, format!("http://127.0.0.1:{base}"));
+    assert_eq!(url_two, format!("http://127.0.0.1:{}", base + 1));
+
+    for (url, id) in [(&url_one, "one"), (&url_two, "two")] {
+        let (status, body) = http(url, "GET", "/health", None, None);
+        assert_eq!(status, 200);
+        let health = json_of(&body);
+        assert_eq!(health["status"], "ok");
+        assert_eq!(health["instance_id"], id);
+        assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    let mut events = Events::subscribe(&url_one);
+    // Every port is taken now: the third instance warns and runs without an API.
+    let mut third = repo.spawn(with_range(
+        &repo,
+        &["serve", "--with-api", "--instance", "three"],
+        base,
+        2,
+    ));
+    assert_eq!(wait_serving(&repo, &mut third, "three"), None);
+    let mut seen = Vec::new();
+    let started = events.until("instance.started", &mut seen, |data| {
+        data["instance"] == "three"
+    });
+    assert_eq!(started["kind"], "instance.started");
+    assert!(started["id"].as_i64().is_some(), "{started}");
+
+    let list = repo.run_app(&["instance", "list", "--long"]);
+    let text = stdout(&list);
+    assert!(text.lines().next().unwrap().contains("API"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("one ") && l.contains(&url_one)),
+        "{text}"
+    );
+    let listed = json_of(&http(&url_two, "GET", "/instances", None, None).1);
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["liveness"] == "live")
+    );
+
+    let third_output = third.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+    assert!(
+        stderr(&third_output).contains("every API port of"),
+        "{}",
+        stderr(&third_output)
+    );
+    drop(events);
+}
+
+#[test]
+fn messages_post_through_the_queue_and_errors_are_json() {
+    let repo = TestRepo::new();
+    let base = free_ports(1);
+    let mut server = repo.spawn(with_range(
+        &repo,
+        &["serve", "--with-api", "--instance", "hub"],
+        base,
+        1,
+    ));
+    let url = wait_serving(&repo, &mut server, "hub").unwrap();
+    let mut events = Events::subscribe(&url);
+    let agent = repo.spawn_app(&["run", "--instance", "agent", "--", "sleep", "300"]);
+    repo.wait_running(agent.pid());
+
+    let (status, body) = http(
+        &url,
+        "POST",
+        "/messages",
+        None,
+        Some(r#"{"to": "agent", "type": "review", "payload": {"pr": 7}}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = json_of(&body)["id"].as_str().unwrap().to_string();
+    assert_eq!(json_of(&body)["recipients"], json!(["agent"]));
+    let received = repo.run_app(&["recv", "--instance", "agent", "--json"]);
+    assert_eq!(code(&received), 0, "{}", stderr(&received));
+    let message = json_of(stdout(&received).lines().next().unwrap());
+    assert_eq!(message["id"], id.as_str());
+    assert_eq!(message["from"], "hub");
+    assert_eq!(message["type"], "review");
+    assert_eq!(message["payload"], json!({"pr": 7}));
+    let mut seen = Vec::new();
+    events.until("message.sent", &mut seen, |data| {
+        data["payload"]["id"] == id.as_str()
+    });
+
+    for (method, path, body, want, kind) in [
+        (
+            "POST",
+            "/messages",
+            r#"{"to": "nobody", "payload": 1}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/messages",
+            r#"{"to": "agent", "type": "Bad Type", "payload": 1}"#,
+            400,
+            "bad_input",
+        ),
+        ("POST", "/messages", r#"{"to": "agent"#, 400, "bad_input"),
+        (
+            "POST",
+            "/messages",
+            r#"{"to": "agent", "payload": 1, "extra": 2}"#,
+            400,
+            "bad_input",
+        ),
+        ("GET", "/no-such-thing", "", 404, "not_found"),
+        ("DELETE", "/health", "", 405, "method_not_allowed"),
+    ] {
+        let (status, response) = http(&url, method, path, None, Some(body));
+        assert_eq!(status, want, "{method} {path} {body}: {response}");
+        let error = json_of(&response);
+        assert_eq!(error["kind"], kind, "{response}");
+        assert!(
+            error["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{response}"
+        );
+    }
+    // Nothing but the one good message was filed.
+    let inbox = repo.state_dir().join("coordination_queue/inbox/agent");
+    assert_eq!(std::fs::read_dir(&inbox).map(|d| d.count()).unwrap_or(0), 0);
+
+    // A lock taken and released shows in the stream.
+    let locked = repo.run_app(&["lock", "run", "deploy", "--", "true"]);
+    assert_eq!(code(&locked), 0, "{}", stderr(&locked));
+    events.until("lock.acquired", &mut seen, |data| {
+        data["payload"]["name"] == "deploy"
+    });
+    events.until("lock.released", &mut seen, |data| {
+        data["payload"]["name"] == "deploy"
+    });
+}
+
+#[test]
+fn a_token_guards_every_request_and_bad_addresses_change_nothing() {
+    let repo = TestRepo::new();
+    let port = free_ports(1);
+    let address = format!("127.0.0.1:{port}");
+    let mut command = repo.app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &address,
+        "--instance",
+        "guarded",
+    ]);
+    command.env("APP_API_TOKEN", "s3cret");
+    let mut server = repo.spawn(command);
+    let url = wait_serving(&repo, &mut server, "guarded").unwrap();
+    for (token, want) in [(None, 401), (Some("wrong"), 401), (Some("s3cret"), 200)] {
+        let (status, body) = http(&url, "GET", "/health", token, None);
+        assert_eq!(status, want, "{body}");
+        if want == 401 {
+            assert_eq!(json_of(&body)["kind"], "unauthorized");
+        }
+    }
+    let (status, _) = http(&url, "GET", "/instances", None, None);
+    assert_eq!(status, 401);
+
+    let before = repo.instances();
+    // The address is taken by the server above: busy, and nothing registered.
+    let taken = repo.run_app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &address,
+        "--instance",
+        "late",
+    ]);
+    assert_eq!(code(&taken), 3, "{}", stderr(&taken));
+    assert!(stderr(&taken).contains("is taken"), "{}", stderr(&taken));
+    // Off loopback without a token: bad input.
+    let open = repo.run_app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        "0.0.0.0:1",
+        "--instance",
+        "open",
+    ]);
+    assert_eq!(code(&open), 2, "{}", stderr(&open));
+    assert!(stderr(&open).contains("APP_API_TOKEN"), "{}", stderr(&open));
+    let garbled = repo.run_app(&["run", "--with-api", "--api-addr", "localhost", "--", "true"]);
+    assert_eq!(code(&garbled), 2, "{}", stderr(&garbled));
+    assert_eq!(repo.instances(), before);
+    assert!(!repo.state_dir().join("run/late.sock").exists());
+}
+
+#[test]
+fn run_with_api_gives_the_command_its_url() {
+    let repo = TestRepo::new();
+    let base = free_ports(1);
+    let file = repo.scratch().join("url");
+    let script = format!("echo \"$APP_API_URL\" > {}; exec sleep 300", file.display());
+    let mut run = repo.spawn(with_range(
+        &repo,
+        &[
+            "run",
+            "--with-api",
+            "--instance",
+            "worker",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        base,
+        1,
+    ));
+    let record = repo.wait_running(run.pid());
+    wait_for(
+        "the command to write its URL",
+        Duration::from_secs(30),
+        || {
+            run.assert_running();
+            std::fs::read_to_string(&file).is_ok_and(|s| s.ends_with('\n'))
+        },
+    );
+    let url = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(Some(url.clone()), record.api_url);
+    let health = json_of(&http(&url, "GET", "/health", None, None).1);
+    assert_eq!(health["instance_id"], "worker");
+    let output = run.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+    assert_eq!(code(&output), 143, "{}", stderr(&output));
+}
+
+#[test]
+fn stopping_serve_sends_a_final_event_stops_exec_commands_and_a_second_signal_forces() {
+    let repo = TestRepo::new();
+    let base = free_ports(1);
+    let mut server = repo.spawn(with_range(
+        &repo,
+        &[
+            "serve",
+            "--with-api",
+            "--instance",
+            "daemon",
+            "--stop-timeout",
+            "60s",
+        ],
+        base,
+        1,
+    ));
+    let url = wait_serving(&repo, &mut server, "daemon").unwrap();
+    let mut events = Events::subscribe(&url);
+    // A command that ignores SIGTERM, started through the control socket.
+    let marker = repo.scratch().join("started");
+    let script = format!("trap '' TERM; touch {}; exec sleep 300", marker.display());
+    let exec = repo.spawn(repo.app(&["instance", "exec", "daemon", "--", "sh", "-c", &script]));
+    wait_for(
+        "the exec'd command to start",
+        Duration::from_secs(30),
+        || marker.exists(),
+    );
+    let mut seen = Vec::new();
+    events.until("instance.exec", &mut seen, |data| {
+        data["instance"] == "daemon"
+    });
+
+    kill(server.pid(), Signal::SIGTERM);
+    let last = events.until("instance.stopping", &mut seen, |_| true);
+    assert_eq!(last["instance"], "daemon");
+    assert!(
+        events.ends_within(Duration::from_secs(10)),
+        "the stream stayed open"
+    );
+    // The exec'd command ignores SIGTERM and the stop timeout is a minute: still stopping.
+    std::thread::sleep(Duration::from_millis(500));
+    server.assert_running();
+    let started = Instant::now();
+    kill(server.pid(), Signal::SIGTERM);
+    let output = server.wait(Duration::from_secs(30));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let exec_output = exec.wait(Duration::from_secs(30));
+    assert_eq!(code(&exec_output), 137, "{}", stderr(&exec_output));
+    assert!(repo.instances().is_empty(), "{:?}", repo.instances());
+    assert!(!repo.state_dir().join("run/daemon.sock").exists());
+    assert!(
+        TcpStream::connect(("127.0.0.1", base)).is_err(),
+        "the port still listens"
+    );
+}
+
+#[test]
+fn a_stop_request_kills_a_command_that_outlives_the_stop_timeout_or_a_second_request() {
+    let repo = TestRepo::new();
+    for (timeout, signals) in [("1s", 1), ("60s", 2)] {
+        let run = repo.spawn_app(&[
+            "run",
+            "--stop-timeout",
+            timeout,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; exec sleep 300",
+        ]);
+        let record = repo.wait_running(run.pid());
+        for _ in 0..signals {
+            kill(record.pid, Signal::SIGTERM);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let output = run.wait(Duration::from_secs(30));
+        assert_eq!(
+            code(&output),
+            137,
+            "--stop-timeout {timeout}: {}",
+            stderr(&output)
+        );
+    }
+    assert!(repo.instances().is_empty());
+}
