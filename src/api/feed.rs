@@ -107,6 +107,9 @@ pub async fn tail_database(
 ) {
     let mut warned = false;
     let mut after_id: Option<i64> = None;
+    // A local file is only queried after it (or its write-ahead log) changed: most polls are
+    // two `stat` calls instead of a query.
+    let mut last_change = None;
     loop {
         let db = match Db::open(location.clone(), settings).await {
             Ok(db) => db,
@@ -122,6 +125,16 @@ pub async fn tail_database(
             }
         };
         loop {
+            if let Location::Local(path) = &location {
+                let change = file_change(path);
+                if after_id.is_some() && change == last_change {
+                    if wait_or_stop(&mut stop, DATABASE_INTERVAL).await {
+                        return;
+                    }
+                    continue;
+                }
+                last_change = change;
+            }
             let start = match after_id {
                 Some(id) => id,
                 None => match events::latest_id(&db).await {
@@ -164,6 +177,19 @@ pub async fn tail_database(
             return;
         }
     }
+}
+
+/// The modification times and sizes of a database file and its write-ahead log.
+fn file_change(path: &std::path::Path) -> Option<[(std::time::SystemTime, u64); 2]> {
+    let stamp = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())))
+            .unwrap_or((std::time::UNIX_EPOCH, 0))
+    };
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    Some([stamp(path), stamp(std::path::Path::new(&wal))])
 }
 
 /// Scans `.app/` for changes into the hub until `stop` changes.
