@@ -497,16 +497,16 @@ fn stopping_serve_sends_a_final_event_stops_exec_commands_and_a_second_signal_fo
 fn a_stop_request_kills_a_command_that_outlives_the_stop_timeout_or_a_second_request() {
     let repo = TestRepo::new();
     for (timeout, signals) in [("1s", 1), ("60s", 2)] {
-        let run = repo.spawn_app(&[
-            "run",
-            "--stop-timeout",
-            timeout,
-            "--",
-            "sh",
-            "-c",
-            "trap '' TERM; exec sleep 300",
-        ]);
+        // The marker says SIGTERM is ignored now; a signal before that would end `sh` itself.
+        let marker = repo.scratch().join(format!("ready-{signals}"));
+        let script = format!("trap '' TERM; touch {}; exec sleep 300", marker.display());
+        let run = repo.spawn_app(&["run", "--stop-timeout", timeout, "--", "sh", "-c", &script]);
         let record = repo.wait_running(run.pid());
+        wait_for(
+            "the command to ignore SIGTERM",
+            Duration::from_secs(30),
+            || marker.exists(),
+        );
         for _ in 0..signals {
             kill(record.pid, Signal::SIGTERM);
             std::thread::sleep(Duration::from_millis(200));
