@@ -1,0 +1,3 @@
+//! `app orchestrate --plan`: run a graph of agent tasks, each in its own instance.
+
+pub mod plan;

@@ -1,0 +1,526 @@
+//! The plan file of `app orchestrate --plan`: its format, whole validation before anything is
+//! created, and the schedule in waves.
+//!
+//! Invariants:
+//! - `Plan::load` reads and checks everything (syntax, unknown fields, ids, dependencies,
+//!   cycles, branch names, duplicate branches, the base ref, durations) and returns the first
+//!   problem as bad input naming the file and line; it writes nothing.
+//! - The tasks of a valid plan form a DAG; `waves` orders them so that every task comes after
+//!   everything it depends on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use git2::Repository;
+use serde::{Deserialize, Serialize};
+
+use crate::config::parse_duration;
+use crate::error::{Error, Result};
+use crate::worktree;
+
+/// A task's command: an argv array, or a string run by `sh -c`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CommandSpec {
+    /// `["cargo", "test"]`.
+    Argv(Vec<String>),
+    /// `"cargo test && cargo clippy"`.
+    Shell(String),
+}
+
+impl CommandSpec {
+    /// The argv to run.
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            CommandSpec::Argv(argv) => argv.clone(),
+            CommandSpec::Shell(script) => vec!["sh".into(), "-c".into(), script.clone()],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            CommandSpec::Argv(argv) => argv.is_empty() || argv[0].is_empty(),
+            CommandSpec::Shell(script) => script.trim().is_empty(),
+        }
+    }
+}
+
+/// The integration branch setting: a name, or `false`/`"off"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Integration {
+    /// `false` (off).
+    Flag(bool),
+    /// A branch name, or `"off"`.
+    Branch(String),
+}
+
+/// One task as written in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Unique id, `[a-z0-9][a-z0-9_-]{0,31}`.
+    pub id: String,
+    /// What to run.
+    pub command: CommandSpec,
+    /// Branch (default `app/<run>/<id>`).
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// Tasks that must succeed first; their branches are merged into this task's start.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Time limit (`30s`, `10m`); SIGTERM then SIGKILL.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Extra attempts after a failure.
+    #[serde(default)]
+    pub retries: u32,
+    /// Named locks held while it runs.
+    #[serde(default)]
+    pub locks: Vec<String>,
+    /// Path globs reserved while it runs.
+    #[serde(default)]
+    pub reserve: Vec<String>,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSpec {
+    /// The plan's name, `[a-z0-9][a-z0-9_-]{0,31}`; runs are named after it.
+    pub name: String,
+    /// Ref every task starts from (default HEAD).
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Most tasks running at once (default 4).
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
+    /// Branch every successful task is merged into at the end (default off).
+    #[serde(default)]
+    pub integration: Option<Integration>,
+    /// The tasks.
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// A validated task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Its id.
+    pub id: String,
+    /// The argv to run.
+    pub argv: Vec<String>,
+    /// Its branch.
+    pub branch: String,
+    /// Its dependencies, in file order.
+    pub depends_on: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Time limit.
+    pub timeout: Option<Duration>,
+    /// Extra attempts after a failure.
+    pub retries: u32,
+    /// Named locks held while it runs.
+    pub locks: Vec<String>,
+    /// Path globs reserved while it runs.
+    pub reserve: Vec<String>,
+}
+
+/// A validated plan, bound to a run id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The plan's name.
+    pub name: String,
+    /// The run this plan is executed as.
+    pub run: String,
+    /// The base commit (resolved).
+    pub base: String,
+    /// Most tasks at once.
+    pub max_concurrent: usize,
+    /// The integration branch, if any.
+    pub integration: Option<String>,
+    /// The tasks, in file order.
+    pub tasks: Vec<Task>,
+}
+
+/// Default cap on tasks running at once.
+pub const DEFAULT_MAX_CONCURRENT: usize = 4;
+
+impl Plan {
+    /// Reads and validates `file` for run `run`, resolving the base in `repo`.
+    pub fn load(file: &Path, run: &str, repo: &Repository) -> Result<Plan> {
+        let text = std::fs::read_to_string(file).map_err(|err| {
+            Error::bad_input(format!("cannot read the plan {}: {err}", file.display()))
+        })?;
+        Plan::parse(&text, &file.display().to_string(), run, repo)
+    }
+
+    /// Validates plan text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str, run: &str, repo: &Repository) -> Result<Plan> {
+        let spec: PlanSpec = serde_json::from_str(text).map_err(|err| {
+            Error::bad_input(format!(
+                "{origin}:{}:{}: {}",
+                err.line(),
+                err.column(),
+                strip_position(&err.to_string())
+            ))
+        })?;
+        let at = |needle: &str| -> String {
+            match line_of(text, needle) {
+                Some(line) => format!("{origin}:{line}"),
+                None => origin.to_string(),
+            }
+        };
+        let top = at("\"name\"");
+        validate_id(&spec.name)
+            .map_err(|why| Error::bad_input(format!("{top}: plan name {:?} {why}", spec.name)))?;
+        if spec.tasks.is_empty() {
+            return Err(Error::bad_input(format!(
+                "{}: the plan has no tasks; add some to \"tasks\"",
+                at("\"tasks\"")
+            )));
+        }
+        let max_concurrent = spec.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
+        if max_concurrent == 0 {
+            return Err(Error::bad_input(format!(
+                "{}: max_concurrent must be at least 1",
+                at("\"max_concurrent\"")
+            )));
+        }
+        let base = worktree::resolve_base(repo, spec.base.as_deref())
+            .map_err(|err| Error::bad_input(format!("{}: base: {err}", at("\"base\""))))?
+            .to_string();
+        let integration = match &spec.integration {
+            None | Some(Integration::Flag(false)) => None,
+            Some(Integration::Branch(name)) if name == "off" => None,
+            Some(Integration::Flag(true)) => Some(format!("app/{run}/integration")),
+            Some(Integration::Branch(name)) => Some(name.clone()),
+        };
+        if let Some(name) = &integration {
+            worktree::validate_branch_name(name).map_err(|err| {
+                Error::bad_input(format!("{}: integration: {err}", at("\"integration\"")))
+            })?;
+        }
+
+        let mut ids = HashSet::new();
+        let mut branches: HashMap<String, String> = HashMap::new();
+        let mut tasks = Vec::new();
+        for spec in &spec.tasks {
+            let here = at(&format!("\"{}\"", spec.id));
+            let fail =
+                |what: String| Error::bad_input(format!("{here}: task {:?}: {what}", spec.id));
+            validate_id(&spec.id).map_err(|why| fail(format!("the id {why}")))?;
+            if !ids.insert(spec.id.clone()) {
+                return Err(fail("a second task has this id; ids must be unique".into()));
+            }
+            if spec.command.is_empty() {
+                return Err(fail("the command is empty".into()));
+            }
+            let branch = spec
+                .branch
+                .clone()
+                .unwrap_or_else(|| format!("app/{run}/{}", spec.id));
+            worktree::validate_branch_name(&branch).map_err(|err| fail(err.to_string()))?;
+            if let Some(other) = branches.insert(branch.clone(), spec.id.clone()) {
+                return Err(fail(format!("branch {branch:?} is also task {other:?}'s")));
+            }
+            if integration.as_deref() == Some(branch.as_str()) {
+                return Err(fail(format!("branch {branch:?} is the integration branch")));
+            }
+            let timeout = spec
+                .timeout
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|err| fail(format!("timeout: {err}")))?;
+            for name in &spec.locks {
+                crate::lock::validate_name(name).map_err(|err| fail(err.to_string()))?;
+            }
+            for pattern in &spec.reserve {
+                crate::glob::Glob::parse(pattern).map_err(|err| fail(err.to_string()))?;
+            }
+            for key in spec.env.keys() {
+                if key.is_empty() || key.contains('=') || key.contains('\0') {
+                    return Err(fail(format!("env: {key:?} is not a variable name")));
+                }
+            }
+            tasks.push(Task {
+                id: spec.id.clone(),
+                argv: spec.command.argv(),
+                branch,
+                depends_on: spec.depends_on.clone(),
+                env: spec.env.clone(),
+                timeout,
+                retries: spec.retries,
+                locks: spec.locks.clone(),
+                reserve: spec.reserve.clone(),
+            });
+        }
+        for task in &tasks {
+            for dependency in &task.depends_on {
+                if !ids.contains(dependency) {
+                    return Err(Error::bad_input(format!(
+                        "{}: task {:?} depends on {dependency:?}, which is not a task of this plan",
+                        at(&format!("\"{}\"", task.id)),
+                        task.id
+                    )));
+                }
+                if dependency == &task.id {
+                    return Err(Error::bad_input(format!(
+                        "{}: task {:?} depends on itself",
+                        at(&format!("\"{}\"", task.id)),
+                        task.id
+                    )));
+                }
+            }
+        }
+        let plan = Plan {
+            name: spec.name,
+            run: run.to_string(),
+            base,
+            max_concurrent,
+            integration,
+            tasks,
+        };
+        if let Some(cycle) = plan.cycle() {
+            return Err(Error::bad_input(format!(
+                "{}: the tasks depend on each other in a cycle: {}",
+                at(&format!("\"{}\"", cycle[0])),
+                cycle.join(" -> ")
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// The task with `id`.
+    pub fn task(&self, id: &str) -> Option<&Task> {
+        self.tasks.iter().find(|t| t.id == id)
+    }
+
+    /// A dependency cycle, as ids with the first repeated at the end, if there is one.
+    fn cycle(&self) -> Option<Vec<String>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Open,
+            Done,
+        }
+        let index: HashMap<&str, usize> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        let mut marks = vec![Mark::New; self.tasks.len()];
+        for start in 0..self.tasks.len() {
+            if marks[start] != Mark::New {
+                continue;
+            }
+            // Depth-first, with the path kept so a back edge can be printed as the cycle.
+            let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+            marks[start] = Mark::Open;
+            while let Some(&mut (node, ref mut next)) = path.last_mut() {
+                let deps = &self.tasks[node].depends_on;
+                if *next == deps.len() {
+                    marks[node] = Mark::Done;
+                    path.pop();
+                    continue;
+                }
+                let dep = index[deps[*next].as_str()];
+                *next += 1;
+                match marks[dep] {
+                    Mark::Open => {
+                        let from = path.iter().position(|(n, _)| *n == dep).unwrap_or(0);
+                        let mut cycle: Vec<String> = path[from..]
+                            .iter()
+                            .map(|(n, _)| self.tasks[*n].id.clone())
+                            .collect();
+                        cycle.push(self.tasks[dep].id.clone());
+                        return Some(cycle);
+                    }
+                    Mark::New => {
+                        marks[dep] = Mark::Open;
+                        path.push((dep, 0));
+                    }
+                    Mark::Done => {}
+                }
+            }
+        }
+        None
+    }
+
+    /// The tasks in waves: every task in the wave after its last dependency's.
+    pub fn waves(&self) -> Vec<Vec<String>> {
+        let mut depth: HashMap<&str, usize> = HashMap::new();
+        // A valid plan is acyclic, so repeating passes settles within len passes.
+        for _ in 0..self.tasks.len() {
+            for task in &self.tasks {
+                let d = task
+                    .depends_on
+                    .iter()
+                    .map(|dep| depth.get(dep.as_str()).map_or(1, |d| d + 1))
+                    .max()
+                    .unwrap_or(0);
+                depth.insert(&task.id, d);
+            }
+        }
+        let mut waves: Vec<Vec<String>> = Vec::new();
+        for task in &self.tasks {
+            let d = depth[task.id.as_str()];
+            if waves.len() <= d {
+                waves.resize(d + 1, Vec::new());
+            }
+            waves[d].push(task.id.clone());
+        }
+        waves
+    }
+}
+
+/// Checks a plan or task id; the error completes "the id ...".
+fn validate_id(id: &str) -> std::result::Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 32
+        && id
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit".into())
+    }
+}
+
+/// The 1-based line of the first occurrence of `needle`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    let at = text.find(needle)?;
+    Some(text[..at].matches('\n').count() + 1)
+}
+
+/// serde_json's message without its trailing " at line L column C".
+fn strip_position(message: &str) -> &str {
+    message
+        .rfind(" at line ")
+        .map_or(message, |at| &message[..at])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> (tempfile::TempDir, Repository) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
+        let tree = repo.treebuilder(None).unwrap().write().unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        repo.commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
+            .unwrap();
+        drop(tree);
+        (dir, repo)
+    }
+
+    fn parse(text: &str) -> Result<Plan> {
+        let (_dir, repo) = repo();
+        Plan::parse(text, "plan.json", "r1", &repo)
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Err(Error::BadInput(message)) => message,
+            other => panic!("expected bad input, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_plan_resolves_defaults_and_waves() {
+        let plan = parse(
+            r#"{"name": "demo", "integration": "merged", "tasks": [
+                {"id": "a", "command": "echo a"},
+                {"id": "b", "command": ["echo", "b"], "depends_on": ["a"], "timeout": "2s"},
+                {"id": "c", "command": "true", "depends_on": ["a"]},
+                {"id": "d", "command": "true", "depends_on": ["b", "c"], "branch": "feature/d"}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(plan.max_concurrent, DEFAULT_MAX_CONCURRENT);
+        assert_eq!(plan.integration.as_deref(), Some("merged"));
+        assert_eq!(plan.tasks[0].argv, ["sh", "-c", "echo a"]);
+        assert_eq!(plan.tasks[0].branch, "app/r1/a");
+        assert_eq!(plan.tasks[1].timeout, Some(Duration::from_secs(2)));
+        assert_eq!(plan.tasks[3].branch, "feature/d");
+        assert_eq!(plan.waves(), [vec!["a"], vec!["b", "c"], vec!["d"]]);
+    }
+
+    #[test]
+    fn every_kind_of_bad_plan_is_refused_with_its_place() {
+        let cycle = error(
+            "{\"name\": \"x\", \"tasks\": [\n {\"id\": \"a\", \"command\": \"true\", \"depends_on\": [\"c\"]},\n {\"id\": \"b\", \"command\": \"true\", \"depends_on\": [\"a\"]},\n {\"id\": \"c\", \"command\": \"true\", \"depends_on\": [\"b\"]}\n]}",
+        );
+        assert!(cycle.contains("a -> c -> b -> a"), "{cycle}");
+        assert!(cycle.starts_with("plan.json:2:"), "{cycle}");
+        for (text, want) in [
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true", "bogus": 1}]}"#,
+                "unknown field `bogus`",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true", "depends_on": ["z"]}]}"#,
+                "\"z\", which is not a task",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true"}, {"id": "a", "command": "true"}]}"#,
+                "a second task has this id",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true", "branch": "same"}, {"id": "b", "command": "true", "branch": "same"}]}"#,
+                "also task \"a\"'s",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true", "branch": "bad..name"}]}"#,
+                "not a valid branch name",
+            ),
+            (
+                r#"{"name": "x", "base": "no-such-ref", "tasks": [{"id": "a", "command": "true"}]}"#,
+                "unknown ref",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "A!", "command": "true"}]}"#,
+                "the id must be",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": []}]}"#,
+                "command is empty",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true", "timeout": "soon"}]}"#,
+                "invalid duration",
+            ),
+            (
+                r#"{"name": "x", "max_concurrent": 0, "tasks": [{"id": "a", "command": "true"}]}"#,
+                "at least 1",
+            ),
+            (r#"{"name": "x", "tasks": []}"#, "no tasks"),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true"}"#,
+                "plan.json:1:",
+            ),
+            (
+                r#"{"name": "x", "tasks": [{"id": "a", "command": "true", "depends_on": ["a"]}]}"#,
+                "depends on itself",
+            ),
+        ] {
+            let message = error(text);
+            assert!(
+                message.contains(want),
+                "{text}\n  gave: {message}\n  want: {want}"
+            );
+        }
+    }
+}
