@@ -120,18 +120,20 @@ pub struct ExecContext {
 struct Shared {
     closing: AtomicBool,
     next_key: AtomicU64,
-    /// Running exec commands by connection: their pids, until they exit (before reaping).
-    children: Mutex<HashMap<u64, u32>>,
+    /// Exec connections in progress, with their command's process group until the command
+    /// exits (forgotten before it is reaped); a connection counts until its exit frame is sent.
+    children: Mutex<HashMap<u64, Option<u32>>>,
 }
 
 impl Shared {
-    fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+    fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<u32>>> {
         self.children.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Signals every running command's whole process group (a pipeline, a shell's children).
     fn signal_children(&self, signal: Signal) {
-        for pid in self.children().values() {
-            let _ = nix::sys::signal::kill(process::pid_of(*pid), signal);
+        for pid in self.children().values().flatten() {
+            let _ = nix::sys::signal::killpg(process::pid_of(*pid), signal);
         }
     }
 }
@@ -276,7 +278,9 @@ fn handle(
             b"the instance is stopping; it takes no more commands",
         );
     }
+    use std::os::unix::process::CommandExt;
     let spawned = Command::new(&argv[0])
+        .process_group(0)
         .args(&argv[1..])
         .current_dir(&context.cwd)
         .envs(context.env.iter().map(|(k, v)| (k, v)))
@@ -286,7 +290,7 @@ fn handle(
         .spawn();
     let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
     if let Ok(child) = &spawned {
-        children.insert(key, child.id());
+        children.insert(key, Some(child.id()));
     }
     drop(children);
     let mut child = match spawned {
@@ -348,7 +352,15 @@ fn handle(
     );
     (context.events)("instance.exec", serde_json::json!({ "command": argv }));
     let waited = process::wait_unreaped(child.id());
-    shared.children().remove(&key);
+    shared.children().insert(key, None);
+    // However this connection ends from here on, it stops counting as running.
+    struct Done<'a>(&'a Shared, u64);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.children().remove(&self.1);
+        }
+    }
+    let _done = Done(shared, key);
     waited?;
     let status = child.wait()?;
     let _ = out.join();

@@ -1016,6 +1016,12 @@ pub fn stop(
     if wait_gone(&supervisor, timeout) {
         return Ok((StopOutcome::Terminated, route));
     }
+    // A second request forces the supervisor's own stop: it kills its command and what runs
+    // through its socket at once instead of waiting out its --stop-timeout.
+    let socket = registry.paths().control_socket(id);
+    if control::request_stop(&socket).is_err() {
+        supervisor.signal(Signal::SIGTERM);
+    }
     if let (Some(pid), Some(start_time)) = (record.child_pid, record.child_start_time) {
         let child = ProcessIdentity {
             pid,

@@ -369,6 +369,14 @@ impl Inbox {
         Ok(Some(message))
     }
 
+    /// Message `id` of this inbox, waiting or acknowledged, when it verifies.
+    pub fn find(&self, id: &str) -> Option<Message> {
+        let name = format!("{id}.json");
+        [self.dir().join(&name), self.acked_path(id)]
+            .iter()
+            .find_map(|path| self.read(path, &name).ok().flatten())
+    }
+
     fn acked_path(&self, id: &str) -> PathBuf {
         self.paths.acked(&self.owner).join(format!("{id}.json"))
     }

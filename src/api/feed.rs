@@ -27,14 +27,16 @@ use crate::db::events::{self, EventFilter};
 use crate::db::{Db, DbSettings, Location};
 use crate::lock::Locks;
 use crate::paths::AppPaths;
-use crate::queue::Message;
+use crate::queue::{self, Inbox};
 use crate::registry::{Liveness, Registry, Timestamp};
-use crate::sign::{self, SigningKey};
+use crate::sign::SigningKey;
 
 /// How often the database is asked for new events.
 const DATABASE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often `.app/` is scanned.
 const LOCAL_INTERVAL: Duration = Duration::from_millis(500);
+/// Polls of an unchanged local database file before it is queried anyway.
+const FORCED_QUERY_EVERY: u32 = 20;
 /// How long to wait before opening the database again after it failed.
 const REOPEN_AFTER: Duration = Duration::from_secs(5);
 
@@ -110,6 +112,7 @@ pub async fn tail_database(
     // A local file is only queried after it (or its write-ahead log) changed: most polls are
     // two `stat` calls instead of a query.
     let mut last_change = None;
+    let mut skipped = 0u32;
     loop {
         let db = match Db::open(location.clone(), settings).await {
             Ok(db) => db,
@@ -127,19 +130,25 @@ pub async fn tail_database(
         loop {
             if let Location::Local(path) = &location {
                 let change = file_change(path);
-                if after_id.is_some() && change == last_change {
+                // Every few seconds it is queried anyway, in case a write kept mtime and size.
+                if after_id.is_some() && change == last_change && skipped < FORCED_QUERY_EVERY {
+                    skipped += 1;
                     if wait_or_stop(&mut stop, DATABASE_INTERVAL).await {
                         return;
                     }
                     continue;
                 }
                 last_change = change;
+                skipped = 0;
             }
             let start = match after_id {
                 Some(id) => id,
                 None => match events::latest_id(&db).await {
                     Ok(id) => *after_id.insert(id),
-                    Err(_) => break,
+                    Err(_) => {
+                        last_change = None;
+                        break;
+                    }
                 },
             };
             let filter = EventFilter {
@@ -166,6 +175,7 @@ pub async fn tail_database(
                         tracing::warn!(database = %location, %err, "reading events failed; retrying");
                         warned = true;
                     }
+                    last_change = None;
                     break;
                 }
             }
@@ -289,6 +299,7 @@ impl LocalState {
         key: Option<&SigningKey>,
         out: &mut Vec<ApiEvent>,
     ) {
+        let max_bytes = queue::max_message_bytes().unwrap_or(queue::DEFAULT_MAX_MESSAGE_BYTES);
         let listed = |dir: fn(&AppPaths, &str) -> PathBuf| {
             let mut found = HashSet::new();
             for recipient in names_in(&paths.inboxes_dir()) {
@@ -303,22 +314,17 @@ impl LocalState {
         let inbox = listed(AppPaths::inbox);
         let acked = listed(AppPaths::acked);
         if self.primed {
-            // A message acknowledged between two scans is seen in `acked/` only.
-            for (recipient, id) in inbox.iter().chain(&acked) {
-                let key_of = (recipient.clone(), id.clone());
-                if self.messages.contains(&key_of) || self.acked.contains(&key_of) {
-                    continue;
-                }
-                let file = format!("{id}.json");
-                let read = |dir: PathBuf| {
-                    let bytes = std::fs::read(dir.join(&file)).ok()?;
-                    let value = serde_json::from_slice::<Value>(&bytes).ok()?;
-                    // Only what verifies is announced; the rest is the receiver's to quarantine.
-                    sign::open::<Message>(&value, key).ok()
-                };
-                let Some(message) =
-                    read(paths.inbox(recipient)).or_else(|| read(paths.acked(recipient)))
-                else {
+            // A message acknowledged between two scans is seen in `acked/` only; one moved
+            // between the two listings is in both, and announced once.
+            let appeared: HashSet<&(String, String)> = inbox
+                .iter()
+                .chain(&acked)
+                .filter(|k| !self.messages.contains(*k) && !self.acked.contains(*k))
+                .collect();
+            for (recipient, id) in appeared {
+                // Only what verifies is announced; the rest is the receiver's to quarantine.
+                let inbox = Inbox::new(paths, recipient, key.cloned(), max_bytes);
+                let Some(message) = inbox.find(id) else {
                     continue;
                 };
                 out.push(ApiEvent::now(

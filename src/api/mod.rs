@@ -39,12 +39,14 @@ use crate::db::{DbSettings, Location};
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::queue;
-use crate::registry::Registry;
+use crate::registry::{Registry, Snapshot};
 
 /// Ports tried, in order, when no address is given (`APP_API_PORT_RANGE` changes it).
 pub const DEFAULT_PORTS: RangeInclusive<u16> = 3000..=3010;
 /// Events kept for the slowest subscriber before it is told it lagged.
 pub const DEFAULT_CAPACITY: usize = 1024;
+/// The largest `--api-capacity` (the buffer is allocated up front).
+pub const MAX_CAPACITY: usize = 65_536;
 /// The last event every stream gets before the server stops.
 pub const FINAL_EVENT: &str = "instance.stopping";
 /// How long `shutdown` waits for connections to close.
@@ -104,10 +106,11 @@ pub fn bind(options: &ApiOptions) -> Result<Bound> {
         .clone()
         .or_else(|| std::env::var("APP_API_ADDR").ok())
         .filter(|a| !a.trim().is_empty());
-    if options.capacity == 0 {
-        return Err(Error::bad_input(
-            "--api-capacity 0: give the number of events buffered per subscriber, e.g. 1024",
-        ));
+    if options.capacity == 0 || options.capacity > MAX_CAPACITY {
+        return Err(Error::bad_input(format!(
+            "--api-capacity {}: give the number of events buffered per subscriber, 1 to {MAX_CAPACITY} (default {DEFAULT_CAPACITY})",
+            options.capacity
+        )));
     }
     let Some(text) = explicit else {
         let range = port_range()?;
@@ -180,6 +183,8 @@ struct AppState {
     context: ApiContext,
     hub: Hub,
     token: Option<String>,
+    /// Bound to a loopback address: requests must name a loopback host.
+    loopback: bool,
     stop: watch::Receiver<bool>,
 }
 
@@ -200,8 +205,23 @@ pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
         context,
         hub: hub.clone(),
         token: binding.token,
+        loopback: binding.addr.ip().is_loopback(),
         stop: stopped.clone(),
     });
+    // A local database answers synchronously (and may wait out a busy lock): its feed gets a
+    // thread and runtime of its own so it never holds up a request. It ends on `stop`.
+    {
+        let (hub, database, stop) = (hub.clone(), state.context.database.clone(), stopped.clone());
+        let repo_root = state.context.paths.repo_root().display().to_string();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| Error::Failed(format!("cannot start the event feed: {err}")))?;
+        thread::Builder::new()
+            .name("api-db-feed".into())
+            .spawn(move || runtime.block_on(feed::tail_database(hub, database, repo_root, stop)))
+            .map_err(|err| Error::Failed(format!("cannot start the event feed: {err}")))?;
+    }
     let (finished, done) = std::sync::mpsc::channel();
     let listener = binding.listener;
     thread::Builder::new()
@@ -249,14 +269,6 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, stopped: watch::Rece
         }
     };
     let context = &state.context;
-    // The database feed's future is not `Send` (libsql), so the feeds run beside the server
-    // in this task rather than as spawned tasks.
-    let database = feed::tail_database(
-        state.hub.clone(),
-        context.database.clone(),
-        context.paths.repo_root().display().to_string(),
-        stopped.clone(),
-    );
     let local = feed::watch_local(
         state.hub.clone(),
         context.paths.clone(),
@@ -275,7 +287,7 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, stopped: watch::Rece
             tracing::warn!(%err, "the API server failed");
         }
     };
-    tokio::join!(server, database, local);
+    tokio::join!(server, local);
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -348,6 +360,20 @@ async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
+    // A web page must not reach a loopback API by pointing its own name at 127.0.0.1 (DNS
+    // rebinding): the Host header has to name the loopback address itself.
+    if state.loopback
+        && !headers
+            .get(header::HOST)
+            .is_some_and(|host| loopback_host(host.as_bytes()))
+    {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the Host header must name a loopback address (127.0.0.1, localhost or [::1])",
+        )
+        .into_response();
+    }
     if let Some(token) = &state.token {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -364,6 +390,19 @@ async fn authorize(
         }
     }
     next.run(request).await
+}
+
+/// Whether a Host header names the loopback interface (any port).
+fn loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Compares two secrets in time that depends only on their lengths.
@@ -401,12 +440,25 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
+/// Runs `body` with the registry's current snapshot on the blocking pool.
+async fn with_snapshot<T: Send + 'static>(
+    state: &AppState,
+    body: impl FnOnce(&ApiContext, &Snapshot) -> Result<T> + Send + 'static,
+) -> std::result::Result<T, ApiError> {
+    let context = state.context.clone();
+    tokio::task::spawn_blocking(move || {
+        let snapshot = Registry::open_read_only(&context.paths)?.snapshot()?;
+        body(&context, &snapshot)
+    })
+    .await
+    .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))?
+    .map_err(ApiError::from)
+}
+
 async fn instances(
     State(state): State<Arc<AppState>>,
 ) -> std::result::Result<Json<Value>, ApiError> {
-    let context = state.context.clone();
-    let listing = tokio::task::spawn_blocking(move || -> Result<Value> {
-        let snapshot = Registry::open_read_only(&context.paths)?.snapshot()?;
+    let listing = with_snapshot(&state, |context, snapshot| {
         Ok(Value::Array(
             snapshot
                 .valid_instances()
@@ -415,8 +467,7 @@ async fn instances(
                 .collect(),
         ))
     })
-    .await
-    .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))??;
+    .await?;
     Ok(Json(listing))
 }
 
@@ -487,8 +538,27 @@ fn text_kind() -> String {
 
 async fn messages(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> std::result::Result<(StatusCode, Json<Value>), ApiError> {
+    // Browsers send other pages' form posts as text/plain without asking first; JSON they
+    // must ask for (CORS), which this API never allows.
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !json_body {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_input",
+            "send the message as JSON with 'Content-Type: application/json'",
+        ));
+    }
     let request: PostMessage = serde_json::from_slice(&body).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -498,15 +568,13 @@ async fn messages(
             ),
         )
     })?;
-    let context = state.context.clone();
-    let posted = tokio::task::spawn_blocking(move || -> Result<queue::Posted> {
-        let snapshot = Registry::open_read_only(&context.paths)?.snapshot()?;
+    let posted = with_snapshot(&state, move |context, snapshot| {
         queue::post(
             &context.paths,
-            &snapshot,
+            snapshot,
             context.stale_after,
             queue::Post {
-                from: request.from.unwrap_or(context.instance_id),
+                from: request.from.unwrap_or_else(|| context.instance_id.clone()),
                 to: request.to,
                 kind: request.kind,
                 ttl: request
@@ -516,8 +584,7 @@ async fn messages(
             },
         )
     })
-    .await
-    .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))??;
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": posted.id, "recipients": posted.recipients })),
@@ -527,6 +594,28 @@ async fn messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for host in [
+            "127.0.0.1:3000",
+            "localhost:3000",
+            "LOCALHOST",
+            "[::1]:3000",
+            "127.0.0.2",
+        ] {
+            assert!(loopback_host(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "evil.example:3000",
+            "10.0.0.1:3000",
+            "",
+            "[::2]:80",
+            "localhost.evil.example",
+        ] {
+            assert!(!loopback_host(host.as_bytes()), "{host}");
+        }
+    }
 
     #[test]
     fn secrets_compare_whole() {

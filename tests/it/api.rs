@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use crate::support::{Running, TestRepo, code, kill, stderr, stdout, wait_for};
 
-/// `n` consecutive ports that are free now, below the kernel's ephemeral range.
+/// `n` consecutive ports that are free now, in 12000-19999: below both the kernel's ephemeral
+/// range and the default range of `--ports` leases.
 fn free_ports(n: u16) -> u16 {
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
@@ -21,7 +22,7 @@ fn free_ports(n: u16) -> u16 {
             + ((seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(attempt * 7919))
-                % 18000) as u16;
+                % 7900) as u16;
         if (base..base + n).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
             return base;
         }
@@ -61,7 +62,7 @@ fn http(
     url: &str,
     method: &str,
     path: &str,
-    token: Option<&str>,
+    headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, String) {
     let address = url.strip_prefix("http://").unwrap();
@@ -69,16 +70,20 @@ fn http(
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    // Host and Content-Type as curl would send them, unless the test gives its own.
+    let given = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    if !given("Host") {
+        request.push_str(&format!("Host: {address}\r\n"));
+    }
+    if !given("Content-Type") {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
     let body = body.unwrap_or("");
-    request.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    ));
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
@@ -114,7 +119,7 @@ impl Events {
         wait_for(
             "the subscriber to be counted",
             Duration::from_secs(10),
-            || json_of(&http(url, "GET", "/health", None, None).1)["subscribers"] == json!(1),
+            || json_of(&http(url, "GET", "/health", &[], None).1)["subscribers"] == json!(1),
         );
         events
     }
@@ -198,7 +203,7 @@ fn two_serves_take_consecutive_ports_a_stream_sees_a_third_and_a_full_range_runs
     assert_eq!(url_two, format!("http://127.0.0.1:{}", base + 1));
 
     for (url, id) in [(&url_one, "one"), (&url_two, "two")] {
-        let (status, body) = http(url, "GET", "/health", None, None);
+        let (status, body) = http(url, "GET", "/health", &[], None);
         assert_eq!(status, 200);
         let health = json_of(&body);
         assert_eq!(health["status"], "ok");
@@ -230,7 +235,7 @@ fn two_serves_take_consecutive_ports_a_stream_sees_a_third_and_a_full_range_runs
             .any(|l| l.starts_with("one ") && l.contains(&url_one)),
         "{text}"
     );
-    let listed = json_of(&http(&url_two, "GET", "/instances", None, None).1);
+    let listed = json_of(&http(&url_two, "GET", "/instances", &[], None).1);
     let ids: Vec<&str> = listed
         .as_array()
         .unwrap()
@@ -274,7 +279,7 @@ fn messages_post_through_the_queue_and_errors_are_json() {
         &url,
         "POST",
         "/messages",
-        None,
+        &[],
         Some(r#"{"to": "agent", "type": "review", "payload": {"pr": 7}}"#),
     );
     assert_eq!(status, 201, "{body}");
@@ -318,7 +323,7 @@ fn messages_post_through_the_queue_and_errors_are_json() {
         ("GET", "/no-such-thing", "", 404, "not_found"),
         ("DELETE", "/health", "", 405, "method_not_allowed"),
     ] {
-        let (status, response) = http(&url, method, path, None, Some(body));
+        let (status, response) = http(&url, method, path, &[], Some(body));
         assert_eq!(status, want, "{method} {path} {body}: {response}");
         let error = json_of(&response);
         assert_eq!(error["kind"], kind, "{response}");
@@ -327,9 +332,34 @@ fn messages_post_through_the_queue_and_errors_are_json() {
             "{response}"
         );
     }
-    // Nothing but the one good message was filed.
-    let inbox = repo.state_dir().join("coordination_queue/inbox/agent");
-    assert_eq!(std::fs::read_dir(&inbox).map(|d| d.count()).unwrap_or(0), 0);
+    // Another page's form post (text/plain), and a name other than loopback in Host (DNS
+    // rebinding), are refused.
+    let (status, response) = http(
+        &url,
+        "POST",
+        "/messages",
+        &[("Content-Type", "text/plain")],
+        Some(r#"{"to": "agent", "payload": 1}"#),
+    );
+    assert_eq!(status, 415, "{response}");
+    let (status, response) = http(
+        &url,
+        "GET",
+        "/instances",
+        &[("Host", "evil.example:80")],
+        None,
+    );
+    assert_eq!(status, 403, "{response}");
+    assert_eq!(json_of(&response)["kind"], "forbidden");
+    // Nothing but the one good message was filed, and no inbox was made for "nobody".
+    let inboxes = repo.state_dir().join("coordination_queue/inbox");
+    assert_eq!(
+        std::fs::read_dir(inboxes.join("agent"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+    assert!(!inboxes.join("nobody").exists());
 
     // A lock taken and released shows in the stream.
     let locked = repo.run_app(&["lock", "run", "deploy", "--", "true"]);
@@ -359,13 +389,18 @@ fn a_token_guards_every_request_and_bad_addresses_change_nothing() {
     let mut server = repo.spawn(command);
     let url = wait_serving(&repo, &mut server, "guarded").unwrap();
     for (token, want) in [(None, 401), (Some("wrong"), 401), (Some("s3cret"), 200)] {
-        let (status, body) = http(&url, "GET", "/health", token, None);
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        let (status, body) = http(&url, "GET", "/health", &headers, None);
         assert_eq!(status, want, "{body}");
         if want == 401 {
             assert_eq!(json_of(&body)["kind"], "unauthorized");
         }
     }
-    let (status, _) = http(&url, "GET", "/instances", None, None);
+    let (status, _) = http(&url, "GET", "/instances", &[], None);
     assert_eq!(status, 401);
 
     let before = repo.instances();
@@ -393,6 +428,8 @@ fn a_token_guards_every_request_and_bad_addresses_change_nothing() {
     assert!(stderr(&open).contains("APP_API_TOKEN"), "{}", stderr(&open));
     let garbled = repo.run_app(&["run", "--with-api", "--api-addr", "localhost", "--", "true"]);
     assert_eq!(code(&garbled), 2, "{}", stderr(&garbled));
+    let huge = repo.run_app(&["serve", "--with-api", "--api-capacity", "100000000"]);
+    assert_eq!(code(&huge), 2, "{}", stderr(&huge));
     assert_eq!(repo.instances(), before);
     assert!(!repo.state_dir().join("run/late.sock").exists());
 }
@@ -429,68 +466,90 @@ fn run_with_api_gives_the_command_its_url() {
     );
     let url = std::fs::read_to_string(&file).unwrap().trim().to_string();
     assert_eq!(Some(url.clone()), record.api_url);
-    let health = json_of(&http(&url, "GET", "/health", None, None).1);
+    let health = json_of(&http(&url, "GET", "/health", &[], None).1);
     assert_eq!(health["instance_id"], "worker");
     let output = run.wait_after(Signal::SIGTERM, Duration::from_secs(30));
     assert_eq!(code(&output), 143, "{}", stderr(&output));
 }
 
 #[test]
-fn stopping_serve_sends_a_final_event_stops_exec_commands_and_a_second_signal_forces() {
+fn stopping_serve_sends_a_final_event_and_ends_exec_commands_after_the_timeout_or_a_second_signal()
+{
     let repo = TestRepo::new();
     let base = free_ports(1);
-    let mut server = repo.spawn(with_range(
-        &repo,
-        &[
-            "serve",
-            "--with-api",
-            "--instance",
-            "daemon",
-            "--stop-timeout",
-            "60s",
-        ],
-        base,
-        1,
-    ));
-    let url = wait_serving(&repo, &mut server, "daemon").unwrap();
-    let mut events = Events::subscribe(&url);
-    // A command that ignores SIGTERM, started through the control socket.
-    let marker = repo.scratch().join("started");
-    let script = format!("trap '' TERM; touch {}; exec sleep 300", marker.display());
-    let exec = repo.spawn(repo.app(&["instance", "exec", "daemon", "--", "sh", "-c", &script]));
-    wait_for(
-        "the exec'd command to start",
-        Duration::from_secs(30),
-        || marker.exists(),
-    );
-    let mut seen = Vec::new();
-    events.until("instance.exec", &mut seen, |data| {
-        data["instance"] == "daemon"
-    });
+    for (timeout, signals) in [("1s", 1), ("60s", 2)] {
+        let id = format!("daemon{signals}");
+        let mut server = repo.spawn(with_range(
+            &repo,
+            &[
+                "serve",
+                "--with-api",
+                "--instance",
+                &id,
+                "--stop-timeout",
+                timeout,
+            ],
+            base,
+            1,
+        ));
+        let url = wait_serving(&repo, &mut server, &id).unwrap();
+        let mut events = Events::subscribe(&url);
+        // A pipeline that ignores SIGTERM, started through the control socket: its whole
+        // process group has to go.
+        let marker = repo.scratch().join(format!("started-{signals}"));
+        let script = format!(
+            "trap '' TERM; touch {}; sleep 300 | sleep 301",
+            marker.display()
+        );
+        let exec = repo.spawn(repo.app(&["instance", "exec", &id, "--", "sh", "-c", &script]));
+        wait_for(
+            "the exec'd command to start",
+            Duration::from_secs(30),
+            || marker.exists(),
+        );
+        let mut seen = Vec::new();
+        events.until("instance.exec", &mut seen, |data| {
+            data["instance"] == id.as_str()
+        });
 
-    kill(server.pid(), Signal::SIGTERM);
-    let last = events.until("instance.stopping", &mut seen, |_| true);
-    assert_eq!(last["instance"], "daemon");
-    assert!(
-        events.ends_within(Duration::from_secs(10)),
-        "the stream stayed open"
-    );
-    // The exec'd command ignores SIGTERM and the stop timeout is a minute: still stopping.
-    std::thread::sleep(Duration::from_millis(500));
-    server.assert_running();
-    let started = Instant::now();
-    kill(server.pid(), Signal::SIGTERM);
-    let output = server.wait(Duration::from_secs(30));
-    assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(code(&output), 0, "{}", stderr(&output));
-    let exec_output = exec.wait(Duration::from_secs(30));
-    assert_eq!(code(&exec_output), 137, "{}", stderr(&exec_output));
-    assert!(repo.instances().is_empty(), "{:?}", repo.instances());
-    assert!(!repo.state_dir().join("run/daemon.sock").exists());
-    assert!(
-        TcpStream::connect(("127.0.0.1", base)).is_err(),
-        "the port still listens"
-    );
+        kill(server.pid(), Signal::SIGTERM);
+        let last = events.until("instance.stopping", &mut seen, |_| true);
+        assert_eq!(last["instance"], id.as_str());
+        assert!(
+            events.ends_within(Duration::from_secs(10)),
+            "the stream stayed open"
+        );
+        if signals == 2 {
+            // The stop timeout is a minute: the command is still being waited for.
+            std::thread::sleep(Duration::from_millis(500));
+            server.assert_running();
+            kill(server.pid(), Signal::SIGTERM);
+        }
+        let output = server.wait(Duration::from_secs(30));
+        assert_eq!(code(&output), 0, "{}", stderr(&output));
+        // The exec'd shell was killed (its client reports 128+9), and its pipeline with it.
+        let exec_output = exec.wait(Duration::from_secs(30));
+        assert_eq!(code(&exec_output), 137, "{}", stderr(&exec_output));
+        assert!(repo.instances().is_empty(), "{:?}", repo.instances());
+        assert!(!repo.state_dir().join(format!("run/{id}.sock")).exists());
+    }
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 30[01]"])
+        .output();
+    if let Ok(output) = leftovers {
+        let ours: Vec<String> = stdout(&output)
+            .lines()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.contains(&repo.root().display().to_string()))
+            })
+            .map(str::to_string)
+            .collect();
+        assert!(
+            ours.is_empty(),
+            "pipeline processes outlived the instance: {ours:?}"
+        );
+    }
 }
 
 #[test]
