@@ -202,6 +202,14 @@ impl AppPaths {
         self.run_dir().join(format!("{id}.sock"))
     }
 
+    /// The output of task `task` of orchestrated run `run`: `.app/logs/runs/<run>/<task>.log`.
+    pub fn task_log(&self, run: &str, task: &str) -> PathBuf {
+        self.state_dir
+            .join("logs/runs")
+            .join(run)
+            .join(format!("{task}.log"))
+    }
+
     /// `.app/journal/`: intents of operations under way.
     pub fn journal_dir(&self) -> PathBuf {
         self.state_dir.join("journal")

@@ -103,6 +103,21 @@ pub fn wait_unreaped(pid: u32) -> std::io::Result<()> {
     }
 }
 
+/// Whether child `pid` has exited, without waiting and without reaping it (see
+/// [`wait_unreaped`]).
+pub fn exited_unreaped(pid: u32) -> std::io::Result<bool> {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    loop {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+        match waitid(Id::Pid(pid_of(pid)), flags) {
+            Ok(WaitStatus::StillAlive) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(Errno::EINTR) => continue,
+            Err(err) => return Err(std::io::Error::from(err)),
+        }
+    }
+}
+
 /// Start time of `pid` in clock ticks since boot, or `None` when no such process is running.
 ///
 /// A zombie (exited, not yet reaped by its parent) counts as not running: it does nothing more

@@ -254,7 +254,7 @@ fn print_table(rows: &[Row]) {
 }
 
 /// Prints rows as left-aligned columns (the last one unpadded).
-fn print_columns(table: &[Vec<String>]) {
+pub(super) fn print_columns(table: &[Vec<String>]) {
     let columns = table.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
         .map(|col| {

@@ -7,6 +7,7 @@ mod events;
 mod instance;
 mod lock;
 mod notes;
+mod orchestrate;
 mod queue;
 mod reserve;
 mod run;
@@ -84,6 +85,11 @@ enum Command {
         #[arg(value_name = "FILE")]
         files: Vec<String>,
     },
+    /// Run a plan: a graph of tasks, each in its own instance (docs/ORCHESTRATE.md).
+    Orchestrate(orchestrate::OrchestrateArgs),
+    /// Orchestrated runs: list, show, logs.
+    #[command(subcommand)]
+    Runs(orchestrate::RunsCommand),
     /// Find stale state left by crashes; --fix reclaims it without losing work.
     Doctor(doctor::DoctorArgs),
     /// Git hooks that use app.
@@ -115,6 +121,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::CheckPaths { files } => reserve::check_paths(files),
         Command::Hooks(command) => reserve::hooks(command),
         Command::Doctor(args) => doctor::run(args, db.as_deref()),
+        Command::Orchestrate(args) => orchestrate::orchestrate(args, db.as_deref()),
+        Command::Runs(command) => orchestrate::runs(command, db.as_deref()),
     }
 }
 

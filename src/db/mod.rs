@@ -16,6 +16,7 @@ pub mod instances;
 pub mod mirror;
 pub mod notes;
 pub mod retry;
+pub mod runs;
 pub mod schema;
 
 use std::path::{Path, PathBuf};

@@ -20,11 +20,18 @@ struct Migration {
 }
 
 /// Every migration, in order. Append only: a released file never changes.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../schema/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../schema/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "runs",
+        sql: include_str!("../../schema/0002_runs.sql"),
+    },
+];
 
 /// The schema version this binary writes.
 pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;

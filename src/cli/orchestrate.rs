@@ -1,0 +1,366 @@
+//! `app orchestrate` and `app runs`.
+
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::config::format_age;
+use crate::db::runs::{self, RunRow, TaskRow};
+use crate::error::{Error, IoContext, Result};
+use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
+use crate::paths::AppPaths;
+use crate::registry::Timestamp;
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// Plain lines (a live display is not built yet).
+    Auto,
+    /// Timestamped lines on stderr.
+    Plain,
+    /// Nothing until the summary.
+    None,
+}
+
+/// Arguments of `app orchestrate`.
+#[derive(Debug, Args)]
+pub struct OrchestrateArgs {
+    /// The plan file (JSON; docs/ORCHESTRATE.md).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "resume",
+        conflicts_with = "resume"
+    )]
+    plan: Option<PathBuf>,
+    /// Continue run RUN after its orchestrator died: what succeeded is not run again.
+    #[arg(long, value_name = "RUN")]
+    resume: Option<String>,
+    /// Override the plan's max_concurrent.
+    #[arg(long, value_name = "N")]
+    max_concurrent: Option<usize>,
+    /// Stop every task at the first failure.
+    #[arg(long)]
+    fail_fast: bool,
+    /// How progress is shown.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: ProgressMode,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Validate the plan and print its schedule (waves); run nothing.
+    #[arg(long, conflicts_with = "resume")]
+    dry_run: bool,
+}
+
+pub(super) fn orchestrate(args: OrchestrateArgs, db: Option<&Path>) -> Result<u8> {
+    let cwd = super::current_dir()?;
+    let options = Options {
+        max_concurrent: args.max_concurrent,
+        fail_fast: args.fail_fast,
+        db: db.map(Path::to_path_buf),
+    };
+    let prepared = match &args.plan {
+        Some(file) => Some(orchestrate::prepare(&cwd, file, &options)?),
+        None => None,
+    };
+    if args.dry_run {
+        let (_, plan) = prepared.expect("--dry-run needs --plan");
+        println!(
+            "run {} (dry run): {} tasks, at most {} at once, base {}, integration {}",
+            plan.run,
+            plan.tasks.len(),
+            plan.max_concurrent,
+            &plan.base[..12.min(plan.base.len())],
+            plan.integration.as_deref().unwrap_or("off")
+        );
+        for (n, wave) in plan.waves().iter().enumerate() {
+            println!("wave {}: {}", n + 1, wave.join(", "));
+        }
+        return Ok(0);
+    }
+
+    let stop = StopFlag::default();
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .io_context("installing signal handlers for", "app orchestrate")?;
+    let handle = signals.handle();
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for signal in signals.forever() {
+                stop.raise(signal);
+            }
+        })
+    };
+    let show = match args.progress {
+        ProgressMode::None => false,
+        ProgressMode::Plain | ProgressMode::Auto => true,
+    };
+    let mut report = |progress: Progress| {
+        if show {
+            eprintln!("[{}] {}", Timestamp::now(), describe(&progress));
+        }
+    };
+    let result = match (prepared, &args.resume) {
+        (Some((paths, plan)), _) => orchestrate::start(&paths, plan, &options, &stop, &mut report),
+        (None, Some(run)) => orchestrate::resume(&cwd, run, &options, &stop, &mut report),
+        (None, None) => unreachable!("clap requires --plan or --resume"),
+    };
+    handle.close();
+    let _ = watcher.join();
+    let summary = result?;
+    if args.json {
+        super::print_json(&serde_json::json!({ "run": summary.run, "tasks": summary.tasks }));
+    } else {
+        print_summary(&summary);
+    }
+    Ok(summary.exit_code(stop.signal()))
+}
+
+fn describe(progress: &Progress) -> String {
+    match progress {
+        Progress::Began { run, tasks, done } if *done > 0 => {
+            format!("run {run}: resuming, {done} of {tasks} tasks already succeeded")
+        }
+        Progress::Began { run, tasks, .. } => format!("run {run}: {tasks} tasks"),
+        Progress::Started { task, attempt, log } => {
+            format!("{task}: started (attempt {attempt}), log {}", log.display())
+        }
+        Progress::Finished {
+            task,
+            status,
+            exit_code,
+            elapsed,
+            detail,
+        } => {
+            let mut line = format!("{task}: {status} after {}", format_age(*elapsed));
+            if let Some(code) = exit_code {
+                line.push_str(&format!(", exit {code}"));
+            }
+            if let Some(detail) = detail {
+                line.push_str(&format!(" ({detail})"));
+            }
+            line
+        }
+        Progress::Skipped { task, because } => format!("{task}: skipped ({because})"),
+        Progress::Conflict { a, b, files } => format!(
+            "warning: tasks {a} and {b} both finished and would conflict in {}",
+            files.join(", ")
+        ),
+        Progress::Integrated {
+            branch,
+            merged,
+            left_out,
+        } => {
+            let mut line = format!("integration {branch}: merged {}", list_or_none(merged));
+            for (task, why) in left_out {
+                line.push_str(&format!("; left out {task} ({why})"));
+            }
+            line
+        }
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "nothing".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn print_summary(summary: &Summary) {
+    println!("run {}: {}", summary.run.id, summary.run.status);
+    print_tasks(&summary.tasks);
+}
+
+fn print_tasks(tasks: &[TaskRow]) {
+    let mut table = vec![
+        [
+            "TASK", "STATUS", "ATTEMPTS", "TIME", "EXIT", "BRANCH", "DETAIL",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for task in tasks {
+        let time = match (&task.started_at, &task.finished_at) {
+            (Some(start), Some(end)) => {
+                match (start.parse::<Timestamp>(), end.parse::<Timestamp>()) {
+                    (Ok(start), Ok(end)) => format_age(
+                        end.system_time()
+                            .duration_since(start.system_time())
+                            .unwrap_or_default(),
+                    ),
+                    _ => "-".into(),
+                }
+            }
+            _ => "-".into(),
+        };
+        table.push(vec![
+            task.task_id.clone(),
+            task.status.clone(),
+            task.attempts.to_string(),
+            time,
+            task.exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
+            task.branch.clone(),
+            task.detail.clone().unwrap_or_default(),
+        ]);
+    }
+    super::instance::print_columns(&table);
+}
+
+/// `app runs`.
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// The runs of this repository, newest first.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: its status, report and tasks.
+    Show {
+        /// The run id.
+        run: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A task's output.
+    Logs {
+        /// The run id.
+        run: String,
+        /// The task id.
+        task: String,
+        /// Keep printing what is appended until the task ends.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+pub(super) fn runs(command: RunsCommand, db: Option<&Path>) -> Result<u8> {
+    let paths = AppPaths::discover(&super::current_dir()?)?;
+    let repo_root = paths.repo_root().display().to_string();
+    match command {
+        RunsCommand::List { json } => {
+            let rows = super::with_db(db, async |db| runs::list(db, &repo_root, 100).await)?;
+            if json {
+                super::print_json(&rows);
+            } else {
+                let mut table = vec![
+                    ["RUN", "STATUS", "STARTED", "FINISHED"]
+                        .map(String::from)
+                        .to_vec(),
+                ];
+                for row in &rows {
+                    table.push(vec![
+                        row.id.clone(),
+                        row.status.clone(),
+                        row.started_at.clone(),
+                        row.finished_at.clone().unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+                super::instance::print_columns(&table);
+            }
+            Ok(0)
+        }
+        RunsCommand::Show { run, json } => {
+            let (row, tasks) = load(db, &run)?;
+            if json {
+                super::print_json(&serde_json::json!({ "run": row, "tasks": tasks }));
+            } else {
+                println!(
+                    "run {}: {} (started {})",
+                    row.id, row.status, row.started_at
+                );
+                if row.report != serde_json::json!({}) {
+                    println!("report: {}", row.report);
+                }
+                print_tasks(&tasks);
+            }
+            Ok(0)
+        }
+        RunsCommand::Logs { run, task, follow } => {
+            let (_, tasks) = load(db, &run)?;
+            let row = tasks.iter().find(|t| t.task_id == task).ok_or_else(|| {
+                Error::bad_input(format!(
+                    "run {run} has no task {task:?}; 'app runs show {run}' lists them"
+                ))
+            })?;
+            let path = paths.task_log(&run, &task);
+            print_log(
+                &path,
+                follow.then_some((db, run.as_str(), row.task_id.as_str())),
+            )
+        }
+    }
+}
+
+fn load(db: Option<&Path>, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
+    let (row, mut tasks) = super::with_db(db, async |db| {
+        Ok((runs::get(db, run).await?, runs::tasks(db, run).await?))
+    })?;
+    let row = row.ok_or_else(|| {
+        Error::bad_input(format!(
+            "no run {run:?}; 'app runs list' shows this repository's runs"
+        ))
+    })?;
+    // Plan order, as the plan listed them.
+    let order: Vec<String> = row.plan["tasks"]
+        .as_array()
+        .map(|tasks| {
+            tasks
+                .iter()
+                .filter_map(|t| t["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    tasks.sort_by_key(|t| {
+        order
+            .iter()
+            .position(|id| *id == t.task_id)
+            .unwrap_or(usize::MAX)
+    });
+    Ok((row, tasks))
+}
+
+/// Prints a log; with `follow`, keeps printing what is appended until the task is no longer
+/// pending or running.
+fn print_log(path: &Path, follow: Option<(Option<&Path>, &str, &str)>) -> Result<u8> {
+    use std::io::Write;
+    if follow.is_none() && !path.exists() {
+        return Err(Error::bad_input(format!(
+            "no log at {} yet: the task has not started",
+            path.display()
+        )));
+    }
+    let mut offset = 0u64;
+    let mut out = std::io::stdout().lock();
+    loop {
+        // Asked before reading, so the last read sees everything written before the end.
+        let active = match follow {
+            Some((db, run, task)) => load(db, run)?
+                .1
+                .iter()
+                .any(|t| t.task_id == task && (t.status == "running" || t.status == "pending")),
+            None => false,
+        };
+        if let Ok(mut file) = std::fs::File::open(path) {
+            file.seek(std::io::SeekFrom::Start(offset))
+                .io_context("reading", path)?;
+            let mut chunk = Vec::new();
+            file.read_to_end(&mut chunk).io_context("reading", path)?;
+            offset += chunk.len() as u64;
+            out.write_all(&chunk).io_context("writing", "stdout")?;
+            out.flush().io_context("writing", "stdout")?;
+        }
+        if !active {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

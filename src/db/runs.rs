@@ -1,0 +1,217 @@
+//! The `runs` and `run_tasks` tables: the state of orchestrated runs (`app orchestrate`).
+
+use libsql::Value;
+use serde::Serialize;
+
+use super::{Db, integer, opt, opt_text, text};
+use crate::error::Result;
+
+/// One run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRow {
+    /// Run id (`<plan name>-<6 hex>`).
+    pub id: String,
+    /// The plan's name.
+    pub name: String,
+    /// Repository it runs in.
+    pub repo_root: String,
+    /// Host of the orchestrator.
+    pub host: String,
+    /// The validated plan (JSON).
+    pub plan: serde_json::Value,
+    /// `running`, `succeeded`, `failed` or `interrupted`.
+    pub status: String,
+    /// When it started.
+    pub started_at: String,
+    /// When it ended.
+    pub finished_at: Option<String>,
+    /// The orchestrator running it.
+    pub pid: Option<i64>,
+    /// That process's start time.
+    pub start_time: Option<i64>,
+    /// Sibling conflicts and the integration result.
+    pub report: serde_json::Value,
+}
+
+/// One task of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskRow {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// `pending`, `running`, `succeeded`, `failed`, `skipped` or `cancelled`.
+    pub status: String,
+    /// Attempts started.
+    pub attempts: i64,
+    /// When the last attempt started.
+    pub started_at: Option<String>,
+    /// When it ended.
+    pub finished_at: Option<String>,
+    /// Exit code of the last attempt.
+    pub exit_code: Option<i64>,
+    /// Its branch.
+    pub branch: String,
+    /// The instance of the last attempt.
+    pub instance: Option<String>,
+    /// Its log file.
+    pub log_path: Option<String>,
+    /// Why it failed or was skipped.
+    pub detail: Option<String>,
+}
+
+/// Records a new run with all its tasks pending.
+pub async fn create(db: &Db, run: &RunRow, tasks: &[TaskRow]) -> Result<()> {
+    let (run, tasks) = (run.clone(), tasks.to_vec());
+    db.transaction("recording a new run", async |conn| {
+        conn.execute(
+            "INSERT INTO runs (id, name, repo_root, host, plan, status, started_at, pid, start_time, report)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            vec![
+                Value::Text(run.id.clone()),
+                Value::Text(run.name.clone()),
+                Value::Text(run.repo_root.clone()),
+                Value::Text(run.host.clone()),
+                Value::Text(run.plan.to_string()),
+                Value::Text(run.status.clone()),
+                Value::Text(run.started_at.clone()),
+                run.pid.map_or(Value::Null, Value::Integer),
+                run.start_time.map_or(Value::Null, Value::Integer),
+                Value::Text(run.report.to_string()),
+            ],
+        )
+        .await?;
+        for task in &tasks {
+            conn.execute(
+                "INSERT INTO run_tasks (run_id, task_id, status, branch) VALUES (?1, ?2, ?3, ?4)",
+                vec![
+                    Value::Text(task.run_id.clone()),
+                    Value::Text(task.task_id.clone()),
+                    Value::Text(task.status.clone()),
+                    Value::Text(task.branch.clone()),
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Writes a task's state.
+pub async fn update_task(db: &Db, task: &TaskRow) -> Result<()> {
+    db.execute(
+        "recording a task's state",
+        "UPDATE run_tasks SET status = ?3, attempts = ?4, started_at = ?5, finished_at = ?6,
+                exit_code = ?7, instance = ?8, log_path = ?9, detail = ?10
+         WHERE run_id = ?1 AND task_id = ?2",
+        vec![
+            Value::Text(task.run_id.clone()),
+            Value::Text(task.task_id.clone()),
+            Value::Text(task.status.clone()),
+            Value::Integer(task.attempts),
+            opt(task.started_at.clone()),
+            opt(task.finished_at.clone()),
+            task.exit_code.map_or(Value::Null, Value::Integer),
+            opt(task.instance.clone()),
+            opt(task.log_path.clone()),
+            opt(task.detail.clone()),
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+/// Writes a run's status, owner and report.
+pub async fn update_run(db: &Db, run: &RunRow) -> Result<()> {
+    db.execute(
+        "recording a run's state",
+        "UPDATE runs SET status = ?2, finished_at = ?3, pid = ?4, start_time = ?5, report = ?6
+         WHERE id = ?1",
+        vec![
+            Value::Text(run.id.clone()),
+            Value::Text(run.status.clone()),
+            opt(run.finished_at.clone()),
+            run.pid.map_or(Value::Null, Value::Integer),
+            run.start_time.map_or(Value::Null, Value::Integer),
+            Value::Text(run.report.to_string()),
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+const RUN_COLUMNS: &str =
+    "id, name, repo_root, host, plan, status, started_at, finished_at, pid, start_time, report";
+
+fn run_row(row: &[Value]) -> RunRow {
+    let json = |value: &Value| serde_json::from_str(&text(value)).unwrap_or_default();
+    RunRow {
+        id: text(&row[0]),
+        name: text(&row[1]),
+        repo_root: text(&row[2]),
+        host: text(&row[3]),
+        plan: json(&row[4]),
+        status: text(&row[5]),
+        started_at: text(&row[6]),
+        finished_at: opt_text(&row[7]),
+        pid: integer(&row[8]),
+        start_time: integer(&row[9]),
+        report: json(&row[10]),
+    }
+}
+
+/// The run with `id`.
+pub async fn get(db: &Db, id: &str) -> Result<Option<RunRow>> {
+    let rows = db
+        .query_rows(
+            "reading a run",
+            &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+            vec![Value::Text(id.to_string())],
+        )
+        .await?;
+    Ok(rows.first().map(|row| run_row(row)))
+}
+
+/// The runs of `repo_root`, newest first, at most `limit`.
+pub async fn list(db: &Db, repo_root: &str, limit: u32) -> Result<Vec<RunRow>> {
+    let rows = db
+        .query_rows(
+            "listing runs",
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE repo_root = ?1 ORDER BY started_at DESC, id LIMIT ?2"
+            ),
+            vec![Value::Text(repo_root.to_string()), Value::Integer(limit.into())],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| run_row(row)).collect())
+}
+
+/// The tasks of run `id`, in no particular order.
+pub async fn tasks(db: &Db, id: &str) -> Result<Vec<TaskRow>> {
+    let rows = db
+        .query_rows(
+            "reading a run's tasks",
+            "SELECT run_id, task_id, status, attempts, started_at, finished_at, exit_code, branch,
+                    instance, log_path, detail
+             FROM run_tasks WHERE run_id = ?1",
+            vec![Value::Text(id.to_string())],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| TaskRow {
+            run_id: text(&row[0]),
+            task_id: text(&row[1]),
+            status: text(&row[2]),
+            attempts: integer(&row[3]).unwrap_or(0),
+            started_at: opt_text(&row[4]),
+            finished_at: opt_text(&row[5]),
+            exit_code: integer(&row[6]),
+            branch: text(&row[7]),
+            instance: opt_text(&row[8]),
+            log_path: opt_text(&row[9]),
+            detail: opt_text(&row[10]),
+        })
+        .collect())
+}
