@@ -299,14 +299,22 @@ fn concurrent_first_starts_migrate_once(repo: &TestRepo, target: &Target) {
         assert_eq!(status["quick_check"], "ok");
         migrations_applied += stderr(&output).matches("applying migration").count();
     }
+    let latest = app::db::schema::LATEST;
     assert_eq!(
-        migrations_applied, 1,
-        "one process applied the one migration"
+        migrations_applied, latest as usize,
+        "every migration was applied once, by one process"
     );
     let db = target.open();
-    let rows =
-        block_on(db.query_rows("test", "SELECT version FROM schema_migrations", vec![])).unwrap();
-    assert_eq!(rows, vec![vec![libsql::Value::Integer(1)]]);
+    let rows = block_on(db.query_rows(
+        "test",
+        "SELECT version FROM schema_migrations ORDER BY version",
+        vec![],
+    ))
+    .unwrap();
+    let want: Vec<Vec<libsql::Value>> = (1..=latest)
+        .map(|v| vec![libsql::Value::Integer(v)])
+        .collect();
+    assert_eq!(rows, want);
 }
 
 /// `app run` mirrors its instance into the default database of the test's home.
