@@ -8,6 +8,7 @@ mod coordination;
 mod db;
 mod doctor;
 mod instance;
+mod orchestrate;
 mod registry;
 mod run;
 mod support;

@@ -1,0 +1,346 @@
+//! `app orchestrate --plan` and `app runs`, with real tasks in real worktrees.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::support::{TestRepo, code, kill, stderr, stdout, wait_for};
+
+/// Writes `plan` to the scratch directory and returns its path.
+fn write_plan(repo: &TestRepo, name: &str, plan: &Value) -> PathBuf {
+    let path = repo.scratch().join(format!("{name}.json"));
+    fs::write(&path, serde_json::to_string_pretty(plan).unwrap()).unwrap();
+    path
+}
+
+fn orchestrate(repo: &TestRepo, plan: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "orchestrate",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--json",
+        "--progress",
+        "plain",
+    ];
+    args.extend_from_slice(extra);
+    repo.run_app(&args)
+}
+
+/// The `--json` summary, with tasks by id.
+fn summary(output: &Output) -> (Value, std::collections::HashMap<String, Value>) {
+    let value: Value = serde_json::from_str(&stdout(output))
+        .unwrap_or_else(|err| panic!("no JSON summary ({err}); stderr: {}", stderr(output)));
+    let tasks = value["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task_id"].as_str().unwrap().to_string(), t.clone()))
+        .collect();
+    (value["run"].clone(), tasks)
+}
+
+/// A command that commits `file` with `content`.
+fn commit(file: &str, content: &str) -> String {
+    format!("echo {content} > {file} && git add {file} && git commit -q -m 'write {file}'")
+}
+
+#[test]
+fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
+    let repo = TestRepo::new();
+    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello-plan.json");
+    let output = orchestrate(&repo, &plan, &[]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let (run, tasks) = summary(&output);
+    assert_eq!(run["status"], "succeeded");
+    assert!(
+        tasks.values().all(|t| t["status"] == "succeeded"),
+        "{tasks:?}"
+    );
+    let branch = run["report"]["integration"]["branch"].as_str().unwrap();
+    for file in ["hello.txt", "left.txt", "right.txt"] {
+        repo.git(&["cat-file", "-e", &format!("{branch}:{file}")]);
+    }
+    // Every task ran as an instance and cleaned up after itself.
+    assert!(repo.instances().is_empty());
+    let worktrees = fs::read_dir(repo.state_dir().join("worktrees"))
+        .unwrap()
+        .count();
+    assert_eq!(worktrees, 0);
+    // The user's own branch was not touched.
+    assert_eq!(
+        repo.git(&["rev-parse", "--abbrev-ref", "HEAD"]).trim(),
+        "main"
+    );
+
+    let id = run["id"].as_str().unwrap();
+    let logs = repo.run_app(&["runs", "logs", id, "check"]);
+    assert!(
+        stdout(&logs).contains("check: sees hello, left and right"),
+        "{}",
+        stdout(&logs)
+    );
+    let listed = repo.run_app(&["runs", "list"]);
+    assert!(stdout(&listed).contains(id), "{}", stdout(&listed));
+    let shown = repo.run_app(&["runs", "show", id, "--json"]);
+    let shown: Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    assert_eq!(shown["run"]["status"], "succeeded");
+    assert_eq!(shown["tasks"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn dependencies_come_first_and_the_cap_holds() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    let s = scratch.display();
+    let task = |id: &str| {
+        format!(
+            "flock {s}/lock sh -c 'n=$(($(cat {s}/count 2>/dev/null || echo 0) + 1)); echo $n > {s}/count; \
+             m=$(cat {s}/max 2>/dev/null || echo 0); if [ $n -gt $m ]; then echo $n > {s}/max; fi; \
+             echo start {id} $(date +%s%N) >> {s}/times' && sleep 0.3 && \
+             flock {s}/lock sh -c 'echo $(($(cat {s}/count) - 1)) > {s}/count; echo end {id} $(date +%s%N) >> {s}/times'"
+        )
+    };
+    let plan = write_plan(
+        &repo,
+        "cap",
+        &json!({
+            "name": "cap",
+            "max_concurrent": 2,
+            "tasks": [
+                {"id": "t1", "command": task("t1")},
+                {"id": "t2", "command": task("t2")},
+                {"id": "t3", "command": task("t3")},
+                {"id": "t4", "command": task("t4")},
+                {"id": "t5", "command": task("t5"), "depends_on": ["t1", "t2"]},
+                {"id": "t6", "command": task("t6"), "depends_on": ["t5"]},
+            ]
+        }),
+    );
+    let output = orchestrate(&repo, &plan, &[]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let max: u32 = fs::read_to_string(scratch.join("max"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        max, 2,
+        "at most 2 at once, and independent tasks did overlap"
+    );
+    let times = fs::read_to_string(scratch.join("times")).unwrap();
+    let at = |event: &str, id: &str| -> u128 {
+        times
+            .lines()
+            .find_map(|line| {
+                let mut parts = line.split(' ');
+                (parts.next() == Some(event) && parts.next() == Some(id))
+                    .then(|| parts.next().unwrap().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {event} of {id} in {times}"))
+    };
+    assert!(
+        at("start", "t5") > at("end", "t1").max(at("end", "t2")),
+        "{times}"
+    );
+    assert!(at("start", "t6") > at("end", "t5"), "{times}");
+}
+
+#[test]
+fn a_failure_skips_dependents_and_conflicts_are_named() {
+    let repo = TestRepo::new();
+    let plan = write_plan(
+        &repo,
+        "conflicts",
+        &json!({
+            "name": "conflicts",
+            "integration": "merged",
+            "tasks": [
+                {"id": "bad", "command": "exit 3"},
+                {"id": "after-bad", "command": "true", "depends_on": ["bad"]},
+                {"id": "one", "command": commit("shared.txt", "one")},
+                {"id": "two", "command": commit("shared.txt", "two")},
+                {"id": "both", "command": "true", "depends_on": ["one", "two"]},
+                {"id": "fine", "command": commit("fine.txt", "fine")},
+            ]
+        }),
+    );
+    let output = orchestrate(&repo, &plan, &[]);
+    assert_eq!(code(&output), 1, "{}", stderr(&output));
+    let (run, tasks) = summary(&output);
+    assert_eq!(run["status"], "failed");
+    assert_eq!(tasks["bad"]["status"], "failed");
+    assert_eq!(tasks["bad"]["exit_code"], 3);
+    assert_eq!(tasks["after-bad"]["status"], "skipped");
+    assert!(
+        tasks["after-bad"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("bad")
+    );
+    assert_eq!(tasks["one"]["status"], "succeeded");
+    assert_eq!(tasks["two"]["status"], "succeeded");
+    assert_eq!(tasks["fine"]["status"], "succeeded");
+    assert_eq!(tasks["both"]["status"], "failed");
+    let detail = tasks["both"]["detail"].as_str().unwrap();
+    assert!(detail.contains("shared.txt"), "{detail}");
+    // The sibling conflict was reported as soon as both were done.
+    assert!(
+        stderr(&output).contains("would conflict in shared.txt"),
+        "{}",
+        stderr(&output)
+    );
+    // The integration branch got what merges, and says what it left out.
+    repo.git(&["cat-file", "-e", "merged:fine.txt"]);
+    let left_out = &run["report"]["integration"]["left_out"];
+    assert!(left_out.to_string().contains("bad"), "{left_out}");
+}
+
+#[test]
+fn timeouts_stop_a_task_and_retries_run_it_again() {
+    let repo = TestRepo::new();
+    let flag = repo.scratch().join("flaky");
+    let plan = write_plan(
+        &repo,
+        "retry",
+        &json!({
+            "name": "retry",
+            "tasks": [
+                {"id": "slow", "command": "exec sleep 60", "timeout": "1s"},
+                {"id": "flaky", "retries": 1, "command":
+                    format!("if [ -f {0} ]; then exit 0; else touch {0}; exit 1; fi", flag.display())},
+            ]
+        }),
+    );
+    let output = orchestrate(&repo, &plan, &[]);
+    assert_eq!(code(&output), 1, "{}", stderr(&output));
+    let (_, tasks) = summary(&output);
+    assert_eq!(tasks["slow"]["status"], "failed");
+    assert!(
+        tasks["slow"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
+    assert_eq!(tasks["flaky"]["status"], "succeeded");
+    assert_eq!(tasks["flaky"]["attempts"], 2);
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn bad_plans_exit_2_and_change_nothing() {
+    let repo = TestRepo::new();
+    repo.git(&["branch", "taken"]);
+    let branches = repo.branches();
+    for (name, plan, want) in [
+        (
+            "cycle",
+            json!({"name": "c", "tasks": [
+            {"id": "a", "command": "true", "depends_on": ["b"]},
+            {"id": "b", "command": "true", "depends_on": ["a"]}]}),
+            "a -> b -> a",
+        ),
+        (
+            "unknown",
+            json!({"name": "u", "tasks": [{"id": "a", "command": "true", "colour": 1}]}),
+            "unknown field `colour`",
+        ),
+        (
+            "missing",
+            json!({"name": "m", "tasks": [{"id": "a", "command": "true", "depends_on": ["zz"]}]}),
+            "\"zz\"",
+        ),
+        (
+            "existing",
+            json!({"name": "e", "tasks": [{"id": "a", "command": "true", "branch": "taken"}]}),
+            "already exists",
+        ),
+        (
+            "base",
+            json!({"name": "b", "base": "nope", "tasks": [{"id": "a", "command": "true"}]}),
+            "unknown ref",
+        ),
+    ] {
+        let path = write_plan(&repo, name, &plan);
+        let output = orchestrate(&repo, &path, &[]);
+        assert_eq!(code(&output), 2, "{name}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(want),
+            "{name}: {}",
+            stderr(&output)
+        );
+        assert!(!repo.state_dir().exists(), "{name} created .app/");
+        assert_eq!(repo.branches(), branches, "{name} changed the branches");
+    }
+    let dry = repo.run_app(&[
+        "orchestrate",
+        "--dry-run",
+        "--plan",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/hello-plan.json")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_eq!(code(&dry), 0, "{}", stderr(&dry));
+    assert!(
+        stdout(&dry).contains("wave 2: left, right"),
+        "{}",
+        stdout(&dry)
+    );
+    assert!(!repo.state_dir().exists());
+}
+
+#[test]
+fn a_killed_orchestrator_resumes_without_rerunning_what_succeeded() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    let s = scratch.display();
+    let plan = write_plan(
+        &repo,
+        "resume",
+        &json!({
+            "name": "resume",
+            "tasks": [
+                {"id": "first", "command": format!("echo first >> {s}/ran && {}", commit("first.txt", "1"))},
+                {"id": "second", "depends_on": ["first"], "command": format!(
+                    "echo second >> {s}/ran && test -f first.txt && if [ -f {s}/resumed ]; then exit 0; fi; touch {s}/waiting; exec sleep 300")},
+            ]
+        }),
+    );
+    let running = repo.spawn(repo.app(&[
+        "orchestrate",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]));
+    wait_for("the second task to run", Duration::from_secs(60), || {
+        scratch.join("waiting").exists()
+    });
+    kill(running.pid(), Signal::SIGKILL);
+    let _ = running.wait(Duration::from_secs(10));
+
+    let list = repo.run_app(&["runs", "list", "--json"]);
+    let runs: Value = serde_json::from_str(&stdout(&list)).unwrap();
+    let id = runs[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(runs[0]["status"], "running");
+    fs::write(scratch.join("resumed"), "").unwrap();
+    let output = repo.run_app(&["orchestrate", "--resume", &id, "--json"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let (run, tasks) = summary(&output);
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(tasks["first"]["attempts"], 1);
+    assert_eq!(tasks["second"]["attempts"], 2);
+    let ran = fs::read_to_string(scratch.join("ran")).unwrap();
+    assert_eq!(ran.matches("first").count(), 1, "{ran}");
+    assert_eq!(ran.matches("second").count(), 2, "{ran}");
+    // The attempt the dead orchestrator left running was stopped, not left behind.
+    wait_for(
+        "the old attempt to be gone",
+        Duration::from_secs(30),
+        || repo.instances().is_empty(),
+    );
+}
