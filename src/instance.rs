@@ -108,7 +108,15 @@ pub struct RunOptions {
     pub stop_timeout: Option<Duration>,
     /// Told what the person running `app` should see.
     pub notify: Option<fn(&Notice)>,
+    /// `app ci`: a branch checked out elsewhere gets a detached worktree, and the worktree is
+    /// always removed at the end (uncommitted work saved on `refs/app/rescue/<id>` first).
+    pub ci: bool,
+    /// Stop the command (a stop request) once it has run this long; `app` then exits 124.
+    pub deadline: Option<Duration>,
 }
+
+/// `app`'s exit code when the command outlived `--timeout`, as `timeout(1)` has it.
+pub const EXIT_TIMED_OUT: u8 = 124;
 
 /// How long a stop request waits for a command before killing it.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,8 +262,8 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
             &repo,
             &paths,
             &id,
-            options.branch.as_deref(),
-            options.base.as_deref(),
+            (options.branch.as_deref(), options.base.as_deref()),
+            options.ci,
         )?)
     };
     // The API's address is the last check: an explicit one that is taken stops the run here.
@@ -442,7 +450,11 @@ fn supervise(
         heartbeat_at: now,
         worktree: plan.as_ref().map(|p| p.path.clone()),
         cwd: cwd.clone(),
-        branch: plan.as_ref().map(|p| p.branch.clone()),
+        // A detached worktree (`app ci`) holds no branch.
+        branch: plan
+            .as_ref()
+            .filter(|p| !p.detached)
+            .map(|p| p.branch.clone()),
         base: plan.as_ref().map(|p| p.base.to_string()),
         command: options.command.clone(),
         child_pid: None,
@@ -460,7 +472,14 @@ fn supervise(
         )?;
         fault::point("run.intent-written");
     }
-    let created_branch = match claim(&registry, &mut record, plan.as_ref(), options.ports, timing) {
+    let mut plan = plan;
+    let created_branch = match claim(
+        &registry,
+        &mut record,
+        plan.as_mut(),
+        (options.ports, options.ci),
+        timing,
+    ) {
         Ok(created) => created,
         Err(err) => {
             let _ = journal::end(paths, id);
@@ -520,7 +539,9 @@ fn supervise(
     }
     if let Some(plan) = &plan {
         env.push(("APP_WORKTREE".into(), plan.path.clone().into()));
-        env.push(("APP_BRANCH".into(), plan.branch.clone().into()));
+        if !plan.detached {
+            env.push(("APP_BRANCH".into(), plan.branch.clone().into()));
+        }
     }
     if let Some(url) = &record.api_url {
         env.push(("APP_API_URL".into(), url.into()));
@@ -614,7 +635,7 @@ fn supervise(
                 &record,
                 plan.as_ref(),
                 created_branch,
-                options.keep,
+                options,
             );
             mirror.stopped(
                 &record,
@@ -637,7 +658,7 @@ fn supervise(
                 &record,
                 plan.as_ref(),
                 created_branch,
-                options.keep,
+                options,
             );
             mirror.stopped(
                 &record,
@@ -666,6 +687,22 @@ fn supervise(
     }
     mirror.instance(&record);
 
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let (Some(limit), Some(pid)) = (options.deadline, record.child_pid) {
+        let (slot, timed_out) = (Arc::clone(slot), Arc::clone(&timed_out));
+        thread::spawn(move || {
+            thread::sleep(limit);
+            let running = {
+                let state = slot.lock();
+                state.pid == Some(pid) && !state.exited
+            };
+            if running {
+                tracing::debug!(pid, "the command outlived its --timeout; stopping it");
+                timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                deliver(&slot, SIGTERM, false);
+            }
+        });
+    }
     let (stop_heartbeat, heartbeat) = start_heartbeat(
         registry.clone(),
         id.to_string(),
@@ -674,6 +711,13 @@ fn supervise(
     );
     let (exit_code, reason) = match &mut child {
         Some(child) => match wait_child(child, slot) {
+            Ok(status) if timed_out.load(std::sync::atomic::Ordering::SeqCst) => (
+                EXIT_TIMED_OUT,
+                format!(
+                    "the command outlived its timeout ({})",
+                    exit_code_of(status)
+                ),
+            ),
             Ok(status) => {
                 let code = exit_code_of(status);
                 (code, format!("the command exited with {code}"))
@@ -698,7 +742,7 @@ fn supervise(
         &record,
         plan.as_ref(),
         created_branch,
-        options.keep,
+        options,
     );
     mirror.stopped(
         &record,
@@ -743,8 +787,8 @@ fn outcome(record: &InstanceRecord, exit_code: u8, cleanup: Option<Cleanup>) -> 
 fn claim(
     registry: &Registry,
     record: &mut InstanceRecord,
-    plan: Option<&WorktreePlan>,
-    ports: Option<usize>,
+    mut plan: Option<&mut WorktreePlan>,
+    (ports, ci): (Option<usize>, bool),
     timing: Timing,
 ) -> Result<bool> {
     registry.update(|tables| {
@@ -762,19 +806,30 @@ fn claim(
             )));
         }
         let mut created_branch = false;
-        if let Some(plan) = plan {
-            for entry in tables.instances() {
-                if let Entry::Valid(other) = entry
-                    && other.id != record.id
-                    && other.branch.as_deref() == Some(plan.branch.as_str())
-                    && other.liveness(timing.stale_after) == Liveness::Live
+        let holder = plan.as_deref().and_then(|plan| {
+            tables.instances().into_iter().find_map(|entry| match entry {
+                Entry::Valid(other)
+                    if other.id != record.id
+                        && other.branch.as_deref() == Some(plan.branch.as_str())
+                        && other.liveness(timing.stale_after) == Liveness::Live =>
                 {
-                    return Err(Error::Busy(format!(
-                        "branch {} is held by live instance {} (pid {}); pick another --branch",
-                        plan.branch, other.id, other.pid
-                    )));
+                    Some(other)
                 }
+                _ => None,
+            })
+        });
+        if let (Some(plan), Some(other)) = (plan.as_deref_mut(), holder) {
+            if !ci || plan.create_branch {
+                return Err(Error::Busy(format!(
+                    "branch {} is held by live instance {} (pid {}); pick another --branch",
+                    plan.branch, other.id, other.pid
+                )));
             }
+            // `app ci` jobs on one branch never collide: this one tests it detached.
+            plan.detached = true;
+            record.branch = None;
+        }
+        if let Some(plan) = plan.filter(|plan| !plan.detached) {
             // An existing branch app made earlier keeps its provenance: its original base, and
             // app's right to delete it once it holds nothing beyond that base.
             let previous = tables.branch(&plan.branch).filter(|_| !plan.create_branch);
@@ -840,7 +895,7 @@ fn finish(
     record: &InstanceRecord,
     plan: Option<&WorktreePlan>,
     created_branch: bool,
-    keep: bool,
+    options: &RunOptions,
 ) -> Result<Option<Cleanup>> {
     let _ = registry.update(|tables| {
         if let Some(mut current) = tables.instance(&record.id) {
@@ -849,7 +904,7 @@ fn finish(
         }
         Ok(())
     });
-    let Some(plan) = plan.filter(|_| !keep) else {
+    let Some(plan) = plan.filter(|_| !options.keep) else {
         unregister(registry, &record.id, None);
         return Ok(None);
     };
@@ -871,18 +926,24 @@ fn finish(
             })
         })
         .unwrap_or(plan.base);
-    let cleanup = worktree::remove_if_clean(
-        repo,
-        &plan.id,
-        &plan.path,
-        &plan.branch,
-        base,
-        created_branch,
-    );
+    let cleanup = if options.ci {
+        let branch = (!plan.detached).then_some(plan.branch.as_str());
+        worktree::remove_saving(repo, &plan.id, &plan.path, branch, base, created_branch)
+    } else {
+        worktree::remove_if_clean(
+            repo,
+            &plan.id,
+            &plan.path,
+            &plan.branch,
+            base,
+            created_branch,
+        )
+    };
     // The branch entry lives as long as the branch it describes (doctor compares it with its
     // base later); a branch app did not create is released with its worktree.
     let forget_branch = match &cleanup {
-        Ok(c) => c.branch_deleted || (c.worktree_removed && !created_branch),
+        // A detached worktree never held its branch: another instance's entry stays.
+        Ok(c) => !plan.detached && (c.branch_deleted || (c.worktree_removed && !created_branch)),
         Err(_) => false,
     };
     unregister(

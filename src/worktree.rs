@@ -34,6 +34,9 @@ pub struct WorktreePlan {
     pub create_branch: bool,
     /// Whether an existing worktree of this instance is reused as it is.
     pub reuse: bool,
+    /// Whether the worktree gets a detached HEAD at the branch's tip (`app ci` on a branch
+    /// checked out elsewhere); the branch itself is then neither claimed nor moved.
+    pub detached: bool,
 }
 
 /// The default branch name of instance `id`.
@@ -57,14 +60,14 @@ pub fn validate_branch_name(name: &str) -> Result<()> {
 ///
 /// `branch` defaults to `app/<id>`, `base` to the repository's HEAD. An existing branch is
 /// checked out as it is (then `base` must not be given); a branch checked out in any worktree is
-/// refused. When `.app/worktrees/<id>` already is a worktree (kept from an earlier run of a named
-/// instance), it is reused.
+/// refused, or with `detach` gets a detached worktree at its tip. When `.app/worktrees/<id>`
+/// already is a worktree (kept from an earlier run of a named instance), it is reused.
 pub fn plan(
     repo: &Repository,
     paths: &AppPaths,
     id: &str,
-    branch: Option<&str>,
-    base: Option<&str>,
+    (branch, base): (Option<&str>, Option<&str>),
+    detach: bool,
 ) -> Result<WorktreePlan> {
     let path = paths.worktree(id);
     if let Some(name) = branch {
@@ -85,7 +88,10 @@ pub fn plan(
                 "branch {branch} already exists; --base applies only to a new branch (drop --base to check {branch} out as it is)"
             )));
         }
-        if let Some(holder) = checked_out_in(repo, &branch)? {
+        let holder = checked_out_in(repo, &branch)?;
+        if let Some(holder) = &holder
+            && !detach
+        {
             return Err(Error::bad_input(format!(
                 "branch {branch} is already checked out in {}; pick another --branch",
                 holder.display()
@@ -102,6 +108,7 @@ pub fn plan(
             base: tip.id(),
             create_branch: false,
             reuse: false,
+            detached: holder.is_some(),
         });
     }
     let base = resolve_base(repo, base)?;
@@ -112,6 +119,7 @@ pub fn plan(
         base,
         create_branch: true,
         reuse: false,
+        detached: false,
     })
 }
 
@@ -162,6 +170,7 @@ fn plan_reuse(
         base: tip.id(),
         create_branch: false,
         reuse: true,
+        detached: false,
     })
 }
 
@@ -281,10 +290,12 @@ fn add_worktree(admin: &Path, plan: &WorktreePlan) -> Result<()> {
     let dot_git = plan.path.join(".git");
     write(admin.join("gitdir"), format!("{}\n", dot_git.display()))?;
     write(admin.join("commondir"), "../..\n".into())?;
-    write(
-        admin.join("HEAD"),
-        format!("ref: refs/heads/{}\n", plan.branch),
-    )?;
+    let head = if plan.detached {
+        format!("{}\n", plan.base)
+    } else {
+        format!("ref: refs/heads/{}\n", plan.branch)
+    };
+    write(admin.join("HEAD"), head)?;
     write(dot_git, format!("gitdir: {}\n", admin.display()))?;
     crate::fault::point("run.worktree-linked");
 
@@ -377,6 +388,9 @@ pub struct Cleanup {
     pub branch_deleted: bool,
     /// Why the branch was kept, when `app` created it but kept it.
     pub branch_kept_because: Option<String>,
+    /// Where uncommitted work was saved before the worktree was removed (`app ci`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rescued_to: Option<String>,
 }
 
 /// Removes an instance's worktree and branch when that loses nothing.
@@ -415,6 +429,35 @@ pub fn remove_if_clean(
             crate::fault::point("stop.branch-deleted");
         }
         BranchFate::Kept(reason) => cleanup.branch_kept_because = Some(reason),
+    }
+    Ok(cleanup)
+}
+
+/// Removes an instance's worktree whatever it holds, saving what that would lose first on
+/// `refs/app/rescue/<id>` ([`rescue`]); then deletes the branch as [`remove_if_clean`] does.
+/// For `app ci`, whose worktrees never outlive the job.
+pub fn remove_saving(
+    repo: &Repository,
+    id: &str,
+    path: &Path,
+    branch: Option<&str>,
+    base: Oid,
+    created_branch: bool,
+) -> Result<Cleanup> {
+    let mut cleanup = Cleanup::default();
+    if path.exists() {
+        cleanup.rescued_to = rescue(repo, id, path)?.map(|(name, _)| name);
+        remove(repo, id, path)?;
+        cleanup.worktree_removed = true;
+    } else {
+        prune_dangling_admin(repo, id);
+    }
+    if let Some(branch) = branch.filter(|_| created_branch) {
+        match delete_branch_if_empty(repo, branch, base)? {
+            BranchFate::Gone => {}
+            BranchFate::Deleted => cleanup.branch_deleted = true,
+            BranchFate::Kept(reason) => cleanup.branch_kept_because = Some(reason),
+        }
     }
     Ok(cleanup)
 }

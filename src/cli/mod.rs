@@ -87,6 +87,8 @@ enum Command {
     },
     /// Run a plan: a graph of tasks, each in its own instance (docs/ORCHESTRATE.md).
     Orchestrate(orchestrate::OrchestrateArgs),
+    /// Run a CI command in a fresh worktree of a branch, always cleaned up (docs/CI.md).
+    Ci(run::CiArgs),
     /// Orchestrated runs: list, show, logs.
     #[command(subcommand)]
     Runs(orchestrate::RunsCommand),
@@ -122,6 +124,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Hooks(command) => reserve::hooks(command),
         Command::Doctor(args) => doctor::run(args, db.as_deref()),
         Command::Orchestrate(args) => orchestrate::orchestrate(args, db.as_deref()),
+        Command::Ci(args) => run::ci(args, db),
         Command::Runs(command) => orchestrate::runs(command, db.as_deref()),
     }
 }

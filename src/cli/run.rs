@@ -59,6 +59,59 @@ pub struct ServeCommandArgs {
     serve: ServeArgs,
 }
 
+/// Arguments of `app ci`.
+#[derive(Debug, Args)]
+pub struct CiArgs {
+    /// The branch to test: created from --base when it does not exist; checked out detached
+    /// when another worktree has it.
+    #[arg(long, value_name = "NAME")]
+    branch: String,
+    /// Where a new branch starts (default HEAD).
+    #[arg(long, value_name = "REF")]
+    base: Option<String>,
+    /// Stop the command after this long (SIGTERM, then SIGKILL after --stop-timeout); exit 124.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// How long a stop waits before SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    stop_timeout: Duration,
+    /// The command to run, after '--'.
+    #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
+    command: Vec<String>,
+}
+
+pub(super) fn ci(args: CiArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
+    let options = RunOptions {
+        branch: Some(args.branch),
+        base: args.base,
+        command: args.command,
+        db,
+        stop_timeout: Some(args.stop_timeout),
+        notify: Some(notify),
+        ci: true,
+        deadline: args.timeout,
+        ..RunOptions::default()
+    };
+    let outcome = instance::run(&super::current_dir()?, &options, Timing::from_env()?)?;
+    if outcome.exit_code == instance::EXIT_TIMED_OUT {
+        eprintln!(
+            "app: the command outlived --timeout {} and was stopped",
+            crate::config::format_age(options.deadline.unwrap_or_default())
+        );
+    }
+    if let Some(cleanup) = &outcome.cleanup {
+        if let Some(rescued) = &cleanup.rescued_to {
+            eprintln!(
+                "app: uncommitted work of the job was saved on {rescued} before its worktree was removed"
+            );
+        }
+        if let (Some(reason), Some(branch)) = (&cleanup.branch_kept_because, &outcome.branch) {
+            eprintln!("app: kept branch {branch} ({reason})");
+        }
+    }
+    Ok(outcome.exit_code)
+}
+
 pub(super) fn serve(args: ServeCommandArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
     let options = RunOptions {
         name: args.name,
@@ -119,6 +172,8 @@ pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
         api: args.serve.api(),
         stop_timeout: Some(args.serve.stop_timeout),
         notify: Some(notify),
+        ci: false,
+        deadline: None,
     };
     let cwd = super::current_dir()?;
     let outcome = instance::run(&cwd, &options, timing)?;
