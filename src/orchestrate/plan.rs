@@ -62,6 +62,9 @@ pub enum Integration {
 pub struct TaskSpec {
     /// Unique id, `[a-z0-9][a-z0-9_-]{0,31}`.
     pub id: String,
+    /// Free text for the reader of the plan (JSON has no comments).
+    #[serde(default)]
+    pub description: Option<String>,
     /// What to run.
     pub command: CommandSpec,
     /// Branch (default `app/<run>/<id>`).
@@ -93,6 +96,9 @@ pub struct TaskSpec {
 pub struct PlanSpec {
     /// The plan's name, `[a-z0-9][a-z0-9_-]{0,31}`; runs are named after it.
     pub name: String,
+    /// Free text for the reader of the plan (JSON has no comments).
+    #[serde(default)]
+    pub description: Option<String>,
     /// Ref every task starts from (default HEAD).
     #[serde(default)]
     pub base: Option<String>,
