@@ -1,8 +1,13 @@
 //! `app orchestrate` and `app runs`.
 
-use std::io::{Read, Seek};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use clap::{Args, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -18,7 +23,7 @@ use crate::registry::Timestamp;
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProgressMode {
-    /// Plain lines (a live display is not built yet).
+    /// A live display on a terminal (outside CI), plain lines otherwise.
     Auto,
     /// Timestamped lines on stderr.
     Plain,
@@ -96,14 +101,14 @@ pub(super) fn orchestrate(args: OrchestrateArgs, db: Option<&Path>) -> Result<u8
             }
         })
     };
-    let show = match args.progress {
-        ProgressMode::None => false,
-        ProgressMode::Plain | ProgressMode::Auto => true,
-    };
-    let mut report = |progress: Progress| {
-        if show {
-            eprintln!("[{}] {}", Timestamp::now(), describe(&progress));
-        }
+    let live = args.progress == ProgressMode::Auto
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("CI").is_none();
+    let display = live.then(Live::start);
+    let mut report = |progress: Progress| match (&display, args.progress) {
+        (Some(display), _) => display.show(&progress),
+        (None, ProgressMode::None) => {}
+        (None, _) => eprintln!("[{}] {}", Timestamp::now(), describe(&progress)),
     };
     let result = match (prepared, &args.resume) {
         (Some((paths, plan)), _) => orchestrate::start(&paths, plan, &options, &stop, &mut report),
@@ -112,6 +117,9 @@ pub(super) fn orchestrate(args: OrchestrateArgs, db: Option<&Path>) -> Result<u8
     };
     handle.close();
     let _ = watcher.join();
+    if let Some(display) = display {
+        display.finish();
+    }
     let summary = result?;
     if args.json {
         super::print_json(&serde_json::json!({ "run": summary.run, "tasks": summary.tasks }));
@@ -119,6 +127,122 @@ pub(super) fn orchestrate(args: OrchestrateArgs, db: Option<&Path>) -> Result<u8
         print_summary(&summary);
     }
     Ok(summary.exit_code(stop.signal()))
+}
+
+/// The live display: an overall bar, and a line per running task with its elapsed time and the
+/// last line of its log.
+struct Live {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    running: Arc<Mutex<HashMap<String, (ProgressBar, PathBuf)>>>,
+    done: Arc<AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Live {
+    fn start() -> Live {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let overall = multi.add(
+            ProgressBar::new(0).with_style(
+                ProgressStyle::with_template("{bar:32.cyan/blue} {pos}/{len} tasks  {elapsed}")
+                    .expect("the template is valid"),
+            ),
+        );
+        let running: Arc<Mutex<HashMap<String, (ProgressBar, PathBuf)>>> = Arc::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (running, done) = (Arc::clone(&running), Arc::clone(&done));
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    for (bar, log) in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                        if let Some(line) = last_line(log) {
+                            bar.set_message(line);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            })
+        };
+        Live {
+            multi,
+            overall,
+            running,
+            done,
+            ticker: Some(ticker),
+        }
+    }
+
+    fn show(&self, progress: &Progress) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        match progress {
+            Progress::Began { tasks, done, .. } => {
+                self.overall.set_length(*tasks as u64);
+                self.overall.set_position(*done as u64);
+            }
+            Progress::Started { task, log, .. } => {
+                let bar = self.multi.insert_before(
+                    &self.overall,
+                    ProgressBar::new_spinner().with_style(
+                        ProgressStyle::with_template(
+                            "{spinner} {prefix:16} {elapsed:>4}  {wide_msg}",
+                        )
+                        .expect("the template is valid"),
+                    ),
+                );
+                bar.set_prefix(task.clone());
+                bar.enable_steady_tick(Duration::from_millis(200));
+                running.insert(task.clone(), (bar, log.clone()));
+            }
+            Progress::Finished { task, status, .. } => {
+                if let Some((bar, _)) = running.remove(task) {
+                    bar.finish_and_clear();
+                }
+                let _ = self.multi.println(describe(progress));
+                if status != "retrying" {
+                    self.overall.inc(1);
+                }
+            }
+            Progress::Skipped { .. } => {
+                let _ = self.multi.println(describe(progress));
+                self.overall.inc(1);
+            }
+            Progress::Conflict { .. } | Progress::Integrated { .. } => {
+                let _ = self.multi.println(describe(progress));
+            }
+        }
+    }
+
+    fn finish(mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.join();
+        }
+        for (bar, _) in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            bar.finish_and_clear();
+        }
+        self.overall.finish_and_clear();
+    }
+}
+
+/// The last non-empty line of a log (read from its last 4 KiB).
+fn last_line(path: &Path) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(std::io::SeekFrom::Start(len.saturating_sub(4096)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with("== app orchestrate:"))
+        .map(|line| line.chars().take(120).collect())
 }
 
 fn describe(progress: &Progress) -> String {
