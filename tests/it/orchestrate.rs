@@ -290,6 +290,20 @@ fn bad_plans_exit_2_and_change_nothing() {
         "{}",
         stdout(&dry)
     );
+    // The agents example is not run (it needs the agents), but it must stay a valid plan.
+    let agents = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agents-plan.json");
+    let dry = repo.run_app(&[
+        "orchestrate",
+        "--dry-run",
+        "--plan",
+        agents.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&dry), 0, "{}", stderr(&dry));
+    assert!(
+        stdout(&dry).contains("wave 2: backend, frontend"),
+        "{}",
+        stdout(&dry)
+    );
     assert!(!repo.state_dir().exists());
 }
 
