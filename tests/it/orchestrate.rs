@@ -358,3 +358,66 @@ fn a_killed_orchestrator_resumes_without_rerunning_what_succeeded() {
         || repo.instances().is_empty(),
     );
 }
+
+#[test]
+fn fail_fast_cancels_the_rest_and_logs_can_be_followed() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    let s = scratch.display();
+    let plan = write_plan(
+        &repo,
+        "fast",
+        &json!({
+            "name": "fast",
+            "tasks": [
+                {"id": "talk", "command": format!(
+                    "for i in 1 2 3; do echo line $i; sleep 0.2; done; touch {s}/talked; exec sleep 300")},
+                {"id": "bad", "command": format!("until [ -f {s}/talked ]; do sleep 0.05; done; exit 9")},
+                {"id": "slow", "command": "exec sleep 300"},
+                {"id": "later", "command": "true", "depends_on": ["slow"]},
+            ]
+        }),
+    );
+    let running = repo.spawn(repo.app(&[
+        "orchestrate",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--fail-fast",
+        "--json",
+        "--progress",
+        "none",
+    ]));
+    let mut id = String::new();
+    wait_for("the run to be recorded", Duration::from_secs(30), || {
+        let list = repo.run_app(&["runs", "list", "--json"]);
+        let runs: Value = serde_json::from_str(&stdout(&list)).unwrap_or(Value::Null);
+        match runs[0]["id"].as_str() {
+            Some(found) => {
+                id = found.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    // Following the log while the task runs prints its lines as they come, and returns once
+    // the task has ended (it is cancelled by the failure of "bad").
+    let follower = repo.spawn(repo.app(&["runs", "logs", &id, "talk", "--follow"]));
+    wait_for("the task to talk", Duration::from_secs(30), || {
+        scratch.join("talked").exists()
+    });
+    let output = running.wait(Duration::from_secs(60));
+    assert_eq!(code(&output), 1, "{}", stderr(&output));
+    let (_, tasks) = summary(&output);
+    assert_eq!(tasks["bad"]["status"], "failed");
+    assert_eq!(tasks["slow"]["status"], "cancelled");
+    assert_eq!(tasks["talk"]["status"], "cancelled");
+    assert_eq!(tasks["later"]["status"], "cancelled");
+    let followed = follower.wait(Duration::from_secs(30));
+    assert_eq!(code(&followed), 0, "{}", stderr(&followed));
+    assert!(
+        stdout(&followed).contains("line 1\nline 2\nline 3\n"),
+        "{}",
+        stdout(&followed)
+    );
+    assert!(repo.instances().is_empty());
+}
