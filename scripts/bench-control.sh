@@ -25,8 +25,11 @@ run_pid=
 serve_pid=
 curl_pid=
 cleanup() {
+    # Every process is stopped even when one of them already exited (set -e would end this
+    # function at the first failing wait).
     for pid in $curl_pid $serve_pid $run_pid; do
-        kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
     done
     rm -rf "$tmp"
 }
