@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Benchmark `app orchestrate`, each figure against a baseline measured in the same run:
+#   (a) BENCH_TASKS_A (default 100) independent tasks of `sleep 0.1`, BENCH_PARALLEL (default 8)
+#       at once, in a small repository (one empty commit), against `xargs -P` running the same
+#       sleeps: app's overhead per task, (app - xargs) / tasks (target: under 50 ms);
+#   (b) BENCH_TASKS_B (default 32) tasks of `true` on the 5,000-file / 50 MB repository of
+#       ../shared/bench/make-repo.sh, BENCH_PARALLEL at once, against `xargs -P` doing, per job,
+#       `git worktree add -b`, the command and `git worktree remove --force` with the git CLI:
+#       the ratio app / git (target: at most 1.1x). Each side runs one untimed round first.
+#       Branches: app keeps every task's branch (the orchestrator makes them; they are the
+#       run's results), so the baseline keeps its branches too: neither side deletes a branch,
+#       inside or outside the timing. app removes each clean task worktree itself.
+# Skipped (b) when make-repo.sh is missing. TMPDIR picks the file system.
+#
+#   scripts/bench-orchestrate.sh   BENCH_TASKS_A=N (default 100), BENCH_TASKS_B=N (default 32),
+#                                  BENCH_PARALLEL=N (default 8)
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+make_repo=$(dirname "$root")/shared/bench/make-repo.sh
+tasks_a=${BENCH_TASKS_A:-100}
+tasks_b=${BENCH_TASKS_B:-32}
+parallel=${BENCH_PARALLEL:-8}
+for value in "$tasks_a" "$tasks_b" "$parallel"; do
+    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "bench-orchestrate: BENCH_TASKS_A, BENCH_TASKS_B and BENCH_PARALLEL must be positive integers, got '$value'" >&2; exit 2; }
+done
+
+cd "$root"
+cargo build --release --quiet --bin app
+app=$(realpath "${CARGO_TARGET_DIR:-target}/release/app")
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# Isolate from the user's git configuration and app state (libgit2 reads $HOME itself).
+mkdir "$tmp/home"
+export HOME=$tmp/home XDG_CONFIG_HOME=$tmp/home/.config GIT_CONFIG_GLOBAL=/dev/null GIT_CONFIG_NOSYSTEM=1
+export APP_HOME=$tmp/home/app
+export GIT_AUTHOR_NAME=bench GIT_AUTHOR_EMAIL=bench@invalid GIT_COMMITTER_NAME=bench GIT_COMMITTER_EMAIL=bench@invalid
+
+# Microsecond wall clock, without forking (bash 5's EPOCHREALTIME; the decimal mark may be ',').
+now_us() { local t=${EPOCHREALTIME/[.,]/}; REPLY=$((10#$t)); }
+
+# Writes a plan of $2 tasks all running command $3 (a JSON value), $parallel at once, to $1.
+plan() {
+    local i
+    {
+        printf '{"name": "bench", "max_concurrent": %d, "tasks": [' "$parallel"
+        for ((i = 1; i <= $2; i++)); do
+            ((i == 1)) || printf ', '
+            printf '{"id": "t%d", "command": %s}' "$i" "$3"
+        done
+        printf ']}\n'
+    } >"$1"
+}
+
+# Runs the plan in file $1 in the current repository; REPLY = wall time in microseconds.
+# (Not a command substitution: set -e would not stop the script when app fails in one.)
+time_app() {
+    local t0
+    now_us; t0=$REPLY
+    "$app" orchestrate --plan "$1" --progress none >/dev/null
+    now_us; REPLY=$((REPLY - t0))
+}
+
+# The baseline's job $1 of round $2: what app does per task, with the git CLI.
+git_job() {
+    local dir=$tmp/git-wt/$2-$1
+    git worktree add -q -b "bench/$2/$1" "$dir" HEAD && (cd "$dir" && true) && git worktree remove --force "$dir"
+}
+export -f git_job
+export tmp
+
+echo "orchestrate benchmark: repositories on $(stat -f -c %T "$tmp") ($tmp), $(nproc) CPUs"
+echo "== (a) $tasks_a tasks of 'sleep 0.1', $parallel at once, small repository =="
+git init -q "$tmp/small"
+git -C "$tmp/small" commit -q --allow-empty -m start
+plan "$tmp/a.json" "$tasks_a" '"sleep 0.1"'
+cd "$tmp/small"
+time_app "$tmp/a.json"; app_us=$REPLY
+now_us; t0=$REPLY
+seq "$tasks_a" | xargs -P"$parallel" -I{} sleep 0.1
+now_us; xargs_us=$((REPLY - t0))
+awk -v a="$app_us" -v x="$xargs_us" -v n="$tasks_a" -v p="$parallel" 'BEGIN {
+    printf "  %-36s %8.1f ms\n", "app orchestrate", a / 1000
+    printf "  %-36s %8.1f ms\n", "xargs -P" p " sleep 0.1", x / 1000
+    printf "  overhead per task %.1f ms (target: under 50 ms)\n", (a - x) / n / 1000 }'
+
+echo "== (b) $tasks_b tasks of 'true', $parallel at once, 5,000-file repository =="
+if [[ ! -f $make_repo ]]; then
+    echo "  skipped: $make_repo not found (it builds the benchmark repository)"
+    exit 0
+fi
+bash "$make_repo" "$tmp/big" 5000 50 | sed 's/^/  /'
+cd "$tmp/big"
+plan "$tmp/b.json" "$tasks_b" '["true"]'
+# One untimed round of each first, so both start with a warm page cache and a packed-refs
+# file that is equally full.
+time_app "$tmp/b.json"
+seq "$tasks_b" | xargs -P"$parallel" -I{} bash -c 'git_job {} warm'
+time_app "$tmp/b.json"; app_us=$REPLY
+now_us; t0=$REPLY
+seq "$tasks_b" | xargs -P"$parallel" -I{} bash -c 'git_job {} timed'
+now_us; git_us=$((REPLY - t0))
+
+# Both sides must have removed every worktree they made, and kept every branch.
+leftovers=$(git worktree list --porcelain | grep '^worktree ' | tail -n +2 || true)
+if [[ -n $leftovers ]]; then
+    echo "bench-orchestrate: FAILED: worktrees left behind:" >&2
+    echo "$leftovers" | sed 's/^/  /' >&2
+    exit 1
+fi
+branches=$(git for-each-ref --format=x refs/heads/app/ refs/heads/bench/ | wc -l)
+if ((branches != 4 * tasks_b)); then
+    echo "bench-orchestrate: FAILED: expected $((4 * tasks_b)) app/* and bench/* branches, found $branches" >&2
+    exit 1
+fi
+
+awk -v a="$app_us" -v g="$git_us" -v p="$parallel" 'BEGIN {
+    printf "  %-36s %8.1f ms\n", "app orchestrate", a / 1000
+    printf "  %-36s %8.1f ms\n", "xargs -P" p " git worktree add/remove", g / 1000
+    printf "  ratio %.2fx (app / git CLI; target: at most 1.1x)\n", a / g }'
