@@ -547,8 +547,12 @@ fn branch_problems(
         .branches(Some(BranchType::Local))
         .git_context(|| "listing branches".into())?;
     for (branch, _) in branches.flatten() {
+        // `app/<id>` is an instance's own branch; `app/<run>/<task>` and deeper belong to
+        // orchestrated runs, whose branches are their results and are never idle.
         if let Ok(Some(name)) = branch.name()
-            && name.starts_with("app/")
+            && name
+                .strip_prefix("app/")
+                .is_some_and(|id| !id.contains('/'))
             && !candidates.iter().any(|c| c == name)
         {
             candidates.push(name.to_string());

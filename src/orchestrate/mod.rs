@@ -693,7 +693,11 @@ impl Orchestrator {
         let mut start = base;
         for dep in &task.depends_on {
             let dep_branch = &self.plan.task(dep).expect("validated dependency").branch;
-            let tip = self.branch_tip(dep_branch)?.unwrap_or(base);
+            let Some(tip) = self.branch_tip(dep_branch)? else {
+                return Ok(Err(format!(
+                    "the branch {dep_branch} of its dependency {dep} is gone; restore it (see 'git reflog') and resume"
+                )));
+            };
             let message = format!(
                 "Merge {dep_branch} (task {dep}) for task {} of run {}",
                 task.id, self.run.id

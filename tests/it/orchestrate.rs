@@ -89,6 +89,17 @@ fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
     let shown: Value = serde_json::from_str(&stdout(&shown)).unwrap();
     assert_eq!(shown["run"]["status"], "succeeded");
     assert_eq!(shown["tasks"].as_array().unwrap().len(), 4);
+
+    // The run's branches are its results: doctor does not take them for idle instance branches
+    // (each is contained in the integration branch, or in a dependent's).
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    for task in ["greet", "left", "right", "check"] {
+        assert!(
+            repo.branches().contains(&format!("app/{id}/{task}")),
+            "{task}"
+        );
+    }
 }
 
 #[test]
