@@ -17,6 +17,7 @@ pub mod glob;
 pub mod instance;
 pub mod journal;
 pub mod lock;
+pub mod mcp;
 pub mod orchestrate;
 pub mod paths;
 pub mod ports;

@@ -307,7 +307,7 @@ impl Locks {
                     .acquired_at
                     .map_or_else(|| "?".into(), |t| t.to_string());
                 return Err(Error::Busy(format!(
-                    "lock {:?} is held by {holder} since {since}; wait longer with --timeout, or run 'app doctor --fix' if that process is gone",
+                    "lock {:?} is held by {holder} since {since}; wait longer (--timeout, or wait_seconds over MCP), or run 'app doctor --fix' if that process is gone",
                     request.name
                 )));
             }

@@ -28,7 +28,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, GitContext, IoContext, Result};
 use crate::state;
@@ -269,4 +269,31 @@ impl AppPaths {
         .io_context("writing", &exclude)?;
         Ok(())
     }
+}
+/// `file` (absolute, or relative to `cwd`) as a `/`-separated path relative to `root`.
+pub fn relative_to(root: &Path, cwd: &Path, file: &str) -> Result<String> {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
+    let joined = cwd.join(file);
+    let mut normal = PathBuf::new();
+    for component in joined.components() {
+        match component {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    let inside = normal.strip_prefix(&root).map_err(|_| {
+        Error::bad_input(format!(
+            "{file} is outside the worktree {}; give paths inside it",
+            root.display()
+        ))
+    })?;
+    Ok(inside
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/"))
 }

@@ -6,6 +6,7 @@ mod doctor;
 mod events;
 mod instance;
 mod lock;
+mod mcp;
 mod notes;
 mod orchestrate;
 mod queue;
@@ -92,6 +93,8 @@ enum Command {
     /// Orchestrated runs: list, show, logs.
     #[command(subcommand)]
     Runs(orchestrate::RunsCommand),
+    /// Serve the coordination tools to an agent over MCP (stdio); docs/MCP.md.
+    Mcp(mcp::McpArgs),
     /// Find stale state left by crashes; --fix reclaims it without losing work.
     Doctor(doctor::DoctorArgs),
     /// Git hooks that use app.
@@ -122,6 +125,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Release { patterns } => reserve::release(patterns),
         Command::CheckPaths { files } => reserve::check_paths(files),
         Command::Hooks(command) => reserve::hooks(command),
+        Command::Mcp(args) => mcp::mcp(args, db),
         Command::Doctor(args) => doctor::run(args, db.as_deref()),
         Command::Orchestrate(args) => orchestrate::orchestrate(args, db.as_deref()),
         Command::Ci(args) => run::ci(args, db),

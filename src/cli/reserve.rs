@@ -1,6 +1,6 @@
 //! `app reserve`, `app reservations`, `app release`, `app check-paths`, `app hooks install`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -9,7 +9,7 @@ use crate::config::Timing;
 use crate::error::{EXIT_FAILURE, Error, GitContext, Result};
 use crate::glob::Glob;
 use crate::instance;
-use crate::paths::AppPaths;
+use crate::paths::{self, AppPaths};
 use crate::registry::{Registry, Snapshot};
 use crate::reserve::Reservations;
 use crate::state;
@@ -137,7 +137,7 @@ pub(super) fn check_paths(files: Vec<String>) -> Result<u8> {
         .unwrap_or_else(|| ctx.paths.repo_root().to_path_buf());
     let relative = files
         .iter()
-        .map(|file| relative_to(&root, &ctx.cwd, file))
+        .map(|file| paths::relative_to(&root, &ctx.cwd, file))
         .collect::<Result<Vec<_>>>()?;
     let conflicts = ctx.reservations.conflicts(Some(&me), &relative)?;
     for (file, r) in &conflicts {
@@ -156,34 +156,6 @@ pub(super) fn check_paths(files: Vec<String>) -> Result<u8> {
     } else {
         EXIT_FAILURE
     })
-}
-
-/// `file` (absolute, or relative to `cwd`) as a `/`-separated path relative to `root`.
-fn relative_to(root: &Path, cwd: &Path, file: &str) -> Result<String> {
-    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
-    let joined = cwd.join(file);
-    let mut normal = PathBuf::new();
-    for component in joined.components() {
-        match component {
-            Component::ParentDir => {
-                normal.pop();
-            }
-            Component::CurDir => {}
-            other => normal.push(other),
-        }
-    }
-    let inside = normal.strip_prefix(&root).map_err(|_| {
-        Error::bad_input(format!(
-            "{file} is outside the worktree {}; give paths inside it",
-            root.display()
-        ))
-    })?;
-    Ok(inside
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join("/"))
 }
 
 /// The first line after the shebang marks a hook as ours.

@@ -187,31 +187,46 @@ pub async fn list(db: &Db, repo_root: &str, limit: u32) -> Result<Vec<RunRow>> {
     Ok(rows.iter().map(|row| run_row(row)).collect())
 }
 
+const TASK_COLUMNS: &str = "run_id, task_id, status, attempts, started_at, finished_at, exit_code, \
+                            branch, instance, log_path, detail";
+
 /// The tasks of run `id`, in no particular order.
 pub async fn tasks(db: &Db, id: &str) -> Result<Vec<TaskRow>> {
     let rows = db
         .query_rows(
             "reading a run's tasks",
-            "SELECT run_id, task_id, status, attempts, started_at, finished_at, exit_code, branch,
-                    instance, log_path, detail
-             FROM run_tasks WHERE run_id = ?1",
+            &format!("SELECT {TASK_COLUMNS} FROM run_tasks WHERE run_id = ?1"),
             vec![Value::Text(id.to_string())],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|row| TaskRow {
-            run_id: text(&row[0]),
-            task_id: text(&row[1]),
-            status: text(&row[2]),
-            attempts: integer(&row[3]).unwrap_or(0),
-            started_at: opt_text(&row[4]),
-            finished_at: opt_text(&row[5]),
-            exit_code: integer(&row[6]),
-            branch: text(&row[7]),
-            instance: opt_text(&row[8]),
-            log_path: opt_text(&row[9]),
-            detail: opt_text(&row[10]),
-        })
-        .collect())
+    Ok(rows.iter().map(|row| task_row(row)).collect())
+}
+
+/// The task whose last attempt ran as instance `instance`, if any.
+pub async fn task_of_instance(db: &Db, instance: &str) -> Result<Option<TaskRow>> {
+    let rows = db
+        .query_rows(
+            "finding an instance's task",
+            &format!("SELECT {TASK_COLUMNS} FROM run_tasks WHERE instance = ?1 LIMIT 1"),
+            vec![Value::Text(instance.to_string())],
+        )
+        .await?;
+    Ok(rows.first().map(|row| task_row(row)))
+}
+
+/// The task in `row`, read with [`TASK_COLUMNS`].
+fn task_row(row: &[Value]) -> TaskRow {
+    TaskRow {
+        run_id: text(&row[0]),
+        task_id: text(&row[1]),
+        status: text(&row[2]),
+        attempts: integer(&row[3]).unwrap_or(0),
+        started_at: opt_text(&row[4]),
+        finished_at: opt_text(&row[5]),
+        exit_code: integer(&row[6]),
+        branch: text(&row[7]),
+        instance: opt_text(&row[8]),
+        log_path: opt_text(&row[9]),
+        detail: opt_text(&row[10]),
+    }
 }

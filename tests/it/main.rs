@@ -9,6 +9,7 @@ mod coordination;
 mod db;
 mod doctor;
 mod instance;
+mod mcp;
 mod orchestrate;
 mod registry;
 mod run;
