@@ -383,7 +383,8 @@ impl Server {
 }
 
 impl Server {
-    /// Runs a tool's file-system work off the protocol's thread (it may wait), as a reply.
+    /// Runs a tool's work off the protocol's thread (it may wait); its JSON becomes structured
+    /// content (and text), an error a tool error with the CLI's text.
     async fn blocking(
         &self,
         work: impl FnOnce(&State) -> Result<Value> + Send + 'static,
@@ -392,12 +393,6 @@ impl Server {
         let result = tokio::task::spawn_blocking(move || work(&state))
             .await
             .unwrap_or_else(|err| Err(Error::Failed(format!("the tool failed: {err}"))));
-        self.reply(result)
-    }
-
-    /// A tool's result: its JSON as structured content (and text), or the error's text as a
-    /// tool error the model can read.
-    fn reply(&self, result: Result<Value>) -> CallToolResult {
         match result {
             Ok(value) => CallToolResult::structured(value),
             Err(err) => CallToolResult::error(vec![ContentBlock::text(err.to_string())]),
