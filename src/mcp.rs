@@ -100,6 +100,11 @@ pub fn serve(paths: AppPaths, me: String, timing: Timing, db_flag: Option<PathBu
     served
 }
 
+/// The arguments of a tool that takes none: an empty object (or none at all).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoArgs {}
+
 /// Arguments of `list_instances`.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -260,10 +265,10 @@ impl Server {
     }
 
     #[tool(
-        description = "Who you are: your instance id, branch, worktree, process, and the orchestrated run and task you belong to, if any. Call this first.",
+        description = "Who you are: your instance id, branch, worktree, status and process. Call this first; run_status tells the orchestrated run you work for, if any.",
         annotations(read_only_hint = true)
     )]
-    async fn whoami(&self) -> CallToolResult {
+    async fn whoami(&self, Parameters(NoArgs {}): Parameters<NoArgs>) -> CallToolResult {
         self.blocking(State::whoami).await
     }
 
@@ -295,7 +300,7 @@ impl Server {
     }
 
     #[tool(
-        description = "Acknowledge messages you handled, by id; they are not returned again. Acknowledging twice is harmless."
+        description = "Acknowledge messages you handled, by id; they are not returned again. Acknowledging twice is harmless; an id that is not one of your messages fails the call and acknowledges none."
     )]
     async fn ack_message(&self, Parameters(args): Parameters<AckArgs>) -> CallToolResult {
         self.blocking(move |state| state.ack_message(&args)).await
@@ -309,7 +314,7 @@ impl Server {
     }
 
     #[tool(
-        description = "Release a lock you hold. 'released' is false when you did not hold it.",
+        description = "Release a lock you hold. 'released' is false when nobody held it (or the hold had lapsed); a lock another instance holds is refused, naming the holder.",
         annotations(idempotent_hint = true)
     )]
     async fn release_lock(&self, Parameters(args): Parameters<ReleaseLockArgs>) -> CallToolResult {
@@ -320,7 +325,7 @@ impl Server {
         description = "Every named lock: holder, last fencing token, since when; 'lapsed' is null while the hold counts, else why it no longer does (holder gone, ttl out).",
         annotations(read_only_hint = true)
     )]
-    async fn list_locks(&self) -> CallToolResult {
+    async fn list_locks(&self, Parameters(NoArgs {}): Parameters<NoArgs>) -> CallToolResult {
         self.blocking(State::list_locks).await
     }
 
@@ -346,7 +351,7 @@ impl Server {
         description = "Every path reservation: id, patterns, shared or exclusive, holder, reason, since when; 'lapsed' is null while it counts, else why it no longer does.",
         annotations(read_only_hint = true)
     )]
-    async fn list_reservations(&self) -> CallToolResult {
+    async fn list_reservations(&self, Parameters(NoArgs {}): Parameters<NoArgs>) -> CallToolResult {
         self.blocking(State::list_reservations).await
     }
 
@@ -377,7 +382,7 @@ impl Server {
         description = "The orchestrated run (app orchestrate) your instance works for: the run's status, your task, and every task you depend on with its status and branch (their commits are merged into your starting point). 'run' is null outside a run.",
         annotations(read_only_hint = true)
     )]
-    async fn run_status(&self) -> CallToolResult {
+    async fn run_status(&self, Parameters(NoArgs {}): Parameters<NoArgs>) -> CallToolResult {
         self.blocking(State::run_status).await
     }
 }
@@ -446,8 +451,6 @@ impl State {
         let record = self.record(&self.snapshot()?)?;
         let liveness = record.liveness(self.timing.stale_after);
         let mut value = record.to_json(&liveness);
-        value["run_id"] = json!(env_var("APP_RUN_ID"));
-        value["task_id"] = json!(env_var("APP_TASK_ID"));
         value["repo_root"] = json!(self.paths.repo_root());
         Ok(value)
     }
@@ -537,7 +540,22 @@ impl State {
         for id in &args.ids {
             queue::validate_id(id)?;
         }
-        let inbox = Inbox::new(&self.paths, &self.me, None, queue::max_message_bytes()?);
+        let key = SigningKey::load(&self.paths, false)?;
+        let inbox = Inbox::new(&self.paths, &self.me, key, queue::max_message_bytes()?);
+        // All or nothing: every id must be one of this instance's messages.
+        let unknown: Vec<&str> = args
+            .ids
+            .iter()
+            .filter(|id| inbox.find(id).is_none())
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::bad_input(format!(
+                "no message {} waits for instance {} (none was acknowledged); receive_messages lists them",
+                unknown.join(", "),
+                self.me
+            )));
+        }
         let (mut acknowledged, mut before) = (Vec::new(), Vec::new());
         for id in &args.ids {
             if inbox.ack(id)? {

@@ -148,6 +148,12 @@ async fn two_agents_coordinate_through_the_tools() {
         assert_eq!(messages[0]["id"], sent["id"]);
         let again = ok(&b, "receive_messages", json!({})).await;
         assert_eq!(again["messages"].as_array().unwrap().len(), 1);
+        // An id that is not bob's fails the whole call: nothing is acknowledged.
+        let stranger = "0".repeat(20);
+        let error = refused(&b, "ack_message", json!({"ids": [sent["id"], stranger]})).await;
+        assert!(error.contains("none was acknowledged"), "{error}");
+        let still = ok(&b, "receive_messages", json!({})).await;
+        assert_eq!(still["messages"].as_array().unwrap().len(), 1);
         let acked = ok(&b, "ack_message", json!({"ids": [sent["id"]]})).await;
         assert_eq!(acked["acknowledged"], json!([sent["id"]]));
         let empty = ok(&b, "receive_messages", json!({})).await;
@@ -257,6 +263,8 @@ async fn bad_arguments_are_tool_errors_and_the_server_goes_on() {
 
         let missing = refused(&a, "send_message", json!({"payload": "no recipient"})).await;
         assert!(missing.contains("missing field `to`"), "{missing}");
+        let unknown = refused(&a, "whoami", json!({"verbose": true})).await;
+        assert!(unknown.contains("unknown field `verbose`"), "{unknown}");
         let extra = refused(&a, "acquire_lock", json!({"name": "x", "timeout": 5})).await;
         assert!(extra.contains("unknown field `timeout`"), "{extra}");
         let nobody = refused(&a, "send_message", json!({"to": "carol", "payload": "hi"})).await;

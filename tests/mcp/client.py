@@ -206,13 +206,13 @@ async def scenario(app_bin, worktree_a, worktree_b, errlogs):
         for server in (a, b):
             step(f"{server.label}: whoami")
             me = await server.call("whoami")
-            keys(me, ["id", "branch", "worktree", "cwd", "pid", "status", "run_id", "task_id"], f"{server.label}.whoami")
+            keys(me, ["id", "branch", "worktree", "cwd", "pid", "status", "liveness"], f"{server.label}.whoami")
             check(isinstance(me["id"], str) and me["id"], f"{server.label}.whoami: empty id: {short(me)}")
             real = os.path.realpath(server.worktree)
             check(os.path.realpath(me["worktree"]) == real, f"{server.label}.whoami: worktree {me['worktree']!r} is not {real!r}")
             check(os.path.realpath(me["cwd"]) == real, f"{server.label}.whoami: cwd {me['cwd']!r} is not {real!r}")
             check(isinstance(me["pid"], int) and me["pid"] > 0, f"{server.label}.whoami: pid is not a positive integer: {short(me)}")
-            check(me["run_id"] is None and me["task_id"] is None, f"{server.label}.whoami: run_id/task_id should be null outside an orchestrated run: {short(me)}")
+            check(me["liveness"] == "live", f"{server.label}.whoami: not live: {short(me)}")
             server.id = me["id"]
         check(a.id != b.id, f"A and B report the same instance id {a.id!r}")
 
