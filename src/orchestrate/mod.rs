@@ -22,6 +22,7 @@ pub mod plan;
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1013,6 +1014,7 @@ fn open_log(path: &Path, attempt: i64, argv: &[String]) -> Result<std::fs::File>
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .io_context("opening", path)?;
     writeln!(

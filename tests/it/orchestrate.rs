@@ -92,6 +92,15 @@ fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
 
     // The run's branches are its results: doctor does not take them for idle instance branches
     // (each is contained in the integration branch, or in a dependent's).
+    // Nor does a finished run leave anything to report (logs are private, like all of .app/).
+    let diagnosed = repo.run_app(&["doctor"]);
+    assert_eq!(
+        code(&diagnosed),
+        0,
+        "{}{}",
+        stdout(&diagnosed),
+        stderr(&diagnosed)
+    );
     let fixed = repo.run_app(&["doctor", "--fix"]);
     assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
     for task in ["greet", "left", "right", "check"] {
