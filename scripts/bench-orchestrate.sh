@@ -14,9 +14,17 @@
 #       inside or outside the timing. app removes each clean task worktree itself.
 # Skipped (b) when make-repo.sh is missing. TMPDIR picks the file system.
 #
-# On a journal-less ext4 (this VM's /), the kernel's file creation and deletion dominate (b):
-# both sides spend most of their time in sys, and the ratio swings from 1.0x to 1.3x between
-# runs; TMPDIR=/dev/shm shows the tools' own costs.
+# What the file system does to (b), measured with perf and by switching app's fsyncs off:
+# - tmpfs (TMPDIR=/dev/shm) shows the tools' own costs: app 0.94x.
+# - ext4 with a journal (the usual one): app 1.0x-1.2x. app makes every shared file durable
+#   (temp file, fsync, rename: DESIGN.md promise 1), about 20 fsyncs per task, and each one
+#   waits for a journal commit that also carries the other jobs' thousands of new files. The
+#   git CLI fsyncs nothing here. With app's fsyncs switched off the same runs were 0.90x-0.96x.
+# - ext4 without a journal (some VMs' /): most of the time goes to the kernel's
+#   recently_deleted() check, which makes every new inode skip the inodes deleted in the last
+#   ~30 s of its block group. A file then costs what the jobs deleted just before it, whichever
+#   tool deleted them, and one round swings from 0.6x to 1.4x. The script says so when it sees
+#   such a file system.
 #
 #   scripts/bench-orchestrate.sh   BENCH_TASKS_A=N (default 100), BENCH_TASKS_B=N (default 32),
 #                                  BENCH_PARALLEL=N (default 8), BENCH_ROUNDS=N (default 3) of (b)
@@ -103,6 +111,13 @@ git_round() {
 }
 
 echo "orchestrate benchmark: repositories on $(stat -f -c %T "$tmp") ($tmp), $(nproc) CPUs"
+# ext4 keeps a journal when the kernel runs a jbd2 thread for its device.
+device=$(findmnt -no SOURCE -T "$tmp" 2>/dev/null || true)
+if [[ $(findmnt -no FSTYPE -T "$tmp" 2>/dev/null) == ext4 && -n $device ]] \
+    && ! compgen -G "/proc/fs/jbd2/${device##*/}-*" >/dev/null; then
+    echo "  note: ext4 without a journal: (b) is dominated by the kernel skipping recently deleted"
+    echo "  inodes and swings between runs (see the top of this script); TMPDIR=/dev/shm measures the tools"
+fi
 echo "== (a) $tasks_a tasks of 'sleep 0.1', $parallel at once, small repository =="
 git init -q "$tmp/small"
 git -C "$tmp/small" commit -q --allow-empty -m start
