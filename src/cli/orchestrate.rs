@@ -34,7 +34,7 @@ pub enum ProgressMode {
 /// Arguments of `app orchestrate`.
 #[derive(Debug, Args)]
 pub struct OrchestrateArgs {
-    /// The plan file (JSON; docs/ORCHESTRATE.md).
+    /// The plan file (JSON, or TOML when it ends in .toml; docs/ORCHESTRATE.md).
     #[arg(
         long,
         value_name = "FILE",

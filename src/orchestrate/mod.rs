@@ -151,13 +151,11 @@ pub fn prepare(cwd: &Path, plan_file: &Path, options: &Options) -> Result<(AppPa
         ))
     })?;
     // The run id is made from the plan's name; a file too broken to name one fails in parse.
-    let name = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| v["name"].as_str().map(str::to_string))
-        .unwrap_or_else(|| "plan".into());
+    let format = plan::Format::of(plan_file);
+    let name = plan::name_in(&text, format).unwrap_or_else(|| "plan".into());
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
     let run = format!("{name}-{suffix}");
-    let mut plan = Plan::parse(&text, &plan_file.display().to_string(), &run, &repo)?;
+    let mut plan = Plan::parse(&text, format, &plan_file.display().to_string(), &run, &repo)?;
     if let Some(max) = options.max_concurrent {
         if max == 0 {
             return Err(Error::bad_input("--max-concurrent must be at least 1"));

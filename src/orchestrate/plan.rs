@@ -1,5 +1,6 @@
-//! The plan file of `app orchestrate --plan`: its format, whole validation before anything is
-//! created, and the schedule in waves.
+//! The plan file of `app orchestrate --plan`: its format (JSON, or TOML for a `.toml` file,
+//! read into the same [`PlanSpec`]), whole validation before anything is created, and the
+//! schedule in waves.
 //!
 //! Invariants:
 //! - `Plan::load` reads and checks everything (syntax, unknown fields, ids, dependencies,
@@ -155,49 +156,138 @@ pub struct Plan {
 /// Default cap on tasks running at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 4;
 
+/// The language a plan file is written in: TOML for a `.toml` file, JSON otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON.
+    Json,
+    /// TOML: the same fields, tasks as `[[tasks]]` tables.
+    Toml,
+}
+
+impl Format {
+    /// The format of the file at `path`, by its extension.
+    pub fn of(path: &Path) -> Format {
+        match path.extension() {
+            Some(ext) if ext.eq_ignore_ascii_case("toml") => Format::Toml,
+            _ => Format::Json,
+        }
+    }
+
+    /// Reads `text` as a plan, or says where and why it cannot (`origin:line:column: why`).
+    fn read(self, text: &str, origin: &str) -> Result<PlanSpec> {
+        match self {
+            Format::Json => serde_json::from_str(text).map_err(|err| {
+                Error::bad_input(format!(
+                    "{origin}:{}:{}: {}",
+                    err.line(),
+                    err.column(),
+                    strip_position(&err.to_string())
+                ))
+            }),
+            Format::Toml => toml::from_str(text).map_err(|err| {
+                let place = match err.span() {
+                    Some(span) => {
+                        let before = &text[..span.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+                        format!("{origin}:{line}:{column}")
+                    }
+                    None => origin.to_string(),
+                };
+                Error::bad_input(format!("{place}: {}", err.message().trim_end()))
+            }),
+        }
+    }
+
+    /// The line where `key` is set.
+    fn key_line(self, text: &str, key: &str) -> Option<usize> {
+        match self {
+            Format::Json => line_of(text, &format!("\"{key}\"")),
+            Format::Toml => text
+                .lines()
+                .position(|line| {
+                    line.trim_start()
+                        .strip_prefix(key)
+                        .is_some_and(|rest| rest.trim_start().starts_with('='))
+                })
+                .map(|index| index + 1),
+        }
+    }
+
+    /// The line where the string `value` is first written.
+    fn value_line(self, text: &str, value: &str) -> Option<usize> {
+        line_of(text, &format!("\"{value}\"")).or_else(|| match self {
+            Format::Json => None,
+            Format::Toml => line_of(text, &format!("'{value}'")),
+        })
+    }
+}
+
+/// The `name` a plan file gives itself, if it can be read that far.
+pub fn name_in(text: &str, format: Format) -> Option<String> {
+    match format {
+        Format::Json => serde_json::from_str::<serde_json::Value>(text)
+            .ok()?
+            .get("name")?
+            .as_str()
+            .map(str::to_string),
+        Format::Toml => toml::from_str::<toml::Table>(text)
+            .ok()?
+            .get("name")?
+            .as_str()
+            .map(str::to_string),
+    }
+}
+
 impl Plan {
     /// Reads and validates `file` for run `run`, resolving the base in `repo`.
     pub fn load(file: &Path, run: &str, repo: &Repository) -> Result<Plan> {
         let text = std::fs::read_to_string(file).map_err(|err| {
             Error::bad_input(format!("cannot read the plan {}: {err}", file.display()))
         })?;
-        Plan::parse(&text, &file.display().to_string(), run, repo)
+        Plan::parse(
+            text.as_str(),
+            Format::of(file),
+            &file.display().to_string(),
+            run,
+            repo,
+        )
     }
 
-    /// Validates plan text; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str, run: &str, repo: &Repository) -> Result<Plan> {
-        let spec: PlanSpec = serde_json::from_str(text).map_err(|err| {
-            Error::bad_input(format!(
-                "{origin}:{}:{}: {}",
-                err.line(),
-                err.column(),
-                strip_position(&err.to_string())
-            ))
-        })?;
-        let at = |needle: &str| -> String {
-            match line_of(text, needle) {
-                Some(line) => format!("{origin}:{line}"),
-                None => origin.to_string(),
-            }
+    /// Validates plan `text` written in `format`; `origin` names it in errors.
+    pub fn parse(
+        text: &str,
+        format: Format,
+        origin: &str,
+        run: &str,
+        repo: &Repository,
+    ) -> Result<Plan> {
+        let spec = format.read(text, origin)?;
+        let place = |line: Option<usize>| match line {
+            Some(line) => format!("{origin}:{line}"),
+            None => origin.to_string(),
         };
-        let top = at("\"name\"");
+        let at = |key: &str| place(format.key_line(text, key));
+        let at_task = |id: &str| place(format.value_line(text, id));
+        let top = at("name");
         validate_id(&spec.name)
             .map_err(|why| Error::bad_input(format!("{top}: plan name {:?} {why}", spec.name)))?;
         if spec.tasks.is_empty() {
             return Err(Error::bad_input(format!(
                 "{}: the plan has no tasks; add some to \"tasks\"",
-                at("\"tasks\"")
+                at("tasks")
             )));
         }
         let max_concurrent = spec.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
         if max_concurrent == 0 {
             return Err(Error::bad_input(format!(
                 "{}: max_concurrent must be at least 1",
-                at("\"max_concurrent\"")
+                at("max_concurrent")
             )));
         }
         let base = worktree::resolve_base(repo, spec.base.as_deref())
-            .map_err(|err| Error::bad_input(format!("{}: base: {err}", at("\"base\""))))?
+            .map_err(|err| Error::bad_input(format!("{}: base: {err}", at("base"))))?
             .to_string();
         let integration = match &spec.integration {
             None | Some(Integration::Flag(false)) => None,
@@ -207,7 +297,7 @@ impl Plan {
         };
         if let Some(name) = &integration {
             worktree::validate_branch_name(name).map_err(|err| {
-                Error::bad_input(format!("{}: integration: {err}", at("\"integration\"")))
+                Error::bad_input(format!("{}: integration: {err}", at("integration")))
             })?;
         }
 
@@ -215,7 +305,7 @@ impl Plan {
         let mut branches: HashMap<String, String> = HashMap::new();
         let mut tasks = Vec::new();
         for spec in &spec.tasks {
-            let here = at(&format!("\"{}\"", spec.id));
+            let here = at_task(&spec.id);
             let fail =
                 |what: String| Error::bad_input(format!("{here}: task {:?}: {what}", spec.id));
             validate_id(&spec.id).map_err(|why| fail(format!("the id {why}")))?;
@@ -270,14 +360,14 @@ impl Plan {
                 if !ids.contains(dependency) {
                     return Err(Error::bad_input(format!(
                         "{}: task {:?} depends on {dependency:?}, which is not a task of this plan",
-                        at(&format!("\"{}\"", task.id)),
+                        at_task(&task.id),
                         task.id
                     )));
                 }
                 if dependency == &task.id {
                     return Err(Error::bad_input(format!(
                         "{}: task {:?} depends on itself",
-                        at(&format!("\"{}\"", task.id)),
+                        at_task(&task.id),
                         task.id
                     )));
                 }
@@ -294,7 +384,7 @@ impl Plan {
         if let Some(cycle) = plan.cycle() {
             return Err(Error::bad_input(format!(
                 "{}: the tasks depend on each other in a cycle: {}",
-                at(&format!("\"{}\"", cycle[0])),
+                at_task(&cycle[0]),
                 cycle.join(" -> ")
             )));
         }
@@ -434,7 +524,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<Plan> {
         let (_dir, repo) = repo();
-        Plan::parse(text, "plan.json", "r1", &repo)
+        Plan::parse(text, Format::Json, "plan.json", "r1", &repo)
     }
 
     fn error(text: &str) -> String {
@@ -462,6 +552,58 @@ mod tests {
         assert_eq!(plan.tasks[1].timeout, Some(Duration::from_secs(2)));
         assert_eq!(plan.tasks[3].branch, "feature/d");
         assert_eq!(plan.waves(), [vec!["a"], vec!["b", "c"], vec!["d"]]);
+    }
+
+    fn parse_toml(text: &str) -> Result<Plan> {
+        let (_dir, repo) = repo();
+        Plan::parse(text, Format::Toml, "plan.toml", "r1", &repo)
+    }
+
+    #[test]
+    fn a_toml_plan_is_the_same_plan_as_its_json() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let (_tmp, repo) = repo();
+        let load = |name: &str| {
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let format = Format::of(&path);
+            assert_eq!(name_in(&text, format).as_deref(), Some("hello"));
+            Plan::parse(&text, format, name, "r1", &repo).unwrap()
+        };
+        assert_eq!(load("hello-plan.toml"), load("hello-plan.json"));
+        assert_eq!(Format::of(Path::new("p.TOML")), Format::Toml);
+        assert_eq!(Format::of(Path::new("p")), Format::Json);
+    }
+
+    #[test]
+    fn a_bad_toml_plan_is_refused_with_its_place() {
+        for (text, want) in [
+            (
+                "name = \"x\"\n\n[[tasks]]\nid = \"a\"\ncommand = \"true\"\nbogus = 1\n",
+                "plan.toml:6:1: unknown field `bogus`",
+            ),
+            (
+                "name = \"x\"\n[[tasks]]\nid = \"a\"\ncommand = [\"true\"\n",
+                "plan.toml:4:",
+            ),
+            (
+                "name = \"x\"\nmax_concurrent = 0\n[[tasks]]\nid = \"a\"\ncommand = \"true\"\n",
+                "plan.toml:2: max_concurrent must be at least 1",
+            ),
+            (
+                "name = \"x\"\n[[tasks]]\nid = 'a'\ncommand = \"true\"\ndepends_on = [\"z\"]\n",
+                "plan.toml:3: task \"a\" depends on \"z\"",
+            ),
+        ] {
+            let message = match parse_toml(text) {
+                Err(Error::BadInput(message)) => message,
+                other => panic!("expected bad input, got {other:?}"),
+            };
+            assert!(
+                message.contains(want),
+                "{text}\n  gave: {message}\n  want: {want}"
+            );
+        }
     }
 
     #[test]

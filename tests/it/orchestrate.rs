@@ -112,6 +112,22 @@ fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
 }
 
 #[test]
+fn a_toml_plan_runs_like_its_json() {
+    let repo = TestRepo::new();
+    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello-plan.toml");
+    let output = orchestrate(&repo, &plan, &[]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let (run, tasks) = summary(&output);
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(tasks.len(), 4);
+    assert!(run["id"].as_str().unwrap().starts_with("hello-"), "{run}");
+    let branch = run["report"]["integration"]["branch"].as_str().unwrap();
+    for file in ["hello.txt", "left.txt", "right.txt"] {
+        repo.git(&["cat-file", "-e", &format!("{branch}:{file}")]);
+    }
+}
+
+#[test]
 fn dependencies_come_first_and_the_cap_holds() {
     let repo = TestRepo::new();
     let scratch = repo.scratch();
