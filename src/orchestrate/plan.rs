@@ -188,7 +188,7 @@ impl Format {
             Format::Toml => toml::from_str(text).map_err(|err| {
                 let place = match err.span() {
                     Some(span) => {
-                        let before = &text[..span.start.min(text.len())];
+                        let before = text.get(..span.start).unwrap_or(text);
                         let line = before.matches('\n').count() + 1;
                         let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
                         format!("{origin}:{line}:{column}")
@@ -247,7 +247,7 @@ impl Plan {
             Error::bad_input(format!("cannot read the plan {}: {err}", file.display()))
         })?;
         Plan::parse(
-            text.as_str(),
+            &text,
             Format::of(file),
             &file.display().to_string(),
             run,
