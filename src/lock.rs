@@ -247,8 +247,9 @@ impl Locks {
         state::write_atomic(&self.paths.lock_state(&state.name), &bytes)
     }
 
-    /// One attempt: grants the lock when free, lapsed, or already the caller's. Returns the
-    /// token, or the current state when someone else holds it.
+    /// One attempt: grants the lock when free, lapsed, or already the caller's (then a ttl in
+    /// `request` renews the hold from now). Returns the token, or the current state when
+    /// someone else holds it.
     pub fn try_acquire(&self, request: &Request) -> Result<std::result::Result<u64, LockState>> {
         validate_name(&request.name)?;
         let snapshot = self.snapshot()?;
@@ -263,6 +264,13 @@ impl Locks {
         let lapsed = current.lapsed(&snapshot, self.stale_after);
         match &current.holder {
             Some(holder) if holder.same(&request.holder) && lapsed.is_none() => {
+                // Acquiring again renews the hold: a ttl given now runs from now, same token.
+                if let Some(ttl) = request.ttl {
+                    let mut renewed = current.clone();
+                    renewed.expires_at =
+                        Some(Timestamp::from(Timestamp::now().system_time() + ttl));
+                    self.save(&renewed)?;
+                }
                 return Ok(Ok(current.token));
             }
             Some(_) if lapsed.is_none() => return Ok(Err(current)),

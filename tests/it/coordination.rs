@@ -126,6 +126,34 @@ fn an_instance_holds_its_lock_beyond_the_call_and_loses_it_when_it_dies() {
 }
 
 #[test]
+fn acquiring_a_held_lock_again_renews_its_ttl_and_keeps_its_token() {
+    let repo = TestRepo::new();
+    let _owner = register(&repo, "owner");
+    let held = |repo: &TestRepo| -> serde_json::Value {
+        let list = repo.run_app(&["lock", "list", "--json"]);
+        let all: serde_json::Value = serde_json::from_str(&stdout(&list)).unwrap();
+        all[0].clone()
+    };
+    let expiry = |state: &serde_json::Value| {
+        humantime::parse_rfc3339(state["expires_at"].as_str().unwrap()).unwrap()
+    };
+    let first = app_as(&repo, "owner", &["lock", "acquire", "gpu", "--ttl", "1m"]);
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    let before = held(&repo);
+    let again = app_as(&repo, "owner", &["lock", "acquire", "gpu", "--ttl", "2h"]);
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    assert_eq!(stdout(&again), stdout(&first), "the same token");
+    let after = held(&repo);
+    assert_eq!(after["token"], before["token"]);
+    let longer = expiry(&after).duration_since(expiry(&before)).unwrap();
+    assert!(longer > Duration::from_secs(3600), "{before}\n{after}");
+    // Without a ttl the hold keeps the expiry it has.
+    let plain = app_as(&repo, "owner", &["lock", "acquire", "gpu"]);
+    assert_eq!(code(&plain), 0, "{}", stderr(&plain));
+    assert_eq!(held(&repo)["expires_at"], after["expires_at"]);
+}
+
+#[test]
 fn messages_arrive_once_each_through_receiver_crashes_and_expire_to_dead() {
     let repo = TestRepo::new();
     let receivers = ["r0", "r1", "r2", "r3"];
