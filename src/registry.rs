@@ -1,9 +1,10 @@
 //! The branch and process registries: which instances exist, which branches they own.
 //!
 //! Invariants:
-//! - Both files are replaced atomically ([`state::write_atomic`]); every read-modify-write holds
+//! - Both files are replaced atomically ([`state::replace_all`]); every read-modify-write holds
 //!   the exclusive registry lock and reloads both files inside it ([`Registry::update`]), so N
-//!   processes registering at once all end up registered.
+//!   processes registering at once all end up registered. The directory is synced after the
+//!   lock is released, before `update` returns.
 //! - Every entry carries an HMAC-SHA256 over its fields. An entry that does not verify (or does
 //!   not parse) is *forged*: ignored by every command, kept on disk for `doctor` to report, shown
 //!   by `instance list --all`.
@@ -405,7 +406,7 @@ impl Registry {
         let key = self.key.clone().ok_or_else(|| {
             Error::Failed("the registry was opened read-only; this is a bug in app".into())
         })?;
-        let _guard = state::lock_exclusive(&self.paths.registry_lock())?;
+        let guard = state::lock_exclusive(&self.paths.registry_lock())?;
         let mut tables = Tables {
             key,
             processes: load_doc(&self.paths.process_registry())?,
@@ -414,11 +415,19 @@ impl Registry {
             branches_changed: false,
         };
         let result = change(&mut tables)?;
+        let mut saves = Vec::new();
         if tables.processes_changed {
-            save_doc(&self.paths.process_registry(), &tables.processes)?;
+            saves.push((self.paths.process_registry(), doc_bytes(&tables.processes)));
         }
         if tables.branches_changed {
-            save_doc(&self.paths.branch_registry(), &tables.branches)?;
+            saves.push((self.paths.branch_registry(), doc_bytes(&tables.branches)));
+        }
+        state::replace_all(&saves)?;
+        drop(guard);
+        // Durable before returning, but outside the lock: the next writer need not wait for
+        // this journal commit (on a busy disk one costs tens of milliseconds).
+        if let Some((path, _)) = saves.first() {
+            state::sync_parent(path)?;
         }
         Ok(result)
     }
@@ -445,10 +454,10 @@ fn load_doc(path: &Path) -> Result<RegistryDoc> {
     Ok(doc)
 }
 
-fn save_doc(path: &Path, doc: &RegistryDoc) -> Result<()> {
+fn doc_bytes(doc: &RegistryDoc) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(doc).expect("registry documents always serialize");
     bytes.push(b'\n');
-    state::write_atomic(path, &bytes)
+    bytes
 }
 
 fn entries<T: Serialize + DeserializeOwned + Keyed>(

@@ -4,6 +4,8 @@
 //! - A shared file is never written in place: [`write_atomic`] writes a temp file in the same
 //!   directory, fsyncs it, renames it over the target and fsyncs the directory, so a reader sees
 //!   the old or the new version, never half of one, whatever instant a crash comes.
+//!   [`replace_all`] does the same for several files at once, leaving the directory sync to its
+//!   caller.
 //! - Read-modify-write happens while holding a [`LockGuard`] (an exclusive `flock` on a separate
 //!   lock file, released when the guard drops or the process dies), with the data reloaded
 //!   inside the lock.
@@ -72,21 +74,48 @@ pub fn create_private_file(path: &Path) -> Result<()> {
 
 /// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
+    replace_all(&[(path, bytes)])?;
+    sync_parent(path)
+}
+
+/// Replaces each `(path, bytes)` atomically: every temp file is written and fsynced (all at
+/// once, so one file-system journal commit can serve them all) before any is renamed into
+/// place. The renames are not made durable here: the caller syncs the directory, after
+/// releasing its lock, so others need not wait for the disk ([`sync_parent`]).
+pub fn replace_all(files: &[(impl AsRef<Path>, impl AsRef<[u8]>)]) -> Result<()> {
+    let mut staged: Vec<(PathBuf, File)> = Vec::with_capacity(files.len());
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .io_context("creating", &tmp)?;
-        file.write_all(bytes).io_context("writing", &tmp)?;
-        file.sync_all().io_context("syncing", &tmp)?;
-        fs::rename(&tmp, path).io_context("replacing", path)?;
-        sync_parent(path)
+        for (path, bytes) in files {
+            let tmp = temp_path(path.as_ref());
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .io_context("creating", &tmp)?;
+            staged.push((tmp, file));
+            let (tmp, file) = staged.last_mut().expect("just staged");
+            file.write_all(bytes.as_ref()).io_context("writing", tmp)?;
+        }
+        let sync = |(tmp, file): &(PathBuf, File)| file.sync_all().io_context("syncing", tmp);
+        match staged.as_slice() {
+            [one] => sync(one)?,
+            many => std::thread::scope(|scope| {
+                let syncing: Vec<_> = many.iter().map(|f| scope.spawn(move || sync(f))).collect();
+                syncing
+                    .into_iter()
+                    .try_for_each(|t| t.join().expect("fsync does not panic"))
+            })?,
+        }
+        for ((tmp, _), (path, _)) in staged.iter().zip(files) {
+            fs::rename(tmp, path).io_context("replacing", path.as_ref())?;
+        }
+        Ok(())
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        for (tmp, _) in &staged {
+            let _ = fs::remove_file(tmp);
+        }
     }
     result
 }
@@ -159,7 +188,8 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp.{}.{n}", std::process::id()))
 }
 
-fn sync_parent(path: &Path) -> Result<()> {
+/// Makes the renames and removals of entries in `path`'s directory durable.
+pub fn sync_parent(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
         let dir = File::open(parent).io_context("opening", parent)?;
         dir.sync_all().io_context("syncing", parent)?;
@@ -183,6 +213,26 @@ mod tests {
         assert_eq!(mode, 0o600);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file may remain");
+    }
+
+    #[test]
+    fn replace_all_renames_nothing_unless_every_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        replace_all(&[(&a, b"a1"), (&b, b"b1")]).unwrap();
+        assert_eq!(
+            (fs::read(&a).unwrap(), fs::read(&b).unwrap()),
+            (b"a1".to_vec(), b"b1".to_vec())
+        );
+        // The second file cannot be written (its directory is missing): the first stays as it was.
+        let missing = dir.path().join("gone/c.json");
+        assert!(replace_all(&[(&a, &b"a2"[..]), (&missing, &b"c"[..])]).is_err());
+        assert_eq!(fs::read(&a).unwrap(), b"a1");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no temp file may remain: {names:?}");
     }
 
     #[test]
