@@ -15,11 +15,12 @@
 # Skipped (b) when make-repo.sh is missing. TMPDIR picks the file system.
 #
 # What the file system does to (b), measured with perf and by switching app's fsyncs off:
-# - tmpfs (TMPDIR=/dev/shm) shows the tools' own costs: app 0.94x.
-# - ext4 with a journal (the usual one): app 1.0x-1.2x. app makes every shared file durable
-#   (temp file, fsync, rename: DESIGN.md promise 1), about 20 fsyncs per task, and each one
-#   waits for a journal commit that also carries the other jobs' thousands of new files. The
-#   git CLI fsyncs nothing here. With app's fsyncs switched off the same runs were 0.90x-0.96x.
+# - tmpfs (TMPDIR=/dev/shm) shows the tools' own costs: app 0.95x.
+# - ext4 with a journal (the usual one): app 1.05x. app makes every shared file durable (temp
+#   file, fsync, rename: DESIGN.md promise 1), about 20 fsyncs per task, and each one waits for
+#   a journal commit that also carries the other jobs' thousands of new files; the git CLI
+#   fsyncs nothing here. With app's fsyncs switched off the same runs were 0.90x-0.96x. It was
+#   1.16x-1.21x while the registry lock was held across those commits.
 # - ext4 without a journal (some VMs' /): most of the time goes to the kernel's
 #   recently_deleted() check, which makes every new inode skip the inodes deleted in the last
 #   ~30 s of its block group. A file then costs what the jobs deleted just before it, whichever
