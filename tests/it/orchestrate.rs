@@ -48,14 +48,17 @@ fn commit(file: &str, content: &str) -> String {
     format!("echo {content} > {file} && git add {file} && git commit -q -m 'write {file}'")
 }
 
-#[test]
-fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
-    let repo = TestRepo::new();
-    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello-plan.json");
-    let output = orchestrate(&repo, &plan, &[]);
+/// Runs `examples/<file>` (the hello plan) and checks that its four tasks succeeded and the
+/// integration branch holds every task's file; returns the run.
+fn run_hello_plan(repo: &TestRepo, file: &str) -> Value {
+    let plan = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(file);
+    let output = orchestrate(repo, &plan, &[]);
     assert_eq!(code(&output), 0, "{}", stderr(&output));
     let (run, tasks) = summary(&output);
     assert_eq!(run["status"], "succeeded");
+    assert_eq!(tasks.len(), 4);
     assert!(
         tasks.values().all(|t| t["status"] == "succeeded"),
         "{tasks:?}"
@@ -64,6 +67,13 @@ fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
     for file in ["hello.txt", "left.txt", "right.txt"] {
         repo.git(&["cat-file", "-e", &format!("{branch}:{file}")]);
     }
+    run
+}
+
+#[test]
+fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
+    let repo = TestRepo::new();
+    let run = run_hello_plan(&repo, "hello-plan.json");
     // Every task ran as an instance and cleaned up after itself.
     assert!(repo.instances().is_empty());
     let worktrees = fs::read_dir(repo.state_dir().join("worktrees"))
@@ -114,17 +124,8 @@ fn the_hello_plan_hands_files_down_runs_in_parallel_and_integrates() {
 #[test]
 fn a_toml_plan_runs_like_its_json() {
     let repo = TestRepo::new();
-    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello-plan.toml");
-    let output = orchestrate(&repo, &plan, &[]);
-    assert_eq!(code(&output), 0, "{}", stderr(&output));
-    let (run, tasks) = summary(&output);
-    assert_eq!(run["status"], "succeeded");
-    assert_eq!(tasks.len(), 4);
+    let run = run_hello_plan(&repo, "hello-plan.toml");
     assert!(run["id"].as_str().unwrap().starts_with("hello-"), "{run}");
-    let branch = run["report"]["integration"]["branch"].as_str().unwrap();
-    for file in ["hello.txt", "left.txt", "right.txt"] {
-        repo.git(&["cat-file", "-e", &format!("{branch}:{file}")]);
-    }
 }
 
 #[test]
