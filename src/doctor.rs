@@ -7,12 +7,19 @@
 //!   ([`worktree::rescue`]), a branch with commits beyond its base is kept, and only `--force`
 //!   discards either. Only worktrees under `.app/worktrees/` and git's records of them are
 //!   touched; `git worktree prune` is never run repository-wide.
-//! - Anything in use is left alone: a registered instance whose supervisor or command still
-//!   runs, an intent whose writer still works, a temp file whose writer lives.
+//! - Anything in use is left alone, and "in use" is asked of the operating system, not only of
+//!   the registry (which `git clean -fdx` or a lost secret can take away): a worktree that a
+//!   live process uses ([`crate::inuse`]) is never reclaimed, whatever the registry says; one
+//!   whose supervisor lives is re-adopted (the supervisor registers it again). An intent
+//!   whose writer still works and a temp file whose writer lives are left alone too.
+//! - Every removal goes through [`worktree::remove`]. A worktree only its user can decide
+//!   about (locked, holding a nested repository) is reported, never retried, so a second
+//!   `doctor --fix` finds nothing new. Two `doctor --fix` at once: one waits for the other.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use git2::{BranchType, Oid, Repository};
 use serde::Serialize;
@@ -20,6 +27,7 @@ use serde::Serialize;
 use crate::config::Timing;
 use crate::db::{self, Db, DbSettings, Location, instances};
 use crate::error::{Error, GitContext, Result};
+use crate::inuse::{self, Scan, Supervisor};
 use crate::journal::{self, Intent, Operation};
 use crate::lock::Locks;
 use crate::paths::AppPaths;
@@ -29,7 +37,7 @@ use crate::registry::{Entry, InstanceRecord, Liveness, Registry, Snapshot};
 use crate::reserve::Reservations;
 use crate::sign::SigningKey;
 use crate::state;
-use crate::worktree::{self, BranchFate};
+use crate::worktree::{self, BranchFate, Keep, Removal, Target};
 
 /// How `doctor` runs.
 #[derive(Debug, Clone)]
@@ -91,6 +99,24 @@ enum Problem {
     },
     InUse {
         id: String,
+        reason: String,
+    },
+    /// A worktree in use whose registration is missing or does not verify, with its
+    /// supervisor alive: it registers it again at its next heartbeat.
+    Readopt {
+        id: String,
+        users: String,
+        supervisor: u32,
+    },
+    NeedsUser {
+        id: String,
+        reason: String,
+    },
+    StateDirNotDir {
+        path: PathBuf,
+    },
+    CorruptFile {
+        path: PathBuf,
         reason: String,
     },
     OrphanWorktree {
@@ -170,15 +196,17 @@ impl Problem {
                     match intent.operation {
                         Operation::Start => "start",
                         Operation::Stop => "stop",
+                        Operation::Remove => "worktree removal",
                     },
                     intent.instance,
                     intent.pid
                 ),
                 match intent.operation {
                     Operation::Start => {
-                        "undo it: remove what it made (its worktree held only its base's files)"
+                        "undo what that start made (work found in it is saved first)"
                     }
                     Operation::Stop => "finish it: rescue work, remove the worktree, unregister",
+                    Operation::Remove => "finish it: rescue work, remove the worktree",
                 }
                 .into(),
             ),
@@ -206,6 +234,39 @@ impl Problem {
                 reason.clone(),
                 "none while it runs: stop it (app instance stop, or kill), then run doctor again"
                     .into(),
+            ),
+            Problem::Readopt {
+                id,
+                users,
+                supervisor,
+            } => (
+                "unregistered-instance",
+                id.clone(),
+                format!("in use by {users}, but not registered (or its entry does not verify)"),
+                format!(
+                    "re-adopt it: its supervisor (pid {supervisor}) registers it again at its next heartbeat"
+                ),
+            ),
+            Problem::NeedsUser { id, reason } => (
+                "orphan-worktree",
+                id.clone(),
+                reason.clone(),
+                "none: this one is yours to resolve (see the problem)".into(),
+            ),
+            Problem::StateDirNotDir { path } => (
+                "state-dir",
+                path.display().to_string(),
+                "is not a directory, so app cannot keep its state there".into(),
+                format!(
+                    "none: move it aside (mv {0} {0}.bak), then run app again",
+                    path.display()
+                ),
+            ),
+            Problem::CorruptFile { path, reason } => (
+                "corrupt-file",
+                path.display().to_string(),
+                format!("cannot be read: {reason}"),
+                "move it aside (to <name>.corrupt-<time>, kept for you to read); live instances register again at their next heartbeat".into(),
             ),
             Problem::OrphanWorktree { id, path } => (
                 "orphan-worktree",
@@ -312,6 +373,8 @@ impl Problem {
         !matches!(
             self,
             Problem::InUse { .. }
+                | Problem::NeedsUser { .. }
+                | Problem::StateDirNotDir { .. }
                 | Problem::Unreadable { .. }
                 | Problem::Locks { .. }
                 | Problem::Database { .. }
@@ -350,6 +413,11 @@ impl Diagnosis {
 pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     let mut found = Diagnosis::default();
     if !paths.state_dir().is_dir() {
+        if fs::symlink_metadata(paths.state_dir()).is_ok() {
+            found.problems.push(Problem::StateDirNotDir {
+                path: paths.state_dir().to_path_buf(),
+            });
+        }
         return Ok(found);
     }
     let key = if std::env::var_os("APP_SHARED_SECRET").is_none() && !paths.secret().exists() {
@@ -358,10 +426,22 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     } else {
         SigningKey::load(paths, false)?
     };
-    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+    let snapshot = match Registry::open_read_only(paths)?.snapshot() {
+        Ok(snapshot) => snapshot,
+        // Diagnose the rest as if it were empty: what is in use stays protected by the scan.
+        Err(Error::Corrupt { path, source }) => {
+            found.problems.push(Problem::CorruptFile {
+                path,
+                reason: source.to_string(),
+            });
+            Snapshot::default()
+        }
+        Err(err) => return Err(err),
+    };
     let repo = Repository::open(paths.repo_root())
         .git_context(|| format!("opening {}", paths.repo_root().display()))?;
     let stale_after = options.timing.stale_after;
+    let scan = Scan::take();
 
     // Interrupted operations first: finishing them changes what the rest sees.
     let mut journaled = Vec::new();
@@ -382,10 +462,13 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     for entry in &snapshot.instances {
         let record = match entry {
             Entry::Forged { key, reason } => {
-                found.problems.push(Problem::ForgedInstance {
-                    key: key.clone(),
-                    reason: reason.clone(),
+                let problem = unregistered_in_use(paths, &scan, key).unwrap_or_else(|| {
+                    Problem::ForgedInstance {
+                        key: key.clone(),
+                        reason: reason.clone(),
+                    }
                 });
+                found.problems.push(problem);
                 continue;
             }
             Entry::Valid(record) => record,
@@ -394,12 +477,36 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
             continue;
         }
         if let Liveness::Stale(reason) = record.liveness(stale_after) {
-            match in_use(record) {
-                Some(why) => found.problems.push(Problem::InUse {
+            let users = record
+                .worktree
+                .as_deref()
+                .filter(|path| *path == paths.worktree(&record.id))
+                .map(|path| {
+                    inuse::worktree_users(&scan, path, &paths.git_worktree_admin(&record.id))
+                })
+                .unwrap_or_default();
+            let needs_user = record
+                .worktree
+                .as_deref()
+                .filter(|path| *path == paths.worktree(&record.id) && path.exists())
+                .and_then(|_| worktree::user_must_decide(paths, &record.id).err());
+            match (in_use(record), needs_user) {
+                (Some(why), _) => found.problems.push(Problem::InUse {
                     id: record.id.clone(),
                     reason: format!("stale ({reason}) but {why}"),
                 }),
-                None => found.problems.push(Problem::DeadInstance {
+                _ if !users.is_empty() => found.problems.push(Problem::InUse {
+                    id: record.id.clone(),
+                    reason: format!(
+                        "stale ({reason}) but its worktree is in use by {}",
+                        inuse::describe(&users)
+                    ),
+                }),
+                (None, Some(why)) => found.problems.push(Problem::NeedsUser {
+                    id: record.id.clone(),
+                    reason: format!("dead instance ({reason}) whose worktree is kept: {why}"),
+                }),
+                (None, None) => found.problems.push(Problem::DeadInstance {
                     record: record.clone(),
                     reason,
                 }),
@@ -407,7 +514,14 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
         }
     }
 
-    worktree_problems(paths, &repo, &snapshot, &journaled, stale_after, &mut found)?;
+    worktree_problems(
+        paths,
+        &repo,
+        &snapshot,
+        (&scan, &journaled),
+        stale_after,
+        &mut found,
+    )?;
     branch_problems(&repo, &snapshot, stale_after, &mut found)?;
     coordination_problems(paths, key.as_ref(), &snapshot, stale_after, &mut found)?;
     stale_sockets(paths, &snapshot, stale_after, &mut found.problems);
@@ -441,19 +555,50 @@ fn in_use(record: &InstanceRecord) -> Option<String> {
     None
 }
 
+/// The problem of worktree `id` when a live process uses it although no valid registry entry
+/// says so: re-adopted when its supervisor lives, else left alone while it is used.
+fn unregistered_in_use(paths: &AppPaths, scan: &Scan, id: &str) -> Option<Problem> {
+    let path = paths.worktree(id);
+    let admin = paths.git_worktree_admin(id);
+    if !path.is_dir() {
+        return None;
+    }
+    let users = inuse::worktree_users(scan, &path, &admin);
+    if users.is_empty() {
+        return None;
+    }
+    let described = inuse::describe(&users);
+    Some(
+        match Supervisor::load(&admin).filter(Supervisor::alive_elsewhere) {
+            Some(supervisor) => Problem::Readopt {
+                id: id.to_string(),
+                users: described,
+                supervisor: supervisor.process.pid,
+            },
+            None => Problem::InUse {
+                id: id.to_string(),
+                reason: format!(
+                    "in use by {described}, not registered and without a live supervisor; left alone while it is used (stop those processes, then run 'app doctor --fix')"
+                ),
+            },
+        },
+    )
+}
+
 fn worktree_problems(
     paths: &AppPaths,
     repo: &Repository,
     snapshot: &Snapshot,
-    journaled: &[String],
+    (scan, journaled): (&Scan, &[String]),
     stale_after: std::time::Duration,
     found: &mut Diagnosis,
 ) -> Result<()> {
-    let owned = |path: &Path| {
-        snapshot
-            .valid_instances()
-            .iter()
-            .any(|r| r.worktree.as_deref() == Some(path))
+    // Forged entries were judged with their worktree above.
+    let owned = |id: &str, path: &Path| {
+        snapshot.instances.iter().any(|entry| match entry {
+            Entry::Valid(r) => r.worktree.as_deref() == Some(path),
+            Entry::Forged { key, .. } => key == id,
+        })
     };
     let dir = paths.worktrees_dir();
     if let Ok(entries) = fs::read_dir(&dir) {
@@ -465,12 +610,19 @@ fn worktree_problems(
         names.sort();
         for id in names {
             let path = paths.worktree(&id);
-            if owned(&path) || journaled.contains(&id) {
+            if owned(&id, &path) || journaled.contains(&id) {
+                continue;
+            }
+            if let Some(problem) = unregistered_in_use(paths, scan, &id) {
+                found.problems.push(problem);
                 continue;
             }
             match Repository::open(&path) {
                 Ok(_) if repo.find_worktree(&id).is_ok() => {
-                    found.problems.push(Problem::OrphanWorktree { id, path })
+                    match worktree::user_must_decide(paths, &id) {
+                        Ok(_) => found.problems.push(Problem::OrphanWorktree { id, path }),
+                        Err(reason) => found.problems.push(Problem::NeedsUser { id, reason }),
+                    }
                 }
                 Ok(_) => found.problems.push(Problem::Unreadable {
                     path,
@@ -851,6 +1003,11 @@ fn database_problems(
 /// such as unregistering a dead instance, can reveal another, such as its inbox). Returns what
 /// was done and the diagnosis of what is left.
 pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis)> {
+    // One doctor at a time; a second one waits, then finds what the first left.
+    let _one_at_a_time = match paths.state_dir().is_dir() {
+        true => Some(state::lock_exclusive(&paths.doctor_lock())?),
+        false => None,
+    };
     let mut done = Vec::new();
     let mut diagnosis = diagnose(paths, options)?;
     for _ in 0..3 {
@@ -886,6 +1043,20 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             Ok(format!("chmod {want:o}"))
         }
         Problem::HalfDone(intent) => recover(paths, options, intent),
+        Problem::Readopt { id, supervisor, .. } => readopt(paths, options, id, *supervisor),
+        Problem::CorruptFile { path, .. } => {
+            let aside = path.with_file_name(format!(
+                "{}.corrupt-{}",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs()
+            ));
+            let _guard = state::lock_exclusive(&paths.registry_lock())?;
+            fs::rename(path, &aside).map_err(|err| Error::io("moving aside", path, err))?;
+            Ok(format!("moved it to {}", aside.display()))
+        }
         Problem::UntrustedIntent { path, .. } => {
             state::remove_if_present(path)?;
             Ok("removed".into())
@@ -923,9 +1094,12 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             });
             reclaim(paths, options, id, Some(path), branch.as_deref())
         }
-        Problem::DanglingMetadata { admin, .. } => {
-            fs::remove_dir_all(admin).map_err(|err| Error::io("removing", admin, err))?;
-            Ok(format!("removed {}", admin.display()))
+        Problem::DanglingMetadata { name, admin } => {
+            if worktree::forget_missing(paths, name)? {
+                Ok(format!("removed {}", admin.display()))
+            } else {
+                Ok("its directory is back; left alone".into())
+            }
         }
         Problem::IdleBranch { branch } => {
             worktree::delete_branch(&repo()?, branch)?;
@@ -979,14 +1153,41 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             Ok("wrote its row".into())
         }
         Problem::InUse { .. }
+        | Problem::NeedsUser { .. }
+        | Problem::StateDirNotDir { .. }
         | Problem::Unreadable { .. }
         | Problem::Locks { .. }
         | Problem::Database { .. } => Ok("not fixable".into()),
     }
 }
 
-/// Finishes or undoes an interrupted operation (also run by `app run` before it starts).
+/// Waits (a few heartbeats at most) for the live supervisor of worktree `id` to register it
+/// again; its heartbeat re-creates a lost or unverifiable entry.
+fn readopt(paths: &AppPaths, options: &Options, id: &str, supervisor: u32) -> Result<String> {
+    let deadline =
+        std::time::Instant::now() + options.timing.heartbeat_interval * 3 + Duration::from_secs(1);
+    loop {
+        let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+        if snapshot.instance(id).is_some() {
+            return Ok(format!(
+                "re-adopted: its supervisor (pid {supervisor}) registered it again"
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Failed(format!(
+                "its supervisor (pid {supervisor}) did not register it again in time; it is left alone while it is used"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Finishes or undoes an interrupted operation (also run by `app run` before it starts). Only
+/// an intent whose writer is provably gone is recovered, and only what that writer made.
 pub fn recover(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<String> {
+    if intent.writer_alive() {
+        return Ok("its writer still works; left alone".into());
+    }
     let done = match intent.operation {
         Operation::Stop => reclaim(
             paths,
@@ -995,38 +1196,108 @@ pub fn recover(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<S
             intent.worktree.as_deref(),
             intent.branch.as_deref(),
         )?,
-        Operation::Start => undo_start(paths, intent)?,
+        Operation::Start => undo_start(paths, options, intent)?,
+        Operation::Remove => {
+            if intent.worktree.as_deref() == Some(paths.worktree(&intent.instance).as_path()) {
+                let repo = open_repo(paths)?;
+                let key = SigningKey::load_or_create(paths)?;
+                let target = Target {
+                    id: &intent.instance,
+                    branch: None,
+                };
+                describe_removal(
+                    &paths.worktree(&intent.instance),
+                    worktree::remove(&repo, paths, &key, target, keep(options))?,
+                )
+            } else {
+                "nothing of app's to finish".into()
+            }
+        }
     };
-    journal::end(paths, &intent.instance)?;
+    journal::end(paths, intent)?;
     Ok(done)
 }
 
-/// Undoes an interrupted start. Its command never ran (the intent is removed before the spawn),
-/// so a worktree it made holds its base's files and nothing else.
-fn undo_start(paths: &AppPaths, intent: &Intent) -> Result<String> {
-    let repo = Repository::open(paths.repo_root())
-        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
-    let mut done = Vec::new();
+fn open_repo(paths: &AppPaths) -> Result<Repository> {
+    Repository::open(paths.repo_root())
+        .git_context(|| format!("opening {}", paths.repo_root().display()))
+}
+
+/// What a reclaim may do with the work it finds.
+fn keep(options: &Options) -> Keep {
+    if options.force {
+        Keep::Discard
+    } else {
+        Keep::Rescue
+    }
+}
+
+/// The account of a guarded removal of the worktree at `path`.
+fn describe_removal(path: &Path, removal: Removal) -> String {
+    match removal {
+        Removal::Removed {
+            rescued_to: Some(name),
+        } => format!(
+            "saved its uncommitted work on {name} (see it with 'git show --stat {name}', restore it with 'git checkout {name} -- .' in a worktree of your choice); removed {}",
+            path.display()
+        ),
+        Removal::Removed { rescued_to: None } => format!("removed {}", path.display()),
+        Removal::Absent => "its worktree was already gone".into(),
+        Removal::Kept { because, .. } => format!("kept {}: {because}", path.display()),
+    }
+}
+
+/// Undoes an interrupted start, touching only what that start made: the registry entry it
+/// wrote (same pid and start time), the worktree whose supervisor record carries its nonce
+/// (through the guarded removal, so work found there is saved), and the branch it created
+/// while nothing else holds it. A name that another instance holds now is not touched.
+fn undo_start(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<String> {
+    let repo = open_repo(paths)?;
     let id = &intent.instance;
-    if !intent.reuse
-        && let Some(path) = intent.worktree.as_deref()
-        && path == paths.worktree(id)
+    let writer_holds =
+        |r: &InstanceRecord| r.pid == intent.pid && r.start_time == intent.start_time;
+    let snapshot = Registry::open_read_only(paths)?
+        .snapshot()
+        .unwrap_or_default();
+    if let Some(record) = snapshot.instance(id)
+        && !writer_holds(record)
     {
-        if path.exists() {
-            fs::remove_dir_all(path).map_err(|err| Error::io("removing", path, err))?;
-            done.push(format!("removed the half-made worktree {}", path.display()));
-        }
-        let admin = repo.path().join("worktrees").join(id);
-        let ours = fs::read_to_string(admin.join("gitdir"))
-            .is_ok_and(|gitdir| Path::new(gitdir.trim()).parent() == Some(path));
-        if ours || (admin.exists() && !admin.join("gitdir").exists()) {
-            fs::remove_dir_all(&admin).map_err(|err| Error::io("removing", &admin, err))?;
-        }
+        return Ok(format!(
+            "instance {id} belongs to pid {} now; nothing of the interrupted start is touched",
+            record.pid
+        ));
+    }
+    let mut done = Vec::new();
+    let path = paths.worktree(id);
+    let admin = paths.git_worktree_admin(id);
+    let made_by_writer = Supervisor::load(&admin).is_some_and(|s| s.created_by == intent.nonce);
+    let mut worktree_gone = !path.exists();
+    if !intent.reuse && intent.worktree.as_deref() == Some(path.as_path()) && made_by_writer {
+        let key = SigningKey::load_or_create(paths)?;
+        let target = Target { id, branch: None };
+        let keep = if options.force {
+            Keep::Discard
+        } else {
+            Keep::RescueUndo
+        };
+        let removal = worktree::remove(&repo, paths, &key, target, keep)?;
+        worktree_gone = matches!(removal, Removal::Removed { .. } | Removal::Absent);
+        done.push(describe_removal(&path, removal));
+    } else if worktree_gone {
+        worktree::forget_missing(paths, id)?;
     }
     let mut branch_gone = !intent.create_branch;
     let base = intent.base.as_deref().and_then(|b| b.parse::<Oid>().ok());
+    let branch_is_others = |branch: &str| {
+        snapshot.branches.iter().any(|entry| match entry {
+            Entry::Valid(b) => b.branch == branch && &b.instance != id,
+            Entry::Forged { .. } => false,
+        })
+    };
     if intent.create_branch
+        && worktree_gone
         && let (Some(branch), Some(base)) = (&intent.branch, base)
+        && !branch_is_others(branch)
         && worktree::checked_out_in(&repo, branch)?.is_none()
     {
         match worktree::delete_branch_if_empty(&repo, branch, base)? {
@@ -1039,10 +1310,7 @@ fn undo_start(paths: &AppPaths, intent: &Intent) -> Result<String> {
         }
     }
     Registry::open_for_write(paths)?.update(|tables| {
-        if tables
-            .instance(id)
-            .is_some_and(|r| r.pid == intent.pid && r.start_time == intent.start_time)
-        {
+        if tables.instance(id).is_some_and(|r| writer_holds(&r)) {
             tables.remove_instance(id);
         }
         if let Some(branch) = &intent.branch
@@ -1058,8 +1326,10 @@ fn undo_start(paths: &AppPaths, intent: &Intent) -> Result<String> {
 }
 
 /// Takes back the worktree and registration of instance `id`, which nobody uses any more:
-/// rescues uncommitted work, removes the worktree, deletes the branch only when it holds
-/// nothing beyond its base (or with `--force`), unregisters.
+/// the worktree goes through the guarded removal (work saved on a rescue ref, or discarded
+/// with `--force`; kept when in use or when only its user can decide), the branch is deleted
+/// only when it holds nothing beyond its base (or with `--force`), then it is unregistered.
+/// A kept worktree keeps its registration's branch entry too.
 fn reclaim(
     paths: &AppPaths,
     options: &Options,
@@ -1067,29 +1337,17 @@ fn reclaim(
     path: Option<&Path>,
     branch: Option<&str>,
 ) -> Result<String> {
-    let repo = Repository::open(paths.repo_root())
-        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+    let repo = open_repo(paths)?;
     let registry = Registry::open_for_write(paths)?;
     let mut done = Vec::new();
     if let Some(path) = path.filter(|p| *p == paths.worktree(id)) {
-        if path.exists() {
-            if Repository::open(path).is_err() || repo.find_worktree(id).is_err() {
-                return Err(Error::Failed(format!(
-                    "{} is not a worktree app can read; left alone",
-                    path.display()
-                )));
-            }
-            if !options.force
-                && let Some((name, commit)) = worktree::rescue(&repo, id, path)?
-            {
-                done.push(format!(
-                    "saved its uncommitted work as {commit} on {name} (see it with 'git show {name}', restore it with 'git checkout {name} -- .' in a worktree of your choice)"
-                ));
-            }
-            worktree::remove(&repo, id, path)?;
-            done.push(format!("removed {}", path.display()));
-        } else {
-            worktree::prune_dangling_admin(&repo, id);
+        let key = SigningKey::load_or_create(paths)?;
+        let target = Target { id, branch: None };
+        let removal = worktree::remove(&repo, paths, &key, target, keep(options))?;
+        let kept = matches!(removal, Removal::Kept { .. });
+        done.push(describe_removal(path, removal));
+        if kept {
+            return Ok(done.join("; "));
         }
     }
     let snapshot = registry.snapshot()?;

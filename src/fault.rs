@@ -12,6 +12,8 @@ pub const POINTS: &[&str] = &[
     "run.worktree-linked",
     "run.checked-out",
     "stop.intent-written",
+    "remove.rescued",
+    "remove.files-removed",
     "stop.worktree-removed",
     "stop.branch-deleted",
     "stop.unregistered",

@@ -94,6 +94,9 @@ pub struct RunOptions {
     pub no_worktree: bool,
     /// Keep worktree and branch on exit.
     pub keep: bool,
+    /// Leave processes the command left behind running (the worktree then stays while they
+    /// live); by default they are stopped with the instance.
+    pub keep_running: bool,
     /// The command and its arguments.
     pub command: Vec<String>,
     /// The shared database to mirror the instance into (`--db`, else the environment).
@@ -286,6 +289,8 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
         },
     };
 
+    // The command's whole process tree is the instance's: what it leaves behind comes to us.
+    process::become_subreaper();
     // From here on, signals are ours: one arriving before the command starts cancels the run.
     let slot = Slot::new(options.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT));
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
@@ -464,12 +469,14 @@ fn supervise(
         api_url: api.as_ref().map(api::Binding::url),
     };
     let key = SigningKey::load_or_create(paths)?;
-    if let Some(plan) = &plan {
-        journal::begin(
-            paths,
-            &key,
-            &intent(&record, journal::Operation::Start, plan, plan.create_branch),
-        )?;
+    let start_intent = intent(
+        journal::Operation::Start,
+        plan.as_ref(),
+        plan.as_ref().is_some_and(|p| p.create_branch),
+        id,
+    );
+    if plan.is_some() {
+        journal::begin(paths, &key, &start_intent)?;
         fault::point("run.intent-written");
     }
     let mut plan = plan;
@@ -482,7 +489,7 @@ fn supervise(
     ) {
         Ok(created) => created,
         Err(err) => {
-            let _ = journal::end(paths, id);
+            let _ = journal::end(paths, &start_intent);
             return Err(err);
         }
     };
@@ -504,14 +511,14 @@ fn supervise(
     );
 
     if let Some(plan) = &plan
-        && let Err(err) = worktree::create(repo, plan)
+        && let Err(err) = worktree::create(repo, paths, &key, plan, &start_intent.nonce)
     {
         unregister(
             &registry,
             id,
             plan.create_branch.then_some(plan.branch.as_str()),
         );
-        let _ = journal::end(paths, id);
+        let _ = journal::end(paths, &start_intent);
         mirror.stopped(
             &record,
             None,
@@ -523,7 +530,7 @@ fn supervise(
         fault::point("run.checked-out");
         // The start is complete: from here on the worktree may hold the command's work, and a
         // crash is a dead instance for `doctor`, never a start to undo.
-        journal::end(paths, id)?;
+        journal::end(paths, &start_intent)?;
     }
 
     let mut env: Vec<(String, OsString)> = vec![
@@ -704,8 +711,8 @@ fn supervise(
         });
     }
     let (stop_heartbeat, heartbeat) = start_heartbeat(
-        registry.clone(),
-        id.to_string(),
+        (paths.clone(), key.clone()),
+        record.clone(),
         timing,
         (mirror.mirror.sender(), mirror.repo_root.clone()),
     );
@@ -733,17 +740,31 @@ fn supervise(
         }
     };
     wind_down(id, api, control, slot, &reason);
+    // What the command left behind is stopped (or, asked to, kept with its worktree) before
+    // anything looks at the worktree, so nothing writes there after the clean check.
+    let still_running = settle_leftovers(slot, options.keep_running);
     drop(stop_heartbeat);
     let _ = heartbeat.join();
-    let cleanup = finish(
-        repo,
-        &registry,
-        &key,
-        &record,
-        plan.as_ref(),
-        created_branch,
-        options,
-    );
+    let cleanup = match (&still_running, plan.as_ref()) {
+        (Some(running), Some(_)) if !options.keep => {
+            unregister(&registry, &record.id, None);
+            Ok(Some(Cleanup {
+                worktree_kept_because: Some(format!(
+                    "--keep-running: {running} still running; 'app doctor --fix' reclaims it once they end"
+                )),
+                ..Cleanup::default()
+            }))
+        }
+        _ => finish(
+            repo,
+            &registry,
+            &key,
+            &record,
+            plan.as_ref(),
+            created_branch,
+            options,
+        ),
+    };
     mirror.stopped(
         &record,
         Some(exit_code),
@@ -819,14 +840,16 @@ fn claim(
             })
         });
         if let (Some(plan), Some(other)) = (plan.as_deref_mut(), holder) {
-            if !ci || plan.create_branch {
+            if !ci {
                 return Err(Error::Busy(format!(
                     "branch {} is held by live instance {} (pid {}); pick another --branch",
                     plan.branch, other.id, other.pid
                 )));
             }
-            // `app ci` jobs on one branch never collide: this one tests it detached.
+            // `app ci` jobs on one branch never collide: this one tests it detached, at the
+            // commit the branch has (or, while another job is creating it, will have).
             plan.detached = true;
+            plan.create_branch = false;
             record.branch = None;
         }
         if let Some(plan) = plan.filter(|plan| !plan.detached) {
@@ -909,11 +932,13 @@ fn finish(
         return Ok(None);
     };
     let paths = registry.paths();
-    journal::begin(
-        paths,
-        key,
-        &intent(record, journal::Operation::Stop, plan, created_branch),
-    )?;
+    let stop_intent = intent(
+        journal::Operation::Stop,
+        Some(plan),
+        created_branch,
+        &record.id,
+    );
+    journal::begin(paths, key, &stop_intent)?;
     fault::point("stop.intent-written");
     // The base the branch is compared with is the one recorded when it was first claimed.
     let base = registry
@@ -926,19 +951,21 @@ fn finish(
             })
         })
         .unwrap_or(plan.base);
-    let cleanup = if options.ci {
-        let branch = (!plan.detached).then_some(plan.branch.as_str());
-        worktree::remove_saving(repo, &plan.id, &plan.path, branch, base, created_branch)
+    // A detached worktree (`app ci`) holds no branch.
+    let branch = (!plan.detached).then_some(plan.branch.as_str());
+    let keep = if options.ci {
+        worktree::Keep::Rescue
     } else {
-        worktree::remove_if_clean(
-            repo,
-            &plan.id,
-            &plan.path,
-            &plan.branch,
-            base,
-            created_branch,
-        )
+        worktree::Keep::IfClean
     };
+    let cleanup = worktree::end_instance(
+        repo,
+        paths,
+        key,
+        (&plan.id, branch),
+        (base, created_branch),
+        keep,
+    );
     // The branch entry lives as long as the branch it describes (doctor compares it with its
     // base later); a branch app did not create is released with its worktree.
     let forget_branch = match &cleanup {
@@ -952,35 +979,35 @@ fn finish(
         forget_branch.then_some(plan.branch.as_str()),
     );
     fault::point("stop.unregistered");
-    journal::end(paths, &record.id)?;
+    journal::end(paths, &stop_intent)?;
     cleanup.map(Some)
 }
 
-/// The journal intent of `operation` on the instance of `record` with worktree `plan`.
+/// A new intent of this process for `operation` on instance `id` with worktree `plan`.
 fn intent(
-    record: &InstanceRecord,
     operation: journal::Operation,
-    plan: &WorktreePlan,
+    plan: Option<&WorktreePlan>,
     create_branch: bool,
+    id: &str,
 ) -> journal::Intent {
-    journal::Intent {
-        operation,
-        instance: record.id.clone(),
-        pid: record.pid,
-        start_time: record.start_time,
-        boot_id: record.boot_id.clone(),
-        worktree: Some(plan.path.clone()),
-        branch: Some(plan.branch.clone()),
-        base: Some(plan.base.to_string()),
-        create_branch,
-        reuse: plan.reuse,
-        written_at: Timestamp::now(),
+    let mut intent = journal::Intent::new(operation, id);
+    if let Some(plan) = plan {
+        intent.worktree = Some(plan.path.clone());
+        intent.branch = Some(plan.branch.clone());
+        intent.base = Some(plan.base.to_string());
+        intent.reuse = plan.reuse;
     }
+    intent.create_branch = create_branch;
+    intent
 }
 
+/// Every `heartbeat_interval`, refreshes the instance's heartbeat. The registry is taken as
+/// lost, not as a verdict: an entry that is missing or does not verify (`git clean -fdx`, a
+/// registry moved aside, a new secret) is written again from `record`, and a deleted secret is
+/// restored from the key in memory, so a live instance is never left unregistered.
 fn start_heartbeat(
-    registry: Registry,
-    id: String,
+    (paths, key): (AppPaths, SigningKey),
+    record: InstanceRecord,
     timing: Timing,
     (mirror, repo_root): (MirrorSender, PathBuf),
 ) -> (mpsc::Sender<()>, thread::JoinHandle<()>) {
@@ -989,25 +1016,73 @@ fn start_heartbeat(
         while let Err(mpsc::RecvTimeoutError::Timeout) =
             stopped.recv_timeout(timing.heartbeat_interval)
         {
-            let result = registry.update(|tables| {
-                let mut current = tables.instance(&id);
-                if let Some(current) = &mut current {
+            let result = key.restore(&paths).and_then(|_| {
+                Registry::open_for_write(&paths)?.update(|tables| {
+                    let mut current = tables.instance(&record.id).unwrap_or_else(|| {
+                        tracing::warn!(instance = %record.id, "the registry lost this instance's entry; registering it again");
+                        record.clone()
+                    });
                     current.heartbeat_at = Timestamp::now();
-                    tables.put_instance(current);
-                }
-                Ok(current)
+                    tables.put_instance(&current);
+                    Ok(current)
+                })
             });
             match result {
-                Ok(Some(current)) => mirror.send(Update::Instance(InstanceRow::from_record(
+                Ok(current) => mirror.send(Update::Instance(InstanceRow::from_record(
                     &current, &repo_root,
                 ))),
-                Ok(None) => {}
                 // A heartbeat that cannot be written never kills the agent.
-                Err(err) => tracing::warn!(instance = %id, %err, "heartbeat failed"),
+                Err(err) => tracing::warn!(instance = %record.id, %err, "heartbeat failed"),
             }
         }
     });
     (stop, handle)
+}
+
+/// Stops what the command left running (the supervisor is their subreaper, so it finds them
+/// all, also those that called `setsid`): SIGTERM, then SIGKILL after the stop timeout (at
+/// once on a second stop request), waiting until none is left. With `keep_running` they are
+/// left alone; returns them described then.
+fn settle_leftovers(slot: &Slot, keep_running: bool) -> Option<String> {
+    process::reap_orphans();
+    let left = process::descendants();
+    if left.is_empty() {
+        return None;
+    }
+    let describe = |left: &[ProcessIdentity]| {
+        left.iter()
+            .map(|p| format!("pid {} ({})", p.pid, process::command_name(p.pid)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if keep_running {
+        return Some(describe(&left));
+    }
+    tracing::debug!(left = %describe(&left), "stopping what the command left behind");
+    for (signal, grace) in [
+        (Signal::SIGTERM, slot.stop_timeout),
+        (Signal::SIGKILL, Duration::from_secs(5)),
+    ] {
+        for process in process::descendants() {
+            process.signal(signal);
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            process::reap_orphans();
+            let left = process::descendants();
+            if left.is_empty() {
+                return None;
+            }
+            if Instant::now() >= deadline || (signal == Signal::SIGTERM && slot.forced()) {
+                if signal == Signal::SIGKILL {
+                    tracing::warn!(left = %describe(&left), "processes the command left behind did not stop");
+                }
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    None
 }
 
 /// Waits for the child, marking it exited before reaping so the signal thread never signals a

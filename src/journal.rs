@@ -1,9 +1,12 @@
 //! Intents of multi-step operations, so a crash between two steps can be finished or undone.
 //!
 //! Invariants:
-//! - An operation writes its intent (`journal/<instance>.json`, signed, atomic) before its
-//!   first step and removes it after its last. An intent on disk whose writer is gone marks an
-//!   operation a crash interrupted; `doctor` (and the next `app run`) recovers it.
+//! - An operation writes its intent (`journal/<instance>.<nonce>.json`, signed, atomic) before
+//!   its first step and removes it after its last. An intent names its writer (pid, start time,
+//!   boot, and a nonce of its own), so two operations on one instance name never share or
+//!   remove each other's file. An intent on disk whose writer is provably gone marks an
+//!   operation a crash interrupted; `doctor` (and the next `app run`) recovers it, and only
+//!   what that writer made (see `doctor::recover`).
 //! - Starting an instance (register, branch, worktree, checkout) is undone: its intent is
 //!   removed before the command is spawned, so an interrupted start never handed its worktree
 //!   to anyone and holds nothing but its base's files. Stopping one (worktree, branch,
@@ -29,6 +32,8 @@ pub enum Operation {
     Start,
     /// Remove worktree and branch when that loses nothing, unregister.
     Stop,
+    /// One guarded worktree removal (`worktree::remove`): rescue, files, git's records.
+    Remove,
 }
 
 /// One intent.
@@ -44,6 +49,10 @@ pub struct Intent {
     pub start_time: u64,
     /// Its boot.
     pub boot_id: String,
+    /// Random, per intent: names its file and what it made (the worktree's supervisor record
+    /// carries the nonce of the start that created it). Empty in intents of older versions.
+    #[serde(default)]
+    pub nonce: String,
     /// The instance's worktree, when it has one.
     pub worktree: Option<PathBuf>,
     /// The instance's branch, when it has one.
@@ -59,15 +68,38 @@ pub struct Intent {
 }
 
 impl Intent {
-    /// Whether the process that wrote the intent is still at work.
-    pub fn writer_alive(&self) -> bool {
+    /// A new intent of the calling process for `operation` on `instance`, with a fresh nonce
+    /// and no worktree, branch or base.
+    pub fn new(operation: Operation, instance: &str) -> Intent {
+        let me = ProcessIdentity::current();
+        Intent {
+            operation,
+            instance: instance.to_string(),
+            pid: me.pid,
+            start_time: me.start_time,
+            boot_id: me.boot_id,
+            nonce: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            worktree: None,
+            branch: None,
+            base: None,
+            create_branch: false,
+            reuse: false,
+            written_at: Timestamp::now(),
+        }
+    }
+
+    /// The writer's identity.
+    pub fn writer(&self) -> ProcessIdentity {
         ProcessIdentity {
             pid: self.pid,
             start_time: self.start_time,
             boot_id: self.boot_id.clone(),
         }
-        .presence()
-            == Presence::Running
+    }
+
+    /// Whether the process that wrote the intent is still at work.
+    pub fn writer_alive(&self) -> bool {
+        self.writer().presence() == Presence::Running
     }
 }
 
@@ -76,12 +108,12 @@ pub fn begin(paths: &AppPaths, key: &SigningKey, intent: &Intent) -> Result<()> 
     let dir = paths.journal_dir();
     state::create_private_dir_all(&dir)?;
     let bytes = serde_json::to_vec_pretty(&key.seal(intent)).expect("intents serialize");
-    state::write_atomic(&paths.intent(&intent.instance), &bytes)
+    state::write_atomic(&paths.intent(&intent.instance, &intent.nonce), &bytes)
 }
 
-/// Removes the intent of `instance` after the operation's last step.
-pub fn end(paths: &AppPaths, instance: &str) -> Result<()> {
-    state::remove_if_present(&paths.intent(instance))
+/// Removes `intent` (and no other) after the operation's last step.
+pub fn end(paths: &AppPaths, intent: &Intent) -> Result<()> {
+    state::remove_if_present(&paths.intent(&intent.instance, &intent.nonce))
 }
 
 /// An intent as found on disk: trusted, or with why not.
@@ -109,8 +141,9 @@ pub fn list(paths: &AppPaths, key: Option<&SigningKey>) -> Result<Vec<Found>> {
         let intent = serde_json::from_slice(&bytes)
             .map_err(|err| err.to_string())
             .and_then(|value| sign::open::<Intent>(&value, key))
-            .and_then(|intent| {
-                if name == format!("{}.json", intent.instance) {
+            .and_then(|intent: Intent| {
+                let own = paths.intent(&intent.instance, &intent.nonce);
+                if own.file_name().is_some_and(|own| own == name.as_str()) {
                     Ok(intent)
                 } else {
                     Err("filed under another instance's name".into())

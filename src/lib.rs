@@ -15,6 +15,7 @@ pub mod error;
 pub mod fault;
 pub mod glob;
 pub mod instance;
+pub mod inuse;
 pub mod journal;
 pub mod lock;
 pub mod mcp;

@@ -8,6 +8,7 @@
 //!   branch_registry.json     branch -> owning instance
 //!   process_registry.json    instance id -> process record
 //!   registry.lock            flock taken around every registry read-modify-write
+//!   doctor.lock              flock held by 'app doctor --fix' (one at a time)
 //!   secret                   HMAC key when APP_SHARED_SECRET is not set (0600)
 //!   coordination_queue/
 //!     inbox/<id>/<msg>.json    messages waiting for instance <id> (a broadcast: one copy each)
@@ -15,7 +16,7 @@
 //!     dead/<id>-<msg>.json     unacknowledged messages past their TTL, with the reason
 //!     quarantine/<file>        forged, oversized or unparsable files, with the reason
 //!   run/<id>.sock            control socket of live instance <id> (0600)
-//!   journal/<id>.json        intent of a multi-step operation on instance <id> under way
+//!   journal/<id>.<nonce>.json  intent of a multi-step operation on instance <id> under way
 //!   locks/
 //!     named/<name>.json        named lock: holder, fencing token, expiry (kept when free)
 //!     reservations.json        path reservations
@@ -132,6 +133,11 @@ impl AppPaths {
         self.state_dir.join("registry.lock")
     }
 
+    /// The flock `app doctor --fix` holds, so two never fix at once.
+    pub fn doctor_lock(&self) -> PathBuf {
+        self.state_dir.join("doctor.lock")
+    }
+
     /// The generated HMAC key.
     pub fn secret(&self) -> PathBuf {
         self.state_dir.join("secret")
@@ -215,9 +221,14 @@ impl AppPaths {
         self.state_dir.join("journal")
     }
 
-    /// The intent file of an operation on instance `id`.
-    pub fn intent(&self, id: &str) -> PathBuf {
-        self.journal_dir().join(format!("{id}.json"))
+    /// The intent file of the operation with `nonce` on instance `id` (`<id>.json` for an
+    /// intent of an older version, which has no nonce).
+    pub fn intent(&self, id: &str, nonce: &str) -> PathBuf {
+        if nonce.is_empty() {
+            self.journal_dir().join(format!("{id}.json"))
+        } else {
+            self.journal_dir().join(format!("{id}.{nonce}.json"))
+        }
     }
 
     /// Creates `.app/` (0700) and `worktrees/`, and lists `.app/` in `.git/info/exclude`.

@@ -118,6 +118,81 @@ pub fn exited_unreaped(pid: u32) -> std::io::Result<bool> {
     }
 }
 
+/// Makes the calling process a child subreaper (`PR_SET_CHILD_SUBREAPER`): a process its
+/// descendants leave behind (a background job of a command that exited, a daemon that called
+/// `setsid`) is re-parented to it instead of to init, so [`descendants`] still finds it.
+pub fn become_subreaper() {
+    if let Err(err) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(%err, "cannot become a child subreaper; processes a command leaves behind may escape its stop");
+    }
+}
+
+/// One line of `/proc/<pid>/stat`: the fields this module needs.
+struct Stat {
+    pid: u32,
+    ppid: u32,
+    zombie: bool,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some(Stat {
+        pid,
+        ppid,
+        zombie: matches!(state, "Z" | "X" | "x"),
+    })
+}
+
+fn all_stats() -> Vec<Stat> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(read_stat)
+        .collect()
+}
+
+/// The live (not zombie) descendants of the calling process, as identities, found by
+/// following parent links through `/proc`.
+pub fn descendants() -> Vec<ProcessIdentity> {
+    let stats = all_stats();
+    let mut found = Vec::new();
+    let mut parents = vec![std::process::id()];
+    while let Some(parent) = parents.pop() {
+        for stat in stats.iter().filter(|s| s.ppid == parent) {
+            parents.push(stat.pid);
+            if !stat.zombie
+                && let Some(identity) = ProcessIdentity::of(stat.pid)
+            {
+                found.push(identity);
+            }
+        }
+    }
+    found
+}
+
+/// Reaps the calling process's exited children that nobody waits for (as a subreaper it
+/// inherits them). Only call this when no `std::process::Child` of its own is still
+/// unreaped: their exit status would be taken from them.
+pub fn reap_orphans() {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let me = std::process::id();
+    for stat in all_stats().into_iter().filter(|s| s.ppid == me && s.zombie) {
+        let _ = waitpid(pid_of(stat.pid), Some(WaitPidFlag::WNOHANG));
+    }
+}
+
+/// The command name of `pid` (`/proc/<pid>/comm`), or "?".
+pub fn command_name(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// Start time of `pid` in clock ticks since boot, or `None` when no such process is running.
 ///
 /// A zombie (exited, not yet reaped by its parent) counts as not running: it does nothing more

@@ -315,7 +315,7 @@ impl Tables {
 }
 
 /// A consistent read of both registries, taken without changing anything.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Snapshot {
     /// Every process entry.
     pub instances: Vec<Entry<InstanceRecord>>,

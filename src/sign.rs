@@ -91,6 +91,19 @@ impl SigningKey {
         Ok(Some(Self::from_bytes(trim_ascii(bytes))))
     }
 
+    /// Writes this key back to `.app/secret` when that file is gone (`git clean -fdx`, a user
+    /// deleting it) and `APP_SHARED_SECRET` is not set, so what it signed verifies again. A
+    /// secret someone else wrote meanwhile is left as it is. Returns whether it wrote one.
+    pub fn restore(&self, paths: &AppPaths) -> Result<bool> {
+        if std::env::var_os("APP_SHARED_SECRET").is_some() || paths.secret().exists() {
+            return Ok(false);
+        }
+        paths.ensure_state_dir()?;
+        let mut bytes = self.key.clone();
+        bytes.push(b'\n');
+        state::create_atomic(&paths.secret(), &bytes)
+    }
+
     /// The repository's key, generating `.app/secret` on first use.
     pub fn load_or_create(paths: &AppPaths) -> Result<Self> {
         Ok(Self::load(paths, true)?.expect("load with create always yields a key"))

@@ -27,16 +27,32 @@ pub struct LockGuard {
 
 /// Takes an exclusive lock on `path` (created 0600 if missing), blocking until it is free.
 pub fn lock_exclusive(path: &Path) -> Result<LockGuard> {
-    let file = open_lock_file(path)?;
-    file.lock().io_context("locking", path)?;
-    Ok(LockGuard { _file: file })
+    lock_with(path, File::lock)
 }
 
 /// Takes a shared lock on `path`, blocking while an exclusive holder exists.
 pub fn lock_shared(path: &Path) -> Result<LockGuard> {
-    let file = open_lock_file(path)?;
-    file.lock_shared().io_context("locking", path)?;
-    Ok(LockGuard { _file: file })
+    lock_with(path, File::lock_shared)
+}
+
+/// Locks the file at `path`, and checks after locking that `path` still names the locked
+/// file: one deleted meanwhile (`git clean -fdx` takes `.app/`'s lock files too) would be a
+/// lock nobody else can see, so the lock is taken again on whatever `path` is now.
+fn lock_with(path: &Path, lock: fn(&File) -> io::Result<()>) -> Result<LockGuard> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = open_lock_file(path)?;
+        lock(&file).io_context("locking", path)?;
+        let held = file.metadata().io_context("reading", path)?;
+        match fs::metadata(path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                return Ok(LockGuard { _file: file });
+            }
+            Ok(_) => continue,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(Error::io("reading", path, err)),
+        }
+    }
 }
 
 fn open_lock_file(path: &Path) -> Result<File> {

@@ -147,6 +147,10 @@ pub struct RunArgs {
     /// Keep the worktree and branch when the command exits.
     #[arg(long)]
     keep: bool,
+    /// Leave processes the command started in the background running when it exits (the
+    /// worktree then stays while they live); by default they are stopped with it.
+    #[arg(long)]
+    keep_running: bool,
     /// Lease N consecutive free TCP ports for the command (APP_PORT, APP_PORTS).
     #[arg(long, value_name = "N")]
     ports: Option<usize>,
@@ -165,6 +169,7 @@ pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
         base: args.base,
         no_worktree: args.no_worktree,
         keep: args.keep,
+        keep_running: args.keep_running,
         command: args.command,
         db,
         ports: args.ports,

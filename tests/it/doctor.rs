@@ -82,7 +82,9 @@ fn a_crash_at_every_step_is_recovered_without_losing_work() {
             let crashed = output.status.signal() == Some(9);
             // Every start step is always reached; the stop steps depend on the work.
             let reachable = match point {
-                "stop.worktree-removed" => work != Work::Uncommitted,
+                "stop.worktree-removed" | "remove.rescued" | "remove.files-removed" => {
+                    work != Work::Uncommitted
+                }
                 "stop.branch-deleted" => work == Work::None,
                 _ => true,
             };

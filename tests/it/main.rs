@@ -3,6 +3,7 @@
 //! Every test gets its own [`support::TestRepo`] and drives the real `app` binary.
 
 mod api;
+mod attack;
 mod ci;
 mod control;
 mod coordination;

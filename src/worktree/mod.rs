@@ -4,20 +4,32 @@
 //! - [`plan`] only reads: every bad branch name, unknown ref or branch checked out elsewhere is
 //!   rejected there, before anything is created.
 //! - [`create`] leaves nothing behind when it fails: a branch it made is deleted again.
-//! - [`remove_if_clean`] removes a worktree only when that loses nothing: no uncommitted or
-//!   untracked (non-ignored) change, and HEAD still on the instance's branch. A branch is
-//!   deleted only when `app` created it and it holds no commit beyond its base.
-//! - Only the worktree named by the instance id is pruned; `git worktree prune` is never run
+//! - Every removal goes through [`guard::remove`] (see its invariants: in use means never,
+//!   work is saved or kept). [`end_instance`] adds the branch: it is deleted only when `app`
+//!   created it and it holds no commit beyond its base.
+//! - Only the worktree named by the instance id is touched; `git worktree prune` is never run
 //!   repository-wide.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use git2::{BranchType, ErrorCode, Oid, Repository, StatusOptions};
+use git2::{BranchType, ErrorCode, Oid, Repository};
 
 use crate::error::{Error, GitContext, IoContext, Result};
+use crate::inuse::Supervisor;
 use crate::paths::AppPaths;
+use crate::process::ProcessIdentity;
+use crate::sign::SigningKey;
+
+pub mod changes;
+pub mod guard;
+
+pub use guard::{Keep, Removal, Target, forget_missing, remove, user_must_decide};
+
+/// What an unfinished checkout writes into git's `locked` file of the worktree (as `git
+/// worktree add` does), so a concurrent `git worktree prune` leaves it alone.
+pub(crate) const CHECKOUT_LOCK_REASON: &str = "initializing";
 
 /// Everything needed to create an instance's worktree, checked before anything is written.
 #[derive(Debug, Clone)]
@@ -137,8 +149,17 @@ fn plan_reuse(
             path.display()
         )
     };
-    if !paths.git_worktree_admin(id).is_dir() {
+    let admin = paths.git_worktree_admin(id);
+    if !admin.is_dir() {
         return Err(Error::Failed(kept()));
+    }
+    let users = crate::inuse::worktree_users(&crate::inuse::Scan::take(), &path, &admin);
+    if !users.is_empty() {
+        return Err(Error::Busy(format!(
+            "{} is in use by {}; pick another --instance or stop what runs there",
+            path.display(),
+            crate::inuse::describe(&users)
+        )));
     }
     let wt_repo = Repository::open(&path).map_err(|_| Error::Failed(kept()))?;
     let head = wt_repo.head().map_err(|_| Error::Failed(kept()))?;
@@ -225,10 +246,26 @@ pub fn checked_out_in(repo: &Repository, branch: &str) -> Result<Option<PathBuf>
     Ok(None)
 }
 
-/// Creates the planned worktree (and branch). On failure nothing it made is left behind.
-pub fn create(repo: &Repository, plan: &WorktreePlan) -> Result<()> {
+/// Creates the planned worktree (and branch), and records the calling process as its
+/// supervisor, made by the start whose intent has `nonce`. On failure nothing it made is left
+/// behind (through the guarded removal: nothing anyone else made is touched).
+pub fn create(
+    repo: &Repository,
+    paths: &AppPaths,
+    key: &SigningKey,
+    plan: &WorktreePlan,
+    nonce: &str,
+) -> Result<()> {
+    let admin = paths.git_worktree_admin(&plan.id);
     if plan.reuse {
-        return Ok(());
+        // A kept worktree keeps the nonce of the start that made it.
+        let created_by =
+            Supervisor::load(&admin).map_or_else(|| nonce.to_string(), |s| s.created_by);
+        return Supervisor {
+            process: ProcessIdentity::current(),
+            created_by,
+        }
+        .save(&admin);
     }
     tune_libgit2();
     if plan.create_branch {
@@ -247,13 +284,17 @@ pub fn create(repo: &Repository, plan: &WorktreePlan) -> Result<()> {
         })?;
         crate::fault::point("run.branch-created");
     }
-    prune_dangling_admin(repo, &plan.id);
-    let admin = repo.path().join("worktrees").join(&plan.id);
-    let added = add_worktree(&admin, plan);
+    forget_missing(paths, &plan.id)?;
+    let added = add_worktree(&admin, plan, nonce);
     if added.is_err() {
         // Roll back: a half-made worktree and a branch made for it must not survive.
-        let _ = fs::remove_dir_all(&plan.path);
-        let _ = fs::remove_dir_all(&admin);
+        let target = Target {
+            id: &plan.id,
+            branch: None,
+        };
+        if let Err(err) = guard::remove(repo, paths, key, target, Keep::RescueUndo) {
+            tracing::warn!(instance = %plan.id, %err, "rolling back a failed checkout failed; 'app doctor' reports what is left");
+        }
         if plan.create_branch {
             let _ = delete_branch(repo, &plan.branch);
         }
@@ -268,7 +309,7 @@ pub fn create(repo: &Repository, plan: &WorktreePlan) -> Result<()> {
 /// used: its "branch already checked out" check misfires while another process adds or prunes a
 /// worktree, so concurrent instances failed at random. Exclusivity of the branch is checked in
 /// [`plan`] and claimed in the registry instead.
-fn add_worktree(admin: &Path, plan: &WorktreePlan) -> Result<()> {
+fn add_worktree(admin: &Path, plan: &WorktreePlan, nonce: &str) -> Result<()> {
     let admin_parent = admin
         .parent()
         .expect("the admin dir lives in <gitdir>/worktrees");
@@ -285,7 +326,12 @@ fn add_worktree(admin: &Path, plan: &WorktreePlan) -> Result<()> {
         }
     })?;
     let write = |path: PathBuf, text: String| fs::write(&path, text).io_context("writing", &path);
-    write(admin.join("locked"), "initializing\n".into())?;
+    write(admin.join("locked"), format!("{CHECKOUT_LOCK_REASON}\n"))?;
+    Supervisor {
+        process: ProcessIdentity::current(),
+        created_by: nonce.to_string(),
+    }
+    .save(admin)?;
     fs::create_dir(&plan.path).io_context("creating", &plan.path)?;
     let dot_git = plan.path.join(".git");
     write(admin.join("gitdir"), format!("{}\n", dot_git.display()))?;
@@ -368,15 +414,6 @@ fn tune_libgit2() {
     ONCE.call_once(|| git2::opts::strict_hash_verification(false));
 }
 
-/// Removes git's record of worktree `id` when its directory is gone (left by a crash).
-pub fn prune_dangling_admin(repo: &Repository, id: &str) {
-    if let Ok(wt) = repo.find_worktree(id)
-        && wt.validate().is_err()
-    {
-        let _ = wt.prune(None);
-    }
-}
-
 /// What happened to an instance's worktree and branch at its end.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Cleanup {
@@ -393,35 +430,35 @@ pub struct Cleanup {
     pub rescued_to: Option<String>,
 }
 
-/// Removes an instance's worktree and branch when that loses nothing.
-///
-/// `created_branch` says whether `app` made the branch: a branch it did not make is never
-/// deleted. `base` is the commit the branch started from.
-pub fn remove_if_clean(
+/// The end of an instance's worktree and branch: the worktree goes through the guarded
+/// removal with `keep` ([`Keep::IfClean`] for `app run`, [`Keep::Rescue`] for `app ci`), then
+/// the branch is deleted when `app` made it (`created_branch`) and it holds no commit beyond
+/// `base`. `branch` is `None` for a detached worktree, which holds no branch.
+pub fn end_instance(
     repo: &Repository,
-    id: &str,
-    path: &Path,
-    branch: &str,
-    base: Oid,
-    created_branch: bool,
+    paths: &AppPaths,
+    key: &SigningKey,
+    (id, branch): (&str, Option<&str>),
+    (base, created_branch): (Oid, bool),
+    keep: Keep,
 ) -> Result<Cleanup> {
     let mut cleanup = Cleanup::default();
-    if path.exists() {
-        if let Some(reason) = unsaved_work(path, Some(branch))? {
-            cleanup.worktree_kept_because = Some(reason);
+    match guard::remove(repo, paths, key, Target { id, branch }, keep)? {
+        Removal::Removed { rescued_to } => {
+            cleanup.worktree_removed = true;
+            cleanup.rescued_to = rescued_to;
+            crate::fault::point("stop.worktree-removed");
+        }
+        Removal::Absent => {}
+        Removal::Kept { because, .. } => {
+            cleanup.worktree_kept_because = Some(because);
             // The branch is checked out in the kept worktree: it stays too.
             return Ok(cleanup);
         }
-        remove(repo, id, path)?;
-        cleanup.worktree_removed = true;
-        crate::fault::point("stop.worktree-removed");
-    } else {
-        prune_dangling_admin(repo, id);
     }
-
-    if !created_branch {
+    let Some(branch) = branch.filter(|_| created_branch) else {
         return Ok(cleanup);
-    }
+    };
     match delete_branch_if_empty(repo, branch, base)? {
         BranchFate::Gone => {}
         BranchFate::Deleted => {
@@ -429,35 +466,6 @@ pub fn remove_if_clean(
             crate::fault::point("stop.branch-deleted");
         }
         BranchFate::Kept(reason) => cleanup.branch_kept_because = Some(reason),
-    }
-    Ok(cleanup)
-}
-
-/// Removes an instance's worktree whatever it holds, saving what that would lose first on
-/// `refs/app/rescue/<id>` ([`rescue`]); then deletes the branch as [`remove_if_clean`] does.
-/// For `app ci`, whose worktrees never outlive the job.
-pub fn remove_saving(
-    repo: &Repository,
-    id: &str,
-    path: &Path,
-    branch: Option<&str>,
-    base: Oid,
-    created_branch: bool,
-) -> Result<Cleanup> {
-    let mut cleanup = Cleanup::default();
-    if path.exists() {
-        cleanup.rescued_to = rescue(repo, id, path)?.map(|(name, _)| name);
-        remove(repo, id, path)?;
-        cleanup.worktree_removed = true;
-    } else {
-        prune_dangling_admin(repo, id);
-    }
-    if let Some(branch) = branch.filter(|_| created_branch) {
-        match delete_branch_if_empty(repo, branch, base)? {
-            BranchFate::Gone => {}
-            BranchFate::Deleted => cleanup.branch_deleted = true,
-            BranchFate::Kept(reason) => cleanup.branch_kept_because = Some(reason),
-        }
     }
     Ok(cleanup)
 }
@@ -514,67 +522,6 @@ pub fn delete_branch_if_empty(repo: &Repository, branch: &str, base: Oid) -> Res
     }
 }
 
-/// Removes worktree `id` at `path`: its directory (ignored files included) and git's record
-/// of it. Callers decide first that this loses nothing.
-pub fn remove(repo: &Repository, id: &str, path: &Path) -> Result<()> {
-    let wt = repo
-        .find_worktree(id)
-        .git_context(|| format!("looking up worktree {id}"))?;
-    wt.prune(Some(
-        git2::WorktreePruneOptions::new()
-            .valid(true)
-            .working_tree(true),
-    ))
-    .git_context(|| format!("removing worktree {}", path.display()))
-}
-
-/// Saves what removing the worktree at `path` would lose as a commit on `refs/app/rescue/<id>`
-/// (or `<id>-2`, `-3`, … when taken): its tracked and untracked (not ignored) files, with the
-/// worktree's HEAD as parent, so commits on a detached HEAD stay reachable too. Returns the ref
-/// and commit, or `None` when nothing would be lost.
-pub fn rescue(repo: &Repository, id: &str, path: &Path) -> Result<Option<(String, Oid)>> {
-    let Some(reason) = unsaved_work(path, None)? else {
-        return Ok(None);
-    };
-    let wt =
-        Repository::open(path).git_context(|| format!("opening worktree {}", path.display()))?;
-    let context = || format!("saving the work in {}", path.display());
-    // The index is changed in memory only; the worktree's own index file stays as it was.
-    let mut index = wt.index().git_context(context)?;
-    index
-        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .git_context(context)?;
-    index.update_all(["*"], None).git_context(context)?;
-    let tree_id = index.write_tree_to(repo).git_context(context)?;
-    let tree = repo.find_tree(tree_id).git_context(context)?;
-    let parent = wt.head().ok().and_then(|head| head.peel_to_commit().ok());
-    let signature = repo
-        .signature()
-        .or_else(|_| git2::Signature::now("app doctor", "app@localhost"))
-        .git_context(context)?;
-    let message = format!(
-        "app: rescued work of instance {id}\n\nFrom worktree {} ({reason}).\n",
-        path.display()
-    );
-    let parents: Vec<&git2::Commit> = parent.iter().collect();
-    let commit = repo
-        .commit(None, &signature, &signature, &message, &tree, &parents)
-        .git_context(context)?;
-    for n in 1.. {
-        let name = if n == 1 {
-            format!("refs/app/rescue/{id}")
-        } else {
-            format!("refs/app/rescue/{id}-{n}")
-        };
-        match repo.reference(&name, commit, false, &message) {
-            Ok(_) => return Ok(Some((name, commit))),
-            Err(err) if err.code() == ErrorCode::Exists => continue,
-            Err(err) => return Err(Error::git(format!("creating {name}"), err)),
-        }
-    }
-    unreachable!("some rescue ref name is free")
-}
-
 /// Deletes local branch `branch` and its configuration section.
 ///
 /// libgit2's `git_branch_delete` is not used: its "checked out in a linked worktree" check
@@ -615,43 +562,6 @@ pub fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Why removing the worktree at `path` would lose work, or `None` when it would not. With
-/// `branch`, a HEAD elsewhere counts as work (its commits may exist nowhere else); without, a
-/// detached HEAD does.
-pub fn unsaved_work(path: &Path, branch: Option<&str>) -> Result<Option<String>> {
-    let repo =
-        Repository::open(path).git_context(|| format!("opening worktree {}", path.display()))?;
-    let head = repo.head().ok();
-    let on_branch = head.as_ref().is_some_and(|h| {
-        h.is_branch() && branch.is_none_or(|branch| h.shorthand().ok() == Some(branch))
-    });
-    if !on_branch {
-        return Ok(Some(match branch {
-            Some(branch) => format!(
-                "its HEAD is no longer on branch {branch} (commits there may exist nowhere else)"
-            ),
-            None => "its HEAD is on no branch (commits there may exist nowhere else)".into(),
-        }));
-    }
-    let mut options = StatusOptions::new();
-    options
-        .include_untracked(true)
-        .recurse_untracked_dirs(false)
-        .include_ignored(false)
-        .exclude_submodules(false);
-    let statuses = repo
-        .statuses(Some(&mut options))
-        .git_context(|| format!("reading the status of {}", path.display()))?;
-    if statuses.is_empty() {
-        return Ok(None);
-    }
-    let n = statuses.len();
-    Ok(Some(format!(
-        "{n} uncommitted or untracked change{}",
-        if n == 1 { "" } else { "s" }
-    )))
 }
 
 /// Retries a git operation that failed because another process holds one of git's lock files

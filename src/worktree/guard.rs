@@ -1,0 +1,267 @@
+//! The one guarded way to remove a worktree. Exit cleanup, `app ci`, start rollback, journal
+//! recovery and doctor all come here; nothing else deletes a worktree's files or git's
+//! records of it.
+//!
+//! Invariants, in the order [`remove`] checks them:
+//! - Only `.app/worktrees/<id>` is ever removed, and only while git's admin directory of it
+//!   (`.git/worktrees/<id>`) points back at it.
+//! - In use means removed never: a live process with its cwd, root, executable or a file
+//!   inside, a process started for it, or its recorded supervisor alive ([`crate::inuse`]).
+//!   The registry is not asked: it can be lost, this cannot.
+//! - A worktree locked with `git worktree lock`, or holding a nested repository or an
+//!   initialised submodule, needs its user: it is kept, with the command that resolves it.
+//! - Everything on disk that differs from HEAD is saved on `refs/app/rescue/<id>` first
+//!   ([`super::changes`]), or the worktree is kept ([`Keep::IfClean`]); only `--force`
+//!   discards.
+//! - An intent is written before the first destructive step; the working files go before
+//!   git's records of them, so a crash in between leaves a record whose directory is gone,
+//!   which [`forget_missing`] (doctor) finishes.
+
+use std::fs;
+use std::path::Path;
+
+use git2::Repository;
+
+use super::changes::{self, Changes};
+use crate::error::{Error, Result};
+use crate::inuse::{self, Scan};
+use crate::journal::{self, Intent, Operation};
+use crate::paths::AppPaths;
+use crate::sign::SigningKey;
+
+/// What may happen to what the worktree holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Remove only when it holds nothing beyond its HEAD (on the expected branch): the end of
+    /// an instance, whose branch carries its commits.
+    IfClean,
+    /// Save everything that differs on a rescue ref, then remove (doctor, `app ci`, journal
+    /// recovery).
+    Rescue,
+    /// Like `Rescue`, for undoing a start whose checkout may be half done: files missing from
+    /// the disk are not work.
+    RescueUndo,
+    /// `--force`: discard what it holds (still never while it is in use).
+    Discard,
+}
+
+/// The worktree to remove.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// Instance id: the directory and git's worktree name.
+    pub id: &'a str,
+    /// With [`Keep::IfClean`]: the branch its HEAD must be on (elsewhere counts as work).
+    pub branch: Option<&'a str>,
+}
+
+/// How a guarded removal ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// Removed; with the rescue ref when something was saved.
+    Removed {
+        /// `refs/app/rescue/<id>[-n]`, when work was saved.
+        rescued_to: Option<String>,
+    },
+    /// There was no worktree directory (git's dangling record of it, if any, is gone now).
+    Absent,
+    /// Kept; the text says why.
+    Kept {
+        /// Why, with what to do about it where that is the user's to do.
+        because: String,
+        /// Whether only the user can resolve it (locked, nested repository, unreadable).
+        needs_user: bool,
+    },
+}
+
+impl Removal {
+    fn kept(because: impl Into<String>) -> Removal {
+        Removal::Kept {
+            because: because.into(),
+            needs_user: false,
+        }
+    }
+
+    fn needs_user(because: impl Into<String>) -> Removal {
+        Removal::Kept {
+            because: because.into(),
+            needs_user: true,
+        }
+    }
+}
+
+/// Removes worktree `target.id` when that loses nothing and nobody uses it (see the module's
+/// invariants). `key` signs the intent.
+pub fn remove(
+    repo: &Repository,
+    paths: &AppPaths,
+    key: &SigningKey,
+    target: Target<'_>,
+    keep: Keep,
+) -> Result<Removal> {
+    let path = paths.worktree(target.id);
+    let admin = paths.git_worktree_admin(target.id);
+    if fs::symlink_metadata(&path).is_err() {
+        forget_missing(paths, target.id)?;
+        return Ok(Removal::Absent);
+    }
+    let users = inuse::worktree_users(&Scan::take(), &path, &admin);
+    if !users.is_empty() {
+        return Ok(Removal::kept(format!(
+            "in use by {}",
+            inuse::describe(&users)
+        )));
+    }
+    // A start that crashed before its checkout began leaves an empty directory: nothing to
+    // lose (rmdir refuses anything else).
+    if fs::remove_dir(&path).is_ok() {
+        forget_missing(paths, target.id)?;
+        return Ok(Removal::Absent);
+    }
+    let changes = match user_must_decide(paths, target.id) {
+        Ok(changes) => changes,
+        Err(because) => return Ok(Removal::needs_user(because)),
+    };
+    let changes = if keep == Keep::RescueUndo {
+        changes.without_deletions()
+    } else {
+        changes
+    };
+    let rescued_to = match keep {
+        Keep::IfClean => {
+            if let Some(reason) = unsaved_beyond_branch(repo, &changes, target.branch)? {
+                return Ok(Removal::kept(reason));
+            }
+            None
+        }
+        Keep::Rescue | Keep::RescueUndo => match work_reason(repo, &changes)? {
+            Some(reason) => Some(changes::rescue(repo, target.id, &path, &changes, &reason)?.0),
+            None => None,
+        },
+        Keep::Discard => None,
+    };
+    crate::fault::point("remove.rescued");
+
+    let mut intent = Intent::new(Operation::Remove, target.id);
+    intent.worktree = Some(path.clone());
+    journal::begin(paths, key, &intent)?;
+    // Asked again right before the files go: whoever came in meanwhile keeps them.
+    let users = inuse::worktree_users(&Scan::take(), &path, &admin);
+    if !users.is_empty() {
+        journal::end(paths, &intent)?;
+        return Ok(Removal::kept(format!(
+            "in use by {}",
+            inuse::describe(&users)
+        )));
+    }
+    fs::remove_dir_all(&path).map_err(|err| Error::io("removing", &path, err))?;
+    crate::fault::point("remove.files-removed");
+    forget_missing(paths, target.id)?;
+    journal::end(paths, &intent)?;
+    Ok(Removal::Removed { rescued_to })
+}
+
+/// What worktree `id` holds, or why only its user can decide what becomes of it: git does not
+/// record it as this worktree, it is locked with `git worktree lock`, it cannot be read, or it
+/// holds a repository of its own. The text says what to do.
+pub fn user_must_decide(paths: &AppPaths, id: &str) -> std::result::Result<Changes, String> {
+    let path = paths.worktree(id);
+    let admin = paths.git_worktree_admin(id);
+    if !points_back(&admin, &path) {
+        return Err(format!(
+            "{} is not a worktree git knows as {id}; look at it and move it out of .app/worktrees/ yourself",
+            path.display()
+        ));
+    }
+    if let Some(reason) = git_lock(&admin) {
+        return Err(format!(
+            "locked with 'git worktree lock' ({reason}); run 'git worktree unlock {}' to let app reclaim it",
+            path.display()
+        ));
+    }
+    let changes = Changes::read(&path).map_err(|err| {
+        format!(
+            "cannot read what it holds ({err}); look at it and move it out of .app/worktrees/ yourself"
+        )
+    })?;
+    if let Some(nested) = changes.nested.first() {
+        return Err(format!(
+            "it holds a repository of its own at {} (its history would go with the worktree); move it out (mv {} <somewhere>), then run 'app doctor --fix'",
+            nested.display(),
+            path.join(nested).display(),
+        ));
+    }
+    Ok(changes)
+}
+
+/// Removes git's record of worktree `id` when its directory (`.app/worktrees/<id>`) is gone,
+/// and only then. Records of worktrees elsewhere are not app's to judge.
+pub fn forget_missing(paths: &AppPaths, id: &str) -> Result<bool> {
+    let path = paths.worktree(id);
+    let admin = paths.git_worktree_admin(id);
+    if fs::symlink_metadata(&path).is_ok() || !admin.is_dir() {
+        return Ok(false);
+    }
+    // A record app made but never finished has no gitdir yet; any other must name our path.
+    if admin.join("gitdir").exists() && !points_back(&admin, &path) {
+        return Ok(false);
+    }
+    fs::remove_dir_all(&admin).map_err(|err| Error::io("removing", &admin, err))?;
+    Ok(true)
+}
+
+/// Whether git's admin directory `admin` records the worktree at `path`.
+fn points_back(admin: &Path, path: &Path) -> bool {
+    fs::read_to_string(admin.join("gitdir"))
+        .is_ok_and(|gitdir| Path::new(gitdir.trim()).parent() == Some(path))
+}
+
+/// The reason of a `git worktree lock`, when the worktree is locked by someone other than an
+/// unfinished checkout of app's own (which writes "initializing").
+fn git_lock(admin: &Path) -> Option<String> {
+    let reason = fs::read_to_string(admin.join("locked")).ok()?;
+    let reason = reason.trim();
+    (reason != super::CHECKOUT_LOCK_REASON).then(|| {
+        if reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            reason.to_string()
+        }
+    })
+}
+
+/// Why removing a worktree with `changes` loses something, for [`Keep::IfClean`]: any file,
+/// or a HEAD no longer on `branch` (commits there may exist nowhere else).
+fn unsaved_beyond_branch(
+    repo: &Repository,
+    changes: &Changes,
+    branch: Option<&str>,
+) -> Result<Option<String>> {
+    if changes.any_files() {
+        return Ok(Some(changes.summary()));
+    }
+    match (&changes.head_branch, branch) {
+        (Some(on), Some(want)) if on != want => Ok(Some(format!(
+            "its HEAD is no longer on branch {want} but on {on}"
+        ))),
+        (None, _) => work_reason(repo, changes),
+        _ => Ok(None),
+    }
+}
+
+/// Why removing the worktree loses something, whatever branch it is on: a changed file, or a
+/// detached HEAD no ref reaches.
+fn work_reason(repo: &Repository, changes: &Changes) -> Result<Option<String>> {
+    if changes.any_files() {
+        return Ok(Some(changes.summary()));
+    }
+    match changes.head {
+        Some(head)
+            if changes.head_branch.is_none() && !changes::reachable_from_refs(repo, head)? =>
+        {
+            Ok(Some(format!(
+                "its detached HEAD {head} is on no branch, tag or app ref"
+            )))
+        }
+        _ => Ok(None),
+    }
+}
