@@ -1200,19 +1200,15 @@ pub fn caller(snapshot: &Snapshot, cwd: &Path) -> Option<InstanceRecord> {
 }
 
 /// The holder of locks and reservations the caller takes: its instance, or outside any
-/// instance the parent process (the shell or script that ran `app`), so the hold ends with it.
+/// instance the process that called `app` (the shell or script, seen through the subshells of
+/// `tok=$(app lock acquire X)`: see [`process::caller`]), so the hold ends with it.
 pub fn caller_holder(snapshot: &Snapshot, cwd: &Path) -> Result<crate::lock::Holder> {
     if let Some(record) = caller(snapshot, cwd) {
         return Ok(crate::lock::Holder::instance(&record));
     }
-    let parent = nix::unistd::getppid().as_raw() as u32;
-    ProcessIdentity::of(parent)
+    process::caller()
         .map(crate::lock::Holder::process)
-        .ok_or_else(|| {
-            Error::Failed(format!(
-                "cannot read the identity of the parent process {parent}"
-            ))
-        })
+        .ok_or_else(|| Error::Failed("cannot read the identity of the calling process".into()))
 }
 
 /// The registered instance whose worktree contains `dir`, if any.

@@ -186,6 +186,26 @@ pub fn reap_orphans() {
     }
 }
 
+/// The process that called this one, seen through the subshells a shell forks for `$(...)`,
+/// a pipeline, or a loop or function body in one: those are copies of the shell (the same
+/// program with the same arguments, never exec'd) that end as soon as the command does, so
+/// whatever they hold would lapse at once. Walks up from the parent while the next ancestor
+/// runs the same program with the same arguments.
+pub fn caller() -> Option<ProcessIdentity> {
+    let same = |a: u32, b: u32| {
+        let exe = |pid: u32| fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let cmdline = |pid: u32| fs::read(format!("/proc/{pid}/cmdline")).ok();
+        exe(a).is_some() && exe(a) == exe(b) && cmdline(a) == cmdline(b)
+    };
+    let mut pid = nix::unistd::getppid().as_raw() as u32;
+    while let Some(parent) = read_stat(pid).map(|s| s.ppid).filter(|p| *p > 1)
+        && same(pid, parent)
+    {
+        pid = parent;
+    }
+    ProcessIdentity::of(pid)
+}
+
 /// The command name of `pid` (`/proc/<pid>/comm`), or "?".
 pub fn command_name(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -95,6 +95,41 @@ fn a_holder_killed_with_sigkill_loses_the_lock_to_the_next_acquirer() {
 }
 
 #[test]
+fn a_lock_taken_in_a_command_substitution_is_held_by_the_calling_shell() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    // For a $(...) that is more than one simple command, bash forks a subshell that runs
+    // `app` and ends at once; the shell that asked goes on.
+    let script = format!(
+        "take() {{ tok=$(\"$APP_BIN\" lock acquire db-schema || echo failed); }}\n\
+         for i in 1; do take; done\n\
+         echo \"$tok\" > {0}/token; echo $$ > {0}/shell\n\
+         sleep 300\n",
+        scratch.display()
+    );
+    let mut shell = repo.command("bash");
+    shell.args(["-c", &script]);
+    let shell = repo.spawn(shell);
+    wait_for(
+        "the shell to take the lock",
+        Duration::from_secs(30),
+        || scratch.join("shell").exists(),
+    );
+    assert_eq!(fs::read_to_string(scratch.join("token")).unwrap(), "1\n");
+    let pid = fs::read_to_string(scratch.join("shell")).unwrap();
+    let output = repo.run_app(&["lock", "acquire", "db-schema", "--timeout", "300ms"]);
+    assert_eq!(code(&output), 3, "still held: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("held by process {}", pid.trim())),
+        "the shell holds it: {}",
+        stderr(&output)
+    );
+    shell.kill_now();
+    let output = repo.run_app(&["lock", "acquire", "db-schema", "--timeout", "10s"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+}
+
+#[test]
 fn an_instance_holds_its_lock_beyond_the_call_and_loses_it_when_it_dies() {
     let repo = TestRepo::new();
     let run = repo.spawn_app(&[
