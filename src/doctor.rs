@@ -532,7 +532,7 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
 }
 
 /// Why an instance whose registration went stale must still be left alone, if it must.
-fn in_use(record: &InstanceRecord) -> Option<String> {
+pub(crate) fn in_use(record: &InstanceRecord) -> Option<String> {
     if record.host != process::hostname() {
         // Its pids mean nothing here; a stale heartbeat is all there is to go by.
         return None;
@@ -1330,7 +1330,7 @@ fn undo_start(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<St
 /// with `--force`; kept when in use or when only its user can decide), the branch is deleted
 /// only when it holds nothing beyond its base (or with `--force`), then it is unregistered.
 /// A kept worktree keeps its registration's branch entry too.
-fn reclaim(
+pub(crate) fn reclaim(
     paths: &AppPaths,
     options: &Options,
     id: &str,

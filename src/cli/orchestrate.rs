@@ -206,7 +206,9 @@ impl Live {
                 let _ = self.multi.println(describe(progress));
                 self.overall.inc(1);
             }
-            Progress::Conflict { .. } | Progress::Integrated { .. } => {
+            Progress::Reclaimed { .. }
+            | Progress::Conflict { .. }
+            | Progress::Integrated { .. } => {
                 let _ = self.multi.println(describe(progress));
             }
         }
@@ -270,6 +272,11 @@ fn describe(progress: &Progress) -> String {
             }
             line
         }
+        Progress::Reclaimed {
+            task,
+            instance,
+            done,
+        } => format!("{task}: reclaimed its dead attempt {instance}: {done}"),
         Progress::Skipped { task, because } => format!("{task}: skipped ({because})"),
         Progress::Conflict { a, b, files } => format!(
             "warning: tasks {a} and {b} both finished and would conflict in {}",

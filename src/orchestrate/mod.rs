@@ -13,7 +13,9 @@
 //!   The orchestrator sets the task's branch to that start; a branch that holds commits the
 //!   start does not is first saved under `refs/app/attempts/<run>/<task>/<n>`.
 //! - Run and task state is written to the database at every change, so after a crash
-//!   `--resume` reruns nothing that succeeded and restarts what was running.
+//!   `--resume` reruns nothing that succeeded and restarts what was running, after taking back
+//!   its dead attempts' worktrees through [`crate::doctor::reclaim`] (work saved, never
+//!   deleted). An attempt counts once its command started; instance ids are never reused.
 //! - The integration branch is only moved forward, and never while checked out anywhere.
 
 pub mod merge;
@@ -91,6 +93,15 @@ pub enum Progress {
         elapsed: Duration,
         /// Why it failed.
         detail: Option<String>,
+    },
+    /// A resume took back what a dead attempt left (its worktree, its registration).
+    Reclaimed {
+        /// Task id.
+        task: String,
+        /// The dead attempt's instance.
+        instance: String,
+        /// What was done, saved work first.
+        done: String,
     },
     /// A task will not run.
     Skipped {
@@ -274,19 +285,50 @@ pub fn resume(
         plan.max_concurrent = max.max(1);
     }
     let timing = Timing::from_env()?;
-    let registry = Registry::open_read_only(&paths)?;
     let mut rows = runtime.block_on(runs::tasks(&db, id))?;
+    // Everything is looked at before anything changes: an attempt whose command outlived its
+    // supervisor refuses the resume with nothing touched.
+    let mut leftovers = Vec::new();
+    for row in &rows {
+        if row.status == "succeeded" {
+            continue;
+        }
+        if let Some(instance) = &row.instance {
+            leftovers.push(survey(&paths, &runtime, &db, row, instance, timing)?);
+        }
+    }
+    // Starts and stops the dead attempts' `app run` left half-done are finished or undone
+    // first, as every `app run` does before it starts.
+    crate::doctor::recover_journal(&paths, timing)?;
+    let reclaim_options = crate::doctor::Options {
+        timing,
+        force: false,
+        db: options.db.clone(),
+    };
+    for leftover in &leftovers {
+        if leftover.live {
+            // An attempt the dead orchestrator left running is stopped before it is restarted.
+            let writer = Registry::open_for_write(&paths)?;
+            let _ = crate::instance::stop(&writer, &leftover.instance, TASK_STOP_TIMEOUT, timing);
+        }
+        if let Some(done) = reclaim_attempt(&paths, &reclaim_options, &leftover.instance)? {
+            report(Progress::Reclaimed {
+                task: leftover.task.clone(),
+                instance: leftover.instance.clone(),
+                done,
+            });
+        }
+    }
     for row in &mut rows {
         if row.status == "succeeded" {
             continue;
         }
-        // An attempt the dead orchestrator left running is stopped before it is restarted.
-        if let Some(instance) = &row.instance
-            && let Some(record) = registry.snapshot()?.instance(instance).cloned()
-            && record.liveness(timing.stale_after) == Liveness::Live
-        {
-            let writer = Registry::open_for_write(&paths)?;
-            let _ = crate::instance::stop(&writer, instance, TASK_STOP_TIMEOUT, timing);
+        let never_started = leftovers
+            .iter()
+            .any(|l| l.task == row.task_id && !l.started);
+        if row.status == "running" && never_started {
+            // The launch the crash cut short never ran its command: it used no attempt.
+            row.attempts = (row.attempts - 1).max(0);
         }
         row.status = "pending".into();
         row.detail = None;
@@ -300,6 +342,105 @@ pub fn resume(
     runtime.block_on(runs::update_run(&db, &run))?;
     let mut orchestrator = Orchestrator::new(&paths, plan, options, run, rows, (runtime, db))?;
     orchestrator.execute(stop, report)
+}
+
+/// A task's last attempt, as a resume finds it.
+struct Leftover {
+    task: String,
+    instance: String,
+    /// Its supervisor still runs (and heartbeats): it is stopped first.
+    live: bool,
+    /// It got as far as starting its command.
+    started: bool,
+}
+
+/// Looks at the last attempt of `row`, instance `instance`: whether it still runs, and whether
+/// it ever started its command. An attempt whose supervisor is dead but whose command still
+/// runs is an error (exit 3): nothing may take its worktree from under it.
+fn survey(
+    paths: &AppPaths,
+    runtime: &tokio::runtime::Runtime,
+    db: &Db,
+    row: &TaskRow,
+    instance: &str,
+    timing: Timing,
+) -> Result<Leftover> {
+    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+    let record = snapshot.instance(instance).cloned();
+    let live = record
+        .as_ref()
+        .is_some_and(|r| r.liveness(timing.stale_after) == Liveness::Live);
+    if !live
+        && let Some(record) = &record
+        && let Some(why) = crate::doctor::in_use(record)
+    {
+        return Err(Error::Busy(format!(
+            "task {:?}: its attempt {instance} is dead but {why}; stop that process, then resume again",
+            row.task_id
+        )));
+    }
+    let started = match &record {
+        // The registry is written before the command starts and after it has started.
+        Some(record) => record.child_pid.is_some(),
+        // Unregistered: it either never registered or ran to its end, and its mirror in the
+        // database says which (a registration that never started its command stays `starting`).
+        None => runtime
+            .block_on(db::instances::history(db, paths.repo_root(), instance))?
+            .iter()
+            .any(|r| r.status != "starting"),
+    };
+    Ok(Leftover {
+        task: row.task_id.clone(),
+        instance: instance.to_string(),
+        live,
+        started,
+    })
+}
+
+/// Reclaims what the dead attempt `instance` left (through [`crate::doctor::reclaim`], the
+/// path every reclaim takes: uncommitted work saved on `refs/app/rescue/<instance>`, the
+/// worktree removed, the registration dropped, the task branch kept). `None` when it left
+/// nothing, or when it is still alive (then its worktree is not touched).
+fn reclaim_attempt(
+    paths: &AppPaths,
+    options: &crate::doctor::Options,
+    instance: &str,
+) -> Result<Option<String>> {
+    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+    if let Some(record) = snapshot.instance(instance) {
+        if record.liveness(options.timing.stale_after) == Liveness::Live {
+            return Err(Error::Busy(format!(
+                "attempt {instance} still runs (pid {}) after being asked to stop; stop it with 'app instance stop {instance}', then resume again",
+                record.pid
+            )));
+        }
+        if let Some(why) = crate::doctor::in_use(record) {
+            return Err(Error::Busy(format!(
+                "attempt {instance} is dead but {why}; stop that process, then resume again"
+            )));
+        }
+        let done = crate::doctor::reclaim(
+            paths,
+            options,
+            instance,
+            record.worktree.as_deref(),
+            record.branch.as_deref(),
+        )?;
+        return Ok(Some(done));
+    }
+    // Unregistered, yet its worktree may remain: `app run` keeps a worktree holding
+    // uncommitted work, and a crash can leave one behind.
+    let path = paths.worktree(instance);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let branch = Repository::open(&path).ok().and_then(|wt| {
+        wt.head()
+            .ok()
+            .filter(|head| head.is_branch())
+            .and_then(|head| head.shorthand().ok().map(str::to_string))
+    });
+    crate::doctor::reclaim(paths, options, instance, Some(&path), branch.as_deref()).map(Some)
 }
 
 /// Signals received by the orchestrator: the first stops starting tasks and asks the running
@@ -558,21 +699,24 @@ impl Orchestrator {
         report: &mut dyn FnMut(Progress),
     ) -> Result<()> {
         let attempt = self.rows[&task.id].attempts + 1;
+        // Instance ids are never used twice, also after a resume took back a launch that never
+        // started its command (and so is not counted as an attempt).
+        let suffix = self.run.id.rsplit('-').next().unwrap_or("run").to_string();
+        let prefix = format!("{suffix}-{}-", task.id);
+        let launched = self.rows[&task.id]
+            .instance
+            .as_deref()
+            .and_then(|last| last.strip_prefix(&prefix))
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or(0);
+        let launch = attempt.max(launched + 1);
         let now = Timestamp::now().to_string();
         let log = self.paths.task_log(&self.run.id, &task.id);
-        {
-            let row = self.rows.get_mut(&task.id).expect("every task has a row");
-            row.attempts = attempt;
-            row.started_at = Some(now.clone());
-            row.finished_at = None;
-            row.exit_code = None;
-            row.detail = None;
-            row.log_path = Some(log.display().to_string());
-        }
-        *self.tries.entry(task.id.clone()).or_default() += 1;
-        if let Err(detail) = self.set_start_point(task, attempt)? {
+        if let Err(detail) = self.set_start_point(task, launch - 1)? {
+            // Its command never starts: no attempt is used.
             let row = self.rows.get_mut(&task.id).expect("every task has a row");
             row.status = "failed".into();
+            row.exit_code = None;
             row.detail = Some(detail.clone());
             row.finished_at = Some(now);
             let row = row.clone();
@@ -586,8 +730,17 @@ impl Orchestrator {
             });
             return Ok(());
         }
-        let suffix = self.run.id.rsplit('-').next().unwrap_or("run");
-        let instance = format!("{suffix}-{}-{attempt}", task.id);
+        {
+            let row = self.rows.get_mut(&task.id).expect("every task has a row");
+            row.attempts = attempt;
+            row.started_at = Some(now.clone());
+            row.finished_at = None;
+            row.exit_code = None;
+            row.detail = None;
+            row.log_path = Some(log.display().to_string());
+        }
+        *self.tries.entry(task.id.clone()).or_default() += 1;
+        let instance = format!("{prefix}{launch}");
         let output = open_log(&log, attempt, &task.argv)?;
         let mut command = Command::new(&self.exe);
         if let Some(db) = &self.options.db {
@@ -680,12 +833,13 @@ impl Orchestrator {
         argv
     }
 
-    /// Points the task's branch at its start: the base with its dependencies merged in.
-    /// `Ok(Err(why))` when that cannot be done (a conflict, a checked-out branch).
+    /// Points the task's branch at its start: the base with its dependencies merged in; work
+    /// of the launch before (number `previous`) is kept. `Ok(Err(why))` when that cannot be
+    /// done (a conflict, a checked-out branch).
     fn set_start_point(
         &self,
         task: &Task,
-        attempt: i64,
+        previous: i64,
     ) -> Result<std::result::Result<(), String>> {
         let base =
             Oid::from_str(&self.plan.base).git_context(|| "reading the plan's base".into())?;
@@ -729,12 +883,7 @@ impl Orchestrator {
             && !self.repo.graph_descendant_of(start, tip).unwrap_or(false)
         {
             // An earlier attempt's commits are kept, never dropped by the reset below.
-            let keep = format!(
-                "refs/app/attempts/{}/{}/{}",
-                self.run.id,
-                task.id,
-                attempt - 1
-            );
+            let keep = format!("refs/app/attempts/{}/{}/{previous}", self.run.id, task.id);
             self.repo
                 .reference(
                     &keep,

@@ -458,3 +458,273 @@ fn fail_fast_cancels_the_rest_and_logs_can_be_followed() {
     );
     assert!(repo.instances().is_empty());
 }
+
+/// The run's tasks by id, as `app runs show --json` reports them.
+fn run_tasks(repo: &TestRepo, id: &str) -> std::collections::HashMap<String, Value> {
+    let shown = repo.run_app(&["runs", "show", id, "--json"]);
+    assert_eq!(code(&shown), 0, "{}", stderr(&shown));
+    let value: Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    value["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task_id"].as_str().unwrap().to_string(), t.clone()))
+        .collect()
+}
+
+/// The id of the only run of `repo`, once it is recorded.
+fn only_run(repo: &TestRepo) -> String {
+    let mut id = String::new();
+    wait_for("the run to be recorded", Duration::from_secs(30), || {
+        let list = repo.run_app(&["runs", "list", "--json"]);
+        let runs: Value = serde_json::from_str(&stdout(&list)).unwrap_or(Value::Null);
+        match runs[0]["id"].as_str() {
+            Some(found) => {
+                id = found.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    id
+}
+
+/// Pids of the children of `parent`, read from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        if after.split_whitespace().nth(1) == Some(&parent.to_string()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// SIGKILLs the orchestrator's process group and every `app run` it started with all their
+/// processes, as a reboot would, and waits until none of them runs any more. The registered
+/// ones are found through `app instance list` (ID:PID) and their records' command pids.
+fn kill_everything(repo: &TestRepo, orchestrator: crate::support::Running) {
+    let mut pids = Vec::new();
+    let list = repo.run_app(&["instance", "list"]);
+    for line in stdout(&list).lines() {
+        pids.extend(
+            line.split_whitespace()
+                .next()
+                .and_then(|id_pid| id_pid.rsplit(':').next())
+                .and_then(|pid| pid.parse::<u32>().ok()),
+        );
+    }
+    for record in repo.instances() {
+        pids.extend(record.child_pid);
+    }
+    kill_run(orchestrator, pids);
+}
+
+/// SIGKILLs the orchestrator's process group, the process group of each of its children (every
+/// `app run` leads one, its command inside), their children and `more`, then waits until none
+/// of them runs any more.
+fn kill_run(orchestrator: crate::support::Running, more: Vec<u32>) {
+    let groups = children_of(orchestrator.pid());
+    let mut pids = more;
+    pids.extend(&groups);
+    for &pid in &groups {
+        pids.extend(children_of(pid));
+    }
+    let _ = orchestrator.kill_now();
+    for &group in &groups {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group as i32), Signal::SIGKILL);
+    }
+    for &pid in &pids {
+        kill(pid, Signal::SIGKILL);
+    }
+    wait_for(
+        "every killed process to be gone",
+        Duration::from_secs(30),
+        || {
+            pids.iter()
+                .all(|&pid| app::process::start_time(pid).is_none())
+        },
+    );
+}
+
+#[test]
+fn a_resume_after_everything_was_killed_reclaims_dead_attempts_and_finishes() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    let s = scratch.display();
+    // A slow task leaves uncommitted work in its worktree and sleeps, until it is resumed.
+    let slow = |id: &str| {
+        format!(
+            "echo {id} >> {s}/ran; if [ -f {s}/resumed ]; then {}; exit 0; fi; \
+             echo unsaved > unsaved-{id}.txt; touch {s}/waiting-{id}; exec sleep 30",
+            commit(&format!("{id}.txt"), id)
+        )
+    };
+    let plan = write_plan(
+        &repo,
+        "reboot",
+        &json!({
+            "name": "reboot",
+            "max_concurrent": 3,
+            "integration": "merged",
+            "tasks": [
+                {"id": "quick", "command": format!("echo quick >> {s}/ran && {}", commit("quick.txt", "q"))},
+                {"id": "slow1", "command": slow("slow1")},
+                {"id": "slow2", "command": slow("slow2"), "retries": 1},
+                {"id": "after", "depends_on": ["quick", "slow1"],
+                 "command": format!("echo after >> {s}/ran && {}", commit("after.txt", "a"))},
+            ]
+        }),
+    );
+    let running = repo.spawn(repo.app(&[
+        "orchestrate",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]));
+    let id = only_run(&repo);
+    wait_for(
+        "the slow tasks to run and quick to succeed",
+        Duration::from_secs(60),
+        || {
+            scratch.join("waiting-slow1").exists()
+                && scratch.join("waiting-slow2").exists()
+                && run_tasks(&repo, &id)["quick"]["status"] == "succeeded"
+        },
+    );
+    let before = run_tasks(&repo, &id);
+    let dead_attempt = before["slow1"]["instance"].as_str().unwrap().to_string();
+    assert!(
+        repo.state_dir()
+            .join("worktrees")
+            .join(&dead_attempt)
+            .exists()
+    );
+    kill_everything(&repo, running);
+    assert!(
+        !repo.branches().contains(&"merged".to_string()),
+        "the integration branch moved before the run ended"
+    );
+
+    fs::write(scratch.join("resumed"), "").unwrap();
+    let output = repo.run_app(&["orchestrate", "--resume", &id, "--json"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let (run, tasks) = summary(&output);
+    assert_eq!(run["status"], "succeeded", "{}", stderr(&output));
+    for (task, attempts) in [("quick", 1), ("slow1", 2), ("slow2", 2), ("after", 1)] {
+        assert_eq!(
+            tasks[task]["status"], "succeeded",
+            "{task}: {:?}",
+            tasks[task]
+        );
+        assert_eq!(
+            tasks[task]["attempts"], attempts,
+            "{task}: {:?}",
+            tasks[task]
+        );
+    }
+    // What succeeded did not run again; the killed tasks ran again.
+    let ran = fs::read_to_string(scratch.join("ran")).unwrap();
+    for (task, times) in [("quick", 1), ("slow1", 2), ("slow2", 2), ("after", 1)] {
+        assert_eq!(
+            ran.lines().filter(|l| *l == task).count(),
+            times,
+            "{task}: {ran}"
+        );
+    }
+    // The dead attempt's uncommitted work was saved before its worktree was removed.
+    assert!(
+        stderr(&output).contains(&format!("reclaimed its dead attempt {dead_attempt}")),
+        "{}",
+        stderr(&output)
+    );
+    let rescue = format!("refs/app/rescue/{dead_attempt}");
+    assert_eq!(
+        repo.git(&["show", &format!("{rescue}:unsaved-slow1.txt")]),
+        "unsaved\n"
+    );
+    assert!(
+        !repo
+            .state_dir()
+            .join("worktrees")
+            .join(&dead_attempt)
+            .exists()
+    );
+    // The integration branch moved once, at the end, with every task's work.
+    for file in ["quick.txt", "slow1.txt", "slow2.txt", "after.txt"] {
+        repo.git(&["cat-file", "-e", &format!("merged:{file}")]);
+    }
+    let moves = repo.git(&["reflog", "show", "--format=%H", "refs/heads/merged"]);
+    assert_eq!(moves.lines().count(), 1, "{moves}");
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn a_resume_does_not_count_attempts_that_never_started_their_command() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    let s = scratch.display();
+    // .app/ and its exclude line exist, so holding the registry lock stops every `app run`
+    // before it registers, let alone starts its command.
+    let first = repo.run_app(&["run", "--", "true"]);
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    let paths = app::paths::AppPaths::discover(repo.root()).unwrap();
+    let held = app::state::lock_exclusive(&paths.registry_lock()).unwrap();
+    let plan = write_plan(
+        &repo,
+        "blocked",
+        &json!({
+            "name": "blocked",
+            "tasks": [
+                {"id": "one", "command": format!("echo one >> {s}/ran && {}", commit("one.txt", "1"))},
+                {"id": "two", "command": format!("echo two >> {s}/ran && {}", commit("two.txt", "2"))},
+            ]
+        }),
+    );
+    let running = repo.spawn(repo.app(&[
+        "orchestrate",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]));
+    let id = only_run(&repo);
+    let mut before = Default::default();
+    wait_for(
+        "both attempts to be launched",
+        Duration::from_secs(30),
+        || {
+            before = run_tasks(&repo, &id);
+            before.values().all(|t| t["status"] == "running")
+        },
+    );
+    // The registry is locked (by this test): no `app instance list`, only the process tree.
+    kill_run(running, Vec::new());
+    drop(held);
+    assert!(!scratch.join("ran").exists(), "a command ran");
+
+    let output = repo.run_app(&["orchestrate", "--resume", &id, "--json"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let (run, tasks) = summary(&output);
+    assert_eq!(run["status"], "succeeded");
+    for task in ["one", "two"] {
+        assert_eq!(tasks[task]["status"], "succeeded", "{:?}", tasks[task]);
+        // The launch that never ran its command is not an attempt...
+        assert_eq!(tasks[task]["attempts"], 1, "{:?}", tasks[task]);
+        // ...but its instance id is not used again.
+        assert_ne!(tasks[task]["instance"], before[task]["instance"]);
+    }
+    let ran = fs::read_to_string(scratch.join("ran")).unwrap();
+    assert_eq!(ran.lines().count(), 2, "{ran}");
+    assert!(repo.instances().is_empty());
+}
