@@ -23,6 +23,9 @@
 //!     .mutex                   flock taken around every lock and reservation change
 //! ```
 //!
+//! `.app` (or the directory a `.app` symlink names) is only used when it is a directory the
+//! current user owns, and is kept at 0700 ([`AppPaths::ensure_state_dir`]).
+//!
 //! The repo root is found through git's *common* directory, so every path is the same whether
 //! `app` runs in the main worktree, in a subdirectory, or inside an instance's worktree.
 
@@ -233,11 +236,75 @@ impl AppPaths {
 
     /// Creates `.app/` (0700) and `worktrees/`, and lists `.app/` in `.git/info/exclude`.
     ///
-    /// Safe to call from many processes at once.
+    /// An existing `.app/` (or the directory a `.app` symlink names) must pass
+    /// [`AppPaths::check_state_dir`]; looser than 0700, it is tightened to 0700. Safe to call
+    /// from many processes at once.
     pub fn ensure_state_dir(&self) -> Result<()> {
-        // Creating worktrees/ creates .app/ with it, both 0700.
+        use std::os::unix::fs::PermissionsExt;
+        let meta = match self.check_state_dir()? {
+            Some(meta) => meta,
+            None => {
+                // Creating worktrees/ creates .app/ with it, both 0700. Another process may
+                // make .app at the same moment: check what is there now either way.
+                state::create_private_dir_all(&self.worktrees_dir())?;
+                self.check_state_dir()?.ok_or_else(|| {
+                    Error::Failed(format!(
+                        "{} vanished as it was made",
+                        self.state_dir.display()
+                    ))
+                })?
+            }
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(&self.state_dir, fs::Permissions::from_mode(0o700))
+                .io_context("making private", &self.state_dir)?;
+        }
         state::create_private_dir_all(&self.worktrees_dir())?;
         self.ensure_excluded()
+    }
+
+    /// Checks that `.app`, when it exists, is a directory (itself, or where its symlink points)
+    /// that the current user owns: anything else (a file, a dangling symlink, someone else's
+    /// directory) is bad input. Returns the directory's metadata, `None` when there is no
+    /// `.app`. Changes nothing.
+    pub fn check_state_dir(&self) -> Result<Option<fs::Metadata>> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = &self.state_dir;
+        let link = match fs::symlink_metadata(dir) {
+            Ok(link) => link,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(Error::io("reading", dir, err)),
+        };
+        let named = if link.file_type().is_symlink() {
+            let target = fs::read_link(dir).io_context("reading the symlink", dir)?;
+            format!("{} (a symlink to {})", dir.display(), target.display())
+        } else {
+            dir.display().to_string()
+        };
+        let meta = match fs::metadata(dir) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::bad_input(format!(
+                    "{named} names nothing; app keeps its state in .app/: point the symlink at a directory of yours, or remove it"
+                )));
+            }
+            Err(err) => return Err(Error::io("reading", dir, err)),
+        };
+        if !meta.is_dir() {
+            return Err(Error::bad_input(format!(
+                "{named} is not a directory; app keeps its state in a directory .app/ at the repository root: move that file away (e.g. 'mv .app .app.orig') and run again"
+            )));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(Error::bad_input(format!(
+                "{named} is owned by uid {}{}, not by you (uid {me}{}); app keeps private state there (its key, the registries) and uses only a directory of your own: run app as that user, or have the directory removed (by its owner or root) so app makes a new one",
+                meta.uid(),
+                user_name(meta.uid()),
+                user_name(me),
+            )));
+        }
+        Ok(Some(meta))
     }
 
     /// Adds `/.app/` to `.git/info/exclude` unless a line already names it.
@@ -281,6 +348,15 @@ impl AppPaths {
         Ok(())
     }
 }
+/// " (name)" of user `uid`, or nothing when it has no name here.
+fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| format!(" ({})", user.name))
+        .unwrap_or_default()
+}
+
 /// `file` (absolute, or relative to `cwd`) as a `/`-separated path relative to `root`.
 pub fn relative_to(root: &Path, cwd: &Path, file: &str) -> Result<String> {
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());

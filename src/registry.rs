@@ -365,8 +365,10 @@ impl Registry {
         })
     }
 
-    /// Opens the registries for reading only: creates nothing.
+    /// Opens the registries for reading only: creates nothing. A `.app` that is not a
+    /// directory of the current user's is refused ([`AppPaths::check_state_dir`]).
     pub fn open_read_only(paths: &AppPaths) -> Result<Self> {
+        paths.check_state_dir()?;
         let key = if paths.state_dir().is_dir() {
             SigningKey::load(paths, false)?
         } else {

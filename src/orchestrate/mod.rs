@@ -203,6 +203,9 @@ pub fn start(
     stop: &StopFlag,
     report: &mut dyn FnMut(Progress),
 ) -> Result<Summary> {
+    // Task logs live in .app/: a state directory app cannot use stops the run before it is
+    // recorded.
+    paths.ensure_state_dir()?;
     let runtime = db::runtime()?;
     let db = runtime.block_on(Db::open_default(options.db.as_deref()))?;
     let me = ProcessIdentity::current();
@@ -250,6 +253,7 @@ pub fn resume(
     report: &mut dyn FnMut(Progress),
 ) -> Result<Summary> {
     let paths = AppPaths::discover(cwd)?;
+    paths.ensure_state_dir()?;
     let runtime = db::runtime()?;
     let db = runtime.block_on(Db::open_default(options.db.as_deref()))?;
     let Some(mut run) = runtime.block_on(runs::get(&db, id))? else {

@@ -570,3 +570,115 @@ fn port_leases_are_disjoint_exported_and_skip_busy_ports() {
     let bad = repo.run_app(&["run", "--ports", "0", "--", "true"]);
     assert_eq!(code(&bad), 2, "{}", stderr(&bad));
 }
+
+/// The mode bits of `path`, following a symlink.
+fn mode_of(path: &std::path::Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn a_loose_state_dir_is_made_private_also_through_a_symlink() {
+    // A .app/ made by hand (or by an older app) with loose modes.
+    for mode in [0o755, 0o777] {
+        let repo = TestRepo::new();
+        fs::create_dir(repo.state_dir()).unwrap();
+        fs::set_permissions(repo.state_dir(), fs::Permissions::from_mode(mode)).unwrap();
+        let output = repo.run_app(&["run", "--", "true"]);
+        assert_eq!(code(&output), 0, "{mode:o}: {}", stderr(&output));
+        assert_eq!(mode_of(&repo.state_dir()), 0o700, "from {mode:o}");
+    }
+    // .app as a symlink to a loose directory: the directory it names is tightened.
+    let repo = TestRepo::new();
+    let target = repo.scratch().join("state");
+    fs::create_dir(&target).unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(&target, repo.state_dir()).unwrap();
+    let output = repo.run_app(&["lock", "run", "x", "--", "true"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(mode_of(&target), 0o700);
+    assert!(
+        fs::symlink_metadata(repo.state_dir())
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+#[test]
+fn a_state_dir_someone_else_owns_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        let message =
+            "STATE DIRECTORY OWNER TEST SKIPPED: only root can make a directory another user owns";
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{message} (required under CI)"
+        );
+        eprintln!("\n!!! {message}\n");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let nobody = 65534;
+    let repo = TestRepo::new();
+    // Directly, and through a symlink to someone else's directory.
+    let theirs = repo.scratch().join("theirs");
+    for (link, dir) in [(false, repo.state_dir()), (true, theirs.clone())] {
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(nobody), Some(nobody)).unwrap();
+        if link {
+            fs::remove_dir(repo.state_dir()).unwrap();
+            std::os::unix::fs::symlink(&dir, repo.state_dir()).unwrap();
+        }
+        for args in [
+            &["run", "--", "true"][..],
+            &["lock", "run", "x", "--", "true"],
+        ] {
+            let output = repo.run_app(args);
+            assert_eq!(code(&output), 2, "{args:?}: {}", stderr(&output));
+            let text = stderr(&output);
+            assert!(
+                text.contains("owned by uid 65534") && text.contains(".app"),
+                "{text}"
+            );
+            // Nothing changed: not its mode, not its owner, nothing created in it.
+            let meta = fs::metadata(&dir).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o777);
+            assert_eq!(meta.uid(), nobody);
+            let created: Vec<_> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert!(created.is_empty(), "{args:?} created {created:?}");
+        }
+    }
+}
+
+#[test]
+fn a_state_dir_that_is_a_file_is_a_clear_error() {
+    let repo = TestRepo::new();
+    fs::write(repo.state_dir(), "not a directory\n").unwrap();
+    let plan = repo.scratch().join("plan.json");
+    fs::write(
+        &plan,
+        r#"{"name": "p", "tasks": [{"id": "a", "command": "true"}]}"#,
+    )
+    .unwrap();
+    for args in [
+        &["run", "--", "true"][..],
+        &["lock", "run", "x", "--", "true"],
+        &["orchestrate", "--plan", plan.to_str().unwrap()],
+    ] {
+        let output = repo.run_app(args);
+        assert_eq!(code(&output), 2, "{args:?}: {}", stderr(&output));
+        let text = stderr(&output);
+        assert!(
+            text.contains(".app") && text.contains("not a directory"),
+            "{args:?}: {text}"
+        );
+        assert_eq!(
+            fs::read_to_string(repo.state_dir()).unwrap(),
+            "not a directory\n"
+        );
+    }
+    assert_eq!(repo.branches(), vec!["main".to_string()]);
+}
