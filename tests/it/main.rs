@@ -15,3 +15,4 @@ mod orchestrate;
 mod registry;
 mod run;
 mod support;
+mod torture;
