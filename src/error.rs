@@ -94,7 +94,7 @@ pub enum Error {
     },
 
     /// A state file could not be parsed.
-    #[error("{} is not valid JSON ({source}); move it aside or run 'app doctor'", path.display())]
+    #[error("{} is not valid JSON ({source}); run 'app doctor --fix' to move it aside (kept for you to read; running instances register again)", path.display())]
     Corrupt {
         /// The file.
         path: PathBuf,

@@ -102,7 +102,7 @@ pub(super) fn ci(args: CiArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
     if let Some(cleanup) = &outcome.cleanup {
         if let Some(rescued) = &cleanup.rescued_to {
             eprintln!(
-                "app: uncommitted work of the job was saved on {rescued} before its worktree was removed"
+                "app: what the job left (changed files or commits on its detached HEAD) was saved on {rescued} before its worktree was removed"
             );
         }
         if let (Some(reason), Some(branch)) = (&cleanup.branch_kept_because, &outcome.branch) {
