@@ -287,7 +287,7 @@ impl Problem {
                     "git still lists worktree {name} ({}) whose directory is gone",
                     admin.display()
                 ),
-                "remove git's record of this one worktree".into(),
+                "remove git's record of this one worktree (a detached HEAD in it is kept on refs/app/rescue/); if you moved the directory yourself, run 'git worktree repair <new path>' instead".into(),
             ),
             Problem::IdleBranch { branch } => (
                 "idle-branch",

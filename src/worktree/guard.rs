@@ -205,6 +205,23 @@ pub fn forget_missing(paths: &AppPaths, id: &str) -> Result<bool> {
     if admin.join("gitdir").exists() && !points_back(&admin, &path) {
         return Ok(false);
     }
+    // The record holds the worktree's HEAD: a detached one (the directory may have been
+    // moved, not deleted) must stay reachable once the record goes.
+    let head = fs::read_to_string(admin.join("HEAD")).unwrap_or_default();
+    if let Ok(oid) = head.trim().parse::<git2::Oid>()
+        && let Ok(repo) = Repository::open(paths.git_common_dir())
+        && repo.find_commit(oid).is_ok()
+        && !changes::reachable_from_refs(&repo, oid)?
+    {
+        let name = format!("refs/app/rescue/{id}-head-{}", &oid.to_string()[..12]);
+        repo.reference(
+            &name,
+            oid,
+            true,
+            "app: the detached HEAD of a worktree whose directory is gone",
+        )
+        .map_err(|err| Error::git(format!("creating {name}"), err))?;
+    }
     fs::remove_dir_all(&admin).map_err(|err| Error::io("removing", &admin, err))?;
     Ok(true)
 }

@@ -477,3 +477,23 @@ fn an_app_file_in_place_of_the_state_directory_is_reported() {
         "not a directory"
     );
 }
+
+#[test]
+fn a_worktree_moved_away_by_hand_keeps_its_detached_commits() {
+    let repo = TestRepo::new();
+    let made = repo.scratch().join("made");
+    kill_with(
+        &repo,
+        "moved",
+        &format!(
+            "git checkout -q --detach && echo x > x && git add x && git commit -qm x && git rev-parse HEAD > {}",
+            made.display()
+        ),
+    );
+    fs::rename(worktree(&repo, "moved"), repo.scratch().join("moved")).unwrap();
+    let fixed = doctor_fix(&repo);
+    assert_eq!(code(&fixed), 0, "{}", stdout(&fixed));
+    repo.git(&["gc", "-q", "--prune=now"]);
+    let made = fs::read_to_string(&made).unwrap();
+    repo.git(&["cat-file", "-e", made.trim()]);
+}
