@@ -1205,9 +1205,16 @@ pub fn recover(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<S
                     id: &intent.instance,
                     branch: None,
                 };
+                // The intent is written after the rescue: what it saved is safe, and files
+                // missing now are the half-done removal's, not work.
+                let keep = if options.force {
+                    Keep::Discard
+                } else {
+                    Keep::RescueUndo
+                };
                 describe_removal(
                     &paths.worktree(&intent.instance),
-                    worktree::remove(&repo, paths, &key, target, keep(options))?,
+                    worktree::remove(&repo, paths, &key, target, keep)?,
                 )
             } else {
                 "nothing of app's to finish".into()

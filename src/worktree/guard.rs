@@ -153,7 +153,13 @@ pub fn remove(
             inuse::describe(&users)
         )));
     }
-    fs::remove_dir_all(&path).map_err(|err| Error::io("removing", &path, err))?;
+    match fs::remove_dir_all(&path) {
+        // Someone else finished the same removal meanwhile.
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io("removing", &path, err));
+        }
+        _ => {}
+    }
     crate::fault::point("remove.files-removed");
     forget_missing(paths, target.id)?;
     journal::end(paths, &intent)?;
@@ -222,8 +228,12 @@ pub fn forget_missing(paths: &AppPaths, id: &str) -> Result<bool> {
         )
         .map_err(|err| Error::git(format!("creating {name}"), err))?;
     }
-    fs::remove_dir_all(&admin).map_err(|err| Error::io("removing", &admin, err))?;
-    Ok(true)
+    match fs::remove_dir_all(&admin) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("removing", &admin, err))
+        }
+        _ => Ok(true),
+    }
 }
 
 /// Whether git's admin directory `admin` records the worktree at `path`.

@@ -210,7 +210,7 @@ fn round(rng: &mut Rng, number: u64) {
     let chaos_until = Instant::now() + Duration::from_millis(300 + rng.below(700));
     while Instant::now() < chaos_until {
         std::thread::sleep(rng.millis(120));
-        match rng.below(8) {
+        match rng.below(9) {
             0 => {
                 let victim = &mut instances[rng.below(count as u64) as usize];
                 crate::support::kill(victim.running.pid(), Signal::SIGKILL);
@@ -235,6 +235,12 @@ fn round(rng: &mut Rng, number: u64) {
             }
             5 => {
                 let _ = fs::remove_file(repo.state_dir().join("process_registry.json"));
+            }
+            6 => {
+                // A doctor killed half-way: its intents are for the next one to finish.
+                let doctor = repo.spawn(repo.app(&["doctor", "--fix"]));
+                std::thread::sleep(rng.millis(150));
+                doctor.kill_now();
             }
             _ => {
                 // Only instances nobody signalled are certainly alive until the doctor ends.
