@@ -166,8 +166,12 @@ impl ControlServer {
             return 0;
         }
         self.shared.signal_children(Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while self.running() > 0 && Instant::now() < deadline && !forced() {
+        // A grace past what an Instant can hold never runs out.
+        let deadline = Instant::now().checked_add(grace);
+        while self.running() > 0
+            && deadline.is_none_or(|deadline| Instant::now() < deadline)
+            && !forced()
+        {
             thread::sleep(Duration::from_millis(20));
         }
         let left = self.running();

@@ -77,6 +77,11 @@ pub(super) fn parse_duration(text: &str) -> std::result::Result<Duration, String
     config::parse_duration(text).map_err(|err| err.to_string())
 }
 
+/// A `--ttl` value: a duration of at most [`config::MAX_TTL`].
+pub(super) fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
+    config::parse_ttl(text).map_err(|err| err.to_string())
+}
+
 pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
     let timing = Timing::from_env()?;
     if let InstanceCommand::List(args) = &command

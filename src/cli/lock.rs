@@ -32,8 +32,8 @@ pub enum LockCommand {
         /// Give up after DUR (exit 3); default: wait as long as it takes.
         #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
         timeout: Option<Duration>,
-        /// Let the hold run out by itself after DUR.
-        #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+        /// Let the hold run out by itself after DUR (at most 365d).
+        #[arg(long, value_name = "DUR", value_parser = super::instance::parse_ttl)]
         ttl: Option<Duration>,
     },
     /// Release a lock the caller holds.
