@@ -156,6 +156,15 @@ pub struct Plan {
 /// Default cap on tasks running at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 4;
 
+/// The longest command argument or `KEY=VALUE` environment entry, in bytes: the kernel's
+/// limit per string (`MAX_ARG_STRLEN`, 128 KiB) less its terminating NUL.
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+
+/// The most bytes a task's arguments and environment entries may take together (each with its
+/// NUL): well under the kernel's usual 2 MiB for everything `exec` passes, since the task's
+/// `app run` also inherits the orchestrator's environment.
+pub const MAX_EXEC_BYTES: usize = 1024 * 1024;
+
 /// The language a plan file is written in: TOML for a `.toml` file, JSON otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -343,6 +352,7 @@ impl Plan {
                     return Err(fail(format!("env: {key:?} is not a variable name")));
                 }
             }
+            check_exec_strings(&spec.command, &spec.env).map_err(fail)?;
             tasks.push(Task {
                 id: spec.id.clone(),
                 argv: spec.command.argv(),
@@ -475,6 +485,47 @@ impl Plan {
     }
 }
 
+/// Checks that `exec` can pass a task's command and environment: no NUL byte (a C string ends
+/// there, so spawning fails), no string over [`MAX_ARG_BYTES`], all of it within
+/// [`MAX_EXEC_BYTES`]. The error names the field.
+fn check_exec_strings(
+    command: &CommandSpec,
+    env: &BTreeMap<String, String>,
+) -> std::result::Result<(), String> {
+    let check = |field: &str, text: &str, len: usize| {
+        if text.contains('\0') {
+            return Err(format!(
+                "{field} contains a NUL byte, which no program can be given; remove it"
+            ));
+        }
+        if len > MAX_ARG_BYTES {
+            return Err(format!(
+                "{field} is {len} bytes; an argument or environment entry may be at most {MAX_ARG_BYTES} bytes (the kernel's limit); pass large input through a file"
+            ));
+        }
+        Ok(len + 1)
+    };
+    let mut total = 0;
+    match command {
+        CommandSpec::Argv(argv) => {
+            for (n, arg) in argv.iter().enumerate() {
+                total += check(&format!("command[{n}]"), arg, arg.len())?;
+            }
+        }
+        CommandSpec::Shell(script) => total += check("command", script, script.len())?,
+    }
+    for (key, value) in env {
+        // The kernel sees `KEY=VALUE`.
+        total += check(&format!("env {key:?}"), value, key.len() + 1 + value.len())?;
+    }
+    if total > MAX_EXEC_BYTES {
+        return Err(format!(
+            "the command and env take {total} bytes together; at most {MAX_EXEC_BYTES} can be passed to a task; pass large input through a file"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a plan or task id; the error completes "the id ...".
 fn validate_id(id: &str) -> std::result::Result<(), String> {
     let ok = !id.is_empty()
@@ -604,6 +655,18 @@ mod tests {
                 "{text}\n  gave: {message}\n  want: {want}"
             );
         }
+    }
+
+    #[test]
+    fn a_task_whose_command_and_env_exceed_what_exec_takes_is_refused() {
+        let arg = "x".repeat(120 * 1024);
+        let argv: Vec<&str> = std::iter::repeat_n(arg.as_str(), 9).collect();
+        let plan = serde_json::json!({"name": "x", "tasks": [{"id": "a", "command": argv}]});
+        let message = error(&plan.to_string());
+        assert!(message.contains("take 1105929 bytes together"), "{message}");
+        let fits: Vec<&str> = std::iter::repeat_n(arg.as_str(), 8).collect();
+        let plan = serde_json::json!({"name": "x", "tasks": [{"id": "a", "command": fits}]});
+        parse(&plan.to_string()).unwrap();
     }
 
     #[test]

@@ -458,3 +458,83 @@ fn fail_fast_cancels_the_rest_and_logs_can_be_followed() {
     );
     assert!(repo.instances().is_empty());
 }
+
+/// `app orchestrate --dry-run --plan PATH`.
+fn dry_run(repo: &TestRepo, path: &Path) -> Output {
+    repo.run_app(&["orchestrate", "--dry-run", "--plan", path.to_str().unwrap()])
+}
+
+#[test]
+fn nul_bytes_and_oversized_arguments_fail_the_dry_run_with_their_place() {
+    let repo = TestRepo::new();
+    let huge = "x".repeat(128 * 1024);
+    let ok = json!({"id": "ok", "command": "true"});
+    for (name, task, want) in [
+        (
+            "argv",
+            json!({"id": "a", "command": ["echo", "one\u{0}two"]}),
+            "task \"a\": command[1] contains a NUL byte",
+        ),
+        (
+            "shell",
+            json!({"id": "a", "command": "echo \u{0}"}),
+            "task \"a\": command contains a NUL byte",
+        ),
+        (
+            "env-value",
+            json!({"id": "a", "command": "true", "env": {"K": "v\u{0}"}}),
+            "task \"a\": env \"K\" contains a NUL byte",
+        ),
+        (
+            "env-key",
+            json!({"id": "a", "command": "true", "env": {"K\u{0}": "v"}}),
+            "task \"a\": env: \"K\\0\" is not a variable name",
+        ),
+        (
+            "long-argv",
+            json!({"id": "a", "command": ["echo", huge]}),
+            "task \"a\": command[1] is 131072 bytes",
+        ),
+        (
+            "long-env",
+            json!({"id": "a", "command": "true", "env": {"K": huge}}),
+            "task \"a\": env \"K\" is 131074 bytes",
+        ),
+    ] {
+        let path = write_plan(&repo, name, &json!({"name": "n", "tasks": [ok, task]}));
+        let output = dry_run(&repo, &path);
+        let err = stderr(&output);
+        assert_eq!(code(&output), 2, "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+        // `FILE:LINE: task ...`, the line of the task's id.
+        let place = format!("app: {}:", path.display());
+        let line = err
+            .strip_prefix(&place)
+            .and_then(|rest| rest.split(':').next());
+        assert!(
+            line.is_some_and(|line| line.parse::<usize>().is_ok()),
+            "{name}: {err}"
+        );
+        // And the real run refuses it the same way, before creating anything.
+        let output = orchestrate(&repo, &path, &[]);
+        assert_eq!(code(&output), 2, "{name}: {}", stderr(&output));
+        assert!(!repo.state_dir().exists(), "{name} created .app/");
+    }
+    // TOML says the same, with the task's line.
+    let path = repo.scratch().join("nul.toml");
+    fs::write(
+        &path,
+        "name = \"n\"\n\n[[tasks]]\nid = \"a\"\ncommand = [\"echo\", \"x\\u0000\"]\n",
+    )
+    .unwrap();
+    let output = dry_run(&repo, &path);
+    let err = stderr(&output);
+    assert_eq!(code(&output), 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:4: task \"a\": command[1] contains a NUL byte",
+            path.display()
+        )),
+        "{err}"
+    );
+}
