@@ -187,12 +187,16 @@ impl Format {
     fn read(self, text: &str, origin: &str) -> Result<PlanSpec> {
         match self {
             Format::Json => serde_json::from_str(text).map_err(|err| {
-                Error::bad_input(format!(
-                    "{origin}:{}:{}: {}",
-                    err.line(),
-                    err.column(),
-                    strip_position(&err.to_string())
-                ))
+                let top = text.trim_start().chars().next();
+                let why = if err.is_data() && top.is_some_and(|c| c != '{') {
+                    let what = if top == Some('[') { "an array" } else { "not an object" };
+                    format!(
+                        "a plan is an object with a \"tasks\" array; this file's top level is {what}: write {{\"name\": \"...\", \"tasks\": [...]}}"
+                    )
+                } else {
+                    strip_position(&err.to_string()).to_string()
+                };
+                Error::bad_input(format!("{origin}:{}:{}: {why}", err.line(), err.column()))
             }),
             Format::Toml => toml::from_str(text).map_err(|err| {
                 let place = match err.span() {
@@ -233,8 +237,15 @@ impl Format {
     }
 }
 
+/// `text` without a leading UTF-8 byte order mark, which some editors write; neither JSON nor
+/// TOML allows one, and it is not part of the plan.
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// The `name` a plan file gives itself, if it can be read that far.
 pub fn name_in(text: &str, format: Format) -> Option<String> {
+    let text = without_bom(text);
     match format {
         Format::Json => serde_json::from_str::<serde_json::Value>(text)
             .ok()?
@@ -272,6 +283,8 @@ impl Plan {
         run: &str,
         repo: &Repository,
     ) -> Result<Plan> {
+        // The mark is one character on the first line: lines and columns stay the same.
+        let text = without_bom(text);
         let spec = format.read(text, origin)?;
         let place = |line: Option<usize>| match line {
             Some(line) => format!("{origin}:{line}"),
@@ -611,6 +624,16 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_order_mark_is_skipped_in_both_formats() {
+        let json = "\u{feff}{\"name\": \"x\", \"tasks\": [{\"id\": \"a\", \"command\": \"true\"}]}";
+        assert_eq!(parse(json).unwrap().name, "x");
+        assert_eq!(name_in(json, Format::Json).as_deref(), Some("x"));
+        let toml = "\u{feff}name = \"x\"\n[[tasks]]\nid = \"a\"\ncommand = \"true\"\n";
+        assert_eq!(parse_toml(toml).unwrap().name, "x");
+        assert_eq!(name_in(toml, Format::Toml).as_deref(), Some("x"));
+    }
+
+    #[test]
     fn a_toml_plan_is_the_same_plan_as_its_json() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
         let (_tmp, repo) = repo();
@@ -718,6 +741,12 @@ mod tests {
                 "at least 1",
             ),
             (r#"{"name": "x", "tasks": []}"#, "no tasks"),
+            (
+                r#" [{"id": "a", "command": "true"}]"#,
+                "plan.json:1:2: a plan is an object with a \"tasks\" array; this file's top level is an array",
+            ),
+            (r#""x""#, "this file's top level is not an object"),
+            ("\u{feff}{\"name\": \"x\"", "plan.json:1:"),
             (
                 r#"{"name": "x", "tasks": [{"id": "a", "command": "true"}"#,
                 "plan.json:1:",

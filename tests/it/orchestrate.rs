@@ -538,3 +538,32 @@ fn nul_bytes_and_oversized_arguments_fail_the_dry_run_with_their_place() {
         "{err}"
     );
 }
+
+#[test]
+fn a_byte_order_mark_is_accepted_and_a_top_level_array_is_explained() {
+    let repo = TestRepo::new();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for file in ["hello-plan.json", "hello-plan.toml"] {
+        let text = fs::read_to_string(examples.join(file)).unwrap();
+        let path = repo.scratch().join(file);
+        fs::write(&path, format!("\u{feff}{text}")).unwrap();
+        let output = dry_run(&repo, &path);
+        assert_eq!(code(&output), 0, "{file}: {}", stderr(&output));
+        assert!(
+            stdout(&output).starts_with("run hello-"),
+            "{file}: the name is read past the mark: {}",
+            stdout(&output)
+        );
+        assert!(stdout(&output).contains("wave 2: left, right"));
+    }
+    let path = repo.scratch().join("array.json");
+    fs::write(&path, r#"[{"id": "a", "command": "true"}]"#).unwrap();
+    let output = dry_run(&repo, &path);
+    let err = stderr(&output);
+    assert_eq!(code(&output), 2, "{err}");
+    assert!(
+        err.contains("a plan is an object with a \"tasks\" array"),
+        "{err}"
+    );
+    assert!(!repo.state_dir().exists());
+}
