@@ -327,9 +327,10 @@ impl Plan {
         let mut branches: HashMap<String, String> = HashMap::new();
         let mut tasks = Vec::new();
         for spec in &spec.tasks {
-            let here = at_task(&spec.id);
-            let fail =
-                |what: String| Error::bad_input(format!("{here}: task {:?}: {what}", spec.id));
+            // The line is looked up only for an error: finding it scans the text.
+            let fail = |what: String| {
+                Error::bad_input(format!("{}: task {:?}: {what}", at_task(&spec.id), spec.id))
+            };
             validate_id(&spec.id).map_err(|why| fail(format!("the id {why}")))?;
             if !ids.insert(spec.id.clone()) {
                 return Err(fail("a second task has this id; ids must be unique".into()));
@@ -471,24 +472,46 @@ impl Plan {
         None
     }
 
-    /// The tasks in waves: every task in the wave after its last dependency's.
+    /// The tasks in waves: every task in the wave after its last dependency's, each wave in
+    /// file order. Linear in tasks plus dependencies (Kahn's order); should a plan not built by
+    /// [`Plan::parse`] hold a cycle, its tasks come in one last wave, and an unknown dependency
+    /// is ignored.
     pub fn waves(&self) -> Vec<Vec<String>> {
-        let mut depth: HashMap<&str, usize> = HashMap::new();
-        // A valid plan is acyclic, so repeating passes settles within len passes.
-        for _ in 0..self.tasks.len() {
-            for task in &self.tasks {
-                let d = task
-                    .depends_on
-                    .iter()
-                    .map(|dep| depth.get(dep.as_str()).map_or(1, |d| d + 1))
-                    .max()
-                    .unwrap_or(0);
-                depth.insert(&task.id, d);
+        let index: HashMap<&str, usize> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        let mut waiting = vec![0usize; self.tasks.len()];
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); self.tasks.len()];
+        for (i, task) in self.tasks.iter().enumerate() {
+            for dep in &task.depends_on {
+                if let Some(&d) = index.get(dep.as_str()) {
+                    waiting[i] += 1;
+                    dependents[d].push(i);
+                }
             }
         }
+        let mut depth: Vec<Option<usize>> = vec![None; self.tasks.len()];
+        let mut ready: Vec<usize> = (0..self.tasks.len()).filter(|&i| waiting[i] == 0).collect();
+        for &i in &ready {
+            depth[i] = Some(0);
+        }
+        while let Some(i) = ready.pop() {
+            let next = depth[i].unwrap_or(0) + 1;
+            for &j in &dependents[i] {
+                depth[j] = Some(depth[j].map_or(next, |d| d.max(next)));
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.push(j);
+                }
+            }
+        }
+        let deepest = depth.iter().flatten().max().map_or(0, |d| d + 1);
         let mut waves: Vec<Vec<String>> = Vec::new();
-        for task in &self.tasks {
-            let d = depth[task.id.as_str()];
+        for (task, depth) in self.tasks.iter().zip(depth) {
+            let d = depth.unwrap_or(deepest);
             if waves.len() <= d {
                 waves.resize(d + 1, Vec::new());
             }
@@ -616,6 +639,44 @@ mod tests {
         assert_eq!(plan.tasks[1].timeout, Some(Duration::from_secs(2)));
         assert_eq!(plan.tasks[3].branch, "feature/d");
         assert_eq!(plan.waves(), [vec!["a"], vec!["b", "c"], vec!["d"]]);
+    }
+
+    #[test]
+    fn waves_are_linear_and_never_panic_on_a_hand_built_plan() {
+        let task = |id: &str, deps: &[&str]| Task {
+            id: id.into(),
+            argv: vec!["true".into()],
+            branch: format!("b/{id}"),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            env: BTreeMap::new(),
+            timeout: None,
+            retries: 0,
+            locks: Vec::new(),
+            reserve: Vec::new(),
+        };
+        let mut plan = Plan {
+            name: "x".into(),
+            run: "x-1".into(),
+            base: String::new(),
+            max_concurrent: 1,
+            integration: None,
+            tasks: vec![task("a", &[])],
+        };
+        for i in 1..10_000 {
+            let previous = plan.tasks[i - 1].id.clone();
+            plan.tasks.push(task(&format!("t{i}"), &[&previous]));
+        }
+        let waves = plan.waves();
+        assert_eq!(waves.len(), 10_000);
+        assert_eq!(waves[9_999], ["t9999"]);
+        // Not something parse lets through: a cycle and an unknown dependency.
+        plan.tasks = vec![
+            task("a", &["b"]),
+            task("b", &["a"]),
+            task("c", &["nobody"]),
+            task("d", &["c"]),
+        ];
+        assert_eq!(plan.waves(), [vec!["c"], vec!["d"], vec!["a", "b"]]);
     }
 
     fn parse_toml(text: &str) -> Result<Plan> {

@@ -567,3 +567,25 @@ fn a_byte_order_mark_is_accepted_and_a_top_level_array_is_explained() {
     );
     assert!(!repo.state_dir().exists());
 }
+
+#[test]
+fn a_ten_thousand_task_chain_dry_runs() {
+    let repo = TestRepo::new();
+    let tasks: Vec<Value> = (0..10_000)
+        .map(|i| {
+            if i == 0 {
+                json!({"id": "t0", "command": "true"})
+            } else {
+                json!({"id": format!("t{i}"), "command": "true", "depends_on": [format!("t{}", i - 1)]})
+            }
+        })
+        .collect();
+    let path = write_plan(&repo, "chain", &json!({"name": "chain", "tasks": tasks}));
+    let output = dry_run(&repo, &path);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("10000 tasks"), "{text}");
+    assert!(text.contains("\nwave 1: t0\n"), "{text}");
+    assert!(text.ends_with("\nwave 10000: t9999\n"), "{text}");
+    assert!(!repo.state_dir().exists());
+}
