@@ -83,6 +83,14 @@ pub(super) fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
 }
 
 pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
+    // An id no instance can have is bad input, not an unknown instance ("no instance  is
+    // registered" for an empty one).
+    if let InstanceCommand::Info { id, .. }
+    | InstanceCommand::Exec { id, .. }
+    | InstanceCommand::Stop { id, .. } = &command
+    {
+        instance::validate_name(id)?;
+    }
     let timing = Timing::from_env()?;
     if let InstanceCommand::List(args) = &command
         && args.everywhere
@@ -95,7 +103,6 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
         InstanceCommand::List(args) => list(&registry, &args, timing),
         InstanceCommand::Info { id, json } => info(&registry, &id, json, timing),
         InstanceCommand::Exec { id, command } => {
-            instance::validate_name(&id)?;
             let snapshot = registry.snapshot()?;
             let record = snapshot
                 .instance(&id)
