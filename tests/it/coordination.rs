@@ -505,3 +505,24 @@ fn durations_out_of_range_are_refused_without_a_panic() {
         "refused input wrote nothing"
     );
 }
+
+#[test]
+fn listing_locks_and_reservations_creates_nothing() {
+    let repo = TestRepo::new();
+    for args in [
+        &["lock", "list"][..],
+        &["lock", "list", "--json"],
+        &["reservations"],
+        &["reservations", "--json"],
+    ] {
+        let output = repo.run_app(args);
+        assert_eq!(code(&output), 0, "{args:?}: {}", stderr(&output));
+        let printed = stdout(&output);
+        assert!(
+            printed.is_empty() || printed.trim() == "[]",
+            "{args:?} printed {printed:?}"
+        );
+        assert!(!repo.state_dir().exists(), "{args:?} created .app/");
+    }
+    assert_eq!(repo.git(&["status", "--porcelain", "--ignored"]), "");
+}
