@@ -253,3 +253,62 @@ mod tests {
         assert_eq!(format_age(Duration::from_secs(3 * 86400)), "3d");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn parsing_never_panics_and_stays_in_bounds(text in any::<String>()) {
+            if let Ok(duration) = parse_duration(&text) {
+                prop_assert!(duration <= MAX_DURATION);
+            }
+            if let Ok(ttl) = parse_ttl(&text) {
+                prop_assert!(ttl <= MAX_TTL);
+            }
+        }
+
+        #[test]
+        fn number_and_unit_soup_never_panics(text in "[0-9.]{0,25}(ms|s|m|h|d|x)?([0-9.]{0,25}(ms|s|m|h|d))*") {
+            let _ = parse_duration(&text);
+        }
+
+        #[test]
+        fn whole_units_parse_to_what_they_say(n in 0u64..100_000, unit in 0usize..5) {
+            let (suffix, seconds) = [("ms", 0), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)][unit];
+            let want = if seconds == 0 {
+                Duration::from_millis(n)
+            } else {
+                Duration::from_secs(n * seconds)
+            };
+            let parsed = parse_duration(&format!("{n}{suffix}"));
+            if want <= MAX_DURATION {
+                prop_assert_eq!(parsed.unwrap(), want);
+            } else {
+                prop_assert!(parsed.is_err());
+            }
+        }
+
+        /// `format_age` keeps the largest whole unit: parsing it back gives the age rounded
+        /// down to that unit.
+        #[test]
+        fn formatted_ages_parse_back_to_at_most_the_age(millis in 0u64..(40 * 86_400_000)) {
+            let age = Duration::from_millis(millis);
+            let text = format_age(age);
+            let back = parse_duration(&text).unwrap();
+            prop_assert!(back <= age, "{text} is {back:?}, more than {age:?}");
+            let unit = match age.as_secs() {
+                0 => Duration::from_millis(1),
+                1..60 => Duration::from_secs(1),
+                60..3600 => Duration::from_secs(60),
+                3600..86400 => Duration::from_secs(3600),
+                _ => Duration::from_secs(86_400),
+            };
+            prop_assert!(age - back < unit, "{text} is {back:?}, for {age:?}");
+        }
+    }
+}
