@@ -825,3 +825,295 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A repository with one commit, for resolving `base`.
+    fn repo() -> (tempfile::TempDir, Repository) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
+        let tree = repo.treebuilder(None).unwrap().write().unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        repo.commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
+            .unwrap();
+        drop(tree);
+        (dir, repo)
+    }
+
+    /// A TOML basic string: every character TOML does not allow raw is escaped.
+    fn toml_string(text: &str) -> String {
+        let mut out = String::from("\"");
+        for c in text.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                    out.push_str(&format!("\\u{:04X}", c as u32));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn toml_array(items: &[String]) -> String {
+        let items: Vec<String> = items.iter().map(|s| toml_string(s)).collect();
+        format!("[{}]", items.join(", "))
+    }
+
+    /// `spec` written as TOML, the way the docs show it.
+    fn to_toml(spec: &PlanSpec) -> String {
+        let mut out = format!("name = {}\n", toml_string(&spec.name));
+        let mut line = |key: &str, value: String| out.push_str(&format!("{key} = {value}\n"));
+        if let Some(text) = &spec.description {
+            line("description", toml_string(text));
+        }
+        if let Some(base) = &spec.base {
+            line("base", toml_string(base));
+        }
+        if let Some(max) = spec.max_concurrent {
+            line("max_concurrent", max.to_string());
+        }
+        match &spec.integration {
+            None => {}
+            Some(Integration::Flag(flag)) => line("integration", flag.to_string()),
+            Some(Integration::Branch(name)) => line("integration", toml_string(name)),
+        }
+        if spec.tasks.is_empty() {
+            line("tasks", "[]".into());
+        }
+        for task in &spec.tasks {
+            out.push_str("\n[[tasks]]\n");
+            let mut line = |key: &str, value: String| out.push_str(&format!("{key} = {value}\n"));
+            line("id", toml_string(&task.id));
+            if let Some(text) = &task.description {
+                line("description", toml_string(text));
+            }
+            line(
+                "command",
+                match &task.command {
+                    CommandSpec::Argv(argv) => toml_array(argv),
+                    CommandSpec::Shell(script) => toml_string(script),
+                },
+            );
+            if let Some(branch) = &task.branch {
+                line("branch", toml_string(branch));
+            }
+            line("depends_on", toml_array(&task.depends_on));
+            let env: Vec<String> = task
+                .env
+                .iter()
+                .map(|(k, v)| format!("{} = {}", toml_string(k), toml_string(v)))
+                .collect();
+            line("env", format!("{{ {} }}", env.join(", ")));
+            if let Some(timeout) = &task.timeout {
+                line("timeout", toml_string(timeout));
+            }
+            line("retries", task.retries.to_string());
+            line("locks", toml_array(&task.locks));
+            line("reserve", toml_array(&task.reserve));
+        }
+        out
+    }
+
+    /// Text that is sometimes a valid value and often not.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9][a-z0-9_-]{0,6}",
+            "[ -~]{0,12}",
+            any::<String>(),
+            Just("x\0y".to_string()),
+        ]
+    }
+
+    /// Any plan the format can express, valid or not.
+    fn any_spec() -> impl Strategy<Value = PlanSpec> {
+        let task = (
+            (text(), proptest::option::of(text())),
+            prop_oneof![
+                proptest::collection::vec(text(), 0..4).prop_map(CommandSpec::Argv),
+                text().prop_map(CommandSpec::Shell),
+            ],
+            (
+                proptest::option::of(text()),
+                proptest::collection::vec(text(), 0..3),
+                proptest::collection::btree_map(text(), text(), 0..3),
+            ),
+            (
+                proptest::option::of(prop_oneof!["[0-9]{1,4}(ms|s|m|h|d)", text()]),
+                0u32..4,
+                proptest::collection::vec(text(), 0..2),
+                proptest::collection::vec(text(), 0..2),
+            ),
+        )
+            .prop_map(
+                |(
+                    (id, description),
+                    command,
+                    (branch, depends_on, env),
+                    (timeout, retries, locks, reserve),
+                )| {
+                    TaskSpec {
+                        id,
+                        description,
+                        command,
+                        branch,
+                        depends_on,
+                        env,
+                        timeout,
+                        retries,
+                        locks,
+                        reserve,
+                    }
+                },
+            );
+        (
+            (text(), proptest::option::of(text())),
+            proptest::option::of(prop_oneof![Just("HEAD".to_string()), text()]),
+            proptest::option::of(0usize..6),
+            proptest::option::of(prop_oneof![
+                any::<bool>().prop_map(Integration::Flag),
+                text().prop_map(Integration::Branch),
+            ]),
+            proptest::collection::vec(task, 0..6),
+        )
+            .prop_map(
+                |((name, description), base, max_concurrent, integration, tasks)| PlanSpec {
+                    name,
+                    description,
+                    base,
+                    max_concurrent,
+                    integration,
+                    tasks,
+                },
+            )
+    }
+
+    /// A valid plan: tasks `t0`..`tN`, each depending only on earlier ones.
+    fn dag_spec() -> impl Strategy<Value = PlanSpec> {
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(any::<proptest::sample::Index>(), 0..3),
+                "[!-~][ -~]{0,15}",
+                proptest::collection::btree_map("[A-Z][A-Z0-9_]{0,5}", "[ -~]{0,8}", 0..3),
+                proptest::option::of("[1-9][0-9]{0,2}(ms|s|m|h)"),
+            ),
+            1..12,
+        )
+        .prop_map(|tasks| PlanSpec {
+            name: "dag".into(),
+            description: None,
+            base: None,
+            max_concurrent: Some(2),
+            integration: Some(Integration::Flag(true)),
+            tasks: tasks
+                .into_iter()
+                .enumerate()
+                .map(|(i, (deps, script, env, timeout))| {
+                    let mut depends_on: Vec<String> = if i == 0 {
+                        Vec::new()
+                    } else {
+                        deps.iter().map(|d| format!("t{}", d.index(i))).collect()
+                    };
+                    depends_on.dedup();
+                    TaskSpec {
+                        id: format!("t{i}"),
+                        description: None,
+                        command: CommandSpec::Shell(script),
+                        branch: None,
+                        depends_on,
+                        env,
+                        timeout,
+                        retries: 0,
+                        locks: Vec::new(),
+                        reserve: Vec::new(),
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn any_text_parses_or_is_refused_without_a_panic() {
+        let (_dir, repo) = repo();
+        proptest!(ProptestConfig::with_cases(256), |(text in prop_oneof![
+            any::<String>(),
+            "[\\[\\]{}\",:= a-z0-9\\n\u{feff}]{0,80}",
+        ])| {
+            for format in [Format::Json, Format::Toml] {
+                let _ = name_in(&text, format);
+                let _ = Plan::parse(&text, format, "p", "r1", &repo);
+            }
+        });
+    }
+
+    #[test]
+    fn any_plan_round_trips_through_both_formats_and_validates_without_a_panic() {
+        let (_dir, repo) = repo();
+        proptest!(ProptestConfig::with_cases(256), |(spec in any_spec())| {
+            let json = serde_json::to_string_pretty(&spec).unwrap();
+            prop_assert_eq!(&Format::Json.read(&json, "p.json").unwrap(), &spec);
+            let toml = to_toml(&spec);
+            let read = Format::Toml.read(&toml, "p.toml");
+            prop_assert!(read.is_ok(), "{}\n{:?}", toml, read);
+            prop_assert_eq!(&read.unwrap(), &spec);
+            let from_json = Plan::parse(&json, Format::Json, "p.json", "r1", &repo);
+            let from_toml = Plan::parse(&toml, Format::Toml, "p.toml", "r1", &repo);
+            // Both formats agree on whether the plan is valid, and on the plan.
+            match (from_json, from_toml) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(Error::BadInput(_)), Err(Error::BadInput(_))) => {}
+                (a, b) => prop_assert!(false, "json: {:?}\ntoml: {:?}", a, b),
+            }
+        });
+    }
+
+    #[test]
+    fn a_valid_plan_is_accepted_and_its_waves_respect_every_dependency() {
+        let (_dir, repo) = repo();
+        proptest!(ProptestConfig::with_cases(256), |(spec in dag_spec())| {
+            let json = serde_json::to_string(&spec).unwrap();
+            let plan = Plan::parse(&json, Format::Json, "p.json", "r1", &repo);
+            prop_assert!(plan.is_ok(), "{}: {:?}", json, plan);
+            let plan = plan.unwrap();
+            let waves = plan.waves();
+            let wave_of: HashMap<&str, usize> = waves
+                .iter()
+                .enumerate()
+                .flat_map(|(n, wave)| wave.iter().map(move |id| (id.as_str(), n)))
+                .collect();
+            prop_assert_eq!(wave_of.len(), plan.tasks.len(), "every task in one wave");
+            for task in &plan.tasks {
+                let here = wave_of[task.id.as_str()];
+                for dep in &task.depends_on {
+                    prop_assert!(wave_of[dep.as_str()] < here, "{} before {}", dep, task.id);
+                }
+                // And no later than it must be: right after its last dependency.
+                let want = task
+                    .depends_on
+                    .iter()
+                    .map(|dep| wave_of[dep.as_str()] + 1)
+                    .max()
+                    .unwrap_or(0);
+                prop_assert_eq!(here, want, "{}", task.id);
+            }
+            // The first and the last task depending on each other is a cycle (a task depending
+            // on itself, when there is one), which is refused.
+            let mut cyclic = spec.clone();
+            let last = cyclic.tasks.len() - 1;
+            cyclic.tasks[0].depends_on.push(format!("t{last}"));
+            cyclic.tasks[last].depends_on.push("t0".into());
+            let refused = Plan::parse(&serde_json::to_string(&cyclic).unwrap(), Format::Json, "p.json", "r1", &repo);
+            prop_assert!(
+                matches!(&refused, Err(Error::BadInput(m)) if m.contains("cycle") || m.contains("depends on itself")),
+                "{:?}",
+                refused
+            );
+        });
+    }
+}
