@@ -166,8 +166,12 @@ impl ControlServer {
             return 0;
         }
         self.shared.signal_children(Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while self.running() > 0 && Instant::now() < deadline && !forced() {
+        // A grace past what an Instant can hold never runs out.
+        let deadline = Instant::now().checked_add(grace);
+        while self.running() > 0
+            && deadline.is_none_or(|deadline| Instant::now() < deadline)
+            && !forced()
+        {
             thread::sleep(Duration::from_millis(20));
         }
         let left = self.running();
@@ -390,34 +394,70 @@ pub fn request_stop(socket: &Path) -> Result<()> {
     }
 }
 
+/// How long a client waits for the socket of an instance that is still starting.
+pub const START_PATIENCE: Duration = Duration::from_secs(10);
+/// How often it looks again meanwhile.
+const START_POLL: Duration = Duration::from_millis(50);
+
+/// Connects to `socket`. An instance registers (status `starting`) before it serves its
+/// socket, so while the socket is not there (or not listening yet) and `starting()` says the
+/// instance is still starting, this tries again every [`START_POLL`], for up to
+/// [`START_PATIENCE`].
+fn connect(socket: &Path, starting: &mut dyn FnMut() -> bool) -> Result<UnixStream> {
+    let deadline = Instant::now() + START_PATIENCE;
+    loop {
+        let err = match UnixStream::connect(socket) {
+            Ok(stream) => return Ok(stream),
+            Err(err) => err,
+        };
+        let absent = matches!(
+            err.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        );
+        if !(absent && starting()) {
+            return Err(Error::Failed(format!(
+                "cannot reach the instance's control socket {}: {err}; is it still running? ('app instance list')",
+                socket.display()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Failed(format!(
+                "the instance is still starting after {}s and does not serve its control socket {} yet; try again, or see 'app instance info'",
+                START_PATIENCE.as_secs(),
+                socket.display()
+            )));
+        }
+        thread::sleep(START_POLL);
+    }
+}
+
 /// Runs `argv` in the instance listening on `socket`, streaming this process's stdin to it and
-/// its output to this process's stdout and stderr; returns its exit code.
-pub fn exec(socket: &Path, argv: &[String]) -> Result<u8> {
+/// its output to this process's stdout and stderr; returns its exit code. `starting` tells
+/// whether the instance is still starting (see [`run_in`]).
+pub fn exec(socket: &Path, argv: &[String], starting: &mut dyn FnMut() -> bool) -> Result<u8> {
     run_in(
         socket,
         argv,
         true,
         &mut io::stdout().lock(),
         &mut io::stderr(),
+        starting,
     )
 }
 
 /// Runs `argv` in the instance listening on `socket`, writing its output to `out` and `err`;
 /// with `forward_stdin` this process's stdin becomes its input, else it gets none. Returns its
-/// exit code.
+/// exit code. While the socket cannot be reached and `starting()` is true (the instance is
+/// live and still `starting`), waits for it, up to [`START_PATIENCE`].
 pub fn run_in(
     socket: &Path,
     argv: &[String],
     forward_stdin: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
+    starting: &mut dyn FnMut() -> bool,
 ) -> Result<u8> {
-    let stream = UnixStream::connect(socket).map_err(|err| {
-        Error::Failed(format!(
-            "cannot reach the instance's control socket {}: {err}; is it still running? ('app instance list')",
-            socket.display()
-        ))
-    })?;
+    let stream = connect(socket, starting)?;
     let mut writer = stream.try_clone().io_context("using", socket)?;
     let request = serde_json::to_string(&Request::Exec(argv.to_vec())).expect("requests serialize");
     writer

@@ -489,7 +489,7 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
                 .worktree
                 .as_deref()
                 .filter(|path| *path == paths.worktree(&record.id) && path.exists())
-                .and_then(|_| worktree::user_must_decide(paths, &record.id).err());
+                .and_then(|_| worktree::user_must_decide(paths, &record.id));
             match (in_use(record), needs_user) {
                 (Some(why), _) => found.problems.push(Problem::InUse {
                     id: record.id.clone(),
@@ -620,8 +620,8 @@ fn worktree_problems(
             match Repository::open(&path) {
                 Ok(_) if repo.find_worktree(&id).is_ok() => {
                     match worktree::user_must_decide(paths, &id) {
-                        Ok(_) => found.problems.push(Problem::OrphanWorktree { id, path }),
-                        Err(reason) => found.problems.push(Problem::NeedsUser { id, reason }),
+                        None => found.problems.push(Problem::OrphanWorktree { id, path }),
+                        Some(reason) => found.problems.push(Problem::NeedsUser { id, reason }),
                     }
                 }
                 Ok(_) => found.problems.push(Problem::Unreadable {

@@ -1,5 +1,7 @@
 //! Crash points for tests: `APP_FAULT_POINT=<name>` makes the process SIGKILL itself when it
 //! reaches the named step of a multi-step operation, exactly like a crash there.
+//! `APP_FAULT_PAUSE=<name>` makes it SIGSTOP itself there instead, so a test can look at (and
+//! act on) the state in between, then SIGCONT it.
 //!
 //! Honoured only in debug builds (what `cargo test` builds); a release build ignores it, so an
 //! installed `app` cannot be crashed through its environment.
@@ -19,12 +21,18 @@ pub const POINTS: &[&str] = &[
     "stop.unregistered",
 ];
 
-/// Crashes here when `APP_FAULT_POINT` names `point` (debug builds only).
+/// Crashes here when `APP_FAULT_POINT` names `point`, stops (until SIGCONT) when
+/// `APP_FAULT_PAUSE` does (debug builds only).
 pub fn point(point: &'static str) {
     debug_assert!(POINTS.contains(&point), "unlisted fault point {point}");
-    if cfg!(debug_assertions)
-        && std::env::var_os("APP_FAULT_POINT").is_some_and(|wanted| wanted == point)
-    {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let named = |var: &str| std::env::var_os(var).is_some_and(|wanted| wanted == point);
+    if named("APP_FAULT_POINT") {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    if named("APP_FAULT_PAUSE") {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
 }

@@ -214,3 +214,107 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Patterns from a small alphabet, so that wildcards and separators meet often.
+    fn pattern() -> impl Strategy<Value = String> {
+        "[ab./*?]{1,12}"
+    }
+
+    /// A path `glob` matches, made by filling each wildcard from `fills`.
+    fn instance_of(glob: &Glob, fills: &[String]) -> String {
+        let mut fills = fills.iter().cycle();
+        let mut path = String::new();
+        for token in &glob.tokens {
+            let fill = fills.next().map_or("", String::as_str);
+            match token {
+                Token::Char(c) => path.push(*c),
+                Token::One => path.push(fill.chars().find(|c| *c != '/').unwrap_or('a')),
+                Token::Star => path.extend(fill.chars().filter(|c| *c != '/')),
+                Token::Any => path.push_str(fill),
+                Token::Segment => {}
+            }
+        }
+        path
+    }
+
+    /// A pattern that matches `path`: each character kept, turned into `?`, followed by `*`, or
+    /// replaced by `**`, as `choices` say.
+    fn generalize(path: &str, choices: &[u8]) -> String {
+        let mut choices = choices.iter().cycle();
+        let mut pattern = String::new();
+        for c in path.chars() {
+            match choices.next().copied().unwrap_or(0) % 4 {
+                1 if c != '/' => pattern.push('?'),
+                2 => {
+                    pattern.push(c);
+                    pattern.push('*');
+                }
+                3 => pattern.push_str("**"),
+                _ => pattern.push(c),
+            }
+        }
+        pattern
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn parsing_and_matching_never_panic(text in any::<String>(), path in any::<String>()) {
+            if let Ok(glob) = Glob::parse(&text) {
+                let _ = glob.matches(&path);
+                prop_assert!(glob.overlaps(&glob), "{text:?} overlaps itself");
+            }
+        }
+
+        #[test]
+        fn overlaps_is_symmetric(a in pattern(), b in pattern()) {
+            if let (Ok(a), Ok(b)) = (Glob::parse(&a), Glob::parse(&b)) {
+                prop_assert_eq!(a.overlaps(&b), b.overlaps(&a), "{} and {}", a, b);
+            }
+        }
+
+        #[test]
+        fn a_path_matching_both_globs_means_they_overlap(
+            a in pattern(),
+            b in pattern(),
+            fills in proptest::collection::vec("[ab./]{0,3}", 1..8),
+        ) {
+            let (Ok(a), Ok(b)) = (Glob::parse(&a), Glob::parse(&b)) else {
+                return Ok(());
+            };
+            let path = instance_of(&a, &fills);
+            prop_assert!(a.matches(&path), "{} matches its instance {:?}", a, path);
+            if b.matches(&path) {
+                prop_assert!(a.overlaps(&b), "{} and {} both match {:?}", a, b, path);
+            }
+            // The path as a literal pattern (when it is one) overlaps the glob it came from.
+            if let Ok(literal) = Glob::parse(&path) {
+                prop_assert!(a.overlaps(&literal), "{} and {:?}", a, path);
+            }
+        }
+
+        #[test]
+        fn a_glob_overlaps_every_generalization_of_a_path_it_matches(
+            a in pattern(),
+            fills in proptest::collection::vec("[ab./]{0,3}", 1..8),
+            choices in proptest::collection::vec(any::<u8>(), 1..16),
+        ) {
+            let Ok(a) = Glob::parse(&a) else {
+                return Ok(());
+            };
+            let path = instance_of(&a, &fills);
+            let Ok(b) = Glob::parse(&generalize(&path, &choices)) else {
+                return Ok(());
+            };
+            prop_assert!(b.matches(&path), "{} matches {:?}", b, path);
+            prop_assert!(a.overlaps(&b), "{} and {} both match {:?}", a, b, path);
+            prop_assert!(b.overlaps(&a), "{} and {} both match {:?}", b, a, path);
+        }
+    }
+}

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config;
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
@@ -267,8 +268,10 @@ impl Locks {
                 // Acquiring again renews the hold: a ttl given now runs from now, same token.
                 if let Some(ttl) = request.ttl {
                     let mut renewed = current.clone();
-                    renewed.expires_at =
-                        Some(Timestamp::from(Timestamp::now().system_time() + ttl));
+                    renewed.expires_at = Some(Timestamp::from(config::expiry(
+                        Timestamp::now().system_time(),
+                        ttl,
+                    )?));
                     self.save(&renewed)?;
                 }
                 return Ok(Ok(current.token));
@@ -287,7 +290,8 @@ impl Locks {
             acquired_at: Some(now),
             expires_at: request
                 .ttl
-                .map(|ttl| Timestamp::from(now.system_time() + ttl)),
+                .map(|ttl| config::expiry(now.system_time(), ttl).map(Timestamp::from))
+                .transpose()?,
         };
         self.save(&granted)?;
         Ok(Ok(granted.token))
@@ -296,7 +300,8 @@ impl Locks {
     /// Waits up to `request.timeout` for the lock; returns its fencing token. Times out with
     /// [`Error::Busy`] naming the holder.
     pub fn acquire(&self, request: &Request) -> Result<u64> {
-        let deadline = Instant::now() + request.timeout;
+        // A timeout past what an Instant can hold never runs out.
+        let deadline = Instant::now().checked_add(request.timeout);
         if let Ok(token) = self.try_acquire(request)? {
             return Ok(token);
         }
@@ -309,7 +314,7 @@ impl Locks {
                 Err(held) => held,
             };
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|deadline| now >= deadline) {
                 let holder = held.holder.expect("a refused request has a holder");
                 let since = held
                     .acquired_at
@@ -319,7 +324,7 @@ impl Locks {
                     request.name
                 )));
             }
-            watch.wait(deadline - now);
+            watch.wait(deadline.map_or(RECHECK, |deadline| deadline - now));
         }
     }
 

@@ -5,6 +5,11 @@
 //! The server acts for one instance, fixed at start (`cli::mcp` finds or registers it). Every
 //! tool is a thin layer over the same library calls as the CLI; a failure comes back as a tool
 //! error carrying the CLI's text, and the server keeps serving.
+//!
+//! The stdio transport is our own (`stdio`): a line that is not JSON, or is over
+//! [`MAX_REQUEST_BYTES`], gets a JSON-RPC parse error instead of silence.
+
+mod stdio;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +18,6 @@ use std::time::{Duration, Instant};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
-use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{ServerHandler, ServiceExt, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -31,7 +35,8 @@ use crate::reserve::Reservations;
 use crate::sign::SigningKey;
 use crate::watch::{self, DirWatch};
 
-/// The longest JSON-RPC message the server reads; a longer one is dropped unread.
+/// The longest JSON-RPC message the server reads; a longer one is dropped unread and answered
+/// with a parse error.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The longest a call may wait (`wait_seconds`).
 const MAX_WAIT_SECONDS: f64 = 600.0;
@@ -83,17 +88,21 @@ pub fn serve(paths: AppPaths, me: String, timing: Timing, db_flag: Option<PathBu
     let runtime = crate::db::runtime()?;
     let served = runtime.block_on(async {
         let (read, write) = rmcp::transport::stdio_pipes();
-        let transport =
-            AsyncRwTransport::new_server(read, write).with_max_line_length(MAX_REQUEST_BYTES);
-        let running = server
-            .serve(transport)
-            .await
-            .map_err(|err| Error::Failed(format!("MCP: the client's initialize failed: {err}")))?;
-        running
-            .waiting()
-            .await
-            .map_err(|err| Error::Failed(format!("MCP: the server stopped: {err}")))?;
-        Ok(())
+        let (transport, writer) = stdio::transport(read, write, MAX_REQUEST_BYTES);
+        let served = async {
+            let running = server.serve(transport).await.map_err(|err| {
+                Error::Failed(format!("MCP: the client's initialize failed: {err}"))
+            })?;
+            running
+                .waiting()
+                .await
+                .map_err(|err| Error::Failed(format!("MCP: the server stopped: {err}")))?;
+            Ok(())
+        }
+        .await;
+        // The last answers are written before the process goes.
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer.finish()).await;
+        served
     });
     // A tool still waiting (receive_messages, acquire_lock) must not hold up the exit.
     runtime.shutdown_background();

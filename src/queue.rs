@@ -461,3 +461,111 @@ mod tests {
         assert!(check_payload(&Value::String("x".repeat(1023)), 1024).is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::registry::Timestamp;
+    use proptest::prelude::*;
+
+    /// Any JSON value, a few levels deep.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+            "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?Z"
+                .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("signature".to_string()),
+                        Just("timestamp".to_string()),
+                        Just("ttl".to_string()),
+                        Just("payload".to_string()),
+                        any::<String>(),
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        (
+            "[a-z0-9]{1,20}",
+            any::<String>(),
+            proptest::option::of(any::<String>()),
+            any::<String>(),
+            "[a-z][a-z0-9_]{0,10}",
+            0u64..253_402_300_799_999,
+            any::<u64>(),
+            json(),
+        )
+            .prop_map(
+                |(id, from, to, recipient, kind, millis, ttl_ms, payload)| Message {
+                    id,
+                    from,
+                    to,
+                    recipient,
+                    kind,
+                    timestamp: Timestamp::from(UNIX_EPOCH + Duration::from_millis(millis)),
+                    ttl_ms,
+                    payload,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn opening_any_json_never_panics(value in json()) {
+            let key = SigningKey::from_bytes(b"k".to_vec());
+            if let Ok(message) = sign::open::<Message>(&value, Some(&key)) {
+                let _ = message.expired();
+            }
+            let _ = sign::open::<Message>(&value, None);
+            let _ = check_payload(&value, 1024);
+        }
+
+        #[test]
+        fn opening_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(value) = serde_json::from_slice::<Value>(&bytes) {
+                let key = SigningKey::from_bytes(b"k".to_vec());
+                let _ = sign::open::<Message>(&value, Some(&key));
+            }
+        }
+
+        #[test]
+        fn a_sealed_message_opens_as_itself_and_any_change_is_refused(
+            message in message(),
+            field in prop_oneof![
+                Just("id"), Just("from"), Just("to"), Just("recipient"), Just("type"),
+                Just("timestamp"), Just("ttl"), Just("payload"), Just("signature"),
+            ],
+            replacement in json(),
+        ) {
+            let key = SigningKey::from_bytes(b"k".to_vec());
+            let sealed = key.seal(&message);
+            prop_assert_eq!(sign::open::<Message>(&sealed, Some(&key)).unwrap(), message.clone());
+            let mut changed = sealed.clone();
+            changed[field] = replacement;
+            // Only a change that leaves the same message (say, the same value again) may
+            // still verify.
+            if let Ok(opened) = sign::open::<Message>(&changed, Some(&key)) {
+                prop_assert_eq!(opened, message);
+            }
+        }
+    }
+}

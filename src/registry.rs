@@ -577,3 +577,129 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn timestamp() -> impl Strategy<Value = Timestamp> {
+        // 1970 to the end of 9999, to the millisecond as it is stored.
+        (0u64..253_402_300_799_999)
+            .prop_map(|millis| Timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(millis)))
+    }
+
+    fn record() -> impl Strategy<Value = InstanceRecord> {
+        (
+            (
+                "[a-z0-9][a-z0-9_-]{0,20}",
+                any::<u32>(),
+                any::<u64>(),
+                any::<String>(),
+                any::<String>(),
+            ),
+            (timestamp(), timestamp()),
+            (
+                proptest::option::of(any::<String>()),
+                any::<String>(),
+                proptest::option::of(any::<String>()),
+                proptest::option::of(any::<String>()),
+            ),
+            (
+                proptest::collection::vec(any::<String>(), 0..4),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u64>()),
+                prop_oneof![
+                    Just(InstanceStatus::Starting),
+                    Just(InstanceStatus::Running),
+                    Just(InstanceStatus::Stopping),
+                ],
+                proptest::collection::vec(any::<u16>(), 0..3),
+                proptest::option::of(any::<String>()),
+            ),
+        )
+            .prop_map(
+                |(
+                    (id, pid, start_time, boot_id, host),
+                    (started_at, heartbeat_at),
+                    (worktree, cwd, branch, base),
+                    (command, child_pid, child_start_time, status, ports, api_url),
+                )| InstanceRecord {
+                    id,
+                    pid,
+                    start_time,
+                    boot_id,
+                    host,
+                    started_at,
+                    heartbeat_at,
+                    worktree: worktree.map(PathBuf::from),
+                    cwd: PathBuf::from(cwd),
+                    branch,
+                    base,
+                    command,
+                    child_pid,
+                    child_start_time,
+                    status,
+                    ports,
+                    api_url,
+                },
+            )
+    }
+
+    /// A temp file holding `bytes`, loaded as a registry document.
+    fn load(bytes: &[u8]) -> Result<RegistryDoc> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("process_registry.json");
+        std::fs::write(&path, bytes).expect("write the document");
+        load_doc(&path)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn loading_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let key = SigningKey::from_bytes(b"k".to_vec());
+            if let Ok(doc) = load(&bytes) {
+                let _ = entries::<InstanceRecord>(&doc, Some(&key));
+                let _ = entries::<BranchRecord>(&doc, None);
+            }
+        }
+
+        #[test]
+        fn loading_json_shaped_text_never_panics(
+            text in "\\{\"version\": ?[0-9]{1,3}, ?\"entries\": ?\\{(\"[a-z]{1,3}\": ?\\{(\"[a-z_]{1,12}\": ?(\"[^\"\\\\]{0,30}\"|[0-9]{1,12}|null|\\[\\]),? ?){0,6}\\},? ?){0,3}\\}\\}",
+        ) {
+            let key = SigningKey::from_bytes(b"k".to_vec());
+            if let Ok(doc) = load(text.as_bytes()) {
+                for entry in entries::<InstanceRecord>(&doc, Some(&key)) {
+                    if let Entry::Valid(record) = entry {
+                        let _ = record.liveness(Duration::from_secs(30));
+                        let _ = record.to_json(&Liveness::Live);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn a_document_round_trips(records in proptest::collection::vec(record(), 0..5)) {
+            let key = SigningKey::from_bytes(b"k".to_vec());
+            let mut doc = RegistryDoc { version: FORMAT_VERSION, entries: BTreeMap::new() };
+            let mut want = BTreeMap::new();
+            for record in records {
+                doc.entries.insert(record.id.clone(), key.seal(&record));
+                want.insert(record.id.clone(), record);
+            }
+            let loaded = load(&doc_bytes(&doc)).unwrap();
+            let got: BTreeMap<String, InstanceRecord> = entries::<InstanceRecord>(&loaded, Some(&key))
+                .into_iter()
+                .map(|entry| match entry {
+                    Entry::Valid(record) => Ok((record.id.clone(), record)),
+                    Entry::Forged { key, reason } => Err(format!("{key}: {reason}")),
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(TestCaseError::fail)?;
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::config;
 use crate::error::{Error, Result};
 use crate::glob::Glob;
 use crate::lock::Holder;
@@ -211,7 +212,9 @@ impl Reservations {
                 shared,
                 reason,
                 created_at: now,
-                expires_at: ttl.map(|ttl| Timestamp::from(now.system_time() + ttl)),
+                expires_at: ttl
+                    .map(|ttl| config::expiry(now.system_time(), ttl).map(Timestamp::from))
+                    .transpose()?,
             };
             live.push(reservation.clone());
             Ok(reservation)

@@ -3,12 +3,17 @@
 //!
 //! Create the watch *before* scanning the directory, then scan, then wait: a change between
 //! the scan and the wait still wakes the waiter.
+//!
+//! Only changes wake it. `notify` also reports opening and reading (inotify `IN_OPEN`), and the
+//! waiter's own scan opens the directory and its files: woken by those, every scan would wake
+//! the next one at once, a busy loop.
 
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::config;
 use crate::error::Result;
@@ -44,7 +49,7 @@ impl DirWatch {
             let sender = sender.clone();
             let watched =
                 notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    if event.is_ok() {
+                    if event.is_ok_and(|event| is_change(&event.kind)) {
                         let _ = sender.send(());
                     }
                 })
@@ -75,5 +80,44 @@ impl DirWatch {
             // One scan covers every event that arrived meanwhile.
             while self.events.try_recv().is_ok() {}
         }
+    }
+}
+
+/// Whether an event is a change: anything but an access, except a file closed after writing.
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_the_directory_does_not_wake_the_watch_and_a_change_does() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), "{}").unwrap();
+        let watch = DirWatch::new(dir.path(), Duration::from_secs(60), false).unwrap();
+        for _ in 0..3 {
+            let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(names.len(), 1);
+            std::fs::read(dir.path().join("a.json")).unwrap();
+        }
+        // Proving that nothing arrives needs a wait.
+        assert!(
+            watch
+                .events
+                .recv_timeout(Duration::from_millis(300))
+                .is_err(),
+            "reading woke the watch"
+        );
+        std::fs::write(dir.path().join("b.json"), "{}").unwrap();
+        assert!(
+            watch.events.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "a new file did not wake the watch"
+        );
     }
 }

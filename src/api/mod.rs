@@ -10,7 +10,9 @@
 //! - The server runs on a thread of its own with a single-threaded runtime; blocking work
 //!   (registry, queue) goes through `spawn_blocking`. `ApiServer::shutdown` sends a final
 //!   `instance.stopping` event, ends every stream and stops accepting, bounded in time.
-//! - Every error is JSON: `{"error": "...", "kind": "..."}`.
+//! - Every error is JSON: `{"error": "...", "kind": "..."}`, axum's own rejections (a body over
+//!   [`MAX_BODY_BYTES`], one that breaks off) included: `json_errors` rewrites any other error
+//!   response into that shape.
 
 pub mod feed;
 
@@ -23,7 +25,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -49,6 +52,8 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 pub const MAX_CAPACITY: usize = 65_536;
 /// The last event every stream gets before the server stops.
 pub const FINAL_EVENT: &str = "instance.stopping";
+/// The largest request body taken, in bytes (2 MiB); a larger one gets 413.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// How long `shutdown` waits for connections to close.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
@@ -298,11 +303,68 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/messages", post(messages))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authorize,
         ))
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Gives an error response that is not JSON yet (axum's rejections are plain text) the
+/// documented shape, keeping its status and its text as the message.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    // A rejection's text is a line; anything longer is cut, never buffered whole.
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, kind_of(status), message).into_response()
+}
+
+/// The `kind` of an error response with `status`.
+fn kind_of(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::CONFLICT => "busy",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        status if status.is_client_error() => "bad_input",
+        _ => "failed",
+    }
+}
+
+/// A body that could not be read, as an API error.
+fn body_error(rejection: BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "the body is over the API's limit of {MAX_BODY_BYTES} bytes; send a smaller message (payloads are limited by APP_MAX_MESSAGE_BYTES)"
+        )
+    } else {
+        format!("the body could not be read: {}", rejection.body_text())
+    };
+    ApiError::new(status, kind_of(status), message)
 }
 
 /// An error as the API returns it.
@@ -539,7 +601,7 @@ fn text_kind() -> String {
 async fn messages(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: std::result::Result<Bytes, BytesRejection>,
 ) -> std::result::Result<(StatusCode, Json<Value>), ApiError> {
     // Browsers send other pages' form posts as text/plain without asking first; JSON they
     // must ask for (CORS), which this API never allows.
@@ -559,6 +621,7 @@ async fn messages(
             "send the message as JSON with 'Content-Type: application/json'",
         ));
     }
+    let body = body.map_err(body_error)?;
     let request: PostMessage = serde_json::from_slice(&body).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -615,6 +678,35 @@ mod tests {
         ] {
             assert!(!loopback_host(host.as_bytes()), "{host}");
         }
+    }
+
+    #[test]
+    fn plain_text_errors_get_the_json_shape_and_the_rest_is_left_alone() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let body_of = |response: Response| {
+            runtime.block_on(async {
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                String::from_utf8(bytes.to_vec()).unwrap()
+            })
+        };
+        let plain = (StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded").into_response();
+        let converted = runtime.block_on(json_errors(plain));
+        assert_eq!(converted.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let value: Value = serde_json::from_str(&body_of(converted)).unwrap();
+        assert_eq!(
+            value,
+            json!({"error": "length limit exceeded", "kind": "too_large"})
+        );
+        let empty = StatusCode::BAD_GATEWAY.into_response();
+        let value: Value =
+            serde_json::from_str(&body_of(runtime.block_on(json_errors(empty)))).unwrap();
+        assert_eq!(value, json!({"error": "Bad Gateway", "kind": "failed"}));
+        let ok = (StatusCode::OK, "fine").into_response();
+        assert_eq!(body_of(runtime.block_on(json_errors(ok))), "fine");
     }
 
     #[test]

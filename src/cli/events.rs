@@ -1,10 +1,11 @@
 //! `app events`.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::Args;
 
+use crate::config;
 use crate::db::events::{self, Event, EventFilter};
 use crate::error::Result;
 use crate::paths::AppPaths;
@@ -47,7 +48,8 @@ pub(super) fn run(args: EventsArgs, db: Option<&Path>) -> Result<u8> {
     let mut filter = EventFilter {
         since: args
             .since
-            .map(|age| Timestamp::from(SystemTime::now() - age)),
+            .map(|age| config::time_ago(age, "--since").map(Timestamp::from))
+            .transpose()?,
         instance: args.instance,
         repo_root,
         after_id: 0,

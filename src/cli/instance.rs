@@ -11,7 +11,7 @@ use crate::db::instances;
 use crate::error::{EXIT_FAILURE, Error, Result};
 use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
-use crate::registry::{Entry, InstanceRecord, Liveness, Registry};
+use crate::registry::{Entry, InstanceRecord, InstanceStatus, Liveness, Registry};
 
 /// Subcommands of `app instance`.
 #[derive(Debug, Subcommand)]
@@ -77,7 +77,20 @@ pub(super) fn parse_duration(text: &str) -> std::result::Result<Duration, String
     config::parse_duration(text).map_err(|err| err.to_string())
 }
 
+/// A `--ttl` value: a duration of at most [`config::MAX_TTL`].
+pub(super) fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
+    config::parse_ttl(text).map_err(|err| err.to_string())
+}
+
 pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
+    // An id no instance can have is bad input, not an unknown instance ("no instance  is
+    // registered" for an empty one).
+    if let InstanceCommand::Info { id, .. }
+    | InstanceCommand::Exec { id, .. }
+    | InstanceCommand::Stop { id, .. } = &command
+    {
+        instance::validate_name(id)?;
+    }
     let timing = Timing::from_env()?;
     if let InstanceCommand::List(args) = &command
         && args.everywhere
@@ -90,7 +103,6 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
         InstanceCommand::List(args) => list(&registry, &args, timing),
         InstanceCommand::Info { id, json } => info(&registry, &id, json, timing),
         InstanceCommand::Exec { id, command } => {
-            instance::validate_name(&id)?;
             let snapshot = registry.snapshot()?;
             let record = snapshot
                 .instance(&id)
@@ -100,7 +112,10 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
                     "instance {id} is not running ({reason}); 'app doctor' reclaims what it left"
                 )));
             }
-            crate::control::exec(&paths.control_socket(&id), &command)
+            let stale_after = timing.stale_after;
+            crate::control::exec(&paths.control_socket(&id), &command, &mut || {
+                still_starting(&paths, &id, stale_after)
+            })
         }
         InstanceCommand::Stop { id, timeout } => {
             let (outcome, route) = instance::stop(&registry, &id, timeout, timing)?;
@@ -281,6 +296,18 @@ pub(super) fn print_columns(table: &[Vec<String>]) {
     }
 }
 
+/// Whether instance `id` is live and still `starting`: registered, its socket not served yet.
+fn still_starting(paths: &AppPaths, id: &str, stale_after: Duration) -> bool {
+    Registry::open_read_only(paths)
+        .and_then(|registry| registry.snapshot())
+        .is_ok_and(|snapshot| {
+            snapshot.instance(id).is_some_and(|record| {
+                record.status == InstanceStatus::Starting
+                    && matches!(record.liveness(stale_after), Liveness::Live)
+            })
+        })
+}
+
 fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8> {
     let snapshot = registry.snapshot()?;
     let record = snapshot
@@ -393,14 +420,21 @@ pub(super) fn broadcast(args: BroadcastArgs) -> Result<u8> {
         .map(|(id, liveness)| {
             let socket = paths.control_socket(&id);
             let command = args.command.clone();
+            let (paths, target, stale_after) = (paths.clone(), id.clone(), timing.stale_after);
             let handle = std::thread::spawn(move || {
                 let (mut out, mut err) = (Vec::new(), Vec::new());
+                let mut starting = || still_starting(&paths, &target, stale_after);
                 let result = match liveness {
                     Liveness::Stale(reason) => Err(format!("not running ({reason})")),
-                    Liveness::Live => {
-                        crate::control::run_in(&socket, &command, false, &mut out, &mut err)
-                            .map_err(|e| e.to_string())
-                    }
+                    Liveness::Live => crate::control::run_in(
+                        &socket,
+                        &command,
+                        false,
+                        &mut out,
+                        &mut err,
+                        &mut starting,
+                    )
+                    .map_err(|e| e.to_string()),
                 };
                 (result, out, err)
             });

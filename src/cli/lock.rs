@@ -32,8 +32,8 @@ pub enum LockCommand {
         /// Give up after DUR (exit 3); default: wait as long as it takes.
         #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
         timeout: Option<Duration>,
-        /// Let the hold run out by itself after DUR.
-        #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+        /// Let the hold run out by itself after DUR (at most 365d).
+        #[arg(long, value_name = "DUR", value_parser = super::instance::parse_ttl)]
         ttl: Option<Duration>,
     },
     /// Release a lock the caller holds.
@@ -73,7 +73,7 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
         lock::validate_name(name)?;
     }
     let paths = AppPaths::discover(&cwd)?;
-    let locks = Locks::open(&paths, timing.stale_after)?;
+    let locks = || Locks::open(&paths, timing.stale_after);
     let caller = || -> Result<Holder> {
         let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
         instance::caller_holder(&snapshot, &cwd)
@@ -81,7 +81,7 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
     match command {
         LockCommand::Acquire { name, timeout, ttl } => {
             let holder = caller()?;
-            let token = locks.acquire(&Request {
+            let token = locks()?.acquire(&Request {
                 name: name.clone(),
                 holder: holder.clone(),
                 ttl,
@@ -92,23 +92,29 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
             Ok(0)
         }
         LockCommand::Release { name, force } => {
-            match locks.release(&name, &caller()?, force)? {
+            match locks()?.release(&name, &caller()?, force)? {
                 Released::Released => eprintln!("app: lock {name:?} released"),
                 Released::NotHeld => eprintln!("app: lock {name:?} was not held"),
             }
             Ok(0)
         }
-        LockCommand::List { json } => list(&locks, json),
+        LockCommand::List { json } => {
+            // Listing creates nothing: where no lock was ever taken there is nothing to list.
+            let all = match Locks::existing(&paths, timing.stale_after)? {
+                Some(locks) => locks.list()?,
+                None => Vec::new(),
+            };
+            list(all, json)
+        }
         LockCommand::Run {
             name,
             timeout,
             command,
-        } => run_locked(&locks, &name, timeout.unwrap_or(FOREVER), &command),
+        } => run_locked(&locks()?, &name, timeout.unwrap_or(FOREVER), &command),
     }
 }
 
-fn list(locks: &Locks, json: bool) -> Result<u8> {
-    let all = locks.list()?;
+fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
     if json {
         let values: Vec<serde_json::Value> = all
             .iter()

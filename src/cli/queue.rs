@@ -24,8 +24,8 @@ pub struct SendArgs {
     /// Message type: a lowercase word such as text or join_request.
     #[arg(long = "type", value_name = "TYPE", default_value = "text")]
     kind: String,
-    /// How long the message may wait unacknowledged (default 1h).
-    #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+    /// How long the message may wait unacknowledged (default 1h, at most 365d).
+    #[arg(long, value_name = "DUR", value_parser = super::instance::parse_ttl)]
     ttl: Option<Duration>,
     /// Sender, when not run inside an instance.
     #[arg(long, value_name = "ID")]
@@ -137,13 +137,15 @@ pub(super) fn send(args: SendArgs) -> Result<u8> {
 }
 
 pub(super) fn recv(args: RecvArgs) -> Result<u8> {
-    let (paths, snapshot, _) = setup()?;
-    let me = acting(&snapshot, args.instance, "--instance")?;
+    // The flag first: a bad one is refused before anything is looked up.
     let deadline = match args.wait.as_deref() {
         None => None,
         Some("forever") => Some(None),
-        Some(text) => Some(Some(Instant::now() + config::parse_duration(text)?)),
+        // Past what an Instant can hold is as good as forever.
+        Some(text) => Some(Instant::now().checked_add(config::parse_duration(text)?)),
     };
+    let (paths, snapshot, _) = setup()?;
+    let me = acting(&snapshot, args.instance, "--instance")?;
     let poll = watch::poll_interval()?;
     let key = SigningKey::load(&paths, false)?;
     let inbox = Inbox::new(&paths, &me, key, queue::max_message_bytes()?);

@@ -23,8 +23,8 @@ pub struct ReserveArgs {
     /// Shared: other shared reservations may overlap; exclusive ones may not.
     #[arg(long)]
     shared: bool,
-    /// Let the reservation run out by itself after DUR.
-    #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
+    /// Let the reservation run out by itself after DUR (at most 365d).
+    #[arg(long, value_name = "DUR", value_parser = super::instance::parse_ttl)]
     ttl: Option<Duration>,
     /// Why, for the others.
     #[arg(long, value_name = "TEXT")]

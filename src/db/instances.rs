@@ -102,7 +102,12 @@ pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
 /// Instances on any host and in any repository whose last heartbeat is younger than
 /// `stale_after` and that have not stopped, oldest first.
 pub async fn live_everywhere(db: &Db, stale_after: Duration) -> Result<Vec<InstanceRow>> {
-    let cutoff = Timestamp::from(SystemTime::now() - stale_after).to_string();
+    // A limit reaching back before 1970 counts every heartbeat ever written.
+    let cutoff = SystemTime::now()
+        .checked_sub(stale_after)
+        .filter(|time| *time >= SystemTime::UNIX_EPOCH)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let cutoff = Timestamp::from(cutoff).to_string();
     select(
         db,
         "WHERE status != 'stopped' AND last_heartbeat >= ?1 ORDER BY started_at",

@@ -156,6 +156,15 @@ pub struct Plan {
 /// Default cap on tasks running at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 4;
 
+/// The longest command argument or `KEY=VALUE` environment entry, in bytes: the kernel's
+/// limit per string (`MAX_ARG_STRLEN`, 128 KiB) less its terminating NUL.
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+
+/// The most bytes a task's arguments and environment entries may take together (each with its
+/// NUL): well under the kernel's usual 2 MiB for everything `exec` passes, since the task's
+/// `app run` also inherits the orchestrator's environment.
+pub const MAX_EXEC_BYTES: usize = 1024 * 1024;
+
 /// The language a plan file is written in: TOML for a `.toml` file, JSON otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -178,12 +187,16 @@ impl Format {
     fn read(self, text: &str, origin: &str) -> Result<PlanSpec> {
         match self {
             Format::Json => serde_json::from_str(text).map_err(|err| {
-                Error::bad_input(format!(
-                    "{origin}:{}:{}: {}",
-                    err.line(),
-                    err.column(),
-                    strip_position(&err.to_string())
-                ))
+                let top = text.trim_start().chars().next();
+                let why = if err.is_data() && top.is_some_and(|c| c != '{') {
+                    let what = if top == Some('[') { "an array" } else { "not an object" };
+                    format!(
+                        "a plan is an object with a \"tasks\" array; this file's top level is {what}: write {{\"name\": \"...\", \"tasks\": [...]}}"
+                    )
+                } else {
+                    strip_position(&err.to_string()).to_string()
+                };
+                Error::bad_input(format!("{origin}:{}:{}: {why}", err.line(), err.column()))
             }),
             Format::Toml => toml::from_str(text).map_err(|err| {
                 let place = match err.span() {
@@ -224,8 +237,15 @@ impl Format {
     }
 }
 
+/// `text` without a leading UTF-8 byte order mark, which some editors write; neither JSON nor
+/// TOML allows one, and it is not part of the plan.
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// The `name` a plan file gives itself, if it can be read that far.
 pub fn name_in(text: &str, format: Format) -> Option<String> {
+    let text = without_bom(text);
     match format {
         Format::Json => serde_json::from_str::<serde_json::Value>(text)
             .ok()?
@@ -263,6 +283,8 @@ impl Plan {
         run: &str,
         repo: &Repository,
     ) -> Result<Plan> {
+        // The mark is one character on the first line: lines and columns stay the same.
+        let text = without_bom(text);
         let spec = format.read(text, origin)?;
         let place = |line: Option<usize>| match line {
             Some(line) => format!("{origin}:{line}"),
@@ -305,9 +327,10 @@ impl Plan {
         let mut branches: HashMap<String, String> = HashMap::new();
         let mut tasks = Vec::new();
         for spec in &spec.tasks {
-            let here = at_task(&spec.id);
-            let fail =
-                |what: String| Error::bad_input(format!("{here}: task {:?}: {what}", spec.id));
+            // The line is looked up only for an error: finding it scans the text.
+            let fail = |what: String| {
+                Error::bad_input(format!("{}: task {:?}: {what}", at_task(&spec.id), spec.id))
+            };
             validate_id(&spec.id).map_err(|why| fail(format!("the id {why}")))?;
             if !ids.insert(spec.id.clone()) {
                 return Err(fail("a second task has this id; ids must be unique".into()));
@@ -343,6 +366,7 @@ impl Plan {
                     return Err(fail(format!("env: {key:?} is not a variable name")));
                 }
             }
+            check_exec_strings(&spec.command, &spec.env).map_err(fail)?;
             tasks.push(Task {
                 id: spec.id.clone(),
                 argv: spec.command.argv(),
@@ -448,24 +472,46 @@ impl Plan {
         None
     }
 
-    /// The tasks in waves: every task in the wave after its last dependency's.
+    /// The tasks in waves: every task in the wave after its last dependency's, each wave in
+    /// file order. Linear in tasks plus dependencies (Kahn's order); should a plan not built by
+    /// [`Plan::parse`] hold a cycle, its tasks come in one last wave, and an unknown dependency
+    /// is ignored.
     pub fn waves(&self) -> Vec<Vec<String>> {
-        let mut depth: HashMap<&str, usize> = HashMap::new();
-        // A valid plan is acyclic, so repeating passes settles within len passes.
-        for _ in 0..self.tasks.len() {
-            for task in &self.tasks {
-                let d = task
-                    .depends_on
-                    .iter()
-                    .map(|dep| depth.get(dep.as_str()).map_or(1, |d| d + 1))
-                    .max()
-                    .unwrap_or(0);
-                depth.insert(&task.id, d);
+        let index: HashMap<&str, usize> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        let mut waiting = vec![0usize; self.tasks.len()];
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); self.tasks.len()];
+        for (i, task) in self.tasks.iter().enumerate() {
+            for dep in &task.depends_on {
+                if let Some(&d) = index.get(dep.as_str()) {
+                    waiting[i] += 1;
+                    dependents[d].push(i);
+                }
             }
         }
+        let mut depth: Vec<Option<usize>> = vec![None; self.tasks.len()];
+        let mut ready: Vec<usize> = (0..self.tasks.len()).filter(|&i| waiting[i] == 0).collect();
+        for &i in &ready {
+            depth[i] = Some(0);
+        }
+        while let Some(i) = ready.pop() {
+            let next = depth[i].unwrap_or(0) + 1;
+            for &j in &dependents[i] {
+                depth[j] = Some(depth[j].map_or(next, |d| d.max(next)));
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.push(j);
+                }
+            }
+        }
+        let deepest = depth.iter().flatten().max().map_or(0, |d| d + 1);
         let mut waves: Vec<Vec<String>> = Vec::new();
-        for task in &self.tasks {
-            let d = depth[task.id.as_str()];
+        for (task, depth) in self.tasks.iter().zip(depth) {
+            let d = depth.unwrap_or(deepest);
             if waves.len() <= d {
                 waves.resize(d + 1, Vec::new());
             }
@@ -473,6 +519,47 @@ impl Plan {
         }
         waves
     }
+}
+
+/// Checks that `exec` can pass a task's command and environment: no NUL byte (a C string ends
+/// there, so spawning fails), no string over [`MAX_ARG_BYTES`], all of it within
+/// [`MAX_EXEC_BYTES`]. The error names the field.
+fn check_exec_strings(
+    command: &CommandSpec,
+    env: &BTreeMap<String, String>,
+) -> std::result::Result<(), String> {
+    let check = |field: &str, text: &str, len: usize| {
+        if text.contains('\0') {
+            return Err(format!(
+                "{field} contains a NUL byte, which no program can be given; remove it"
+            ));
+        }
+        if len > MAX_ARG_BYTES {
+            return Err(format!(
+                "{field} is {len} bytes; an argument or environment entry may be at most {MAX_ARG_BYTES} bytes (the kernel's limit); pass large input through a file"
+            ));
+        }
+        Ok(len + 1)
+    };
+    let mut total = 0;
+    match command {
+        CommandSpec::Argv(argv) => {
+            for (n, arg) in argv.iter().enumerate() {
+                total += check(&format!("command[{n}]"), arg, arg.len())?;
+            }
+        }
+        CommandSpec::Shell(script) => total += check("command", script, script.len())?,
+    }
+    for (key, value) in env {
+        // The kernel sees `KEY=VALUE`.
+        total += check(&format!("env {key:?}"), value, key.len() + 1 + value.len())?;
+    }
+    if total > MAX_EXEC_BYTES {
+        return Err(format!(
+            "the command and env take {total} bytes together; at most {MAX_EXEC_BYTES} can be passed to a task; pass large input through a file"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a plan or task id; the error completes "the id ...".
@@ -554,9 +641,57 @@ mod tests {
         assert_eq!(plan.waves(), [vec!["a"], vec!["b", "c"], vec!["d"]]);
     }
 
+    #[test]
+    fn waves_are_linear_and_never_panic_on_a_hand_built_plan() {
+        let task = |id: &str, deps: &[&str]| Task {
+            id: id.into(),
+            argv: vec!["true".into()],
+            branch: format!("b/{id}"),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            env: BTreeMap::new(),
+            timeout: None,
+            retries: 0,
+            locks: Vec::new(),
+            reserve: Vec::new(),
+        };
+        let mut plan = Plan {
+            name: "x".into(),
+            run: "x-1".into(),
+            base: String::new(),
+            max_concurrent: 1,
+            integration: None,
+            tasks: vec![task("a", &[])],
+        };
+        for i in 1..10_000 {
+            let previous = plan.tasks[i - 1].id.clone();
+            plan.tasks.push(task(&format!("t{i}"), &[&previous]));
+        }
+        let waves = plan.waves();
+        assert_eq!(waves.len(), 10_000);
+        assert_eq!(waves[9_999], ["t9999"]);
+        // Not something parse lets through: a cycle and an unknown dependency.
+        plan.tasks = vec![
+            task("a", &["b"]),
+            task("b", &["a"]),
+            task("c", &["nobody"]),
+            task("d", &["c"]),
+        ];
+        assert_eq!(plan.waves(), [vec!["c"], vec!["d"], vec!["a", "b"]]);
+    }
+
     fn parse_toml(text: &str) -> Result<Plan> {
         let (_dir, repo) = repo();
         Plan::parse(text, Format::Toml, "plan.toml", "r1", &repo)
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_in_both_formats() {
+        let json = "\u{feff}{\"name\": \"x\", \"tasks\": [{\"id\": \"a\", \"command\": \"true\"}]}";
+        assert_eq!(parse(json).unwrap().name, "x");
+        assert_eq!(name_in(json, Format::Json).as_deref(), Some("x"));
+        let toml = "\u{feff}name = \"x\"\n[[tasks]]\nid = \"a\"\ncommand = \"true\"\n";
+        assert_eq!(parse_toml(toml).unwrap().name, "x");
+        assert_eq!(name_in(toml, Format::Toml).as_deref(), Some("x"));
     }
 
     #[test]
@@ -604,6 +739,18 @@ mod tests {
                 "{text}\n  gave: {message}\n  want: {want}"
             );
         }
+    }
+
+    #[test]
+    fn a_task_whose_command_and_env_exceed_what_exec_takes_is_refused() {
+        let arg = "x".repeat(120 * 1024);
+        let argv: Vec<&str> = std::iter::repeat_n(arg.as_str(), 9).collect();
+        let plan = serde_json::json!({"name": "x", "tasks": [{"id": "a", "command": argv}]});
+        let message = error(&plan.to_string());
+        assert!(message.contains("take 1105929 bytes together"), "{message}");
+        let fits: Vec<&str> = std::iter::repeat_n(arg.as_str(), 8).collect();
+        let plan = serde_json::json!({"name": "x", "tasks": [{"id": "a", "command": fits}]});
+        parse(&plan.to_string()).unwrap();
     }
 
     #[test]
@@ -656,6 +803,12 @@ mod tests {
             ),
             (r#"{"name": "x", "tasks": []}"#, "no tasks"),
             (
+                r#" [{"id": "a", "command": "true"}]"#,
+                "plan.json:1:2: a plan is an object with a \"tasks\" array; this file's top level is an array",
+            ),
+            (r#""x""#, "this file's top level is not an object"),
+            ("\u{feff}{\"name\": \"x\"", "plan.json:1:"),
+            (
                 r#"{"name": "x", "tasks": [{"id": "a", "command": "true"}"#,
                 "plan.json:1:",
             ),
@@ -670,5 +823,297 @@ mod tests {
                 "{text}\n  gave: {message}\n  want: {want}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A repository with one commit, for resolving `base`.
+    fn repo() -> (tempfile::TempDir, Repository) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
+        let tree = repo.treebuilder(None).unwrap().write().unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        repo.commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
+            .unwrap();
+        drop(tree);
+        (dir, repo)
+    }
+
+    /// A TOML basic string: every character TOML does not allow raw is escaped.
+    fn toml_string(text: &str) -> String {
+        let mut out = String::from("\"");
+        for c in text.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                    out.push_str(&format!("\\u{:04X}", c as u32));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    fn toml_array(items: &[String]) -> String {
+        let items: Vec<String> = items.iter().map(|s| toml_string(s)).collect();
+        format!("[{}]", items.join(", "))
+    }
+
+    /// `spec` written as TOML, the way the docs show it.
+    fn to_toml(spec: &PlanSpec) -> String {
+        let mut out = format!("name = {}\n", toml_string(&spec.name));
+        let mut line = |key: &str, value: String| out.push_str(&format!("{key} = {value}\n"));
+        if let Some(text) = &spec.description {
+            line("description", toml_string(text));
+        }
+        if let Some(base) = &spec.base {
+            line("base", toml_string(base));
+        }
+        if let Some(max) = spec.max_concurrent {
+            line("max_concurrent", max.to_string());
+        }
+        match &spec.integration {
+            None => {}
+            Some(Integration::Flag(flag)) => line("integration", flag.to_string()),
+            Some(Integration::Branch(name)) => line("integration", toml_string(name)),
+        }
+        if spec.tasks.is_empty() {
+            line("tasks", "[]".into());
+        }
+        for task in &spec.tasks {
+            out.push_str("\n[[tasks]]\n");
+            let mut line = |key: &str, value: String| out.push_str(&format!("{key} = {value}\n"));
+            line("id", toml_string(&task.id));
+            if let Some(text) = &task.description {
+                line("description", toml_string(text));
+            }
+            line(
+                "command",
+                match &task.command {
+                    CommandSpec::Argv(argv) => toml_array(argv),
+                    CommandSpec::Shell(script) => toml_string(script),
+                },
+            );
+            if let Some(branch) = &task.branch {
+                line("branch", toml_string(branch));
+            }
+            line("depends_on", toml_array(&task.depends_on));
+            let env: Vec<String> = task
+                .env
+                .iter()
+                .map(|(k, v)| format!("{} = {}", toml_string(k), toml_string(v)))
+                .collect();
+            line("env", format!("{{ {} }}", env.join(", ")));
+            if let Some(timeout) = &task.timeout {
+                line("timeout", toml_string(timeout));
+            }
+            line("retries", task.retries.to_string());
+            line("locks", toml_array(&task.locks));
+            line("reserve", toml_array(&task.reserve));
+        }
+        out
+    }
+
+    /// Text that is sometimes a valid value and often not.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9][a-z0-9_-]{0,6}",
+            "[ -~]{0,12}",
+            any::<String>(),
+            Just("x\0y".to_string()),
+        ]
+    }
+
+    /// Any plan the format can express, valid or not.
+    fn any_spec() -> impl Strategy<Value = PlanSpec> {
+        let task = (
+            (text(), proptest::option::of(text())),
+            prop_oneof![
+                proptest::collection::vec(text(), 0..4).prop_map(CommandSpec::Argv),
+                text().prop_map(CommandSpec::Shell),
+            ],
+            (
+                proptest::option::of(text()),
+                proptest::collection::vec(text(), 0..3),
+                proptest::collection::btree_map(text(), text(), 0..3),
+            ),
+            (
+                proptest::option::of(prop_oneof!["[0-9]{1,4}(ms|s|m|h|d)", text()]),
+                0u32..4,
+                proptest::collection::vec(text(), 0..2),
+                proptest::collection::vec(text(), 0..2),
+            ),
+        )
+            .prop_map(
+                |(
+                    (id, description),
+                    command,
+                    (branch, depends_on, env),
+                    (timeout, retries, locks, reserve),
+                )| {
+                    TaskSpec {
+                        id,
+                        description,
+                        command,
+                        branch,
+                        depends_on,
+                        env,
+                        timeout,
+                        retries,
+                        locks,
+                        reserve,
+                    }
+                },
+            );
+        (
+            (text(), proptest::option::of(text())),
+            proptest::option::of(prop_oneof![Just("HEAD".to_string()), text()]),
+            proptest::option::of(0usize..6),
+            proptest::option::of(prop_oneof![
+                any::<bool>().prop_map(Integration::Flag),
+                text().prop_map(Integration::Branch),
+            ]),
+            proptest::collection::vec(task, 0..6),
+        )
+            .prop_map(
+                |((name, description), base, max_concurrent, integration, tasks)| PlanSpec {
+                    name,
+                    description,
+                    base,
+                    max_concurrent,
+                    integration,
+                    tasks,
+                },
+            )
+    }
+
+    /// A valid plan: tasks `t0`..`tN`, each depending only on earlier ones.
+    fn dag_spec() -> impl Strategy<Value = PlanSpec> {
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(any::<proptest::sample::Index>(), 0..3),
+                "[!-~][ -~]{0,15}",
+                proptest::collection::btree_map("[A-Z][A-Z0-9_]{0,5}", "[ -~]{0,8}", 0..3),
+                proptest::option::of("[1-9][0-9]{0,2}(ms|s|m|h)"),
+            ),
+            1..12,
+        )
+        .prop_map(|tasks| PlanSpec {
+            name: "dag".into(),
+            description: None,
+            base: None,
+            max_concurrent: Some(2),
+            integration: Some(Integration::Flag(true)),
+            tasks: tasks
+                .into_iter()
+                .enumerate()
+                .map(|(i, (deps, script, env, timeout))| {
+                    let mut depends_on: Vec<String> = if i == 0 {
+                        Vec::new()
+                    } else {
+                        deps.iter().map(|d| format!("t{}", d.index(i))).collect()
+                    };
+                    depends_on.dedup();
+                    TaskSpec {
+                        id: format!("t{i}"),
+                        description: None,
+                        command: CommandSpec::Shell(script),
+                        branch: None,
+                        depends_on,
+                        env,
+                        timeout,
+                        retries: 0,
+                        locks: Vec::new(),
+                        reserve: Vec::new(),
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn any_text_parses_or_is_refused_without_a_panic() {
+        let (_dir, repo) = repo();
+        proptest!(ProptestConfig::with_cases(256), |(text in prop_oneof![
+            any::<String>(),
+            "[\\[\\]{}\",:= a-z0-9\\n\u{feff}]{0,80}",
+        ])| {
+            for format in [Format::Json, Format::Toml] {
+                let _ = name_in(&text, format);
+                let _ = Plan::parse(&text, format, "p", "r1", &repo);
+            }
+        });
+    }
+
+    #[test]
+    fn any_plan_round_trips_through_both_formats_and_validates_without_a_panic() {
+        let (_dir, repo) = repo();
+        proptest!(ProptestConfig::with_cases(256), |(spec in any_spec())| {
+            let json = serde_json::to_string_pretty(&spec).unwrap();
+            prop_assert_eq!(&Format::Json.read(&json, "p.json").unwrap(), &spec);
+            let toml = to_toml(&spec);
+            let read = Format::Toml.read(&toml, "p.toml");
+            prop_assert!(read.is_ok(), "{}\n{:?}", toml, read);
+            prop_assert_eq!(&read.unwrap(), &spec);
+            let from_json = Plan::parse(&json, Format::Json, "p.json", "r1", &repo);
+            let from_toml = Plan::parse(&toml, Format::Toml, "p.toml", "r1", &repo);
+            // Both formats agree on whether the plan is valid, and on the plan.
+            match (from_json, from_toml) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(Error::BadInput(_)), Err(Error::BadInput(_))) => {}
+                (a, b) => prop_assert!(false, "json: {:?}\ntoml: {:?}", a, b),
+            }
+        });
+    }
+
+    #[test]
+    fn a_valid_plan_is_accepted_and_its_waves_respect_every_dependency() {
+        let (_dir, repo) = repo();
+        proptest!(ProptestConfig::with_cases(256), |(spec in dag_spec())| {
+            let json = serde_json::to_string(&spec).unwrap();
+            let plan = Plan::parse(&json, Format::Json, "p.json", "r1", &repo);
+            prop_assert!(plan.is_ok(), "{}: {:?}", json, plan);
+            let plan = plan.unwrap();
+            let waves = plan.waves();
+            let wave_of: HashMap<&str, usize> = waves
+                .iter()
+                .enumerate()
+                .flat_map(|(n, wave)| wave.iter().map(move |id| (id.as_str(), n)))
+                .collect();
+            prop_assert_eq!(wave_of.len(), plan.tasks.len(), "every task in one wave");
+            for task in &plan.tasks {
+                let here = wave_of[task.id.as_str()];
+                for dep in &task.depends_on {
+                    prop_assert!(wave_of[dep.as_str()] < here, "{} before {}", dep, task.id);
+                }
+                // And no later than it must be: right after its last dependency.
+                let want = task
+                    .depends_on
+                    .iter()
+                    .map(|dep| wave_of[dep.as_str()] + 1)
+                    .max()
+                    .unwrap_or(0);
+                prop_assert_eq!(here, want, "{}", task.id);
+            }
+            // The first and the last task depending on each other is a cycle (a task depending
+            // on itself, when there is one), which is refused.
+            let mut cyclic = spec.clone();
+            let last = cyclic.tasks.len() - 1;
+            cyclic.tasks[0].depends_on.push(format!("t{last}"));
+            cyclic.tasks[last].depends_on.push("t0".into());
+            let refused = Plan::parse(&serde_json::to_string(&cyclic).unwrap(), Format::Json, "p.json", "r1", &repo);
+            prop_assert!(
+                matches!(&refused, Err(Error::BadInput(m)) if m.contains("cycle") || m.contains("depends on itself")),
+                "{:?}",
+                refused
+            );
+        });
     }
 }

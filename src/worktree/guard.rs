@@ -29,6 +29,10 @@ use crate::journal::{self, Intent, Operation};
 use crate::paths::AppPaths;
 use crate::sign::SigningKey;
 
+/// How old the process scan of the first in-use check may be (doctor reclaims many worktrees
+/// in a row); the check right before the files go is always fresh.
+const FIRST_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What may happen to what the worktree holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
@@ -104,7 +108,9 @@ pub fn remove(
         forget_missing(paths, target.id)?;
         return Ok(Removal::Absent);
     }
-    let users = inuse::worktree_users(&Scan::take(), &path, &admin);
+    // A first look (at most a second old) decides whether to look further; a fresh one
+    // decides the removal below.
+    let users = inuse::worktree_users(&Scan::recent(FIRST_LOOK), &path, &admin);
     if !users.is_empty() {
         return Ok(Removal::kept(format!(
             "in use by {}",
@@ -117,10 +123,23 @@ pub fn remove(
         forget_missing(paths, target.id)?;
         return Ok(Removal::Absent);
     }
-    let changes = match user_must_decide(paths, target.id) {
+    if let Some(because) = user_must_decide(paths, target.id) {
+        return Ok(Removal::needs_user(because));
+    }
+    let changes = match Changes::read(&path) {
         Ok(changes) => changes,
-        Err(because) => return Ok(Removal::needs_user(because)),
+        Err(err) => {
+            return Ok(Removal::needs_user(format!(
+                "cannot read what it holds ({err}); look at it and move it out of .app/worktrees/ yourself"
+            )));
+        }
     };
+    if let Some(nested) = changes.nested.first() {
+        return Ok(Removal::needs_user(format!(
+            "it holds a repository of its own at {}; move it out, then run 'app doctor --fix'",
+            path.join(nested).display()
+        )));
+    }
     let changes = if keep == Keep::RescueUndo {
         changes.without_deletions()
     } else {
@@ -166,37 +185,51 @@ pub fn remove(
     Ok(Removal::Removed { rescued_to })
 }
 
-/// What worktree `id` holds, or why only its user can decide what becomes of it: git does not
-/// record it as this worktree, it is locked with `git worktree lock`, it cannot be read, or it
-/// holds a repository of its own. The text says what to do.
-pub fn user_must_decide(paths: &AppPaths, id: &str) -> std::result::Result<Changes, String> {
+/// Why only its user can decide what becomes of worktree `id`, if so: git does not record it
+/// as this worktree, it is locked with `git worktree lock`, or it holds a repository of its
+/// own (a nested `git init`, an initialised submodule, whose history would go with it). The
+/// text says what to do. Cheap: no status, one directory walk.
+pub fn user_must_decide(paths: &AppPaths, id: &str) -> Option<String> {
     let path = paths.worktree(id);
     let admin = paths.git_worktree_admin(id);
     if !points_back(&admin, &path) {
-        return Err(format!(
+        return Some(format!(
             "{} is not a worktree git knows as {id}; look at it and move it out of .app/worktrees/ yourself",
             path.display()
         ));
     }
     if let Some(reason) = git_lock(&admin) {
-        return Err(format!(
+        return Some(format!(
             "locked with 'git worktree lock' ({reason}); run 'git worktree unlock {}' to let app reclaim it",
             path.display()
         ));
     }
-    let changes = Changes::read(&path).map_err(|err| {
-        format!(
-            "cannot read what it holds ({err}); look at it and move it out of .app/worktrees/ yourself"
-        )
-    })?;
-    if let Some(nested) = changes.nested.first() {
-        return Err(format!(
-            "it holds a repository of its own at {} (its history would go with the worktree); move it out (mv {} <somewhere>), then run 'app doctor --fix'",
-            nested.display(),
-            path.join(nested).display(),
-        ));
+    let nested = nested_repository(&path)?;
+    Some(format!(
+        "it holds a repository of its own at {} (its history would go with the worktree); move it out (mv {} <somewhere>), then run 'app doctor --fix'",
+        nested.strip_prefix(&path).unwrap_or(&nested).display(),
+        nested.display(),
+    ))
+}
+
+/// The first directory below `root` (not `root` itself) that holds a `.git`, found without
+/// following symlinks.
+fn nested_repository(root: &Path) -> Option<std::path::PathBuf> {
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            if dir != root && entry.file_name() == ".git" {
+                return Some(dir);
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && entry.file_name() != ".git" {
+                dirs.push(entry.path());
+            }
+        }
     }
-    Ok(changes)
+    None
 }
 
 /// Removes git's record of worktree `id` when its directory (`.app/worktrees/<id>`) is gone,

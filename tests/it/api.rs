@@ -580,3 +580,84 @@ fn a_stop_request_kills_a_command_that_outlives_the_stop_timeout_or_a_second_req
     }
     assert!(repo.instances().is_empty());
 }
+
+/// Sends `head` (request line and headers, through the blank line) and then `body` from another
+/// thread, ignoring write errors: the server may answer and close before it has read it all.
+/// Returns the status and the response body.
+fn raw_request(url: &str, head: &str, body: Vec<u8>) -> (u16, String) {
+    let address = url.strip_prefix("http://").unwrap();
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        for chunk in body.chunks(64 * 1024) {
+            if writer.write_all(chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 8192];
+    // Until the server closes (or resets) the connection.
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buffer[..n]);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    sending.join().unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    assert!(response.len() > 12, "no response: {response:?}");
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn an_oversized_or_broken_body_gets_the_json_error_shape() {
+    let repo = TestRepo::new();
+    let mut server = repo.spawn(repo.app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        "127.0.0.1:0",
+        "--instance",
+        "hub",
+    ]));
+    let url = wait_serving(&repo, &mut server, "hub").unwrap();
+    let address = url.strip_prefix("http://").unwrap();
+
+    // Over the 2 MiB limit: 413, as JSON.
+    let body = vec![b' '; 3 * 1024 * 1024];
+    let head = format!(
+        "POST /messages HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (status, response) = raw_request(&url, &head, body);
+    assert_eq!(status, 413, "{response}");
+    let error = json_of(&response);
+    assert_eq!(error["kind"], "too_large", "{response}");
+    assert!(
+        error["error"].as_str().unwrap().contains("2097152 bytes"),
+        "{response}"
+    );
+
+    // A chunked body that breaks off: 400, as JSON.
+    let head = format!(
+        "POST /messages HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    );
+    let (status, response) = raw_request(&url, &head, Vec::new());
+    assert_eq!(status, 400, "{response}");
+    assert_eq!(json_of(&response)["kind"], "bad_input", "{response}");
+
+    // The server is still there.
+    let (status, response) = http(&url, "GET", "/health", &[], None);
+    assert_eq!(status, 200, "{response}");
+}

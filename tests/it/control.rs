@@ -284,3 +284,39 @@ fn stop_asks_through_the_socket_and_falls_back_to_signals() {
     let output = run.wait(Duration::from_secs(30));
     assert_eq!(code(&output), 128 + 15);
 }
+
+/// Whether `pid` is stopped (state `T` in /proc).
+fn stopped(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn exec_into_an_instance_that_is_still_starting_waits_for_its_socket() {
+    let repo = TestRepo::new();
+    // The supervisor stops itself right after registering, before it serves its socket.
+    let mut command = repo.app(&["run", "--instance", "early", "--", "sleep", "300"]);
+    command.env("APP_FAULT_PAUSE", "run.registered");
+    let run = repo.spawn(command);
+    crate::support::wait_for("the instance to pause", Duration::from_secs(30), || {
+        stopped(run.pid())
+    });
+    let list = repo.run_app(&["instance", "list", "--long"]);
+    assert!(stdout(&list).contains("starting"), "{}", stdout(&list));
+    assert!(!repo.state_dir().join("run/early.sock").exists());
+
+    let exec = repo.spawn(repo.app(&["instance", "exec", "early", "--", "echo", "inside"]));
+    // It waits rather than failing at once.
+    std::thread::sleep(Duration::from_millis(700));
+    let mut exec = exec;
+    exec.assert_running();
+    crate::support::kill(run.pid(), nix::sys::signal::Signal::SIGCONT);
+    let output = exec.wait(Duration::from_secs(30));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(stdout(&output), "inside\n");
+}

@@ -491,3 +491,73 @@ fn overlapping_reservations_are_refused_and_hooks_enforce_them() {
     assert_eq!(code(&output), 1, "{}", stderr(&output));
     assert_eq!(fs::read_to_string(&hook).unwrap(), "#!/bin/sh\necho mine\n");
 }
+
+#[test]
+fn durations_out_of_range_are_refused_without_a_panic() {
+    let repo = TestRepo::new();
+    let before = TestRepo::tree_state(&repo.state_dir());
+    for args in [
+        &["lock", "acquire", "x", "--ttl", "2920000d"][..],
+        &["lock", "acquire", "x", "--ttl", "366d"],
+        &["lock", "acquire", "x", "--timeout", "150000000000000d"],
+        &[
+            "lock",
+            "run",
+            "x",
+            "--timeout",
+            "150000000000000d",
+            "--",
+            "true",
+        ],
+        &["reserve", "src/**", "--ttl", "2920000d"],
+        &[
+            "send", "--from", "me", "--to", "all", "--ttl", "2920000d", "hi",
+        ],
+        &["recv", "--instance", "me", "--wait", "150000000000000d"],
+        &["events", "--since", "21000d"],
+        &["events", "--since", "150000000000000d"],
+        &["instance", "stop", "x", "--timeout", "150000000000000d"],
+    ] {
+        let output = repo.run_app(args);
+        let err = stderr(&output);
+        assert_eq!(code(&output), 2, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.contains("at most") || err.contains("before 1970"),
+            "{args:?} says what the bound is: {err}"
+        );
+    }
+    // A stale limit reaching back before 1970 is a limit, not a crash.
+    let output = repo
+        .app(&["instance", "list", "--everywhere"])
+        .env("APP_STALE_AFTER", "36000d")
+        .output()
+        .unwrap();
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(
+        TestRepo::tree_state(&repo.state_dir()),
+        before,
+        "refused input wrote nothing"
+    );
+}
+
+#[test]
+fn listing_locks_and_reservations_creates_nothing() {
+    let repo = TestRepo::new();
+    for args in [
+        &["lock", "list"][..],
+        &["lock", "list", "--json"],
+        &["reservations"],
+        &["reservations", "--json"],
+    ] {
+        let output = repo.run_app(args);
+        assert_eq!(code(&output), 0, "{args:?}: {}", stderr(&output));
+        let printed = stdout(&output);
+        assert!(
+            printed.is_empty() || printed.trim() == "[]",
+            "{args:?} printed {printed:?}"
+        );
+        assert!(!repo.state_dir().exists(), "{args:?} created .app/");
+    }
+    assert_eq!(repo.git(&["status", "--porcelain", "--ignored"]), "");
+}

@@ -206,3 +206,25 @@ fn whoami_names_the_instance_of_the_current_worktree() {
     assert_eq!(code(&outside), 1);
     assert_eq!(stdout(&outside), "");
 }
+
+#[test]
+fn an_invalid_id_is_refused_as_bad_input_by_info_exec_and_stop() {
+    let repo = TestRepo::new();
+    for id in ["", "Not-An-Id", "../escape", "a b"] {
+        for args in [
+            &["instance", "info", id][..],
+            &["instance", "info", id, "--json"],
+            &["instance", "exec", id, "--", "true"],
+            &["instance", "stop", id],
+        ] {
+            let output = repo.run_app(args);
+            let err = stderr(&output);
+            assert_eq!(code(&output), 2, "{args:?}: {err}");
+            assert!(
+                err.starts_with(&format!("app: invalid instance name {id:?}")),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    assert!(!repo.state_dir().exists(), "refusing created .app/");
+}

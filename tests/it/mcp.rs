@@ -310,7 +310,8 @@ async fn bad_arguments_are_tool_errors_and_the_server_goes_on() {
             json!([])
         );
 
-        // A request longer than the limit is dropped unread; the next one is answered.
+        // A request longer than the limit is dropped unread (its id is never answered, only a
+        // parse error with id null); the next one is answered.
         let huge = json!({"namespace": "n", "content": "y".repeat(app::mcp::MAX_REQUEST_BYTES)});
         let dropped =
             tokio::time::timeout(Duration::from_secs(2), call(&a, "remember", huge)).await;
@@ -454,5 +455,113 @@ fn the_python_sdk_client_runs_the_whole_scenario() {
         support::stdout(&output).contains("ok: "),
         "{}",
         support::stdout(&output)
+    );
+}
+
+/// `app mcp` as a plain child with piped stdin and stdout, for raw lines; its process group is
+/// killed on drop.
+struct RawServer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl RawServer {
+    fn start(repo: &TestRepo) -> RawServer {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut command = repo.app(&["mcp", "--name", "raw"]);
+        let mut child = command
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn app mcp");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        RawServer {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn send(&mut self, line: &[u8]) {
+        use std::io::Write;
+        self.stdin.write_all(line).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// The next line the server writes, as JSON.
+    fn reply(&self) -> Value {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("an answer from app mcp");
+        serde_json::from_str(&line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn garbage_and_oversized_lines_get_a_parse_error_and_serving_goes_on() {
+    let repo = TestRepo::new();
+    let mut server = RawServer::start(&repo);
+    server.send(
+        br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#,
+    );
+    assert_eq!(server.reply()["id"], 1);
+    server.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+
+    server.send(b"this is not json");
+    let error = server.reply();
+    assert_eq!(error["jsonrpc"], "2.0", "{error}");
+    assert_eq!(error["id"], Value::Null, "{error}");
+    assert_eq!(error["error"]["code"], -32700, "{error}");
+
+    let mut huge = br#"{"jsonrpc":"2.0","id":2,"method":"ping","params":{"pad":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'x', app::mcp::MAX_REQUEST_BYTES));
+    huge.extend(br#""}}"#);
+    server.send(&huge);
+    let error = server.reply();
+    assert_eq!(error["id"], Value::Null, "{error}");
+    assert_eq!(error["error"]["code"], -32700, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("over the limit"),
+        "{error}"
+    );
+
+    // JSON that is no JSON-RPC message is an invalid request, with its id when it has one.
+    server.send(br#"{"id": 7, "what": "no method"}"#);
+    let error = server.reply();
+    assert_eq!(error["error"]["code"], -32600, "{error}");
+
+    server.send(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"whoami","arguments":{}}}"#);
+    let answer = server.reply();
+    assert_eq!(answer["id"], 3, "{answer}");
+    assert_eq!(
+        answer["result"]["structuredContent"]["id"], "raw",
+        "{answer}"
     );
 }

@@ -728,3 +728,134 @@ fn a_resume_does_not_count_attempts_that_never_started_their_command() {
     assert_eq!(ran.lines().count(), 2, "{ran}");
     assert!(repo.instances().is_empty());
 }
+
+/// `app orchestrate --dry-run --plan PATH`.
+fn dry_run(repo: &TestRepo, path: &Path) -> Output {
+    repo.run_app(&["orchestrate", "--dry-run", "--plan", path.to_str().unwrap()])
+}
+
+#[test]
+fn nul_bytes_and_oversized_arguments_fail_the_dry_run_with_their_place() {
+    let repo = TestRepo::new();
+    let huge = "x".repeat(128 * 1024);
+    let ok = json!({"id": "ok", "command": "true"});
+    for (name, task, want) in [
+        (
+            "argv",
+            json!({"id": "a", "command": ["echo", "one\u{0}two"]}),
+            "task \"a\": command[1] contains a NUL byte",
+        ),
+        (
+            "shell",
+            json!({"id": "a", "command": "echo \u{0}"}),
+            "task \"a\": command contains a NUL byte",
+        ),
+        (
+            "env-value",
+            json!({"id": "a", "command": "true", "env": {"K": "v\u{0}"}}),
+            "task \"a\": env \"K\" contains a NUL byte",
+        ),
+        (
+            "env-key",
+            json!({"id": "a", "command": "true", "env": {"K\u{0}": "v"}}),
+            "task \"a\": env: \"K\\0\" is not a variable name",
+        ),
+        (
+            "long-argv",
+            json!({"id": "a", "command": ["echo", huge]}),
+            "task \"a\": command[1] is 131072 bytes",
+        ),
+        (
+            "long-env",
+            json!({"id": "a", "command": "true", "env": {"K": huge}}),
+            "task \"a\": env \"K\" is 131074 bytes",
+        ),
+    ] {
+        let path = write_plan(&repo, name, &json!({"name": "n", "tasks": [ok, task]}));
+        let output = dry_run(&repo, &path);
+        let err = stderr(&output);
+        assert_eq!(code(&output), 2, "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+        // `FILE:LINE: task ...`, the line of the task's id.
+        let place = format!("app: {}:", path.display());
+        let line = err
+            .strip_prefix(&place)
+            .and_then(|rest| rest.split(':').next());
+        assert!(
+            line.is_some_and(|line| line.parse::<usize>().is_ok()),
+            "{name}: {err}"
+        );
+        // And the real run refuses it the same way, before creating anything.
+        let output = orchestrate(&repo, &path, &[]);
+        assert_eq!(code(&output), 2, "{name}: {}", stderr(&output));
+        assert!(!repo.state_dir().exists(), "{name} created .app/");
+    }
+    // TOML says the same, with the task's line.
+    let path = repo.scratch().join("nul.toml");
+    fs::write(
+        &path,
+        "name = \"n\"\n\n[[tasks]]\nid = \"a\"\ncommand = [\"echo\", \"x\\u0000\"]\n",
+    )
+    .unwrap();
+    let output = dry_run(&repo, &path);
+    let err = stderr(&output);
+    assert_eq!(code(&output), 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:4: task \"a\": command[1] contains a NUL byte",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_accepted_and_a_top_level_array_is_explained() {
+    let repo = TestRepo::new();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for file in ["hello-plan.json", "hello-plan.toml"] {
+        let text = fs::read_to_string(examples.join(file)).unwrap();
+        let path = repo.scratch().join(file);
+        fs::write(&path, format!("\u{feff}{text}")).unwrap();
+        let output = dry_run(&repo, &path);
+        assert_eq!(code(&output), 0, "{file}: {}", stderr(&output));
+        assert!(
+            stdout(&output).starts_with("run hello-"),
+            "{file}: the name is read past the mark: {}",
+            stdout(&output)
+        );
+        assert!(stdout(&output).contains("wave 2: left, right"));
+    }
+    let path = repo.scratch().join("array.json");
+    fs::write(&path, r#"[{"id": "a", "command": "true"}]"#).unwrap();
+    let output = dry_run(&repo, &path);
+    let err = stderr(&output);
+    assert_eq!(code(&output), 2, "{err}");
+    assert!(
+        err.contains("a plan is an object with a \"tasks\" array"),
+        "{err}"
+    );
+    assert!(!repo.state_dir().exists());
+}
+
+#[test]
+fn a_ten_thousand_task_chain_dry_runs() {
+    let repo = TestRepo::new();
+    let tasks: Vec<Value> = (0..10_000)
+        .map(|i| {
+            if i == 0 {
+                json!({"id": "t0", "command": "true"})
+            } else {
+                json!({"id": format!("t{i}"), "command": "true", "depends_on": [format!("t{}", i - 1)]})
+            }
+        })
+        .collect();
+    let path = write_plan(&repo, "chain", &json!({"name": "chain", "tasks": tasks}));
+    let output = dry_run(&repo, &path);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("10000 tasks"), "{text}");
+    assert!(text.contains("\nwave 1: t0\n"), "{text}");
+    assert!(text.ends_with("\nwave 10000: t9999\n"), "{text}");
+    assert!(!repo.state_dir().exists());
+}
