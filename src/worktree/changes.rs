@@ -86,17 +86,23 @@ impl Changes {
 
         let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
         let mut options = StatusOptions::new();
+        // Ignored directories are listed (not entered) only to find repositories in them.
         options
             .include_untracked(true)
             .recurse_untracked_dirs(true)
-            .include_ignored(false)
+            .include_ignored(true)
+            .recurse_ignored_dirs(false)
             .exclude_submodules(false);
         let statuses = wt.statuses(Some(&mut options)).git_context(context)?;
+        let mut nested = Vec::new();
         for entry in statuses.iter() {
-            if entry.status() != Status::CURRENT {
-                candidates.insert(PathBuf::from(std::ffi::OsStr::from_bytes(
-                    entry.path_bytes(),
-                )));
+            let rel = PathBuf::from(std::ffi::OsStr::from_bytes(entry.path_bytes()));
+            if entry.status() == Status::IGNORED {
+                if entry.path_bytes().ends_with(b"/") && path.join(&rel).join(".git").exists() {
+                    nested.push(rel.components().collect::<PathBuf>());
+                }
+            } else if entry.status() != Status::CURRENT {
+                candidates.insert(rel);
             }
         }
         // git's status trusts these flags and says nothing: look for ourselves.
@@ -116,6 +122,7 @@ impl Changes {
         let mut changes = Changes {
             head: head_commit.as_ref().map(git2::Commit::id),
             head_branch,
+            nested,
             ..Changes::default()
         };
         let in_head = |rel: &Path| -> Option<(Oid, i32)> {

@@ -135,10 +135,9 @@ pub fn remove(
         }
     };
     if let Some(nested) = changes.nested.first() {
-        return Ok(Removal::needs_user(format!(
-            "it holds a repository of its own at {}; move it out, then run 'app doctor --fix'",
-            path.join(nested).display()
-        )));
+        let verdict = Verdict::new(&path, nested);
+        verdict.save(&admin)?;
+        return Ok(Removal::needs_user(verdict.reason));
     }
     let changes = if keep == Keep::RescueUndo {
         changes.without_deletions()
@@ -186,9 +185,10 @@ pub fn remove(
 }
 
 /// Why only its user can decide what becomes of worktree `id`, if so: git does not record it
-/// as this worktree, it is locked with `git worktree lock`, or it holds a repository of its
-/// own (a nested `git init`, an initialised submodule, whose history would go with it). The
-/// text says what to do. Cheap: no status, one directory walk.
+/// as this worktree, it is locked with `git worktree lock`, it has initialised submodules
+/// (their repositories live in git's record of the worktree), or an earlier look found a
+/// repository of its own inside and nothing has moved there since ([`Verdict`]). The text
+/// says what to do. Cheap: a few small reads, no walk of the worktree.
 pub fn user_must_decide(paths: &AppPaths, id: &str) -> Option<String> {
     let path = paths.worktree(id);
     let admin = paths.git_worktree_admin(id);
@@ -204,32 +204,64 @@ pub fn user_must_decide(paths: &AppPaths, id: &str) -> Option<String> {
             path.display()
         ));
     }
-    let nested = nested_repository(&path)?;
-    Some(format!(
-        "it holds a repository of its own at {} (its history would go with the worktree); move it out (mv {} <somewhere>), then run 'app doctor --fix'",
-        nested.strip_prefix(&path).unwrap_or(&nested).display(),
-        nested.display(),
-    ))
+    if admin.join("modules").is_dir() {
+        return Some(format!(
+            "it has initialised submodules, whose repositories would go with it; run 'git -C {} submodule deinit --all' once their work is pushed, then 'app doctor --fix'",
+            path.display()
+        ));
+    }
+    Verdict::load(&admin).map(|verdict| verdict.reason)
 }
 
-/// The first directory below `root` (not `root` itself) that holds a `.git`, found without
-/// following symlinks.
-fn nested_repository(root: &Path) -> Option<std::path::PathBuf> {
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.filter_map(|e| e.ok()) {
-            if dir != root && entry.file_name() == ".git" {
-                return Some(dir);
-            }
-            if entry.file_type().is_ok_and(|t| t.is_dir()) && entry.file_name() != ".git" {
-                dirs.push(entry.path());
-            }
+/// A nested repository found inside a worktree, remembered in git's record of the worktree
+/// (`app-kept`) so a later diagnosis says so without walking the worktree again. It holds
+/// while the nested repository is where it was and its parent directory unchanged (moving it
+/// out, as the reason says to, changes that).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Verdict {
+    reason: String,
+    nested: std::path::PathBuf,
+    parent_mtime_ns: i128,
+}
+
+impl Verdict {
+    fn file(admin: &Path) -> std::path::PathBuf {
+        admin.join("app-kept")
+    }
+
+    fn mtime_ns(dir: &Path) -> Option<i128> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(dir).ok()?;
+        Some(i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()))
+    }
+
+    fn new(worktree: &Path, nested: &Path) -> Verdict {
+        let abs = worktree.join(nested);
+        let parent = abs.parent().unwrap_or(worktree);
+        Verdict {
+            reason: format!(
+                "it holds a repository of its own at {} (its history would go with the worktree); move it out (mv {} <somewhere>), then run 'app doctor --fix'",
+                nested.display(),
+                abs.display(),
+            ),
+            parent_mtime_ns: Verdict::mtime_ns(parent).unwrap_or_default(),
+            nested: abs,
         }
     }
-    None
+
+    fn load(admin: &Path) -> Option<Verdict> {
+        let verdict: Verdict =
+            serde_json::from_slice(&fs::read(Verdict::file(admin)).ok()?).ok()?;
+        let parent = verdict.nested.parent()?;
+        (verdict.nested.join(".git").exists()
+            && Verdict::mtime_ns(parent) == Some(verdict.parent_mtime_ns))
+        .then_some(verdict)
+    }
+
+    fn save(&self, admin: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec(self).expect("verdicts serialize");
+        crate::state::write_atomic(&Verdict::file(admin), &bytes)
+    }
 }
 
 /// Removes git's record of worktree `id` when its directory (`.app/worktrees/<id>`) is gone,
