@@ -637,12 +637,11 @@ fn supervise(
             wind_down(id, api, control, slot, "the command could not start");
             let cleanup = finish(
                 repo,
-                &registry,
-                &key,
+                (&registry, &key),
                 &record,
                 plan.as_ref(),
                 created_branch,
-                options,
+                (options, None),
             );
             mirror.stopped(
                 &record,
@@ -660,12 +659,11 @@ fn supervise(
             let exit_code = 128u8.saturating_add(signal as u8);
             let cleanup = finish(
                 repo,
-                &registry,
-                &key,
+                (&registry, &key),
                 &record,
                 plan.as_ref(),
                 created_branch,
-                options,
+                (options, None),
             );
             mirror.stopped(
                 &record,
@@ -745,26 +743,14 @@ fn supervise(
     let still_running = settle_leftovers(slot, options.keep_running);
     drop(stop_heartbeat);
     let _ = heartbeat.join();
-    let cleanup = match (&still_running, plan.as_ref()) {
-        (Some(running), Some(_)) if !options.keep => {
-            unregister(&registry, &record.id, None);
-            Ok(Some(Cleanup {
-                worktree_kept_because: Some(format!(
-                    "--keep-running: {running} still running; 'app doctor --fix' reclaims it once they end"
-                )),
-                ..Cleanup::default()
-            }))
-        }
-        _ => finish(
-            repo,
-            &registry,
-            &key,
-            &record,
-            plan.as_ref(),
-            created_branch,
-            options,
-        ),
-    };
+    let cleanup = finish(
+        repo,
+        (&registry, &key),
+        &record,
+        plan.as_ref(),
+        created_branch,
+        (options, still_running.as_deref()),
+    );
     mirror.stopped(
         &record,
         Some(exit_code),
@@ -910,15 +896,15 @@ fn unregister(registry: &Registry, id: &str, branch: Option<&str>) {
     }
 }
 
-/// Cleans up the worktree (unless kept) and unregisters.
+/// Cleans up the worktree (unless kept, or `still_running` names processes left running
+/// under `--keep-running`, which keep it) and unregisters.
 fn finish(
     repo: &Repository,
-    registry: &Registry,
-    key: &SigningKey,
+    (registry, key): (&Registry, &SigningKey),
     record: &InstanceRecord,
     plan: Option<&WorktreePlan>,
     created_branch: bool,
-    options: &RunOptions,
+    (options, still_running): (&RunOptions, Option<&str>),
 ) -> Result<Option<Cleanup>> {
     let _ = registry.update(|tables| {
         if let Some(mut current) = tables.instance(&record.id) {
@@ -931,6 +917,15 @@ fn finish(
         unregister(registry, &record.id, None);
         return Ok(None);
     };
+    if let Some(running) = still_running {
+        unregister(registry, &record.id, None);
+        return Ok(Some(Cleanup {
+            worktree_kept_because: Some(format!(
+                "--keep-running: {running} still running; 'app doctor --fix' reclaims it once they end"
+            )),
+            ..Cleanup::default()
+        }));
+    }
     let paths = registry.paths();
     let stop_intent = intent(
         journal::Operation::Stop,
