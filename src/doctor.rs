@@ -115,6 +115,9 @@ enum Problem {
     StateDirNotDir {
         path: PathBuf,
     },
+    StaleRefLock {
+        path: PathBuf,
+    },
     CorruptFile {
         path: PathBuf,
         reason: String,
@@ -252,6 +255,12 @@ impl Problem {
                 id.clone(),
                 reason.clone(),
                 "none: this one is yours to resolve (see the problem)".into(),
+            ),
+            Problem::StaleRefLock { path } => (
+                "git-lock",
+                path.display().to_string(),
+                "a lock file of one of app's refs that no live process holds (left by a crash); git refuses to change the ref while it is there".into(),
+                "remove it".into(),
             ),
             Problem::StateDirNotDir { path } => (
                 "state-dir",
@@ -522,6 +531,7 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
         stale_after,
         &mut found,
     )?;
+    stale_ref_locks(paths, &scan, &mut found.problems);
     branch_problems(&repo, &snapshot, stale_after, &mut found)?;
     coordination_problems(paths, key.as_ref(), &snapshot, stale_after, &mut found)?;
     stale_sockets(paths, &snapshot, stale_after, &mut found.problems);
@@ -846,6 +856,32 @@ fn subdirectories(dir: &Path) -> Vec<String> {
     names
 }
 
+/// `*.lock` files of app's refs (`refs/heads/app/`, `refs/app/`) that no live process has
+/// open: git and libgit2 hold a ref's lock file open while they change it, so one nobody holds
+/// was left by a writer killed half-way, and blocks the ref for good. Young ones are left for
+/// a writer that may be about to open them.
+fn stale_ref_locks(paths: &AppPaths, scan: &Scan, problems: &mut Vec<Problem>) {
+    let refs = paths.git_common_dir().join("refs");
+    let mut dirs = vec![refs.join("heads/app"), refs.join("app")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+                continue;
+            }
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > Duration::from_secs(1)));
+            if path.extension().is_some_and(|e| e == "lock") && old && scan.users(&path).is_empty()
+            {
+                problems.push(Problem::StaleRefLock { path });
+            }
+        }
+    }
+}
+
 /// Control sockets whose instance is gone, or was never this socket's owner.
 fn stale_sockets(
     paths: &AppPaths,
@@ -1038,9 +1074,12 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             Ok(format!("created {}", paths.secret().display()))
         }
         Problem::Permissions { path, want, .. } => {
-            fs::set_permissions(path, fs::Permissions::from_mode(*want))
-                .map_err(|err| Error::io("changing the mode of", path, err))?;
-            Ok(format!("chmod {want:o}"))
+            match fs::set_permissions(path, fs::Permissions::from_mode(*want)) {
+                // Another fix (a temp file's) removed it meanwhile.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok("gone".into()),
+                Err(err) => Err(Error::io("changing the mode of", path, err)),
+                Ok(()) => Ok(format!("chmod {want:o}")),
+            }
         }
         Problem::HalfDone(intent) => recover(paths, options, intent),
         Problem::Readopt { id, supervisor, .. } => readopt(paths, options, id, *supervisor),
@@ -1139,6 +1178,18 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
                 "moved {} to dead/ and {} to quarantine/",
                 swept.expired, swept.quarantined
             ))
+        }
+        Problem::StaleRefLock { path } => {
+            // Asked again, fresh: a writer holds its lock file open while it works.
+            let users = Scan::take().users(path);
+            if !users.is_empty() {
+                return Ok(format!(
+                    "held again by {}; left alone",
+                    inuse::describe(&users)
+                ));
+            }
+            state::remove_if_present(path)?;
+            Ok("removed".into())
         }
         Problem::TempFile { path } | Problem::StaleSocket { path, .. } => {
             state::remove_if_present(path)?;

@@ -904,7 +904,7 @@ fn finish(
     record: &InstanceRecord,
     plan: Option<&WorktreePlan>,
     created_branch: bool,
-    (options, still_running): (&RunOptions, Option<&str>),
+    (options, still_running): (&RunOptions, Option<&[ProcessIdentity]>),
 ) -> Result<Option<Cleanup>> {
     let _ = registry.update(|tables| {
         if let Some(mut current) = tables.instance(&record.id) {
@@ -918,10 +918,17 @@ fn finish(
         return Ok(None);
     };
     if let Some(running) = still_running {
+        // The worktree stays theirs: recorded where doctor asks before it removes anything.
+        let admin = registry.paths().git_worktree_admin(&record.id);
+        if let Some(mut supervisor) = crate::inuse::Supervisor::load(&admin) {
+            supervisor.kept = running.to_vec();
+            supervisor.save(&admin)?;
+        }
         unregister(registry, &record.id, None);
         return Ok(Some(Cleanup {
             worktree_kept_because: Some(format!(
-                "--keep-running: {running} still running; 'app doctor --fix' reclaims it once they end"
+                "--keep-running: {} still running; 'app doctor --fix' reclaims it once they end",
+                describe(running)
             )),
             ..Cleanup::default()
         }));
@@ -1034,24 +1041,26 @@ fn start_heartbeat(
     (stop, handle)
 }
 
+/// "pid 12 (sh), pid 13 (sleep)".
+fn describe(left: &[ProcessIdentity]) -> String {
+    left.iter()
+        .map(|p| format!("pid {} ({})", p.pid, process::command_name(p.pid)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Stops what the command left running (the supervisor is their subreaper, so it finds them
 /// all, also those that called `setsid`): SIGTERM, then SIGKILL after the stop timeout (at
 /// once on a second stop request), waiting until none is left. With `keep_running` they are
 /// left alone; returns them described then.
-fn settle_leftovers(slot: &Slot, keep_running: bool) -> Option<String> {
+fn settle_leftovers(slot: &Slot, keep_running: bool) -> Option<Vec<ProcessIdentity>> {
     process::reap_orphans();
     let left = process::descendants();
     if left.is_empty() {
         return None;
     }
-    let describe = |left: &[ProcessIdentity]| {
-        left.iter()
-            .map(|p| format!("pid {} ({})", p.pid, process::command_name(p.pid)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     if keep_running {
-        return Some(describe(&left));
+        return Some(left);
     }
     tracing::debug!(left = %describe(&left), "stopping what the command left behind");
     for (signal, grace) in [

@@ -37,6 +37,8 @@ pub enum Hold {
     Environment,
     /// It is the worktree's recorded supervisor.
     Supervisor,
+    /// Its instance's command left it running (`--keep-running`).
+    KeptRunning,
 }
 
 impl Hold {
@@ -48,6 +50,7 @@ impl Hold {
             Hold::OpenFile => "it has a file inside open",
             Hold::Environment => "it was started for this worktree (APP_WORKTREE)",
             Hold::Supervisor => "it is the worktree's supervisor",
+            Hold::KeptRunning => "its instance left it running there (--keep-running)",
         }
     }
 }
@@ -191,6 +194,10 @@ pub struct Supervisor {
     pub process: ProcessIdentity,
     /// The nonce of the journal intent of the start that created the worktree.
     pub created_by: String,
+    /// Processes its command left running under `app run --keep-running`: the worktree stays
+    /// theirs while any of them lives, wherever their cwd and whatever their environment.
+    #[serde(default)]
+    pub kept: Vec<ProcessIdentity>,
 }
 
 /// Where [`Supervisor`] is kept for a worktree whose git admin directory is `admin`.
@@ -221,18 +228,23 @@ impl Supervisor {
 /// and the recorded supervisor.
 pub fn worktree_users(scan: &Scan, dir: &Path, admin: &Path) -> Vec<User> {
     let mut users = scan.users(dir);
-    if let Some(supervisor) = Supervisor::load(admin)
-        && supervisor.alive_elsewhere()
-        && !users.iter().any(|u| u.pid == supervisor.process.pid)
-    {
-        let command = fs::read_to_string(format!("/proc/{}/comm", supervisor.process.pid))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default();
-        users.push(User {
-            pid: supervisor.process.pid,
-            command,
-            hold: Hold::Supervisor,
-        });
+    let Some(supervisor) = Supervisor::load(admin) else {
+        return users;
+    };
+    let me = std::process::id();
+    let recorded = std::iter::once((&supervisor.process, Hold::Supervisor))
+        .chain(supervisor.kept.iter().map(|p| (p, Hold::KeptRunning)));
+    for (process, hold) in recorded {
+        if process.pid != me
+            && process.presence() == Presence::Running
+            && !users.iter().any(|u| u.pid == process.pid)
+        {
+            users.push(User {
+                pid: process.pid,
+                command: crate::process::command_name(process.pid),
+                hold,
+            });
+        }
     }
     users
 }

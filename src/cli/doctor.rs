@@ -58,7 +58,9 @@ pub(super) fn run(args: DoctorArgs, db: Option<&Path>) -> Result<u8> {
         for notice in &diagnosis.notices {
             println!("note: {notice}");
         }
-        if left.is_empty() {
+        if left.is_empty() && fixed.iter().any(|f| f.outcome.is_err()) {
+            println!("app doctor: some fixes failed (see FAILED above)");
+        } else if left.is_empty() {
             println!(
                 "{}",
                 if fixed.is_empty() {
@@ -74,7 +76,12 @@ pub(super) fn run(args: DoctorArgs, db: Option<&Path>) -> Result<u8> {
             );
         }
     }
-    Ok(if left.is_empty() { 0 } else { EXIT_FAILURE })
+    let failed = fixed.iter().any(|f| f.outcome.is_err());
+    Ok(if left.is_empty() && !failed {
+        0
+    } else {
+        EXIT_FAILURE
+    })
 }
 
 fn print_grouped(findings: &[Finding], with_fix: bool) {

@@ -2,10 +2,11 @@
 //! commit.
 //!
 //! Invariants:
-//! - [`Changes::read`] compares the files on disk with HEAD's tree. git's status is only the
-//!   fast path (its stat cache) for ordinary entries; entries the index asks git to overlook
-//!   (skip-worktree, assume-unchanged, as sparse checkouts set them) are hashed from disk
-//!   every time. Ignored files are not work.
+//! - [`Changes::read`] compares the files on disk with HEAD's tree. The index's stat data are
+//!   only the fast path for ordinary entries (as git uses them, racy entries included);
+//!   entries the index asks git to overlook (skip-worktree, assume-unchanged, as sparse
+//!   checkouts set them) are hashed from disk every time. Untracked files are found by one
+//!   walk of the worktree; ignored files are not work and ignored directories are not entered.
 //! - A nested repository or an initialised submodule inside the worktree is never flattened
 //!   into a rescue commit (its history lives in its own `.git`): it is reported so the caller
 //!   keeps the worktree for the user.
@@ -19,7 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use git2::{ErrorCode, FileMode, ObjectType, Oid, Repository, Status, StatusOptions};
+use git2::{ErrorCode, FileMode, ObjectType, Oid, Repository};
 
 use crate::error::{Error, GitContext, Result};
 
@@ -84,38 +85,24 @@ impl Changes {
             .transpose()
             .git_context(context)?;
 
-        let mut candidates: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut options = StatusOptions::new();
-        // Ignored directories are listed (not entered) only to find repositories in them.
-        options
-            .include_untracked(true)
-            .recurse_untracked_dirs(true)
-            .include_ignored(true)
-            .recurse_ignored_dirs(false)
-            .exclude_submodules(false);
-        let statuses = wt.statuses(Some(&mut options)).git_context(context)?;
-        let mut nested = Vec::new();
-        for entry in statuses.iter() {
-            let rel = PathBuf::from(std::ffi::OsStr::from_bytes(entry.path_bytes()));
-            if entry.status() == Status::IGNORED {
-                if entry.path_bytes().ends_with(b"/") && path.join(&rel).join(".git").exists() {
-                    nested.push(rel.components().collect::<PathBuf>());
-                }
-            } else if entry.status() != Status::CURRENT {
-                candidates.insert(rel);
-            }
-        }
-        // git's status trusts these flags and says nothing: look for ourselves.
-        let mut sparse: BTreeSet<PathBuf> = BTreeSet::new();
         let index = wt.index().git_context(context)?;
-        for entry in index.iter() {
-            let skip = entry.flags_extended & SKIP_WORKTREE != 0;
-            if skip || entry.flags & ASSUME_UNCHANGED != 0 {
-                let rel = PathBuf::from(std::ffi::OsStr::from_bytes(&entry.path));
-                if skip {
-                    sparse.insert(rel.clone());
+        let (mut candidates, sparse) = candidates_from_index(path, &wt, &index)?;
+        let mut nested = Vec::new();
+        untracked(
+            &wt,
+            path,
+            &tracked_dirs(&index),
+            (&mut candidates, &mut nested),
+        )?;
+        // What is staged but no longer on disk as staged (or staged and then changed back).
+        let staged = wt
+            .diff_tree_to_index(head_tree.as_ref(), Some(&index), None)
+            .git_context(context)?;
+        for delta in staged.deltas() {
+            for file in [delta.old_file(), delta.new_file()] {
+                if let Some(rel) = file.path() {
+                    candidates.insert(rel.to_path_buf());
                 }
-                candidates.insert(rel);
             }
         }
 
@@ -129,10 +116,8 @@ impl Changes {
             let entry = head_tree.as_ref()?.get_path(rel).ok()?;
             Some((entry.id(), entry.filemode()))
         };
+        // Paths stay bytes all the way (a name need not be UTF-8).
         for rel in candidates {
-            let rel = PathBuf::from(rel.to_string_lossy().trim_end_matches('/').to_string())
-                .components()
-                .collect::<PathBuf>();
             changes.look_at(path, &rel, &in_head, &sparse)?;
         }
         changes.files.dedup();
@@ -233,6 +218,156 @@ impl Changes {
     }
 }
 
+/// The index entries that may differ from the disk, found as git finds them: an entry whose
+/// file's stat data (size, mtime, ctime, inode, mode) still match what the index recorded, and
+/// was written before the index was, is unchanged; any other is hashed later. Entries the
+/// index says to overlook (skip-worktree, assume-unchanged) and unmerged ones are always
+/// candidates. Returns the candidates and the skip-worktree paths (sparse: absent is no
+/// deletion).
+fn candidates_from_index(
+    root: &Path,
+    wt: &Repository,
+    index: &git2::Index,
+) -> Result<(BTreeSet<PathBuf>, BTreeSet<PathBuf>)> {
+    use std::os::unix::fs::MetadataExt;
+    let index_written = fs::metadata(wt.path().join("index"))
+        .ok()
+        .map(|m| (m.mtime(), m.mtime_nsec()));
+    let mut candidates = BTreeSet::new();
+    let mut sparse = BTreeSet::new();
+    for entry in index.iter() {
+        let rel = PathBuf::from(std::ffi::OsStr::from_bytes(&entry.path));
+        let skip = entry.flags_extended & SKIP_WORKTREE != 0;
+        if skip {
+            sparse.insert(rel.clone());
+        }
+        let stage = (entry.flags >> 12) & 0x3;
+        if skip || entry.flags & ASSUME_UNCHANGED != 0 || stage != 0 {
+            candidates.insert(rel);
+            continue;
+        }
+        let Ok(meta) = fs::symlink_metadata(root.join(&rel)) else {
+            candidates.insert(rel);
+            continue;
+        };
+        let mtime = (
+            i64::from(entry.mtime.seconds()),
+            i64::from(entry.mtime.nanoseconds()),
+        );
+        let same = u64::from(entry.file_size) == (meta.len() & 0xffff_ffff)
+            && mtime == (meta.mtime(), meta.mtime_nsec())
+            && (
+                i64::from(entry.ctime.seconds()),
+                i64::from(entry.ctime.nanoseconds()),
+            ) == (meta.ctime(), meta.ctime_nsec())
+            && u64::from(entry.ino) == (meta.ino() & 0xffff_ffff)
+            && entry.mode == git_mode(&meta);
+        // "Racy git": a file changed in the same instant the index was written looks clean.
+        let racy = index_written.is_none_or(|written| mtime >= written);
+        if !same || racy {
+            candidates.insert(rel);
+        }
+    }
+    Ok((candidates, sparse))
+}
+
+/// git's mode for a file with `meta`: 0o100644, 0o100755, 0o120000, or 0 for anything else.
+fn git_mode(meta: &fs::Metadata) -> u32 {
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        0o120000
+    } else if kind.is_file() {
+        if meta.permissions().mode() & 0o100 != 0 {
+            0o100755
+        } else {
+            0o100644
+        }
+    } else if kind.is_dir() {
+        // A submodule's directory, or a file replaced by one.
+        0o040000
+    } else {
+        0
+    }
+}
+
+/// Every directory that holds a tracked path (relative, "" for the root), and the tracked
+/// paths themselves.
+fn tracked_dirs(index: &git2::Index) -> (BTreeSet<PathBuf>, BTreeSet<PathBuf>) {
+    let mut dirs = BTreeSet::new();
+    let mut paths = BTreeSet::new();
+    dirs.insert(PathBuf::new());
+    for entry in index.iter() {
+        let rel = PathBuf::from(std::ffi::OsStr::from_bytes(&entry.path));
+        let mut parent = rel.parent();
+        while let Some(dir) = parent {
+            if !dirs.insert(dir.to_path_buf()) {
+                break;
+            }
+            parent = dir.parent();
+        }
+        paths.insert(rel);
+    }
+    (dirs, paths)
+}
+
+/// Walks the worktree for files the index does not track and git does not ignore (added to
+/// `candidates`), and for repositories of their own (`nested`: a `.git` anywhere below the
+/// root, ignored directories included: they are entered only to look for one, which costs no
+/// more than removing them does).
+fn untracked(
+    wt: &Repository,
+    root: &Path,
+    (dirs, tracked): &(BTreeSet<PathBuf>, BTreeSet<PathBuf>),
+    (candidates, nested): (&mut BTreeSet<PathBuf>, &mut Vec<PathBuf>),
+) -> Result<()> {
+    // (directory, whether git ignores it)
+    let mut stack = vec![(PathBuf::new(), false)];
+    while let Some((dir, in_ignored)) = stack.pop() {
+        let abs = root.join(&dir);
+        let entries = match fs::read_dir(&abs) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(Error::io("reading", &abs, err)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|err| Error::io("reading", &abs, err))?;
+            let name = entry.file_name();
+            if name == ".git" {
+                if !dir.as_os_str().is_empty() {
+                    nested.push(dir.clone());
+                }
+                continue;
+            }
+            let rel = dir.join(&name);
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if in_ignored {
+                if is_dir {
+                    stack.push((rel, true));
+                }
+                continue;
+            }
+            if tracked.contains(&rel) {
+                continue;
+            }
+            if is_dir && dirs.contains(&rel) {
+                stack.push((rel, false));
+                continue;
+            }
+            let ignored = wt
+                .status_should_ignore(&rel)
+                .git_context(|| format!("checking whether {} is ignored", rel.display()))?;
+            match (is_dir, ignored) {
+                (true, _) => stack.push((rel, ignored)),
+                (false, true) => {}
+                (false, false) => {
+                    candidates.insert(rel);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether `commit` is reachable from a local branch, a tag or one of app's refs (so a worktree
 /// whose detached HEAD is there loses no commit when it goes).
 pub fn reachable_from_refs(repo: &Repository, commit: Oid) -> Result<bool> {
@@ -270,6 +405,45 @@ pub fn reachable_from_refs(repo: &Repository, commit: Oid) -> Result<bool> {
 /// `<id>-2`, ... when taken) in `repo`, whose parent is the worktree's HEAD. When a rescue ref
 /// of `id` already holds exactly this (same tree, same parent), that one is returned.
 pub fn rescue(
+    repo: &Repository,
+    id: &str,
+    path: &Path,
+    changes: &Changes,
+    reason: &str,
+) -> Result<(String, Oid)> {
+    // A concurrent `git gc --prune=now` may delete the new objects before the ref holds them:
+    // look them up again once it does, and write them again if they went.
+    for _ in 0..3 {
+        let (name, commit) = rescue_once(repo, id, path, changes, reason)?;
+        if saved_whole(repo, commit, changes) {
+            return Ok((name, commit));
+        }
+        tracing::warn!(instance = %id, "objects of the rescue commit vanished (a concurrent 'git gc --prune=now'?); saving again");
+        let _ = repo.find_reference(&name).and_then(|mut r| r.delete());
+    }
+    Err(Error::Failed(format!(
+        "the rescue of {} kept losing its objects (is 'git gc --prune=now' running in a loop?); nothing was removed",
+        path.display()
+    )))
+}
+
+/// Whether `commit` and every object the rescue wrote for `changes` are in the object store.
+fn saved_whole(repo: &Repository, commit: Oid, changes: &Changes) -> bool {
+    let Ok(odb) = repo.odb() else {
+        return false;
+    };
+    let Some(tree) = repo.find_commit(commit).ok().and_then(|c| c.tree().ok()) else {
+        return false;
+    };
+    changes.files.iter().all(|change| match change {
+        Change::Written { path, .. } => tree
+            .get_path(path)
+            .is_ok_and(|entry| odb.exists(entry.id())),
+        Change::Deleted { .. } => true,
+    })
+}
+
+fn rescue_once(
     repo: &Repository,
     id: &str,
     path: &Path,

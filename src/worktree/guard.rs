@@ -135,7 +135,7 @@ pub fn remove(
         }
     };
     if let Some(nested) = changes.nested.first() {
-        let verdict = Verdict::new(&path, nested);
+        let verdict = Verdict::nested(&path, nested);
         verdict.save(&admin)?;
         return Ok(Removal::needs_user(verdict.reason));
     }
@@ -171,12 +171,23 @@ pub fn remove(
             inuse::describe(&users)
         )));
     }
-    match fs::remove_dir_all(&path) {
-        // Someone else finished the same removal meanwhile.
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(Error::io("removing", &path, err));
-        }
-        _ => {}
+    if let Err((failed, err)) = remove_tree(&path) {
+        // Nothing half-done for recovery to finish: what it held is saved; the rest stays
+        // until the user sees to the path that resisted.
+        journal::end(paths, &intent)?;
+        let verdict = Verdict::new(
+            format!(
+                "removing it failed at {} ({err}){}; see to that path, then run 'app doctor --fix'",
+                failed.display(),
+                rescued_to
+                    .as_deref()
+                    .map(|r| format!(", after its work was saved on {r}"))
+                    .unwrap_or_default()
+            ),
+            &failed,
+        );
+        verdict.save(&admin)?;
+        return Ok(Removal::needs_user(verdict.reason));
     }
     crate::fault::point("remove.files-removed");
     forget_missing(paths, target.id)?;
@@ -204,6 +215,12 @@ pub fn user_must_decide(paths: &AppPaths, id: &str) -> Option<String> {
             path.display()
         ));
     }
+    if let Some(point) = mounts_inside(&path).first() {
+        return Some(format!(
+            "a file system is mounted inside it at {0}; run 'umount {0}', then 'app doctor --fix'",
+            point.display()
+        ));
+    }
     if admin.join("modules").is_dir() {
         return Some(format!(
             "it has initialised submodules, whose repositories would go with it; run 'git -C {} submodule deinit --all' once their work is pushed, then 'app doctor --fix'",
@@ -213,15 +230,16 @@ pub fn user_must_decide(paths: &AppPaths, id: &str) -> Option<String> {
     Verdict::load(&admin).map(|verdict| verdict.reason)
 }
 
-/// A nested repository found inside a worktree, remembered in git's record of the worktree
-/// (`app-kept`) so a later diagnosis says so without walking the worktree again. It holds
-/// while the nested repository is where it was and its parent directory unchanged (moving it
-/// out, as the reason says to, changes that).
+/// Something only the user can resolve, found inside a worktree (a repository of its own, a
+/// path the removal could not remove), remembered in git's record of the worktree (`app-kept`)
+/// so a later diagnosis says so without walking the worktree again and nothing is retried (or
+/// rescued again) until it changes. It holds while the path it is about exists unchanged
+/// (same device, inode, mode and mtime): moving it out, `chmod`, `umount` end it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Verdict {
     reason: String,
-    nested: std::path::PathBuf,
-    parent_mtime_ns: i128,
+    watch: std::path::PathBuf,
+    fingerprint: (u64, u64, u32, i128),
 }
 
 impl Verdict {
@@ -229,38 +247,118 @@ impl Verdict {
         admin.join("app-kept")
     }
 
-    fn mtime_ns(dir: &Path) -> Option<i128> {
+    fn fingerprint(path: &Path) -> Option<(u64, u64, u32, i128)> {
         use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(dir).ok()?;
-        Some(i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()))
+        let meta = fs::symlink_metadata(path).ok()?;
+        let mtime = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        Some((meta.dev(), meta.ino(), meta.mode(), mtime))
     }
 
-    fn new(worktree: &Path, nested: &Path) -> Verdict {
-        let abs = worktree.join(nested);
-        let parent = abs.parent().unwrap_or(worktree);
+    fn new(reason: String, watch: &Path) -> Verdict {
         Verdict {
-            reason: format!(
+            reason,
+            fingerprint: Verdict::fingerprint(watch).unwrap_or_default(),
+            watch: watch.to_path_buf(),
+        }
+    }
+
+    fn nested(worktree: &Path, nested: &Path) -> Verdict {
+        let abs = worktree.join(nested);
+        Verdict::new(
+            format!(
                 "it holds a repository of its own at {} (its history would go with the worktree); move it out (mv {} <somewhere>), then run 'app doctor --fix'",
                 nested.display(),
                 abs.display(),
             ),
-            parent_mtime_ns: Verdict::mtime_ns(parent).unwrap_or_default(),
-            nested: abs,
-        }
+            &abs,
+        )
     }
 
     fn load(admin: &Path) -> Option<Verdict> {
         let verdict: Verdict =
             serde_json::from_slice(&fs::read(Verdict::file(admin)).ok()?).ok()?;
-        let parent = verdict.nested.parent()?;
-        (verdict.nested.join(".git").exists()
-            && Verdict::mtime_ns(parent) == Some(verdict.parent_mtime_ns))
-        .then_some(verdict)
+        (Verdict::fingerprint(&verdict.watch) == Some(verdict.fingerprint)).then_some(verdict)
     }
 
     fn save(&self, admin: &Path) -> Result<()> {
         let bytes = serde_json::to_vec(self).expect("verdicts serialize");
         crate::state::write_atomic(&Verdict::file(admin), &bytes)
+    }
+}
+
+/// Mount points inside `dir` (from `/proc/self/mountinfo`): removing the worktree would go
+/// into another file system, or into a directory bound there from elsewhere.
+fn mounts_inside(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| std::path::PathBuf::from(unescape_mount(field)))
+        .filter(|point| point.starts_with(dir) && point != dir)
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount(field: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(Ok(n)) = field.get(i + 1..i + 4).map(|o| u8::from_str_radix(o, 8))
+        {
+            out.push(n);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+/// Removes the worktree's files, never following a symlink, with its `.git` last: a removal
+/// that fails half-way leaves a worktree git and app can still open. Returns the path that
+/// could not be removed, with why.
+fn remove_tree(root: &Path) -> std::result::Result<(), (std::path::PathBuf, std::io::Error)> {
+    fn children(
+        dir: &Path,
+        root: bool,
+    ) -> std::result::Result<(), (std::path::PathBuf, std::io::Error)> {
+        let at = |err| (dir.to_path_buf(), err);
+        let mut git = None;
+        for entry in fs::read_dir(dir).map_err(at)? {
+            let entry = entry.map_err(at)?;
+            let path = entry.path();
+            if root && entry.file_name() == ".git" {
+                git = Some(path);
+                continue;
+            }
+            let removed = if entry.file_type().map_err(at)?.is_dir() {
+                children(&path, false)?;
+                fs::remove_dir(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err((path, err)),
+                _ => {}
+            }
+        }
+        if let Some(git) = git {
+            fs::remove_file(&git).map_err(|err| (git, err))?;
+        }
+        Ok(())
+    }
+    match children(root, true) {
+        Err((_, err)) if err.kind() == std::io::ErrorKind::NotFound => {}
+        other => other?,
+    }
+    match fs::remove_dir(root) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err((root.to_path_buf(), err)),
+        _ => Ok(()),
     }
 }
 
@@ -276,29 +374,54 @@ pub fn forget_missing(paths: &AppPaths, id: &str) -> Result<bool> {
     if admin.join("gitdir").exists() && !points_back(&admin, &path) {
         return Ok(false);
     }
-    // The record holds the worktree's HEAD: a detached one (the directory may have been
-    // moved, not deleted) must stay reachable once the record goes.
-    let head = fs::read_to_string(admin.join("HEAD")).unwrap_or_default();
-    if let Ok(oid) = head.trim().parse::<git2::Oid>()
-        && let Ok(repo) = Repository::open(paths.git_common_dir())
-        && repo.find_commit(oid).is_ok()
-        && !changes::reachable_from_refs(&repo, oid)?
-    {
-        let name = format!("refs/app/rescue/{id}-head-{}", &oid.to_string()[..12]);
-        repo.reference(
-            &name,
-            oid,
-            true,
-            "app: the detached HEAD of a worktree whose directory is gone",
-        )
-        .map_err(|err| Error::git(format!("creating {name}"), err))?;
-    }
+    keep_private_refs(paths, id, &admin)?;
     match fs::remove_dir_all(&admin) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
             Err(Error::io("removing", &admin, err))
         }
         _ => Ok(true),
     }
+}
+
+/// git's record of a worktree holds refs no other worktree sees: its HEAD (detached, when the
+/// directory was moved rather than deleted), `refs/worktree/*`, `refs/bisect/*`. Before the
+/// record goes, each that points at a commit no shared ref reaches gets a rescue ref of its
+/// own (`refs/app/rescue/<id>-<ref>-<commit>`).
+fn keep_private_refs(paths: &AppPaths, id: &str, admin: &Path) -> Result<()> {
+    let mut refs = vec![("head".to_string(), admin.join("HEAD"))];
+    let mut dirs = vec![admin.join("refs")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+            } else if let Ok(rel) = path.strip_prefix(admin.join("refs")) {
+                let name = rel.to_string_lossy().replace(['/', '.'], "-");
+                refs.push((name, path));
+            }
+        }
+    }
+    let Ok(repo) = Repository::open(paths.git_common_dir()) else {
+        return Ok(());
+    };
+    for (name, file) in refs {
+        let text = fs::read_to_string(&file).unwrap_or_default();
+        let Ok(oid) = text.trim().parse::<git2::Oid>() else {
+            continue;
+        };
+        if repo.find_commit(oid).is_err() || changes::reachable_from_refs(&repo, oid)? {
+            continue;
+        }
+        let rescue = format!("refs/app/rescue/{id}-{name}-{}", &oid.to_string()[..12]);
+        repo.reference(
+            &rescue,
+            oid,
+            true,
+            "app: a ref only the removed worktree had",
+        )
+        .map_err(|err| Error::git(format!("creating {rescue}"), err))?;
+    }
+    Ok(())
 }
 
 /// Whether git's admin directory `admin` records the worktree at `path`.

@@ -264,6 +264,7 @@ pub fn create(
         return Supervisor {
             process: ProcessIdentity::current(),
             created_by,
+            kept: Vec::new(),
         }
         .save(&admin);
     }
@@ -330,6 +331,7 @@ fn add_worktree(admin: &Path, plan: &WorktreePlan, nonce: &str) -> Result<()> {
     Supervisor {
         process: ProcessIdentity::current(),
         created_by: nonce.to_string(),
+        kept: Vec::new(),
     }
     .save(admin)?;
     fs::create_dir(&plan.path).io_context("creating", &plan.path)?;

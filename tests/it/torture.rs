@@ -153,6 +153,18 @@ fn end_everything(repo: &TestRepo, instances: &mut Vec<Instance>) {
     }
 }
 
+/// Whether any `*.lock` file is under `dir`.
+fn ref_locks(dir: &Path) -> bool {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            let path = entry.path();
+            path.extension().is_some_and(|e| e == "lock") || (path.is_dir() && ref_locks(&path))
+        })
+}
+
 struct Instance {
     id: String,
     running: Running,
@@ -262,6 +274,10 @@ fn round(rng: &mut Rng, number: u64) {
         }
     }
     end_everything(&repo, &mut instances);
+    // A ref lock a killed writer left counts as stale once it is a second old.
+    if ref_locks(&repo.root().join(".git/refs")) {
+        std::thread::sleep(Duration::from_millis(1100));
+    }
     let fixed = doctor(&repo);
     assert_eq!(
         code(&fixed),
