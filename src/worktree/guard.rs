@@ -337,13 +337,19 @@ fn remove_tree(root: &Path) -> std::result::Result<(), (std::path::PathBuf, std:
                 continue;
             }
             let removed = if entry.file_type().map_err(at)?.is_dir() {
-                children(&path, false)?;
-                fs::remove_dir(&path)
+                // std's removal works relative to directory fds and never follows a symlink;
+                // when it fails, the walk below finds the path that resisted.
+                fs::remove_dir_all(&path).or_else(|_| {
+                    children(&path, false)?;
+                    fs::remove_dir(&path).map_err(|err| (path.clone(), err))
+                })
             } else {
-                fs::remove_file(&path)
+                fs::remove_file(&path).map_err(|err| (path.clone(), err))
             };
             match removed {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err((path, err)),
+                Err((failed, err)) if err.kind() != std::io::ErrorKind::NotFound => {
+                    return Err((failed, err));
+                }
                 _ => {}
             }
         }
