@@ -597,7 +597,8 @@ fn strip_position(message: &str) -> &str {
 mod tests {
     use super::*;
 
-    fn repo() -> (tempfile::TempDir, Repository) {
+    /// A repository with one commit, for resolving `base`.
+    pub(super) fn repo() -> (tempfile::TempDir, Repository) {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(dir.path()).unwrap();
         let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
@@ -828,21 +829,9 @@ mod tests {
 
 #[cfg(test)]
 mod proptests {
+    use super::tests::repo;
     use super::*;
     use proptest::prelude::*;
-
-    /// A repository with one commit, for resolving `base`.
-    fn repo() -> (tempfile::TempDir, Repository) {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init(dir.path()).unwrap();
-        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
-        let tree = repo.treebuilder(None).unwrap().write().unwrap();
-        let tree = repo.find_tree(tree).unwrap();
-        repo.commit(Some("HEAD"), &sig, &sig, "first", &tree, &[])
-            .unwrap();
-        drop(tree);
-        (dir, repo)
-    }
 
     /// A TOML basic string: every character TOML does not allow raw is escaped.
     fn toml_string(text: &str) -> String {
