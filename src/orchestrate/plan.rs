@@ -428,12 +428,7 @@ impl Plan {
             Open,
             Done,
         }
-        let index: HashMap<&str, usize> = self
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.id.as_str(), i))
-            .collect();
+        let index = self.positions();
         let mut marks = vec![Mark::New; self.tasks.len()];
         for start in 0..self.tasks.len() {
             if marks[start] != Mark::New {
@@ -472,17 +467,21 @@ impl Plan {
         None
     }
 
+    /// Each task's position in the plan, by id.
+    fn positions(&self) -> HashMap<&str, usize> {
+        self.tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect()
+    }
+
     /// The tasks in waves: every task in the wave after its last dependency's, each wave in
     /// file order. Linear in tasks plus dependencies (Kahn's order); should a plan not built by
     /// [`Plan::parse`] hold a cycle, its tasks come in one last wave, and an unknown dependency
     /// is ignored.
     pub fn waves(&self) -> Vec<Vec<String>> {
-        let index: HashMap<&str, usize> = self
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.id.as_str(), i))
-            .collect();
+        let index = self.positions();
         let mut waiting = vec![0usize; self.tasks.len()];
         let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); self.tasks.len()];
         for (i, task) in self.tasks.iter().enumerate() {
