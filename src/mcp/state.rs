@@ -1,0 +1,363 @@
+//! What each tool does: the same library calls as the CLI, on a blocking thread.
+
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::State;
+use super::args::*;
+use crate::db::{Db, notes, runs};
+use crate::error::{Error, Result};
+use crate::glob::Glob;
+use crate::lock::{self, Holder, Locks, Released, Request};
+use crate::paths;
+use crate::queue::{self, Inbox};
+use crate::registry::{InstanceRecord, Liveness, Registry, Snapshot};
+use crate::reserve::Reservations;
+use crate::sign::SigningKey;
+use crate::watch::{self, DirWatch};
+
+impl State {
+    pub(super) fn snapshot(&self) -> Result<Snapshot> {
+        Registry::open_read_only(&self.paths)?.snapshot()
+    }
+
+    /// This server's instance as it is registered now.
+    pub(super) fn record(&self, snapshot: &Snapshot) -> Result<InstanceRecord> {
+        snapshot
+            .instance(&self.me)
+            .cloned()
+            .ok_or_else(|| Error::UnknownInstance {
+                id: self.me.clone(),
+            })
+    }
+
+    pub(super) fn holder(&self) -> Result<Holder> {
+        Ok(Holder::instance(&self.record(&self.snapshot()?)?))
+    }
+
+    /// Runs `body` with the database, opened at the first call.
+    pub(super) fn with_db<T>(&self, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
+        self.db_runtime.block_on(async {
+            let db = self
+                .db
+                .get_or_try_init(|| Db::open_default(self.db_flag.as_deref()))
+                .await?;
+            body(db).await
+        })
+    }
+
+    pub(super) fn whoami(&self) -> Result<Value> {
+        let record = self.record(&self.snapshot()?)?;
+        let liveness = record.liveness(self.timing.stale_after);
+        let mut value = record.to_json(&liveness);
+        value["repo_root"] = json!(self.paths.repo_root());
+        Ok(value)
+    }
+
+    pub(super) fn list_instances(&self, args: &ListInstancesArgs) -> Result<Value> {
+        let snapshot = self.snapshot()?;
+        let instances: Vec<Value> = snapshot
+            .valid_instances()
+            .into_iter()
+            .map(|record| (record, record.liveness(self.timing.stale_after)))
+            .filter(|(_, liveness)| args.include_stale || *liveness == Liveness::Live)
+            .map(|(record, liveness)| {
+                let mut value = record.to_json(&liveness);
+                value["me"] = json!(record.id == self.me);
+                value
+            })
+            .collect();
+        Ok(json!({ "instances": instances }))
+    }
+
+    pub(super) fn send_message(&self, args: SendArgs) -> Result<Value> {
+        let ttl = ttl(args.ttl_seconds)?.unwrap_or(queue::DEFAULT_TTL);
+        let posted = queue::post(
+            &self.paths,
+            &self.snapshot()?,
+            self.timing.stale_after,
+            queue::Post {
+                from: self.me.clone(),
+                to: args.to,
+                kind: args.kind.unwrap_or_else(|| "text".into()),
+                ttl,
+                payload: args.payload,
+            },
+        )?;
+        Ok(json!({ "id": posted.id, "recipients": posted.recipients }))
+    }
+
+    pub(super) fn receive_messages(&self, args: &ReceiveArgs) -> Result<Value> {
+        let limit = args.limit.unwrap_or(20);
+        if !(1..=MAX_RECEIVE).contains(&limit) {
+            return Err(Error::bad_input(format!(
+                "limit {limit} is out of range; give 1 to {MAX_RECEIVE}"
+            )));
+        }
+        let deadline = Instant::now() + wait(args.wait_seconds)?;
+        let key = SigningKey::load(&self.paths, false)?;
+        let inbox = Inbox::new(&self.paths, &self.me, key, queue::max_message_bytes()?);
+        let poll = watch::poll_interval()?;
+        // Watch before the first scan, so nothing arriving in between is missed.
+        let watch = if deadline > Instant::now() {
+            Some(DirWatch::new(&inbox.dir(), poll, false)?)
+        } else {
+            None
+        };
+        let mut messages = loop {
+            let (messages, _) = inbox.pending()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match &watch {
+                Some(watch) if messages.is_empty() && !left.is_zero() => watch.wait(left.min(poll)),
+                _ => break messages,
+            }
+        };
+        messages.truncate(limit);
+        if args.ack {
+            for message in &messages {
+                inbox.ack(&message.id)?;
+            }
+        }
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                json!({
+                    "id": m.id,
+                    "from": m.from,
+                    "broadcast": m.to.is_none(),
+                    "type": m.kind,
+                    "payload": m.payload,
+                    "sent_at": m.timestamp,
+                })
+            })
+            .collect();
+        Ok(json!({ "messages": messages, "acknowledged": args.ack }))
+    }
+
+    pub(super) fn ack_message(&self, args: &AckArgs) -> Result<Value> {
+        check_count("ids", args.ids.len())?;
+        for id in &args.ids {
+            queue::validate_id(id)?;
+        }
+        let key = SigningKey::load(&self.paths, false)?;
+        let inbox = Inbox::new(&self.paths, &self.me, key, queue::max_message_bytes()?);
+        // All or nothing: every id must be one of this instance's messages.
+        let unknown: Vec<&str> = args
+            .ids
+            .iter()
+            .filter(|id| inbox.find(id).is_none())
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::bad_input(format!(
+                "no message {} waits for instance {} (none was acknowledged); receive_messages lists them",
+                unknown.join(", "),
+                self.me
+            )));
+        }
+        let (mut acknowledged, mut before) = (Vec::new(), Vec::new());
+        for id in &args.ids {
+            if inbox.ack(id)? {
+                acknowledged.push(id);
+            } else {
+                before.push(id);
+            }
+        }
+        Ok(json!({ "acknowledged": acknowledged, "already_acknowledged": before }))
+    }
+
+    pub(super) fn acquire_lock(&self, args: &AcquireArgs) -> Result<Value> {
+        lock::validate_name(&args.name)?;
+        let request = Request {
+            name: args.name.clone(),
+            holder: self.holder()?,
+            ttl: ttl(args.ttl_seconds)?,
+            timeout: wait(args.wait_seconds)?,
+        };
+        let token = Locks::open(&self.paths, self.timing.stale_after)?.acquire(&request)?;
+        Ok(json!({ "name": args.name, "token": token }))
+    }
+
+    pub(super) fn release_lock(&self, args: &ReleaseLockArgs) -> Result<Value> {
+        lock::validate_name(&args.name)?;
+        let locks = Locks::open(&self.paths, self.timing.stale_after)?;
+        let released = locks.release(&args.name, &self.holder()?, false)?;
+        Ok(json!({ "name": args.name, "released": released == Released::Released }))
+    }
+
+    pub(super) fn list_locks(&self) -> Result<Value> {
+        let locks = Locks::open(&self.paths, self.timing.stale_after)?;
+        let values: Vec<Value> = locks
+            .list()?
+            .into_iter()
+            .map(|(state, lapsed)| {
+                let mut value = serde_json::to_value(&state).expect("lock states serialize");
+                value["holder_text"] = json!(state.holder.as_ref().map(ToString::to_string));
+                value["lapsed"] = json!(lapsed);
+                value
+            })
+            .collect();
+        Ok(json!({ "locks": values }))
+    }
+
+    pub(super) fn reserve_paths(&self, args: ReserveArgs) -> Result<Value> {
+        check_count("patterns", args.patterns.len())?;
+        if args
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_REASON_BYTES)
+        {
+            return Err(Error::bad_input(format!(
+                "the reason is longer than {MAX_REASON_BYTES} bytes; shorten it"
+            )));
+        }
+        let globs = args
+            .patterns
+            .iter()
+            .map(|p| Glob::parse(p))
+            .collect::<Result<Vec<_>>>()?;
+        let ttl = ttl(args.ttl_seconds)?;
+        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let reservation =
+            reservations.reserve(&self.holder()?, &globs, args.shared, ttl, args.reason)?;
+        Ok(json!({
+            "id": reservation.id,
+            "patterns": reservation.patterns,
+            "shared": reservation.shared,
+        }))
+    }
+
+    pub(super) fn release_paths(&self, args: &ReleasePathsArgs) -> Result<Value> {
+        check_count("patterns", args.patterns.len())?;
+        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let released = reservations.release(&self.holder()?, &args.patterns)?;
+        Ok(json!({ "released": released }))
+    }
+
+    pub(super) fn list_reservations(&self) -> Result<Value> {
+        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let values: Vec<Value> = reservations
+            .list()?
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|(r, lapsed)| {
+                let mut value = serde_json::to_value(&r).expect("reservations serialize");
+                value["holder_text"] = json!(r.holder.to_string());
+                value["lapsed"] = json!(lapsed);
+                value
+            })
+            .collect();
+        Ok(json!({ "reservations": values }))
+    }
+
+    pub(super) fn check_paths(&self, args: &CheckPathsArgs) -> Result<Value> {
+        check_count("paths", args.paths.len())?;
+        let snapshot = self.snapshot()?;
+        let record = self.record(&snapshot)?;
+        let root = record
+            .worktree
+            .clone()
+            .unwrap_or_else(|| self.paths.repo_root().to_path_buf());
+        let relative = args
+            .paths
+            .iter()
+            .map(|path| paths::relative_to(&root, &root, path))
+            .collect::<Result<Vec<_>>>()?;
+        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let conflicts: Vec<Value> = reservations
+            .conflicts(Some(&Holder::instance(&record)), &relative)?
+            .into_iter()
+            .map(|(path, r)| {
+                json!({
+                    "path": path,
+                    "holder": r.holder.instance,
+                    "holder_text": r.holder.to_string(),
+                    "patterns": r.patterns,
+                    "reason": r.reason,
+                    "since": r.created_at,
+                    "reservation": r.id,
+                })
+            })
+            .collect();
+        Ok(json!({ "ok": conflicts.is_empty(), "conflicts": conflicts }))
+    }
+
+    pub(super) fn remember(&self, args: &RememberArgs) -> Result<Value> {
+        notes::validate_namespace(&args.namespace)?;
+        notes::validate_content(&args.content)?;
+        let note = self.with_db(async |db| {
+            notes::add(
+                db,
+                &args.namespace,
+                &args.content,
+                Some(&self.me),
+                Some(self.paths.repo_root()),
+            )
+            .await
+        })?;
+        Ok(json!({ "note": note }))
+    }
+
+    pub(super) fn recall(&self, args: &RecallArgs) -> Result<Value> {
+        let limit = args.limit.unwrap_or(10);
+        notes::validate_namespace(&args.namespace)?;
+        notes::validate_limit(limit)?;
+        notes::fts_query(&args.query)?;
+        let found =
+            self.with_db(async |db| notes::search(db, &args.namespace, &args.query, limit).await)?;
+        Ok(json!({ "notes": found }))
+    }
+
+    pub(super) fn run_status(&self) -> Result<Value> {
+        self.with_db(async |db| self.run_status_in(db).await)
+    }
+
+    pub(super) async fn run_status_in(&self, db: &Db) -> Result<Value> {
+        let task = match (env_var("APP_RUN_ID"), env_var("APP_TASK_ID")) {
+            (Some(run), Some(task)) => runs::tasks(db, &run)
+                .await?
+                .into_iter()
+                .find(|row| row.task_id == task),
+            _ => runs::task_of_instance(db, &self.me).await?,
+        };
+        let Some(task) = task else {
+            return Ok(json!({
+                "run": null,
+                "note": format!("instance {} is not a task of an orchestrated run", self.me),
+            }));
+        };
+        let run = runs::get(db, &task.run_id)
+            .await?
+            .ok_or_else(|| Error::Failed(format!("run {} is not in the database", task.run_id)))?;
+        let tasks = runs::tasks(db, &run.id).await?;
+        let depends_on = run.plan["tasks"]
+            .as_array()
+            .and_then(|all| all.iter().find(|t| t["id"] == task.task_id.as_str()))
+            .and_then(|t| t["depends_on"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        let dependencies: Vec<Value> = depends_on
+            .iter()
+            .filter_map(Value::as_str)
+            .filter_map(|id| tasks.iter().find(|t| t.task_id == id))
+            .map(|t| json!({ "task_id": t.task_id, "status": t.status, "branch": t.branch }))
+            .collect();
+        Ok(json!({
+            "run": {
+                "id": run.id,
+                "name": run.name,
+                "status": run.status,
+                "started_at": run.started_at,
+                "finished_at": run.finished_at,
+                "integration": run.plan.get("integration"),
+            },
+            "task": task,
+            "dependencies": dependencies,
+        }))
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
