@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::format_age;
-use crate::db::runs::{self, RunRow, TaskRow};
+use crate::db::runs::{self, RunRow, TaskRow, TaskStatus};
 use crate::error::{Error, IoContext, Result};
 use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
 use crate::paths::AppPaths;
@@ -198,7 +198,7 @@ impl Live {
                     bar.finish_and_clear();
                 }
                 let _ = self.multi.println(describe(progress));
-                if status != "retrying" {
+                if status.is_some() {
                     self.overall.inc(1);
                 }
             }
@@ -263,6 +263,7 @@ fn describe(progress: &Progress) -> String {
             elapsed,
             detail,
         } => {
+            let status = status.map_or("retrying", TaskStatus::as_str);
             let mut line = format!("{task}: {status} after {}", format_age(*elapsed));
             if let Some(code) = exit_code {
                 line.push_str(&format!(", exit {code}"));
@@ -333,7 +334,7 @@ fn print_tasks(tasks: &[TaskRow]) {
         };
         table.push(vec![
             task.task_id.clone(),
-            task.status.clone(),
+            task.status.to_string(),
             task.attempts.to_string(),
             time,
             task.exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
@@ -390,7 +391,7 @@ pub(super) fn runs(command: RunsCommand, db: Option<&Path>) -> Result<u8> {
                 for row in &rows {
                     table.push(vec![
                         row.id.clone(),
-                        row.status.clone(),
+                        row.status.to_string(),
                         row.started_at.clone(),
                         row.finished_at.clone().unwrap_or_else(|| "-".into()),
                     ]);
@@ -474,10 +475,10 @@ fn print_log(path: &Path, follow: Option<(Option<&Path>, &str, &str)>) -> Result
     loop {
         // Asked before reading, so the last read sees everything written before the end.
         let active = match follow {
-            Some((db, run, task)) => load(db, run)?
-                .1
-                .iter()
-                .any(|t| t.task_id == task && (t.status == "running" || t.status == "pending")),
+            Some((db, run, task)) => load(db, run)?.1.iter().any(|t| {
+                t.task_id == task
+                    && (t.status == TaskStatus::Running || t.status == TaskStatus::Pending)
+            }),
             None => false,
         };
         if let Ok(mut file) = std::fs::File::open(path) {

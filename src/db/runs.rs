@@ -1,10 +1,98 @@
 //! The `runs` and `run_tasks` tables: the state of orchestrated runs (`app orchestrate`).
 
+use std::fmt;
+
 use libsql::Value;
 use serde::Serialize;
 
 use super::{Db, integer, opt, opt_text, text};
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// Declares a status enum stored as the text in its table; `parse` is the inverse of `as_str`.
+macro_rules! status {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// The text stored in the database and shown to users.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The status stored as `text`.
+            pub fn parse(text: &str) -> Option<$name> {
+                match text {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+status! {
+    /// Where a run is.
+    RunStatus {
+        /// The orchestrator is (or was, until it died) running it.
+        Running = "running",
+        /// Every task succeeded.
+        Succeeded = "succeeded",
+        /// A task did not succeed.
+        Failed = "failed",
+        /// Stopped by a signal; `--resume` goes on.
+        Interrupted = "interrupted",
+    }
+}
+
+status! {
+    /// Where a task of a run is.
+    TaskStatus {
+        /// Not started yet (or waiting for a retry).
+        Pending = "pending",
+        /// An attempt runs.
+        Running = "running",
+        /// Its last attempt exited 0.
+        Succeeded = "succeeded",
+        /// Its last attempt failed and no retry is left.
+        Failed = "failed",
+        /// Never ran: a dependency did not succeed.
+        Skipped = "skipped",
+        /// Never ran, or stopped: the run was stopped.
+        Cancelled = "cancelled",
+    }
+}
+
+impl TaskStatus {
+    /// A task that will never succeed in this run.
+    pub fn did_not_succeed(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Failed | TaskStatus::Skipped | TaskStatus::Cancelled
+        )
+    }
+}
+
+/// The status in column `column` of a row, which an older or newer `app` may have written.
+fn status<T>(value: &Value, column: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
+    let text = text(value);
+    parse(&text).ok_or_else(|| {
+        Error::Failed(format!(
+            "the database holds an unknown {column} '{text}'; was it written by a newer app? upgrade app"
+        ))
+    })
+}
 
 /// One run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -19,8 +107,8 @@ pub struct RunRow {
     pub host: String,
     /// The validated plan (JSON).
     pub plan: serde_json::Value,
-    /// `running`, `succeeded`, `failed` or `interrupted`.
-    pub status: String,
+    /// Where it is.
+    pub status: RunStatus,
     /// When it started.
     pub started_at: String,
     /// When it ended.
@@ -40,8 +128,8 @@ pub struct TaskRow {
     pub run_id: String,
     /// The task.
     pub task_id: String,
-    /// `pending`, `running`, `succeeded`, `failed`, `skipped` or `cancelled`.
-    pub status: String,
+    /// Where it is.
+    pub status: TaskStatus,
     /// Attempts started.
     pub attempts: i64,
     /// When the last attempt started.
@@ -73,7 +161,7 @@ pub async fn create(db: &Db, run: &RunRow, tasks: &[TaskRow]) -> Result<()> {
                 Value::Text(run.repo_root.clone()),
                 Value::Text(run.host.clone()),
                 Value::Text(run.plan.to_string()),
-                Value::Text(run.status.clone()),
+                Value::Text(run.status.as_str().into()),
                 Value::Text(run.started_at.clone()),
                 run.pid.map_or(Value::Null, Value::Integer),
                 run.start_time.map_or(Value::Null, Value::Integer),
@@ -87,7 +175,7 @@ pub async fn create(db: &Db, run: &RunRow, tasks: &[TaskRow]) -> Result<()> {
                 vec![
                     Value::Text(task.run_id.clone()),
                     Value::Text(task.task_id.clone()),
-                    Value::Text(task.status.clone()),
+                    Value::Text(task.status.as_str().into()),
                     Value::Text(task.branch.clone()),
                 ],
             )
@@ -108,7 +196,7 @@ pub async fn update_task(db: &Db, task: &TaskRow) -> Result<()> {
         vec![
             Value::Text(task.run_id.clone()),
             Value::Text(task.task_id.clone()),
-            Value::Text(task.status.clone()),
+            Value::Text(task.status.as_str().into()),
             Value::Integer(task.attempts),
             opt(task.started_at.clone()),
             opt(task.finished_at.clone()),
@@ -130,7 +218,7 @@ pub async fn update_run(db: &Db, run: &RunRow) -> Result<()> {
          WHERE id = ?1",
         vec![
             Value::Text(run.id.clone()),
-            Value::Text(run.status.clone()),
+            Value::Text(run.status.as_str().into()),
             opt(run.finished_at.clone()),
             run.pid.map_or(Value::Null, Value::Integer),
             run.start_time.map_or(Value::Null, Value::Integer),
@@ -144,21 +232,21 @@ pub async fn update_run(db: &Db, run: &RunRow) -> Result<()> {
 const RUN_COLUMNS: &str =
     "id, name, repo_root, host, plan, status, started_at, finished_at, pid, start_time, report";
 
-fn run_row(row: &[Value]) -> RunRow {
+fn run_row(row: &[Value]) -> Result<RunRow> {
     let json = |value: &Value| serde_json::from_str(&text(value)).unwrap_or_default();
-    RunRow {
+    Ok(RunRow {
         id: text(&row[0]),
         name: text(&row[1]),
         repo_root: text(&row[2]),
         host: text(&row[3]),
         plan: json(&row[4]),
-        status: text(&row[5]),
+        status: status(&row[5], "run status", RunStatus::parse)?,
         started_at: text(&row[6]),
         finished_at: opt_text(&row[7]),
         pid: integer(&row[8]),
         start_time: integer(&row[9]),
         report: json(&row[10]),
-    }
+    })
 }
 
 /// The run with `id`.
@@ -170,7 +258,7 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<RunRow>> {
             vec![Value::Text(id.to_string())],
         )
         .await?;
-    Ok(rows.first().map(|row| run_row(row)))
+    rows.first().map(|row| run_row(row)).transpose()
 }
 
 /// The runs of `repo_root`, newest first, at most `limit`.
@@ -184,7 +272,7 @@ pub async fn list(db: &Db, repo_root: &str, limit: u32) -> Result<Vec<RunRow>> {
             vec![Value::Text(repo_root.to_string()), Value::Integer(limit.into())],
         )
         .await?;
-    Ok(rows.iter().map(|row| run_row(row)).collect())
+    rows.iter().map(|row| run_row(row)).collect()
 }
 
 const TASK_COLUMNS: &str = "run_id, task_id, status, attempts, started_at, finished_at, exit_code, \
@@ -199,7 +287,7 @@ pub async fn tasks(db: &Db, id: &str) -> Result<Vec<TaskRow>> {
             vec![Value::Text(id.to_string())],
         )
         .await?;
-    Ok(rows.iter().map(|row| task_row(row)).collect())
+    rows.iter().map(|row| task_row(row)).collect()
 }
 
 /// The task whose last attempt ran as instance `instance`, if any.
@@ -211,15 +299,15 @@ pub async fn task_of_instance(db: &Db, instance: &str) -> Result<Option<TaskRow>
             vec![Value::Text(instance.to_string())],
         )
         .await?;
-    Ok(rows.first().map(|row| task_row(row)))
+    rows.first().map(|row| task_row(row)).transpose()
 }
 
 /// The task in `row`, read with [`TASK_COLUMNS`].
-fn task_row(row: &[Value]) -> TaskRow {
-    TaskRow {
+fn task_row(row: &[Value]) -> Result<TaskRow> {
+    Ok(TaskRow {
         run_id: text(&row[0]),
         task_id: text(&row[1]),
-        status: text(&row[2]),
+        status: status(&row[2], "task status", TaskStatus::parse)?,
         attempts: integer(&row[3]).unwrap_or(0),
         started_at: opt_text(&row[4]),
         finished_at: opt_text(&row[5]),
@@ -228,5 +316,5 @@ fn task_row(row: &[Value]) -> TaskRow {
         instance: opt_text(&row[8]),
         log_path: opt_text(&row[9]),
         detail: opt_text(&row[10]),
-    }
+    })
 }

@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 
 use self::plan::{Plan, Task};
 use crate::config::Timing;
-use crate::db::runs::{self, RunRow, TaskRow};
+use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{self, Db};
 use crate::error::{Error, GitContext, IoContext, Result};
 use crate::paths::AppPaths;
@@ -85,8 +85,8 @@ pub enum Progress {
     Finished {
         /// Task id.
         task: String,
-        /// `succeeded`, `failed`, `cancelled`, or `retrying`.
-        status: String,
+        /// How it ended: `succeeded`, `failed` or `cancelled`; `None` when it will be retried.
+        status: Option<TaskStatus>,
         /// Exit code, when it ran.
         exit_code: Option<i64>,
         /// Time it took.
@@ -145,7 +145,7 @@ impl Summary {
     pub fn exit_code(&self, interrupted_by: Option<i32>) -> u8 {
         match interrupted_by {
             Some(signal) => 128u8.saturating_add(signal as u8),
-            None if self.tasks.iter().all(|t| t.status == "succeeded") => 0,
+            None if self.tasks.iter().all(|t| t.status == TaskStatus::Succeeded) => 0,
             None => 1,
         }
     }
@@ -215,7 +215,7 @@ pub fn start(
         repo_root: paths.repo_root().display().to_string(),
         host: process::hostname().to_string(),
         plan: serde_json::to_value(&plan).expect("plans serialize"),
-        status: "running".into(),
+        status: RunStatus::Running,
         started_at: Timestamp::now().to_string(),
         finished_at: None,
         pid: Some(me.pid.into()),
@@ -228,7 +228,7 @@ pub fn start(
         .map(|task| TaskRow {
             run_id: plan.run.clone(),
             task_id: task.id.clone(),
-            status: "pending".into(),
+            status: TaskStatus::Pending,
             attempts: 0,
             started_at: None,
             finished_at: None,
@@ -268,7 +268,7 @@ pub fn resume(
         )));
     }
     if let (Some(pid), Some(start_time)) = (run.pid, run.start_time)
-        && run.status == "running"
+        && run.status == RunStatus::Running
         && run.host == process::hostname()
     {
         let owner = ProcessIdentity {
@@ -294,7 +294,7 @@ pub fn resume(
     // supervisor refuses the resume with nothing touched.
     let mut leftovers = Vec::new();
     for row in &rows {
-        if row.status == "succeeded" {
+        if row.status == TaskStatus::Succeeded {
             continue;
         }
         if let Some(instance) = &row.instance {
@@ -324,22 +324,22 @@ pub fn resume(
         }
     }
     for row in &mut rows {
-        if row.status == "succeeded" {
+        if row.status == TaskStatus::Succeeded {
             continue;
         }
         let never_started = leftovers
             .iter()
             .any(|l| l.task == row.task_id && !l.started);
-        if row.status == "running" && never_started {
+        if row.status == TaskStatus::Running && never_started {
             // The launch the crash cut short never ran its command: it used no attempt.
             row.attempts = (row.attempts - 1).max(0);
         }
-        row.status = "pending".into();
+        row.status = TaskStatus::Pending;
         row.detail = None;
         runtime.block_on(runs::update_task(&db, row))?;
     }
     let me = ProcessIdentity::current();
-    run.status = "running".into();
+    run.status = RunStatus::Running;
     run.finished_at = None;
     run.pid = Some(me.pid.into());
     run.start_time = Some(me.start_time as i64);
@@ -547,7 +547,7 @@ impl Orchestrator {
         let done = self
             .rows
             .values()
-            .filter(|r| r.status == "succeeded")
+            .filter(|r| r.status == TaskStatus::Succeeded)
             .count();
         report(Progress::Began {
             run: self.run.id.clone(),
@@ -595,8 +595,12 @@ impl Orchestrator {
         let now = Timestamp::now().to_string();
         for task in self.plan.tasks.clone() {
             let row = self.rows.get_mut(&task.id).expect("every task has a row");
-            if row.status == "pending" {
-                row.status = if stopping { "cancelled" } else { "skipped" }.into();
+            if row.status == TaskStatus::Pending {
+                row.status = if stopping {
+                    TaskStatus::Cancelled
+                } else {
+                    TaskStatus::Skipped
+                };
                 row.detail
                     .get_or_insert_with(|| "the run stopped before it started".into());
                 row.finished_at = Some(now.clone());
@@ -610,15 +614,17 @@ impl Orchestrator {
         {
             report_value["integration"] = self.integrate(&branch, report)?;
         }
-        let all_ok = self.rows.values().all(|r| r.status == "succeeded");
+        let all_ok = self
+            .rows
+            .values()
+            .all(|r| r.status == TaskStatus::Succeeded);
         self.run.status = if stop.count() > 0 {
-            "interrupted"
+            RunStatus::Interrupted
         } else if all_ok {
-            "succeeded"
+            RunStatus::Succeeded
         } else {
-            "failed"
-        }
-        .into();
+            RunStatus::Failed
+        };
         self.run.finished_at = Some(Timestamp::now().to_string());
         self.run.pid = None;
         self.run.start_time = None;
@@ -645,19 +651,17 @@ impl Orchestrator {
         loop {
             let mut changed = false;
             for task in self.plan.tasks.clone() {
-                if self.rows[&task.id].status != "pending" {
+                if self.rows[&task.id].status != TaskStatus::Pending {
                     continue;
                 }
-                let blocker = task.depends_on.iter().find(|dep| {
-                    matches!(
-                        self.rows[dep.as_str()].status.as_str(),
-                        "failed" | "skipped" | "cancelled"
-                    )
-                });
+                let blocker = task
+                    .depends_on
+                    .iter()
+                    .find(|dep| self.rows[dep.as_str()].status.did_not_succeed());
                 if let Some(blocker) = blocker {
                     let because = format!("{blocker} did not succeed");
                     let row = self.rows.get_mut(&task.id).expect("every task has a row");
-                    row.status = "skipped".into();
+                    row.status = TaskStatus::Skipped;
                     row.detail = Some(because.clone());
                     row.finished_at = Some(Timestamp::now().to_string());
                     let row = row.clone();
@@ -684,11 +688,11 @@ impl Orchestrator {
             if self.running.len() >= self.plan.max_concurrent {
                 return Ok(());
             }
-            let ready = self.rows[&task.id].status == "pending"
+            let ready = self.rows[&task.id].status == TaskStatus::Pending
                 && task
                     .depends_on
                     .iter()
-                    .all(|dep| self.rows[dep.as_str()].status == "succeeded");
+                    .all(|dep| self.rows[dep.as_str()].status == TaskStatus::Succeeded);
             if ready {
                 self.start_task(&task, outcomes, report)?;
             }
@@ -719,7 +723,7 @@ impl Orchestrator {
         if let Err(detail) = self.set_start_point(task, launch - 1)? {
             // Its command never starts: no attempt is used.
             let row = self.rows.get_mut(&task.id).expect("every task has a row");
-            row.status = "failed".into();
+            row.status = TaskStatus::Failed;
             row.exit_code = None;
             row.detail = Some(detail.clone());
             row.finished_at = Some(now);
@@ -727,7 +731,7 @@ impl Orchestrator {
             self.save_task(&row)?;
             report(Progress::Finished {
                 task: task.id.clone(),
-                status: "failed".into(),
+                status: Some(TaskStatus::Failed),
                 exit_code: None,
                 elapsed: Duration::ZERO,
                 detail: Some(detail),
@@ -777,7 +781,7 @@ impl Orchestrator {
         });
         {
             let row = self.rows.get_mut(&task.id).expect("every task has a row");
-            row.status = "running".into();
+            row.status = TaskStatus::Running;
             row.instance = Some(instance);
             let row = row.clone();
             self.save_task(&row)?;
@@ -954,13 +958,13 @@ impl Orchestrator {
             Some(format!("exited with {}", outcome.exit_code.unwrap_or(-1)))
         };
         let status = match (succeeded, retry, stopping) {
-            (true, _, _) => "succeeded",
-            (false, true, _) => "pending",
-            (false, false, true) => "cancelled",
-            (false, false, false) => "failed",
+            (true, _, _) => TaskStatus::Succeeded,
+            (false, true, _) => TaskStatus::Pending,
+            (false, false, true) => TaskStatus::Cancelled,
+            (false, false, false) => TaskStatus::Failed,
         };
         let row = self.rows.get_mut(&task.id).expect("every task has a row");
-        row.status = status.into();
+        row.status = status;
         row.exit_code = outcome.exit_code;
         row.detail = detail.clone();
         row.finished_at = Some(Timestamp::now().to_string());
@@ -968,11 +972,7 @@ impl Orchestrator {
         self.save_task(&row)?;
         report(Progress::Finished {
             task: task.id.clone(),
-            status: if retry {
-                "retrying".into()
-            } else {
-                status.into()
-            },
+            status: if retry { None } else { Some(status) },
             exit_code: outcome.exit_code,
             elapsed,
             detail,
@@ -980,7 +980,7 @@ impl Orchestrator {
         if succeeded {
             self.check_siblings(&task, report)?;
         }
-        Ok(status == "failed")
+        Ok(status == TaskStatus::Failed)
     }
 
     /// Reports every finished unrelated task whose branch would conflict with `task`'s.
@@ -990,7 +990,7 @@ impl Orchestrator {
         };
         for other in self.plan.tasks.clone() {
             if other.id == task.id
-                || self.rows[&other.id].status != "succeeded"
+                || self.rows[&other.id].status != TaskStatus::Succeeded
                 || self.depends(task, &other.id)
                 || self.depends(&other, &task.id)
             {
@@ -1050,7 +1050,7 @@ impl Orchestrator {
         let order: Vec<String> = self.plan.waves().into_iter().flatten().collect();
         let succeeded: Vec<&String> = order
             .iter()
-            .filter(|id| self.rows[id.as_str()].status == "succeeded")
+            .filter(|id| self.rows[id.as_str()].status == TaskStatus::Succeeded)
             .collect();
         // A task's branch holds its dependencies' work, so merging the tasks nothing else
         // builds on (in dependency order) brings in everything, without a merge per task.
@@ -1081,7 +1081,7 @@ impl Orchestrator {
         let mut merged = Vec::new();
         for id in &order {
             let row = &self.rows[id];
-            if row.status != "succeeded" {
+            if row.status != TaskStatus::Succeeded {
                 left_out.push((id.clone(), format!("it {}", row.status)));
             } else if let Some(tip) = self.branch_tip(&row.branch)?
                 && (tip == current || self.repo.graph_descendant_of(current, tip).unwrap_or(false))
