@@ -12,12 +12,11 @@
 //!   to anyone and holds nothing but its base's files. Stopping one (worktree, branch,
 //!   unregister) is finished, with the rescue rules of every cleanup.
 
-use std::fs;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::paths::AppPaths;
 use crate::process::{Presence, ProcessIdentity};
 use crate::registry::Timestamp;
@@ -122,16 +121,8 @@ pub type Found = std::result::Result<Intent, (PathBuf, String)>;
 /// Every intent on disk, by file name.
 pub fn list(paths: &AppPaths, key: Option<&SigningKey>) -> Result<Vec<Found>> {
     let dir = paths.journal_dir();
-    let mut names: Vec<String> = match fs::read_dir(&dir) {
-        Ok(entries) => entries
-            .filter_map(|entry| entry.ok())
-            .map(|entry| entry.file_name().to_string_lossy().into_owned())
-            .filter(|name| !name.starts_with('.') && name.ends_with(".json"))
-            .collect(),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(Error::io("reading", &dir, err)),
-    };
-    names.sort();
+    let mut names = crate::state::visible_names(&dir)?;
+    names.retain(|name| name.ends_with(".json"));
     let mut found = Vec::new();
     for name in names {
         let path = dir.join(&name);

@@ -10,7 +10,6 @@
 //!   A dead holder (pid gone or reused, instance unregistered or its heartbeat stale) or a run-out
 //!   `--ttl` loses the lock to the next acquirer; nobody has to clean up first.
 
-use std::fs;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -372,20 +371,11 @@ impl Locks {
     pub fn list(&self) -> Result<Vec<(LockState, Option<String>)>> {
         let snapshot = self.snapshot()?;
         let dir = self.paths.named_locks_dir();
-        let mut names: Vec<String> = match fs::read_dir(&dir) {
-            Ok(entries) => entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .strip_suffix(".json")
-                        .map(str::to_string)
-                })
-                .filter(|name| !name.starts_with('.'))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        names.sort();
+        let names: Vec<String> = crate::state::visible_names(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|name| name.strip_suffix(".json").map(str::to_string))
+            .collect();
         let mut out = Vec::new();
         for name in names {
             if let Some(state) = self.load(&name)? {

@@ -302,19 +302,7 @@ impl Inbox {
         let mut swept = Swept::default();
         let mut found = Vec::new();
         let dir = self.dir();
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok((found, swept)),
-            Err(err) => return Err(Error::io("reading", &dir, err)),
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|entry| entry.ok())
-            .map(|entry| entry.file_name().to_string_lossy().into_owned())
-            // Temp files of writers in progress start with a dot.
-            .filter(|name| !name.starts_with('.'))
-            .collect();
-        names.sort();
-        for name in names {
+        for name in crate::state::visible_names(&dir)? {
             let path = dir.join(&name);
             match self.read(&path, &name) {
                 Ok(Some(message)) if self.acked_path(&message.id).exists() => {

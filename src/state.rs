@@ -181,6 +181,23 @@ pub fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// The names of the entries of `dir`, sorted, without the dot-prefixed ones (the temp files of
+/// writers in progress, see [`temp_file_writer`]); none when `dir` does not exist.
+pub fn visible_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(Error::io("reading", dir, err)),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The pid of the process that made `file_name` if it is one of [`write_atomic`]'s temp files
 /// (`.<name>.tmp.<pid>.<n>`).
 pub fn temp_file_writer(file_name: &str) -> Option<u32> {

@@ -30,6 +30,7 @@ use crate::paths::AppPaths;
 use crate::queue::{self, Inbox};
 use crate::registry::{Liveness, Registry, Timestamp};
 use crate::sign::SigningKey;
+use crate::state::visible_names;
 
 /// How often the database is asked for new events.
 const DATABASE_INTERVAL: Duration = Duration::from_millis(250);
@@ -302,8 +303,8 @@ impl LocalState {
         let max_bytes = queue::max_message_bytes().unwrap_or(queue::DEFAULT_MAX_MESSAGE_BYTES);
         let listed = |dir: fn(&AppPaths, &str) -> PathBuf| {
             let mut found = HashSet::new();
-            for recipient in names_in(&paths.inboxes_dir()) {
-                for file in names_in(&dir(paths, &recipient)) {
+            for recipient in visible_names(&paths.inboxes_dir()).unwrap_or_default() {
+                for file in visible_names(&dir(paths, &recipient)).unwrap_or_default() {
                     if let Some(id) = file.strip_suffix(".json") {
                         found.insert((recipient.clone(), id.to_string()));
                     }
@@ -383,19 +384,6 @@ impl LocalState {
         }
         self.locks = now;
     }
-}
-
-/// Names of the entries of `dir` (none when it does not exist).
-fn names_in(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| !name.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
