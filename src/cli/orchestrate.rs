@@ -16,6 +16,7 @@ use signal_hook::iterator::Signals;
 use crate::config::format_age;
 use crate::db::runs::{self, RunRow, TaskRow, TaskStatus};
 use crate::error::{Error, IoContext, Result};
+use crate::orchestrate::plan::Plan;
 use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
 use crate::paths::AppPaths;
 use crate::registry::Timestamp;
@@ -442,14 +443,8 @@ fn load(db: Option<&Path>, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
         ))
     })?;
     // Plan order, as the plan listed them.
-    let order: Vec<String> = row.plan["tasks"]
-        .as_array()
-        .map(|tasks| {
-            tasks
-                .iter()
-                .filter_map(|t| t["id"].as_str().map(str::to_string))
-                .collect()
-        })
+    let order: Vec<String> = Plan::of_run(&row)
+        .map(|plan| plan.tasks.into_iter().map(|task| task.id).collect())
         .unwrap_or_default();
     tasks.sort_by_key(|t| {
         order

@@ -10,6 +10,7 @@ use crate::db::{Db, notes, runs};
 use crate::error::{Error, Result};
 use crate::glob::Glob;
 use crate::lock::{self, Holder, Locks, Released, Request};
+use crate::orchestrate::plan::Plan;
 use crate::paths;
 use crate::queue::{self, Inbox};
 use crate::registry::{InstanceRecord, Liveness, Registry, Snapshot};
@@ -331,16 +332,15 @@ impl State {
             .await?
             .ok_or_else(|| Error::Failed(format!("run {} is not in the database", task.run_id)))?;
         let tasks = runs::tasks(db, &run.id).await?;
-        let depends_on = run.plan["tasks"]
-            .as_array()
-            .and_then(|all| all.iter().find(|t| t["id"] == task.task_id.as_str()))
-            .and_then(|t| t["depends_on"].as_array())
-            .cloned()
+        let plan = Plan::of_run(&run).ok();
+        let depends_on = plan
+            .as_ref()
+            .and_then(|plan| plan.task(&task.task_id))
+            .map(|t| t.depends_on.clone())
             .unwrap_or_default();
         let dependencies: Vec<Value> = depends_on
             .iter()
-            .filter_map(Value::as_str)
-            .filter_map(|id| tasks.iter().find(|t| t.task_id == id))
+            .filter_map(|id| tasks.iter().find(|t| t.task_id == *id))
             .map(|t| json!({ "task_id": t.task_id, "status": t.status, "branch": t.branch }))
             .collect();
         Ok(json!({
@@ -350,7 +350,7 @@ impl State {
                 "status": run.status,
                 "started_at": run.started_at,
                 "finished_at": run.finished_at,
-                "integration": run.plan.get("integration"),
+                "integration": plan.and_then(|plan| plan.integration),
             },
             "task": task,
             "dependencies": dependencies,

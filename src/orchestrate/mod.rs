@@ -282,9 +282,7 @@ pub fn resume(
             )));
         }
     }
-    let mut plan: Plan = serde_json::from_value(run.plan.clone()).map_err(|err| {
-        Error::Failed(format!("run {id} holds a plan this app cannot read: {err}"))
-    })?;
+    let mut plan = Plan::of_run(&run)?;
     if let Some(max) = options.max_concurrent {
         plan.max_concurrent = max.max(1);
     }

@@ -16,6 +16,8 @@ use std::time::Duration;
 use git2::Repository;
 use serde::{Deserialize, Serialize};
 
+use crate::db::runs::RunRow;
+
 use crate::config::parse_duration;
 use crate::error::{Error, Result};
 use crate::worktree;
@@ -261,6 +263,16 @@ pub fn name_in(text: &str, format: Format) -> Option<String> {
 }
 
 impl Plan {
+    /// The plan a run recorded in the database (validated when the run began).
+    pub fn of_run(run: &RunRow) -> Result<Plan> {
+        serde_json::from_value(run.plan.clone()).map_err(|err| {
+            Error::Failed(format!(
+                "run {} holds a plan this app cannot read: {err}",
+                run.id
+            ))
+        })
+    }
+
     /// Reads and validates `file` for run `run`, resolving the base in `repo`.
     pub fn load(file: &Path, run: &str, repo: &Repository) -> Result<Plan> {
         let text = std::fs::read_to_string(file).map_err(|err| {
