@@ -93,6 +93,18 @@ pub enum Error {
         source: libsql::Error,
     },
 
+    /// A named lock refused.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+
+    /// The message queue refused.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+
+    /// A path reservation refused.
+    #[error(transparent)]
+    Reserve(#[from] ReserveError),
+
     /// A state file could not be parsed.
     #[error("{} is not valid JSON ({source}); run 'app doctor --fix' to move it aside (kept for you to read; running instances register again)", path.display())]
     Corrupt {
@@ -112,6 +124,9 @@ impl Error {
                 EXIT_USAGE
             }
             Error::Busy(_) => EXIT_BUSY,
+            Error::Lock(err) => err.exit_code(),
+            Error::Queue(err) => err.exit_code(),
+            Error::Reserve(err) => err.exit_code(),
             // The shell's conventions: 127 command not found, 126 found but not executable.
             Error::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => 127,
             Error::Spawn { .. } => 126,
@@ -142,6 +157,158 @@ impl Error {
             action,
             path: path.as_ref().to_path_buf(),
             source,
+        }
+    }
+}
+
+/// What a named lock (`lock`) refused. It lives here, not in `lock`, so that the crate error
+/// can gather it without the two modules importing each other.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Not a lock name.
+    #[error(
+        "invalid lock name {name:?}: use 1-128 characters from letters, digits and '_.-', starting with a letter or digit (e.g. db-schema or Cargo.lock)"
+    )]
+    InvalidName {
+        /// What was given.
+        name: String,
+    },
+    /// The lock's state file does not parse or verify.
+    #[error("the state of lock {name:?} ({}) cannot be trusted: {reason}; 'app doctor' reports it", path.display())]
+    Untrusted {
+        /// The lock.
+        name: String,
+        /// Its state file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Someone else held it until the timeout.
+    #[error(
+        "lock {name:?} is held by {holder} since {since}; wait longer (--timeout, or wait_seconds over MCP), or run 'app doctor --fix' if that process is gone"
+    )]
+    Held {
+        /// The lock.
+        name: String,
+        /// Its holder, as `Holder` prints it.
+        holder: String,
+        /// When they took it.
+        since: String,
+    },
+    /// A release by someone who does not hold it.
+    #[error(
+        "lock {name:?} is held by {holder}, not by you; only its holder releases it (or use --force)"
+    )]
+    NotYours {
+        /// The lock.
+        name: String,
+        /// Its holder, as `Holder` prints it.
+        holder: String,
+    },
+}
+
+impl LockError {
+    /// The exit code: bad input, a broken state file, or held by someone else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LockError::InvalidName { .. } => EXIT_USAGE,
+            LockError::Untrusted { .. } => EXIT_FAILURE,
+            LockError::Held { .. } | LockError::NotYours { .. } => EXIT_BUSY,
+        }
+    }
+}
+
+/// What the message queue (`queue`) refused; all of it is bad input.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Not a message type.
+    #[error("invalid message type {kind:?}: use a lowercase word such as text or join_request")]
+    InvalidKind {
+        /// What was given.
+        kind: String,
+    },
+    /// A payload over the limit.
+    #[error("the payload is {len} bytes; the limit is {max} (APP_MAX_MESSAGE_BYTES)")]
+    TooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not a message id.
+    #[error(
+        "invalid message id {id:?}: ids are 20 lowercase hex characters, as 'app recv' prints them"
+    )]
+    InvalidId {
+        /// What was given.
+        id: String,
+    },
+    /// An acknowledgement of a message that does not wait for this instance.
+    #[error("no message {id} waits for instance {owner}; 'app recv --no-ack' lists them")]
+    NotWaiting {
+        /// The message id.
+        id: String,
+        /// The instance whose inbox it is not in.
+        owner: String,
+    },
+}
+
+impl QueueError {
+    /// The exit code: always bad input.
+    pub fn exit_code(&self) -> u8 {
+        EXIT_USAGE
+    }
+}
+
+/// What path reservations (`reserve`) refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    /// A reservation of nothing.
+    #[error("give at least one path pattern to reserve")]
+    NoPatterns,
+    /// The reservations file holds entries that do not verify.
+    #[error("{} holds entries that do not verify; 'app doctor' reports them", path.display())]
+    Untrusted {
+        /// The reservations file.
+        path: PathBuf,
+    },
+    /// An exclusive claim overlaps another live holder's.
+    #[error(
+        "{} overlaps {}, reserved{} by {} since {}{}; wait for its release or reserve other paths",
+        .0.mine,
+        .0.theirs,
+        if .0.shared { " (shared)" } else { "" },
+        .0.holder,
+        .0.since,
+        .0.reason.as_ref().map_or_else(String::new, |r| format!(" ({r})"))
+    )]
+    Overlap(Box<Overlap>),
+}
+
+/// The reservation that refused a claim ([`ReserveError::Overlap`]).
+#[derive(Debug)]
+pub struct Overlap {
+    /// The pattern asked for.
+    pub mine: String,
+    /// The pattern it overlaps.
+    pub theirs: String,
+    /// Whether theirs is a shared reservation.
+    pub shared: bool,
+    /// Their holder, as `Holder` prints it.
+    pub holder: String,
+    /// When they reserved it.
+    pub since: String,
+    /// Their reason, if they gave one.
+    pub reason: Option<String>,
+}
+
+impl ReserveError {
+    /// The exit code: bad input, a broken file, or held by someone else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ReserveError::NoPatterns => EXIT_USAGE,
+            ReserveError::Untrusted { .. } => EXIT_FAILURE,
+            ReserveError::Overlap { .. } => EXIT_BUSY,
         }
     }
 }

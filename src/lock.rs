@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config;
-use crate::error::{Error, Result};
+pub use crate::error::LockError;
+use crate::error::Result;
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
 use crate::registry::{InstanceRecord, Liveness, Registry, Snapshot, Timestamp};
@@ -127,9 +128,7 @@ pub fn validate_name(name: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !ok {
-        return Err(Error::bad_input(format!(
-            "invalid lock name {name:?}: use 1-128 characters from letters, digits and '_.-', starting with a letter or digit (e.g. db-schema or Cargo.lock)"
-        )));
+        return Err(LockError::InvalidName { name: name.into() }.into());
     }
     Ok(())
 }
@@ -227,16 +226,15 @@ impl Locks {
         let Some(bytes) = state::read_optional(&path)? else {
             return Ok(None);
         };
-        let forged = |reason: String| {
-            Error::Failed(format!(
-                "the state of lock {name:?} ({}) cannot be trusted: {reason}; 'app doctor' reports it",
-                path.display()
-            ))
+        let forged = |reason: String| LockError::Untrusted {
+            name: name.into(),
+            path: path.clone(),
+            reason,
         };
         let value = serde_json::from_slice(&bytes).map_err(|err| forged(err.to_string()))?;
         let state: LockState = sign::open(&value, Some(&self.key)).map_err(forged)?;
         if state.name != name {
-            return Err(forged("it names another lock".into()));
+            return Err(forged("it names another lock".into()).into());
         }
         Ok(Some(state))
     }
@@ -297,7 +295,7 @@ impl Locks {
     }
 
     /// Waits up to `request.timeout` for the lock; returns its fencing token. Times out with
-    /// [`Error::Busy`] naming the holder.
+    /// [`LockError::Held`] naming the holder.
     pub fn acquire(&self, request: &Request) -> Result<u64> {
         // A timeout past what an Instant can hold never runs out.
         let deadline = Instant::now().checked_add(request.timeout);
@@ -318,10 +316,12 @@ impl Locks {
                 let since = held
                     .acquired_at
                     .map_or_else(|| "?".into(), |t| t.to_string());
-                return Err(Error::Busy(format!(
-                    "lock {:?} is held by {holder} since {since}; wait longer (--timeout, or wait_seconds over MCP), or run 'app doctor --fix' if that process is gone",
-                    request.name
-                )));
+                return Err(LockError::Held {
+                    name: request.name.clone(),
+                    holder: holder.to_string(),
+                    since,
+                }
+                .into());
             }
             watch.wait(deadline.map_or(RECHECK, |deadline| deadline - now));
         }
@@ -350,9 +350,11 @@ impl Locks {
         match &current.holder {
             None => return Ok(Released::NotHeld),
             Some(other) if !other.same(holder) && !force && !lapsed => {
-                return Err(Error::Busy(format!(
-                    "lock {name:?} is held by {other}, not by you; only its holder releases it (or use --force)"
-                )));
+                return Err(LockError::NotYours {
+                    name: name.into(),
+                    holder: other.to_string(),
+                }
+                .into());
             }
             Some(_) => {}
         }

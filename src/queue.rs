@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::error::QueueError;
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::registry::{Liveness, Snapshot, Timestamp};
@@ -105,9 +106,7 @@ pub fn validate_kind(kind: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
-        return Err(Error::bad_input(format!(
-            "invalid message type {kind:?}: use a lowercase word such as text or join_request"
-        )));
+        return Err(QueueError::InvalidKind { kind: kind.into() }.into());
     }
     Ok(())
 }
@@ -118,9 +117,7 @@ pub fn check_payload(payload: &Value, max: usize) -> Result<()> {
         .expect("JSON values serialize")
         .len();
     if len > max {
-        return Err(Error::bad_input(format!(
-            "the payload is {len} bytes; the limit is {max} (APP_MAX_MESSAGE_BYTES)"
-        )));
+        return Err(QueueError::TooLarge { len, max }.into());
     }
     Ok(())
 }
@@ -141,9 +138,7 @@ pub fn validate_id(id: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
     {
-        return Err(Error::bad_input(format!(
-            "invalid message id {id:?}: ids are 20 lowercase hex characters, as 'app recv' prints them"
-        )));
+        return Err(QueueError::InvalidId { id: id.into() }.into());
     }
     Ok(())
 }
@@ -382,10 +377,11 @@ impl Inbox {
                 if to.exists() {
                     Ok(false)
                 } else {
-                    Err(Error::bad_input(format!(
-                        "no message {id} waits for instance {}; 'app recv --no-ack' lists them",
-                        self.owner
-                    )))
+                    Err(QueueError::NotWaiting {
+                        id: id.into(),
+                        owner: self.owner.clone(),
+                    }
+                    .into())
                 }
             }
             Err(err) => Err(Error::io("acknowledging", &from, err)),

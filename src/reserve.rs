@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::config;
 use crate::error::{Error, Result};
+pub use crate::error::{Overlap, ReserveError};
 use crate::glob::Glob;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
@@ -152,10 +153,10 @@ impl Reservations {
         }
         .load()?;
         if !drop_forged && loaded.iter().any(|entry| entry.is_err()) {
-            return Err(Error::Failed(format!(
-                "{} holds entries that do not verify; 'app doctor' reports them",
-                self.paths.reservations().display()
-            )));
+            return Err(ReserveError::Untrusted {
+                path: self.paths.reservations(),
+            }
+            .into());
         }
         let before = loaded.len();
         let mut live: Vec<Reservation> = loaded
@@ -174,7 +175,7 @@ impl Reservations {
         self.update(true, |_, dropped| Ok(dropped))
     }
 
-    /// Reserves `patterns` for `holder`; refused with [`Error::Busy`] when an exclusive claim
+    /// Reserves `patterns` for `holder`; refused with [`ReserveError::Overlap`] when an exclusive claim
     /// (theirs or this one) overlaps another live holder's.
     pub fn reserve(
         &self,
@@ -185,23 +186,20 @@ impl Reservations {
         reason: Option<String>,
     ) -> Result<Reservation> {
         if patterns.is_empty() {
-            return Err(Error::bad_input(
-                "give at least one path pattern to reserve",
-            ));
+            return Err(ReserveError::NoPatterns.into());
         }
         self.update(false, |live, _| {
             for other in live.iter().filter(|r| !r.holder.same(holder)) {
                 if let Some((mine, theirs)) = other.conflicts_with(patterns, shared) {
-                    return Err(Error::Busy(format!(
-                        "{mine} overlaps {theirs}, reserved{} by {} since {}{}; wait for its release or reserve other paths",
-                        if other.shared { " (shared)" } else { "" },
-                        other.holder,
-                        other.created_at,
-                        other
-                            .reason
-                            .as_ref()
-                            .map_or_else(String::new, |r| format!(" ({r})"))
-                    )));
+                    return Err(ReserveError::Overlap(Box::new(Overlap {
+                        mine: mine.to_string(),
+                        theirs: theirs.to_string(),
+                        shared: other.shared,
+                        holder: other.holder.to_string(),
+                        since: other.created_at.to_string(),
+                        reason: other.reason.clone(),
+                    }))
+                    .into());
                 }
             }
             let now = Timestamp::now();

@@ -39,7 +39,7 @@ use tokio::sync::{broadcast, watch};
 
 use self::feed::{ApiEvent, Hub};
 use crate::db::{DbSettings, Location};
-use crate::error::{Error, Result};
+use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, Result};
 use crate::paths::AppPaths;
 use crate::queue;
 use crate::registry::{Registry, Snapshot};
@@ -404,12 +404,11 @@ impl IntoResponse for ApiError {
 
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
-        let (status, kind) = match &err {
-            Error::BadInput(_) | Error::NotARepository { .. } => {
-                (StatusCode::BAD_REQUEST, "bad_input")
-            }
-            Error::UnknownInstance { .. } => (StatusCode::NOT_FOUND, "not_found"),
-            Error::Busy(_) => (StatusCode::CONFLICT, "busy"),
+        // By the exit-code contract, so every domain's errors map the same way.
+        let (status, kind) = match (&err, err.exit_code()) {
+            (Error::UnknownInstance { .. }, _) => (StatusCode::NOT_FOUND, "not_found"),
+            (_, EXIT_USAGE) => (StatusCode::BAD_REQUEST, "bad_input"),
+            (_, EXIT_BUSY) => (StatusCode::CONFLICT, "busy"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
         };
         ApiError::new(status, kind, err.to_string())
