@@ -31,13 +31,14 @@ use crate::inuse::{self, Scan, Supervisor};
 use crate::journal::{self, Intent, Operation};
 use crate::lock::Locks;
 use crate::paths::AppPaths;
-use crate::process::{self, Presence, ProcessIdentity};
+use crate::process::{self, ProcessIdentity};
 use crate::queue::{self, Inbox};
+use crate::reclaim::{self, Work};
 use crate::registry::{Entry, InstanceRecord, Liveness, Registry, Snapshot};
 use crate::reserve::Reservations;
 use crate::sign::SigningKey;
 use crate::state;
-use crate::worktree::{self, BranchFate, Keep, Removal, Target};
+use crate::worktree;
 
 /// How `doctor` runs.
 #[derive(Debug, Clone)]
@@ -49,6 +50,17 @@ pub struct Options {
     pub force: bool,
     /// `--db`, for the database checks.
     pub db: Option<PathBuf>,
+}
+
+impl Options {
+    /// What a reclaim does with the work it finds.
+    fn work(&self) -> Work {
+        if self.force {
+            Work::Discard
+        } else {
+            Work::Save
+        }
+    }
 }
 
 /// One finding, as reported.
@@ -499,7 +511,7 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
                 .as_deref()
                 .filter(|path| *path == paths.worktree(&record.id) && path.exists())
                 .and_then(|_| worktree::user_must_decide(paths, &record.id));
-            match (in_use(record), needs_user) {
+            match (inuse::instance_running(record), needs_user) {
                 (Some(why), _) => found.problems.push(Problem::InUse {
                     id: record.id.clone(),
                     reason: format!("stale ({reason}) but {why}"),
@@ -539,30 +551,6 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     permissions(paths.state_dir(), paths, &mut found.problems);
     database_problems(paths, &snapshot, options, &mut found);
     Ok(found)
-}
-
-/// Why an instance whose registration went stale must still be left alone, if it must.
-pub(crate) fn in_use(record: &InstanceRecord) -> Option<String> {
-    if record.host != process::hostname() {
-        // Its pids mean nothing here; a stale heartbeat is all there is to go by.
-        return None;
-    }
-    if record.identity().presence() == Presence::Running {
-        return Some(format!("its supervisor (pid {}) still runs", record.pid));
-    }
-    if let (Some(pid), Some(start_time)) = (record.child_pid, record.child_start_time) {
-        let child = ProcessIdentity {
-            pid,
-            start_time,
-            boot_id: record.boot_id.clone(),
-        };
-        if child.presence() == Presence::Running {
-            return Some(format!(
-                "its command (pid {pid}) still runs in its worktree"
-            ));
-        }
-    }
-    None
 }
 
 /// The problem of worktree `id` when a live process uses it although no valid registry entry
@@ -660,9 +648,9 @@ fn worktree_problems(
         if path == paths.worktree(name)
             && !path.exists()
             && !journaled.iter().any(|id| id == name)
-            && snapshot
-                .instance(name)
-                .is_none_or(|r| in_use(r).is_none() && r.liveness(stale_after) != Liveness::Live)
+            && snapshot.instance(name).is_none_or(|r| {
+                inuse::instance_running(r).is_none() && r.liveness(stale_after) != Liveness::Live
+            })
         {
             found.problems.push(Problem::DanglingMetadata {
                 name: name.to_string(),
@@ -680,9 +668,9 @@ fn branch_problems(
     found: &mut Diagnosis,
 ) -> Result<()> {
     let live_owner = |id: &str| {
-        snapshot
-            .instance(id)
-            .is_some_and(|r| r.liveness(stale_after) == Liveness::Live || in_use(r).is_some())
+        snapshot.instance(id).is_some_and(|r| {
+            r.liveness(stale_after) == Liveness::Live || inuse::instance_running(r).is_some()
+        })
     };
     let mut candidates: Vec<String> = Vec::new();
     for entry in &snapshot.branches {
@@ -901,7 +889,7 @@ fn stale_sockets(
             None => "is no longer registered".to_string(),
             Some(record) => match record.liveness(stale_after) {
                 Liveness::Live => continue,
-                Liveness::Stale(_) if in_use(record).is_some() => continue,
+                Liveness::Stale(_) if inuse::instance_running(record).is_some() => continue,
                 Liveness::Stale(why) => format!("is dead ({why})"),
             },
         };
@@ -1081,7 +1069,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
                 Ok(()) => Ok(format!("chmod {want:o}")),
             }
         }
-        Problem::HalfDone(intent) => recover(paths, options, intent),
+        Problem::HalfDone(intent) => reclaim::recover(paths, options.work(), intent),
         Problem::Readopt { id, supervisor, .. } => readopt(paths, options, id, *supervisor),
         Problem::CorruptFile { path, .. } => {
             let aside = path.with_file_name(format!(
@@ -1112,9 +1100,9 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
                     if current.pid == record.pid && current.start_time == record.start_time => {}
                 _ => return Ok("it changed meanwhile; left for the next run".into()),
             }
-            reclaim(
+            reclaim::reclaim(
                 paths,
-                options,
+                options.work(),
                 &record.id,
                 record.worktree.as_deref(),
                 record.branch.as_deref(),
@@ -1131,7 +1119,7 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
                     .filter(|h| h.is_branch())
                     .and_then(|h| h.shorthand().ok().map(str::to_string))
             });
-            reclaim(paths, options, id, Some(path), branch.as_deref())
+            reclaim::reclaim(paths, options.work(), id, Some(path), branch.as_deref())
         }
         Problem::DanglingMetadata { name, admin } => {
             if worktree::forget_missing(paths, name)? {
@@ -1231,254 +1219,4 @@ fn readopt(paths: &AppPaths, options: &Options, id: &str, supervisor: u32) -> Re
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Finishes or undoes an interrupted operation (also run by `app run` before it starts). Only
-/// an intent whose writer is provably gone is recovered, and only what that writer made.
-pub fn recover(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<String> {
-    if intent.writer_alive() {
-        return Ok("its writer still works; left alone".into());
-    }
-    let done = match intent.operation {
-        Operation::Stop => reclaim(
-            paths,
-            options,
-            &intent.instance,
-            intent.worktree.as_deref(),
-            intent.branch.as_deref(),
-        )?,
-        Operation::Start => undo_start(paths, options, intent)?,
-        Operation::Remove => {
-            if intent.worktree.as_deref() == Some(paths.worktree(&intent.instance).as_path()) {
-                let repo = open_repo(paths)?;
-                let key = SigningKey::load_or_create(paths)?;
-                let target = Target {
-                    id: &intent.instance,
-                    branch: None,
-                };
-                // The intent is written after the rescue: what it saved is safe, and files
-                // missing now are the half-done removal's, not work.
-                let keep = if options.force {
-                    Keep::Discard
-                } else {
-                    Keep::RescueUndo
-                };
-                describe_removal(
-                    &paths.worktree(&intent.instance),
-                    worktree::remove(&repo, paths, &key, target, keep)?,
-                )
-            } else {
-                "nothing of app's to finish".into()
-            }
-        }
-    };
-    journal::end(paths, intent)?;
-    Ok(done)
-}
-
-fn open_repo(paths: &AppPaths) -> Result<Repository> {
-    Repository::open(paths.repo_root())
-        .git_context(|| format!("opening {}", paths.repo_root().display()))
-}
-
-/// What a reclaim may do with the work it finds.
-fn keep(options: &Options) -> Keep {
-    if options.force {
-        Keep::Discard
-    } else {
-        Keep::Rescue
-    }
-}
-
-/// The account of a guarded removal of the worktree at `path`.
-fn describe_removal(path: &Path, removal: Removal) -> String {
-    match removal {
-        Removal::Removed {
-            rescued_to: Some(name),
-        } => format!(
-            "saved its uncommitted work on {name} (see it with 'git show --stat {name}', restore it with 'git checkout {name} -- .' in a worktree of your choice); removed {}",
-            path.display()
-        ),
-        Removal::Removed { rescued_to: None } => format!("removed {}", path.display()),
-        Removal::Absent => "its worktree was already gone".into(),
-        Removal::Kept { because, .. } => format!("kept {}: {because}", path.display()),
-    }
-}
-
-/// Undoes an interrupted start, touching only what that start made: the registry entry it
-/// wrote (same pid and start time), the worktree whose supervisor record carries its nonce
-/// (through the guarded removal, so work found there is saved), and the branch it created
-/// while nothing else holds it. A name that another instance holds now is not touched.
-fn undo_start(paths: &AppPaths, options: &Options, intent: &Intent) -> Result<String> {
-    let repo = open_repo(paths)?;
-    let id = &intent.instance;
-    let writer_holds =
-        |r: &InstanceRecord| r.pid == intent.pid && r.start_time == intent.start_time;
-    let snapshot = Registry::open_read_only(paths)?
-        .snapshot()
-        .unwrap_or_default();
-    if let Some(record) = snapshot.instance(id)
-        && !writer_holds(record)
-    {
-        return Ok(format!(
-            "instance {id} belongs to pid {} now; nothing of the interrupted start is touched",
-            record.pid
-        ));
-    }
-    let mut done = Vec::new();
-    let path = paths.worktree(id);
-    let admin = paths.git_worktree_admin(id);
-    let made_by_writer = Supervisor::load(&admin).is_some_and(|s| s.created_by == intent.nonce);
-    let mut worktree_gone = !path.exists();
-    if !intent.reuse && intent.worktree.as_deref() == Some(path.as_path()) && made_by_writer {
-        let key = SigningKey::load_or_create(paths)?;
-        let target = Target { id, branch: None };
-        let keep = if options.force {
-            Keep::Discard
-        } else {
-            Keep::RescueUndo
-        };
-        let removal = worktree::remove(&repo, paths, &key, target, keep)?;
-        worktree_gone = matches!(removal, Removal::Removed { .. } | Removal::Absent);
-        done.push(describe_removal(&path, removal));
-    } else if worktree_gone {
-        worktree::forget_missing(paths, id)?;
-    }
-    let mut branch_gone = !intent.create_branch;
-    let base = intent.base.as_deref().and_then(|b| b.parse::<Oid>().ok());
-    let branch_is_others = |branch: &str| {
-        snapshot.branches.iter().any(|entry| match entry {
-            Entry::Valid(b) => b.branch == branch && &b.instance != id,
-            Entry::Forged { .. } => false,
-        })
-    };
-    if intent.create_branch
-        && worktree_gone
-        && let (Some(branch), Some(base)) = (&intent.branch, base)
-        && !branch_is_others(branch)
-        && worktree::checked_out_in(&repo, branch)?.is_none()
-    {
-        match worktree::delete_branch_if_empty(&repo, branch, base)? {
-            BranchFate::Deleted => {
-                done.push(format!("deleted branch {branch}"));
-                branch_gone = true;
-            }
-            BranchFate::Gone => branch_gone = true,
-            BranchFate::Kept(_) => {}
-        }
-    }
-    Registry::open_for_write(paths)?.update(|tables| {
-        if tables.instance(id).is_some_and(|r| writer_holds(&r)) {
-            tables.remove_instance(id);
-        }
-        if let Some(branch) = &intent.branch
-            && branch_gone
-            && tables.branch(branch).is_some_and(|b| &b.instance == id)
-        {
-            tables.remove_branch(branch);
-        }
-        Ok(())
-    })?;
-    done.push("unregistered".into());
-    Ok(done.join("; "))
-}
-
-/// Takes back the worktree and registration of instance `id`, which nobody uses any more:
-/// the worktree goes through the guarded removal (work saved on a rescue ref, or discarded
-/// with `--force`; kept when in use or when only its user can decide), the branch is deleted
-/// only when it holds nothing beyond its base (or with `--force`), then it is unregistered.
-/// A kept worktree keeps its registration's branch entry too.
-pub(crate) fn reclaim(
-    paths: &AppPaths,
-    options: &Options,
-    id: &str,
-    path: Option<&Path>,
-    branch: Option<&str>,
-) -> Result<String> {
-    let repo = open_repo(paths)?;
-    let registry = Registry::open_for_write(paths)?;
-    let mut done = Vec::new();
-    if let Some(path) = path.filter(|p| *p == paths.worktree(id)) {
-        let key = SigningKey::load_or_create(paths)?;
-        let target = Target { id, branch: None };
-        let removal = worktree::remove(&repo, paths, &key, target, keep(options))?;
-        let kept = matches!(removal, Removal::Kept { .. });
-        done.push(describe_removal(path, removal));
-        if kept {
-            return Ok(done.join("; "));
-        }
-    }
-    let snapshot = registry.snapshot()?;
-    let record = branch.and_then(|b| {
-        snapshot.branches.iter().find_map(|entry| match entry {
-            Entry::Valid(r) if r.branch == b => Some(r.clone()),
-            _ => None,
-        })
-    });
-    let mut forget_branch = false;
-    if let Some(branch) = branch
-        && worktree::checked_out_in(&repo, branch)?.is_none()
-    {
-        let created = record.as_ref().is_some_and(|r| r.created_branch);
-        let base = record.as_ref().and_then(|r| r.base.parse::<Oid>().ok());
-        let fate = match (created, base) {
-            (true, _) if options.force => match worktree::branch_tip(&repo, branch)? {
-                Some(_) => {
-                    worktree::delete_branch(&repo, branch)?;
-                    BranchFate::Deleted
-                }
-                None => BranchFate::Gone,
-            },
-            (true, Some(base)) => worktree::delete_branch_if_empty(&repo, branch, base)?,
-            _ => match worktree::branch_tip(&repo, branch)? {
-                Some(_) => BranchFate::Kept("app did not create it".into()),
-                None => BranchFate::Gone,
-            },
-        };
-        match fate {
-            BranchFate::Gone => forget_branch = true,
-            BranchFate::Deleted => {
-                done.push(format!("deleted branch {branch}"));
-                forget_branch = true;
-            }
-            BranchFate::Kept(reason) => {
-                done.push(format!("kept branch {branch} ({reason})"));
-                // Its entry keeps the base a later cleanup compares with.
-                forget_branch = !created;
-            }
-        }
-    }
-    registry.update(|tables| {
-        tables.remove_instance(id);
-        if forget_branch && let Some(branch) = branch {
-            tables.remove_branch(branch);
-        }
-        Ok(())
-    })?;
-    done.push("unregistered".into());
-    Ok(done.join("; "))
-}
-
-/// Recovers intents left by crashed operations, quietly; `app run` calls this before it starts.
-/// Cheap when the journal is empty (one directory read).
-pub fn recover_journal(paths: &AppPaths, timing: Timing) -> Result<()> {
-    let key = SigningKey::load(paths, false)?;
-    let options = Options {
-        timing,
-        force: false,
-        db: None,
-    };
-    for intent in journal::list(paths, key.as_ref())?.into_iter().flatten() {
-        if !intent.writer_alive() {
-            match recover(paths, &options, &intent) {
-                Ok(done) => {
-                    tracing::info!(instance = %intent.instance, done, "recovered an interrupted operation")
-                }
-                Err(err) => {
-                    tracing::warn!(instance = %intent.instance, %err, "recovering an interrupted operation failed; run 'app doctor --fix'")
-                }
-            }
-        }
-    }
-    Ok(())
 }
