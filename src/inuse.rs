@@ -13,7 +13,7 @@
 //!   recorded supervisor that still runs proves the worktree in use even when nothing of it is
 //!   inside the directory at this instant.
 //! - An instance whose supervisor or command still runs on this host is in use whatever its
-//!   heartbeat says ([`instance_running`]).
+//!   heartbeat says (`instance_running`).
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
