@@ -242,7 +242,7 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
     // Operations a crash interrupted are finished or undone first (one directory read when
     // there are none).
     if paths.journal_dir().is_dir() {
-        crate::doctor::recover_journal(&paths, timing)?;
+        crate::reclaim::recover_journal(&paths)?;
     }
 
     // Everything below until `open_for_write` only reads.

@@ -12,6 +12,8 @@
 //!   ([`Supervisor`]: `.git/worktrees/<id>/app-supervisor`), where `git clean` never reaches; a
 //!   recorded supervisor that still runs proves the worktree in use even when nothing of it is
 //!   inside the directory at this instant.
+//! - An instance whose supervisor or command still runs on this host is in use whatever its
+//!   heartbeat says (`instance_running`).
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::process::{Presence, ProcessIdentity};
+use crate::registry::InstanceRecord;
 
 /// Why a process counts as a user of a directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -256,6 +259,31 @@ pub fn describe(users: &[User]) -> String {
         .map(User::to_string)
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Why instance `record` must be left alone although its registration went stale, if it must:
+/// its supervisor, or the command it ran in its worktree, still runs. On another host its pids
+/// mean nothing, and a stale heartbeat is all there is to go by (`None`).
+pub(crate) fn instance_running(record: &InstanceRecord) -> Option<String> {
+    if record.host != crate::process::hostname() {
+        return None;
+    }
+    if record.identity().presence() == Presence::Running {
+        return Some(format!("its supervisor (pid {}) still runs", record.pid));
+    }
+    if let (Some(pid), Some(start_time)) = (record.child_pid, record.child_start_time) {
+        let child = ProcessIdentity {
+            pid,
+            start_time,
+            boot_id: record.boot_id.clone(),
+        };
+        if child.presence() == Presence::Running {
+            return Some(format!(
+                "its command (pid {pid}) still runs in its worktree"
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

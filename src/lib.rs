@@ -24,6 +24,7 @@ pub mod paths;
 pub mod ports;
 pub mod process;
 pub mod queue;
+pub(crate) mod reclaim;
 pub mod registry;
 pub mod reserve;
 pub mod sign;

@@ -14,7 +14,7 @@
 //!   start does not is first saved under `refs/app/attempts/<run>/<task>/<n>`.
 //! - Run and task state is written to the database at every change, so after a crash
 //!   `--resume` reruns nothing that succeeded and restarts what was running, after taking back
-//!   its dead attempts' worktrees through [`crate::doctor::reclaim`] (work saved, never
+//!   its dead attempts' worktrees through [`crate::reclaim::reclaim`] (work saved, never
 //!   deleted). An attempt counts once its command started; instance ids are never reused.
 //! - The integration branch is only moved forward, and never while checked out anywhere.
 
@@ -301,19 +301,14 @@ pub fn resume(
     }
     // Starts and stops the dead attempts' `app run` left half-done are finished or undone
     // first, as every `app run` does before it starts.
-    crate::doctor::recover_journal(&paths, timing)?;
-    let reclaim_options = crate::doctor::Options {
-        timing,
-        force: false,
-        db: options.db.clone(),
-    };
+    crate::reclaim::recover_journal(&paths)?;
     for leftover in &leftovers {
         if leftover.live {
             // An attempt the dead orchestrator left running is stopped before it is restarted.
             let writer = Registry::open_for_write(&paths)?;
             let _ = crate::instance::stop(&writer, &leftover.instance, TASK_STOP_TIMEOUT, timing);
         }
-        if let Some(done) = reclaim_attempt(&paths, &reclaim_options, &leftover.instance)? {
+        if let Some(done) = reclaim_attempt(&paths, timing, &leftover.instance)? {
             report(Progress::Reclaimed {
                 task: leftover.task.clone(),
                 instance: leftover.instance.clone(),
@@ -374,7 +369,7 @@ fn survey(
         .is_some_and(|r| r.liveness(timing.stale_after) == Liveness::Live);
     if !live
         && let Some(record) = &record
-        && let Some(why) = crate::doctor::in_use(record)
+        && let Some(why) = crate::inuse::instance_running(record)
     {
         return Err(Error::Busy(format!(
             "task {:?}: its attempt {instance} is dead but {why}; stop that process, then resume again",
@@ -399,31 +394,27 @@ fn survey(
     })
 }
 
-/// Reclaims what the dead attempt `instance` left (through [`crate::doctor::reclaim`], the
+/// Reclaims what the dead attempt `instance` left (through [`crate::reclaim::reclaim`], the
 /// path every reclaim takes: uncommitted work saved on `refs/app/rescue/<instance>`, the
 /// worktree removed, the registration dropped, the task branch kept). `None` when it left
 /// nothing, or when it is still alive (then its worktree is not touched).
-fn reclaim_attempt(
-    paths: &AppPaths,
-    options: &crate::doctor::Options,
-    instance: &str,
-) -> Result<Option<String>> {
+fn reclaim_attempt(paths: &AppPaths, timing: Timing, instance: &str) -> Result<Option<String>> {
     let snapshot = Registry::open_read_only(paths)?.snapshot()?;
     if let Some(record) = snapshot.instance(instance) {
-        if record.liveness(options.timing.stale_after) == Liveness::Live {
+        if record.liveness(timing.stale_after) == Liveness::Live {
             return Err(Error::Busy(format!(
                 "attempt {instance} still runs (pid {}) after being asked to stop; stop it with 'app instance stop {instance}', then resume again",
                 record.pid
             )));
         }
-        if let Some(why) = crate::doctor::in_use(record) {
+        if let Some(why) = crate::inuse::instance_running(record) {
             return Err(Error::Busy(format!(
                 "attempt {instance} is dead but {why}; stop that process, then resume again"
             )));
         }
-        let done = crate::doctor::reclaim(
+        let done = crate::reclaim::reclaim(
             paths,
-            options,
+            crate::reclaim::Work::Save,
             instance,
             record.worktree.as_deref(),
             record.branch.as_deref(),
@@ -442,7 +433,14 @@ fn reclaim_attempt(
             .filter(|head| head.is_branch())
             .and_then(|head| head.shorthand().ok().map(str::to_string))
     });
-    crate::doctor::reclaim(paths, options, instance, Some(&path), branch.as_deref()).map(Some)
+    crate::reclaim::reclaim(
+        paths,
+        crate::reclaim::Work::Save,
+        instance,
+        Some(&path),
+        branch.as_deref(),
+    )
+    .map(Some)
 }
 
 /// Signals received by the orchestrator: the first stops starting tasks and asks the running

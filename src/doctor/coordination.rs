@@ -1,0 +1,149 @@
+//! What dead holders leave in the coordination state: named locks still held, lapsed or forged
+//! reservations, inboxes of instances that are gone, expired and untrusted messages. Dead
+//! letters and quarantined files are only noticed: they are kept for the user to read.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use super::Diagnosis;
+use super::problem::Problem;
+use crate::error::Result;
+use crate::lock::Locks;
+use crate::paths::AppPaths;
+use crate::queue::{self, Inbox};
+use crate::registry::Snapshot;
+use crate::reserve::Reservations;
+use crate::sign::SigningKey;
+
+/// Every coordination problem, then the notices about what was set aside.
+pub(super) fn problems(
+    paths: &AppPaths,
+    key: Option<&SigningKey>,
+    snapshot: &Snapshot,
+    stale_after: Duration,
+    found: &mut Diagnosis,
+) -> Result<()> {
+    lock_problems(paths, stale_after, &mut found.problems)?;
+    reservation_problems(paths, stale_after, &mut found.problems)?;
+    inbox_problems(paths, key, snapshot, &mut found.problems)?;
+    set_aside(paths, &mut found.notices);
+    Ok(())
+}
+
+/// Named locks whose holder is dead, or a lock state that cannot be read.
+fn lock_problems(
+    paths: &AppPaths,
+    stale_after: Duration,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    let Some(locks) = Locks::existing(paths, stale_after)? else {
+        return Ok(());
+    };
+    match locks.list() {
+        Ok(all) => {
+            for (state, lapsed) in all {
+                if let (Some(_), Some(reason)) = (&state.holder, lapsed) {
+                    problems.push(Problem::LapsedLock {
+                        name: state.name,
+                        reason,
+                    });
+                }
+            }
+        }
+        Err(err) => problems.push(Problem::Locks {
+            reason: err.to_string(),
+        }),
+    }
+    Ok(())
+}
+
+/// Reservations that lapsed or do not verify, as one problem.
+fn reservation_problems(
+    paths: &AppPaths,
+    stale_after: Duration,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    let reservations = Reservations::open(paths, stale_after)?;
+    if !paths.reservations().exists() {
+        return Ok(());
+    }
+    let all = reservations.list()?;
+    let lapsed = all
+        .iter()
+        .filter(|entry| matches!(entry, Ok((_, Some(_)))))
+        .count();
+    let forged = all.iter().filter(|entry| entry.is_err()).count();
+    if lapsed + forged > 0 {
+        problems.push(Problem::LapsedReservations {
+            count: lapsed,
+            forged,
+        });
+    }
+    Ok(())
+}
+
+/// Inboxes of instances that are gone, and expired or untrusted messages in the others.
+fn inbox_problems(
+    paths: &AppPaths,
+    key: Option<&SigningKey>,
+    snapshot: &Snapshot,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    let max = queue::max_message_bytes()?;
+    for owner in subdirectories(&paths.queue_dir().join("inbox")) {
+        let inbox = Inbox::new(paths, &owner, key.cloned(), max);
+        let (messages, swept) = inbox.inspect()?;
+        if snapshot.instance(&owner).is_none() {
+            let files = messages.len() + swept.expired + swept.quarantined;
+            if files > 0 {
+                problems.push(Problem::OrphanInbox { owner, files });
+            }
+        } else if swept.expired + swept.quarantined > 0 {
+            problems.push(Problem::Messages {
+                owner,
+                expired: swept.expired,
+                untrusted: swept.quarantined,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Notices of dead letters and quarantined files, kept for the user to read.
+fn set_aside(paths: &AppPaths, notices: &mut Vec<String>) {
+    for (dir, what) in [
+        (paths.dead_letters(), "dead letter(s) in"),
+        (paths.quarantine(), "quarantined file(s) in"),
+    ] {
+        let count = fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".reason"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if count > 0 {
+            notices.push(format!(
+                "{count} {what} {} (kept for you to read)",
+                dir.display()
+            ));
+        }
+    }
+}
+
+/// The names of the directories in `dir`, sorted; none when it cannot be read.
+fn subdirectories(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

@@ -1,0 +1,244 @@
+//! [`fix`]: reclaim what [`diagnose`] found, one doctor at a time (under `doctor.lock`), in
+//! passes until nothing fixable is left. Each fix reads again what it acts on: what changed
+//! since the diagnosis is left for the next pass or the next run. Instances and interrupted
+//! operations are reclaimed through [`crate::reclaim`].
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use git2::Repository;
+
+use super::problem::Problem;
+use super::{Diagnosis, Fixed, Options, diagnose};
+use crate::db::{self, Db, instances};
+use crate::error::{Error, Result};
+use crate::inuse::{self, Scan};
+use crate::lock::{Holder, Locks};
+use crate::paths::AppPaths;
+use crate::process::ProcessIdentity;
+use crate::queue::{self, Inbox};
+use crate::reclaim;
+use crate::registry::{InstanceRecord, Registry};
+use crate::reserve::Reservations;
+use crate::sign::SigningKey;
+use crate::state;
+use crate::worktree;
+
+/// Reclaims what [`diagnose`] found, in passes until nothing fixable is left (fixing one thing,
+/// such as unregistering a dead instance, can reveal another, such as its inbox). Returns what
+/// was done and the diagnosis of what is left.
+pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis)> {
+    // One doctor at a time; a second one waits, then finds what the first left.
+    let _one_at_a_time = match paths.state_dir().is_dir() {
+        true => Some(state::lock_exclusive(&paths.doctor_lock())?),
+        false => None,
+    };
+    let mut done = Vec::new();
+    let mut diagnosis = diagnose(paths, options)?;
+    for _ in 0..3 {
+        if !diagnosis.any_fixable() {
+            break;
+        }
+        for problem in diagnosis.problems.iter().filter(|p| p.fixable()) {
+            let outcome = fix_one(paths, options, problem).map_err(|err| err.to_string());
+            done.push(Fixed {
+                finding: problem.finding(),
+                outcome,
+            });
+        }
+        diagnosis = diagnose(paths, options)?;
+    }
+    Ok((done, diagnosis))
+}
+
+/// Fixes one problem; the text says what was done.
+fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<String> {
+    let registry = || Registry::open_for_write(paths);
+    match problem {
+        Problem::MissingSecret => {
+            SigningKey::load_or_create(paths)?;
+            Ok(format!("created {}", paths.secret().display()))
+        }
+        Problem::Permissions { path, want, .. } => chmod(path, *want),
+        Problem::HalfDone(intent) => reclaim::recover(paths, options.work(), intent),
+        Problem::Readopt { id, supervisor, .. } => readopt(paths, options, id, *supervisor),
+        Problem::CorruptFile { path, .. } => move_aside(paths, path),
+        Problem::UntrustedIntent { path, .. } => {
+            state::remove_if_present(path)?;
+            Ok("removed".into())
+        }
+        Problem::ForgedInstance { key, .. } => {
+            registry()?.update(|tables| Ok(tables.remove_instance(key)))?;
+            Ok("removed the entry".into())
+        }
+        Problem::DeadInstance { record, .. } => reclaim_dead(paths, options, record),
+        Problem::OrphanWorktree { id, path } => reclaim_orphan(paths, options, id, path),
+        Problem::DanglingMetadata { name, admin } => {
+            if worktree::forget_missing(paths, name)? {
+                Ok(format!("removed {}", admin.display()))
+            } else {
+                Ok("its directory is back; left alone".into())
+            }
+        }
+        Problem::IdleBranch { branch } => {
+            worktree::delete_branch(&reclaim::open_repo(paths)?, branch)?;
+            registry()?.update(|tables| Ok(tables.remove_branch(branch)))?;
+            Ok("deleted".into())
+        }
+        Problem::StaleBranchEntry { branch, .. } => {
+            registry()?.update(|tables| Ok(tables.remove_branch(branch)))?;
+            Ok("removed the entry".into())
+        }
+        Problem::LapsedLock { name, .. } => {
+            let locks = Locks::open(paths, options.timing.stale_after)?;
+            let holder = Holder::process(ProcessIdentity::current());
+            locks.release(name, &holder, true)?;
+            Ok("released".into())
+        }
+        Problem::LapsedReservations { .. } => {
+            let dropped = Reservations::open(paths, options.timing.stale_after)?.prune()?;
+            Ok(format!("dropped {dropped}"))
+        }
+        Problem::OrphanInbox { owner, .. } => retire_inbox(paths, owner),
+        Problem::Messages { owner, .. } => sweep_inbox(paths, owner),
+        Problem::StaleRefLock { path } => remove_ref_lock(path),
+        Problem::TempFile { path } | Problem::StaleSocket { path, .. } => {
+            state::remove_if_present(path)?;
+            Ok("removed".into())
+        }
+        Problem::Unmirrored { record } => write_row(paths, options, record),
+        Problem::InUse { .. }
+        | Problem::NeedsUser { .. }
+        | Problem::StateDirNotDir { .. }
+        | Problem::Unreadable { .. }
+        | Problem::Locks { .. }
+        | Problem::Database { .. } => Ok("not fixable".into()),
+    }
+}
+
+/// Sets the mode of `path` to `want`.
+fn chmod(path: &Path, want: u32) -> Result<String> {
+    match fs::set_permissions(path, fs::Permissions::from_mode(want)) {
+        // Another fix (a temp file's) removed it meanwhile.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok("gone".into()),
+        Err(err) => Err(Error::io("changing the mode of", path, err)),
+        Ok(()) => Ok(format!("chmod {want:o}")),
+    }
+}
+
+/// Moves the unreadable file at `path` aside to `<name>.corrupt-<time>`, kept for the user.
+fn move_aside(paths: &AppPaths, path: &Path) -> Result<String> {
+    let aside = path.with_file_name(format!(
+        "{}.corrupt-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    ));
+    let _guard = state::lock_exclusive(&paths.registry_lock())?;
+    fs::rename(path, &aside).map_err(|err| Error::io("moving aside", path, err))?;
+    Ok(format!("moved it to {}", aside.display()))
+}
+
+/// Reclaims the dead instance `record`, unless it was restarted since the diagnosis.
+fn reclaim_dead(paths: &AppPaths, options: &Options, record: &InstanceRecord) -> Result<String> {
+    // Read again: it may have been restarted since the diagnosis.
+    let snapshot = Registry::open_for_write(paths)?.snapshot()?;
+    match snapshot.instance(&record.id) {
+        Some(current) if current.pid == record.pid && current.start_time == record.start_time => {}
+        _ => return Ok("it changed meanwhile; left for the next run".into()),
+    }
+    reclaim::reclaim(
+        paths,
+        options.work(),
+        &record.id,
+        record.worktree.as_deref(),
+        record.branch.as_deref(),
+    )
+}
+
+/// Reclaims the orphaned worktree `id` at `path` and the branch checked out in it, unless an
+/// instance took it since the diagnosis.
+fn reclaim_orphan(paths: &AppPaths, options: &Options, id: &str, path: &Path) -> Result<String> {
+    let snapshot = Registry::open_for_write(paths)?.snapshot()?;
+    if snapshot.instance(id).is_some() {
+        return Ok("an instance took it meanwhile; left alone".into());
+    }
+    let branch = Repository::open(path).ok().and_then(|wt| {
+        wt.head()
+            .ok()
+            .filter(|h| h.is_branch())
+            .and_then(|h| h.shorthand().ok().map(str::to_string))
+    });
+    reclaim::reclaim(paths, options.work(), id, Some(path), branch.as_deref())
+}
+
+/// Moves the messages of the gone instance `owner` aside and removes its inbox.
+fn retire_inbox(paths: &AppPaths, owner: &str) -> Result<String> {
+    let key = SigningKey::load(paths, false)?;
+    let inbox = Inbox::new(paths, owner, key, queue::max_message_bytes()?);
+    let moved = inbox.retire(&format!("instance {owner} is gone"))?;
+    let acked = paths.acked(owner);
+    if acked.exists() {
+        fs::remove_dir_all(&acked).map_err(|err| Error::io("removing", &acked, err))?;
+    }
+    let _ = fs::remove_dir(inbox.dir());
+    Ok(format!("moved {moved} file(s) aside"))
+}
+
+/// Sweeps the expired and untrusted messages out of `owner`'s inbox.
+fn sweep_inbox(paths: &AppPaths, owner: &str) -> Result<String> {
+    let key = SigningKey::load(paths, false)?;
+    let (_, swept) = Inbox::new(paths, owner, key, queue::max_message_bytes()?).pending()?;
+    Ok(format!(
+        "moved {} to dead/ and {} to quarantine/",
+        swept.expired, swept.quarantined
+    ))
+}
+
+/// Removes a ref's lock file nobody holds.
+fn remove_ref_lock(path: &Path) -> Result<String> {
+    // Asked again, fresh: a writer holds its lock file open while it works.
+    let users = Scan::take().users(path);
+    if !users.is_empty() {
+        return Ok(format!(
+            "held again by {}; left alone",
+            inuse::describe(&users)
+        ));
+    }
+    state::remove_if_present(path)?;
+    Ok("removed".into())
+}
+
+/// Writes the database row of the live instance `record`.
+fn write_row(paths: &AppPaths, options: &Options, record: &InstanceRecord) -> Result<String> {
+    let row = instances::InstanceRow::from_record(record, paths.repo_root());
+    db::runtime()?.block_on(async {
+        let db = Db::open_default(options.db.as_deref()).await?;
+        instances::upsert(&db, &row).await
+    })?;
+    Ok("wrote its row".into())
+}
+
+/// Waits (a few heartbeats at most) for the live supervisor of worktree `id` to register it
+/// again; its heartbeat re-creates a lost or unverifiable entry.
+fn readopt(paths: &AppPaths, options: &Options, id: &str, supervisor: u32) -> Result<String> {
+    let deadline = Instant::now() + options.timing.heartbeat_interval * 3 + Duration::from_secs(1);
+    loop {
+        let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+        if snapshot.instance(id).is_some() {
+            return Ok(format!(
+                "re-adopted: its supervisor (pid {supervisor}) registered it again"
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Failed(format!(
+                "its supervisor (pid {supervisor}) did not register it again in time; it is left alone while it is used"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

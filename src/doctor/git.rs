@@ -1,0 +1,246 @@
+//! What a crash can leave in git: worktrees under `.app/worktrees/` nobody owns, git's records
+//! of app's worktrees whose directory is gone, lock files of app's refs nobody holds, and app
+//! branches that hold nothing beyond their base. Others' worktrees and branches are not ours to
+//! judge.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use git2::{BranchType, Oid, Repository};
+
+use super::diagnose::unregistered_in_use;
+use super::problem::Problem;
+use crate::error::{GitContext, Result};
+use crate::inuse::{self, Scan};
+use crate::paths::AppPaths;
+use crate::registry::{Entry, Liveness, Snapshot};
+use crate::worktree;
+
+/// Worktrees under `.app/worktrees/` that no registry entry or intent owns, then git's records
+/// of app's worktrees whose directory is gone.
+pub(super) fn worktree_problems(
+    paths: &AppPaths,
+    repo: &Repository,
+    snapshot: &Snapshot,
+    (scan, journaled): (&Scan, &[String]),
+    stale_after: Duration,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    orphan_worktrees(paths, repo, snapshot, (scan, journaled), problems);
+    dangling_metadata(paths, repo, snapshot, journaled, stale_after, problems)
+}
+
+/// Directories under `.app/worktrees/` that belong to no registry entry and no intent.
+fn orphan_worktrees(
+    paths: &AppPaths,
+    repo: &Repository,
+    snapshot: &Snapshot,
+    (scan, journaled): (&Scan, &[String]),
+    problems: &mut Vec<Problem>,
+) {
+    // Forged entries were judged with their worktree already.
+    let owned = |id: &str, path: &Path| {
+        snapshot.instances.iter().any(|entry| match entry {
+            Entry::Valid(r) => r.worktree.as_deref() == Some(path),
+            Entry::Forged { key, .. } => key == id,
+        })
+    };
+    let Ok(entries) = fs::read_dir(paths.worktrees_dir()) else {
+        return;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for id in names {
+        let path = paths.worktree(&id);
+        if owned(&id, &path) || journaled.contains(&id) {
+            continue;
+        }
+        if let Some(problem) = unregistered_in_use(paths, scan, &id) {
+            problems.push(problem);
+            continue;
+        }
+        problems.push(match Repository::open(&path) {
+            Ok(_) if repo.find_worktree(&id).is_ok() => {
+                match worktree::user_must_decide(paths, &id) {
+                    None => Problem::OrphanWorktree { id, path },
+                    Some(reason) => Problem::NeedsUser { id, reason },
+                }
+            }
+            Ok(_) => Problem::Unreadable {
+                path,
+                reason: format!("git has no worktree named {id}"),
+            },
+            Err(err) => Problem::Unreadable {
+                path,
+                reason: err.message().to_string(),
+            },
+        });
+    }
+}
+
+/// git's records of app's worktrees whose directory is gone, unless an intent or a live (or
+/// still used) instance owns them; others' records are not ours to judge.
+fn dangling_metadata(
+    paths: &AppPaths,
+    repo: &Repository,
+    snapshot: &Snapshot,
+    journaled: &[String],
+    stale_after: Duration,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    let worktrees = repo
+        .worktrees()
+        .git_context(|| "listing worktrees".into())?;
+    for name in worktrees.iter().flatten().flatten() {
+        let admin = repo.path().join("worktrees").join(name);
+        let Some(path) = fs::read_to_string(admin.join("gitdir"))
+            .ok()
+            .and_then(|gitdir| Path::new(gitdir.trim()).parent().map(Path::to_path_buf))
+        else {
+            continue;
+        };
+        if path == paths.worktree(name)
+            && !path.exists()
+            && !journaled.iter().any(|id| id == name)
+            && snapshot.instance(name).is_none_or(|r| {
+                inuse::instance_running(r).is_none() && r.liveness(stale_after) != Liveness::Live
+            })
+        {
+            problems.push(Problem::DanglingMetadata {
+                name: name.to_string(),
+                admin,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Branch entries that do not verify or describe a branch that is gone, and app branches with
+/// no live owner that hold nothing beyond their base.
+pub(super) fn branch_problems(
+    repo: &Repository,
+    snapshot: &Snapshot,
+    stale_after: Duration,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    let live_owner = |id: &str| {
+        snapshot.instance(id).is_some_and(|r| {
+            r.liveness(stale_after) == Liveness::Live || inuse::instance_running(r).is_some()
+        })
+    };
+    let mut candidates: Vec<String> = Vec::new();
+    for entry in &snapshot.branches {
+        match entry {
+            Entry::Forged { key, reason } => problems.push(Problem::StaleBranchEntry {
+                branch: key.clone(),
+                reason: format!("entry does not verify: {reason}"),
+            }),
+            Entry::Valid(record) => {
+                if repo.find_branch(&record.branch, BranchType::Local).is_err() {
+                    if !live_owner(&record.instance) {
+                        problems.push(Problem::StaleBranchEntry {
+                            branch: record.branch.clone(),
+                            reason: "the branch it describes is gone".into(),
+                        });
+                    }
+                } else if record.created_branch {
+                    candidates.push(record.branch.clone());
+                }
+            }
+        }
+    }
+    instance_branches(repo, &mut candidates)?;
+    candidates.sort();
+    for name in candidates {
+        let record = snapshot.branches.iter().find_map(|entry| match entry {
+            Entry::Valid(record) if record.branch == name => Some(record),
+            _ => None,
+        });
+        if record.is_some_and(|r| live_owner(&r.instance))
+            || worktree::checked_out_in(repo, &name)?.is_some()
+        {
+            continue;
+        }
+        let base = record.and_then(|r| r.base.parse::<Oid>().ok());
+        if holds_nothing_new(repo, &name, base)? {
+            problems.push(Problem::IdleBranch { branch: name });
+        }
+    }
+    Ok(())
+}
+
+/// Adds the local `app/<id>` branches to `candidates`: an instance's own branch.
+/// `app/<run>/<task>` and deeper belong to orchestrated runs, whose branches are their results
+/// and are never idle.
+fn instance_branches(repo: &Repository, candidates: &mut Vec<String>) -> Result<()> {
+    let branches = repo
+        .branches(Some(BranchType::Local))
+        .git_context(|| "listing branches".into())?;
+    for (branch, _) in branches.flatten() {
+        if let Ok(Some(name)) = branch.name()
+            && name
+                .strip_prefix("app/")
+                .is_some_and(|id| !id.contains('/'))
+            && !candidates.iter().any(|c| c == name)
+        {
+            candidates.push(name.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// Whether branch `name` holds no commit beyond `base` (when unknown: beyond any other local
+/// branch).
+fn holds_nothing_new(repo: &Repository, name: &str, base: Option<Oid>) -> Result<bool> {
+    let Some(tip) = worktree::branch_tip(repo, name)? else {
+        return Ok(false);
+    };
+    if let Some(base) = base {
+        return Ok(worktree::commits_beyond(repo, tip, base)? == 0);
+    }
+    let branches = repo
+        .branches(Some(BranchType::Local))
+        .git_context(|| "listing branches".into())?;
+    for (branch, _) in branches.flatten() {
+        if branch.name().ok().flatten() == Some(name) {
+            continue;
+        }
+        if let Some(other) = branch.get().target()
+            && worktree::commits_beyond(repo, tip, other)? == 0
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `*.lock` files of app's refs (`refs/heads/app/`, `refs/app/`) that no live process has
+/// open: git and libgit2 hold a ref's lock file open while they change it, so one nobody holds
+/// was left by a writer killed half-way, and blocks the ref for good. Young ones are left for
+/// a writer that may be about to open them.
+pub(super) fn stale_ref_locks(paths: &AppPaths, scan: &Scan, problems: &mut Vec<Problem>) {
+    let refs = paths.git_common_dir().join("refs");
+    let mut dirs = vec![refs.join("heads/app"), refs.join("app")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+                continue;
+            }
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > Duration::from_secs(1)));
+            if path.extension().is_some_and(|e| e == "lock") && old && scan.users(&path).is_empty()
+            {
+                problems.push(Problem::StaleRefLock { path });
+            }
+        }
+    }
+}
