@@ -6,7 +6,7 @@
 //!   boot, and a nonce of its own), so two operations on one instance name never share or
 //!   remove each other's file. An intent on disk whose writer is provably gone marks an
 //!   operation a crash interrupted; `doctor` (and the next `app run`) recovers it, and only
-//!   what that writer made (see `doctor::recover`).
+//!   what that writer made (see `reclaim::recover`).
 //! - Starting an instance (register, branch, worktree, checkout) is undone: its intent is
 //!   removed before the command is spawned, so an interrupted start never handed its worktree
 //!   to anyone and holds nothing but its base's files. Stopping one (worktree, branch,
