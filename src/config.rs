@@ -8,6 +8,7 @@
 //! (an `Instant` or a `SystemTime` that is stored as RFC 3339 text) never overflows; a ttl is
 //! at most [`MAX_TTL`].
 
+use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
@@ -176,6 +177,135 @@ impl Timing {
     }
 }
 
+/// Every `APP_*` setting a command may need, read from the environment once, at the start of a
+/// command, and validated there: a malformed value is bad input naming its variable, whichever
+/// command runs. Library code takes its settings from here, never from the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `APP_HEARTBEAT_INTERVAL`, `APP_STALE_AFTER`.
+    pub timing: Timing,
+    /// How long a busy database is retried (`APP_DB_RETRY_DEADLINE`).
+    pub db_retry_deadline: Duration,
+    /// The largest message payload in bytes (`APP_MAX_MESSAGE_BYTES`).
+    pub max_message_bytes: usize,
+    /// Time between two scans of a watched directory when no event arrives
+    /// (`APP_POLL_INTERVAL`).
+    pub poll_interval: Duration,
+    /// Where `app run --ports N` leases ports (`APP_PORT_RANGE`).
+    pub port_range: RangeInclusive<u16>,
+    /// Where the API looks for a free port (`APP_API_PORT_RANGE`).
+    pub api_port_range: RangeInclusive<u16>,
+    /// The API's address (`APP_API_ADDR`), when set.
+    pub api_addr: Option<String>,
+    /// The API's bearer token (`APP_API_TOKEN`), when set.
+    pub api_token: Option<String>,
+}
+
+/// Default largest message payload, in bytes of compact JSON.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024;
+/// Default time between two scans of a watched directory when no event arrives.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Default time a busy database is retried before the command gives up (exit 3).
+pub const DEFAULT_DB_RETRY_DEADLINE: Duration = Duration::from_secs(10);
+/// Default range `app run --ports N` leases from.
+pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
+/// Default range the API binds the first free port of.
+pub const DEFAULT_API_PORT_RANGE: RangeInclusive<u16> = 3000..=3010;
+
+impl Settings {
+    /// Reads and validates every setting from the process environment.
+    pub fn from_env() -> Result<Settings> {
+        Settings::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// Reads and validates every setting through `var` (a variable's value, if set).
+    pub fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Settings> {
+        let text = |name: &str| -> Result<Option<String>> {
+            var(name)
+                .map(|value| {
+                    value
+                        .into_string()
+                        .map_err(|_| Error::bad_input(format!("{name} is not valid UTF-8")))
+                })
+                .transpose()
+        };
+        let duration = |name: &str, default: Duration| -> Result<Duration> {
+            match text(name)? {
+                Some(value) => {
+                    parse_duration(&value).map_err(|err| Error::bad_input(format!("{name}: {err}")))
+                }
+                None => Ok(default),
+            }
+        };
+        let heartbeat_interval = duration("APP_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL)?;
+        if heartbeat_interval.is_zero() {
+            return Err(Error::bad_input(
+                "APP_HEARTBEAT_INTERVAL must be greater than zero",
+            ));
+        }
+        let port_range = |name: &str, default: RangeInclusive<u16>| match text(name)? {
+            Some(value) => parse_port_range(name, &value, &default),
+            None => Ok(default),
+        };
+        let nonblank = |name: &str| -> Result<Option<String>> {
+            Ok(text(name)?.filter(|value| !value.trim().is_empty()))
+        };
+        Ok(Settings {
+            timing: Timing {
+                heartbeat_interval,
+                stale_after: duration("APP_STALE_AFTER", DEFAULT_STALE_AFTER)?,
+            },
+            db_retry_deadline: duration("APP_DB_RETRY_DEADLINE", DEFAULT_DB_RETRY_DEADLINE)?,
+            max_message_bytes: match text("APP_MAX_MESSAGE_BYTES")? {
+                Some(value) => parse_message_bytes(&value)?,
+                None => DEFAULT_MAX_MESSAGE_BYTES,
+            },
+            poll_interval: duration("APP_POLL_INTERVAL", DEFAULT_POLL_INTERVAL)?,
+            port_range: port_range("APP_PORT_RANGE", DEFAULT_PORT_RANGE)?,
+            api_port_range: port_range("APP_API_PORT_RANGE", DEFAULT_API_PORT_RANGE)?,
+            api_addr: nonblank("APP_API_ADDR")?,
+            api_token: nonblank("APP_API_TOKEN")?,
+        })
+    }
+}
+
+fn parse_message_bytes(text: &str) -> Result<usize> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            Error::bad_input(format!(
+                "APP_MAX_MESSAGE_BYTES={text:?} is not a positive number of bytes"
+            ))
+        })
+}
+
+/// A port range written `LOW-HIGH`, from the variable `var`.
+fn parse_port_range(
+    var: &str,
+    text: &str,
+    default: &RangeInclusive<u16>,
+) -> Result<RangeInclusive<u16>> {
+    let parsed = text
+        .split_once('-')
+        .and_then(|(low, high)| {
+            Some((
+                low.trim().parse::<u16>().ok()?,
+                high.trim().parse::<u16>().ok()?,
+            ))
+        })
+        .filter(|(low, high)| 0 < *low && low <= high);
+    match parsed {
+        Some((low, high)) => Ok(low..=high),
+        None => Err(Error::bad_input(format!(
+            "{var}={text:?} is not a port range; write it as LOW-HIGH, e.g. {}-{}",
+            default.start(),
+            default.end()
+        ))),
+    }
+}
+
 /// The directory for `app`'s per-user data (the default database): `$APP_HOME/data` when
 /// `APP_HOME` is set (it moves every default location, for tests and CI jobs), else the
 /// platform's data directory (`~/.local/share/app` on Linux).
@@ -207,6 +337,60 @@ pub fn format_age(age: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_vars(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.into()))
+    }
+
+    #[test]
+    fn settings_default_when_unset() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.timing.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        assert_eq!(s.timing.stale_after, DEFAULT_STALE_AFTER);
+        assert_eq!(s.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+        assert_eq!(s.poll_interval, DEFAULT_POLL_INTERVAL);
+        assert_eq!(s.port_range, DEFAULT_PORT_RANGE);
+        assert_eq!(s.api_port_range, DEFAULT_API_PORT_RANGE);
+        assert_eq!((s.api_addr, s.api_token), (None, None));
+    }
+
+    #[test]
+    fn settings_read_what_is_set() {
+        let s = settings(&[
+            ("APP_HEARTBEAT_INTERVAL", "250ms"),
+            ("APP_MAX_MESSAGE_BYTES", " 64 "),
+            ("APP_PORT_RANGE", "4000-4009"),
+            ("APP_API_TOKEN", "  "),
+            ("APP_API_ADDR", "127.0.0.1:0"),
+        ])
+        .unwrap();
+        assert_eq!(s.timing.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(s.max_message_bytes, 64);
+        assert_eq!(s.port_range, 4000..=4009);
+        assert_eq!(s.api_token, None, "a blank token is no token");
+        assert_eq!(s.api_addr.as_deref(), Some("127.0.0.1:0"));
+    }
+
+    #[test]
+    fn a_bad_setting_names_its_variable() {
+        for (var, value) in [
+            ("APP_HEARTBEAT_INTERVAL", "0s"),
+            ("APP_STALE_AFTER", "soon"),
+            ("APP_DB_RETRY_DEADLINE", "-1"),
+            ("APP_MAX_MESSAGE_BYTES", "0"),
+            ("APP_POLL_INTERVAL", "1x"),
+            ("APP_PORT_RANGE", "9-1"),
+            ("APP_API_PORT_RANGE", "3000"),
+        ] {
+            let err = settings(&[(var, value)]).unwrap_err();
+            assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
+            assert!(err.to_string().contains(var), "{var}: {err}");
+        }
+    }
 
     #[test]
     fn parses_units() {
