@@ -533,7 +533,7 @@ fn stopping_serve_sends_a_final_event_and_ends_exec_commands_after_the_timeout_o
         assert!(repo.instances().is_empty(), "{:?}", repo.instances());
         assert!(!repo.state_dir().join(format!("run/{id}.sock")).exists());
     }
-    let leftovers = std::process::Command::new("pgrep")
+    let leftovers = crate::support::hermetic("pgrep")
         .args(["-f", "sleep 30[01]"])
         .output();
     if let Ok(output) = leftovers {

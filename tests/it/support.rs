@@ -1,5 +1,6 @@
 //! Shared test helpers: a hermetic repository and ways to drive the real `app` binary.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -10,6 +11,39 @@ use app::registry::{Entry, InstanceRecord, Registry};
 
 /// The `app` binary under test.
 pub const APP: &str = env!("CARGO_BIN_EXE_app");
+
+/// A command for `program` that starts from an empty environment and gets back only the
+/// suite's base: `PATH`, `LANG`/`LC_ALL=C`, and `TMPDIR` and `LLVM_PROFILE_FILE` when the test
+/// process has them. Whatever else the test process has (`APP_FAULT_POINT`, `APP_RUN_ID`,
+/// `GIT_DIR`, ... from an `app` task running the suite) never reaches it. Every process the suite
+/// starts is built here, most through [`TestRepo::command`] and [`TestRepo::app`], which add the
+/// repository's isolation; a test adds what it sets on purpose with `.env(...)`.
+pub fn hermetic(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .env("LANG", "C")
+        .env("LC_ALL", "C");
+    // Where temp files go, and where coverage data goes: neither changes what is tested.
+    for name in ["TMPDIR", "LLVM_PROFILE_FILE"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+}
+
+/// A command for a tool that provisions the suite (installs a test client from a package
+/// registry) rather than being tested: it keeps the test process's environment, since reaching
+/// the registry can need the user's proxy, certificate and index settings. Nothing it runs is
+/// under test; what it installs is then run through [`hermetic`].
+pub fn provisioning(program: impl AsRef<OsStr>) -> Command {
+    Command::new(program)
+}
 
 /// A temp directory with a real git repository (one commit, fixed author and date), git
 /// configuration isolated from the machine, and every `app` location inside it.
@@ -59,6 +93,9 @@ impl TestRepo {
         self.root.join(".app")
     }
 
+    /// What every command run for this repository sees besides [`hermetic`]'s base: a home,
+    /// config and data directories inside the temp dir, git configuration isolated from the
+    /// machine, a fixed author and date, and where the binary under test is.
     fn isolate(&self, command: &mut Command) {
         let home = self.dir.path().join("home");
         command
@@ -75,28 +112,6 @@ impl TestRepo {
             .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
             .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
             .env("APP_BIN", APP);
-        for var in [
-            "APP_INSTANCE_ID",
-            "APP_WORKTREE",
-            "APP_BRANCH",
-            "APP_REPO_ROOT",
-            "APP_SHARED_SECRET",
-            "APP_STALE_AFTER",
-            "APP_HEARTBEAT_INTERVAL",
-            "APP_LOG",
-            "APP_DB_URL",
-            "APP_DB_PATH",
-            "APP_DB_AUTH_TOKEN",
-            "APP_DB_RETRY_DEADLINE",
-            "APP_API_ADDR",
-            "APP_API_TOKEN",
-            "APP_API_PORT_RANGE",
-            "DATABASE_URL",
-            "GIT_DIR",
-            "GIT_WORK_TREE",
-        ] {
-            command.env_remove(var);
-        }
     }
 
     /// Runs git in the repository and returns its stdout; panics when git fails.
@@ -106,7 +121,7 @@ impl TestRepo {
 
     /// Runs git in `dir` and returns its stdout; panics when git fails.
     pub fn git_in(&self, dir: &Path, args: &[&str]) -> String {
-        let mut command = Command::new("git");
+        let mut command = hermetic("git");
         command.args(args).current_dir(dir);
         self.isolate(&mut command);
         let output = command.output().expect("run git");
@@ -120,7 +135,7 @@ impl TestRepo {
 
     /// An `app` command with the given arguments, run in the repository root.
     pub fn app(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(APP);
+        let mut command = hermetic(APP);
         command.args(args).current_dir(&self.root);
         self.isolate(&mut command);
         command
@@ -164,8 +179,8 @@ impl TestRepo {
     }
 
     /// Any program, run in the repository root with the same isolated environment as `app`.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new(program);
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut command = hermetic(program);
         command.current_dir(&self.root);
         self.isolate(&mut command);
         command
@@ -359,7 +374,7 @@ impl Sqld {
                 .port();
             let data = tempfile::tempdir().unwrap();
             let log = fs::File::create(data.path().join("sqld.log")).unwrap();
-            let mut child = Command::new(&binary)
+            let mut child = hermetic(&binary)
                 .arg("--db-path")
                 .arg(data.path().join("db"))
                 .args([
