@@ -7,7 +7,9 @@ use crate::support::{TestRepo, code, hermetic, stderr, stdout};
 
 /// What an `app` task's environment could hand the suite, each value one that `app` would act
 /// on visibly: a crash point on the way to running the command, a payload limit that refuses
-/// any message, ids, paths, a database and a git directory that do not exist.
+/// any message, ids, paths, a database and a git directory that do not exist. (Not
+/// `APP_SHARED_SECRET`: the suite's in-process checks read that one, so `TestRepo::new` refuses
+/// to run with it set.)
 const LEAKS: &[(&str, &str)] = &[
     ("APP_FAULT_POINT", "run.registered"),
     ("APP_MAX_MESSAGE_BYTES", "1"),
@@ -18,7 +20,7 @@ const LEAKS: &[(&str, &str)] = &[
     ("APP_POLL_INTERVAL", "LEAKED"),
     ("APP_PORT_RANGE", "LEAKED"),
     ("APP_DB_URL", "LEAKED-not-a-url"),
-    ("APP_SHARED_SECRET", "LEAKED-secret"),
+    ("APP_STALE_AFTER", "LEAKED"),
     ("APP_LOG", "trace"),
     ("GIT_DIR", "/LEAKED/git"),
 ];

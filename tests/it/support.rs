@@ -37,6 +37,22 @@ pub fn hermetic(program: impl AsRef<OsStr>) -> Command {
     command
 }
 
+/// The variables that the library reads in the test process itself, where [`hermetic`] cannot
+/// reach: the registry and the signing key loaded in-process (`TestRepo::instances`,
+/// `SigningKey::load`) take `APP_SHARED_SECRET` over `.app/secret`, so with it set every check
+/// of what the binary signed would fail after a timeout. Refused up front, with the reason.
+const IN_PROCESS: &[&str] = &["APP_SHARED_SECRET"];
+
+fn refuse_in_process_leaks() {
+    for name in IN_PROCESS {
+        assert!(
+            std::env::var_os(name).is_none(),
+            "{name} is set in the test process: the suite's in-process checks would read it while \
+             the binary under test does not see it; unset it to run the suite"
+        );
+    }
+}
+
 /// A command for a tool that provisions the suite (installs a test client from a package
 /// registry) rather than being tested: it keeps the test process's environment, since reaching
 /// the registry can need the user's proxy, certificate and index settings. Nothing it runs is
@@ -55,6 +71,7 @@ pub struct TestRepo {
 impl TestRepo {
     /// A new repository with `README.md` and `src/lib.txt` committed on `main`.
     pub fn new() -> Self {
+        refuse_in_process_leaks();
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("repo");
         fs::create_dir_all(root.join("src")).unwrap();
