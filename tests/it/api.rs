@@ -1,13 +1,15 @@
-//! The HTTP API of `app serve --with-api` and `app run --with-api`, driven over real TCP.
+//! The HTTP API of `app serve --with-api` and `app run --with-api`, driven with a real HTTP
+//! client over TCP.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use crate::support::{Running, TestRepo, code, kill, stderr, stdout, wait_for};
+use crate::support::{Running, TestRepo, code, hermetic, kill, stderr, stdout, wait_for};
 
 /// `n` consecutive ports that are free now, in 12000-19999: below both the kernel's ephemeral
 /// range and the default range of `--ports` leases.
@@ -57,7 +59,23 @@ fn wait_serving(repo: &TestRepo, run: &mut Running, id: &str) -> Option<String> 
     url.unwrap()
 }
 
-/// One HTTP/1.1 request; returns the status and the body.
+/// The client every request goes through: no proxy taken from the environment, error statuses
+/// returned as responses (the tests assert them), and a new connection per request, closed after
+/// its response, so no idle connection outlives a request into a server's shutdown.
+fn client(timeout: Option<Duration>) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .max_idle_connections(0)
+        .max_idle_connections_per_host(0)
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_global(timeout)
+        .build()
+        .into()
+}
+
+/// One HTTP/1.1 request; returns the status and the body. Content-Type is JSON unless the test
+/// gives its own; Host is the URL's unless the test gives its own.
 fn http(
     url: &str,
     method: &str,
@@ -65,33 +83,24 @@ fn http(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, String) {
-    let address = url.strip_prefix("http://").unwrap();
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-    // Host and Content-Type as curl would send them, unless the test gives its own.
+    let mut request = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("{url}{path}"));
     let given = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    if !given("Host") {
-        request.push_str(&format!("Host: {address}\r\n"));
-    }
     if !given("Content-Type") {
-        request.push_str("Content-Type: application/json\r\n");
+        request = request.header("Content-Type", "application/json");
     }
     for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+        request = request.header(*name, *value);
     }
-    let body = body.unwrap_or("");
-    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
+    let agent = client(Some(Duration::from_secs(10)));
+    let response = match body.unwrap_or("") {
+        "" => agent.run(request.body(()).unwrap()),
+        body => agent.run(request.body(body).unwrap()),
+    }
+    .unwrap_or_else(|err| panic!("{method} {url}{path}: {err}"));
+    let status = response.status().as_u16();
+    let body = response.into_body().read_to_string().unwrap();
     (status, body)
 }
 
@@ -99,23 +108,30 @@ fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|err| panic!("not JSON ({err}): {body}"))
 }
 
-/// A server-sent-events subscription.
+/// A server-sent-events subscription: a thread reads the stream and hands over its lines; the
+/// channel disconnects when the server ends the stream.
 struct Events {
-    reader: BufReader<TcpStream>,
+    lines: mpsc::Receiver<String>,
 }
 
 impl Events {
     /// Subscribes to `url`/events and waits until the server counts the subscriber.
     fn subscribe(url: &str) -> Events {
-        let address = url.strip_prefix("http://").unwrap();
-        let mut stream = TcpStream::connect(address).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(1)))
-            .unwrap();
-        write!(stream, "GET /events HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
-        let events = Events {
-            reader: BufReader::new(stream),
-        };
+        let (sender, lines) = mpsc::channel();
+        let events_url = format!("{url}/events");
+        std::thread::spawn(move || {
+            let Ok(response) = client(None).get(&events_url).call() else {
+                return;
+            };
+            let stream = BufReader::new(response.into_body().into_reader());
+            for line in stream.lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let events = Events { lines };
         wait_for(
             "the subscriber to be counted",
             Duration::from_secs(10),
@@ -135,21 +151,14 @@ impl Events {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut event = String::new();
         loop {
-            assert!(Instant::now() < deadline, "no {kind} event; saw {seen:?}");
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) => panic!("the stream ended before a {kind} event; saw {seen:?}"),
-                Ok(_) => {}
-                Err(err)
-                    if err.kind() == std::io::ErrorKind::WouldBlock
-                        || err.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    continue;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("no {kind} event; saw {seen:?}"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the stream ended before a {kind} event; saw {seen:?}")
                 }
-                Err(err) => panic!("reading the stream: {err}"),
-            }
-            // Chunked transfer framing lines (sizes, blanks) carry no event fields.
-            let line = line.trim_end();
+            };
             if let Some(name) = line.strip_prefix("event: ") {
                 event = name.to_string();
             } else if let Some(data) = line.strip_prefix("data: ") {
@@ -165,19 +174,14 @@ impl Events {
     /// Whether the server closes the stream within `timeout`.
     fn ends_within(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut line = String::new();
-        while Instant::now() < deadline {
-            line.clear();
-            match self.reader.read_line(&mut line) {
-                Ok(0) => return true,
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
                 Ok(_) => {}
-                Err(err)
-                    if err.kind() == std::io::ErrorKind::WouldBlock
-                        || err.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(_) => return true,
+                Err(mpsc::RecvTimeoutError::Timeout) => return false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return true,
             }
         }
-        false
     }
 }
 
@@ -533,9 +537,7 @@ fn stopping_serve_sends_a_final_event_and_ends_exec_commands_after_the_timeout_o
         assert!(repo.instances().is_empty(), "{:?}", repo.instances());
         assert!(!repo.state_dir().join(format!("run/{id}.sock")).exists());
     }
-    let leftovers = std::process::Command::new("pgrep")
-        .args(["-f", "sleep 30[01]"])
-        .output();
+    let leftovers = hermetic("pgrep").args(["-f", "sleep 30[01]"]).output();
     if let Ok(output) = leftovers {
         let ours: Vec<String> = stdout(&output)
             .lines()

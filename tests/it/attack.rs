@@ -12,7 +12,7 @@ use app::journal::{self, Intent, Operation};
 use app::paths::AppPaths;
 use app::sign::SigningKey;
 
-use crate::support::{TestRepo, code, stderr, stdout, wait_for};
+use crate::support::{TestRepo, code, hermetic, stderr, stdout, wait_for};
 
 /// Fast heartbeats, so a supervisor re-registers within a fraction of a second.
 fn fast(command: &mut std::process::Command) -> &mut std::process::Command {
@@ -144,7 +144,7 @@ fn doctor_says_a_worktree_in_use_without_a_supervisor_is_left_alone() {
 
 /// An intent written by a process that is gone, for instance `id`.
 fn dead_intent(repo: &TestRepo, id: &str, operation: Operation) -> Intent {
-    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let mut dead = hermetic("true").spawn().unwrap();
     let pid = dead.id();
     dead.wait().unwrap();
     let paths = AppPaths::discover(repo.root()).unwrap();
@@ -633,7 +633,7 @@ fn a_removal_that_fails_half_way_keeps_the_rest_reports_it_and_does_not_repeat()
     fs::write(outside.join("theirs.txt"), "not app's").unwrap();
     kill_with(&repo, "m2", "mkdir mnt && echo u > u.txt");
     let mnt = worktree(&repo, "m2").join("mnt");
-    let mounted = std::process::Command::new("mount")
+    let mounted = hermetic("mount")
         .args(["--bind", outside.to_str().unwrap(), mnt.to_str().unwrap()])
         .status()
         .unwrap();
@@ -641,7 +641,7 @@ fn a_removal_that_fails_half_way_keeps_the_rest_reports_it_and_does_not_repeat()
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = hermetic("umount").arg(&self.0).status();
         }
     }
     let _unmount = Unmount(mnt.clone());

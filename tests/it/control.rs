@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{Running, TestRepo, code, stderr, stdout};
+use crate::support::{Running, TestRepo, code, hermetic, stderr, stdout};
 
 /// A live instance `name` with a worktree, running `sleep`.
 fn live(repo: &TestRepo, name: &str) -> (Running, std::path::PathBuf) {
@@ -89,10 +89,7 @@ fn ten_megabytes_of_output_and_stdin_arrive_byte_identical() {
     let writer = std::thread::spawn(move || stdin.write_all(&sent).unwrap());
     let output = child.wait_with_output().unwrap();
     writer.join().unwrap();
-    let local = std::process::Command::new("sha256sum")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let local = hermetic("sha256sum").arg(&file).output().unwrap();
     assert_eq!(
         stdout(&output).split_whitespace().next(),
         String::from_utf8_lossy(&local.stdout)
@@ -164,7 +161,7 @@ print(len(data))
 "#;
     let as_other = |uid: u32| {
         use std::os::unix::process::CommandExt;
-        std::process::Command::new("python3")
+        hermetic("python3")
             .args(["-c", client, socket.to_str().unwrap()])
             .uid(uid)
             .output()

@@ -9,6 +9,7 @@ mod control;
 mod coordination;
 mod db;
 mod doctor;
+mod environment;
 mod instance;
 mod mcp;
 mod orchestrate;

@@ -421,7 +421,7 @@ fn print_config_names_this_binary() {
 #[test]
 fn the_python_sdk_client_runs_the_whole_scenario() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let install = std::process::Command::new("bash")
+    let install = support::provisioning("bash")
         .arg(root.join("scripts/install-mcp-client.sh"))
         .current_dir(root)
         .stdin(Stdio::null())

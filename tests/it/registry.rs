@@ -1,12 +1,12 @@
 //! Registry trust: reused pids, tampered and unsigned entries.
 
 use std::fs;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use app::paths::AppPaths;
 use app::registry::{Entry, InstanceRecord, InstanceStatus, Registry, Timestamp};
 
-use crate::support::{TestRepo, code, stderr, stdout};
+use crate::support::{TestRepo, code, hermetic, stderr, stdout};
 
 fn record(id: &str, pid: u32, start_time: u64) -> InstanceRecord {
     InstanceRecord {
@@ -37,7 +37,7 @@ fn writable(repo: &TestRepo) -> Registry {
 #[test]
 fn a_reused_pid_with_another_start_time_is_not_the_instance() {
     let repo = TestRepo::new();
-    let mut sleeper = Command::new("sleep")
+    let mut sleeper = hermetic("sleep")
         .arg("30")
         .stdin(Stdio::null())
         .spawn()

@@ -1,5 +1,6 @@
 //! Shared test helpers: a hermetic repository and ways to drive the real `app` binary.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,6 +12,55 @@ use app::registry::{Entry, InstanceRecord, Registry};
 /// The `app` binary under test.
 pub const APP: &str = env!("CARGO_BIN_EXE_app");
 
+/// A command for `program` that starts from an empty environment and gets back only the
+/// suite's base: `PATH`, `LANG`/`LC_ALL=C`, and `TMPDIR` and `LLVM_PROFILE_FILE` when the test
+/// process has them. Whatever else the test process has (`APP_FAULT_POINT`, `APP_RUN_ID`,
+/// `GIT_DIR`, ... from an `app` task running the suite) never reaches it. Every process the suite
+/// starts is built here, most through [`TestRepo::command`] and [`TestRepo::app`], which add the
+/// repository's isolation; a test adds what it sets on purpose with `.env(...)`.
+pub fn hermetic(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .env("LANG", "C")
+        .env("LC_ALL", "C");
+    // Where temp files go, and where coverage data goes: neither changes what is tested.
+    for name in ["TMPDIR", "LLVM_PROFILE_FILE"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+}
+
+/// The variables that the library reads in the test process itself, where [`hermetic`] cannot
+/// reach: the registry and the signing key loaded in-process (`TestRepo::instances`,
+/// `SigningKey::load`) take `APP_SHARED_SECRET` over `.app/secret`, so with it set every check
+/// of what the binary signed would fail after a timeout. Refused up front, with the reason.
+const IN_PROCESS: &[&str] = &["APP_SHARED_SECRET"];
+
+fn refuse_in_process_leaks() {
+    for name in IN_PROCESS {
+        assert!(
+            std::env::var_os(name).is_none(),
+            "{name} is set in the test process: the suite's in-process checks would read it while \
+             the binary under test does not see it; unset it to run the suite"
+        );
+    }
+}
+
+/// A command for a tool that provisions the suite (installs a test client from a package
+/// registry) rather than being tested: it keeps the test process's environment, since reaching
+/// the registry can need the user's proxy, certificate and index settings. Nothing it runs is
+/// under test; what it installs is then run through [`hermetic`].
+pub fn provisioning(program: impl AsRef<OsStr>) -> Command {
+    Command::new(program)
+}
+
 /// A temp directory with a real git repository (one commit, fixed author and date), git
 /// configuration isolated from the machine, and every `app` location inside it.
 pub struct TestRepo {
@@ -21,6 +71,7 @@ pub struct TestRepo {
 impl TestRepo {
     /// A new repository with `README.md` and `src/lib.txt` committed on `main`.
     pub fn new() -> Self {
+        refuse_in_process_leaks();
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("repo");
         fs::create_dir_all(root.join("src")).unwrap();
@@ -59,6 +110,9 @@ impl TestRepo {
         self.root.join(".app")
     }
 
+    /// What every command run for this repository sees besides [`hermetic`]'s base: a home,
+    /// config and data directories inside the temp dir, git configuration isolated from the
+    /// machine, a fixed author and date, and where the binary under test is.
     fn isolate(&self, command: &mut Command) {
         let home = self.dir.path().join("home");
         command
@@ -75,28 +129,6 @@ impl TestRepo {
             .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
             .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
             .env("APP_BIN", APP);
-        for var in [
-            "APP_INSTANCE_ID",
-            "APP_WORKTREE",
-            "APP_BRANCH",
-            "APP_REPO_ROOT",
-            "APP_SHARED_SECRET",
-            "APP_STALE_AFTER",
-            "APP_HEARTBEAT_INTERVAL",
-            "APP_LOG",
-            "APP_DB_URL",
-            "APP_DB_PATH",
-            "APP_DB_AUTH_TOKEN",
-            "APP_DB_RETRY_DEADLINE",
-            "APP_API_ADDR",
-            "APP_API_TOKEN",
-            "APP_API_PORT_RANGE",
-            "DATABASE_URL",
-            "GIT_DIR",
-            "GIT_WORK_TREE",
-        ] {
-            command.env_remove(var);
-        }
     }
 
     /// Runs git in the repository and returns its stdout; panics when git fails.
@@ -106,7 +138,7 @@ impl TestRepo {
 
     /// Runs git in `dir` and returns its stdout; panics when git fails.
     pub fn git_in(&self, dir: &Path, args: &[&str]) -> String {
-        let mut command = Command::new("git");
+        let mut command = hermetic("git");
         command.args(args).current_dir(dir);
         self.isolate(&mut command);
         let output = command.output().expect("run git");
@@ -120,7 +152,7 @@ impl TestRepo {
 
     /// An `app` command with the given arguments, run in the repository root.
     pub fn app(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(APP);
+        let mut command = hermetic(APP);
         command.args(args).current_dir(&self.root);
         self.isolate(&mut command);
         command
@@ -164,8 +196,8 @@ impl TestRepo {
     }
 
     /// Any program, run in the repository root with the same isolated environment as `app`.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new(program);
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut command = hermetic(program);
         command.current_dir(&self.root);
         self.isolate(&mut command);
         command
@@ -359,7 +391,7 @@ impl Sqld {
                 .port();
             let data = tempfile::tempdir().unwrap();
             let log = fs::File::create(data.path().join("sqld.log")).unwrap();
-            let mut child = Command::new(&binary)
+            let mut child = hermetic(&binary)
                 .arg("--db-path")
                 .arg(data.path().join("db"))
                 .args([
@@ -415,20 +447,19 @@ impl Drop for Sqld {
     }
 }
 
-/// Whether GET `path` on 127.0.0.1:`port` answers 200.
+/// Whether GET `path` on 127.0.0.1:`port` answers 200 (within 2 s, and through no proxy the
+/// environment names).
 fn http_ok(port: u16, path: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    agent
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .call()
+        .is_ok_and(|response| response.status() == 200)
 }
 
 /// Sends `signal` to `pid`.
