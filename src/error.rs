@@ -112,9 +112,7 @@ impl Error {
                 EXIT_USAGE
             }
             Error::Busy(_) => EXIT_BUSY,
-            // The shell's conventions: 127 command not found, 126 found but not executable.
-            Error::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => 127,
-            Error::Spawn { .. } => 126,
+            Error::Spawn { source, .. } => crate::process::spawn_failure_code(source),
             Error::Failed(_)
             | Error::Git { .. }
             | Error::Io { .. }

@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::Command;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -158,13 +158,11 @@ pub struct RunOutcome {
     pub cleanup: Option<Cleanup>,
 }
 
-/// The command's pid as the signal thread sees it, and the stop requests so far.
+/// The command as the signal thread sees it, and the stop requests so far.
 #[derive(Debug, Default)]
 struct ChildSlot {
-    pid: Option<u32>,
-    /// Set once the child has exited but before it is reaped, so its pid cannot be reused
-    /// while a signal is being forwarded.
-    exited: bool,
+    /// Signalled only until it is reaped, so a recycled pid is never signalled.
+    child: Option<Arc<process::Child>>,
     /// A signal that arrived before the child existed: the run is cancelled.
     pending: Option<i32>,
     /// Stop requests: signals sent to the supervisor itself, or any signal to `app serve`.
@@ -323,16 +321,16 @@ fn forward_signal(slot: &Arc<Slot>, signal: i32, cause: &Cause) {
 /// stop request: the first arms a SIGKILL after the stop timeout, a second one kills at once.
 fn deliver(slot: &Arc<Slot>, signal: i32, reached_group: bool) {
     let mut state = slot.lock();
-    let request = !reached_group || state.pid.is_none();
+    let request = !reached_group || state.child.is_none();
     if request {
         state.stops += 1;
         slot.changed.notify_all();
     }
-    match state.pid {
+    match &state.child {
         None => {
             state.pending.get_or_insert(signal);
         }
-        Some(pid) if !state.exited && !reached_group => {
+        Some(child) if !reached_group => {
             let signal = if state.stops >= 2 {
                 Signal::SIGKILL
             } else {
@@ -341,15 +339,16 @@ fn deliver(slot: &Arc<Slot>, signal: i32, reached_group: bool) {
                     Err(_) => return,
                 }
             };
-            let _ = nix::sys::signal::kill(process::pid_of(pid), signal);
-            if state.stops == 1 {
-                let slot = Arc::clone(slot);
+            if child.signal(signal) && state.stops == 1 {
+                let (child, timeout) = (Arc::clone(child), slot.stop_timeout);
                 thread::spawn(move || {
-                    thread::sleep(slot.stop_timeout);
-                    let state = slot.lock();
-                    if state.pid == Some(pid) && !state.exited {
-                        tracing::warn!(pid, "the command outlived the stop timeout; killing it");
-                        let _ = nix::sys::signal::kill(process::pid_of(pid), Signal::SIGKILL);
+                    thread::sleep(timeout);
+                    if !child.reaped() {
+                        tracing::warn!(
+                            pid = child.id(),
+                            "the command outlived the stop timeout; killing it"
+                        );
+                        child.signal(Signal::SIGKILL);
                     }
                 });
             }
@@ -622,16 +621,17 @@ fn supervise(
                 .args(&options.command[1..])
                 .current_dir(&cwd)
                 .envs(env.iter().map(|(k, v)| (k, v)));
-            match command.spawn() {
+            match process::Child::spawn(&mut command) {
                 Ok(child) => {
-                    guard.pid = Some(child.id());
+                    let child = Arc::new(child);
+                    guard.child = Some(Arc::clone(&child));
                     Ok(Ok(Some(child)))
                 }
                 Err(err) => Ok(Err(err)),
             }
         }
     };
-    let mut child = match spawned {
+    let child = match spawned {
         Ok(Ok(child)) => child,
         Ok(Err(err)) => {
             wind_down(id, api, control, slot, "the command could not start");
@@ -656,7 +656,7 @@ fn supervise(
         }
         Err(signal) => {
             wind_down(id, api, control, slot, "cancelled by a signal");
-            let exit_code = 128u8.saturating_add(signal as u8);
+            let exit_code = process::signal_exit_code(signal);
             let cleanup = finish(
                 repo,
                 (&registry, &key),
@@ -674,7 +674,7 @@ fn supervise(
         }
     };
 
-    record.child_pid = child.as_ref().map(std::process::Child::id);
+    record.child_pid = child.as_ref().map(|child| child.id());
     record.child_start_time = record.child_pid.and_then(process::start_time);
     record.status = InstanceStatus::Running;
     let child_pid = record.child_pid;
@@ -693,16 +693,16 @@ fn supervise(
     mirror.instance(&record);
 
     let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let (Some(limit), Some(pid)) = (options.deadline, record.child_pid) {
-        let (slot, timed_out) = (Arc::clone(slot), Arc::clone(&timed_out));
+    if let (Some(limit), Some(child)) = (options.deadline, &child) {
+        let (slot, timed_out, child) =
+            (Arc::clone(slot), Arc::clone(&timed_out), Arc::clone(child));
         thread::spawn(move || {
             thread::sleep(limit);
-            let running = {
-                let state = slot.lock();
-                state.pid == Some(pid) && !state.exited
-            };
-            if running {
-                tracing::debug!(pid, "the command outlived its --timeout; stopping it");
+            if !child.reaped() {
+                tracing::debug!(
+                    pid = child.id(),
+                    "the command outlived its --timeout; stopping it"
+                );
                 timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
                 deliver(&slot, SIGTERM, false);
             }
@@ -714,17 +714,17 @@ fn supervise(
         timing,
         (mirror.mirror.sender(), mirror.repo_root.clone()),
     );
-    let (exit_code, reason) = match &mut child {
-        Some(child) => match wait_child(child, slot) {
+    let (exit_code, reason) = match &child {
+        Some(child) => match child.wait() {
             Ok(status) if timed_out.load(std::sync::atomic::Ordering::SeqCst) => (
                 EXIT_TIMED_OUT,
                 format!(
                     "the command outlived its timeout ({})",
-                    exit_code_of(status)
+                    process::exit_code(status)
                 ),
             ),
             Ok(status) => {
-                let code = exit_code_of(status);
+                let code = process::exit_code(status);
                 (code, format!("the command exited with {code}"))
             }
             Err(err) => {
@@ -1087,24 +1087,6 @@ fn settle_leftovers(slot: &Slot, keep_running: bool) -> Option<Vec<ProcessIdenti
         }
     }
     None
-}
-
-/// Waits for the child, marking it exited before reaping so the signal thread never signals a
-/// recycled pid.
-fn wait_child(child: &mut std::process::Child, slot: &Slot) -> std::io::Result<ExitStatus> {
-    process::wait_unreaped(child.id())?;
-    slot.lock().exited = true;
-    child.wait()
-}
-
-/// `app`'s exit code for a command's status: its code, or 128+N for signal N.
-pub fn exit_code_of(status: ExitStatus) -> u8 {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => u8::try_from(code).unwrap_or(1),
-        (None, Some(signal)) => 128u8.saturating_add(u8::try_from(signal).unwrap_or(0)),
-        (None, None) => 1,
-    }
 }
 
 /// How `app instance stop` ended.
