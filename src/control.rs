@@ -11,8 +11,8 @@
 //!   (`doctor` reports it).
 //! - Commands started through the socket never outlive the instance: `ControlServer::shutdown`
 //!   stops taking connections, SIGTERMs the running ones and SIGKILLs what is left after the
-//!   grace period (at once when forced). Their pids are forgotten before they are reaped, so
-//!   a recycled pid is never signalled.
+//!   grace period (at once when forced). They are [`process::Child`]ren, so a recycled pid is
+//!   never signalled.
 //!
 //! Protocol: the client sends one JSON line. `"stop"` asks the supervisor to SIGTERM its
 //! command and is answered with one `EXIT` frame. `{"exec": ["cmd", "arg", ...]}`: both sides
@@ -120,20 +120,21 @@ pub struct ExecContext {
 struct Shared {
     closing: AtomicBool,
     next_key: AtomicU64,
-    /// Exec connections in progress, with their command's process group until the command
-    /// exits (forgotten before it is reaped); a connection counts until its exit frame is sent.
-    children: Mutex<HashMap<u64, Option<u32>>>,
+    /// Exec connections in progress, with their command (which leads a process group of its
+    /// own); a connection counts until its exit frame is sent.
+    children: Mutex<HashMap<u64, Arc<process::Child>>>,
 }
 
 impl Shared {
-    fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<u32>>> {
+    fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<process::Child>>> {
         self.children.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Signals every running command's whole process group (a pipeline, a shell's children).
+    /// Signals every running command's whole process group (a pipeline, a shell's children);
+    /// one already reaped is left alone.
     fn signal_children(&self, signal: Signal) {
-        for pid in self.children().values().flatten() {
-            let _ = nix::sys::signal::killpg(process::pid_of(*pid), signal);
+        for child in self.children().values() {
+            child.signal(signal);
         }
     }
 }
@@ -282,39 +283,33 @@ fn handle(
             b"the instance is stopping; it takes no more commands",
         );
     }
-    use std::os::unix::process::CommandExt;
-    let spawned = Command::new(&argv[0])
-        .process_group(0)
-        .args(&argv[1..])
-        .current_dir(&context.cwd)
-        .envs(context.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+    let spawned = process::Child::spawn_group(
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(&context.cwd)
+            .envs(context.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .map(Arc::new);
     let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
     if let Ok(child) = &spawned {
-        children.insert(key, Some(child.id()));
+        children.insert(key, Arc::clone(child));
     }
     drop(children);
-    let mut child = match spawned {
+    let child = match spawned {
         Ok(child) => child,
         Err(err) => {
-            // The shell's conventions, as for `app run`: 127 not found, 126 not runnable.
-            let code = if err.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
             send(
                 STDERR,
                 format!("app: cannot run {:?}: {err}\n", argv[0]).as_bytes(),
             )?;
-            return send(EXIT, &[code]);
+            return send(EXIT, &[process::spawn_failure_code(&err)]);
         }
     };
+    let (mut stdin, stdout, stderr) = child.take_pipes();
     // Input: frames from the client into the command's stdin, until an empty frame.
-    let mut stdin = child.stdin.take();
     thread::spawn(move || {
         while let Ok(Some((STDIN, body))) = read_frame(&mut reader) {
             let Some(pipe) = stdin.as_mut() else { break };
@@ -340,23 +335,10 @@ fn handle(
             }
         })
     };
-    let out = pump(
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        STDOUT,
-    );
-    let err = pump(
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        STDERR,
-    );
+    let out = pump(stdout.map(|s| Box::new(s) as Box<dyn Read + Send>), STDOUT);
+    let err = pump(stderr.map(|s| Box::new(s) as Box<dyn Read + Send>), STDERR);
     (context.events)("instance.exec", serde_json::json!({ "command": argv }));
-    let waited = process::wait_unreaped(child.id());
-    shared.children().insert(key, None);
+    let waited = child.wait();
     // However this connection ends from here on, it stops counting as running.
     struct Done<'a>(&'a Shared, u64);
     impl Drop for Done<'_> {
@@ -365,11 +347,10 @@ fn handle(
         }
     }
     let _done = Done(shared, key);
-    waited?;
-    let status = child.wait()?;
+    let status = waited?;
     let _ = out.join();
     let _ = err.join();
-    let code = crate::instance::exit_code_of(status);
+    let code = process::exit_code(status);
     (context.events)(
         "instance.exec_exited",
         serde_json::json!({ "command": argv, "exit_code": code }),

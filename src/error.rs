@@ -127,9 +127,7 @@ impl Error {
             Error::Lock(err) => err.exit_code(),
             Error::Queue(err) => err.exit_code(),
             Error::Reserve(err) => err.exit_code(),
-            // The shell's conventions: 127 command not found, 126 found but not executable.
-            Error::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => 127,
-            Error::Spawn { .. } => 126,
+            Error::Spawn { source, .. } => crate::process::spawn_failure_code(source),
             Error::Failed(_)
             | Error::Git { .. }
             | Error::Io { .. }

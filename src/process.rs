@@ -1,8 +1,17 @@
-//! Process identity: a pid is only the same process while its start time (and the boot it
-//! belongs to) matches what was recorded, so a reused pid is never mistaken for an instance.
+//! Process identity and the children `app` runs.
+//!
+//! Invariants:
+//! - A pid is only the same process while its start time (and the boot it belongs to) matches
+//!   what was recorded, so a reused pid is never mistaken for an instance.
+//! - A [`Child`] is signalled only until it is reaped: reaping marks it under the same lock
+//!   every signal is sent under, so a recycled pid (or process group) is never signalled.
+//! - `app`'s exit code for a command is spelled here once: its own code, 128+N when it died of
+//!   signal N, 127 when it was not found, 126 when it could not be run.
 
 use std::fs;
-use std::sync::OnceLock;
+use std::io;
+use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, Signal};
@@ -89,7 +98,7 @@ pub fn pid_of(pid: u32) -> Pid {
 
 /// Blocks until child `pid` has exited, without reaping it: until the caller reaps it (with
 /// `Child::wait`), the pid cannot be reused, so whoever may still signal it can first be told.
-pub fn wait_unreaped(pid: u32) -> std::io::Result<()> {
+fn wait_unreaped(pid: u32) -> std::io::Result<()> {
     use nix::sys::wait::{Id, WaitPidFlag, waitid};
     loop {
         match waitid(
@@ -105,7 +114,7 @@ pub fn wait_unreaped(pid: u32) -> std::io::Result<()> {
 
 /// Whether child `pid` has exited, without waiting and without reaping it (see
 /// [`wait_unreaped`]).
-pub fn exited_unreaped(pid: u32) -> std::io::Result<bool> {
+fn exited_unreaped(pid: u32) -> std::io::Result<bool> {
     use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
     loop {
         let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
@@ -115,6 +124,151 @@ pub fn exited_unreaped(pid: u32) -> std::io::Result<bool> {
             Err(Errno::EINTR) => continue,
             Err(err) => return Err(std::io::Error::from(err)),
         }
+    }
+}
+
+/// `app`'s exit code for a command's status: its code, or 128+N for signal N.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code).unwrap_or(1),
+        (None, Some(signal)) => signal_exit_code(signal),
+        (None, None) => 1,
+    }
+}
+
+/// `app`'s exit code for an end by signal `signal`: 128+N.
+pub fn signal_exit_code(signal: i32) -> u8 {
+    128u8.saturating_add(u8::try_from(signal).unwrap_or(0))
+}
+
+/// `app`'s exit code for a command that could not be started, as the shell has it: 127 when
+/// it was not found, 126 when it was found but could not be run.
+pub fn spawn_failure_code(err: &io::Error) -> u8 {
+    if err.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
+}
+
+/// Whom [`Child::signal`] reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The child alone.
+    Process,
+    /// The child's whole process group (it leads one of its own).
+    Group,
+}
+
+/// A child process of this one that is signalled only until it is reaped: once reaped its pid
+/// (and its process group id) may belong to someone else. Shared between the thread that
+/// waits for it and those that signal it (wrap it in an `Arc`).
+#[derive(Debug)]
+pub struct Child {
+    pid: u32,
+    target: Target,
+    state: Mutex<Reaping>,
+}
+
+#[derive(Debug)]
+struct Reaping {
+    child: std::process::Child,
+    /// Set once the child was reaped, or could not be waited for: nothing signals it then.
+    reaped: bool,
+    status: Option<ExitStatus>,
+}
+
+impl Child {
+    /// Starts `command`; [`Child::signal`] reaches the child alone.
+    pub fn spawn(command: &mut Command) -> io::Result<Child> {
+        Ok(Child::new(command.spawn()?, Target::Process))
+    }
+
+    /// Starts `command` as the leader of a process group of its own; [`Child::signal`] reaches
+    /// the whole group (a pipeline, a shell's children).
+    pub fn spawn_group(command: &mut Command) -> io::Result<Child> {
+        use std::os::unix::process::CommandExt;
+        Ok(Child::new(command.process_group(0).spawn()?, Target::Group))
+    }
+
+    fn new(child: std::process::Child, target: Target) -> Child {
+        Child {
+            pid: child.id(),
+            target,
+            state: Mutex::new(Reaping {
+                child,
+                reaped: false,
+                status: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Reaping> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The child's pid.
+    pub fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// The child's piped stdin, stdout and stderr, taken (each `None` when not piped or taken).
+    pub fn take_pipes(&self) -> (Option<ChildStdin>, Option<ChildStdout>, Option<ChildStderr>) {
+        let mut state = self.lock();
+        let child = &mut state.child;
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    }
+
+    /// Sends `signal` to the child (or its group) unless it was reaped. Returns whether it was
+    /// sent.
+    pub fn signal(&self, signal: Signal) -> bool {
+        let state = self.lock();
+        if state.reaped {
+            return false;
+        }
+        let sent = match self.target {
+            Target::Process => signal::kill(pid_of(self.pid), signal),
+            Target::Group => signal::killpg(pid_of(self.pid), signal),
+        };
+        drop(state);
+        sent.is_ok()
+    }
+
+    /// Whether the child was reaped (nothing signals it any more).
+    pub fn reaped(&self) -> bool {
+        self.lock().reaped
+    }
+
+    /// Blocks until the child exits, then reaps it: its exit status.
+    pub fn wait(&self) -> io::Result<ExitStatus> {
+        // Waiting happens without the lock (signals still reach the child meanwhile); the
+        // reaping under it.
+        let exited = wait_unreaped(self.pid);
+        self.reap(exited)
+    }
+
+    /// The child's exit status once it has exited (reaping it then), `None` while it runs.
+    pub fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
+        match exited_unreaped(self.pid) {
+            Ok(false) => Ok(None),
+            Ok(true) => self.reap(Ok(())).map(Some),
+            Err(err) => self.reap(Err(err)).map(Some),
+        }
+    }
+
+    /// Reaps the child after `exited` said it has exited; an error there leaves it unwaitable,
+    /// and so unsignalled too.
+    fn reap(&self, exited: io::Result<()>) -> io::Result<ExitStatus> {
+        let mut state = self.lock();
+        if let Some(status) = state.status {
+            return Ok(status);
+        }
+        state.reaped = true;
+        exited?;
+        let status = state.child.wait()?;
+        state.status = Some(status);
+        Ok(status)
     }
 }
 
@@ -277,6 +431,36 @@ mod tests {
         // Still a zombie: its /proc entry exists until it is reaped.
         assert!(fs::metadata(format!("/proc/{pid}")).is_ok());
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_reaped_child_is_never_signalled() {
+        let child = Child::spawn(std::process::Command::new("sleep").arg("30")).unwrap();
+        assert!(!child.reaped());
+        assert!(child.signal(Signal::SIGTERM));
+        let status = child.wait().unwrap();
+        assert_eq!(exit_code(status), 128 + 15);
+        assert!(child.reaped());
+        assert!(
+            !child.signal(Signal::SIGKILL),
+            "a reaped pid may be someone else's"
+        );
+        assert_eq!(
+            child.wait().unwrap(),
+            status,
+            "waiting again gives the same status"
+        );
+    }
+
+    #[test]
+    fn spawn_failures_map_to_the_shells_codes() {
+        let missing = std::process::Command::new("/nonexistent/app-test")
+            .spawn()
+            .unwrap_err();
+        assert_eq!(spawn_failure_code(&missing), 127);
+        let not_runnable = std::process::Command::new("/").spawn().unwrap_err();
+        assert_eq!(spawn_failure_code(&not_runnable), 126);
+        assert_eq!(signal_exit_code(2), 130);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `app lock acquire | release | list | run`.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -160,31 +161,35 @@ fn run_locked(locks: &Locks, name: &str, timeout: Duration, command: &[String]) 
     })?;
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
         .io_context("installing signal handlers for", "app lock run")?;
-    let mut child = Command::new(&command[0])
-        .args(&command[1..])
-        .env("APP_LOCK_NAME", name)
-        .env("APP_LOCK_TOKEN", guard.token().to_string())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            command: command[0].clone(),
-            source,
-        })?;
-    let pid = child.id();
+    let child = process::Child::spawn(
+        Command::new(&command[0])
+            .args(&command[1..])
+            .env("APP_LOCK_NAME", name)
+            .env("APP_LOCK_TOKEN", guard.token().to_string()),
+    )
+    .map_err(|source| Error::Spawn {
+        command: command[0].clone(),
+        source,
+    })?;
+    let child = Arc::new(child);
     let handle = signals.handle();
-    let forwarder = std::thread::spawn(move || {
-        for origin in signals.forever() {
-            // A terminal's signal already reached the whole foreground group, the child too.
-            if matches!(origin.cause, Cause::Kernel) {
-                continue;
+    let forwarder = {
+        let child = Arc::clone(&child);
+        std::thread::spawn(move || {
+            for origin in signals.forever() {
+                // A terminal's signal already reached the whole foreground group, the child too.
+                if matches!(origin.cause, Cause::Kernel) {
+                    continue;
+                }
+                if let Ok(signal) = Signal::try_from(origin.signal) {
+                    child.signal(signal);
+                }
             }
-            if let Ok(signal) = Signal::try_from(origin.signal) {
-                let _ = nix::sys::signal::kill(process::pid_of(pid), signal);
-            }
-        }
-    });
+        })
+    };
     let status = child.wait().io_context("waiting for", &command[0]);
     handle.close();
     let _ = forwarder.join();
     drop(guard);
-    Ok(instance::exit_code_of(status?))
+    Ok(process::exit_code(status?))
 }

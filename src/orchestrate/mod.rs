@@ -28,7 +28,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -469,21 +469,6 @@ impl StopFlag {
     }
 }
 
-/// A task's `app run` process group, signalled only while its leader is unreaped.
-struct TaskProcess {
-    pid: u32,
-    exited: Mutex<bool>,
-}
-
-impl TaskProcess {
-    fn signal(&self, signal: Signal) {
-        let exited = self.exited.lock().unwrap_or_else(|p| p.into_inner());
-        if !*exited {
-            let _ = nix::sys::signal::killpg(process::pid_of(self.pid), signal);
-        }
-    }
-}
-
 /// How an attempt ended.
 struct Outcome {
     task: String,
@@ -493,7 +478,9 @@ struct Outcome {
 }
 
 struct Running {
-    process: Arc<TaskProcess>,
+    /// The task's `app run`, leading a process group of its own, signalled only while it is
+    /// unreaped.
+    process: Arc<process::Child>,
     started: Instant,
 }
 
@@ -763,18 +750,11 @@ impl Orchestrator {
             .stdin(Stdio::null())
             .stdout(output.try_clone().io_context("opening", &log)?)
             .stderr(output);
-        {
-            use std::os::unix::process::CommandExt;
-            command.process_group(0);
-        }
-        let child = command.spawn().map_err(|err| Error::Spawn {
+        let process = process::Child::spawn_group(&mut command).map_err(|err| Error::Spawn {
             command: self.exe.display().to_string(),
             source: err,
         })?;
-        let process = Arc::new(TaskProcess {
-            pid: child.id(),
-            exited: Mutex::new(false),
-        });
+        let process = Arc::new(process);
         {
             let row = self.rows.get_mut(&task.id).expect("every task has a row");
             row.status = TaskStatus::Running;
@@ -796,7 +776,7 @@ impl Orchestrator {
         );
         let (sender, id, timeout) = (outcomes.clone(), task.id.clone(), task.timeout);
         thread::spawn(move || {
-            let _ = sender.send(supervise(child, &process, id, timeout));
+            let _ = sender.send(supervise(&process, id, timeout));
         });
         Ok(())
     }
@@ -1111,19 +1091,14 @@ impl Orchestrator {
 
 /// Waits for a task's `app run`, enforcing its timeout: SIGTERM to its group (a stop request
 /// its `app run` escalates after TASK_STOP_TIMEOUT), then SIGKILL.
-fn supervise(
-    mut child: std::process::Child,
-    process: &TaskProcess,
-    task: String,
-    timeout: Option<Duration>,
-) -> Outcome {
+fn supervise(process: &process::Child, task: String, timeout: Option<Duration>) -> Outcome {
     let started = Instant::now();
     let mut timed_out = false;
     let mut killed = false;
-    loop {
-        match process::exited_unreaped(child.id()) {
-            Ok(true) | Err(_) => break,
-            Ok(false) => {}
+    // Once reaped its group id may be reused: `process` then signals nothing any more.
+    let status = loop {
+        if let Some(status) = process.try_wait().transpose() {
+            break status;
         }
         if let Some(limit) = timeout {
             let over = started.elapsed().saturating_sub(limit);
@@ -1137,13 +1112,9 @@ fn supervise(
             }
         }
         thread::sleep(Duration::from_millis(20));
-    }
-    // Marked before it is reaped: once reaped its group id may be reused, so nothing may
-    // signal it any more.
-    *process.exited.lock().unwrap_or_else(|p| p.into_inner()) = true;
-    let status = child.wait();
+    };
     let (exit_code, error) = match status {
-        Ok(status) => (Some(i64::from(crate::instance::exit_code_of(status))), None),
+        Ok(status) => (Some(i64::from(process::exit_code(status))), None),
         Err(err) => (None, Some(format!("waiting for the task failed: {err}"))),
     };
     Outcome {

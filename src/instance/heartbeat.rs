@@ -1,0 +1,73 @@
+//! The heartbeat thread of a running instance.
+//!
+//! Invariant: the registry is taken as lost, not as a verdict: an entry that is missing or does
+//! not verify (`git clean -fdx`, a registry moved aside, a new secret) is written again, and a
+//! deleted secret is restored from the key in memory, so a live instance is never left
+//! unregistered. A heartbeat that cannot be written never kills the agent.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread;
+
+use crate::config::Timing;
+use crate::db::instances::InstanceRow;
+use crate::db::mirror::{MirrorSender, Update};
+use crate::paths::AppPaths;
+use crate::registry::{InstanceRecord, Registry, Timestamp};
+use crate::sign::SigningKey;
+
+/// The running heartbeat thread; [`Heartbeat::stop`] ends it.
+pub(super) struct Heartbeat {
+    stop: mpsc::Sender<()>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Every `heartbeat_interval`, refreshes the heartbeat of `record`'s instance (writing the
+    /// entry again from `record` when it was lost) and sends the row to the mirror.
+    pub(super) fn start(
+        (paths, key): (AppPaths, SigningKey),
+        record: InstanceRecord,
+        timing: Timing,
+        (mirror, repo_root): (MirrorSender, PathBuf),
+    ) -> Heartbeat {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let handle = thread::spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(timing.heartbeat_interval)
+            {
+                match beat(&paths, &key, &record) {
+                    Ok(current) => mirror.send(Update::Instance(InstanceRow::from_record(
+                        &current, &repo_root,
+                    ))),
+                    Err(err) => tracing::warn!(instance = %record.id, %err, "heartbeat failed"),
+                }
+            }
+        });
+        Heartbeat { stop, handle }
+    }
+
+    /// Ends the thread and waits for it.
+    pub(super) fn stop(self) {
+        drop(self.stop);
+        let _ = self.handle.join();
+    }
+}
+
+/// One heartbeat: the entry as written.
+fn beat(
+    paths: &AppPaths,
+    key: &SigningKey,
+    record: &InstanceRecord,
+) -> crate::error::Result<InstanceRecord> {
+    key.restore(paths)?;
+    Registry::open_for_write(paths)?.update(|tables| {
+        let mut current = tables.instance(&record.id).unwrap_or_else(|| {
+            tracing::warn!(instance = %record.id, "the registry lost this instance's entry; registering it again");
+            record.clone()
+        });
+        current.heartbeat_at = Timestamp::now();
+        tables.put_instance(&current);
+        Ok(current)
+    })
+}

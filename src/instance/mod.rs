@@ -1,0 +1,227 @@
+//! Instance lifecycle: `app run` (claim an id, make a worktree, register, supervise the command,
+//! clean up), and `app instance stop`.
+//!
+//! Invariants:
+//! - All validation happens before the first write: bad input changes nothing on disk.
+//! - The id (and the branch) are claimed under the registry lock ([`claim`]); the worktree
+//!   checkout runs outside the lock.
+//! - The supervisor heartbeats while the command runs ([`heartbeat`]); signals sent to it are
+//!   forwarded to the command or are stop requests ([`signals`]).
+//! - Every way out of a registered instance goes through one `end` ([`supervisor`]): the API's
+//!   final event, the control socket's commands stopped, what the command left behind stopped
+//!   ([`leftovers`]), the worktree removed only when that loses nothing ([`cleanup`]).
+//!
+//! Files: `claim` (id, branch and ports), `supervisor` (register, spawn, wait, end), `signals`
+//! (forwarding and stop requests), `heartbeat`, `leftovers`, `cleanup` (worktree and registry at
+//! the end), `mirror` (the database copy), `stop` (`app instance stop`), `owner` (whom a caller
+//! acts for).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use git2::Repository;
+
+use crate::api::{self, ApiOptions, Bound};
+use crate::config::Timing;
+use crate::db::{DbSettings, Location};
+use crate::error::{Error, GitContext, Result};
+use crate::paths::AppPaths;
+use crate::ports;
+use crate::process;
+use crate::registry::Registry;
+use crate::worktree::{self, Cleanup};
+
+mod claim;
+mod cleanup;
+mod heartbeat;
+mod leftovers;
+mod mirror;
+mod owner;
+mod signals;
+mod stop;
+mod supervisor;
+
+pub use claim::validate_name;
+pub use owner::{caller, caller_holder, owner_of};
+pub use stop::{StopOutcome, StopRoute, stop};
+
+/// What `app run` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// A name to use as the instance id instead of a random one.
+    pub name: Option<String>,
+    /// Branch to check out (default `app/<id>`).
+    pub branch: Option<String>,
+    /// Ref the new branch starts from (default HEAD).
+    pub base: Option<String>,
+    /// Register in the current directory without a worktree.
+    pub no_worktree: bool,
+    /// Keep worktree and branch on exit.
+    pub keep: bool,
+    /// Leave processes the command left behind running (the worktree then stays while they
+    /// live); by default they are stopped with the instance.
+    pub keep_running: bool,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// The shared database to mirror the instance into (`--db`, else the environment).
+    pub db: Option<PathBuf>,
+    /// How many TCP ports to lease (`--ports N`).
+    pub ports: Option<usize>,
+    /// Run no command: wait for a stop request (`app serve`; `command` is only recorded).
+    pub serve: bool,
+    /// Serve the HTTP API (`--with-api`).
+    pub api: Option<ApiOptions>,
+    /// How long a stop waits before SIGKILL (default [`DEFAULT_STOP_TIMEOUT`]).
+    pub stop_timeout: Option<Duration>,
+    /// Told what the person running `app` should see.
+    pub notify: Option<fn(&Notice)>,
+    /// `app ci`: a branch checked out elsewhere gets a detached worktree, and the worktree is
+    /// always removed at the end (uncommitted work saved on `refs/app/rescue/<id>` first).
+    pub ci: bool,
+    /// Stop the command (a stop request) once it has run this long; `app` then exits 124.
+    pub deadline: Option<Duration>,
+}
+
+/// `app`'s exit code when the command outlived `--timeout`, as `timeout(1)` has it.
+pub const EXIT_TIMED_OUT: u8 = 124;
+
+/// How long a stop request waits for a command before killing it.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Something the person running the instance should know while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The API listens at `url`.
+    ApiListening {
+        /// The instance.
+        id: String,
+        /// Where.
+        url: String,
+    },
+    /// Every port of the range was taken; the instance runs without an API.
+    ApiUnavailable {
+        /// The instance.
+        id: String,
+        /// The ports tried.
+        range: std::ops::RangeInclusive<u16>,
+    },
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The instance id.
+    pub id: String,
+    /// Exit code for `app`: the command's own, or 128+N when it died of signal N.
+    pub exit_code: u8,
+    /// The worktree, when the instance had one.
+    pub worktree: Option<PathBuf>,
+    /// The branch, when the instance had one.
+    pub branch: Option<String>,
+    /// What happened to worktree and branch (`None` with `--keep` or `--no-worktree`).
+    pub cleanup: Option<Cleanup>,
+}
+
+/// Runs `options.command` as a new instance and supervises it until it exits.
+pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcome> {
+    validate(options)?;
+    let database = (
+        Location::resolve(options.db.as_deref())?,
+        DbSettings::from_env()?,
+    );
+    let paths = AppPaths::discover(cwd)?;
+    let repo = Repository::open(paths.repo_root())
+        .git_context(|| format!("opening {}", paths.repo_root().display()))?;
+
+    // Operations a crash interrupted are finished or undone first (one directory read when
+    // there are none).
+    if paths.journal_dir().is_dir() {
+        crate::reclaim::recover_journal(&paths)?;
+    }
+
+    // Everything below until `open_for_write` only reads.
+    let reader = Registry::open_read_only(&paths)?;
+    let snapshot = reader.snapshot()?;
+    let id = claim::choose_id((&repo, &paths), &snapshot, options.name.as_deref(), timing)?;
+    let plan = if options.no_worktree {
+        None
+    } else {
+        Some(worktree::plan(
+            &repo,
+            &paths,
+            &id,
+            (options.branch.as_deref(), options.base.as_deref()),
+            options.ci,
+        )?)
+    };
+    // The API's address is the last check: an explicit one that is taken stops the run here.
+    let api = match &options.api {
+        None => None,
+        Some(api_options) => bind_api(api_options, &id, options.notify)?,
+    };
+
+    // The command's whole process tree is the instance's: what it leaves behind comes to us.
+    process::become_subreaper();
+    // From here on, signals are ours: one arriving before the command starts cancels the run.
+    let slot = signals::Slot::new(options.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT));
+    let forwarder = signals::Forwarder::start(&slot)?;
+    let result = supervisor::Supervisor::run(supervisor::Launch {
+        paths: &paths,
+        repo: &repo,
+        id,
+        plan,
+        options,
+        timing,
+        slot,
+        database,
+        api,
+    });
+    forwarder.close();
+    result
+}
+
+/// The checks of `options` that need nothing on disk.
+fn validate(options: &RunOptions) -> Result<()> {
+    if options.command.is_empty() && !options.serve {
+        return Err(Error::bad_input(
+            "no command given; write it after '--', e.g. app run -- bash",
+        ));
+    }
+    if let Some(name) = &options.name {
+        validate_name(name)?;
+    }
+    if let Some(count) = options.ports {
+        ports::validate_count(count)?;
+        ports::range()?;
+    }
+    if options.no_worktree && (options.branch.is_some() || options.base.is_some()) {
+        return Err(Error::bad_input(
+            "--branch and --base need a worktree; drop them or drop --no-worktree",
+        ));
+    }
+    Ok(())
+}
+
+/// Binds the API's address; when every port of the default range is taken the instance runs
+/// without the API (and is told so).
+fn bind_api(
+    options: &ApiOptions,
+    id: &str,
+    notify: Option<fn(&Notice)>,
+) -> Result<Option<api::Binding>> {
+    match api::bind(options)? {
+        Bound::Listening(binding) => Ok(Some(binding)),
+        Bound::AllTaken(range) => {
+            match notify {
+                Some(notify) => notify(&Notice::ApiUnavailable {
+                    id: id.to_string(),
+                    range,
+                }),
+                None => {
+                    tracing::warn!(instance = %id, "every API port of {}-{} is taken; running without the API", range.start(), range.end())
+                }
+            }
+            Ok(None)
+        }
+    }
+}
