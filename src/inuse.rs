@@ -154,34 +154,52 @@ impl Scan {
     }
 }
 
+/// What process `pid` holds. Everything is read relative to one open `/proc/<pid>` directory:
+/// shorter lookups than a path each (a scan reads every process, once per removal), and a pid
+/// reused meanwhile cannot slip in (the directory stays the one process's).
 fn read_proc(pid: u32) -> Option<Proc> {
-    let base = PathBuf::from(format!("/proc/{pid}"));
-    // Zombies (and processes gone meanwhile) hold nothing.
-    crate::process::start_time(pid)?;
-    let mut places = Vec::new();
-    for (hold, name) in [(Hold::Cwd, "cwd"), (Hold::Root, "root"), (Hold::Exe, "exe")] {
-        if let Ok(target) = fs::read_link(base.join(name)) {
-            // Every process has root "/": only a chroot inside a worktree says anything.
-            if hold != Hold::Root || target != Path::new("/") {
-                places.push((hold, target));
-            }
-        }
+    use nix::fcntl::{AT_FDCWD, OFlag, openat, readlinkat};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let dir = openat(
+        AT_FDCWD,
+        format!("/proc/{pid}").as_str(),
+        flags | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )
+    .ok()?;
+    let link = |name: &str| readlinkat(&dir, name).ok().map(PathBuf::from);
+    // Zombies (and processes gone meanwhile, or this user may not inspect) have no cwd: a
+    // process lets go of its cwd after its memory and its files, so it holds nothing else.
+    let mut places = vec![(Hold::Cwd, link("cwd")?)];
+    // Every process has root "/": only a chroot inside a worktree says anything.
+    if let Some(root) = link("root").filter(|root| root != Path::new("/")) {
+        places.push((Hold::Root, root));
     }
-    if let Ok(fds) = fs::read_dir(base.join("fd")) {
+    if let Some(exe) = link("exe") {
+        places.push((Hold::Exe, exe));
+    }
+    if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.filter_map(|fd| fd.ok()) {
-            if let Ok(target) = fs::read_link(fd.path())
+            let mut name = std::ffi::OsString::from("fd/");
+            name.push(fd.file_name());
+            if let Ok(target) = readlinkat(&dir, name.as_os_str()).map(PathBuf::from)
                 && target.is_absolute()
             {
                 places.push((Hold::OpenFile, target));
             }
         }
     }
-    let worktree_env = fs::read(base.join("environ")).ok().and_then(|environ| {
-        environ
-            .split(|b| *b == 0)
-            .find_map(|var| var.strip_prefix(b"APP_WORKTREE="))
-            .map(|value| PathBuf::from(std::ffi::OsStr::from_bytes(value)))
-    });
+    let worktree_env = openat(&dir, "environ", flags, Mode::empty())
+        .ok()
+        .and_then(|fd| {
+            let mut environ = Vec::with_capacity(4096);
+            std::io::Read::read_to_end(&mut fs::File::from(fd), &mut environ).ok()?;
+            environ
+                .split(|b| *b == 0)
+                .find_map(|var| var.strip_prefix(b"APP_WORKTREE="))
+                .map(|value| PathBuf::from(std::ffi::OsStr::from_bytes(value)))
+        });
     Some(Proc {
         pid,
         places,

@@ -14,7 +14,7 @@
 //!   written to, so `git log --stat` of the rescue ref shows only what changed and commits on a
 //!   detached HEAD stay reachable. The same content is never rescued twice.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -291,21 +291,20 @@ fn git_mode(meta: &fs::Metadata) -> u32 {
 }
 
 /// Every directory that holds a tracked path (relative, "" for the root), and the tracked
-/// paths themselves.
-fn tracked_dirs(index: &git2::Index) -> (BTreeSet<PathBuf>, BTreeSet<PathBuf>) {
-    let mut dirs = BTreeSet::new();
-    let mut paths = BTreeSet::new();
-    dirs.insert(PathBuf::new());
+/// paths themselves, as the index's bytes (hashed: the walk asks about every entry it meets).
+fn tracked_dirs(index: &git2::Index) -> (HashSet<Vec<u8>>, HashSet<Vec<u8>>) {
+    let mut dirs = HashSet::new();
+    let mut paths = HashSet::with_capacity(index.len());
+    dirs.insert(Vec::new());
     for entry in index.iter() {
-        let rel = PathBuf::from(std::ffi::OsStr::from_bytes(&entry.path));
-        let mut parent = rel.parent();
-        while let Some(dir) = parent {
-            if !dirs.insert(dir.to_path_buf()) {
+        let mut dir = entry.path.as_slice();
+        while let Some(slash) = dir.iter().rposition(|b| *b == b'/') {
+            dir = &dir[..slash];
+            if !dirs.insert(dir.to_vec()) {
                 break;
             }
-            parent = dir.parent();
         }
-        paths.insert(rel);
+        paths.insert(entry.path);
     }
     (dirs, paths)
 }
@@ -317,7 +316,7 @@ fn tracked_dirs(index: &git2::Index) -> (BTreeSet<PathBuf>, BTreeSet<PathBuf>) {
 fn untracked(
     wt: &Repository,
     root: &Path,
-    (dirs, tracked): &(BTreeSet<PathBuf>, BTreeSet<PathBuf>),
+    (dirs, tracked): &(HashSet<Vec<u8>>, HashSet<Vec<u8>>),
     (candidates, nested): (&mut BTreeSet<PathBuf>, &mut Vec<PathBuf>),
 ) -> Result<()> {
     // (directory, whether git ignores it)
@@ -346,10 +345,11 @@ fn untracked(
                 }
                 continue;
             }
-            if tracked.contains(&rel) {
+            let bytes = rel.as_os_str().as_bytes();
+            if tracked.contains(bytes) {
                 continue;
             }
-            if is_dir && dirs.contains(&rel) {
+            if is_dir && dirs.contains(bytes) {
                 stack.push((rel, false));
                 continue;
             }

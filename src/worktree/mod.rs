@@ -226,22 +226,35 @@ pub fn checked_out_in(repo: &Repository, branch: &str) -> Result<Option<PathBuf>
     if main_head.as_deref() == Some(full.as_str()) {
         return Ok(Some(repo.workdir().unwrap_or(repo.path()).to_path_buf()));
     }
-    let names = repo
-        .worktrees()
-        .git_context(|| "listing worktrees".into())?;
-    for name in names.iter().filter_map(|name| name.ok().flatten()) {
-        // Read the linked worktree's HEAD file directly: opening a repository per worktree is
-        // slower and fails for worktrees whose directory is gone (they still hold the branch).
-        let admin = repo.path().join("worktrees").join(name);
-        let head = fs::read_to_string(admin.join("HEAD")).unwrap_or_default();
-        if head.trim().strip_prefix("ref: ") == Some(full.as_str()) {
-            let gitdir = fs::read_to_string(admin.join("gitdir")).unwrap_or_default();
-            let path = Path::new(gitdir.trim())
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or(admin);
-            return Ok(Some(path));
+    // git's records of the linked worktrees, read directly: libgit2's listing and opening a
+    // repository per worktree cost far more (doctor asks once per worktree it reclaims), and
+    // opening fails for worktrees whose directory is gone (they still hold the branch).
+    let records = repo.commondir().join("worktrees");
+    let entries = match fs::read_dir(&records) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(Error::io("listing the worktrees in", &records, err)),
+    };
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let admin = entry.path();
+        let head = fs::read(admin.join("HEAD")).unwrap_or_default();
+        let head = std::str::from_utf8(&head)
+            .map(str::trim)
+            .unwrap_or_default();
+        if head.strip_prefix("ref: ") != Some(full.as_str())
+            // What libgit2 counts as a worktree (and so as holding its branch).
+            || !["commondir", "gitdir"]
+                .iter()
+                .all(|file| fs::metadata(admin.join(file)).is_ok_and(|m| m.is_file()))
+        {
+            continue;
         }
+        let gitdir = fs::read_to_string(admin.join("gitdir")).unwrap_or_default();
+        let path = Path::new(gitdir.trim())
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or(admin);
+        return Ok(Some(path));
     }
     Ok(None)
 }
