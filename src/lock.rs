@@ -457,6 +457,50 @@ impl Drop for LockGuard {
 mod tests {
     use super::*;
 
+    /// A roster that knows one answer for every process, as one shared by many hosts would
+    /// for a process on another host.
+    struct Fixed(bool);
+
+    impl Roster for Fixed {
+        fn instance(&self, _: &str) -> Option<&InstanceRecord> {
+            None
+        }
+        fn live_instances(&self) -> Vec<&InstanceRecord> {
+            Vec::new()
+        }
+        fn liveness(&self, _: &InstanceRecord) -> Liveness {
+            Liveness::Stale("unknown".into())
+        }
+        fn process_alive(&self, _: &ProcessIdentity, host: &str) -> bool {
+            self.0 && host == "elsewhere"
+        }
+    }
+
+    #[test]
+    fn a_holder_is_judged_by_the_roster_alone() {
+        // No such pid here: only the roster can say it lives.
+        let holder = Holder {
+            instance: None,
+            pid: u32::MAX - 1,
+            start_time: 1,
+            boot_id: "another boot".into(),
+            host: "elsewhere".into(),
+        };
+        assert_eq!(holder.alive(&Fixed(true)), Ok(()));
+        assert_eq!(
+            holder.alive(&Fixed(false)),
+            Err(format!("process {} is gone", u32::MAX - 1))
+        );
+        let instance = Holder {
+            instance: Some("3f9a1c2e".into()),
+            ..holder
+        };
+        assert_eq!(
+            instance.alive(&Fixed(true)),
+            Err("instance 3f9a1c2e is no longer registered".into())
+        );
+    }
+
     #[test]
     fn names() {
         for good in ["db-schema", "Cargo.lock", "a", "port_3000"] {
