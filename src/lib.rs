@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub(crate) mod coordination;
 pub mod db;
 pub mod doctor;
 pub mod error;

@@ -9,6 +9,8 @@
 //!   process (`app lock run`, or the shell that called `app lock acquire` outside any instance).
 //!   A dead holder (pid gone or reused, instance unregistered or its heartbeat stale) or a run-out
 //!   `--ttl` loses the lock to the next acquirer; nobody has to clean up first.
+//! - Callers reach locks through [`LockStore`] (from [`crate::coordination::Coordination`]);
+//!   [`Locks`] is its implementation on this repository's files.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +20,10 @@ use crate::config;
 pub use crate::error::LockError;
 use crate::error::Result;
 use crate::paths::AppPaths;
-use crate::process::{self, Presence, ProcessIdentity};
-use crate::registry::{InstanceRecord, Liveness, Registry, Snapshot, Timestamp};
+use crate::process::{self, ProcessIdentity};
+use crate::registry::{
+    InstanceRecord, Liveness, LocalRoster, Registry, Roster, Snapshot, Timestamp,
+};
 use crate::sign::{self, SigningKey};
 use crate::state;
 use crate::watch::DirWatch;
@@ -65,16 +69,12 @@ impl Holder {
         }
     }
 
-    /// `Ok` while the holder lives; else why it is dead.
-    pub fn alive(
-        &self,
-        snapshot: &Snapshot,
-        stale_after: Duration,
-    ) -> std::result::Result<(), String> {
+    /// `Ok` while the holder lives, as `roster` judges it; else why it is dead.
+    pub fn alive(&self, roster: &dyn Roster) -> std::result::Result<(), String> {
         match &self.instance {
-            Some(id) => match snapshot.instance(id) {
+            Some(id) => match roster.instance(id) {
                 Some(record) if record.pid == self.pid && record.start_time == self.start_time => {
-                    match record.liveness(stale_after) {
+                    match roster.liveness(record) {
                         Liveness::Live => Ok(()),
                         Liveness::Stale(reason) => {
                             Err(format!("instance {id} is stale ({reason})"))
@@ -89,9 +89,10 @@ impl Holder {
                     start_time: self.start_time,
                     boot_id: self.boot_id.clone(),
                 };
-                match identity.presence() {
-                    Presence::Running => Ok(()),
-                    _ => Err(format!("process {} is gone", self.pid)),
+                if roster.process_alive(&identity, &self.host) {
+                    Ok(())
+                } else {
+                    Err(format!("process {} is gone", self.pid))
                 }
             }
         }
@@ -150,18 +151,46 @@ pub struct LockState {
 
 impl LockState {
     /// Why the current hold no longer counts, if it does not: holder dead or TTL run out.
-    pub fn lapsed(&self, snapshot: &Snapshot, stale_after: Duration) -> Option<String> {
+    pub fn lapsed(&self, roster: &dyn Roster) -> Option<String> {
         let holder = self.holder.as_ref()?;
         if let Some(expires) = self.expires_at
             && Timestamp::now() >= expires
         {
             return Some(format!("its ttl ran out at {expires}"));
         }
-        holder.alive(snapshot, stale_after).err()
+        holder.alive(roster).err()
     }
 }
 
-/// Reading and changing locks of one repository.
+/// The named locks of one repository, as callers use them. Fencing tokens grow strictly per
+/// name across every store the locks live in; a waiting `acquire` keeps waiting until the
+/// lock is free, its hold lapses, or the timeout runs out.
+///
+/// Refusals are typed: [`LockError::InvalidName`], [`LockError::Held`] (timed out),
+/// [`LockError::NotYours`], [`LockError::Untrusted`], carried in the crate error beside the
+/// failures of the store itself (files, database).
+pub trait LockStore: std::fmt::Debug + Send + Sync {
+    /// Waits up to `request.timeout` for the lock; returns its fencing token. Acquiring a lock
+    /// the holder already holds returns the same token (and renews a ttl from now).
+    fn acquire(&self, request: &Request) -> Result<u64>;
+    /// Releases `name` if `holder` holds it (or anyone does, with `force`).
+    fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released>;
+    /// Every lock that has ever been granted, by name, with why its hold lapsed if it did.
+    fn list(&self) -> Result<Vec<(LockState, Option<String>)>>;
+}
+
+/// Acquires through `locks` and returns a guard that releases on drop.
+pub fn hold(locks: Box<dyn LockStore>, request: &Request) -> Result<LockGuard> {
+    let token = locks.acquire(request)?;
+    Ok(LockGuard {
+        locks,
+        name: request.name.clone(),
+        holder: request.holder.clone(),
+        token,
+    })
+}
+
+/// The locks of one repository in its `.app/locks/` files.
 #[derive(Debug, Clone)]
 pub struct Locks {
     paths: AppPaths,
@@ -259,7 +288,7 @@ impl Locks {
             acquired_at: None,
             expires_at: None,
         });
-        let lapsed = current.lapsed(&snapshot, self.stale_after);
+        let lapsed = current.lapsed(&LocalRoster::new(&snapshot, self.stale_after));
         match &current.holder {
             Some(holder) if holder.same(&request.holder) && lapsed.is_none() => {
                 // Acquiring again renews the hold: a ttl given now runs from now, same token.
@@ -329,13 +358,7 @@ impl Locks {
 
     /// Acquires and returns a guard that releases on drop.
     pub fn hold(&self, request: &Request) -> Result<LockGuard> {
-        let token = self.acquire(request)?;
-        Ok(LockGuard {
-            locks: self.clone(),
-            name: request.name.clone(),
-            holder: request.holder.clone(),
-            token,
-        })
+        hold(Box::new(self.clone()), request)
     }
 
     /// Releases `name` if `holder` holds it (or anyone does, with `force`).
@@ -346,7 +369,9 @@ impl Locks {
         let Some(mut current) = self.load(name)? else {
             return Ok(Released::NotHeld);
         };
-        let lapsed = current.lapsed(&snapshot, self.stale_after).is_some();
+        let lapsed = current
+            .lapsed(&LocalRoster::new(&snapshot, self.stale_after))
+            .is_some();
         match &current.holder {
             None => return Ok(Released::NotHeld),
             Some(other) if !other.same(holder) && !force && !lapsed => {
@@ -372,6 +397,7 @@ impl Locks {
     /// Every lock that has ever been granted, by name, with why its hold lapsed if it did.
     pub fn list(&self) -> Result<Vec<(LockState, Option<String>)>> {
         let snapshot = self.snapshot()?;
+        let roster = LocalRoster::new(&snapshot, self.stale_after);
         let dir = self.paths.named_locks_dir();
         let names: Vec<String> = crate::state::visible_names(&dir)
             .unwrap_or_default()
@@ -381,7 +407,7 @@ impl Locks {
         let mut out = Vec::new();
         for name in names {
             if let Some(state) = self.load(&name)? {
-                let lapsed = state.lapsed(&snapshot, self.stale_after);
+                let lapsed = state.lapsed(&roster);
                 out.push((state, lapsed));
             }
         }
@@ -389,10 +415,24 @@ impl Locks {
     }
 }
 
+impl LockStore for Locks {
+    fn acquire(&self, request: &Request) -> Result<u64> {
+        Locks::acquire(self, request)
+    }
+
+    fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
+        Locks::release(self, name, holder, force)
+    }
+
+    fn list(&self) -> Result<Vec<(LockState, Option<String>)>> {
+        Locks::list(self)
+    }
+}
+
 /// A held lock, released when dropped.
 #[derive(Debug)]
 pub struct LockGuard {
-    locks: Locks,
+    locks: Box<dyn LockStore>,
     name: String,
     holder: Holder,
     token: u64,
@@ -416,6 +456,50 @@ impl Drop for LockGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A roster that knows one answer for every process, as one shared by many hosts would
+    /// for a process on another host.
+    struct Fixed(bool);
+
+    impl Roster for Fixed {
+        fn instance(&self, _: &str) -> Option<&InstanceRecord> {
+            None
+        }
+        fn live_instances(&self) -> Vec<&InstanceRecord> {
+            Vec::new()
+        }
+        fn liveness(&self, _: &InstanceRecord) -> Liveness {
+            Liveness::Stale("unknown".into())
+        }
+        fn process_alive(&self, _: &ProcessIdentity, host: &str) -> bool {
+            self.0 && host == "elsewhere"
+        }
+    }
+
+    #[test]
+    fn a_holder_is_judged_by_the_roster_alone() {
+        // No such pid here: only the roster can say it lives.
+        let holder = Holder {
+            instance: None,
+            pid: u32::MAX - 1,
+            start_time: 1,
+            boot_id: "another boot".into(),
+            host: "elsewhere".into(),
+        };
+        assert_eq!(holder.alive(&Fixed(true)), Ok(()));
+        assert_eq!(
+            holder.alive(&Fixed(false)),
+            Err(format!("process {} is gone", u32::MAX - 1))
+        );
+        let instance = Holder {
+            instance: Some("3f9a1c2e".into()),
+            ..holder
+        };
+        assert_eq!(
+            instance.alive(&Fixed(true)),
+            Err("instance 3f9a1c2e is no longer registered".into())
+        );
+    }
 
     #[test]
     fn names() {

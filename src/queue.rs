@@ -13,6 +13,9 @@
 //!   to `dead/` wrapped with the reason.
 //! - Payloads are bounded (`APP_MAX_MESSAGE_BYTES`, 1 KiB): `send` refuses more, and reading
 //!   enforces the same limit.
+//! - Callers reach the queue through [`MessageStore`] (from
+//!   [`crate::coordination::Coordination`]); [`FileQueue`] is its implementation on this
+//!   repository's files, one [`Inbox`] per recipient.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,9 +27,10 @@ use serde_json::Value;
 pub use crate::error::QueueError;
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
-use crate::registry::{Liveness, Snapshot, Timestamp};
+use crate::registry::{Roster, Timestamp};
 use crate::sign::{self, SigningKey};
 use crate::state;
+use crate::watch::DirWatch;
 
 /// Default largest payload, in bytes of compact JSON.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024;
@@ -167,34 +171,28 @@ pub struct Posted {
     pub recipients: Vec<String>,
 }
 
-/// Validates `post` whole (type, payload size, sender, recipient known to `snapshot`), then
-/// files it: what `app send` and `POST /messages` do. Bad input changes nothing.
-pub fn post(
-    paths: &AppPaths,
-    snapshot: &Snapshot,
-    stale_after: Duration,
-    post: Post,
-) -> Result<Posted> {
+/// Validates `post` whole (type, payload size, sender, recipient known to `roster`) and finds
+/// its recipients (for `all`: every live instance but the sender). Writes nothing: bad input
+/// changes nothing. [`crate::coordination::Coordination::post`] files what it returns.
+pub fn route(roster: &dyn Roster, post: Post) -> Result<(Outgoing, Vec<String>)> {
     validate_kind(&post.kind)?;
     check_payload(&post.payload, max_message_bytes()?)?;
     crate::instance::validate_name(&post.from)?;
     let (to, recipients) = if post.to == "all" {
-        let live: Vec<String> = snapshot
-            .valid_instances()
+        let live: Vec<String> = roster
+            .live_instances()
             .into_iter()
-            .filter(|r| r.id != post.from && r.liveness(stale_after) == Liveness::Live)
+            .filter(|r| r.id != post.from)
             .map(|r| r.id.clone())
             .collect();
         (None, live)
     } else {
         crate::instance::validate_name(&post.to)?;
-        if snapshot.instance(&post.to).is_none() {
+        if roster.instance(&post.to).is_none() {
             return Err(Error::UnknownInstance { id: post.to });
         }
         (Some(post.to.clone()), vec![post.to])
     };
-    paths.ensure_state_dir()?;
-    let key = SigningKey::load_or_create(paths)?;
     let outgoing = Outgoing {
         from: post.from,
         to,
@@ -202,8 +200,7 @@ pub fn post(
         ttl: post.ttl,
         payload: post.payload,
     };
-    let id = send(paths, &key, &outgoing, &recipients)?;
-    Ok(Posted { id, recipients })
+    Ok((outgoing, recipients))
 }
 
 /// Files `message` into each of `recipients`' inboxes; returns the message id. Validation
@@ -242,6 +239,131 @@ pub struct Swept {
     pub quarantined: usize,
     /// Messages moved to `dead/`.
     pub expired: usize,
+}
+
+/// Waits for something new to arrive; set up before the first look, so what arrives between
+/// that look and the wait still wakes the waiter.
+pub trait Arrivals {
+    /// Returns when something may have arrived, or after `limit` (or the poll interval),
+    /// whichever comes first.
+    fn wait(&self, limit: Duration);
+}
+
+impl Arrivals for DirWatch {
+    fn wait(&self, limit: Duration) {
+        DirWatch::wait(self, limit)
+    }
+}
+
+/// The message queue of one repository, as callers use it: filing messages into inboxes,
+/// reading, acknowledging and retiring the inbox of one `owner`.
+///
+/// Refusals are typed ([`QueueError`]), carried in the crate error beside the failures of the
+/// store itself (files, database). Validation of what is sent is the caller's ([`route`]).
+pub trait MessageStore: std::fmt::Debug + Send + Sync {
+    /// Files `outgoing` into each of `recipients`' inboxes, each copy signed for its
+    /// recipient; returns the message id.
+    fn send(&self, outgoing: &Outgoing, recipients: &[String]) -> Result<String>;
+    /// Deliverable messages of `owner`, oldest first. Moves aside what cannot be trusted and
+    /// what expired.
+    fn pending(&self, owner: &str) -> Result<(Vec<Message>, Swept)>;
+    /// What [`MessageStore::pending`] would deliver and move aside, without moving anything.
+    fn inspect(&self, owner: &str) -> Result<(Vec<Message>, Swept)>;
+    /// Message `id` of `owner`, waiting or acknowledged, when it verifies.
+    fn find(&self, owner: &str, id: &str) -> Option<Message>;
+    /// Acknowledges message `id` of `owner`: it will not be handed out again. Returns false
+    /// when it was acknowledged before; [`QueueError::NotWaiting`] when it is not `owner`'s.
+    fn ack(&self, owner: &str, id: &str) -> Result<bool>;
+    /// Moves every message of `owner`, an instance that is gone, aside (to the dead letters,
+    /// untrusted ones to quarantine) and forgets its inbox. Returns how many it moved.
+    fn retire(&self, owner: &str, reason: &str) -> Result<usize>;
+    /// The owners that have an inbox, sorted.
+    fn owners(&self) -> Vec<String>;
+    /// A waiter woken when a message may have arrived for `owner`: at the latest every `poll`;
+    /// with `poll_only`, only then.
+    fn arrivals(&self, owner: &str, poll: Duration, poll_only: bool) -> Result<Box<dyn Arrivals>>;
+}
+
+/// The queue of one repository in `.app/coordination_queue/`.
+#[derive(Debug, Clone)]
+pub struct FileQueue {
+    paths: AppPaths,
+    key: Option<SigningKey>,
+    max_bytes: usize,
+}
+
+impl FileQueue {
+    /// The queue at `paths`, read with `key` (`None`: nothing verifies) and payloads bounded
+    /// by `max_bytes`.
+    pub fn new(paths: &AppPaths, key: Option<SigningKey>, max_bytes: usize) -> Self {
+        FileQueue {
+            paths: paths.clone(),
+            key,
+            max_bytes,
+        }
+    }
+
+    fn inbox(&self, owner: &str) -> Inbox {
+        Inbox::new(&self.paths, owner, self.key.clone(), self.max_bytes)
+    }
+}
+
+impl MessageStore for FileQueue {
+    fn send(&self, outgoing: &Outgoing, recipients: &[String]) -> Result<String> {
+        // Sending signs: the first message of a repository creates its key.
+        self.paths.ensure_state_dir()?;
+        let key = SigningKey::load_or_create(&self.paths)?;
+        send(&self.paths, &key, outgoing, recipients)
+    }
+
+    fn pending(&self, owner: &str) -> Result<(Vec<Message>, Swept)> {
+        self.inbox(owner).pending()
+    }
+
+    fn inspect(&self, owner: &str) -> Result<(Vec<Message>, Swept)> {
+        self.inbox(owner).inspect()
+    }
+
+    fn find(&self, owner: &str, id: &str) -> Option<Message> {
+        self.inbox(owner).find(id)
+    }
+
+    fn ack(&self, owner: &str, id: &str) -> Result<bool> {
+        self.inbox(owner).ack(id)
+    }
+
+    fn retire(&self, owner: &str, reason: &str) -> Result<usize> {
+        let inbox = self.inbox(owner);
+        let moved = inbox.retire(reason)?;
+        let acked = self.paths.acked(owner);
+        if acked.exists() {
+            fs::remove_dir_all(&acked).map_err(|err| Error::io("removing", &acked, err))?;
+        }
+        let _ = fs::remove_dir(inbox.dir());
+        Ok(moved)
+    }
+
+    fn owners(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.paths.inboxes_dir())
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn arrivals(&self, owner: &str, poll: Duration, poll_only: bool) -> Result<Box<dyn Arrivals>> {
+        Ok(Box::new(DirWatch::new(
+            &self.paths.inbox(owner),
+            poll,
+            poll_only,
+        )?))
+    }
 }
 
 /// One instance's inbox.

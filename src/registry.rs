@@ -347,6 +347,64 @@ impl Snapshot {
     }
 }
 
+/// Who is alive, as the coordination state asks it: the instances a message can be addressed
+/// to, and whether the holder of a lock or a reservation still lives. One consistent read,
+/// taken when the roster was made.
+///
+/// [`LocalRoster`] answers from this repository's registry and `/proc`; a roster shared by
+/// many hosts answers for holders elsewhere from their hosts' heartbeats instead.
+pub trait Roster {
+    /// The verified record of instance `id`, alive or not.
+    fn instance(&self, id: &str) -> Option<&InstanceRecord>;
+    /// Every verified instance alive now, oldest first.
+    fn live_instances(&self) -> Vec<&InstanceRecord>;
+    /// Whether instance `record` is alive now.
+    fn liveness(&self, record: &InstanceRecord) -> Liveness;
+    /// Whether the process `identity` (on `host`), which holds something outside any instance,
+    /// still runs.
+    fn process_alive(&self, identity: &ProcessIdentity, host: &str) -> bool;
+}
+
+/// The roster of one machine: a registry snapshot judged with `stale_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalRoster<'a> {
+    snapshot: &'a Snapshot,
+    stale_after: Duration,
+}
+
+impl<'a> LocalRoster<'a> {
+    /// Judges the instances of `snapshot` stale after `stale_after` without a heartbeat.
+    pub fn new(snapshot: &'a Snapshot, stale_after: Duration) -> Self {
+        LocalRoster {
+            snapshot,
+            stale_after,
+        }
+    }
+}
+
+impl Roster for LocalRoster<'_> {
+    fn instance(&self, id: &str) -> Option<&InstanceRecord> {
+        self.snapshot.instance(id)
+    }
+
+    fn live_instances(&self) -> Vec<&InstanceRecord> {
+        self.snapshot
+            .valid_instances()
+            .into_iter()
+            .filter(|record| record.liveness(self.stale_after) == Liveness::Live)
+            .collect()
+    }
+
+    fn liveness(&self, record: &InstanceRecord) -> Liveness {
+        record.liveness(self.stale_after)
+    }
+
+    fn process_alive(&self, identity: &ProcessIdentity, _host: &str) -> bool {
+        // As before the roster existed: only this machine's processes hold locks here.
+        identity.presence() == Presence::Running
+    }
+}
+
 /// Access to one repository's registries.
 #[derive(Debug, Clone)]
 pub struct Registry {

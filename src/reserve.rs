@@ -6,6 +6,9 @@
 //! - An exclusive reservation never coexists with an overlapping one of another live holder (two
 //!   globs overlap when some path matches both, see [`crate::glob`]); shared ones may overlap
 //!   each other. Reservations of dead holders and run-out TTLs are dropped by the next change.
+//! - Callers reach reservations through [`ReservationStore`] (from
+//!   [`crate::coordination::Coordination`]); [`Reservations`] is its implementation on this
+//!   repository's files.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,7 +22,7 @@ pub use crate::error::{Overlap, ReserveError};
 use crate::glob::Glob;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
-use crate::registry::{Registry, Snapshot, Timestamp};
+use crate::registry::{LocalRoster, Registry, Roster, Timestamp};
 use crate::sign::{self, SigningKey};
 use crate::state;
 
@@ -54,13 +57,13 @@ impl Reservation {
     }
 
     /// Why it no longer counts, if it does not.
-    pub fn lapsed(&self, snapshot: &Snapshot, stale_after: Duration) -> Option<String> {
+    pub fn lapsed(&self, roster: &dyn Roster) -> Option<String> {
         if let Some(expires) = self.expires_at
             && Timestamp::now() >= expires
         {
             return Some(format!("its ttl ran out at {expires}"));
         }
-        self.holder.alive(snapshot, stale_after).err()
+        self.holder.alive(roster).err()
     }
 
     fn conflicts_with(&self, globs: &[Glob], shared: bool) -> Option<(String, String)> {
@@ -78,13 +81,46 @@ impl Reservation {
     }
 }
 
+/// The path reservations of one repository, as callers use them. Every change first drops
+/// what lapsed (dead holders, run-out ttls).
+///
+/// Refusals are typed: [`ReserveError::NoPatterns`], [`ReserveError::Overlap`],
+/// [`ReserveError::Untrusted`], carried in the crate error beside the failures of the store
+/// itself (files, database).
+pub trait ReservationStore: std::fmt::Debug + Send + Sync {
+    /// Reserves `patterns` for `holder`; refused with [`ReserveError::Overlap`] when an
+    /// exclusive claim (theirs or this one) overlaps another live holder's.
+    fn reserve(
+        &self,
+        holder: &Holder,
+        patterns: &[Glob],
+        shared: bool,
+        ttl: Option<Duration>,
+        reason: Option<String>,
+    ) -> Result<Reservation>;
+    /// Drops `holder`'s reservations of `patterns` (all of them when empty); returns how many
+    /// patterns were released.
+    fn release(&self, holder: &Holder, patterns: &[String]) -> Result<usize>;
+    /// Every reservation with why it lapsed, if it did; forged entries as `(id, reason)`.
+    fn list(&self) -> Result<Vec<Listed>>;
+    /// For each of `files` reserved exclusively by a live holder other than `me`, the file and
+    /// the reservation.
+    fn conflicts(
+        &self,
+        me: Option<&Holder>,
+        files: &[String],
+    ) -> Result<Vec<(String, Reservation)>>;
+    /// Drops lapsed reservations and entries that do not verify; returns how many it dropped.
+    fn prune(&self) -> Result<usize>;
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Doc {
     version: u32,
     entries: BTreeMap<String, Value>,
 }
 
-/// Reservations of one repository.
+/// The reservations of one repository in `.app/locks/reservations.json`.
 #[derive(Debug, Clone)]
 pub struct Reservations {
     paths: AppPaths,
@@ -143,6 +179,7 @@ impl Reservations {
         change: impl FnOnce(&mut Vec<Reservation>, usize) -> Result<T>,
     ) -> Result<T> {
         let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        let roster = LocalRoster::new(&snapshot, self.stale_after);
         self.paths.ensure_state_dir()?;
         state::create_private_dir_all(&self.paths.locks_dir())?;
         let key = SigningKey::load_or_create(&self.paths)?;
@@ -162,7 +199,7 @@ impl Reservations {
         let mut live: Vec<Reservation> = loaded
             .into_iter()
             .filter_map(|entry| entry.ok())
-            .filter(|r| r.lapsed(&snapshot, self.stale_after).is_none())
+            .filter(|r| r.lapsed(&roster).is_none())
             .collect();
         let dropped = before - live.len();
         let result = change(&mut live, dropped)?;
@@ -238,12 +275,13 @@ impl Reservations {
     /// Every reservation with why it lapsed, if it did; forged entries as `(id, reason)`.
     pub fn list(&self) -> Result<Vec<Listed>> {
         let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        let roster = LocalRoster::new(&snapshot, self.stale_after);
         Ok(self
             .load()?
             .into_iter()
             .map(|entry| {
                 entry.map(|r| {
-                    let lapsed = r.lapsed(&snapshot, self.stale_after);
+                    let lapsed = r.lapsed(&roster);
                     (r, lapsed)
                 })
             })
@@ -271,5 +309,38 @@ impl Reservations {
             }
         }
         Ok(found)
+    }
+}
+
+impl ReservationStore for Reservations {
+    fn reserve(
+        &self,
+        holder: &Holder,
+        patterns: &[Glob],
+        shared: bool,
+        ttl: Option<Duration>,
+        reason: Option<String>,
+    ) -> Result<Reservation> {
+        Reservations::reserve(self, holder, patterns, shared, ttl, reason)
+    }
+
+    fn release(&self, holder: &Holder, patterns: &[String]) -> Result<usize> {
+        Reservations::release(self, holder, patterns)
+    }
+
+    fn list(&self) -> Result<Vec<Listed>> {
+        Reservations::list(self)
+    }
+
+    fn conflicts(
+        &self,
+        me: Option<&Holder>,
+        files: &[String],
+    ) -> Result<Vec<(String, Reservation)>> {
+        Reservations::conflicts(self, me, files)
+    }
+
+    fn prune(&self) -> Result<usize> {
+        Reservations::prune(self)
     }
 }

@@ -23,11 +23,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
+use crate::coordination::Coordination;
 use crate::db::events::{self, EventFilter};
 use crate::db::{Db, DbSettings, Location};
-use crate::lock::Locks;
 use crate::paths::AppPaths;
-use crate::queue::{self, Inbox};
+use crate::queue;
 use crate::registry::{Liveness, Registry, Timestamp};
 use crate::sign::SigningKey;
 use crate::state::visible_names;
@@ -267,9 +267,10 @@ impl LocalState {
     pub fn scan(&mut self, paths: &AppPaths, stale_after: Duration) -> Vec<ApiEvent> {
         let mut out = Vec::new();
         self.scan_instances(paths, stale_after, &mut out);
+        let coordination = Coordination::new(paths, stale_after);
         let key = SigningKey::load(paths, false).ok().flatten();
-        self.scan_messages(paths, key.as_ref(), &mut out);
-        self.scan_locks(paths, stale_after, &mut out);
+        self.scan_messages(&coordination, paths, key, &mut out);
+        self.scan_locks(&coordination, &mut out);
         let primed = std::mem::replace(&mut self.primed, true);
         if primed { out } else { Vec::new() }
     }
@@ -296,8 +297,9 @@ impl LocalState {
 
     fn scan_messages(
         &mut self,
+        coordination: &Coordination,
         paths: &AppPaths,
-        key: Option<&SigningKey>,
+        key: Option<SigningKey>,
         out: &mut Vec<ApiEvent>,
     ) {
         let max_bytes = queue::max_message_bytes().unwrap_or(queue::DEFAULT_MAX_MESSAGE_BYTES);
@@ -314,6 +316,7 @@ impl LocalState {
         };
         let inbox = listed(AppPaths::inbox);
         let acked = listed(AppPaths::acked);
+        let store = coordination.messages_with(key, max_bytes);
         if self.primed {
             // A message acknowledged between two scans is seen in `acked/` only; one moved
             // between the two listings is in both, and announced once.
@@ -324,8 +327,7 @@ impl LocalState {
                 .collect();
             for (recipient, id) in appeared {
                 // Only what verifies is announced; the rest is the receiver's to quarantine.
-                let inbox = Inbox::new(paths, recipient, key.cloned(), max_bytes);
-                let Some(message) = inbox.find(id) else {
+                let Some(message) = store.find(recipient, id) else {
                     continue;
                 };
                 out.push(ApiEvent::now(
@@ -353,8 +355,8 @@ impl LocalState {
         self.acked = acked;
     }
 
-    fn scan_locks(&mut self, paths: &AppPaths, stale_after: Duration, out: &mut Vec<ApiEvent>) {
-        let Ok(Some(locks)) = Locks::existing(paths, stale_after) else {
+    fn scan_locks(&mut self, coordination: &Coordination, out: &mut Vec<ApiEvent>) {
+        let Ok(Some(locks)) = coordination.existing_locks() else {
             return;
         };
         let Ok(list) = locks.list() else { return };

@@ -38,6 +38,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
 use self::feed::{ApiEvent, Hub};
+use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
 use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, Result};
 use crate::paths::AppPaths;
@@ -631,10 +632,9 @@ async fn messages(
         )
     })?;
     let posted = with_snapshot(&state, move |context, snapshot| {
-        queue::post(
-            &context.paths,
-            snapshot,
-            context.stale_after,
+        let coordination = Coordination::new(&context.paths, context.stale_after);
+        coordination.post(
+            &*coordination.roster(snapshot),
             queue::Post {
                 from: request.from.unwrap_or_else(|| context.instance_id.clone()),
                 to: request.to,

@@ -7,13 +7,13 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::config::{self, Timing};
+use crate::coordination::Coordination;
 use crate::error::{EXIT_FAILURE, Error, Result};
 use crate::instance;
 use crate::paths::AppPaths;
-use crate::queue::{self, Inbox, Message};
+use crate::queue::{self, Message};
 use crate::registry::{Registry, Snapshot};
-use crate::sign::SigningKey;
-use crate::watch::{self, DirWatch};
+use crate::watch;
 
 /// Arguments of `app send`.
 #[derive(Debug, Args)]
@@ -72,11 +72,11 @@ pub struct AckArgs {
     instance: Option<String>,
 }
 
-fn setup() -> Result<(AppPaths, Snapshot, Timing)> {
+fn setup() -> Result<(Coordination, Snapshot)> {
     let timing = Timing::from_env()?;
     let paths = AppPaths::discover(&super::current_dir()?)?;
     let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
-    Ok((paths, snapshot, timing))
+    Ok((Coordination::new(&paths, timing.stale_after), snapshot))
 }
 
 /// The instance acting: `flag`, else the calling instance; it must be registered.
@@ -99,7 +99,7 @@ fn acting(snapshot: &Snapshot, flag: Option<String>, what: &str) -> Result<Strin
 }
 
 pub(super) fn send(args: SendArgs) -> Result<u8> {
-    let (paths, snapshot, timing) = setup()?;
+    let (coordination, snapshot) = setup()?;
     let payload = if args.json {
         serde_json::from_str(&args.payload).map_err(|err| {
             Error::bad_input(format!(
@@ -114,10 +114,8 @@ pub(super) fn send(args: SendArgs) -> Result<u8> {
         None => acting(&snapshot, None, "--from")?,
     };
     let broadcast = args.to == "all";
-    let posted = queue::post(
-        &paths,
-        &snapshot,
-        timing.stale_after,
+    let posted = coordination.post(
+        &*coordination.roster(&snapshot),
         queue::Post {
             from,
             to: args.to,
@@ -144,37 +142,36 @@ pub(super) fn recv(args: RecvArgs) -> Result<u8> {
         // Past what an Instant can hold is as good as forever.
         Some(text) => Some(Instant::now().checked_add(config::parse_duration(text)?)),
     };
-    let (paths, snapshot, _) = setup()?;
+    let (coordination, snapshot) = setup()?;
     let me = acting(&snapshot, args.instance, "--instance")?;
     let poll = watch::poll_interval()?;
-    let key = SigningKey::load(&paths, false)?;
-    let inbox = Inbox::new(&paths, &me, key, queue::max_message_bytes()?);
+    let messages = coordination.messages()?;
     // Watch before the first scan, so nothing arriving in between is missed.
-    let watch = if deadline.is_some() || args.follow {
-        Some(DirWatch::new(&inbox.dir(), poll, args.poll)?)
+    let arrivals = if deadline.is_some() || args.follow {
+        Some(messages.arrivals(&me, poll, args.poll)?)
     } else {
         None
     };
     let mut shown = HashSet::new();
     loop {
-        let (messages, swept) = inbox.pending()?;
+        let (pending, swept) = messages.pending(&me)?;
         if swept.quarantined + swept.expired > 0 {
             eprintln!(
                 "app: moved aside {} untrusted and {} expired message(s); 'app doctor' lists them",
                 swept.quarantined, swept.expired
             );
         }
-        for message in messages {
+        for message in pending {
             if !shown.insert(message.id.clone()) {
                 continue;
             }
             print_message(&message, args.json);
             // Printed first, acknowledged second: a crash in between delivers it again.
             if !args.no_ack {
-                inbox.ack(&message.id)?;
+                messages.ack(&me, &message.id)?;
             }
         }
-        let Some(watch) = &watch else { break };
+        let Some(arrivals) = &arrivals else { break };
         if !args.follow && !shown.is_empty() {
             break;
         }
@@ -188,20 +185,20 @@ pub(super) fn recv(args: RecvArgs) -> Result<u8> {
             }
             _ => poll,
         };
-        watch.wait(limit);
+        arrivals.wait(limit);
     }
     Ok(if shown.is_empty() { EXIT_FAILURE } else { 0 })
 }
 
 pub(super) fn ack(args: AckArgs) -> Result<u8> {
-    let (paths, snapshot, _) = setup()?;
+    let (coordination, snapshot) = setup()?;
     let me = acting(&snapshot, args.instance, "--instance")?;
     for id in &args.ids {
         queue::validate_id(id)?;
     }
-    let inbox = Inbox::new(&paths, &me, None, queue::max_message_bytes()?);
+    let messages = coordination.messages()?;
     for id in &args.ids {
-        if !inbox.ack(id)? {
+        if !messages.ack(&me, id)? {
             eprintln!("app: message {id} was acknowledged before");
         }
     }

@@ -6,12 +6,13 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::config::Timing;
+use crate::coordination::Coordination;
 use crate::error::{EXIT_FAILURE, Error, GitContext, Result};
 use crate::glob::Glob;
 use crate::instance;
 use crate::paths::{self, AppPaths};
 use crate::registry::{Registry, Snapshot};
-use crate::reserve::Reservations;
+use crate::reserve::ReservationStore;
 use crate::state;
 
 /// Arguments of `app reserve`.
@@ -42,7 +43,7 @@ pub enum HooksCommand {
 struct Context {
     paths: AppPaths,
     snapshot: Snapshot,
-    reservations: Reservations,
+    reservations: Box<dyn ReservationStore>,
     cwd: PathBuf,
 }
 
@@ -51,7 +52,7 @@ fn context() -> Result<Context> {
     let cwd = super::current_dir()?;
     let paths = AppPaths::discover(&cwd)?;
     let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
-    let reservations = Reservations::open(&paths, timing.stale_after)?;
+    let reservations = Coordination::new(&paths, timing.stale_after).reservations()?;
     Ok(Context {
         paths,
         snapshot,

@@ -3,17 +3,15 @@
 //! letters and quarantined files are only noticed: they are kept for the user to read.
 
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
 use super::Diagnosis;
 use super::problem::Problem;
+use crate::coordination::Coordination;
 use crate::error::Result;
-use crate::lock::Locks;
 use crate::paths::AppPaths;
-use crate::queue::{self, Inbox};
+use crate::queue;
 use crate::registry::Snapshot;
-use crate::reserve::Reservations;
 use crate::sign::SigningKey;
 
 /// Every coordination problem, then the notices about what was set aside.
@@ -24,20 +22,17 @@ pub(super) fn problems(
     stale_after: Duration,
     found: &mut Diagnosis,
 ) -> Result<()> {
-    lock_problems(paths, stale_after, &mut found.problems)?;
-    reservation_problems(paths, stale_after, &mut found.problems)?;
-    inbox_problems(paths, key, snapshot, &mut found.problems)?;
+    let coordination = Coordination::new(paths, stale_after);
+    lock_problems(&coordination, &mut found.problems)?;
+    reservation_problems(&coordination, &mut found.problems)?;
+    inbox_problems(&coordination, key, snapshot, &mut found.problems)?;
     set_aside(paths, &mut found.notices);
     Ok(())
 }
 
 /// Named locks whose holder is dead, or a lock state that cannot be read.
-fn lock_problems(
-    paths: &AppPaths,
-    stale_after: Duration,
-    problems: &mut Vec<Problem>,
-) -> Result<()> {
-    let Some(locks) = Locks::existing(paths, stale_after)? else {
+fn lock_problems(coordination: &Coordination, problems: &mut Vec<Problem>) -> Result<()> {
+    let Some(locks) = coordination.existing_locks()? else {
         return Ok(());
     };
     match locks.list() {
@@ -59,15 +54,10 @@ fn lock_problems(
 }
 
 /// Reservations that lapsed or do not verify, as one problem.
-fn reservation_problems(
-    paths: &AppPaths,
-    stale_after: Duration,
-    problems: &mut Vec<Problem>,
-) -> Result<()> {
-    let reservations = Reservations::open(paths, stale_after)?;
-    if !paths.reservations().exists() {
+fn reservation_problems(coordination: &Coordination, problems: &mut Vec<Problem>) -> Result<()> {
+    let Some(reservations) = coordination.existing_reservations()? else {
         return Ok(());
-    }
+    };
     let all = reservations.list()?;
     let lapsed = all
         .iter()
@@ -85,15 +75,14 @@ fn reservation_problems(
 
 /// Inboxes of instances that are gone, and expired or untrusted messages in the others.
 fn inbox_problems(
-    paths: &AppPaths,
+    coordination: &Coordination,
     key: Option<&SigningKey>,
     snapshot: &Snapshot,
     problems: &mut Vec<Problem>,
 ) -> Result<()> {
-    let max = queue::max_message_bytes()?;
-    for owner in subdirectories(&paths.queue_dir().join("inbox")) {
-        let inbox = Inbox::new(paths, &owner, key.cloned(), max);
-        let (messages, swept) = inbox.inspect()?;
+    let store = coordination.messages_with(key.cloned(), queue::max_message_bytes()?);
+    for owner in store.owners() {
+        let (messages, swept) = store.inspect(&owner)?;
         if snapshot.instance(&owner).is_none() {
             let files = messages.len() + swept.expired + swept.quarantined;
             if files > 0 {
@@ -131,19 +120,4 @@ fn set_aside(paths: &AppPaths, notices: &mut Vec<String>) {
             ));
         }
     }
-}
-
-/// The names of the directories in `dir`, sorted; none when it cannot be read.
-fn subdirectories(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }

@@ -12,16 +12,15 @@ use git2::Repository;
 
 use super::problem::Problem;
 use super::{Diagnosis, Fixed, Options, diagnose};
+use crate::coordination::Coordination;
 use crate::db::{self, Db, instances};
 use crate::error::{Error, Result};
 use crate::inuse::{self, Scan};
-use crate::lock::{Holder, Locks};
+use crate::lock::Holder;
 use crate::paths::AppPaths;
 use crate::process::ProcessIdentity;
-use crate::queue::{self, Inbox};
 use crate::reclaim;
 use crate::registry::{InstanceRecord, Registry};
-use crate::reserve::Reservations;
 use crate::sign::SigningKey;
 use crate::state;
 use crate::worktree;
@@ -92,17 +91,19 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             Ok("removed the entry".into())
         }
         Problem::LapsedLock { name, .. } => {
-            let locks = Locks::open(paths, options.timing.stale_after)?;
+            let locks = Coordination::new(paths, options.timing.stale_after).locks()?;
             let holder = Holder::process(ProcessIdentity::current());
             locks.release(name, &holder, true)?;
             Ok("released".into())
         }
         Problem::LapsedReservations { .. } => {
-            let dropped = Reservations::open(paths, options.timing.stale_after)?.prune()?;
+            let dropped = Coordination::new(paths, options.timing.stale_after)
+                .reservations()?
+                .prune()?;
             Ok(format!("dropped {dropped}"))
         }
-        Problem::OrphanInbox { owner, .. } => retire_inbox(paths, owner),
-        Problem::Messages { owner, .. } => sweep_inbox(paths, owner),
+        Problem::OrphanInbox { owner, .. } => retire_inbox(paths, options, owner),
+        Problem::Messages { owner, .. } => sweep_inbox(paths, options, owner),
         Problem::StaleRefLock { path } => remove_ref_lock(path),
         Problem::TempFile { path } | Problem::StaleSocket { path, .. } => {
             state::remove_if_present(path)?;
@@ -177,22 +178,16 @@ fn reclaim_orphan(paths: &AppPaths, options: &Options, id: &str, path: &Path) ->
 }
 
 /// Moves the messages of the gone instance `owner` aside and removes its inbox.
-fn retire_inbox(paths: &AppPaths, owner: &str) -> Result<String> {
-    let key = SigningKey::load(paths, false)?;
-    let inbox = Inbox::new(paths, owner, key, queue::max_message_bytes()?);
-    let moved = inbox.retire(&format!("instance {owner} is gone"))?;
-    let acked = paths.acked(owner);
-    if acked.exists() {
-        fs::remove_dir_all(&acked).map_err(|err| Error::io("removing", &acked, err))?;
-    }
-    let _ = fs::remove_dir(inbox.dir());
+fn retire_inbox(paths: &AppPaths, options: &Options, owner: &str) -> Result<String> {
+    let messages = Coordination::new(paths, options.timing.stale_after).messages()?;
+    let moved = messages.retire(owner, &format!("instance {owner} is gone"))?;
     Ok(format!("moved {moved} file(s) aside"))
 }
 
 /// Sweeps the expired and untrusted messages out of `owner`'s inbox.
-fn sweep_inbox(paths: &AppPaths, owner: &str) -> Result<String> {
-    let key = SigningKey::load(paths, false)?;
-    let (_, swept) = Inbox::new(paths, owner, key, queue::max_message_bytes()?).pending()?;
+fn sweep_inbox(paths: &AppPaths, options: &Options, owner: &str) -> Result<String> {
+    let messages = Coordination::new(paths, options.timing.stale_after).messages()?;
+    let (_, swept) = messages.pending(owner)?;
     Ok(format!(
         "moved {} to dead/ and {} to quarantine/",
         swept.expired, swept.quarantined

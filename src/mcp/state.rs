@@ -6,19 +6,23 @@ use serde_json::{Value, json};
 
 use super::State;
 use super::args::*;
+use crate::coordination::Coordination;
 use crate::db::{Db, notes, runs};
 use crate::error::{Error, Result};
 use crate::glob::Glob;
-use crate::lock::{self, Holder, Locks, Released, Request};
+use crate::lock::{self, Holder, Released, Request};
 use crate::orchestrate::plan::Plan;
 use crate::paths;
-use crate::queue::{self, Inbox};
+use crate::queue;
 use crate::registry::{InstanceRecord, Liveness, Registry, Snapshot};
-use crate::reserve::Reservations;
-use crate::sign::SigningKey;
-use crate::watch::{self, DirWatch};
+use crate::watch;
 
 impl State {
+    /// Where this repository's locks, reservations and messages are.
+    fn coordination(&self) -> Coordination {
+        Coordination::new(&self.paths, self.timing.stale_after)
+    }
+
     pub(super) fn snapshot(&self) -> Result<Snapshot> {
         Registry::open_read_only(&self.paths)?.snapshot()
     }
@@ -74,10 +78,10 @@ impl State {
 
     pub(super) fn send_message(&self, args: SendArgs) -> Result<Value> {
         let ttl = ttl(args.ttl_seconds)?.unwrap_or(queue::DEFAULT_TTL);
-        let posted = queue::post(
-            &self.paths,
-            &self.snapshot()?,
-            self.timing.stale_after,
+        let coordination = self.coordination();
+        let snapshot = self.snapshot()?;
+        let posted = coordination.post(
+            &*coordination.roster(&snapshot),
             queue::Post {
                 from: self.me.clone(),
                 to: args.to,
@@ -97,27 +101,28 @@ impl State {
             )));
         }
         let deadline = Instant::now() + wait(args.wait_seconds)?;
-        let key = SigningKey::load(&self.paths, false)?;
-        let inbox = Inbox::new(&self.paths, &self.me, key, queue::max_message_bytes()?);
+        let store = self.coordination().messages()?;
         let poll = watch::poll_interval()?;
         // Watch before the first scan, so nothing arriving in between is missed.
-        let watch = if deadline > Instant::now() {
-            Some(DirWatch::new(&inbox.dir(), poll, false)?)
+        let arrivals = if deadline > Instant::now() {
+            Some(store.arrivals(&self.me, poll, false)?)
         } else {
             None
         };
         let mut messages = loop {
-            let (messages, _) = inbox.pending()?;
+            let (messages, _) = store.pending(&self.me)?;
             let left = deadline.saturating_duration_since(Instant::now());
-            match &watch {
-                Some(watch) if messages.is_empty() && !left.is_zero() => watch.wait(left.min(poll)),
+            match &arrivals {
+                Some(arrivals) if messages.is_empty() && !left.is_zero() => {
+                    arrivals.wait(left.min(poll))
+                }
                 _ => break messages,
             }
         };
         messages.truncate(limit);
         if args.ack {
             for message in &messages {
-                inbox.ack(&message.id)?;
+                store.ack(&self.me, &message.id)?;
             }
         }
         let messages: Vec<Value> = messages
@@ -141,13 +146,12 @@ impl State {
         for id in &args.ids {
             queue::validate_id(id)?;
         }
-        let key = SigningKey::load(&self.paths, false)?;
-        let inbox = Inbox::new(&self.paths, &self.me, key, queue::max_message_bytes()?);
+        let store = self.coordination().messages()?;
         // All or nothing: every id must be one of this instance's messages.
         let unknown: Vec<&str> = args
             .ids
             .iter()
-            .filter(|id| inbox.find(id).is_none())
+            .filter(|id| store.find(&self.me, id).is_none())
             .map(String::as_str)
             .collect();
         if !unknown.is_empty() {
@@ -159,7 +163,7 @@ impl State {
         }
         let (mut acknowledged, mut before) = (Vec::new(), Vec::new());
         for id in &args.ids {
-            if inbox.ack(id)? {
+            if store.ack(&self.me, id)? {
                 acknowledged.push(id);
             } else {
                 before.push(id);
@@ -176,19 +180,19 @@ impl State {
             ttl: ttl(args.ttl_seconds)?,
             timeout: wait(args.wait_seconds)?,
         };
-        let token = Locks::open(&self.paths, self.timing.stale_after)?.acquire(&request)?;
+        let token = self.coordination().locks()?.acquire(&request)?;
         Ok(json!({ "name": args.name, "token": token }))
     }
 
     pub(super) fn release_lock(&self, args: &ReleaseLockArgs) -> Result<Value> {
         lock::validate_name(&args.name)?;
-        let locks = Locks::open(&self.paths, self.timing.stale_after)?;
+        let locks = self.coordination().locks()?;
         let released = locks.release(&args.name, &self.holder()?, false)?;
         Ok(json!({ "name": args.name, "released": released == Released::Released }))
     }
 
     pub(super) fn list_locks(&self) -> Result<Value> {
-        let locks = Locks::open(&self.paths, self.timing.stale_after)?;
+        let locks = self.coordination().locks()?;
         let values: Vec<Value> = locks
             .list()?
             .into_iter()
@@ -219,7 +223,7 @@ impl State {
             .map(|p| Glob::parse(p))
             .collect::<Result<Vec<_>>>()?;
         let ttl = ttl(args.ttl_seconds)?;
-        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let reservations = self.coordination().reservations()?;
         let reservation =
             reservations.reserve(&self.holder()?, &globs, args.shared, ttl, args.reason)?;
         Ok(json!({
@@ -231,13 +235,13 @@ impl State {
 
     pub(super) fn release_paths(&self, args: &ReleasePathsArgs) -> Result<Value> {
         check_count("patterns", args.patterns.len())?;
-        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let reservations = self.coordination().reservations()?;
         let released = reservations.release(&self.holder()?, &args.patterns)?;
         Ok(json!({ "released": released }))
     }
 
     pub(super) fn list_reservations(&self) -> Result<Value> {
-        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let reservations = self.coordination().reservations()?;
         let values: Vec<Value> = reservations
             .list()?
             .into_iter()
@@ -265,7 +269,7 @@ impl State {
             .iter()
             .map(|path| paths::relative_to(&root, &root, path))
             .collect::<Result<Vec<_>>>()?;
-        let reservations = Reservations::open(&self.paths, self.timing.stale_after)?;
+        let reservations = self.coordination().reservations()?;
         let conflicts: Vec<Value> = reservations
             .conflicts(Some(&Holder::instance(&record)), &relative)?
             .into_iter()

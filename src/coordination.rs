@@ -1,0 +1,91 @@
+//! The one place that chooses where the coordination state of a repository lives: named locks
+//! ([`LockStore`]), path reservations ([`ReservationStore`]), the message queue
+//! ([`MessageStore`]) and who is alive ([`Roster`]).
+//!
+//! Invariants:
+//! - Callers obtain every store here and use only its trait, so a store shared by many hosts
+//!   (a database) can be chosen here beside the files of `.app/` without changing them.
+//! - Choosing a store changes nothing on disk; each store creates what it needs at its first
+//!   change, as its module documents ([`crate::lock`], [`crate::reserve`], [`crate::queue`]).
+
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::lock::{LockStore, Locks};
+use crate::paths::AppPaths;
+use crate::queue::{self, FileQueue, MessageStore, Post, Posted};
+use crate::registry::{LocalRoster, Roster, Snapshot};
+use crate::reserve::{ReservationStore, Reservations};
+use crate::sign::SigningKey;
+
+/// The coordination state of one repository.
+#[derive(Debug, Clone)]
+pub struct Coordination {
+    paths: AppPaths,
+    stale_after: Duration,
+}
+
+impl Coordination {
+    /// The coordination state of the repository at `paths`; a holder whose instance has had
+    /// no heartbeat for `stale_after` is dead.
+    pub fn new(paths: &AppPaths, stale_after: Duration) -> Coordination {
+        Coordination {
+            paths: paths.clone(),
+            stale_after,
+        }
+    }
+
+    /// The named locks, ready to be taken (creates the locks directory and the key).
+    pub fn locks(&self) -> Result<Box<dyn LockStore>> {
+        Ok(Box::new(Locks::open(&self.paths, self.stale_after)?))
+    }
+
+    /// The named locks when any can exist, creating nothing; `None` where no lock was ever
+    /// taken.
+    pub fn existing_locks(&self) -> Result<Option<Box<dyn LockStore>>> {
+        Ok(Locks::existing(&self.paths, self.stale_after)?
+            .map(|locks| Box::new(locks) as Box<dyn LockStore>))
+    }
+
+    /// The path reservations (creates nothing until the first change).
+    pub fn reservations(&self) -> Result<Box<dyn ReservationStore>> {
+        Ok(Box::new(Reservations::open(&self.paths, self.stale_after)?))
+    }
+
+    /// The path reservations when any were ever made; `None` otherwise.
+    pub fn existing_reservations(&self) -> Result<Option<Box<dyn ReservationStore>>> {
+        let reservations = self.reservations()?;
+        Ok(self.paths.reservations().exists().then_some(reservations))
+    }
+
+    /// The message queue, verifying what it reads with the repository's key (none yet:
+    /// nothing verifies) and bounding payloads by `APP_MAX_MESSAGE_BYTES`.
+    pub fn messages(&self) -> Result<Box<dyn MessageStore>> {
+        let key = SigningKey::load(&self.paths, false)?;
+        Ok(self.messages_with(key, queue::max_message_bytes()?))
+    }
+
+    /// The message queue read with `key` and bounded by `max_bytes`, for a caller that has
+    /// them already.
+    pub fn messages_with(
+        &self,
+        key: Option<SigningKey>,
+        max_bytes: usize,
+    ) -> Box<dyn MessageStore> {
+        Box::new(FileQueue::new(&self.paths, key, max_bytes))
+    }
+
+    /// Who is alive, judged from `snapshot` of this repository's registry.
+    pub fn roster<'a>(&self, snapshot: &'a Snapshot) -> Box<dyn Roster + 'a> {
+        Box::new(LocalRoster::new(snapshot, self.stale_after))
+    }
+
+    /// Validates `post` whole against `roster` ([`queue::route`]), then files it: what
+    /// `app send`, the MCP `send_message` tool and `POST /messages` do. Bad input changes
+    /// nothing.
+    pub fn post(&self, roster: &dyn Roster, post: Post) -> Result<Posted> {
+        let (outgoing, recipients) = queue::route(roster, post)?;
+        let id = self.messages()?.send(&outgoing, &recipients)?;
+        Ok(Posted { id, recipients })
+    }
+}
