@@ -12,9 +12,10 @@ use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
 use crate::config::Timing;
+use crate::coordination::Coordination;
 use crate::error::{Error, IoContext, Result};
 use crate::instance;
-use crate::lock::{self, Holder, Locks, Released, Request};
+use crate::lock::{self, Holder, LockStore, Released, Request};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::Registry;
@@ -74,7 +75,8 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
         lock::validate_name(name)?;
     }
     let paths = AppPaths::discover(&cwd)?;
-    let locks = || Locks::open(&paths, timing.stale_after);
+    let coordination = Coordination::new(&paths, timing.stale_after);
+    let locks = || coordination.locks();
     let caller = || -> Result<Holder> {
         let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
         instance::caller_holder(&snapshot, &cwd)
@@ -101,7 +103,7 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
         }
         LockCommand::List { json } => {
             // Listing creates nothing: where no lock was ever taken there is nothing to list.
-            let all = match Locks::existing(&paths, timing.stale_after)? {
+            let all = match coordination.existing_locks()? {
                 Some(locks) => locks.list()?,
                 None => Vec::new(),
             };
@@ -111,7 +113,7 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
             name,
             timeout,
             command,
-        } => run_locked(&locks()?, &name, timeout.unwrap_or(FOREVER), &command),
+        } => run_locked(locks()?, &name, timeout.unwrap_or(FOREVER), &command),
     }
 }
 
@@ -152,13 +154,21 @@ fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
 }
 
 /// `app lock run`: this process holds the lock while its child runs.
-fn run_locked(locks: &Locks, name: &str, timeout: Duration, command: &[String]) -> Result<u8> {
-    let guard = locks.hold(&Request {
-        name: name.to_string(),
-        holder: Holder::process(ProcessIdentity::current()),
-        ttl: None,
-        timeout,
-    })?;
+fn run_locked(
+    locks: Box<dyn LockStore>,
+    name: &str,
+    timeout: Duration,
+    command: &[String],
+) -> Result<u8> {
+    let guard = lock::hold(
+        locks,
+        &Request {
+            name: name.to_string(),
+            holder: Holder::process(ProcessIdentity::current()),
+            ttl: None,
+            timeout,
+        },
+    )?;
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
         .io_context("installing signal handlers for", "app lock run")?;
     let child = process::Child::spawn(
