@@ -8,7 +8,8 @@
 #   scripts/behaviour-snapshot.sh --compare BEFORE_BINARY [AFTER_BINARY]
 #
 # Paths, pids, times, host names and ports are replaced by placeholders, so two runs of one
-# binary give identical files.
+# binary give identical files. The heartbeat is slowed to an hour so that no kill lands in the middle
+# of a registry write.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -64,7 +65,7 @@ run_env=(env -i "PATH=$tmp/bin:/usr/local/bin:/usr/bin:/bin" "HOME=$tmp/home" "A
     GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@example.com GIT_COMMITTER_NAME=t
     GIT_COMMITTER_EMAIL=t@example.com GIT_AUTHOR_DATE=2026-01-01T00:00:00Z
     GIT_COMMITTER_DATE=2026-01-01T00:00:00Z LC_ALL=C "APP_DB_PATH=$tmp/app.db"
-    APP_HEARTBEAT_INTERVAL=200ms APP_STALE_AFTER=1s)
+    APP_HEARTBEAT_INTERVAL=1h APP_STALE_AFTER=30s)
 
 host=$(hostname)
 normalize() {
@@ -159,7 +160,7 @@ orphan=$(pgrep -P "$dead" || true)
 kill -KILL "$dead"
 wait "$dead" 2>/dev/null || true
 [[ -n $orphan ]] && kill -KILL $orphan
-sleep 1.5
+sleep 0.2
 : >"$repo/.app/.tmp-left-behind"
 record doctor "$repo" "$app" doctor
 record doctor-json "$repo" "$app" doctor --json
