@@ -64,7 +64,7 @@ pub(super) fn mcp(args: McpArgs, db: Option<PathBuf>) -> Result<u8> {
     }
     let options = RunOptions {
         name: args.name,
-        no_worktree: true,
+        mode: instance::Mode::InPlace,
         command,
         db,
         ..RunOptions::default()

@@ -7,8 +7,9 @@ use clap::Args;
 
 use crate::api::{ApiOptions, DEFAULT_CAPACITY};
 use crate::config::{Timing, parse_duration};
-use crate::error::Result;
-use crate::instance::{self, Notice, RunOptions};
+use crate::error::{Error, Result};
+use crate::instance::{self, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
+use crate::ports;
 
 /// The HTTP API and stop options `app run` and `app serve` share.
 #[derive(Debug, Args)]
@@ -82,13 +83,15 @@ pub struct CiArgs {
 
 pub(super) fn ci(args: CiArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
     let options = RunOptions {
-        branch: Some(args.branch),
-        base: args.base,
+        mode: Mode::Worktree(WorktreeOptions {
+            branch: Some(args.branch),
+            base: args.base,
+            kind: WorktreeKind::Ci,
+        }),
         command: args.command,
         db,
         stop_timeout: Some(args.stop_timeout),
         notify: Some(notify),
-        ci: true,
         deadline: args.timeout,
         ..RunOptions::default()
     };
@@ -115,10 +118,9 @@ pub(super) fn ci(args: CiArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
 pub(super) fn serve(args: ServeCommandArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
     let options = RunOptions {
         name: args.name,
-        no_worktree: true,
+        mode: Mode::Serve,
         command: vec!["app".into(), "serve".into()],
         db,
-        serve: true,
         api: args.serve.api(),
         stop_timeout: Some(args.serve.stop_timeout),
         notify: Some(notify),
@@ -163,24 +165,20 @@ pub struct RunArgs {
 
 pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
     let timing = Timing::from_env()?;
+    let cwd = super::current_dir()?;
+    let keep = args.keep && !args.no_worktree;
     let options = RunOptions {
+        mode: mode(&args)?,
         name: args.name,
-        branch: args.branch,
-        base: args.base,
-        no_worktree: args.no_worktree,
-        keep: args.keep,
         keep_running: args.keep_running,
         command: args.command,
         db,
         ports: args.ports,
-        serve: false,
         api: args.serve.api(),
         stop_timeout: Some(args.serve.stop_timeout),
         notify: Some(notify),
-        ci: false,
         deadline: None,
     };
-    let cwd = super::current_dir()?;
     let outcome = instance::run(&cwd, &options, timing)?;
     let shown = |path: &Path| path.display().to_string();
     if let (Some(cleanup), Some(worktree), Some(branch)) =
@@ -197,13 +195,41 @@ pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
         if let Some(reason) = &cleanup.branch_kept_because {
             eprintln!("app: kept branch {branch} ({reason})");
         }
-    } else if options.keep
-        && let (Some(worktree), Some(branch)) = (&outcome.worktree, &outcome.branch)
-    {
+    } else if keep && let (Some(worktree), Some(branch)) = (&outcome.worktree, &outcome.branch) {
         eprintln!(
             "app: kept worktree {} on branch {branch} (--keep)",
             shown(worktree)
         );
     }
     Ok(outcome.exit_code)
+}
+
+/// The mode `app run`'s flags ask for. `--no-worktree` leaves no room for `--branch` or
+/// `--base`: refused after the checks `instance::run` makes first (the name, the port count),
+/// so a command line with several faults gets the same first error as ever.
+fn mode(args: &RunArgs) -> Result<Mode> {
+    if !args.no_worktree {
+        return Ok(Mode::Worktree(WorktreeOptions {
+            branch: args.branch.clone(),
+            base: args.base.clone(),
+            kind: if args.keep {
+                WorktreeKind::Kept
+            } else {
+                WorktreeKind::Agent
+            },
+        }));
+    }
+    if args.branch.is_none() && args.base.is_none() {
+        return Ok(Mode::InPlace);
+    }
+    if let Some(name) = &args.name {
+        instance::validate_name(name)?;
+    }
+    if let Some(count) = args.ports {
+        ports::validate_count(count)?;
+        ports::range()?;
+    }
+    Err(Error::bad_input(
+        "--branch and --base need a worktree; drop them or drop --no-worktree",
+    ))
 }

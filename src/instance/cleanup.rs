@@ -10,8 +10,8 @@
 
 use git2::Repository;
 
-use super::RunOptions;
 use super::leftovers::describe;
+use super::{RunOptions, WorktreeKind};
 use crate::error::Result;
 use crate::process::ProcessIdentity;
 use crate::registry::{Entry, InstanceRecord, InstanceStatus, Registry};
@@ -46,7 +46,8 @@ impl Teardown<'_> {
             }
             Ok(())
         });
-        let Some(plan) = self.plan.filter(|_| !self.options.keep) else {
+        let kept = self.options.worktree_kind() == Some(WorktreeKind::Kept);
+        let Some(plan) = self.plan.filter(|_| !kept) else {
             unregister(self.registry, id, None);
             return Ok(None);
         };
@@ -89,7 +90,7 @@ impl Teardown<'_> {
         fault::point("stop.intent-written");
         // A detached worktree (`app ci`) holds no branch.
         let branch = (!plan.detached).then_some(plan.branch.as_str());
-        let keep = if self.options.ci {
+        let keep = if self.options.ci() {
             worktree::Keep::Rescue
         } else {
             worktree::Keep::IfClean

@@ -50,14 +50,8 @@ pub use stop::{StopOutcome, StopRoute, stop};
 pub struct RunOptions {
     /// A name to use as the instance id instead of a random one.
     pub name: Option<String>,
-    /// Branch to check out (default `app/<id>`).
-    pub branch: Option<String>,
-    /// Ref the new branch starts from (default HEAD).
-    pub base: Option<String>,
-    /// Register in the current directory without a worktree.
-    pub no_worktree: bool,
-    /// Keep worktree and branch on exit.
-    pub keep: bool,
+    /// Where the instance works, and whether it runs a command.
+    pub mode: Mode,
     /// Leave processes the command left behind running (the worktree then stays while they
     /// live); by default they are stopped with the instance.
     pub keep_running: bool,
@@ -67,19 +61,73 @@ pub struct RunOptions {
     pub db: Option<PathBuf>,
     /// How many TCP ports to lease (`--ports N`).
     pub ports: Option<usize>,
-    /// Run no command: wait for a stop request (`app serve`; `command` is only recorded).
-    pub serve: bool,
     /// Serve the HTTP API (`--with-api`).
     pub api: Option<ApiOptions>,
     /// How long a stop waits before SIGKILL (default [`DEFAULT_STOP_TIMEOUT`]).
     pub stop_timeout: Option<Duration>,
     /// Told what the person running `app` should see.
     pub notify: Option<fn(&Notice)>,
-    /// `app ci`: a branch checked out elsewhere gets a detached worktree, and the worktree is
-    /// always removed at the end (uncommitted work saved on `refs/app/rescue/<id>` first).
-    pub ci: bool,
     /// Stop the command (a stop request) once it has run this long; `app` then exits 124.
     pub deadline: Option<Duration>,
+}
+
+/// Where an instance works, and whether it runs a command.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Run the command in a worktree of its own (`app run`, `app ci`).
+    Worktree(WorktreeOptions),
+    /// Run the command in the current directory, registered without a worktree or branch
+    /// (`app run --no-worktree`, `app mcp`).
+    InPlace,
+    /// Run no command: register in the current directory and wait for a stop request (`app
+    /// serve`; `command` is only recorded).
+    Serve,
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Mode::Worktree(WorktreeOptions::default())
+    }
+}
+
+/// The worktree of a [`Mode::Worktree`] instance.
+#[derive(Debug, Clone, Default)]
+pub struct WorktreeOptions {
+    /// Branch to check out (default `app/<id>`).
+    pub branch: Option<String>,
+    /// Ref the new branch starts from (default HEAD).
+    pub base: Option<String>,
+    /// How the worktree is used, and what becomes of it at the end.
+    pub kind: WorktreeKind,
+}
+
+/// How a worktree is used, and what becomes of it at the end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WorktreeKind {
+    /// The instance holds its branch; at the end the worktree is removed when that loses
+    /// nothing, and a branch `app` created when it holds nothing new.
+    #[default]
+    Agent,
+    /// Like `Agent`, but worktree and branch are kept at the end (`--keep`).
+    Kept,
+    /// `app ci`: a branch checked out elsewhere gets a detached worktree, and the worktree is
+    /// always removed at the end (uncommitted work saved on `refs/app/rescue/<id>` first).
+    Ci,
+}
+
+impl RunOptions {
+    /// The worktree's kind, `None` without a worktree.
+    fn worktree_kind(&self) -> Option<WorktreeKind> {
+        match &self.mode {
+            Mode::Worktree(worktree) => Some(worktree.kind),
+            Mode::InPlace | Mode::Serve => None,
+        }
+    }
+
+    /// Whether this is an `app ci` job.
+    fn ci(&self) -> bool {
+        self.worktree_kind() == Some(WorktreeKind::Ci)
+    }
 }
 
 /// `app`'s exit code when the command outlived `--timeout`, as `timeout(1)` has it.
@@ -143,16 +191,15 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
     let reader = Registry::open_read_only(&paths)?;
     let snapshot = reader.snapshot()?;
     let id = claim::choose_id((&repo, &paths), &snapshot, options.name.as_deref(), timing)?;
-    let plan = if options.no_worktree {
-        None
-    } else {
-        Some(worktree::plan(
+    let plan = match &options.mode {
+        Mode::Worktree(worktree) => Some(worktree::plan(
             &repo,
             &paths,
             &id,
-            (options.branch.as_deref(), options.base.as_deref()),
-            options.ci,
-        )?)
+            (worktree.branch.as_deref(), worktree.base.as_deref()),
+            worktree.kind == WorktreeKind::Ci,
+        )?),
+        Mode::InPlace | Mode::Serve => None,
     };
     // The API's address is the last check: an explicit one that is taken stops the run here.
     let api = match &options.api {
@@ -182,7 +229,7 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
 
 /// The checks of `options` that need nothing on disk.
 fn validate(options: &RunOptions) -> Result<()> {
-    if options.command.is_empty() && !options.serve {
+    if options.command.is_empty() && !matches!(options.mode, Mode::Serve) {
         return Err(Error::bad_input(
             "no command given; write it after '--', e.g. app run -- bash",
         ));
@@ -193,11 +240,6 @@ fn validate(options: &RunOptions) -> Result<()> {
     if let Some(count) = options.ports {
         ports::validate_count(count)?;
         ports::range()?;
-    }
-    if options.no_worktree && (options.branch.is_some() || options.base.is_some()) {
-        return Err(Error::bad_input(
-            "--branch and --base need a worktree; drop them or drop --no-worktree",
-        ));
     }
     Ok(())
 }

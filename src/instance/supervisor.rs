@@ -25,7 +25,7 @@ use super::heartbeat::Heartbeat;
 use super::leftovers;
 use super::mirror::{self, DbMirror};
 use super::signals::{Slot, Spawned};
-use super::{EXIT_TIMED_OUT, Notice, RunOptions, RunOutcome};
+use super::{EXIT_TIMED_OUT, Mode, Notice, RunOptions, RunOutcome};
 use crate::api::{self, ApiServer};
 use crate::config::Timing;
 use crate::control::{self, ControlServer};
@@ -130,7 +130,7 @@ impl<'a> Supervisor<'a> {
         let claim = Claim {
             plan: plan.as_mut(),
             ports: options.ports,
-            ci: options.ci,
+            ci: options.ci(),
         };
         let created_branch = match claim::claim(&registry, &mut record, claim, timing) {
             Ok(created) => created,
@@ -281,7 +281,7 @@ impl<'a> Supervisor<'a> {
 
     /// Starts the command (none for `app serve`) and records it: status `running`.
     fn spawn(&mut self, env: &[(String, OsString)]) -> Result<Option<Arc<process::Child>>, Ending> {
-        let child = if self.options.serve {
+        let child = if matches!(self.options.mode, Mode::Serve) {
             None
         } else {
             let argv = &self.options.command;
