@@ -108,6 +108,9 @@ pub async fn tail_database(
     repo_root: String,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The stream carries what happened from now on: an event written while the database was
+    // still opening (a fresh file waits for its migrations) is not lost.
+    let began = Timestamp::now().to_string();
     let mut warned = false;
     let mut after_id: Option<i64> = None;
     // A local file is only queried after it (or its write-ahead log) changed: most polls are
@@ -144,7 +147,7 @@ pub async fn tail_database(
             }
             let start = match after_id {
                 Some(id) => id,
-                None => match events::latest_id(&db).await {
+                None => match events::latest_id_before(&db, &began).await {
                     Ok(id) => *after_id.insert(id),
                     Err(_) => {
                         last_change = None;

@@ -70,13 +70,15 @@ pub async fn record(db: &Db, event: &NewEvent) -> Result<()> {
     .map(drop)
 }
 
-/// The id of the newest event, or 0 when there is none.
-pub async fn latest_id(db: &Db) -> Result<i64> {
+/// The id of the newest event written at a time before `at` (RFC 3339, as events store it), or
+/// 0 when there is none: where a feed that began at `at` starts, however long its database
+/// took to open.
+pub async fn latest_id_before(db: &Db, at: &str) -> Result<i64> {
     let rows = db
         .query_rows(
             "reading the newest event id",
-            "SELECT COALESCE(MAX(id), 0) FROM events",
-            Vec::new(),
+            "SELECT COALESCE(MAX(id), 0) FROM events WHERE at < ?1",
+            vec![Value::Text(at.to_string())],
         )
         .await?;
     Ok(rows.first().and_then(|row| integer(&row[0])).unwrap_or(0))
