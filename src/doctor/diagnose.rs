@@ -1,5 +1,6 @@
 //! [`diagnose`]: look at everything, change nothing. The checks run in the order `--fix`
-//! handles what they find: interrupted operations first (finishing them changes what the rest
+//! handles what they find: lock files a killed writer left on app's refs first (the fixes after
+//! them change those refs), then interrupted operations (finishing them changes what the rest
 //! sees), then instances, git's state, coordination, files, the database.
 
 use std::fs;
@@ -36,7 +37,9 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     let stale_after = options.timing.stale_after;
     let scan = Scan::take();
 
-    // Interrupted operations first: finishing them changes what the rest sees.
+    // Lock files a killed writer left on app's refs first: the fixes after them change refs.
+    git::stale_ref_locks(paths, &scan, &mut found.problems);
+    // Then interrupted operations: finishing them changes what the rest sees.
     let journaled = journal_problems(paths, key.as_ref(), &mut found.problems)?;
     for record in &snapshot.instances {
         if let Some(problem) = instance_problem(paths, &scan, &journaled, record, stale_after) {
@@ -51,7 +54,6 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
         stale_after,
         &mut found.problems,
     )?;
-    git::stale_ref_locks(paths, &scan, &mut found.problems);
     git::branch_problems(&repo, &snapshot, stale_after, &mut found.problems)?;
     coordination::problems(paths, key.as_ref(), &snapshot, stale_after, &mut found)?;
     files::stale_sockets(paths, &snapshot, stale_after, &mut found.problems);

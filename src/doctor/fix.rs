@@ -8,10 +8,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use git2::Repository;
+use git2::{ErrorCode, Repository};
 
 use super::problem::Problem;
-use super::{Diagnosis, Fixed, Options, diagnose};
+use super::{Diagnosis, Fixed, Options, diagnose, git};
 use crate::coordination::Coordination;
 use crate::db::{self, Db, instances};
 use crate::error::{Error, Result};
@@ -25,6 +25,9 @@ use crate::sign::SigningKey;
 use crate::state;
 use crate::worktree;
 
+/// Passes of fixes at most: each one fixes what the one before revealed.
+const PASSES: usize = 3;
+
 /// Reclaims what [`diagnose`] found, in passes until nothing fixable is left (fixing one thing,
 /// such as unregistering a dead instance, can reveal another, such as its inbox). Returns what
 /// was done and the diagnosis of what is left.
@@ -35,21 +38,64 @@ pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis
         false => None,
     };
     let mut done = Vec::new();
+    // The reclaims need the refs whose lock files a writer killed a moment ago left.
+    git::await_young_ref_locks(paths);
     let mut diagnosis = diagnose(paths, options)?;
-    for _ in 0..3 {
+    for pass in 1..=PASSES {
         if !diagnosis.any_fixable() {
             break;
         }
+        let mut blocked = false;
         for problem in diagnosis.problems.iter().filter(|p| p.fixable()) {
-            let outcome = fix_one(paths, options, problem).map_err(|err| err.to_string());
+            let outcome = fix_one(paths, options, problem);
+            // A writer killed since the diagnosis left a lock file in the way: once it has
+            // aged, the next pass removes it before it fixes this again.
+            if pass < PASSES && outcome.as_ref().is_err_and(ref_locked) {
+                blocked = true;
+                continue;
+            }
             done.push(Fixed {
                 finding: problem.finding(),
-                outcome,
+                outcome: outcome.map_err(|err| failure(paths, &err)),
             });
+        }
+        if blocked {
+            git::await_young_ref_locks(paths);
         }
         diagnosis = diagnose(paths, options)?;
     }
     Ok((done, diagnosis))
+}
+
+/// Whether `err` is git refusing to change a ref because its lock file is there.
+fn ref_locked(err: &Error) -> bool {
+    matches!(err, Error::Git { source, .. } if source.code() == ErrorCode::Locked)
+}
+
+/// The text of a failed fix. A lock file in the way says who holds it and what to do.
+fn failure(paths: &AppPaths, err: &Error) -> String {
+    let text = err.to_string();
+    if !ref_locked(err) {
+        return text;
+    }
+    let held: Vec<String> = git::held_ref_locks(paths)
+        .into_iter()
+        .map(|(path, users)| {
+            let users: Vec<String> = users
+                .iter()
+                .map(|u| format!("pid {} ({})", u.pid, u.command))
+                .collect();
+            format!("{} is held by {}", path.display(), users.join(", "))
+        })
+        .collect();
+    let what_to_do = match held.is_empty() {
+        true => "if no git command works in this repository, remove that lock file".to_string(),
+        false => format!("{}: let it finish or stop it", held.join("; ")),
+    };
+    format!(
+        "{}; {what_to_do}, then run 'app doctor --fix' again",
+        text.trim_end_matches([':', ' '])
+    )
 }
 
 /// Fixes one problem; the text says what was done.

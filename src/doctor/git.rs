@@ -4,7 +4,7 @@
 //! judge.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use git2::{BranchType, Oid, Repository};
@@ -12,8 +12,9 @@ use git2::{BranchType, Oid, Repository};
 use super::diagnose::unregistered_in_use;
 use super::problem::Problem;
 use crate::error::{GitContext, Result};
-use crate::inuse::{self, Scan};
+use crate::inuse::{self, Scan, User};
 use crate::paths::AppPaths;
+use crate::reclaim::REF_LOCK_STALE_AFTER;
 use crate::registry::{Entry, Liveness, Snapshot};
 use crate::worktree;
 
@@ -222,25 +223,76 @@ fn holds_nothing_new(repo: &Repository, name: &str, base: Option<Oid>) -> Result
 /// `*.lock` files of app's refs (`refs/heads/app/`, `refs/app/`) that no live process has
 /// open: git and libgit2 hold a ref's lock file open while they change it, so one nobody holds
 /// was left by a writer killed half-way, and blocks the ref for good. Young ones are left for
-/// a writer that may be about to open them.
+/// a writer that may be about to rename them ([`await_young_ref_locks`] lets them age).
 pub(super) fn stale_ref_locks(paths: &AppPaths, scan: &Scan, problems: &mut Vec<Problem>) {
+    for (path, age) in ref_locks(paths) {
+        if age.is_some_and(|age| age > REF_LOCK_STALE_AFTER) && scan.users(&path).is_empty() {
+            problems.push(Problem::StaleRefLock { path });
+        }
+    }
+}
+
+/// Waits until every lock file of app's refs that no live process holds is old enough for
+/// [`stale_ref_locks`] to find, about a second at most: a writer killed a moment ago leaves
+/// one, and the reclaims that follow need its ref. Returns at once when there is none.
+pub(super) fn await_young_ref_locks(paths: &AppPaths) {
+    let young: Vec<(PathBuf, Duration)> = ref_locks(paths)
+        .into_iter()
+        .filter_map(|(path, age)| {
+            age.filter(|age| *age <= REF_LOCK_STALE_AFTER)
+                .map(|age| (path, age))
+        })
+        .collect();
+    if young.is_empty() {
+        return;
+    }
+    let scan = Scan::take();
+    let wait = young
+        .iter()
+        .filter(|(path, _)| scan.users(path).is_empty())
+        .map(|(_, age)| REF_LOCK_STALE_AFTER - *age)
+        .max();
+    if let Some(wait) = wait {
+        tracing::debug!(
+            ?wait,
+            "letting the lock files a killed writer left on app's refs age"
+        );
+        std::thread::sleep(wait + Duration::from_millis(50));
+    }
+}
+
+/// The processes that hold a lock file of one of app's refs open, by lock file.
+pub(super) fn held_ref_locks(paths: &AppPaths) -> Vec<(PathBuf, Vec<User>)> {
+    let scan = Scan::take();
+    ref_locks(paths)
+        .into_iter()
+        .map(|(path, _)| {
+            let users = scan.users(&path);
+            (path, users)
+        })
+        .filter(|(_, users)| !users.is_empty())
+        .collect()
+}
+
+/// The `*.lock` files of app's refs and how old they are (`None`: unknown, or from the future).
+fn ref_locks(paths: &AppPaths) -> Vec<(PathBuf, Option<Duration>)> {
     let refs = paths.git_common_dir().join("refs");
     let mut dirs = vec![refs.join("heads/app"), refs.join("app")];
+    let mut found = Vec::new();
     while let Some(dir) = dirs.pop() {
         for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = entry.path();
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 dirs.push(path);
-                continue;
-            }
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > Duration::from_secs(1)));
-            if path.extension().is_some_and(|e| e == "lock") && old && scan.users(&path).is_empty()
-            {
-                problems.push(Problem::StaleRefLock { path });
+            } else if path.extension().is_some_and(|e| e == "lock") {
+                let age = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|at| at.elapsed().ok());
+                found.push((path, age));
             }
         }
     }
+    found
 }

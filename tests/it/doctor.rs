@@ -142,6 +142,28 @@ fn the_next_run_undoes_an_interrupted_start_by_itself() {
 }
 
 #[test]
+fn the_next_run_removes_the_branch_lock_an_interrupted_start_left() {
+    let repo = TestRepo::new();
+    let output = repo
+        .app(&["run", "--instance", "half", "--", "true"])
+        .env("APP_FAULT_POINT", "run.registered")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.signal(), Some(9));
+    // What a kill while libgit2 creates the branch leaves.
+    let lock = crashed_ref_writer(&repo, "refs/heads/app/half", Duration::ZERO);
+    let started = std::time::Instant::now();
+    let next = repo.run_app(&["run", "--instance", "half", "--", "true"]);
+    assert_eq!(code(&next), 0, "{}", stderr(&next));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the run waited for the lock to be released"
+    );
+    assert!(!lock.exists());
+    assert_reclaimed(&repo);
+}
+
+#[test]
 fn fifty_instances_killed_at_once_are_reclaimed_with_every_byte_of_work() {
     let repo = TestRepo::new();
     let marks = repo.scratch();
@@ -373,5 +395,106 @@ fn only_force_discards_work() {
     assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
     assert!(repo.git(&["for-each-ref", "refs/app/rescue"]).is_empty());
     assert!(!repo.branches().contains(&"app/gone".to_string()));
+    assert_reclaimed(&repo);
+}
+
+/// A dead instance `id` whose worktree holds an uncommitted `draft.txt`.
+fn dead_with_draft(repo: &TestRepo, id: &str) {
+    let script = "echo draft > draft.txt; exec sleep 600";
+    let run = repo.spawn_app(&["run", "--instance", id, "--", "sh", "-c", script]);
+    let record = repo.wait_running(run.pid());
+    wait_for("the draft", Duration::from_secs(10), || {
+        record.worktree.as_ref().unwrap().join("draft.txt").exists()
+    });
+    let _ = run.kill_now();
+}
+
+/// Leaves `<ref>.lock` the way a writer SIGKILLed half-way through changing `reference`
+/// does, `age` ago.
+fn crashed_ref_writer(repo: &TestRepo, reference: &str, age: Duration) -> std::path::PathBuf {
+    let lock = repo.root().join(".git").join(format!("{reference}.lock"));
+    fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let file = fs::File::create(&lock).unwrap();
+    file.set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+    lock
+}
+
+#[test]
+fn a_ref_lock_a_crash_left_just_now_does_not_stop_the_rescue() {
+    let repo = TestRepo::new();
+    dead_with_draft(&repo, "gone");
+    let lock = crashed_ref_writer(&repo, "refs/app/rescue/gone", Duration::ZERO);
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(!stdout(&fixed).contains("FAILED"), "{}", stdout(&fixed));
+    assert!(!lock.exists());
+    assert_eq!(show(&repo, "refs/app/rescue/gone", "draft.txt"), "draft\n");
+    assert_reclaimed(&repo);
+}
+
+#[test]
+fn an_old_ref_lock_is_removed_before_the_rescue_that_needs_it() {
+    let repo = TestRepo::new();
+    dead_with_draft(&repo, "gone");
+    let lock = crashed_ref_writer(&repo, "refs/app/rescue/gone", Duration::from_secs(30));
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(!stdout(&fixed).contains("FAILED"), "{}", stdout(&fixed));
+    assert!(!lock.exists());
+    assert_eq!(show(&repo, "refs/app/rescue/gone", "draft.txt"), "draft\n");
+    assert_reclaimed(&repo);
+}
+
+#[test]
+fn a_branch_lock_a_crash_left_just_now_does_not_keep_the_branch() {
+    let repo = TestRepo::new();
+    let run = repo.spawn_app(&["run", "--instance", "gone", "--", "sleep", "600"]);
+    repo.wait_running(run.pid());
+    let _ = run.kill_now();
+    let lock = crashed_ref_writer(&repo, "refs/heads/app/gone", Duration::ZERO);
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(!stdout(&fixed).contains("FAILED"), "{}", stdout(&fixed));
+    assert!(!lock.exists());
+    assert!(!repo.branches().contains(&"app/gone".to_string()));
+    assert_reclaimed(&repo);
+}
+
+#[test]
+fn a_ref_lock_a_live_process_holds_is_never_removed() {
+    let repo = TestRepo::new();
+    dead_with_draft(&repo, "gone");
+    let lock = crashed_ref_writer(&repo, "refs/app/rescue/gone", Duration::from_secs(30));
+    let ready = repo.scratch().join("holding");
+    let mut hold = repo.command("sh");
+    hold.args([
+        "-c",
+        "exec 3>>\"$0\" && touch \"$1\" && exec sleep 600",
+        lock.to_str().unwrap(),
+        ready.to_str().unwrap(),
+    ]);
+    let holder = repo.spawn(hold);
+    wait_for("the holder", Duration::from_secs(10), || ready.exists());
+
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert_eq!(code(&fixed), 1, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(lock.exists(), "a held lock was removed");
+    let worktree = repo.state_dir().join("worktrees/gone");
+    assert_eq!(
+        fs::read_to_string(worktree.join("draft.txt")).unwrap(),
+        "draft\n"
+    );
+    let text = stdout(&fixed);
+    assert!(
+        text.contains(&format!("held by pid {}", holder.pid()))
+            && text.contains("then run 'app doctor --fix' again"),
+        "{text}"
+    );
+
+    let _ = holder.kill_now();
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert_eq!(show(&repo, "refs/app/rescue/gone", "draft.txt"), "draft\n");
     assert_reclaimed(&repo);
 }
