@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod error;
 pub mod fault;
 pub mod glob;
+pub mod ids;
 pub mod instance;
 pub mod inuse;
 pub mod journal;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::config;
 pub use crate::error::LockError;
 use crate::error::Result;
+use crate::ids::LockName;
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::{
@@ -119,19 +120,6 @@ impl std::fmt::Display for Holder {
             None => write!(f, "process {} on {}", self.pid, self.host),
         }
     }
-}
-
-/// Checks a lock name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = name.len() <= 128
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if !ok {
-        return Err(LockError::InvalidName { name: name.into() }.into());
-    }
-    Ok(())
 }
 
 /// A lock's stored state.
@@ -278,7 +266,7 @@ impl Locks {
     /// `request` renews the hold from now). Returns the token, or the current state when
     /// someone else holds it.
     pub fn try_acquire(&self, request: &Request) -> Result<std::result::Result<u64, LockState>> {
-        validate_name(&request.name)?;
+        LockName::parse(&request.name)?;
         let snapshot = self.snapshot()?;
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
         let current = self.load(&request.name)?.unwrap_or(LockState {
@@ -363,7 +351,7 @@ impl Locks {
 
     /// Releases `name` if `holder` holds it (or anyone does, with `force`).
     pub fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
-        validate_name(name)?;
+        LockName::parse(name)?;
         let snapshot = self.snapshot()?;
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
         let Some(mut current) = self.load(name)? else {
@@ -499,15 +487,5 @@ mod tests {
             instance.alive(&Fixed(true)),
             Err("instance 3f9a1c2e is no longer registered".into())
         );
-    }
-
-    #[test]
-    fn names() {
-        for good in ["db-schema", "Cargo.lock", "a", "port_3000"] {
-            validate_name(good).unwrap();
-        }
-        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129), "-x"] {
-            assert!(validate_name(bad).is_err(), "{bad:?}");
-        }
     }
 }

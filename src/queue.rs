@@ -26,6 +26,7 @@ use serde_json::Value;
 
 pub use crate::error::QueueError;
 use crate::error::{Error, Result};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::registry::{Roster, Timestamp};
 use crate::sign::{self, SigningKey};
@@ -177,7 +178,7 @@ pub struct Posted {
 pub fn route(roster: &dyn Roster, post: Post) -> Result<(Outgoing, Vec<String>)> {
     validate_kind(&post.kind)?;
     check_payload(&post.payload, max_message_bytes()?)?;
-    crate::instance::validate_name(&post.from)?;
+    InstanceId::parse(&post.from)?;
     let (to, recipients) = if post.to == "all" {
         let live: Vec<String> = roster
             .live_instances()
@@ -187,7 +188,7 @@ pub fn route(roster: &dyn Roster, post: Post) -> Result<(Outgoing, Vec<String>)>
             .collect();
         (None, live)
     } else {
-        crate::instance::validate_name(&post.to)?;
+        InstanceId::parse(&post.to)?;
         if roster.instance(&post.to).is_none() {
             return Err(Error::UnknownInstance { id: post.to });
         }

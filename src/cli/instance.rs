@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::config::{self, Timing, format_age};
 use crate::db::instances;
 use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::ids::InstanceId;
 use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
 use crate::registry::{Entry, InstanceRecord, InstanceStatus, Liveness, Registry};
@@ -89,7 +90,7 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
     | InstanceCommand::Exec { id, .. }
     | InstanceCommand::Stop { id, .. } = &command
     {
-        instance::validate_name(id)?;
+        InstanceId::parse(id)?;
     }
     let timing = Timing::from_env()?;
     if let InstanceCommand::List(args) = &command
@@ -389,7 +390,7 @@ pub(super) fn broadcast(args: BroadcastArgs) -> Result<u8> {
     let paths = AppPaths::discover(&super::current_dir()?)?;
     let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
     for id in &args.instances {
-        instance::validate_name(id)?;
+        InstanceId::parse(id)?;
         if snapshot.instance(id).is_none() {
             return Err(Error::UnknownInstance { id: id.clone() });
         }

@@ -14,6 +14,7 @@ use signal_hook::low_level::siginfo::Cause;
 use crate::config::Timing;
 use crate::coordination::Coordination;
 use crate::error::{Error, IoContext, Result};
+use crate::ids::LockName;
 use crate::instance;
 use crate::lock::{self, Holder, LockStore, Released, Request};
 use crate::paths::AppPaths;
@@ -72,7 +73,7 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
     | LockCommand::Release { name, .. }
     | LockCommand::Run { name, .. } = &command
     {
-        lock::validate_name(name)?;
+        LockName::parse(name)?;
     }
     let paths = AppPaths::discover(&cwd)?;
     let coordination = Coordination::new(&paths, timing.stale_after);

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 
 use crate::db::notes::{self, Note};
 use crate::error::Result;
+use crate::ids::Namespace;
 use crate::paths::AppPaths;
 
 /// Subcommands of `app notes`.
@@ -83,7 +84,7 @@ pub(super) fn run(command: NotesCommand, db: Option<&Path>) -> Result<u8> {
         NotesCommand::Add(args) => add(&args.namespace, &args.text, args.json, db),
         NotesCommand::Search(args) => search(args, db),
         NotesCommand::List(args) => {
-            notes::validate_namespace(&args.namespace)?;
+            Namespace::parse(&args.namespace)?;
             notes::validate_limit(args.limit)?;
             let found = super::with_db(db, async |db| {
                 notes::list(db, &args.namespace, args.limit).await
@@ -100,7 +101,7 @@ pub(super) fn remember(args: RememberArgs, db: Option<&Path>) -> Result<u8> {
 
 pub(super) fn search(args: SearchArgs, db: Option<&Path>) -> Result<u8> {
     let query = args.query.join(" ");
-    notes::validate_namespace(&args.namespace)?;
+    Namespace::parse(&args.namespace)?;
     notes::validate_limit(args.limit)?;
     notes::fts_query(&query)?;
     let found = super::with_db(db, async |db| {
@@ -112,7 +113,7 @@ pub(super) fn search(args: SearchArgs, db: Option<&Path>) -> Result<u8> {
 }
 
 fn add(namespace: &str, text: &str, json: bool, db: Option<&Path>) -> Result<u8> {
-    notes::validate_namespace(namespace)?;
+    Namespace::parse(namespace)?;
     notes::validate_content(text)?;
     let author = std::env::var("APP_INSTANCE_ID")
         .ok()

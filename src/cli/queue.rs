@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::config::{self, Timing};
 use crate::coordination::Coordination;
 use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::ids::InstanceId;
 use crate::instance;
 use crate::paths::AppPaths;
 use crate::queue::{self, Message};
@@ -91,7 +92,7 @@ fn acting(snapshot: &Snapshot, flag: Option<String>, what: &str) -> Result<Strin
                 ))
             })?,
     };
-    instance::validate_name(&id)?;
+    InstanceId::parse(&id)?;
     if snapshot.instance(&id).is_none() {
         return Err(Error::UnknownInstance { id });
     }

@@ -8,6 +8,7 @@ use clap::Args;
 use crate::api::{ApiOptions, DEFAULT_CAPACITY};
 use crate::config::{Timing, parse_duration};
 use crate::error::{Error, Result};
+use crate::ids::InstanceId;
 use crate::instance::{self, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
 use crate::ports;
 
@@ -223,7 +224,7 @@ fn mode(args: &RunArgs) -> Result<Mode> {
         return Ok(Mode::InPlace);
     }
     if let Some(name) = &args.name {
-        instance::validate_name(name)?;
+        InstanceId::parse(name)?;
     }
     if let Some(count) = args.ports {
         ports::validate_count(count)?;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::{Db, integer, opt, opt_text, text};
 use crate::error::{Error, Result};
+use crate::ids::Namespace;
 use crate::process;
 use crate::registry::Timestamp;
 
@@ -35,20 +36,6 @@ pub struct Note {
     pub repo_root: Option<String>,
     /// When it was written (RFC 3339).
     pub created_at: String,
-}
-
-/// Checks a namespace: 1-128 characters from letters, digits and `_ . : / @ -`, starting with a
-/// letter or digit.
-pub fn validate_namespace(namespace: &str) -> Result<()> {
-    let mut chars = namespace.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || "_.:/@-".contains(c));
-    if !first_ok || !rest_ok || namespace.len() > 128 {
-        return Err(Error::bad_input(format!(
-            "invalid namespace {namespace:?}: use 1-128 characters from letters, digits and '_.:/@-', starting with a letter or digit (e.g. project:myapp or global)"
-        )));
-    }
-    Ok(())
 }
 
 /// Checks a note's content: not blank, at most [`MAX_NOTE_BYTES`].
@@ -101,7 +88,7 @@ pub async fn add(
     author: Option<&str>,
     repo_root: Option<&Path>,
 ) -> Result<Note> {
-    validate_namespace(namespace)?;
+    Namespace::parse(namespace)?;
     validate_content(content)?;
     let created_at = Timestamp::now().to_string();
     let repo_root = repo_root.map(|p| p.display().to_string());
@@ -154,7 +141,7 @@ const COLUMNS: &str = "n.id, n.namespace, n.content, n.author, n.host, n.repo_ro
 
 /// The newest `limit` notes of a namespace, newest first.
 pub async fn list(db: &Db, namespace: &str, limit: u32) -> Result<Vec<Note>> {
-    validate_namespace(namespace)?;
+    Namespace::parse(namespace)?;
     validate_limit(limit)?;
     let rows = db
         .query_rows(
@@ -173,7 +160,7 @@ pub async fn list(db: &Db, namespace: &str, limit: u32) -> Result<Vec<Note>> {
 
 /// Notes of a namespace containing every word of `query`, best match first.
 pub async fn search(db: &Db, namespace: &str, query: &str, limit: u32) -> Result<Vec<Note>> {
-    validate_namespace(namespace)?;
+    Namespace::parse(namespace)?;
     validate_limit(limit)?;
     let fts = fts_query(query)?;
     let rows = db
@@ -225,16 +212,6 @@ fn note(row: &[Value]) -> Note {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn namespaces() {
-        for good in ["global", "project:myapp", "team/a@b", "x", "A1_b.c-d"] {
-            validate_namespace(good).unwrap();
-        }
-        for bad in ["", ":x", "with space", "tab\t", &"n".repeat(129), "ü"] {
-            assert!(validate_namespace(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn fts_queries_quote_every_word() {

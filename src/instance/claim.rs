@@ -12,26 +12,11 @@ use git2::Repository;
 
 use crate::config::Timing;
 use crate::error::{Error, Result};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::ports;
 use crate::registry::{BranchRecord, Entry, InstanceRecord, Liveness, Registry, Snapshot, Tables};
 use crate::worktree::{self, WorktreePlan};
-
-/// Checks a user-given instance name: `[a-z0-9][a-z0-9_-]{0,63}`.
-pub fn validate_name(name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let rest_ok =
-        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    if !first_ok || !rest_ok || name.len() > 64 {
-        return Err(Error::bad_input(format!(
-            "invalid instance name {name:?}: use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit"
-        )));
-    }
-    Ok(())
-}
 
 /// The id for a new instance: `name` unless a live instance holds it, else an unused random
 /// one. Only reads.
@@ -55,7 +40,7 @@ pub(super) fn choose_id(
 
 /// A fresh random id: 8 lowercase hex characters from a v4 UUID.
 fn random_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
+    InstanceId::random().into_string()
 }
 
 /// Whether `id` was ever used in this repository as far as any trace shows.

@@ -25,6 +25,7 @@ use crate::api::{self, ApiOptions, Bound};
 use crate::config::Timing;
 use crate::db::{DbSettings, Location};
 use crate::error::{Error, GitContext, Result};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::ports;
 use crate::process;
@@ -41,7 +42,6 @@ mod signals;
 mod stop;
 mod supervisor;
 
-pub use claim::validate_name;
 pub use owner::{caller, caller_holder, owner_of};
 pub use stop::{StopOutcome, StopRoute, stop};
 
@@ -235,7 +235,7 @@ fn validate(options: &RunOptions) -> Result<()> {
         ));
     }
     if let Some(name) = &options.name {
-        validate_name(name)?;
+        InstanceId::parse(name)?;
     }
     if let Some(count) = options.ports {
         ports::validate_count(count)?;

@@ -10,7 +10,8 @@ use crate::coordination::Coordination;
 use crate::db::{Db, notes, runs};
 use crate::error::{Error, Result};
 use crate::glob::Glob;
-use crate::lock::{self, Holder, Released, Request};
+use crate::ids::{LockName, Namespace};
+use crate::lock::{Holder, Released, Request};
 use crate::orchestrate::plan::Plan;
 use crate::paths;
 use crate::queue;
@@ -173,7 +174,7 @@ impl State {
     }
 
     pub(super) fn acquire_lock(&self, args: &AcquireArgs) -> Result<Value> {
-        lock::validate_name(&args.name)?;
+        LockName::parse(&args.name)?;
         let request = Request {
             name: args.name.clone(),
             holder: self.holder()?,
@@ -185,7 +186,7 @@ impl State {
     }
 
     pub(super) fn release_lock(&self, args: &ReleaseLockArgs) -> Result<Value> {
-        lock::validate_name(&args.name)?;
+        LockName::parse(&args.name)?;
         let locks = self.coordination().locks()?;
         let released = locks.release(&args.name, &self.holder()?, false)?;
         Ok(json!({ "name": args.name, "released": released == Released::Released }))
@@ -289,7 +290,7 @@ impl State {
     }
 
     pub(super) fn remember(&self, args: &RememberArgs) -> Result<Value> {
-        notes::validate_namespace(&args.namespace)?;
+        Namespace::parse(&args.namespace)?;
         notes::validate_content(&args.content)?;
         let note = self.with_db(async |db| {
             notes::add(
@@ -306,7 +307,7 @@ impl State {
 
     pub(super) fn recall(&self, args: &RecallArgs) -> Result<Value> {
         let limit = args.limit.unwrap_or(10);
-        notes::validate_namespace(&args.namespace)?;
+        Namespace::parse(&args.namespace)?;
         notes::validate_limit(limit)?;
         notes::fts_query(&args.query)?;
         let found =

@@ -368,7 +368,7 @@ impl Plan {
                 .transpose()
                 .map_err(|err| fail(format!("timeout: {err}")))?;
             for name in &spec.locks {
-                crate::lock::validate_name(name).map_err(|err| fail(err.to_string()))?;
+                crate::ids::LockName::parse(name).map_err(|err| fail(err.to_string()))?;
             }
             for pattern in &spec.reserve {
                 crate::glob::Glob::parse(pattern).map_err(|err| fail(err.to_string()))?;

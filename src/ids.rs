@@ -1,0 +1,203 @@
+//! Names and ids that users give: each is a type that can only hold a valid value, parsed once
+//! where it enters (a flag, an MCP argument, a plan) with the error that says what is allowed.
+//!
+//! Invariant: an [`InstanceId`], [`LockName`] or [`Namespace`] value always satisfies its
+//! syntax, so code that holds one never checks it again. Values read back from app's own
+//! signed files are trusted as written (`Deserialize` does not re-check).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, LockError, Result};
+
+/// Declares a name type over `String` with `as_str`, `Display`, `AsRef<str>`, comparison with
+/// `str`, and transparent serde.
+macro_rules! name_type {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// The name as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The name as an owned string.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+    };
+}
+
+name_type! {
+    /// An instance id: `[a-z0-9][a-z0-9_-]{0,63}`, a user's name or 8 random hex characters.
+    InstanceId
+}
+
+impl InstanceId {
+    /// Checks a user-given instance name.
+    pub fn parse(text: &str) -> Result<InstanceId> {
+        let mut chars = text.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let rest_ok =
+            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !first_ok || !rest_ok || text.len() > 64 {
+            return Err(Error::bad_input(format!(
+                "invalid instance name {text:?}: use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit"
+            )));
+        }
+        Ok(InstanceId(text.to_string()))
+    }
+
+    /// A fresh random id: 8 lowercase hex characters from a v4 UUID.
+    pub fn random() -> InstanceId {
+        InstanceId(uuid::Uuid::new_v4().simple().to_string()[..8].to_string())
+    }
+}
+
+name_type! {
+    /// A lock name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+    LockName
+}
+
+impl LockName {
+    /// Checks a lock name.
+    pub fn parse(text: &str) -> Result<LockName> {
+        let ok = text.len() <= 128
+            && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return Err(LockError::InvalidName { name: text.into() }.into());
+        }
+        Ok(LockName(text.to_string()))
+    }
+}
+
+name_type! {
+    /// A notes namespace: 1-128 characters from letters, digits and `_ . : / @ -`, starting
+    /// with a letter or digit.
+    Namespace
+}
+
+impl Namespace {
+    /// Checks a namespace.
+    pub fn parse(text: &str) -> Result<Namespace> {
+        let mut chars = text.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || "_.:/@-".contains(c));
+        if !first_ok || !rest_ok || text.len() > 128 {
+            return Err(Error::bad_input(format!(
+                "invalid namespace {text:?}: use 1-128 characters from letters, digits and '_.:/@-', starting with a letter or digit (e.g. project:myapp or global)"
+            )));
+        }
+        Ok(Namespace(text.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids() {
+        for good in ["a", "0", "agent-1", "ci_job", &"x".repeat(64)] {
+            assert_eq!(InstanceId::parse(good).unwrap().as_str(), good);
+        }
+        for bad in ["", "-a", "_a", "A", "a b", "a/b", "é", &"x".repeat(65)] {
+            let err = InstanceId::parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), crate::error::EXIT_USAGE, "{bad:?}");
+        }
+        let random = InstanceId::random();
+        assert!(InstanceId::parse(random.as_str()).is_ok());
+        assert_eq!(random.as_str().len(), 8);
+    }
+
+    #[test]
+    fn lock_names() {
+        for good in [
+            "db-schema",
+            "Cargo.lock",
+            "a",
+            "port_3000",
+            "A_1.b-c",
+            &"x".repeat(128),
+        ] {
+            assert!(LockName::parse(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "a b", "../x", &"x".repeat(129)] {
+            assert!(
+                matches!(
+                    LockName::parse(bad),
+                    Err(Error::Lock(LockError::InvalidName { .. }))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn namespaces() {
+        for good in [
+            "global",
+            "project:myapp",
+            "team/a@b",
+            "x",
+            "A1_b.c-d",
+            &"n".repeat(128),
+        ] {
+            assert!(Namespace::parse(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            ":x",
+            "with space",
+            "tab\t",
+            "a\0b",
+            "ü",
+            &"n".repeat(129),
+        ] {
+            assert!(Namespace::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn serde_is_the_bare_string() {
+        let id = InstanceId::parse("agent-1").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"agent-1\"");
+        let back: InstanceId = serde_json::from_str("\"agent-1\"").unwrap();
+        assert_eq!(back, id);
+    }
+}
