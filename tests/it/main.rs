@@ -11,6 +11,7 @@ mod db;
 mod doctor;
 mod environment;
 mod instance;
+mod layers;
 mod mcp;
 mod orchestrate;
 mod registry;
