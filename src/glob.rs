@@ -86,11 +86,6 @@ impl Glob {
         })
     }
 
-    /// The pattern as written.
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
     /// Whether `path` (relative, `/`-separated) matches.
     pub fn matches(&self, path: &str) -> bool {
         let literal: Vec<Token> = path.chars().map(Token::Char).collect();

@@ -3,7 +3,7 @@
 //! schedule in waves.
 //!
 //! Invariants:
-//! - `Plan::load` reads and checks everything (syntax, unknown fields, ids, dependencies,
+//! - `Plan::parse` checks everything (syntax, unknown fields, ids, dependencies,
 //!   cycles, branch names, duplicate branches, the base ref, durations) and returns the first
 //!   problem as bad input naming the file and line; it writes nothing.
 //! - The tasks of a valid plan form a DAG; `waves` orders them so that every task comes after
@@ -271,20 +271,6 @@ impl Plan {
                 run.id
             ))
         })
-    }
-
-    /// Reads and validates `file` for run `run`, resolving the base in `repo`.
-    pub fn load(file: &Path, run: &str, repo: &Repository) -> Result<Plan> {
-        let text = std::fs::read_to_string(file).map_err(|err| {
-            Error::bad_input(format!("cannot read the plan {}: {err}", file.display()))
-        })?;
-        Plan::parse(
-            &text,
-            Format::of(file),
-            &file.display().to_string(),
-            run,
-            repo,
-        )
     }
 
     /// Validates plan `text` written in `format`; `origin` names it in errors.
