@@ -6,7 +6,7 @@
 //!   the old or the new version, never half of one, whatever instant a crash comes.
 //!   [`replace_all`] does the same for several files at once, leaving the directory sync to its
 //!   caller.
-//! - Read-modify-write happens while holding a [`LockGuard`] (an exclusive `flock` on a separate
+//! - Read-modify-write happens while holding a [`FileLock`] (an exclusive `flock` on a separate
 //!   lock file, released when the guard drops or the process dies), with the data reloaded
 //!   inside the lock.
 //! - Files are created with mode 0600.
@@ -18,27 +18,28 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
-/// Holds an exclusive lock on a lock file until dropped.
+/// Holds a `flock` on a lock file (exclusive or shared) until dropped; not a named lock
+/// (`lock::LockGuard`), only the guard of one read-modify-write.
 #[derive(Debug)]
-pub struct LockGuard {
+pub struct FileLock {
     // Closing the file releases the flock.
     _file: File,
 }
 
 /// Takes an exclusive lock on `path` (created 0600 if missing), blocking until it is free.
-pub fn lock_exclusive(path: &Path) -> Result<LockGuard> {
+pub fn lock_exclusive(path: &Path) -> Result<FileLock> {
     lock_with(path, File::lock)
 }
 
 /// Takes a shared lock on `path`, blocking while an exclusive holder exists.
-pub fn lock_shared(path: &Path) -> Result<LockGuard> {
+pub fn lock_shared(path: &Path) -> Result<FileLock> {
     lock_with(path, File::lock_shared)
 }
 
 /// Locks the file at `path`, and checks after locking that `path` still names the locked
 /// file: one deleted meanwhile (`git clean -fdx` takes `.app/`'s lock files too) would be a
 /// lock nobody else can see, so the lock is taken again on whatever `path` is now.
-fn lock_with(path: &Path, lock: fn(&File) -> io::Result<()>) -> Result<LockGuard> {
+fn lock_with(path: &Path, lock: fn(&File) -> io::Result<()>) -> Result<FileLock> {
     use std::os::unix::fs::MetadataExt;
     loop {
         let file = open_lock_file(path)?;
@@ -46,7 +47,7 @@ fn lock_with(path: &Path, lock: fn(&File) -> io::Result<()>) -> Result<LockGuard
         let held = file.metadata().io_context("reading", path)?;
         match fs::metadata(path) {
             Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
-                return Ok(LockGuard { _file: file });
+                return Ok(FileLock { _file: file });
             }
             Ok(_) => continue,
             Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
