@@ -186,11 +186,6 @@ impl Blocking {
     pub fn run<T>(&self, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
         self.runtime.block_on(body(&self.db))
     }
-
-    /// Where the database lives.
-    pub fn location(&self) -> &Location {
-        self.db.location()
-    }
 }
 
 /// What a write changed, where the database reports it (a local file does; a server's batch
