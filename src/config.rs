@@ -137,21 +137,8 @@ pub fn time_ago(age: Duration, what: &str) -> Result<SystemTime> {
         })
 }
 
-/// Reads a duration from the environment variable `name`, or `default` when it is unset.
-pub fn env_duration(name: &str, default: Duration) -> Result<Duration> {
-    match std::env::var(name) {
-        Ok(value) => {
-            parse_duration(&value).map_err(|err| Error::bad_input(format!("{name}: {err}")))
-        }
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            Err(Error::bad_input(format!("{name} is not valid UTF-8")))
-        }
-    }
-}
-
-/// The timing settings shared by every command.
-#[derive(Debug, Clone, Copy)]
+/// The timing settings shared by every command (part of [`Settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     /// Time between two heartbeats (`APP_HEARTBEAT_INTERVAL`).
     pub heartbeat_interval: Duration,
@@ -159,28 +146,10 @@ pub struct Timing {
     pub stale_after: Duration,
 }
 
-impl Timing {
-    /// Reads `APP_HEARTBEAT_INTERVAL` and `APP_STALE_AFTER`.
-    pub fn from_env() -> Result<Self> {
-        let heartbeat_interval =
-            env_duration("APP_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL)?;
-        let stale_after = env_duration("APP_STALE_AFTER", DEFAULT_STALE_AFTER)?;
-        if heartbeat_interval.is_zero() {
-            return Err(Error::bad_input(
-                "APP_HEARTBEAT_INTERVAL must be greater than zero",
-            ));
-        }
-        Ok(Timing {
-            heartbeat_interval,
-            stale_after,
-        })
-    }
-}
-
 /// Every `APP_*` setting a command may need, read from the environment once, at the start of a
 /// command, and validated there: a malformed value is bad input naming its variable, whichever
 /// command runs. Library code takes its settings from here, never from the environment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// `APP_HEARTBEAT_INTERVAL`, `APP_STALE_AFTER`.
     pub timing: Timing,
@@ -206,11 +175,18 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024;
 /// Default time between two scans of a watched directory when no event arrives.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Default time a busy database is retried before the command gives up (exit 3).
-pub const DEFAULT_DB_RETRY_DEADLINE: Duration = Duration::from_secs(10);
+pub const DEFAULT_DB_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// Default range `app run --ports N` leases from.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
 /// Default range the API binds the first free port of.
 pub const DEFAULT_API_PORT_RANGE: RangeInclusive<u16> = 3000..=3010;
+
+impl Default for Settings {
+    /// The settings of an environment that sets none of the variables.
+    fn default() -> Self {
+        Settings::from_vars(|_| None).expect("the defaults are valid")
+    }
+}
 
 impl Settings {
     /// Reads and validates every setting from the process environment.
@@ -351,6 +327,7 @@ mod tests {
         let s = settings(&[]).unwrap();
         assert_eq!(s.timing.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
         assert_eq!(s.timing.stale_after, DEFAULT_STALE_AFTER);
+        assert_eq!(s.db_retry_deadline, Duration::from_secs(30));
         assert_eq!(s.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
         assert_eq!(s.poll_interval, DEFAULT_POLL_INTERVAL);
         assert_eq!(s.port_range, DEFAULT_PORT_RANGE);

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use crate::config::Settings;
 use crate::error::Result;
 use crate::lock::{LockStore, Locks};
 use crate::paths::AppPaths;
@@ -22,16 +23,20 @@ use crate::sign::SigningKey;
 #[derive(Debug, Clone)]
 pub struct Coordination {
     paths: AppPaths,
+    /// A holder whose instance has had no heartbeat for this long is dead.
     stale_after: Duration,
+    /// The largest message payload (`APP_MAX_MESSAGE_BYTES`).
+    max_message_bytes: usize,
 }
 
 impl Coordination {
-    /// The coordination state of the repository at `paths`; a holder whose instance has had
-    /// no heartbeat for `stale_after` is dead.
-    pub fn new(paths: &AppPaths, stale_after: Duration) -> Coordination {
+    /// The coordination state of the repository at `paths`, judged with `settings` (when a
+    /// holder is dead, how large a message may be).
+    pub fn new(paths: &AppPaths, settings: &Settings) -> Coordination {
         Coordination {
             paths: paths.clone(),
-            stale_after,
+            stale_after: settings.timing.stale_after,
+            max_message_bytes: settings.max_message_bytes,
         }
     }
 
@@ -62,17 +67,12 @@ impl Coordination {
     /// nothing verifies) and bounding payloads by `APP_MAX_MESSAGE_BYTES`.
     pub fn messages(&self) -> Result<Box<dyn MessageStore>> {
         let key = SigningKey::load(&self.paths, false)?;
-        Ok(self.messages_with(key, queue::max_message_bytes()?))
+        Ok(self.messages_with(key))
     }
 
-    /// The message queue read with `key` and bounded by `max_bytes`, for a caller that has
-    /// them already.
-    pub fn messages_with(
-        &self,
-        key: Option<SigningKey>,
-        max_bytes: usize,
-    ) -> Box<dyn MessageStore> {
-        Box::new(FileQueue::new(&self.paths, key, max_bytes))
+    /// The message queue read with `key`, for a caller that has it already.
+    pub fn messages_with(&self, key: Option<SigningKey>) -> Box<dyn MessageStore> {
+        Box::new(FileQueue::new(&self.paths, key, self.max_message_bytes))
     }
 
     /// Who is alive, judged from `snapshot` of this repository's registry.
@@ -84,7 +84,7 @@ impl Coordination {
     /// `app send`, the MCP `send_message` tool and `POST /messages` do. Bad input changes
     /// nothing.
     pub fn post(&self, roster: &dyn Roster, post: Post) -> Result<Posted> {
-        let (outgoing, recipients) = queue::route(roster, post)?;
+        let (outgoing, recipients) = queue::route(roster, post, self.max_message_bytes)?;
         let id = self.messages()?.send(&outgoing, &recipients)?;
         Ok(Posted { id, recipients })
     }

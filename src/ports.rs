@@ -13,40 +13,8 @@ use std::ops::RangeInclusive;
 
 use crate::error::{Error, Result};
 
-/// Ports leases are taken from unless `APP_PORT_RANGE` says otherwise.
-pub const DEFAULT_RANGE: RangeInclusive<u16> = 20000..=29999;
-
 /// Most ports one instance may lease.
 pub const MAX_LEASE: usize = 64;
-
-/// The range from `APP_PORT_RANGE` (`LOW-HIGH`), else [`DEFAULT_RANGE`].
-pub fn range() -> Result<RangeInclusive<u16>> {
-    range_from("APP_PORT_RANGE", DEFAULT_RANGE)
-}
-
-/// A port range from the variable `var` (`LOW-HIGH`), or `default` when it is not set.
-pub fn range_from(var: &str, default: RangeInclusive<u16>) -> Result<RangeInclusive<u16>> {
-    let Ok(text) = std::env::var(var) else {
-        return Ok(default);
-    };
-    let parsed = text
-        .split_once('-')
-        .and_then(|(low, high)| {
-            Some((
-                low.trim().parse::<u16>().ok()?,
-                high.trim().parse::<u16>().ok()?,
-            ))
-        })
-        .filter(|(low, high)| 0 < *low && low <= high);
-    match parsed {
-        Some((low, high)) => Ok(low..=high),
-        None => Err(Error::bad_input(format!(
-            "{var}={text:?} is not a port range; write it as LOW-HIGH, e.g. {}-{}",
-            default.start(),
-            default.end()
-        ))),
-    }
-}
 
 /// Checks a requested lease size.
 pub fn validate_count(count: usize) -> Result<()> {

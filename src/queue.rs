@@ -33,29 +33,10 @@ use crate::sign::{self, SigningKey};
 use crate::state;
 use crate::watch::DirWatch;
 
-/// Default largest payload, in bytes of compact JSON.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024;
 /// Default time an unacked message waits before it goes to `dead/`.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// Room for the envelope (ids, type, signature) on top of the payload when reading a file.
 const ENVELOPE_BYTES: usize = 4096;
-
-/// The payload limit from `APP_MAX_MESSAGE_BYTES`.
-pub fn max_message_bytes() -> Result<usize> {
-    match std::env::var("APP_MAX_MESSAGE_BYTES") {
-        Ok(text) => text
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                Error::bad_input(format!(
-                    "APP_MAX_MESSAGE_BYTES={text:?} is not a positive number of bytes"
-                ))
-            }),
-        Err(_) => Ok(DEFAULT_MAX_MESSAGE_BYTES),
-    }
-}
 
 /// One message as stored (without its signature).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,12 +153,13 @@ pub struct Posted {
     pub recipients: Vec<String>,
 }
 
-/// Validates `post` whole (type, payload size, sender, recipient known to `roster`) and finds
-/// its recipients (for `all`: every live instance but the sender). Writes nothing: bad input
-/// changes nothing. [`crate::coordination::Coordination::post`] files what it returns.
-pub fn route(roster: &dyn Roster, post: Post) -> Result<(Outgoing, Vec<String>)> {
+/// Validates `post` whole (type, payload size of at most `max_bytes`, sender, recipient known
+/// to `roster`) and finds its recipients (for `all`: every live instance but the sender).
+/// Writes nothing: bad input changes nothing. [`crate::coordination::Coordination::post`]
+/// files what it returns.
+pub fn route(roster: &dyn Roster, post: Post, max_bytes: usize) -> Result<(Outgoing, Vec<String>)> {
     validate_kind(&post.kind)?;
-    check_payload(&post.payload, max_message_bytes()?)?;
+    check_payload(&post.payload, max_bytes)?;
     InstanceId::parse(&post.from)?;
     let (to, recipients) = if post.to == "all" {
         let live: Vec<String> = roster

@@ -15,17 +15,8 @@ use std::time::Duration;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
-use crate::config;
 use crate::error::Result;
 use crate::state;
-
-/// Default time between two scans when no event arrives (`APP_POLL_INTERVAL`).
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
-
-/// The polling interval from `APP_POLL_INTERVAL`.
-pub fn poll_interval() -> Result<Duration> {
-    config::env_duration("APP_POLL_INTERVAL", DEFAULT_POLL_INTERVAL)
-}
 
 /// A watched directory.
 pub struct DirWatch {

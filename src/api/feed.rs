@@ -23,11 +23,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
+use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::db::events::{self, EventFilter};
 use crate::db::{Db, DbSettings, Location};
 use crate::paths::AppPaths;
-use crate::queue;
 use crate::registry::{Liveness, Registry, Timestamp};
 use crate::sign::SigningKey;
 use crate::state::visible_names;
@@ -210,15 +210,15 @@ fn file_change(path: &std::path::Path) -> Option<[(std::time::SystemTime, u64); 
 pub async fn watch_local(
     hub: Hub,
     paths: AppPaths,
-    stale_after: Duration,
+    settings: Settings,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = Some(LocalState::default());
     loop {
         let Some(mut state) = seen.take() else { return };
-        let paths = paths.clone();
+        let (paths, settings) = (paths.clone(), settings.clone());
         let scanned = tokio::task::spawn_blocking(move || {
-            let events = state.scan(&paths, stale_after);
+            let events = state.scan(&paths, &settings);
             (state, events)
         })
         .await;
@@ -267,10 +267,10 @@ pub struct LocalState {
 
 impl LocalState {
     /// Scans once; returns the changes since the last scan.
-    pub fn scan(&mut self, paths: &AppPaths, stale_after: Duration) -> Vec<ApiEvent> {
+    pub fn scan(&mut self, paths: &AppPaths, settings: &Settings) -> Vec<ApiEvent> {
         let mut out = Vec::new();
-        self.scan_instances(paths, stale_after, &mut out);
-        let coordination = Coordination::new(paths, stale_after);
+        self.scan_instances(paths, settings.timing.stale_after, &mut out);
+        let coordination = Coordination::new(paths, settings);
         let key = SigningKey::load(paths, false).ok().flatten();
         self.scan_messages(&coordination, paths, key, &mut out);
         self.scan_locks(&coordination, &mut out);
@@ -305,7 +305,6 @@ impl LocalState {
         key: Option<SigningKey>,
         out: &mut Vec<ApiEvent>,
     ) {
-        let max_bytes = queue::max_message_bytes().unwrap_or(queue::DEFAULT_MAX_MESSAGE_BYTES);
         let listed = |dir: fn(&AppPaths, &str) -> PathBuf| {
             let mut found = HashSet::new();
             for recipient in visible_names(&paths.inboxes_dir()).unwrap_or_default() {
@@ -319,7 +318,7 @@ impl LocalState {
         };
         let inbox = listed(AppPaths::inbox);
         let acked = listed(AppPaths::acked);
-        let store = coordination.messages_with(key, max_bytes);
+        let store = coordination.messages_with(key);
         if self.primed {
             // A message acknowledged between two scans is seen in `acked/` only; one moved
             // between the two listings is in both, and announced once.

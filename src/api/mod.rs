@@ -38,6 +38,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
 use self::feed::{ApiEvent, Hub};
+use crate::config::{DEFAULT_API_PORT_RANGE, Settings};
 use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
 use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, Result};
@@ -45,8 +46,6 @@ use crate::paths::AppPaths;
 use crate::queue;
 use crate::registry::{Registry, Snapshot};
 
-/// Ports tried, in order, when no address is given (`APP_API_PORT_RANGE` changes it).
-pub const DEFAULT_PORTS: RangeInclusive<u16> = 3000..=3010;
 /// Events kept for the slowest subscriber before it is told it lagged.
 pub const DEFAULT_CAPACITY: usize = 1024;
 /// The largest `--api-capacity` (the buffer is allocated up front).
@@ -96,21 +95,14 @@ pub enum Bound {
     AllTaken(RangeInclusive<u16>),
 }
 
-/// The port range from `APP_API_PORT_RANGE` (default 3000-3010).
-pub fn port_range() -> Result<RangeInclusive<u16>> {
-    crate::ports::range_from("APP_API_PORT_RANGE", DEFAULT_PORTS)
-}
-
 /// Binds the API's address: `options.addr`, else `APP_API_ADDR`, else the first free port of
-/// [`port_range`] on 127.0.0.1.
-pub fn bind(options: &ApiOptions) -> Result<Bound> {
-    let token = std::env::var("APP_API_TOKEN")
-        .ok()
-        .filter(|t| !t.trim().is_empty());
+/// `APP_API_PORT_RANGE` on 127.0.0.1 (all three from `settings`).
+pub fn bind(options: &ApiOptions, settings: &Settings) -> Result<Bound> {
+    let token = settings.api_token.clone();
     let explicit = options
         .addr
         .clone()
-        .or_else(|| std::env::var("APP_API_ADDR").ok())
+        .or_else(|| settings.api_addr.clone())
         .filter(|a| !a.trim().is_empty());
     if options.capacity == 0 || options.capacity > MAX_CAPACITY {
         return Err(Error::bad_input(format!(
@@ -119,7 +111,7 @@ pub fn bind(options: &ApiOptions) -> Result<Bound> {
         )));
     }
     let Some(text) = explicit else {
-        let range = port_range()?;
+        let range = settings.api_port_range.clone();
         for port in range.clone() {
             let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
             if let Ok(listener) = TcpListener::bind(addr) {
@@ -146,8 +138,8 @@ pub fn bind(options: &ApiOptions) -> Result<Bound> {
         if err.kind() == std::io::ErrorKind::AddrInUse {
             Error::Busy(format!(
                 "API address {addr} is taken; pick another --api-addr, or leave it out to take the first free port of the range (APP_API_PORT_RANGE, default {}-{})",
-                DEFAULT_PORTS.start(),
-                DEFAULT_PORTS.end()
+                DEFAULT_API_PORT_RANGE.start(),
+                DEFAULT_API_PORT_RANGE.end()
             ))
         } else {
             Error::Failed(format!("cannot listen on {addr}: {err}"))
@@ -168,8 +160,9 @@ pub struct ApiContext {
     pub instance_id: String,
     /// The repository's `.app/` layout.
     pub paths: AppPaths,
-    /// When an instance counts as stale.
-    pub stale_after: Duration,
+    /// The settings of the `app` that serves it (when an instance counts as stale, how large a
+    /// message may be).
+    pub settings: Settings,
     /// The shared database whose events are streamed.
     pub database: (Location, DbSettings),
     /// Events buffered per subscriber.
@@ -278,7 +271,7 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, stopped: watch::Rece
     let local = feed::watch_local(
         state.hub.clone(),
         context.paths.clone(),
-        context.stale_after,
+        context.settings.clone(),
         stopped.clone(),
     );
     let mut stop = stopped;
@@ -525,7 +518,7 @@ async fn instances(
             snapshot
                 .valid_instances()
                 .into_iter()
-                .map(|record| record.to_json(&record.liveness(context.stale_after)))
+                .map(|record| record.to_json(&record.liveness(context.settings.timing.stale_after)))
                 .collect(),
         ))
     })
@@ -632,7 +625,7 @@ async fn messages(
         )
     })?;
     let posted = with_snapshot(&state, move |context, snapshot| {
-        let coordination = Coordination::new(&context.paths, context.stale_after);
+        let coordination = Coordination::new(&context.paths, &context.settings);
         coordination.post(
             &*coordination.roster(snapshot),
             queue::Post {

@@ -5,6 +5,7 @@ use std::path::Path;
 use clap::Subcommand;
 use serde::Serialize;
 
+use super::context::Context;
 use crate::db::{Db, Location, schema};
 use crate::error::Result;
 
@@ -30,9 +31,9 @@ struct Status {
     quick_check: String,
 }
 
-pub(super) fn run(command: DbCommand, db: Option<&Path>) -> Result<u8> {
+pub(super) fn run(ctx: &Context, command: DbCommand) -> Result<u8> {
     let DbCommand::Status { json } = command;
-    let status = super::with_db(db, async |db| status(db).await)?;
+    let status = ctx.with_db(async |db| status(db).await)?;
     if json {
         super::print_json(&status);
     } else {

@@ -1,14 +1,12 @@
 //! `app doctor`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use clap::Args;
 
-use crate::config::Timing;
+use super::context::Context;
 use crate::doctor::{self, Finding, Fixed, Options};
 use crate::error::{EXIT_FAILURE, Error, Result};
-use crate::paths::AppPaths;
 
 /// Arguments of `app doctor`.
 #[derive(Debug, Args)]
@@ -24,22 +22,22 @@ pub struct DoctorArgs {
     json: bool,
 }
 
-pub(super) fn run(args: DoctorArgs, db: Option<&Path>) -> Result<u8> {
+pub(super) fn run(ctx: &Context, args: DoctorArgs) -> Result<u8> {
     if args.force && !args.fix {
         return Err(Error::bad_input(
             "--force only changes what --fix does; add --fix (and know that it discards work)",
         ));
     }
     let options = Options {
-        timing: Timing::from_env()?,
+        settings: ctx.settings.clone(),
         force: args.force,
-        db: db.map(Path::to_path_buf),
+        db: ctx.db.clone(),
     };
-    let paths = AppPaths::discover(&super::current_dir()?)?;
+    let repo = ctx.repo()?;
     let (fixed, diagnosis) = if args.fix {
-        doctor::fix(&paths, &options)?
+        doctor::fix(&repo.paths, &options)?
     } else {
-        (Vec::new(), doctor::diagnose(&paths, &options)?)
+        (Vec::new(), doctor::diagnose(&repo.paths, &options)?)
     };
     let left = diagnosis.findings();
     if args.json {

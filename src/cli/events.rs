@@ -1,10 +1,10 @@
 //! `app events`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use clap::Args;
 
+use super::context::Context;
 use crate::config;
 use crate::db::events::{self, Event, EventFilter};
 use crate::error::Result;
@@ -36,7 +36,7 @@ pub struct EventsArgs {
     json: bool,
 }
 
-pub(super) fn run(args: EventsArgs, db: Option<&Path>) -> Result<u8> {
+pub(super) fn run(ctx: &Context, args: EventsArgs) -> Result<u8> {
     let repo_root = if args.everywhere {
         None
     } else {
@@ -54,7 +54,7 @@ pub(super) fn run(args: EventsArgs, db: Option<&Path>) -> Result<u8> {
         repo_root,
         after_id: 0,
     };
-    super::with_db(db, async |db| {
+    ctx.with_db(async |db| {
         loop {
             let page = events::query(db, &filter, PAGE).await?;
             for event in &page {

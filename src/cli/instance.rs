@@ -1,11 +1,11 @@
 //! `app instance list | info | stop` and `app whoami`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use super::context::Context;
 use crate::config::{self, Timing, format_age};
 use crate::db::instances;
 use crate::error::{EXIT_FAILURE, Error, Result};
@@ -83,7 +83,7 @@ pub(super) fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
     config::parse_ttl(text).map_err(|err| err.to_string())
 }
 
-pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
+pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {
     // An id no instance can have is bad input, not an unknown instance ("no instance  is
     // registered" for an empty one).
     if let InstanceCommand::Info { id, .. }
@@ -92,14 +92,14 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
     {
         InstanceId::parse(id)?;
     }
-    let timing = Timing::from_env()?;
+    let timing = ctx.settings.timing;
     if let InstanceCommand::List(args) = &command
         && args.everywhere
     {
-        return list_everywhere(args, db, timing);
+        return list_everywhere(ctx, args);
     }
-    let paths = AppPaths::discover(&super::current_dir()?)?;
-    let registry = Registry::open_read_only(&paths)?;
+    let repo = ctx.repo()?;
+    let (paths, registry) = (&repo.paths, repo.registry()?);
     match command {
         InstanceCommand::List(args) => list(&registry, &args, timing),
         InstanceCommand::Info { id, json } => info(&registry, &id, json, timing),
@@ -115,7 +115,7 @@ pub(super) fn run(command: InstanceCommand, db: Option<&Path>) -> Result<u8> {
             }
             let stale_after = timing.stale_after;
             crate::control::exec(&paths.control_socket(&id), &command, &mut || {
-                still_starting(&paths, &id, stale_after)
+                still_starting(paths, &id, stale_after)
             })
         }
         InstanceCommand::Stop { id, timeout } => {
@@ -185,10 +185,9 @@ fn row_json(row: &Row) -> Value {
     }
 }
 
-fn list_everywhere(args: &ListArgs, db: Option<&Path>, timing: Timing) -> Result<u8> {
-    let rows = super::with_db(db, async |db| {
-        instances::live_everywhere(db, timing.stale_after).await
-    })?;
+fn list_everywhere(ctx: &Context, args: &ListArgs) -> Result<u8> {
+    let stale_after = ctx.settings.timing.stale_after;
+    let rows = ctx.with_db(async |db| instances::live_everywhere(db, stale_after).await)?;
     if args.json {
         super::print_json(&rows);
     } else if args.long {
@@ -362,12 +361,10 @@ fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8>
     Ok(0)
 }
 
-pub(super) fn whoami() -> Result<u8> {
-    let cwd = super::current_dir()?;
-    let paths = AppPaths::discover(&cwd)?;
-    let registry = Registry::open_read_only(&paths)?;
-    let snapshot = registry.snapshot()?;
-    let dir = std::fs::canonicalize(&cwd).unwrap_or(cwd);
+pub(super) fn whoami(ctx: &Context) -> Result<u8> {
+    let repo = ctx.repo()?;
+    let snapshot = repo.snapshot()?;
+    let dir = std::fs::canonicalize(&repo.cwd).unwrap_or(repo.cwd);
     match instance::owner_of(&snapshot, &dir) {
         Some(record) => {
             println!("{}", record.id);
@@ -385,10 +382,10 @@ pub(super) fn whoami() -> Result<u8> {
 
 /// `app broadcast`: runs the command in every chosen instance at once, then prints each one's
 /// output under its id and a summary. Exit 0 only when every one succeeded.
-pub(super) fn broadcast(args: BroadcastArgs) -> Result<u8> {
-    let timing = Timing::from_env()?;
-    let paths = AppPaths::discover(&super::current_dir()?)?;
-    let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
+pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
+    let timing = ctx.settings.timing;
+    let repo = ctx.repo()?;
+    let (paths, snapshot) = (&repo.paths, repo.snapshot()?);
     for id in &args.instances {
         InstanceId::parse(id)?;
         if snapshot.instance(id).is_none() {

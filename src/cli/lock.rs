@@ -11,15 +11,12 @@ use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
-use crate::config::Timing;
-use crate::coordination::Coordination;
+use super::context::Context;
 use crate::error::{Error, IoContext, Result};
 use crate::ids::LockName;
 use crate::instance;
 use crate::lock::{self, Holder, LockStore, Released, Request};
-use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
-use crate::registry::Registry;
 
 /// "Forever" for an acquire without --timeout (about 30 years).
 const FOREVER: Duration = Duration::from_secs(1 << 30);
@@ -66,8 +63,7 @@ pub enum LockCommand {
     },
 }
 
-pub(super) fn run(command: LockCommand) -> Result<u8> {
-    let timing = Timing::from_env()?;
+pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
     let cwd = super::current_dir()?;
     if let LockCommand::Acquire { name, .. }
     | LockCommand::Release { name, .. }
@@ -75,13 +71,10 @@ pub(super) fn run(command: LockCommand) -> Result<u8> {
     {
         LockName::parse(name)?;
     }
-    let paths = AppPaths::discover(&cwd)?;
-    let coordination = Coordination::new(&paths, timing.stale_after);
+    let repo = ctx.repo_at(cwd)?;
+    let coordination = repo.coordination();
     let locks = || coordination.locks();
-    let caller = || -> Result<Holder> {
-        let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
-        instance::caller_holder(&snapshot, &cwd)
-    };
+    let caller = || -> Result<Holder> { instance::caller_holder(&repo.snapshot()?, &repo.cwd) };
     match command {
         LockCommand::Acquire { name, timeout, ttl } => {
             let holder = caller()?;

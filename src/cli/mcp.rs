@@ -1,14 +1,10 @@
 //! `app mcp`: the MCP server over stdio (docs/MCP.md).
 
-use std::path::PathBuf;
-
 use clap::Args;
 
-use crate::config::Timing;
+use super::context::Context;
 use crate::error::{Error, IoContext, Result};
 use crate::instance::{self, RunOptions};
-use crate::paths::AppPaths;
-use crate::registry::Registry;
 
 /// Arguments of `app mcp`.
 #[derive(Debug, Args)]
@@ -25,17 +21,16 @@ pub struct McpArgs {
     registered: bool,
 }
 
-pub(super) fn mcp(args: McpArgs, db: Option<PathBuf>) -> Result<u8> {
+pub(super) fn mcp(ctx: &Context, args: McpArgs) -> Result<u8> {
     let app = std::env::current_exe().io_context("finding", "the app binary")?;
     if args.print_config {
         super::print_json(&crate::mcp::client_config(&app));
         return Ok(0);
     }
-    let timing = Timing::from_env()?;
-    let cwd = super::current_dir()?;
-    let paths = AppPaths::discover(&cwd)?;
-    let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
-    if let Some(record) = instance::caller(&snapshot, &cwd) {
+    let repo = ctx.repo()?;
+    let snapshot = repo.snapshot()?;
+    let db = ctx.db.clone();
+    if let Some(record) = instance::caller(&snapshot, &repo.cwd) {
         if let Some(name) = &args.name
             && *name != record.id
         {
@@ -44,7 +39,7 @@ pub(super) fn mcp(args: McpArgs, db: Option<PathBuf>) -> Result<u8> {
                 record.id
             )));
         }
-        crate::mcp::serve(paths, record.id, timing, db)?;
+        crate::mcp::serve(repo.paths, record.id, ctx.settings.clone(), db)?;
         return Ok(0);
     }
     if args.registered {
@@ -69,5 +64,5 @@ pub(super) fn mcp(args: McpArgs, db: Option<PathBuf>) -> Result<u8> {
         db,
         ..RunOptions::default()
     };
-    Ok(instance::run(&cwd, &options, timing)?.exit_code)
+    Ok(instance::run(&repo.cwd, &options, &ctx.settings)?.exit_code)
 }

@@ -1,6 +1,7 @@
 //! The command line: argument definitions (`clap` derive) and everything printed to the
 //! terminal. The only module that prints; the rest of the library returns values.
 
+mod context;
 mod db;
 mod doctor;
 mod events;
@@ -13,11 +14,12 @@ mod queue;
 mod reserve;
 mod run;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::db::Db;
+use self::context::{Context, current_dir};
+use crate::config::Settings;
 use crate::error::Result;
 
 /// Coordinate many agents working on one git repository at once.
@@ -102,48 +104,41 @@ enum Command {
     Hooks(reserve::HooksCommand),
 }
 
-/// Runs the parsed command line; returns the process exit code.
+/// Runs the parsed command line; returns the process exit code. The settings are read here,
+/// once, after parsing (so `--help` and `--version` work whatever the environment holds): a
+/// malformed `APP_*` variable fails every command with exit 2, naming the variable.
 pub fn run(cli: Cli) -> Result<u8> {
-    let db = cli.db;
+    let ctx = Context {
+        settings: Settings::from_env()?,
+        db: cli.db,
+    };
+    let ctx = &ctx;
     match cli.command {
-        Command::Run(args) => run::run(args, db),
-        Command::Serve(args) => run::serve(args, db),
-        Command::Instance(command) => instance::run(command, db.as_deref()),
-        Command::Whoami => instance::whoami(),
-        Command::Broadcast(args) => instance::broadcast(args),
-        Command::Notes(command) => notes::run(command, db.as_deref()),
-        Command::Remember(args) => notes::remember(args, db.as_deref()),
-        Command::Recall(args) => notes::search(args, db.as_deref()),
-        Command::Events(args) => events::run(args, db.as_deref()),
-        Command::Db(command) => db::run(command, db.as_deref()),
-        Command::Send(args) => queue::send(args),
-        Command::Recv(args) => queue::recv(args),
-        Command::Ack(args) => queue::ack(args),
-        Command::Lock(command) => lock::run(command),
-        Command::Reserve(args) => reserve::reserve(args),
-        Command::Reservations { json } => reserve::list(json),
-        Command::Release { patterns } => reserve::release(patterns),
-        Command::CheckPaths { files } => reserve::check_paths(files),
-        Command::Hooks(command) => reserve::hooks(command),
-        Command::Mcp(args) => mcp::mcp(args, db),
-        Command::Doctor(args) => doctor::run(args, db.as_deref()),
-        Command::Orchestrate(args) => orchestrate::orchestrate(args, db.as_deref()),
-        Command::Ci(args) => run::ci(args, db),
-        Command::Runs(command) => orchestrate::runs(command, db.as_deref()),
+        Command::Run(args) => run::run(ctx, args),
+        Command::Serve(args) => run::serve(ctx, args),
+        Command::Instance(command) => instance::run(ctx, command),
+        Command::Whoami => instance::whoami(ctx),
+        Command::Broadcast(args) => instance::broadcast(ctx, args),
+        Command::Notes(command) => notes::run(ctx, command),
+        Command::Remember(args) => notes::remember(ctx, args),
+        Command::Recall(args) => notes::search(ctx, args),
+        Command::Events(args) => events::run(ctx, args),
+        Command::Db(command) => db::run(ctx, command),
+        Command::Send(args) => queue::send(ctx, args),
+        Command::Recv(args) => queue::recv(ctx, args),
+        Command::Ack(args) => queue::ack(ctx, args),
+        Command::Lock(command) => lock::run(ctx, command),
+        Command::Reserve(args) => reserve::reserve(ctx, args),
+        Command::Reservations { json } => reserve::list(ctx, json),
+        Command::Release { patterns } => reserve::release(ctx, patterns),
+        Command::CheckPaths { files } => reserve::check_paths(ctx, files),
+        Command::Hooks(command) => reserve::hooks(ctx, command),
+        Command::Mcp(args) => mcp::mcp(ctx, args),
+        Command::Doctor(args) => doctor::run(ctx, args),
+        Command::Orchestrate(args) => orchestrate::orchestrate(ctx, args),
+        Command::Ci(args) => run::ci(ctx, args),
+        Command::Runs(command) => orchestrate::runs(ctx, command),
     }
-}
-
-fn current_dir() -> Result<PathBuf> {
-    use crate::error::IoContext;
-    std::env::current_dir().io_context("reading", "the current directory")
-}
-
-/// Opens the database named by `--db` or the environment and runs `body` with it.
-fn with_db<T>(flag: Option<&Path>, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
-    crate::db::runtime()?.block_on(async {
-        let db = Db::open_default(flag).await?;
-        body(&db).await
-    })
 }
 
 /// Prints a value as pretty JSON.

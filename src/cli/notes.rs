@@ -1,9 +1,10 @@
 //! `app notes add | search | list`, and the short forms `app remember` / `app recall`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use super::context::Context;
 use crate::db::notes::{self, Note};
 use crate::error::Result;
 use crate::ids::Namespace;
@@ -79,47 +80,45 @@ pub struct ListArgs {
     json: bool,
 }
 
-pub(super) fn run(command: NotesCommand, db: Option<&Path>) -> Result<u8> {
+pub(super) fn run(ctx: &Context, command: NotesCommand) -> Result<u8> {
     match command {
-        NotesCommand::Add(args) => add(&args.namespace, &args.text, args.json, db),
-        NotesCommand::Search(args) => search(args, db),
+        NotesCommand::Add(args) => add(ctx, &args.namespace, &args.text, args.json),
+        NotesCommand::Search(args) => search(ctx, args),
         NotesCommand::List(args) => {
             Namespace::parse(&args.namespace)?;
             notes::validate_limit(args.limit)?;
-            let found = super::with_db(db, async |db| {
-                notes::list(db, &args.namespace, args.limit).await
-            })?;
+            let found =
+                ctx.with_db(async |db| notes::list(db, &args.namespace, args.limit).await)?;
             print_notes(&found, args.json);
             Ok(0)
         }
     }
 }
 
-pub(super) fn remember(args: RememberArgs, db: Option<&Path>) -> Result<u8> {
-    add(&args.namespace, &args.content, args.json, db)
+pub(super) fn remember(ctx: &Context, args: RememberArgs) -> Result<u8> {
+    add(ctx, &args.namespace, &args.content, args.json)
 }
 
-pub(super) fn search(args: SearchArgs, db: Option<&Path>) -> Result<u8> {
+pub(super) fn search(ctx: &Context, args: SearchArgs) -> Result<u8> {
     let query = args.query.join(" ");
     Namespace::parse(&args.namespace)?;
     notes::validate_limit(args.limit)?;
     notes::fts_query(&query)?;
-    let found = super::with_db(db, async |db| {
-        notes::search(db, &args.namespace, &query, args.limit).await
-    })?;
+    let found =
+        ctx.with_db(async |db| notes::search(db, &args.namespace, &query, args.limit).await)?;
     print_notes(&found, args.json);
     // Like grep: nothing found is exit 1.
     Ok(if found.is_empty() { 1 } else { 0 })
 }
 
-fn add(namespace: &str, text: &str, json: bool, db: Option<&Path>) -> Result<u8> {
+fn add(ctx: &Context, namespace: &str, text: &str, json: bool) -> Result<u8> {
     Namespace::parse(namespace)?;
     notes::validate_content(text)?;
     let author = std::env::var("APP_INSTANCE_ID")
         .ok()
         .filter(|id| !id.is_empty());
     let repo_root = repo_root();
-    let note = super::with_db(db, async |db| {
+    let note = ctx.with_db(async |db| {
         notes::add(db, namespace, text, author.as_deref(), repo_root.as_deref()).await
     })?;
     if json {

@@ -13,12 +13,12 @@ use clap::{Args, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use super::context::Context;
 use crate::config::format_age;
 use crate::db::runs::{self, RunRow, TaskRow, TaskStatus};
 use crate::error::{Error, IoContext, Result};
 use crate::orchestrate::plan::Plan;
 use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
-use crate::paths::AppPaths;
 use crate::registry::Timestamp;
 
 /// How progress is shown.
@@ -63,12 +63,13 @@ pub struct OrchestrateArgs {
     dry_run: bool,
 }
 
-pub(super) fn orchestrate(args: OrchestrateArgs, db: Option<&Path>) -> Result<u8> {
+pub(super) fn orchestrate(ctx: &Context, args: OrchestrateArgs) -> Result<u8> {
     let cwd = super::current_dir()?;
     let options = Options {
         max_concurrent: args.max_concurrent,
         fail_fast: args.fail_fast,
-        db: db.map(Path::to_path_buf),
+        db: ctx.db.clone(),
+        settings: ctx.settings.clone(),
     };
     let prepared = match &args.plan {
         Some(file) => Some(orchestrate::prepare(&cwd, file, &options)?),
@@ -375,12 +376,12 @@ pub enum RunsCommand {
     },
 }
 
-pub(super) fn runs(command: RunsCommand, db: Option<&Path>) -> Result<u8> {
-    let paths = AppPaths::discover(&super::current_dir()?)?;
+pub(super) fn runs(ctx: &Context, command: RunsCommand) -> Result<u8> {
+    let paths = ctx.repo()?.paths;
     let repo_root = paths.repo_root().display().to_string();
     match command {
         RunsCommand::List { json } => {
-            let rows = super::with_db(db, async |db| runs::list(db, &repo_root, 100).await)?;
+            let rows = ctx.with_db(async |db| runs::list(db, &repo_root, 100).await)?;
             if json {
                 super::print_json(&rows);
             } else {
@@ -402,7 +403,7 @@ pub(super) fn runs(command: RunsCommand, db: Option<&Path>) -> Result<u8> {
             Ok(0)
         }
         RunsCommand::Show { run, json } => {
-            let (row, tasks) = load(db, &run)?;
+            let (row, tasks) = load(ctx, &run)?;
             if json {
                 super::print_json(&serde_json::json!({ "run": row, "tasks": tasks }));
             } else {
@@ -418,7 +419,7 @@ pub(super) fn runs(command: RunsCommand, db: Option<&Path>) -> Result<u8> {
             Ok(0)
         }
         RunsCommand::Logs { run, task, follow } => {
-            let (_, tasks) = load(db, &run)?;
+            let (_, tasks) = load(ctx, &run)?;
             let row = tasks.iter().find(|t| t.task_id == task).ok_or_else(|| {
                 Error::bad_input(format!(
                     "run {run} has no task {task:?}; 'app runs show {run}' lists them"
@@ -427,16 +428,15 @@ pub(super) fn runs(command: RunsCommand, db: Option<&Path>) -> Result<u8> {
             let path = paths.task_log(&run, &task);
             print_log(
                 &path,
-                follow.then_some((db, run.as_str(), row.task_id.as_str())),
+                follow.then_some((ctx, run.as_str(), row.task_id.as_str())),
             )
         }
     }
 }
 
-fn load(db: Option<&Path>, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
-    let (row, mut tasks) = super::with_db(db, async |db| {
-        Ok((runs::get(db, run).await?, runs::tasks(db, run).await?))
-    })?;
+fn load(ctx: &Context, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
+    let (row, mut tasks) =
+        ctx.with_db(async |db| Ok((runs::get(db, run).await?, runs::tasks(db, run).await?)))?;
     let row = row.ok_or_else(|| {
         Error::bad_input(format!(
             "no run {run:?}; 'app runs list' shows this repository's runs"
@@ -457,7 +457,7 @@ fn load(db: Option<&Path>, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
 
 /// Prints a log; with `follow`, keeps printing what is appended until the task is no longer
 /// pending or running.
-fn print_log(path: &Path, follow: Option<(Option<&Path>, &str, &str)>) -> Result<u8> {
+fn print_log(path: &Path, follow: Option<(&Context, &str, &str)>) -> Result<u8> {
     use std::io::Write;
     if follow.is_none() && !path.exists() {
         return Err(Error::bad_input(format!(
@@ -470,7 +470,7 @@ fn print_log(path: &Path, follow: Option<(Option<&Path>, &str, &str)>) -> Result
     loop {
         // Asked before reading, so the last read sees everything written before the end.
         let active = match follow {
-            Some((db, run, task)) => load(db, run)?.1.iter().any(|t| {
+            Some((ctx, run, task)) => load(ctx, run)?.1.iter().any(|t| {
                 t.task_id == task
                     && (t.status == TaskStatus::Running || t.status == TaskStatus::Pending)
             }),

@@ -6,15 +6,14 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::Value;
 
-use crate::config::{self, Timing};
+use super::context::{Context, RepoContext};
+use crate::config;
 use crate::coordination::Coordination;
 use crate::error::{EXIT_FAILURE, Error, Result};
 use crate::ids::InstanceId;
 use crate::instance;
-use crate::paths::AppPaths;
 use crate::queue::{self, Message};
-use crate::registry::{Registry, Snapshot};
-use crate::watch;
+use crate::registry::Snapshot;
 
 /// Arguments of `app send`.
 #[derive(Debug, Args)]
@@ -73,18 +72,23 @@ pub struct AckArgs {
     instance: Option<String>,
 }
 
-fn setup() -> Result<(Coordination, Snapshot)> {
-    let timing = Timing::from_env()?;
-    let paths = AppPaths::discover(&super::current_dir()?)?;
-    let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
-    Ok((Coordination::new(&paths, timing.stale_after), snapshot))
+fn setup(ctx: &Context) -> Result<(RepoContext<'_>, Coordination, Snapshot)> {
+    let repo = ctx.repo()?;
+    let snapshot = repo.snapshot()?;
+    let coordination = repo.coordination();
+    Ok((repo, coordination, snapshot))
 }
 
 /// The instance acting: `flag`, else the calling instance; it must be registered.
-fn acting(snapshot: &Snapshot, flag: Option<String>, what: &str) -> Result<String> {
+fn acting(
+    repo: &RepoContext<'_>,
+    snapshot: &Snapshot,
+    flag: Option<String>,
+    what: &str,
+) -> Result<String> {
     let id = match flag {
         Some(id) => id,
-        None => instance::caller(snapshot, &super::current_dir()?)
+        None => instance::caller(snapshot, &repo.cwd)
             .map(|record| record.id)
             .ok_or_else(|| {
                 Error::bad_input(format!(
@@ -99,8 +103,8 @@ fn acting(snapshot: &Snapshot, flag: Option<String>, what: &str) -> Result<Strin
     Ok(id)
 }
 
-pub(super) fn send(args: SendArgs) -> Result<u8> {
-    let (coordination, snapshot) = setup()?;
+pub(super) fn send(ctx: &Context, args: SendArgs) -> Result<u8> {
+    let (repo, coordination, snapshot) = setup(ctx)?;
     let payload = if args.json {
         serde_json::from_str(&args.payload).map_err(|err| {
             Error::bad_input(format!(
@@ -112,7 +116,7 @@ pub(super) fn send(args: SendArgs) -> Result<u8> {
     };
     let from = match args.from {
         Some(from) => from,
-        None => acting(&snapshot, None, "--from")?,
+        None => acting(&repo, &snapshot, None, "--from")?,
     };
     let broadcast = args.to == "all";
     let posted = coordination.post(
@@ -135,7 +139,7 @@ pub(super) fn send(args: SendArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub(super) fn recv(args: RecvArgs) -> Result<u8> {
+pub(super) fn recv(ctx: &Context, args: RecvArgs) -> Result<u8> {
     // The flag first: a bad one is refused before anything is looked up.
     let deadline = match args.wait.as_deref() {
         None => None,
@@ -143,9 +147,9 @@ pub(super) fn recv(args: RecvArgs) -> Result<u8> {
         // Past what an Instant can hold is as good as forever.
         Some(text) => Some(Instant::now().checked_add(config::parse_duration(text)?)),
     };
-    let (coordination, snapshot) = setup()?;
-    let me = acting(&snapshot, args.instance, "--instance")?;
-    let poll = watch::poll_interval()?;
+    let (repo, coordination, snapshot) = setup(ctx)?;
+    let me = acting(&repo, &snapshot, args.instance, "--instance")?;
+    let poll = ctx.settings.poll_interval;
     let messages = coordination.messages()?;
     // Watch before the first scan, so nothing arriving in between is missed.
     let arrivals = if deadline.is_some() || args.follow {
@@ -191,9 +195,9 @@ pub(super) fn recv(args: RecvArgs) -> Result<u8> {
     Ok(if shown.is_empty() { EXIT_FAILURE } else { 0 })
 }
 
-pub(super) fn ack(args: AckArgs) -> Result<u8> {
-    let (coordination, snapshot) = setup()?;
-    let me = acting(&snapshot, args.instance, "--instance")?;
+pub(super) fn ack(ctx: &Context, args: AckArgs) -> Result<u8> {
+    let (repo, coordination, snapshot) = setup(ctx)?;
+    let me = acting(&repo, &snapshot, args.instance, "--instance")?;
     for id in &args.ids {
         queue::validate_id(id)?;
     }

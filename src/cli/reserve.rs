@@ -1,17 +1,15 @@
 //! `app reserve`, `app reservations`, `app release`, `app check-paths`, `app hooks install`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::config::Timing;
-use crate::coordination::Coordination;
+use super::context::{Context, RepoContext};
 use crate::error::{EXIT_FAILURE, Error, GitContext, Result};
 use crate::glob::Glob;
 use crate::instance;
-use crate::paths::{self, AppPaths};
-use crate::registry::{Registry, Snapshot};
+use crate::paths;
+use crate::registry::Snapshot;
 use crate::reserve::ReservationStore;
 use crate::state;
 
@@ -40,37 +38,34 @@ pub enum HooksCommand {
     Install,
 }
 
-struct Context {
-    paths: AppPaths,
+/// What the reservation commands work with.
+struct Reserving<'a> {
+    repo: RepoContext<'a>,
     snapshot: Snapshot,
     reservations: Box<dyn ReservationStore>,
-    cwd: PathBuf,
 }
 
-fn context() -> Result<Context> {
-    let timing = Timing::from_env()?;
-    let cwd = super::current_dir()?;
-    let paths = AppPaths::discover(&cwd)?;
-    let snapshot = Registry::open_read_only(&paths)?.snapshot()?;
-    let reservations = Coordination::new(&paths, timing.stale_after).reservations()?;
-    Ok(Context {
-        paths,
+fn reserving(ctx: &Context) -> Result<Reserving<'_>> {
+    let repo = ctx.repo()?;
+    let snapshot = repo.snapshot()?;
+    let reservations = repo.coordination().reservations()?;
+    Ok(Reserving {
+        repo,
         snapshot,
         reservations,
-        cwd,
     })
 }
 
-pub(super) fn reserve(args: ReserveArgs) -> Result<u8> {
+pub(super) fn reserve(ctx: &Context, args: ReserveArgs) -> Result<u8> {
     let globs = args
         .patterns
         .iter()
         .map(|p| Glob::parse(p))
         .collect::<Result<Vec<_>>>()?;
-    let ctx = context()?;
-    let holder = instance::caller_holder(&ctx.snapshot, &ctx.cwd)?;
+    let here = reserving(ctx)?;
+    let holder = instance::caller_holder(&here.snapshot, &here.repo.cwd)?;
     let reservation =
-        ctx.reservations
+        here.reservations
             .reserve(&holder, &globs, args.shared, args.ttl, args.reason)?;
     eprintln!(
         "app: reserved {} ({}) for {holder}",
@@ -85,9 +80,9 @@ pub(super) fn reserve(args: ReserveArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub(super) fn list(json: bool) -> Result<u8> {
-    let ctx = context()?;
-    let all = ctx.reservations.list()?;
+pub(super) fn list(ctx: &Context, json: bool) -> Result<u8> {
+    let here = reserving(ctx)?;
+    let all = here.reservations.list()?;
     if json {
         let values: Vec<serde_json::Value> = all
             .iter()
@@ -121,26 +116,26 @@ pub(super) fn list(json: bool) -> Result<u8> {
     Ok(0)
 }
 
-pub(super) fn release(patterns: Vec<String>) -> Result<u8> {
-    let ctx = context()?;
-    let holder = instance::caller_holder(&ctx.snapshot, &ctx.cwd)?;
-    let released = ctx.reservations.release(&holder, &patterns)?;
+pub(super) fn release(ctx: &Context, patterns: Vec<String>) -> Result<u8> {
+    let here = reserving(ctx)?;
+    let holder = instance::caller_holder(&here.snapshot, &here.repo.cwd)?;
+    let released = here.reservations.release(&holder, &patterns)?;
     eprintln!("app: released {released} reserved pattern(s)");
     Ok(0)
 }
 
-pub(super) fn check_paths(files: Vec<String>) -> Result<u8> {
-    let ctx = context()?;
-    let me = instance::caller_holder(&ctx.snapshot, &ctx.cwd)?;
+pub(super) fn check_paths(ctx: &Context, files: Vec<String>) -> Result<u8> {
+    let here = reserving(ctx)?;
+    let me = instance::caller_holder(&here.snapshot, &here.repo.cwd)?;
     // Paths are relative to the worktree the caller is in: its instance's, or the main one.
-    let root = instance::caller(&ctx.snapshot, &ctx.cwd)
+    let root = instance::caller(&here.snapshot, &here.repo.cwd)
         .and_then(|record| record.worktree)
-        .unwrap_or_else(|| ctx.paths.repo_root().to_path_buf());
+        .unwrap_or_else(|| here.repo.paths.repo_root().to_path_buf());
     let relative = files
         .iter()
-        .map(|file| paths::relative_to(&root, &ctx.cwd, file))
+        .map(|file| paths::relative_to(&root, &here.repo.cwd, file))
         .collect::<Result<Vec<_>>>()?;
-    let conflicts = ctx.reservations.conflicts(Some(&me), &relative)?;
+    let conflicts = here.reservations.conflicts(Some(&me), &relative)?;
     for (file, r) in &conflicts {
         eprintln!(
             "app: {file} is reserved exclusively by {} since {} ({}){}",
@@ -162,10 +157,9 @@ pub(super) fn check_paths(files: Vec<String>) -> Result<u8> {
 /// The first line after the shebang marks a hook as ours.
 const HOOK_MARKER: &str = "# app: pre-commit check of path reservations";
 
-pub(super) fn hooks(command: HooksCommand) -> Result<u8> {
+pub(super) fn hooks(ctx: &Context, command: HooksCommand) -> Result<u8> {
     let HooksCommand::Install = command;
-    let cwd = super::current_dir()?;
-    let paths = AppPaths::discover(&cwd)?;
+    let paths = ctx.repo()?.paths;
     let repo = git2::Repository::open(paths.repo_root())
         .git_context(|| format!("opening {}", paths.repo_root().display()))?;
     let hooks_dir = match repo.config().and_then(|c| c.get_path("core.hooksPath")) {

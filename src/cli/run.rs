@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::context::Context;
 use crate::api::{ApiOptions, DEFAULT_CAPACITY};
-use crate::config::{Timing, parse_duration};
+use crate::config::parse_duration;
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::instance::{self, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
@@ -82,7 +83,7 @@ pub struct CiArgs {
     command: Vec<String>,
 }
 
-pub(super) fn ci(args: CiArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
+pub(super) fn ci(ctx: &Context, args: CiArgs) -> Result<u8> {
     let options = RunOptions {
         mode: Mode::Worktree(WorktreeOptions {
             branch: Some(args.branch),
@@ -90,13 +91,13 @@ pub(super) fn ci(args: CiArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
             kind: WorktreeKind::Ci,
         }),
         command: args.command,
-        db,
+        db: ctx.db.clone(),
         stop_timeout: Some(args.stop_timeout),
         notify: Some(notify),
         deadline: args.timeout,
         ..RunOptions::default()
     };
-    let outcome = instance::run(&super::current_dir()?, &options, Timing::from_env()?)?;
+    let outcome = instance::run(&super::current_dir()?, &options, &ctx.settings)?;
     if outcome.exit_code == instance::EXIT_TIMED_OUT {
         eprintln!(
             "app: the command outlived --timeout {} and was stopped",
@@ -116,18 +117,18 @@ pub(super) fn ci(args: CiArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
     Ok(outcome.exit_code)
 }
 
-pub(super) fn serve(args: ServeCommandArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
+pub(super) fn serve(ctx: &Context, args: ServeCommandArgs) -> Result<u8> {
     let options = RunOptions {
         name: args.name,
         mode: Mode::Serve,
         command: vec!["app".into(), "serve".into()],
-        db,
+        db: ctx.db.clone(),
         api: args.serve.api(),
         stop_timeout: Some(args.serve.stop_timeout),
         notify: Some(notify),
         ..RunOptions::default()
     };
-    let outcome = instance::run(&super::current_dir()?, &options, Timing::from_env()?)?;
+    let outcome = instance::run(&super::current_dir()?, &options, &ctx.settings)?;
     eprintln!("app: instance {} stopped", outcome.id);
     Ok(outcome.exit_code)
 }
@@ -164,8 +165,7 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
-    let timing = Timing::from_env()?;
+pub(super) fn run(ctx: &Context, args: RunArgs) -> Result<u8> {
     let cwd = super::current_dir()?;
     let keep = args.keep && !args.no_worktree;
     let options = RunOptions {
@@ -173,14 +173,14 @@ pub(super) fn run(args: RunArgs, db: Option<std::path::PathBuf>) -> Result<u8> {
         name: args.name,
         keep_running: args.keep_running,
         command: args.command,
-        db,
+        db: ctx.db.clone(),
         ports: args.ports,
         api: args.serve.api(),
         stop_timeout: Some(args.serve.stop_timeout),
         notify: Some(notify),
         deadline: None,
     };
-    let outcome = instance::run(&cwd, &options, timing)?;
+    let outcome = instance::run(&cwd, &options, &ctx.settings)?;
     let shown = |path: &Path| path.display().to_string();
     if let (Some(cleanup), Some(worktree), Some(branch)) =
         (&outcome.cleanup, &outcome.worktree, &outcome.branch)
@@ -228,7 +228,6 @@ fn mode(args: &RunArgs) -> Result<Mode> {
     }
     if let Some(count) = args.ports {
         ports::validate_count(count)?;
-        ports::range()?;
     }
     Err(Error::bad_input(
         "--branch and --base need a worktree; drop them or drop --no-worktree",

@@ -24,12 +24,10 @@ use std::time::Duration;
 
 use libsql::{Builder, Connection, Database, TransactionBehavior, Value};
 
-use crate::config;
+use crate::config::{self, Settings};
 use crate::error::{Error, IoContext, Result};
 use crate::state;
 
-/// How long a busy database is retried before giving up (`APP_DB_RETRY_DEADLINE`).
-pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// How long one request to a server may go unanswered before it is sent again.
 pub const REMOTE_ATTEMPT_LIMIT: Duration = Duration::from_secs(5);
 /// SQLite's own busy wait on a local file, inside one attempt.
@@ -128,12 +126,20 @@ pub struct DbSettings {
     pub retry_deadline: Duration,
 }
 
-impl DbSettings {
-    /// Reads the settings from the environment.
-    pub fn from_env() -> Result<Self> {
-        Ok(DbSettings {
-            retry_deadline: config::env_duration("APP_DB_RETRY_DEADLINE", DEFAULT_RETRY_DEADLINE)?,
-        })
+impl From<&Settings> for DbSettings {
+    fn from(settings: &Settings) -> Self {
+        DbSettings {
+            retry_deadline: settings.db_retry_deadline,
+        }
+    }
+}
+
+impl Default for DbSettings {
+    /// As when `APP_DB_RETRY_DEADLINE` is not set.
+    fn default() -> Self {
+        DbSettings {
+            retry_deadline: config::DEFAULT_DB_RETRY_DEADLINE,
+        }
     }
 }
 
@@ -143,6 +149,43 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .io_context("starting the database runtime for", "the database client")
+}
+
+/// An open database for synchronous code: the async client and the runtime that drives it,
+/// so no caller builds a runtime of its own. Its futures are not `Send`; async code (the API)
+/// uses [`Db`] on its own runtime instead.
+///
+/// A `Blocking` must be dropped outside any async context (dropping a runtime inside one
+/// panics): hold it in synchronous code or on a blocking thread.
+pub struct Blocking {
+    runtime: tokio::runtime::Runtime,
+    db: Db,
+}
+
+impl std::fmt::Debug for Blocking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.db.fmt(f)
+    }
+}
+
+impl Blocking {
+    /// Opens (and migrates) the database at `location`.
+    pub fn open(location: Location, settings: DbSettings) -> Result<Blocking> {
+        let runtime = runtime()?;
+        let db = runtime.block_on(Db::open(location, settings))?;
+        Ok(Blocking { runtime, db })
+    }
+
+    /// Opens the database named by `flag` (`--db`), else by the environment
+    /// ([`Location::resolve`]).
+    pub fn open_default(flag: Option<&Path>, settings: DbSettings) -> Result<Blocking> {
+        Blocking::open(Location::resolve(flag)?, settings)
+    }
+
+    /// Runs `body` with the database to its end.
+    pub fn run<T>(&self, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
+        self.runtime.block_on(body(&self.db))
+    }
 }
 
 /// What a write changed, where the database reports it (a local file does; a server's batch
@@ -218,8 +261,8 @@ impl Db {
     }
 
     /// Resolves the location from `flag` and the environment, then opens it.
-    pub async fn open_default(flag: Option<&Path>) -> Result<Db> {
-        Db::open(Location::resolve(flag)?, DbSettings::from_env()?).await
+    pub async fn open_default(flag: Option<&Path>, settings: DbSettings) -> Result<Db> {
+        Db::open(Location::resolve(flag)?, settings).await
     }
 
     /// Where this database lives.

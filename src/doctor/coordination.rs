@@ -3,14 +3,13 @@
 //! letters and quarantined files are only noticed: they are kept for the user to read.
 
 use std::fs;
-use std::time::Duration;
 
 use super::Diagnosis;
 use super::problem::Problem;
+use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::error::Result;
 use crate::paths::AppPaths;
-use crate::queue;
 use crate::registry::Snapshot;
 use crate::sign::SigningKey;
 
@@ -19,10 +18,10 @@ pub(super) fn problems(
     paths: &AppPaths,
     key: Option<&SigningKey>,
     snapshot: &Snapshot,
-    stale_after: Duration,
+    settings: &Settings,
     found: &mut Diagnosis,
 ) -> Result<()> {
-    let coordination = Coordination::new(paths, stale_after);
+    let coordination = Coordination::new(paths, settings);
     lock_problems(&coordination, &mut found.problems)?;
     reservation_problems(&coordination, &mut found.problems)?;
     inbox_problems(&coordination, key, snapshot, &mut found.problems)?;
@@ -80,7 +79,7 @@ fn inbox_problems(
     snapshot: &Snapshot,
     problems: &mut Vec<Problem>,
 ) -> Result<()> {
-    let store = coordination.messages_with(key.cloned(), queue::max_message_bytes()?);
+    let store = coordination.messages_with(key.cloned());
     for owner in store.owners() {
         let (messages, swept) = store.inspect(&owner)?;
         if snapshot.instance(&owner).is_none() {

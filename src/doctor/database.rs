@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::problem::Problem;
 use super::{Diagnosis, Options};
-use crate::db::{self, Db, DbSettings, Location, instances};
+use crate::db::{self, Blocking, Db, DbSettings, Location, instances};
 use crate::error::Result;
 use crate::paths::AppPaths;
 use crate::registry::{Liveness, Snapshot};
@@ -36,10 +36,11 @@ pub(super) fn problems(
             .push(format!("no database at {} yet", path.display()));
         return;
     }
-    let stale_after = options.timing.stale_after;
-    let checked = db::runtime().and_then(|runtime| {
-        runtime.block_on(check(&location, paths.repo_root(), snapshot, stale_after))
-    });
+    let stale_after = options.settings.timing.stale_after;
+    let checked =
+        Blocking::open(location.clone(), DbSettings::from(&options.settings)).and_then(|db| {
+            db.run(async |db| check(db, paths.repo_root(), snapshot, stale_after).await)
+        });
     match checked {
         Ok(problems) => found.problems.extend(problems),
         Err(err) => found.problems.push(Problem::Database {
@@ -48,23 +49,23 @@ pub(super) fn problems(
     }
 }
 
-/// Opens the database at `location` and checks it: its integrity, its schema version, and a
+/// Checks the database: its integrity, its schema version, and a
 /// row for every live instance of repository `repo_root`.
 async fn check(
-    location: &Location,
+    database: &Db,
     repo_root: &Path,
     snapshot: &Snapshot,
     stale_after: Duration,
 ) -> Result<Vec<Problem>> {
-    let db = Db::open(location.clone(), DbSettings::from_env()?).await?;
+    let location = database.location();
     let mut problems = Vec::new();
-    let check = db.check(false).await?;
+    let check = database.check(false).await?;
     if check != "ok" {
         problems.push(Problem::Database {
             reason: format!("quick_check of {location}: {check}"),
         });
     }
-    let version = db::schema::version(&db).await?;
+    let version = db::schema::version(database).await?;
     if version > db::schema::LATEST {
         problems.push(Problem::Database {
             reason: format!(
@@ -75,7 +76,7 @@ async fn check(
     }
     for record in snapshot.valid_instances() {
         if record.liveness(stale_after) == Liveness::Live
-            && instances::history(&db, repo_root, &record.id)
+            && instances::history(database, repo_root, &record.id)
                 .await?
                 .is_empty()
         {

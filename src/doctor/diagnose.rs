@@ -34,7 +34,7 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     let snapshot = registry_snapshot(paths, &mut found.problems)?;
     let repo = Repository::open(paths.repo_root())
         .git_context(|| format!("opening {}", paths.repo_root().display()))?;
-    let stale_after = options.timing.stale_after;
+    let stale_after = options.settings.timing.stale_after;
     let scan = Scan::take();
 
     // Lock files a killed writer left on app's refs first: the fixes after them change refs.
@@ -55,7 +55,13 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
         &mut found.problems,
     )?;
     git::branch_problems(&repo, &snapshot, stale_after, &mut found.problems)?;
-    coordination::problems(paths, key.as_ref(), &snapshot, stale_after, &mut found)?;
+    coordination::problems(
+        paths,
+        key.as_ref(),
+        &snapshot,
+        &options.settings,
+        &mut found,
+    )?;
     files::stale_sockets(paths, &snapshot, stale_after, &mut found.problems);
     files::temp_files(paths.state_dir(), paths, &mut found.problems);
     files::permissions(paths.state_dir(), paths, &mut found.problems);

@@ -13,7 +13,7 @@ use git2::{ErrorCode, Repository};
 use super::problem::Problem;
 use super::{Diagnosis, Fixed, Options, diagnose, git};
 use crate::coordination::Coordination;
-use crate::db::{self, Db, instances};
+use crate::db::{Blocking, DbSettings, instances};
 use crate::error::{Error, Result};
 use crate::inuse::{self, Scan};
 use crate::lock::Holder;
@@ -137,13 +137,13 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             Ok("removed the entry".into())
         }
         Problem::LapsedLock { name, .. } => {
-            let locks = Coordination::new(paths, options.timing.stale_after).locks()?;
+            let locks = Coordination::new(paths, &options.settings).locks()?;
             let holder = Holder::process(ProcessIdentity::current());
             locks.release(name, &holder, true)?;
             Ok("released".into())
         }
         Problem::LapsedReservations { .. } => {
-            let dropped = Coordination::new(paths, options.timing.stale_after)
+            let dropped = Coordination::new(paths, &options.settings)
                 .reservations()?
                 .prune()?;
             Ok(format!("dropped {dropped}"))
@@ -225,14 +225,14 @@ fn reclaim_orphan(paths: &AppPaths, options: &Options, id: &str, path: &Path) ->
 
 /// Moves the messages of the gone instance `owner` aside and removes its inbox.
 fn retire_inbox(paths: &AppPaths, options: &Options, owner: &str) -> Result<String> {
-    let messages = Coordination::new(paths, options.timing.stale_after).messages()?;
+    let messages = Coordination::new(paths, &options.settings).messages()?;
     let moved = messages.retire(owner, &format!("instance {owner} is gone"))?;
     Ok(format!("moved {moved} file(s) aside"))
 }
 
 /// Sweeps the expired and untrusted messages out of `owner`'s inbox.
 fn sweep_inbox(paths: &AppPaths, options: &Options, owner: &str) -> Result<String> {
-    let messages = Coordination::new(paths, options.timing.stale_after).messages()?;
+    let messages = Coordination::new(paths, &options.settings).messages()?;
     let (_, swept) = messages.pending(owner)?;
     Ok(format!(
         "moved {} to dead/ and {} to quarantine/",
@@ -257,17 +257,16 @@ fn remove_ref_lock(path: &Path) -> Result<String> {
 /// Writes the database row of the live instance `record`.
 fn write_row(paths: &AppPaths, options: &Options, record: &InstanceRecord) -> Result<String> {
     let row = instances::InstanceRow::from_record(record, paths.repo_root());
-    db::runtime()?.block_on(async {
-        let db = Db::open_default(options.db.as_deref()).await?;
-        instances::upsert(&db, &row).await
-    })?;
+    Blocking::open_default(options.db.as_deref(), DbSettings::from(&options.settings))?
+        .run(async |db| instances::upsert(db, &row).await)?;
     Ok("wrote its row".into())
 }
 
 /// Waits (a few heartbeats at most) for the live supervisor of worktree `id` to register it
 /// again; its heartbeat re-creates a lost or unverifiable entry.
 fn readopt(paths: &AppPaths, options: &Options, id: &str, supervisor: u32) -> Result<String> {
-    let deadline = Instant::now() + options.timing.heartbeat_interval * 3 + Duration::from_secs(1);
+    let deadline =
+        Instant::now() + options.settings.timing.heartbeat_interval * 3 + Duration::from_secs(1);
     loop {
         let snapshot = Registry::open_read_only(paths)?.snapshot()?;
         if snapshot.instance(id).is_some() {

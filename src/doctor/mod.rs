@@ -33,7 +33,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::config::Timing;
+use crate::config::Settings;
 use crate::reclaim::Work;
 use problem::Problem;
 
@@ -43,8 +43,8 @@ pub use fix::fix;
 /// How `doctor` runs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Heartbeat limits, for liveness.
-    pub timing: Timing,
+    /// The settings read at the start of the command (heartbeat limits, for liveness).
+    pub settings: Settings,
     /// Discard instead of rescuing: dirty worktrees go without a rescue commit, branches with
     /// commits beyond their base are deleted.
     pub force: bool,

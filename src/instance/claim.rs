@@ -7,6 +7,7 @@
 //!   on one branch never collide: the later one tests it detached.
 
 use std::collections::HashSet;
+use std::ops::RangeInclusive;
 
 use git2::Repository;
 
@@ -71,8 +72,8 @@ fn refuse_live_holder(snapshot: &Snapshot, name: &str, timing: Timing) -> Result
 pub(super) struct Claim<'a> {
     /// Its worktree, when it has one (`app ci` may turn it detached).
     pub plan: Option<&'a mut WorktreePlan>,
-    /// How many ports to lease.
-    pub ports: Option<usize>,
+    /// How many ports to lease, and the range to lease them from (`APP_PORT_RANGE`).
+    pub ports: Option<(usize, RangeInclusive<u16>)>,
     /// `app ci`: a branch a live instance holds is tested detached instead of refused.
     pub ci: bool,
 }
@@ -107,8 +108,8 @@ pub(super) fn claim(
                 created_branch,
             });
         }
-        if let Some(ports) = claim.ports {
-            record.ports = lease_ports(tables, &record.id, ports, timing)?;
+        if let Some((count, range)) = claim.ports.clone() {
+            record.ports = lease_ports(tables, &record.id, (count, range), timing)?;
         }
         tables.put_instance(record);
         Ok(created_branch)
@@ -172,8 +173,12 @@ fn claim_branch(
 }
 
 /// `count` consecutive ports no other live instance holds.
-fn lease_ports(tables: &Tables, id: &str, count: usize, timing: Timing) -> Result<Vec<u16>> {
-    let port_range = ports::range()?;
+fn lease_ports(
+    tables: &Tables,
+    id: &str,
+    (count, port_range): (usize, RangeInclusive<u16>),
+    timing: Timing,
+) -> Result<Vec<u16>> {
     let taken: HashSet<u16> = tables
         .instances()
         .into_iter()

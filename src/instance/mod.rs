@@ -22,7 +22,7 @@ use std::time::Duration;
 use git2::Repository;
 
 use crate::api::{self, ApiOptions, Bound};
-use crate::config::Timing;
+use crate::config::Settings;
 use crate::db::{DbSettings, Location};
 use crate::error::{Error, GitContext, Result};
 use crate::ids::InstanceId;
@@ -171,11 +171,11 @@ pub struct RunOutcome {
 }
 
 /// Runs `options.command` as a new instance and supervises it until it exits.
-pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcome> {
+pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunOutcome> {
     validate(options)?;
     let database = (
         Location::resolve(options.db.as_deref())?,
-        DbSettings::from_env()?,
+        DbSettings::from(settings),
     );
     let paths = AppPaths::discover(cwd)?;
     let repo = Repository::open(paths.repo_root())
@@ -190,7 +190,12 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
     // Everything below until `open_for_write` only reads.
     let reader = Registry::open_read_only(&paths)?;
     let snapshot = reader.snapshot()?;
-    let id = claim::choose_id((&repo, &paths), &snapshot, options.name.as_deref(), timing)?;
+    let id = claim::choose_id(
+        (&repo, &paths),
+        &snapshot,
+        options.name.as_deref(),
+        settings.timing,
+    )?;
     let plan = match &options.mode {
         Mode::Worktree(worktree) => Some(worktree::plan(
             &repo,
@@ -204,7 +209,7 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
     // The API's address is the last check: an explicit one that is taken stops the run here.
     let api = match &options.api {
         None => None,
-        Some(api_options) => bind_api(api_options, &id, options.notify)?,
+        Some(api_options) => bind_api(api_options, settings, &id, options.notify)?,
     };
 
     // The command's whole process tree is the instance's: what it leaves behind comes to us.
@@ -218,7 +223,7 @@ pub fn run(cwd: &Path, options: &RunOptions, timing: Timing) -> Result<RunOutcom
         id,
         plan,
         options,
-        timing,
+        settings,
         slot,
         database,
         api,
@@ -239,7 +244,6 @@ fn validate(options: &RunOptions) -> Result<()> {
     }
     if let Some(count) = options.ports {
         ports::validate_count(count)?;
-        ports::range()?;
     }
     Ok(())
 }
@@ -248,10 +252,11 @@ fn validate(options: &RunOptions) -> Result<()> {
 /// without the API (and is told so).
 fn bind_api(
     options: &ApiOptions,
+    settings: &Settings,
     id: &str,
     notify: Option<fn(&Notice)>,
 ) -> Result<Option<api::Binding>> {
-    match api::bind(options)? {
+    match api::bind(options, settings)? {
         Bound::Listening(binding) => Ok(Some(binding)),
         Bound::AllTaken(range) => {
             match notify {

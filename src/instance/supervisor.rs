@@ -27,7 +27,7 @@ use super::mirror::{self, DbMirror};
 use super::signals::{Slot, Spawned};
 use super::{EXIT_TIMED_OUT, Mode, Notice, RunOptions, RunOutcome};
 use crate::api::{self, ApiServer};
-use crate::config::Timing;
+use crate::config::Settings;
 use crate::control::{self, ControlServer};
 use crate::db::{DbSettings, Location};
 use crate::error::{Error, IoContext, Result};
@@ -45,7 +45,7 @@ pub(super) struct Launch<'a> {
     pub id: String,
     pub plan: Option<WorktreePlan>,
     pub options: &'a RunOptions,
-    pub timing: Timing,
+    pub settings: &'a Settings,
     pub slot: Arc<Slot>,
     pub database: (Location, DbSettings),
     pub api: Option<api::Binding>,
@@ -56,7 +56,7 @@ pub(super) struct Supervisor<'a> {
     paths: &'a AppPaths,
     repo: &'a Repository,
     options: &'a RunOptions,
-    timing: Timing,
+    settings: &'a Settings,
     slot: Arc<Slot>,
     database: (Location, DbSettings),
     registry: Registry,
@@ -112,7 +112,7 @@ impl<'a> Supervisor<'a> {
             id,
             mut plan,
             options,
-            timing,
+            settings,
             slot,
             database,
             api,
@@ -129,10 +129,12 @@ impl<'a> Supervisor<'a> {
         }
         let claim = Claim {
             plan: plan.as_mut(),
-            ports: options.ports,
+            ports: options
+                .ports
+                .map(|count| (count, settings.port_range.clone())),
             ci: options.ci(),
         };
-        let created_branch = match claim::claim(&registry, &mut record, claim, timing) {
+        let created_branch = match claim::claim(&registry, &mut record, claim, settings.timing) {
             Ok(created) => created,
             Err(err) => {
                 let _ = journal::end(paths, &start_intent);
@@ -157,7 +159,7 @@ impl<'a> Supervisor<'a> {
             paths,
             repo,
             options,
-            timing,
+            settings,
             slot,
             database,
             registry,
@@ -254,7 +256,7 @@ impl<'a> Supervisor<'a> {
         let context = api::ApiContext {
             instance_id: id.clone(),
             paths: self.paths.clone(),
-            stale_after: self.timing.stale_after,
+            settings: self.settings.clone(),
             database: self.database.clone(),
             capacity: self
                 .options
@@ -329,7 +331,7 @@ impl<'a> Supervisor<'a> {
         self.heartbeat = Some(Heartbeat::start(
             (self.paths.clone(), self.key.clone()),
             self.record.clone(),
-            self.timing,
+            self.settings.timing,
             (sender, repo_root),
         ));
         let Some(child) = child else {

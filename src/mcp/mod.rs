@@ -15,7 +15,7 @@ mod stdio;
 mod tools;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -23,8 +23,8 @@ use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabiliti
 use rmcp::{ServerHandler, ServiceExt, tool_handler};
 use serde_json::{Value, json};
 
-use crate::config::Timing;
-use crate::db::Db;
+use crate::config::Settings;
+use crate::db::Blocking;
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 
@@ -54,20 +54,25 @@ struct State {
     paths: AppPaths,
     /// The instance this server acts for.
     me: String,
-    timing: Timing,
+    settings: Settings,
     /// `--db`, when given; the database opens at the first tool that needs it.
     db_flag: Option<PathBuf>,
-    db: tokio::sync::OnceCell<Db>,
-    /// The database client's own runtime: its futures are not `Send`, so the tools that use it
-    /// run it on their blocking thread rather than on the protocol's runtime.
-    db_runtime: Arc<tokio::runtime::Runtime>,
+    /// The database with its own runtime: the client's futures are not `Send`, so the tools
+    /// that use it run it on their blocking thread rather than on the protocol's runtime.
+    db: Mutex<Option<Arc<Blocking>>>,
 }
 
 /// Serves MCP on stdin/stdout for instance `me` until the client closes the connection.
-pub fn serve(paths: AppPaths, me: String, timing: Timing, db_flag: Option<PathBuf>) -> Result<()> {
-    // Held here too, so the last drop of the database's runtime happens outside any runtime.
-    let db_runtime = Arc::new(crate::db::runtime()?);
-    let server = Server::new(paths, me, timing, db_flag, Arc::clone(&db_runtime));
+pub fn serve(
+    paths: AppPaths,
+    me: String,
+    settings: Settings,
+    db_flag: Option<PathBuf>,
+) -> Result<()> {
+    let server = Server::new(paths, me, settings, db_flag);
+    // Held here too, so the last drop of the database (and its runtime) happens outside any
+    // runtime: after the protocol's runtime below is gone.
+    let _state = Arc::clone(&server.state);
     let runtime = crate::db::runtime()?;
     let served = runtime.block_on(async {
         let (read, write) = rmcp::transport::stdio_pipes();

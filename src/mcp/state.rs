@@ -1,5 +1,6 @@
 //! What each tool does: the same library calls as the CLI, on a blocking thread.
 
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -7,7 +8,7 @@ use serde_json::{Value, json};
 use super::State;
 use super::args::*;
 use crate::coordination::Coordination;
-use crate::db::{Db, notes, runs};
+use crate::db::{Blocking, Db, DbSettings, notes, runs};
 use crate::error::{Error, Result};
 use crate::glob::Glob;
 use crate::ids::{LockName, Namespace};
@@ -16,12 +17,11 @@ use crate::orchestrate::plan::Plan;
 use crate::paths;
 use crate::queue;
 use crate::registry::{InstanceRecord, Liveness, Registry, Snapshot};
-use crate::watch;
 
 impl State {
     /// Where this repository's locks, reservations and messages are.
     fn coordination(&self) -> Coordination {
-        Coordination::new(&self.paths, self.timing.stale_after)
+        Coordination::new(&self.paths, &self.settings)
     }
 
     pub(super) fn snapshot(&self) -> Result<Snapshot> {
@@ -44,18 +44,25 @@ impl State {
 
     /// Runs `body` with the database, opened at the first call.
     pub(super) fn with_db<T>(&self, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
-        self.db_runtime.block_on(async {
-            let db = self
-                .db
-                .get_or_try_init(|| Db::open_default(self.db_flag.as_deref()))
-                .await?;
-            body(db).await
-        })
+        let db = {
+            // Opened under the lock: two first tools at once open it once.
+            let mut slot = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*slot {
+                Some(db) => Arc::clone(db),
+                None => {
+                    let settings = DbSettings::from(&self.settings);
+                    let db = Arc::new(Blocking::open_default(self.db_flag.as_deref(), settings)?);
+                    *slot = Some(Arc::clone(&db));
+                    db
+                }
+            }
+        };
+        db.run(body)
     }
 
     pub(super) fn whoami(&self) -> Result<Value> {
         let record = self.record(&self.snapshot()?)?;
-        let liveness = record.liveness(self.timing.stale_after);
+        let liveness = record.liveness(self.settings.timing.stale_after);
         let mut value = record.to_json(&liveness);
         value["repo_root"] = json!(self.paths.repo_root());
         Ok(value)
@@ -66,7 +73,7 @@ impl State {
         let instances: Vec<Value> = snapshot
             .valid_instances()
             .into_iter()
-            .map(|record| (record, record.liveness(self.timing.stale_after)))
+            .map(|record| (record, record.liveness(self.settings.timing.stale_after)))
             .filter(|(_, liveness)| args.include_stale || *liveness == Liveness::Live)
             .map(|(record, liveness)| {
                 let mut value = record.to_json(&liveness);
@@ -103,7 +110,7 @@ impl State {
         }
         let deadline = Instant::now() + wait(args.wait_seconds)?;
         let store = self.coordination().messages()?;
-        let poll = watch::poll_interval()?;
+        let poll = self.settings.poll_interval;
         // Watch before the first scan, so nothing arriving in between is missed.
         let arrivals = if deadline > Instant::now() {
             Some(store.arrivals(&self.me, poll, false)?)

@@ -1,7 +1,7 @@
 //! The tool table: each tool's name, description and hints, and the `State` call it makes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::CallToolResult;
@@ -9,7 +9,7 @@ use rmcp::{tool, tool_router};
 
 use super::args::*;
 use super::{Server, State};
-use crate::config::Timing;
+use crate::config::Settings;
 use crate::paths::AppPaths;
 
 #[tool_router]
@@ -18,18 +18,16 @@ impl Server {
     pub fn new(
         paths: AppPaths,
         me: String,
-        timing: Timing,
+        settings: Settings,
         db_flag: Option<PathBuf>,
-        db_runtime: Arc<tokio::runtime::Runtime>,
     ) -> Server {
         Server {
             state: Arc::new(State {
                 paths,
                 me,
-                timing,
+                settings,
                 db_flag,
-                db: tokio::sync::OnceCell::new(),
-                db_runtime,
+                db: Mutex::new(None),
             }),
             tool_router: Self::tool_router(),
         }

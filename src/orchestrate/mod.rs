@@ -37,9 +37,9 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use self::plan::{Plan, Task};
-use crate::config::Timing;
+use crate::config::{Settings, Timing};
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
-use crate::db::{self, Db};
+use crate::db::{self, Blocking, DbSettings};
 use crate::error::{Error, GitContext, IoContext, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
@@ -58,6 +58,15 @@ pub struct Options {
     pub fail_fast: bool,
     /// The database (`--db`), passed on to every task.
     pub db: Option<PathBuf>,
+    /// The settings read at the start of the command.
+    pub settings: Settings,
+}
+
+impl Options {
+    /// Opens the run's database (`--db`, else the environment).
+    fn database(&self) -> Result<Blocking> {
+        Blocking::open_default(self.db.as_deref(), DbSettings::from(&self.settings))
+    }
 }
 
 /// What happened, for the person watching.
@@ -206,8 +215,7 @@ pub fn start(
     // Task logs live in .app/: a state directory app cannot use stops the run before it is
     // recorded.
     paths.ensure_state_dir()?;
-    let runtime = db::runtime()?;
-    let db = runtime.block_on(Db::open_default(options.db.as_deref()))?;
+    let db = options.database()?;
     let me = ProcessIdentity::current();
     let run = RunRow {
         id: plan.run.clone(),
@@ -239,8 +247,8 @@ pub fn start(
             detail: None,
         })
         .collect();
-    runtime.block_on(runs::create(&db, &run, &rows))?;
-    let mut orchestrator = Orchestrator::new(paths, plan, options, run, rows, (runtime, db))?;
+    db.run(async |db| runs::create(db, &run, &rows).await)?;
+    let mut orchestrator = Orchestrator::new(paths, plan, options, run, rows, db)?;
     orchestrator.execute(stop, report)
 }
 
@@ -254,9 +262,8 @@ pub fn resume(
 ) -> Result<Summary> {
     let paths = AppPaths::discover(cwd)?;
     paths.ensure_state_dir()?;
-    let runtime = db::runtime()?;
-    let db = runtime.block_on(Db::open_default(options.db.as_deref()))?;
-    let Some(mut run) = runtime.block_on(runs::get(&db, id))? else {
+    let db = options.database()?;
+    let Some(mut run) = db.run(async |db| runs::get(db, id).await)? else {
         return Err(Error::bad_input(format!(
             "no run {id:?} in the database; 'app runs list' shows the runs of this repository"
         )));
@@ -286,8 +293,8 @@ pub fn resume(
     if let Some(max) = options.max_concurrent {
         plan.max_concurrent = max.max(1);
     }
-    let timing = Timing::from_env()?;
-    let mut rows = runtime.block_on(runs::tasks(&db, id))?;
+    let timing = options.settings.timing;
+    let mut rows = db.run(async |db| runs::tasks(db, id).await)?;
     // Everything is looked at before anything changes: an attempt whose command outlived its
     // supervisor refuses the resume with nothing touched.
     let mut leftovers = Vec::new();
@@ -296,7 +303,7 @@ pub fn resume(
             continue;
         }
         if let Some(instance) = &row.instance {
-            leftovers.push(survey(&paths, &runtime, &db, row, instance, timing)?);
+            leftovers.push(survey(&paths, &db, row, instance, timing)?);
         }
     }
     // Starts and stops the dead attempts' `app run` left half-done are finished or undone
@@ -329,15 +336,15 @@ pub fn resume(
         }
         row.status = TaskStatus::Pending;
         row.detail = None;
-        runtime.block_on(runs::update_task(&db, row))?;
+        db.run(async |db| runs::update_task(db, row).await)?;
     }
     let me = ProcessIdentity::current();
     run.status = RunStatus::Running;
     run.finished_at = None;
     run.pid = Some(me.pid.into());
     run.start_time = Some(me.start_time as i64);
-    runtime.block_on(runs::update_run(&db, &run))?;
-    let mut orchestrator = Orchestrator::new(&paths, plan, options, run, rows, (runtime, db))?;
+    db.run(async |db| runs::update_run(db, &run).await)?;
+    let mut orchestrator = Orchestrator::new(&paths, plan, options, run, rows, db)?;
     orchestrator.execute(stop, report)
 }
 
@@ -356,8 +363,7 @@ struct Leftover {
 /// runs is an error (exit 3): nothing may take its worktree from under it.
 fn survey(
     paths: &AppPaths,
-    runtime: &tokio::runtime::Runtime,
-    db: &Db,
+    db: &Blocking,
     row: &TaskRow,
     instance: &str,
     timing: Timing,
@@ -381,8 +387,8 @@ fn survey(
         Some(record) => record.child_pid.is_some(),
         // Unregistered: it either never registered or ran to its end, and its mirror in the
         // database says which (a registration that never started its command stays `starting`).
-        None => runtime
-            .block_on(db::instances::history(db, paths.repo_root(), instance))?
+        None => db
+            .run(async |db| db::instances::history(db, paths.repo_root(), instance).await)?
             .iter()
             .any(|r| r.status != "starting"),
     };
@@ -495,8 +501,7 @@ struct Orchestrator {
     tries: HashMap<String, u32>,
     running: HashMap<String, Running>,
     conflicts: Vec<Value>,
-    runtime: tokio::runtime::Runtime,
-    db: Db,
+    db: Blocking,
     exe: PathBuf,
 }
 
@@ -507,7 +512,7 @@ impl Orchestrator {
         options: &Options,
         run: RunRow,
         rows: Vec<TaskRow>,
-        (runtime, db): (tokio::runtime::Runtime, Db),
+        db: Blocking,
     ) -> Result<Self> {
         let exe = std::env::current_exe().io_context("finding", "the app executable")?;
         Ok(Orchestrator {
@@ -520,7 +525,6 @@ impl Orchestrator {
             tries: HashMap::new(),
             running: HashMap::new(),
             conflicts: Vec::new(),
-            runtime,
             db,
             exe,
         })
@@ -612,8 +616,8 @@ impl Orchestrator {
         self.run.pid = None;
         self.run.start_time = None;
         self.run.report = report_value;
-        self.runtime
-            .block_on(runs::update_run(&self.db, &self.run))?;
+        let run = &self.run;
+        self.db.run(async |db| runs::update_run(db, run).await)?;
         Ok(Summary {
             run: self.run.clone(),
             tasks: self
@@ -626,7 +630,7 @@ impl Orchestrator {
     }
 
     fn save_task(&self, row: &TaskRow) -> Result<()> {
-        self.runtime.block_on(runs::update_task(&self.db, row))
+        self.db.run(async |db| runs::update_task(db, row).await)
     }
 
     /// Marks pending tasks whose dependencies can no longer succeed as skipped.

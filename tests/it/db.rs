@@ -107,7 +107,7 @@ fn writer_child() {
     let (name, count) = spec.split_once(',').unwrap();
     let count: usize = count.parse().unwrap();
     block_on(async {
-        let db = Db::open_default(None).await.unwrap();
+        let db = Db::open_default(None, DbSettings::default()).await.unwrap();
         for i in 0..count {
             let content = format!("{name} note {i} {}", "x".repeat(i % 40));
             let note = notes::add(&db, NAMESPACE, &content, Some(name), None)

@@ -1,0 +1,83 @@
+//! What a command starts from, built once in [`super::run`]: the settings read from the
+//! environment and `--db` ([`Context`]), and for a command that works in a repository, that
+//! repository found from the current directory ([`RepoContext`]). Handlers take what they need
+//! from here and hand it down; nothing below the CLI reads a setting from the environment.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Settings;
+use crate::coordination::Coordination;
+use crate::db::{Blocking, Db, DbSettings};
+use crate::error::{IoContext, Result};
+use crate::paths::AppPaths;
+use crate::registry::{Registry, Snapshot};
+
+/// Every command's context.
+#[derive(Debug)]
+pub(super) struct Context {
+    /// Every `APP_*` setting, read and validated once, before the command runs.
+    pub settings: Settings,
+    /// `--db`, when given.
+    pub db: Option<PathBuf>,
+}
+
+impl Context {
+    /// The repository around the current directory.
+    pub fn repo(&self) -> Result<RepoContext<'_>> {
+        let cwd = current_dir()?;
+        self.repo_at(cwd)
+    }
+
+    /// The repository around `cwd`.
+    pub fn repo_at(&self, cwd: PathBuf) -> Result<RepoContext<'_>> {
+        let paths = AppPaths::discover(&cwd)?;
+        Ok(RepoContext {
+            cwd,
+            paths,
+            settings: &self.settings,
+        })
+    }
+
+    /// `--db`, when given.
+    pub fn db_flag(&self) -> Option<&Path> {
+        self.db.as_deref()
+    }
+
+    /// Opens the database named by `--db` or the environment and runs `body` with it.
+    pub fn with_db<T>(&self, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
+        Blocking::open_default(self.db_flag(), DbSettings::from(&self.settings))?.run(body)
+    }
+}
+
+/// A command's repository: where it was run from, its `.app/` layout, and the settings.
+#[derive(Debug)]
+pub(super) struct RepoContext<'a> {
+    /// The current directory the repository was found from.
+    pub cwd: PathBuf,
+    /// The repository's `.app/` layout.
+    pub paths: AppPaths,
+    /// The command's settings.
+    pub settings: &'a Settings,
+}
+
+impl RepoContext<'_> {
+    /// The registries, for reading only (creates nothing).
+    pub fn registry(&self) -> Result<Registry> {
+        Registry::open_read_only(&self.paths)
+    }
+
+    /// Both registries as they are now.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        self.registry()?.snapshot()
+    }
+
+    /// The repository's locks, reservations and messages.
+    pub fn coordination(&self) -> Coordination {
+        Coordination::new(&self.paths, self.settings)
+    }
+}
+
+/// The current directory.
+pub(super) fn current_dir() -> Result<PathBuf> {
+    std::env::current_dir().io_context("reading", "the current directory")
+}
