@@ -5,33 +5,33 @@
 //! loses work. The binary (`src/main.rs`) only parses arguments and maps errors to exit codes;
 //! everything else lives here. See docs/ARCHITECTURE.md for the module map.
 
-pub mod api;
+pub(crate) mod api;
 pub mod cli;
-pub mod config;
-pub mod control;
+pub(crate) mod config;
+pub(crate) mod control;
 pub(crate) mod coordination;
 pub mod db;
-pub mod doctor;
+pub(crate) mod doctor;
 pub mod error;
 pub mod fault;
-pub mod glob;
-pub mod ids;
-pub mod instance;
+pub(crate) mod glob;
+pub(crate) mod ids;
+pub(crate) mod instance;
 pub mod inuse;
 pub mod journal;
 pub mod lock;
 pub mod mcp;
-pub mod orchestrate;
+pub(crate) mod orchestrate;
 pub mod paths;
-pub mod ports;
+pub(crate) mod ports;
 pub mod process;
 pub mod queue;
 pub(crate) mod reclaim;
 pub mod registry;
-pub mod reserve;
+pub(crate) mod reserve;
 pub mod sign;
 pub mod state;
-pub mod watch;
-pub mod worktree;
+pub(crate) mod watch;
+pub(crate) mod worktree;
 
 pub use error::{Error, Result};
