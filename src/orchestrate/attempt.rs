@@ -152,6 +152,8 @@ impl Orchestrator {
     }
 
     /// The `app run` of an attempt of `task` as instance `instance`, in the repository's root.
+    /// Its `app run` takes the task's locks (in name order, waiting as long as it takes) and
+    /// reserves its paths before the command starts, and gives them back when it ends.
     fn command(&self, task: &Task, instance: &str) -> Command {
         let mut command = Command::new(&self.exe);
         if let Some(db) = &self.options.db {
@@ -160,50 +162,25 @@ impl Orchestrator {
         command
             .args(["run", "--instance", instance, "--branch", &task.branch])
             .arg("--stop-timeout")
-            .arg(format!("{}ms", TASK_STOP_TIMEOUT.as_millis()))
+            .arg(format!("{}ms", TASK_STOP_TIMEOUT.as_millis()));
+        for name in &task.locks {
+            command.arg(format!("--lock={name}"));
+        }
+        for pattern in &task.reserve {
+            command.arg(format!("--reserve={pattern}"));
+        }
+        if !task.reserve.is_empty() {
+            let reason = format!("task {} of run {}", task.id, self.run.id);
+            command.arg(format!("--reserve-reason={reason}"));
+        }
+        command
             .arg("--")
-            .args(self.wrapped(task))
+            .args(&task.argv)
             .current_dir(self.paths.repo_root())
             .env("APP_RUN_ID", &self.run.id)
             .env("APP_TASK_ID", &task.id)
             .envs(&task.env);
         command
-    }
-
-    /// The task's command, inside `app lock run` for each lock (sorted, so two tasks never
-    /// wait for each other's) and after `app reserve` of its paths.
-    fn wrapped(&self, task: &Task) -> Vec<String> {
-        let exe = self.exe.display().to_string();
-        let mut argv = task.argv.clone();
-        if !task.reserve.is_empty() {
-            let mut script = format!(
-                "{} reserve --reason {} --",
-                quote(&exe),
-                quote(&format!("task {} of run {}", task.id, self.run.id))
-            );
-            for pattern in &task.reserve {
-                script.push(' ');
-                script.push_str(&quote(pattern));
-            }
-            script.push_str(" >/dev/null && exec \"$@\"");
-            let mut wrapped = vec!["sh".into(), "-c".into(), script, "sh".into()];
-            wrapped.extend(argv);
-            argv = wrapped;
-        }
-        let mut locks = task.locks.clone();
-        locks.sort();
-        for name in locks.iter().rev() {
-            let mut wrapped = vec![
-                exe.clone(),
-                "lock".into(),
-                "run".into(),
-                name.clone(),
-                "--".into(),
-            ];
-            wrapped.extend(argv);
-            argv = wrapped;
-        }
-        argv
     }
 }
 
@@ -261,9 +238,4 @@ fn open_log(path: &Path, attempt: i64, argv: &[String]) -> Result<std::fs::File>
     )
     .io_context("writing", path)?;
     Ok(file)
-}
-
-/// Quotes `text` for `sh`.
-fn quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
 }

@@ -3,7 +3,9 @@
 //!
 //! Every attempt of a task is a child `app run --instance <hex>-<task>-<n> --branch <branch>`
 //! in a process group of its own, so it is a registered instance like any other (worktree,
-//! heartbeat, control socket) and its cleanup follows the same no-loss rules.
+//! heartbeat, control socket) and its cleanup follows the same no-loss rules. The task's
+//! `locks` and `reserve` are that `app run`'s `--lock` and `--reserve`: it takes them before
+//! the command starts and gives them back when it ends (no shell script in between).
 //!
 //! Invariants:
 //! - The plan is validated whole, and the branches it would create are checked, before anything
