@@ -10,7 +10,7 @@ use crate::api::{ApiOptions, DEFAULT_CAPACITY};
 use crate::config::parse_duration;
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
-use crate::instance::{self, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
+use crate::instance::{self, Holds, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
 use crate::ports;
 
 /// The HTTP API and stop options `app run` and `app serve` share.
@@ -48,6 +48,10 @@ fn notify(notice: &Notice) {
             "app: warning: every API port of {}-{} is taken; instance {id} runs without the API (set APP_API_PORT_RANGE or --api-addr)",
             range.start(),
             range.end()
+        ),
+        Notice::Reserved { patterns, holder } => eprintln!(
+            "app: reserved {} (exclusive) for {holder}",
+            patterns.join(" ")
         ),
     }
 }
@@ -158,6 +162,17 @@ pub struct RunArgs {
     /// Lease N consecutive free TCP ports for the command (APP_PORT, APP_PORTS).
     #[arg(long, value_name = "N")]
     ports: Option<usize>,
+    /// Hold the named lock NAME while the command runs, waiting for it as long as it takes
+    /// (repeatable; taken in name order; APP_LOCK_NAME, APP_LOCK_TOKEN, APP_LOCKS).
+    #[arg(long = "lock", value_name = "NAME", hide = true)]
+    locks: Vec<String>,
+    /// Reserve GLOB exclusively for the instance while the command runs (repeatable; refused,
+    /// exit 3, when another live holder has it).
+    #[arg(long = "reserve", value_name = "GLOB", hide = true)]
+    reserve: Vec<String>,
+    /// Why the paths of --reserve are reserved, for 'app reservations'.
+    #[arg(long, value_name = "TEXT", requires = "reserve", hide = true)]
+    reserve_reason: Option<String>,
     #[command(flatten)]
     serve: ServeArgs,
     /// The command to run, after '--'.
@@ -179,6 +194,11 @@ pub(super) fn run(ctx: &Context, args: RunArgs) -> Result<u8> {
         stop_timeout: Some(args.serve.stop_timeout),
         notify: Some(notify),
         deadline: None,
+        holds: Holds {
+            locks: args.locks,
+            reserve: args.reserve,
+            reason: args.reserve_reason,
+        },
     };
     let outcome = instance::run(&cwd, &options, &ctx.settings)?;
     let shown = |path: &Path| path.display().to_string();

@@ -11,10 +11,10 @@
 //!   final event, the control socket's commands stopped, what the command left behind stopped
 //!   ([`leftovers`]), the worktree removed only when that loses nothing ([`cleanup`]).
 //!
-//! Files: `claim` (id, branch and ports), `supervisor` (register, spawn, wait, end), `signals`
-//! (forwarding and stop requests), `heartbeat`, `leftovers`, `cleanup` (worktree and registry at
-//! the end), `mirror` (the database copy), `stop` (`app instance stop`), `owner` (whom a caller
-//! acts for).
+//! Files: `claim` (id, branch and ports), `supervisor` (register, spawn, wait, end), `holds`
+//! (the locks and reservations of `--lock`, `--reserve`), `signals` (forwarding and stop
+//! requests), `heartbeat`, `leftovers`, `cleanup` (worktree and registry at the end), `mirror`
+//! (the database copy), `stop` (`app instance stop`), `owner` (whom a caller acts for).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +35,7 @@ use crate::worktree::{self, Cleanup};
 mod claim;
 mod cleanup;
 mod heartbeat;
+mod holds;
 mod leftovers;
 mod mirror;
 mod owner;
@@ -42,6 +43,7 @@ mod signals;
 mod stop;
 mod supervisor;
 
+pub use holds::Holds;
 pub use owner::{caller, caller_holder, owner_of};
 pub use stop::{StopOutcome, StopRoute, stop};
 
@@ -69,6 +71,8 @@ pub struct RunOptions {
     pub notify: Option<fn(&Notice)>,
     /// Stop the command (a stop request) once it has run this long; `app` then exits 124.
     pub deadline: Option<Duration>,
+    /// Named locks and path reservations held while the command runs (`--lock`, `--reserve`).
+    pub holds: Holds,
 }
 
 /// Where an instance works, and whether it runs a command.
@@ -152,6 +156,13 @@ pub enum Notice {
         id: String,
         /// The ports tried.
         range: std::ops::RangeInclusive<u16>,
+    },
+    /// The paths of `--reserve` are reserved.
+    Reserved {
+        /// The patterns, as stored.
+        patterns: Vec<String>,
+        /// Who holds them (the instance), as it prints.
+        holder: String,
     },
 }
 
@@ -245,7 +256,7 @@ fn validate(options: &RunOptions) -> Result<()> {
     if let Some(count) = options.ports {
         ports::validate_count(count)?;
     }
-    Ok(())
+    options.holds.validate()
 }
 
 /// Binds the API's address; when every port of the default range is taken the instance runs

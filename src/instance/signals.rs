@@ -90,6 +90,11 @@ impl Slot {
         }
     }
 
+    /// The signal that cancelled the run before its command started, if one did.
+    pub(super) fn cancelled(&self) -> Option<i32> {
+        self.lock().pending
+    }
+
     /// Whether a second stop request asked to stop at once.
     pub(super) fn forced(&self) -> bool {
         self.lock().stops >= 2

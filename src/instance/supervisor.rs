@@ -3,11 +3,15 @@
 //! Invariants:
 //! - Once the instance is registered, every way out goes through [`Supervisor::end`]: the
 //!   command's exit, a stop request to `app serve`, a command that could not start (127/126),
-//!   a run a signal cancelled before its command started (128+N), and a worktree that could not
-//!   be made.
-//! - `end` first sends the API's final event and closes it and stops the commands run through
-//!   the control socket, then stops what the command left behind, then unregisters the
-//!   instance and removes its worktree only when that loses nothing (see [`super::cleanup`]).
+//!   a run a signal cancelled before its command started (128+N), a lock or reservation that
+//!   was refused, and a worktree that could not be made.
+//! - The locks and reservations of `--lock` and `--reserve` are taken after the start and
+//!   before the spawn ([`super::holds`]), with the heartbeat already running, since a lock may
+//!   be awaited for long.
+//! - `end` first gives the locks back, sends the API's final event and closes it and stops the
+//!   commands run through the control socket, then stops what the command left behind, gives
+//!   the reservation back, then unregisters the instance and removes its worktree only when
+//!   that loses nothing (see [`super::cleanup`]).
 //! - A start is journalled from before the claim until the worktree is checked out, so a crash
 //!   in between is undone by the journal recovery; after that the worktree may hold the
 //!   command's work and a crash is a dead instance for `doctor`.
@@ -22,6 +26,7 @@ use git2::Repository;
 use super::claim::{self, Claim};
 use super::cleanup::{self, Teardown};
 use super::heartbeat::Heartbeat;
+use super::holds::{self, Held, Taken};
 use super::leftovers;
 use super::mirror::{self, DbMirror};
 use super::signals::{Slot, Spawned};
@@ -29,6 +34,7 @@ use super::{EXIT_TIMED_OUT, Mode, Notice, RunOptions, RunOutcome};
 use crate::api::{self, ApiServer};
 use crate::config::Settings;
 use crate::control::{self, ControlServer};
+use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
 use crate::error::{Error, IoContext, Result};
 use crate::paths::AppPaths;
@@ -72,6 +78,8 @@ pub(super) struct Supervisor<'a> {
     api: Option<ApiServer>,
     control: Option<ControlServer>,
     heartbeat: Option<Heartbeat>,
+    /// The locks and reservation of `--lock` and `--reserve`, once taken.
+    held: Option<Held>,
 }
 
 /// How an instance ends.
@@ -81,6 +89,8 @@ enum Ending {
     /// The start's intent could not be closed: everything is left as a crash would leave it,
     /// for the journal recovery to undo.
     Abandoned(Error),
+    /// A lock or reservation of `--lock`/`--reserve` was refused, or could not be taken.
+    Refused(Error),
     /// The command could not be started.
     SpawnFailed(std::io::Error),
     /// A signal arrived before the command started.
@@ -93,7 +103,8 @@ impl Supervisor<'_> {
     /// Registers the instance, starts it, waits for it and ends it.
     pub(super) fn run(launch: Launch<'_>) -> Result<RunOutcome> {
         let mut supervisor = Supervisor::register(launch)?;
-        let ending = match supervisor.start().and_then(|env| supervisor.spawn(&env)) {
+        let started = supervisor.start().and_then(|env| supervisor.hold(env));
+        let ending = match started.and_then(|env| supervisor.spawn(&env)) {
             Ok(child) => supervisor.wait(child.as_ref()),
             Err(ending) => ending,
         };
@@ -173,6 +184,7 @@ impl<'a> Supervisor<'a> {
             api: None,
             control: None,
             heartbeat: None,
+            held: None,
         })
     }
 
@@ -192,6 +204,40 @@ impl<'a> Supervisor<'a> {
         self.control = self.serve_control(&env);
         self.api = self.start_api();
         Ok(env)
+    }
+
+    /// Takes the locks and the reservation of `--lock` and `--reserve`, with the heartbeat
+    /// running while a lock is awaited. Returns `env` with the lock variables added.
+    fn hold(
+        &mut self,
+        mut env: Vec<(String, OsString)>,
+    ) -> Result<Vec<(String, OsString)>, Ending> {
+        let holds = &self.options.holds;
+        if holds.is_empty() {
+            return Ok(env);
+        }
+        self.heartbeat = Some(self.start_heartbeat());
+        let coordination = Coordination::new(self.paths, self.settings);
+        let context = (self.slot.as_ref(), self.options.notify);
+        match holds::take(holds, &coordination, &self.record, context) {
+            Ok(Taken::Held(held)) => {
+                env.extend(held.environment());
+                self.held = Some(held);
+                Ok(env)
+            }
+            Ok(Taken::Cancelled(signal)) => Err(Ending::Cancelled(signal)),
+            Err(err) => Err(Ending::Refused(err)),
+        }
+    }
+
+    fn start_heartbeat(&self) -> Heartbeat {
+        let (sender, repo_root) = self.mirror.sender();
+        Heartbeat::start(
+            (self.paths.clone(), self.key.clone()),
+            self.record.clone(),
+            self.settings.timing,
+            (sender, repo_root),
+        )
     }
 
     /// The `APP_*` variables of the instance.
@@ -327,13 +373,11 @@ impl<'a> Supervisor<'a> {
             (Some(limit), Some(child)) => Some(self.slot.arm_deadline(child, limit)),
             _ => None,
         };
-        let (sender, repo_root) = self.mirror.sender();
-        self.heartbeat = Some(Heartbeat::start(
-            (self.paths.clone(), self.key.clone()),
-            self.record.clone(),
-            self.settings.timing,
-            (sender, repo_root),
-        ));
+        // A heartbeat that ran while the locks were awaited knew the record before the spawn.
+        if let Some(early) = self.heartbeat.take() {
+            early.stop();
+        }
+        self.heartbeat = Some(self.start_heartbeat());
         let Some(child) = child else {
             self.slot.wait_for_stop();
             return Ending::Exited {
@@ -372,6 +416,10 @@ impl<'a> Supervisor<'a> {
     /// command left behind stopped (or kept), the worktree cleaned up and the instance
     /// unregistered, the end mirrored; then `app`'s result.
     fn end(mut self, ending: Ending) -> Result<RunOutcome> {
+        // The locks are the command's: they go with it, as `app lock run` let them go.
+        if let Some(held) = &mut self.held {
+            held.release_locks();
+        }
         if let Ending::Abandoned(err) = ending {
             return Err(err);
         }
@@ -384,6 +432,9 @@ impl<'a> Supervisor<'a> {
         };
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.stop();
+        }
+        if let Some(mut held) = self.held.take() {
+            held.release_reservation();
         }
         let cleanup = match &ending {
             Ending::StartFailed(_) => {
@@ -431,6 +482,7 @@ impl Ending {
     fn reason(&self) -> &str {
         match self {
             Ending::StartFailed(_) | Ending::Abandoned(_) => "the instance could not start",
+            Ending::Refused(_) => "a lock or reservation was refused",
             Ending::SpawnFailed(_) => "the command could not start",
             Ending::Cancelled(_) => "cancelled by a signal",
             Ending::Exited { reason, .. } => reason,
@@ -444,6 +496,10 @@ impl Ending {
             Ending::StartFailed(err) | Ending::Abandoned(err) => {
                 (None, json!({ "error": err.to_string() }))
             }
+            Ending::Refused(err) => (
+                Some(err.exit_code()),
+                json!({ "exit_code": err.exit_code(), "error": err.to_string(), "cleanup": cleanup }),
+            ),
             Ending::SpawnFailed(err) => (
                 None,
                 json!({ "error": err.to_string(), "cleanup": cleanup }),
@@ -477,6 +533,10 @@ impl Ending {
         };
         match self {
             Ending::StartFailed(err) | Ending::Abandoned(err) => Err(err),
+            Ending::Refused(err) => {
+                cleanup?;
+                Err(err)
+            }
             Ending::SpawnFailed(source) => {
                 cleanup?;
                 Err(Error::Spawn {

@@ -284,117 +284,32 @@ impl Plan {
         // The mark is one character on the first line: lines and columns stay the same.
         let text = without_bom(text);
         let spec = format.read(text, origin)?;
-        let place = |line: Option<usize>| match line {
-            Some(line) => format!("{origin}:{line}"),
-            None => origin.to_string(),
+        let places = Places {
+            text,
+            format,
+            origin,
         };
-        let at = |key: &str| place(format.key_line(text, key));
-        let at_task = |id: &str| place(format.value_line(text, id));
-        let top = at("name");
+        let top = places.at("name");
         validate_id(&spec.name)
             .map_err(|why| Error::bad_input(format!("{top}: plan name {:?} {why}", spec.name)))?;
         if spec.tasks.is_empty() {
             return Err(Error::bad_input(format!(
                 "{}: the plan has no tasks; add some to \"tasks\"",
-                at("tasks")
+                places.at("tasks")
             )));
         }
         let max_concurrent = spec.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
         if max_concurrent == 0 {
             return Err(Error::bad_input(format!(
                 "{}: max_concurrent must be at least 1",
-                at("max_concurrent")
+                places.at("max_concurrent")
             )));
         }
         let base = worktree::resolve_base(repo, spec.base.as_deref())
-            .map_err(|err| Error::bad_input(format!("{}: base: {err}", at("base"))))?
+            .map_err(|err| Error::bad_input(format!("{}: base: {err}", places.at("base"))))?
             .to_string();
-        let integration = match &spec.integration {
-            None | Some(Integration::Flag(false)) => None,
-            Some(Integration::Branch(name)) if name == "off" => None,
-            Some(Integration::Flag(true)) => Some(format!("app/{run}/integration")),
-            Some(Integration::Branch(name)) => Some(name.clone()),
-        };
-        if let Some(name) = &integration {
-            worktree::validate_branch_name(name).map_err(|err| {
-                Error::bad_input(format!("{}: integration: {err}", at("integration")))
-            })?;
-        }
-
-        let mut ids = HashSet::new();
-        let mut branches: HashMap<String, String> = HashMap::new();
-        let mut tasks = Vec::new();
-        for spec in &spec.tasks {
-            // The line is looked up only for an error: finding it scans the text.
-            let fail = |what: String| {
-                Error::bad_input(format!("{}: task {:?}: {what}", at_task(&spec.id), spec.id))
-            };
-            validate_id(&spec.id).map_err(|why| fail(format!("the id {why}")))?;
-            if !ids.insert(spec.id.clone()) {
-                return Err(fail("a second task has this id; ids must be unique".into()));
-            }
-            if spec.command.is_empty() {
-                return Err(fail("the command is empty".into()));
-            }
-            let branch = spec
-                .branch
-                .clone()
-                .unwrap_or_else(|| format!("app/{run}/{}", spec.id));
-            worktree::validate_branch_name(&branch).map_err(|err| fail(err.to_string()))?;
-            if let Some(other) = branches.insert(branch.clone(), spec.id.clone()) {
-                return Err(fail(format!("branch {branch:?} is also task {other:?}'s")));
-            }
-            if integration.as_deref() == Some(branch.as_str()) {
-                return Err(fail(format!("branch {branch:?} is the integration branch")));
-            }
-            let timeout = spec
-                .timeout
-                .as_deref()
-                .map(parse_duration)
-                .transpose()
-                .map_err(|err| fail(format!("timeout: {err}")))?;
-            for name in &spec.locks {
-                crate::ids::LockName::parse(name).map_err(|err| fail(err.to_string()))?;
-            }
-            for pattern in &spec.reserve {
-                crate::glob::Glob::parse(pattern).map_err(|err| fail(err.to_string()))?;
-            }
-            for key in spec.env.keys() {
-                if key.is_empty() || key.contains('=') || key.contains('\0') {
-                    return Err(fail(format!("env: {key:?} is not a variable name")));
-                }
-            }
-            check_exec_strings(&spec.command, &spec.env).map_err(fail)?;
-            tasks.push(Task {
-                id: spec.id.clone(),
-                argv: spec.command.argv(),
-                branch,
-                depends_on: spec.depends_on.clone(),
-                env: spec.env.clone(),
-                timeout,
-                retries: spec.retries,
-                locks: spec.locks.clone(),
-                reserve: spec.reserve.clone(),
-            });
-        }
-        for task in &tasks {
-            for dependency in &task.depends_on {
-                if !ids.contains(dependency) {
-                    return Err(Error::bad_input(format!(
-                        "{}: task {:?} depends on {dependency:?}, which is not a task of this plan",
-                        at_task(&task.id),
-                        task.id
-                    )));
-                }
-                if dependency == &task.id {
-                    return Err(Error::bad_input(format!(
-                        "{}: task {:?} depends on itself",
-                        at_task(&task.id),
-                        task.id
-                    )));
-                }
-            }
-        }
+        let integration = integration_of(&spec, run, &places)?;
+        let tasks = tasks_of(&spec.tasks, run, integration.as_deref(), &places)?;
         let plan = Plan {
             name: spec.name,
             run: run.to_string(),
@@ -406,7 +321,7 @@ impl Plan {
         if let Some(cycle) = plan.cycle() {
             return Err(Error::bad_input(format!(
                 "{}: the tasks depend on each other in a cycle: {}",
-                at_task(&cycle[0]),
+                places.at_task(&cycle[0]),
                 cycle.join(" -> ")
             )));
         }
@@ -516,6 +431,148 @@ impl Plan {
         }
         waves
     }
+}
+
+/// Where in the plan's text something is, for error messages: `<origin>:<line>`.
+struct Places<'a> {
+    text: &'a str,
+    format: Format,
+    origin: &'a str,
+}
+
+impl Places<'_> {
+    fn place(&self, line: Option<usize>) -> String {
+        match line {
+            Some(line) => format!("{}:{line}", self.origin),
+            None => self.origin.to_string(),
+        }
+    }
+
+    /// Where top-level `key` is.
+    fn at(&self, key: &str) -> String {
+        self.place(self.format.key_line(self.text, key))
+    }
+
+    /// Where task `id` is (looked up only for an error: finding it scans the text).
+    fn at_task(&self, id: &str) -> String {
+        self.place(self.format.value_line(self.text, id))
+    }
+}
+
+/// The integration branch `spec` asks for (`true`: `app/<run>/integration`), checked.
+fn integration_of(spec: &PlanSpec, run: &str, places: &Places<'_>) -> Result<Option<String>> {
+    let integration = match &spec.integration {
+        None | Some(Integration::Flag(false)) => None,
+        Some(Integration::Branch(name)) if name == "off" => None,
+        Some(Integration::Flag(true)) => Some(format!("app/{run}/integration")),
+        Some(Integration::Branch(name)) => Some(name.clone()),
+    };
+    if let Some(name) = &integration {
+        worktree::validate_branch_name(name).map_err(|err| {
+            Error::bad_input(format!("{}: integration: {err}", places.at("integration")))
+        })?;
+    }
+    Ok(integration)
+}
+
+/// Validates every task of the plan, each whole in plan order, then their dependencies.
+fn tasks_of(
+    specs: &[TaskSpec],
+    run: &str,
+    integration: Option<&str>,
+    places: &Places<'_>,
+) -> Result<Vec<Task>> {
+    let mut ids = HashSet::new();
+    let mut branches: HashMap<String, String> = HashMap::new();
+    let mut tasks = Vec::new();
+    for spec in specs {
+        // The line is looked up only for an error: finding it scans the text.
+        let fail = |what: String| {
+            Error::bad_input(format!(
+                "{}: task {:?}: {what}",
+                places.at_task(&spec.id),
+                spec.id
+            ))
+        };
+        validate_id(&spec.id).map_err(|why| fail(format!("the id {why}")))?;
+        if !ids.insert(spec.id.clone()) {
+            return Err(fail("a second task has this id; ids must be unique".into()));
+        }
+        if spec.command.is_empty() {
+            return Err(fail("the command is empty".into()));
+        }
+        let branch = spec
+            .branch
+            .clone()
+            .unwrap_or_else(|| format!("app/{run}/{}", spec.id));
+        worktree::validate_branch_name(&branch).map_err(|err| fail(err.to_string()))?;
+        if let Some(other) = branches.insert(branch.clone(), spec.id.clone()) {
+            return Err(fail(format!("branch {branch:?} is also task {other:?}'s")));
+        }
+        if integration == Some(branch.as_str()) {
+            return Err(fail(format!("branch {branch:?} is the integration branch")));
+        }
+        tasks.push(task_of(spec, branch).map_err(fail)?);
+    }
+    check_dependencies(&tasks, &ids, places)?;
+    Ok(tasks)
+}
+
+/// The rest of a task's checks (its timeout, locks, globs, environment, and what exec takes),
+/// and the task; `Err` says what is wrong.
+fn task_of(spec: &TaskSpec, branch: String) -> std::result::Result<Task, String> {
+    let timeout = spec
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|err| format!("timeout: {err}"))?;
+    for name in &spec.locks {
+        crate::ids::LockName::parse(name).map_err(|err| err.to_string())?;
+    }
+    for pattern in &spec.reserve {
+        crate::glob::Glob::parse(pattern).map_err(|err| err.to_string())?;
+    }
+    for key in spec.env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(format!("env: {key:?} is not a variable name"));
+        }
+    }
+    check_exec_strings(&spec.command, &spec.env)?;
+    Ok(Task {
+        id: spec.id.clone(),
+        argv: spec.command.argv(),
+        branch,
+        depends_on: spec.depends_on.clone(),
+        env: spec.env.clone(),
+        timeout,
+        retries: spec.retries,
+        locks: spec.locks.clone(),
+        reserve: spec.reserve.clone(),
+    })
+}
+
+/// Every dependency names another task of the plan.
+fn check_dependencies(tasks: &[Task], ids: &HashSet<String>, places: &Places<'_>) -> Result<()> {
+    for task in tasks {
+        for dependency in &task.depends_on {
+            if !ids.contains(dependency) {
+                return Err(Error::bad_input(format!(
+                    "{}: task {:?} depends on {dependency:?}, which is not a task of this plan",
+                    places.at_task(&task.id),
+                    task.id
+                )));
+            }
+            if dependency == &task.id {
+                return Err(Error::bad_input(format!(
+                    "{}: task {:?} depends on itself",
+                    places.at_task(&task.id),
+                    task.id
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `exec` can pass a task's command and environment: no NUL byte (a C string ends

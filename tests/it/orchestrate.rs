@@ -459,6 +459,84 @@ fn fail_fast_cancels_the_rest_and_logs_can_be_followed() {
     assert!(repo.instances().is_empty());
 }
 
+#[test]
+fn task_locks_and_reservations_are_taken_by_the_tasks_app_run_and_given_back() {
+    let repo = TestRepo::new();
+    let scratch = repo.scratch();
+    let s = scratch.display();
+    // Someone outside the run (this test's process) holds held/**.
+    let outside = repo.run_app(&["reserve", "held/**"]);
+    assert_eq!(code(&outside), 0, "{}", stderr(&outside));
+    let locked = |id: &str| {
+        format!(
+            "echo start {id} $(date +%s%N) >> {s}/times; echo $APP_LOCK_NAME=$APP_LOCK_TOKEN $APP_LOCKS > {s}/env-{id}; \
+             sleep 0.3; echo end {id} $(date +%s%N) >> {s}/times"
+        )
+    };
+    let plan = write_plan(
+        &repo,
+        "holds",
+        &json!({
+            "name": "holds",
+            "max_concurrent": 4,
+            "tasks": [
+                {"id": "one", "command": locked("one"), "locks": ["db"]},
+                {"id": "two", "command": locked("two"), "locks": ["db"]},
+                {"id": "three", "command": format!("\"$APP_BIN\" reservations > {s}/reservations"),
+                 "reserve": ["src/**"]},
+                {"id": "refused", "command": format!("touch {s}/refused-ran"), "reserve": ["held/x/*"]},
+            ]
+        }),
+    );
+    let output = orchestrate(&repo, &plan, &[]);
+    assert_eq!(code(&output), 1, "{}", stderr(&output));
+    let (run, tasks) = summary(&output);
+    let run_id = run["id"].as_str().unwrap();
+    for task in ["one", "two", "three"] {
+        assert_eq!(tasks[task]["status"], "succeeded", "{:?}", tasks[task]);
+    }
+    // One lock: never both at once, each with its own token.
+    let times = fs::read_to_string(scratch.join("times")).unwrap();
+    let events: Vec<&str> = times
+        .lines()
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(events, ["start", "end", "start", "end"], "{times}");
+    let mut tokens: Vec<String> = ["one", "two"]
+        .iter()
+        .map(|id| fs::read_to_string(scratch.join(format!("env-{id}"))).unwrap())
+        .collect();
+    tokens.sort();
+    assert_eq!(tokens, ["db=1 db=1\n", "db=2 db=2\n"]);
+    // The reservation is the task's instance's, with the task and the run as its reason.
+    let reservations = fs::read_to_string(scratch.join("reservations")).unwrap();
+    assert!(
+        reservations.contains(&format!(
+            "exclusive src/** by instance {}",
+            tasks["three"]["instance"].as_str().unwrap()
+        )) && reservations.contains(&format!("(task three of run {run_id})")),
+        "{reservations}"
+    );
+    // A refused reservation fails the task as `app reserve` exits: 3, the overlap in its log.
+    assert_eq!(tasks["refused"]["status"], "failed");
+    assert_eq!(tasks["refused"]["exit_code"], 3);
+    assert_eq!(tasks["refused"]["detail"], "exited with 3");
+    assert!(!scratch.join("refused-ran").exists());
+    let log = repo.run_app(&["runs", "logs", run_id, "refused"]);
+    assert!(
+        stdout(&log).contains("app: held/x/* overlaps held/**, reserved by process "),
+        "{}",
+        stdout(&log)
+    );
+    // Given back: the lock is free, only the outside reservation is left.
+    let locks = repo.run_app(&["lock", "list"]);
+    assert_eq!(stdout(&locks), "db free (last token 2)\n");
+    let left = repo.run_app(&["reservations"]);
+    assert_eq!(stdout(&left).lines().count(), 1, "{}", stdout(&left));
+    assert!(stdout(&left).contains("held/**"), "{}", stdout(&left));
+    assert!(repo.instances().is_empty());
+}
+
 /// The run's tasks by id, as `app runs show --json` reports them.
 fn run_tasks(repo: &TestRepo, id: &str) -> std::collections::HashMap<String, Value> {
     let shown = repo.run_app(&["runs", "show", id, "--json"]);

@@ -682,3 +682,227 @@ fn a_state_dir_that_is_a_file_is_a_clear_error() {
     }
     assert_eq!(repo.branches(), vec!["main".to_string()]);
 }
+
+/// `app lock list` and `app reservations` as they print, from the repository root.
+fn holds(repo: &TestRepo) -> (String, String) {
+    let locks = repo.run_app(&["lock", "list"]);
+    assert_eq!(code(&locks), 0, "{}", stderr(&locks));
+    let reservations = repo.run_app(&["reservations"]);
+    assert_eq!(code(&reservations), 0, "{}", stderr(&reservations));
+    (stdout(&locks), stdout(&reservations))
+}
+
+/// Asserts that nobody holds lock `name` any more and that no reservation is left.
+fn nothing_held(repo: &TestRepo, name: &str) {
+    let (locks, reservations) = holds(repo);
+    assert!(
+        locks.contains(&format!("{name} free")),
+        "lock {name} is still held: {locks}"
+    );
+    assert_eq!(reservations, "", "reservations left behind");
+}
+
+#[test]
+fn locks_and_reservations_are_held_while_the_command_runs_and_given_back_after() {
+    let repo = TestRepo::new();
+    let s = repo.scratch();
+    let script = format!(
+        "env | grep '^APP_LOCK' | sort > {s}/env; \"$APP_BIN\" lock list > {s}/locks; \"$APP_BIN\" reservations > {s}/reservations",
+        s = s.display()
+    );
+    let output = repo.run_app(&[
+        "run",
+        "--lock",
+        "schema",
+        "--lock=cargo.lock",
+        "--reserve",
+        "src/**",
+        "--reserve=docs/",
+        "--reserve-reason",
+        "a refactor",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    // Taken in name order: the last one is the one APP_LOCK_NAME and APP_LOCK_TOKEN name.
+    assert_eq!(
+        fs::read_to_string(s.join("env")).unwrap(),
+        "APP_LOCKS=cargo.lock=1,schema=1\nAPP_LOCK_NAME=schema\nAPP_LOCK_TOKEN=1\n"
+    );
+    let locks = fs::read_to_string(s.join("locks")).unwrap();
+    for name in ["cargo.lock", "schema"] {
+        assert!(
+            locks
+                .lines()
+                .any(|l| l.starts_with(&format!("{name} held by process "))),
+            "{locks}"
+        );
+    }
+    let reservations = fs::read_to_string(s.join("reservations")).unwrap();
+    assert!(
+        reservations.contains("exclusive src/** docs/ by instance "),
+        "{reservations}"
+    );
+    assert!(reservations.contains("(a refactor)"), "{reservations}");
+    assert!(
+        stderr(&output).contains("app: reserved src/** "),
+        "{}",
+        stderr(&output)
+    );
+    nothing_held(&repo, "schema");
+    nothing_held(&repo, "cargo.lock");
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn a_lock_held_by_someone_else_is_awaited_and_a_signal_cancels_the_wait() {
+    let repo = TestRepo::new();
+    let s = repo.scratch();
+    let mut holder = repo.command("sh");
+    holder.args([
+        "-c",
+        &format!(
+            "exec \"$APP_BIN\" lock run db -- sh -c 'touch {s}/held; while [ ! -f {s}/go ]; do sleep 0.05; done'",
+            s = s.display()
+        ),
+    ]);
+    let holder = repo.spawn(holder);
+    wait_for("the lock to be held", Duration::from_secs(20), || {
+        s.join("held").exists()
+    });
+    let ran = s.join("ran");
+    let waiting = repo.spawn_app(&["run", "--lock", "db", "--", "touch", ran.to_str().unwrap()]);
+    // It registers, then waits for the lock without starting its command.
+    wait_for(
+        "the waiting run to register",
+        Duration::from_secs(20),
+        || !repo.instances().is_empty(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !ran.exists(),
+        "the command ran while someone else held the lock"
+    );
+    fs::write(s.join("go"), "").unwrap();
+    assert_eq!(code(&holder.wait(Duration::from_secs(20))), 0);
+    let output = waiting.wait(Duration::from_secs(20));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(ran.exists());
+
+    // Held again, a signal to the waiting run cancels it: 128+N, nothing ran, nothing held.
+    fs::remove_file(s.join("go")).unwrap();
+    fs::remove_file(s.join("held")).unwrap();
+    fs::remove_file(&ran).unwrap();
+    let mut holder = repo.command("sh");
+    holder.args([
+        "-c",
+        &format!(
+            "exec \"$APP_BIN\" lock run db -- sh -c 'touch {s}/held; while [ ! -f {s}/go ]; do sleep 0.05; done'",
+            s = s.display()
+        ),
+    ]);
+    let holder = repo.spawn(holder);
+    wait_for("the lock to be held", Duration::from_secs(20), || {
+        s.join("held").exists()
+    });
+    let waiting = repo.spawn_app(&[
+        "run",
+        "--lock",
+        "db",
+        "--reserve",
+        "src/**",
+        "--",
+        "touch",
+        ran.to_str().unwrap(),
+    ]);
+    wait_for(
+        "the waiting run to register",
+        Duration::from_secs(20),
+        || !repo.instances().is_empty(),
+    );
+    let output = waiting.wait_after(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(code(&output), 143, "{}", stderr(&output));
+    assert!(!ran.exists());
+    assert!(repo.instances().is_empty());
+    assert_eq!(holds(&repo).1, "", "a reservation was left behind");
+    fs::write(s.join("go"), "").unwrap();
+    assert_eq!(code(&holder.wait(Duration::from_secs(20))), 0);
+    nothing_held(&repo, "db");
+}
+
+#[test]
+fn an_overlapping_reservation_is_refused_with_exit_3_and_gives_its_locks_back() {
+    let repo = TestRepo::new();
+    let s = repo.scratch();
+    let ran = s.join("ran");
+    let first = repo.spawn_app(&[
+        "run",
+        "--reserve",
+        "src/**",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "touch {s}/reserved; while [ ! -f {s}/go ]; do sleep 0.05; done",
+            s = s.display()
+        ),
+    ]);
+    wait_for("the first reservation", Duration::from_secs(20), || {
+        s.join("reserved").exists()
+    });
+    let output = repo.run_app(&[
+        "run",
+        "--lock",
+        "schema",
+        "--reserve",
+        "src/db/*.rs",
+        "--",
+        "touch",
+        ran.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&output), 3, "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("app: src/db/*.rs overlaps src/**, reserved by instance "),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!ran.exists());
+    let (locks, _) = holds(&repo);
+    assert!(locks.contains("schema free"), "{locks}");
+    fs::write(s.join("go"), "").unwrap();
+    assert_eq!(code(&first.wait(Duration::from_secs(20))), 0);
+    nothing_held(&repo, "schema");
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn locks_and_reservations_are_given_back_after_a_signal_and_a_spawn_failure() {
+    let repo = TestRepo::new();
+    let holding = ["run", "--lock", "db", "--reserve", "src/**", "--"];
+    let missing = repo.run_app(&[&holding[..], &["no-such-command-anywhere"]].concat());
+    assert_eq!(code(&missing), 127, "{}", stderr(&missing));
+    nothing_held(&repo, "db");
+
+    let run = repo.spawn_app(&[&holding[..], &["sleep", "30"]].concat());
+    repo.wait_running(run.pid());
+    let output = run.wait_after(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(code(&output), 143, "{}", stderr(&output));
+    nothing_held(&repo, "db");
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn bad_lock_names_and_patterns_exit_2_and_change_nothing() {
+    let repo = TestRepo::new();
+    for args in [
+        &["run", "--lock", "no spaces", "--", "true"][..],
+        &["run", "--reserve", "/etc/passwd", "--", "true"],
+        &["run", "--reserve-reason", "why", "--", "true"],
+    ] {
+        let output = repo.run_app(args);
+        assert_eq!(code(&output), 2, "{args:?}: {}", stderr(&output));
+    }
+    assert!(!repo.state_dir().exists());
+}

@@ -1,0 +1,210 @@
+//! What a resume finds of a dead run and takes back before the run continues.
+//!
+//! Invariants:
+//! - Everything is looked at before anything changes: an attempt whose command outlived its
+//!   supervisor refuses the resume (exit 3) with nothing touched.
+//! - A dead attempt's worktree is taken back through [`crate::reclaim::reclaim`] (uncommitted
+//!   work saved on `refs/app/rescue/<instance>`, never deleted); a live one is stopped first.
+//! - An attempt counts once its command started: a launch the crash cut short before that is
+//!   given back to the task.
+
+use git2::Repository;
+
+use super::Progress;
+use super::attempt::TASK_STOP_TIMEOUT;
+use crate::config::Timing;
+use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
+use crate::db::{self, Blocking};
+use crate::error::{Error, Result};
+use crate::paths::AppPaths;
+use crate::process::{self, Presence, ProcessIdentity};
+use crate::registry::{Liveness, Registry};
+
+/// Run `id` of this repository, unless it is unknown, another repository's, or still
+/// orchestrated by a live process (exit 3).
+pub(super) fn require_resumable(paths: &AppPaths, db: &Blocking, id: &str) -> Result<RunRow> {
+    let Some(run) = db.run(async |db| runs::get(db, id).await)? else {
+        return Err(Error::bad_input(format!(
+            "no run {id:?} in the database; 'app runs list' shows the runs of this repository"
+        )));
+    };
+    if run.repo_root != paths.repo_root().display().to_string() {
+        return Err(Error::bad_input(format!(
+            "run {id} belongs to the repository at {}; resume it from there",
+            run.repo_root
+        )));
+    }
+    if let (Some(pid), Some(start_time)) = (run.pid, run.start_time)
+        && run.status == RunStatus::Running
+        && run.host == process::hostname()
+    {
+        let owner = ProcessIdentity {
+            pid: pid as u32,
+            start_time: start_time as u64,
+            boot_id: process::boot_id().to_string(),
+        };
+        if owner.presence() == Presence::Running && pid as u32 != std::process::id() {
+            return Err(Error::Busy(format!(
+                "run {id} is still being orchestrated by pid {pid}; wait for it or stop it first"
+            )));
+        }
+    }
+    Ok(run)
+}
+
+/// Takes back what the dead run `id` left (its attempts stopped, their worktrees reclaimed)
+/// and returns its task rows with everything that did not succeed pending again.
+pub(super) fn take_back(
+    paths: &AppPaths,
+    db: &Blocking,
+    id: &str,
+    timing: Timing,
+    report: &mut dyn FnMut(Progress),
+) -> Result<Vec<TaskRow>> {
+    let mut rows = db.run(async |db| runs::tasks(db, id).await)?;
+    // Everything is looked at before anything changes: an attempt whose command outlived its
+    // supervisor refuses the resume with nothing touched.
+    let mut leftovers = Vec::new();
+    for row in &rows {
+        if row.status == TaskStatus::Succeeded {
+            continue;
+        }
+        if let Some(instance) = &row.instance {
+            leftovers.push(survey(paths, db, row, instance, timing)?);
+        }
+    }
+    // Starts and stops the dead attempts' `app run` left half-done are finished or undone
+    // first, as every `app run` does before it starts.
+    crate::reclaim::recover_journal(paths)?;
+    for leftover in &leftovers {
+        if leftover.live {
+            // An attempt the dead orchestrator left running is stopped before it is restarted.
+            let writer = Registry::open_for_write(paths)?;
+            let _ = crate::instance::stop(&writer, &leftover.instance, TASK_STOP_TIMEOUT, timing);
+        }
+        if let Some(done) = reclaim_attempt(paths, timing, &leftover.instance)? {
+            report(Progress::Reclaimed {
+                task: leftover.task.clone(),
+                instance: leftover.instance.clone(),
+                done,
+            });
+        }
+    }
+    for row in &mut rows {
+        if row.status == TaskStatus::Succeeded {
+            continue;
+        }
+        let never_started = leftovers
+            .iter()
+            .any(|l| l.task == row.task_id && !l.started);
+        if row.status == TaskStatus::Running && never_started {
+            // The launch the crash cut short never ran its command: it used no attempt.
+            row.attempts = (row.attempts - 1).max(0);
+        }
+        row.status = TaskStatus::Pending;
+        row.detail = None;
+        db.run(async |db| runs::update_task(db, row).await)?;
+    }
+    Ok(rows)
+}
+
+/// A task's last attempt, as a resume finds it.
+struct Leftover {
+    task: String,
+    instance: String,
+    /// Its supervisor still runs (and heartbeats): it is stopped first.
+    live: bool,
+    /// It got as far as starting its command.
+    started: bool,
+}
+
+/// Looks at the last attempt of `row`, instance `instance`: whether it still runs, and whether
+/// it ever started its command. An attempt whose supervisor is dead but whose command still
+/// runs is an error (exit 3): nothing may take its worktree from under it.
+fn survey(
+    paths: &AppPaths,
+    db: &Blocking,
+    row: &TaskRow,
+    instance: &str,
+    timing: Timing,
+) -> Result<Leftover> {
+    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+    let record = snapshot.instance(instance).cloned();
+    let live = record
+        .as_ref()
+        .is_some_and(|r| r.liveness(timing.stale_after) == Liveness::Live);
+    if !live
+        && let Some(record) = &record
+        && let Some(why) = crate::inuse::instance_running(record)
+    {
+        return Err(Error::Busy(format!(
+            "task {:?}: its attempt {instance} is dead but {why}; stop that process, then resume again",
+            row.task_id
+        )));
+    }
+    let started = match &record {
+        // The registry is written before the command starts and after it has started.
+        Some(record) => record.child_pid.is_some(),
+        // Unregistered: it either never registered or ran to its end, and its mirror in the
+        // database says which (a registration that never started its command stays `starting`).
+        None => db
+            .run(async |db| db::instances::history(db, paths.repo_root(), instance).await)?
+            .iter()
+            .any(|r| r.status != "starting"),
+    };
+    Ok(Leftover {
+        task: row.task_id.clone(),
+        instance: instance.to_string(),
+        live,
+        started,
+    })
+}
+
+/// Reclaims what the dead attempt `instance` left (through [`crate::reclaim::reclaim`], the
+/// path every reclaim takes: uncommitted work saved on `refs/app/rescue/<instance>`, the
+/// worktree removed, the registration dropped, the task branch kept). `None` when it left
+/// nothing, or when it is still alive (then its worktree is not touched).
+fn reclaim_attempt(paths: &AppPaths, timing: Timing, instance: &str) -> Result<Option<String>> {
+    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+    if let Some(record) = snapshot.instance(instance) {
+        if record.liveness(timing.stale_after) == Liveness::Live {
+            return Err(Error::Busy(format!(
+                "attempt {instance} still runs (pid {}) after being asked to stop; stop it with 'app instance stop {instance}', then resume again",
+                record.pid
+            )));
+        }
+        if let Some(why) = crate::inuse::instance_running(record) {
+            return Err(Error::Busy(format!(
+                "attempt {instance} is dead but {why}; stop that process, then resume again"
+            )));
+        }
+        let done = crate::reclaim::reclaim(
+            paths,
+            crate::reclaim::Work::Save,
+            instance,
+            record.worktree.as_deref(),
+            record.branch.as_deref(),
+        )?;
+        return Ok(Some(done));
+    }
+    // Unregistered, yet its worktree may remain: `app run` keeps a worktree holding
+    // uncommitted work, and a crash can leave one behind.
+    let path = paths.worktree(instance);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let branch = Repository::open(&path).ok().and_then(|wt| {
+        wt.head()
+            .ok()
+            .filter(|head| head.is_branch())
+            .and_then(|head| head.shorthand().ok().map(str::to_string))
+    });
+    crate::reclaim::reclaim(
+        paths,
+        crate::reclaim::Work::Save,
+        instance,
+        Some(&path),
+        branch.as_deref(),
+    )
+    .map(Some)
+}
