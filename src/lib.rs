@@ -30,6 +30,7 @@ pub mod registry;
 pub mod reserve;
 pub mod sign;
 pub mod state;
+pub(crate) mod stop;
 pub mod watch;
 pub mod worktree;
 
