@@ -28,7 +28,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::process;
 use crate::state;
+use crate::stop::{StopToken, Stopper};
 
 /// Frame kinds.
 pub const STDIN: u8 = 0;
@@ -116,9 +117,9 @@ pub struct ExecContext {
 }
 
 /// The state the listener, its connections and the owner share.
-#[derive(Default)]
 struct Shared {
-    closing: AtomicBool,
+    /// Stopped when the server closes: the listener ends and no command starts.
+    closing: StopToken,
     next_key: AtomicU64,
     /// Exec connections in progress, with their command (which leads a process group of its
     /// own); a connection counts until its exit frame is sent.
@@ -143,6 +144,7 @@ impl Shared {
 pub struct ControlServer {
     path: PathBuf,
     shared: Arc<Shared>,
+    stopper: Stopper,
 }
 
 impl std::fmt::Debug for ControlServer {
@@ -188,8 +190,8 @@ impl ControlServer {
 
     /// Stops the listener and removes the socket file.
     fn close(&self) {
-        if !self.shared.closing.swap(true, Ordering::SeqCst) {
-            // Wakes the accept loop so it sees `closing` and ends.
+        if self.stopper.stop() {
+            // Wakes the accept loop (blocked in accept) so it sees the stop and ends.
             let _ = UnixStream::connect(&self.path);
             let _ = std::fs::remove_file(&self.path);
         }
@@ -212,13 +214,18 @@ pub fn serve(path: &Path, context: ExecContext) -> Result<ControlServer> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .io_context("restricting", path)?;
     let context = Arc::new(context);
-    let shared = Arc::new(Shared::default());
+    let stopper = Stopper::new();
+    let shared = Arc::new(Shared {
+        closing: stopper.token(),
+        next_key: AtomicU64::new(0),
+        children: Mutex::default(),
+    });
     let own_uid = nix::unistd::getuid().as_raw();
     {
         let shared = Arc::clone(&shared);
         thread::spawn(move || {
             for stream in listener.incoming() {
-                if shared.closing.load(Ordering::SeqCst) {
+                if shared.closing.is_stopped() {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
@@ -235,6 +242,7 @@ pub fn serve(path: &Path, context: ExecContext) -> Result<ControlServer> {
     Ok(ControlServer {
         path: path.to_path_buf(),
         shared,
+        stopper,
     })
 }
 
@@ -276,7 +284,7 @@ fn handle(
     };
     // Registered under the lock a shutdown signals under, so no command starts unseen.
     let mut children = shared.children();
-    if shared.closing.load(Ordering::SeqCst) {
+    if shared.closing.is_stopped() {
         drop(children);
         return send(
             ERROR,

@@ -31,6 +31,7 @@ pub mod registry;
 pub(crate) mod reserve;
 pub mod sign;
 pub mod state;
+pub(crate) mod stop;
 pub(crate) mod watch;
 pub(crate) mod worktree;
 

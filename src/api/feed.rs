@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
 use crate::config::Settings;
 use crate::coordination::Coordination;
@@ -31,6 +31,7 @@ use crate::paths::AppPaths;
 use crate::registry::{Liveness, Registry, Timestamp};
 use crate::sign::SigningKey;
 use crate::state::visible_names;
+use crate::stop::StopToken;
 
 /// How often the database is asked for new events.
 const DATABASE_INTERVAL: Duration = Duration::from_millis(250);
@@ -101,12 +102,12 @@ impl Hub {
     }
 }
 
-/// Copies this repository's new database events into the hub until `stop` changes.
-pub async fn tail_database(
+/// Copies this repository's new database events into the hub until the stop.
+pub(crate) async fn tail_database(
     hub: Hub,
     (location, settings): (Location, DbSettings),
     repo_root: String,
-    mut stop: watch::Receiver<bool>,
+    stop: StopToken,
 ) {
     // The stream carries what happened from now on: an event written while the database was
     // still opening (a fresh file waits for its migrations) is not lost.
@@ -125,7 +126,7 @@ pub async fn tail_database(
                     tracing::warn!(database = %location, %err, "the event stream cannot read the database; instance events are missing until it can");
                     warned = true;
                 }
-                if wait_or_stop(&mut stop, REOPEN_AFTER).await {
+                if wait_or_stop(&stop, REOPEN_AFTER).await {
                     return;
                 }
                 continue;
@@ -137,7 +138,7 @@ pub async fn tail_database(
                 // Every few seconds it is queried anyway, in case a write kept mtime and size.
                 if after_id.is_some() && change == last_change && skipped < FORCED_QUERY_EVERY {
                     skipped += 1;
-                    if wait_or_stop(&mut stop, DATABASE_INTERVAL).await {
+                    if wait_or_stop(&stop, DATABASE_INTERVAL).await {
                         return;
                     }
                     continue;
@@ -183,11 +184,11 @@ pub async fn tail_database(
                     break;
                 }
             }
-            if wait_or_stop(&mut stop, DATABASE_INTERVAL).await {
+            if wait_or_stop(&stop, DATABASE_INTERVAL).await {
                 return;
             }
         }
-        if wait_or_stop(&mut stop, REOPEN_AFTER).await {
+        if wait_or_stop(&stop, REOPEN_AFTER).await {
             return;
         }
     }
@@ -206,13 +207,8 @@ fn file_change(path: &std::path::Path) -> Option<[(std::time::SystemTime, u64); 
     Some([stamp(path), stamp(std::path::Path::new(&wal))])
 }
 
-/// Scans `.app/` for changes into the hub until `stop` changes.
-pub async fn watch_local(
-    hub: Hub,
-    paths: AppPaths,
-    settings: Settings,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Scans `.app/` for changes into the hub until the stop.
+pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, stop: StopToken) {
     let mut seen = Some(LocalState::default());
     loop {
         let Some(mut state) = seen.take() else { return };
@@ -234,20 +230,20 @@ pub async fn watch_local(
                 return;
             }
         }
-        if wait_or_stop(&mut stop, LOCAL_INTERVAL).await {
+        if wait_or_stop(&stop, LOCAL_INTERVAL).await {
             return;
         }
     }
 }
 
-/// Waits `period`; returns true when `stop` changed first (or its sender is gone).
-async fn wait_or_stop(stop: &mut watch::Receiver<bool>, period: Duration) -> bool {
-    if *stop.borrow() {
+/// Waits `period`; returns true when the stop came first (or had come already).
+async fn wait_or_stop(stop: &StopToken, period: Duration) -> bool {
+    if stop.is_stopped() {
         return true;
     }
     tokio::select! {
-        _ = tokio::time::sleep(period) => false,
-        _ = stop.changed() => true,
+        () = tokio::time::sleep(period) => false,
+        () = stop.stopped() => true,
     }
 }
 

@@ -35,7 +35,7 @@ use axum::routing::{get, post};
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
 use self::feed::{ApiEvent, Hub};
 use crate::config::{DEFAULT_API_PORT_RANGE, Settings};
@@ -45,6 +45,7 @@ use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, Result};
 use crate::paths::AppPaths;
 use crate::queue;
 use crate::registry::{Registry, Snapshot};
+use crate::stop::{StopToken, Stopper};
 
 /// Events kept for the slowest subscriber before it is told it lagged.
 pub const DEFAULT_CAPACITY: usize = 1024;
@@ -174,7 +175,8 @@ pub struct ApiContext {
 pub struct ApiServer {
     url: String,
     hub: Hub,
-    stop: watch::Sender<bool>,
+    /// Ends the server, its feeds and every stream.
+    stop: Stopper,
     done: std::sync::mpsc::Receiver<()>,
 }
 
@@ -184,14 +186,14 @@ struct AppState {
     token: Option<String>,
     /// Bound to a loopback address: requests must name a loopback host.
     loopback: bool,
-    stop: watch::Receiver<bool>,
+    stop: StopToken,
 }
 
 /// Starts serving `binding` on a thread of its own.
 pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
     let url = binding.url();
     let hub = Hub::new(context.capacity);
-    let (stop, stopped) = watch::channel(false);
+    let stop = Stopper::new();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -205,12 +207,12 @@ pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
         hub: hub.clone(),
         token: binding.token,
         loopback: binding.addr.ip().is_loopback(),
-        stop: stopped.clone(),
+        stop: stop.token(),
     });
     // A local database answers synchronously (and may wait out a busy lock): its feed gets a
     // thread and runtime of its own so it never holds up a request. It ends on `stop`.
     {
-        let (hub, database, stop) = (hub.clone(), state.context.database.clone(), stopped.clone());
+        let (hub, database, stop) = (hub.clone(), state.context.database.clone(), stop.token());
         let repo_root = state.context.paths.repo_root().display().to_string();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -222,7 +224,7 @@ pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
             .map_err(|err| Error::Failed(format!("cannot start the event feed: {err}")))?;
     }
     let (finished, done) = std::sync::mpsc::channel();
-    let listener = binding.listener;
+    let (listener, stopped) = (binding.listener, stop.token());
     thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -252,14 +254,14 @@ impl ApiServer {
             Some(instance_id),
             json!({ "reason": reason }),
         ));
-        let _ = self.stop.send(true);
+        self.stop.stop();
         if self.done.recv_timeout(SHUTDOWN_WAIT).is_err() {
             tracing::warn!(url = %self.url, "the API did not close its connections in time");
         }
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<AppState>, stopped: watch::Receiver<bool>) {
+async fn serve(listener: TcpListener, state: Arc<AppState>, stop: StopToken) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => {
@@ -272,12 +274,9 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, stopped: watch::Rece
         state.hub.clone(),
         context.paths.clone(),
         context.settings.clone(),
-        stopped.clone(),
+        stop.clone(),
     );
-    let mut stop = stopped;
-    let shutdown = async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    };
+    let shutdown = async move { stop.stopped().await };
     let server = async {
         if let Err(err) = axum::serve(listener, router(Arc::clone(&state)))
             .with_graceful_shutdown(shutdown)
@@ -533,7 +532,7 @@ async fn events(
     let stop = state.stop.clone();
     let stream = futures_util::stream::unfold(
         (receiver, stop, false),
-        |(mut receiver, mut stop, ended)| async move {
+        |(mut receiver, stop, ended)| async move {
             if ended {
                 return None;
             }
@@ -541,7 +540,7 @@ async fn events(
             let next = tokio::select! {
                 biased;
                 received = receiver.recv() => received,
-                _ = stop.wait_for(|stopped| *stopped) => return None,
+                () = stop.stopped() => return None,
             };
             match next {
                 Ok(event) => {

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Seek};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::orchestrate::plan::Plan;
 use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
 use crate::registry::Timestamp;
+use crate::stop::Stopper;
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -137,7 +137,8 @@ struct Live {
     multi: MultiProgress,
     overall: ProgressBar,
     running: Arc<Mutex<HashMap<String, (ProgressBar, PathBuf)>>>,
-    done: Arc<AtomicBool>,
+    /// Ends the ticker.
+    done: Stopper,
     ticker: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -151,17 +152,17 @@ impl Live {
             ),
         );
         let running: Arc<Mutex<HashMap<String, (ProgressBar, PathBuf)>>> = Arc::default();
-        let done = Arc::new(AtomicBool::new(false));
+        let done = Stopper::new();
         let ticker = {
-            let (running, done) = (Arc::clone(&running), Arc::clone(&done));
+            let (running, done) = (Arc::clone(&running), done.token());
             std::thread::spawn(move || {
-                while !done.load(Ordering::SeqCst) {
+                while !done.is_stopped() {
                     for (bar, log) in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
                         if let Some(line) = last_line(log) {
                             bar.set_message(line);
                         }
                     }
-                    std::thread::sleep(Duration::from_millis(250));
+                    done.wait_timeout(Duration::from_millis(250));
                 }
             })
         };
@@ -217,7 +218,7 @@ impl Live {
     }
 
     fn finish(mut self) {
-        self.done.store(true, Ordering::SeqCst);
+        self.done.stop();
         if let Some(ticker) = self.ticker.take() {
             let _ = ticker.join();
         }

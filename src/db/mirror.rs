@@ -28,7 +28,9 @@ pub enum Update {
 }
 
 /// What the mirror thread receives: updates, then one `Close` (senders other threads still
-/// hold need not be dropped first).
+/// hold need not be dropped first). The stop travels in the channel, not as a
+/// [`crate::stop::StopToken`]: it must come after the last updates (the instance's final row
+/// and `instance.stopped`), and it must wake a thread blocked in `recv`; the message does both.
 #[derive(Debug)]
 #[allow(
     clippy::large_enum_variant,

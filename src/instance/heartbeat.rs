@@ -6,7 +6,6 @@
 //! unregistered. A heartbeat that cannot be written never kills the agent.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::thread;
 
 use crate::config::Timing;
@@ -15,10 +14,11 @@ use crate::db::mirror::{MirrorSender, Update};
 use crate::paths::AppPaths;
 use crate::registry::{InstanceRecord, Registry, Timestamp};
 use crate::sign::SigningKey;
+use crate::stop::Stopper;
 
 /// The running heartbeat thread; [`Heartbeat::stop`] ends it.
 pub(super) struct Heartbeat {
-    stop: mpsc::Sender<()>,
+    stopper: Stopper,
     handle: thread::JoinHandle<()>,
 }
 
@@ -31,11 +31,10 @@ impl Heartbeat {
         timing: Timing,
         (mirror, repo_root): (MirrorSender, PathBuf),
     ) -> Heartbeat {
-        let (stop, stopped) = mpsc::channel::<()>();
+        let stopper = Stopper::new();
+        let stop = stopper.token();
         let handle = thread::spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(timing.heartbeat_interval)
-            {
+            while !stop.wait_timeout(timing.heartbeat_interval) {
                 match beat(&paths, &key, &record) {
                     Ok(current) => mirror.send(Update::Instance(InstanceRow::from_record(
                         &current, &repo_root,
@@ -44,12 +43,12 @@ impl Heartbeat {
                 }
             }
         });
-        Heartbeat { stop, handle }
+        Heartbeat { stopper, handle }
     }
 
     /// Ends the thread and waits for it.
     pub(super) fn stop(self) {
-        drop(self.stop);
+        self.stopper.stop();
         let _ = self.handle.join();
     }
 }

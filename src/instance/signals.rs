@@ -14,7 +14,7 @@
 use std::io;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use signal_hook::low_level::siginfo::Cause;
 
 use crate::error::{IoContext, Result};
 use crate::process;
+use crate::stop::Stopper;
 
 /// The command as the signal thread sees it, and the stop requests so far.
 #[derive(Debug, Default)]
@@ -42,8 +43,8 @@ struct ChildSlot {
 #[derive(Debug)]
 pub(super) struct Slot {
     state: Mutex<ChildSlot>,
-    /// Notified on every stop request.
-    changed: Condvar,
+    /// Stopped by the first stop request (what `app serve` waits for).
+    requested: Stopper,
     /// How long a stop request waits for a command before killing it.
     pub(super) stop_timeout: Duration,
 }
@@ -62,7 +63,7 @@ impl Slot {
     pub(super) fn new(stop_timeout: Duration) -> Arc<Slot> {
         Arc::new(Slot {
             state: Mutex::new(ChildSlot::default()),
-            changed: Condvar::new(),
+            requested: Stopper::new(),
             stop_timeout,
         })
     }
@@ -102,13 +103,7 @@ impl Slot {
 
     /// Blocks until the first stop request (`app serve`).
     pub(super) fn wait_for_stop(&self) {
-        let mut state = self.lock();
-        while state.stops == 0 {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(|poison| poison.into_inner());
-        }
+        self.requested.token().wait();
     }
 
     /// A stop request from inside `app` (the control socket's `stop`, `--timeout`): as a
@@ -179,7 +174,7 @@ fn deliver(slot: &Arc<Slot>, signal: i32, reached_group: bool) {
     let request = !reached_group || state.child.is_none();
     if request {
         state.stops += 1;
-        slot.changed.notify_all();
+        slot.requested.stop();
     }
     match &state.child {
         None => {
