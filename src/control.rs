@@ -205,6 +205,7 @@ impl Drop for ControlServer {
 }
 
 /// Listens on `path` and serves every connection on a thread of its own.
+#[tracing::instrument(skip_all, fields(socket = %path.display()))]
 pub fn serve(path: &Path, context: ExecContext) -> Result<ControlServer> {
     let dir = path.parent().expect("sockets live in .app/run");
     state::create_private_dir_all(dir)?;

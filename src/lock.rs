@@ -313,6 +313,7 @@ impl Locks {
 
     /// Waits up to `request.timeout` for the lock; returns its fencing token. Times out with
     /// [`LockError::Held`] naming the holder.
+    #[tracing::instrument(skip_all, fields(lock = %request.name))]
     pub fn acquire(&self, request: &Request) -> Result<u64> {
         // A timeout past what an Instant can hold never runs out.
         let deadline = Instant::now().checked_add(request.timeout);

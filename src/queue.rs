@@ -188,6 +188,7 @@ pub fn route(roster: &dyn Roster, post: Post, max_bytes: usize) -> Result<(Outgo
 
 /// Files `message` into each of `recipients`' inboxes; returns the message id. Validation
 /// (type, payload size, recipients) is the caller's and happens before anything is written.
+#[tracing::instrument(skip_all)]
 pub fn send(
     paths: &AppPaths,
     key: &SigningKey,

@@ -190,6 +190,7 @@ struct AppState {
 }
 
 /// Starts serving `binding` on a thread of its own.
+#[tracing::instrument(skip_all)]
 pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
     let url = binding.url();
     let hub = Hub::new(context.capacity);

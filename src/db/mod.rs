@@ -216,6 +216,7 @@ impl std::fmt::Debug for Db {
 
 impl Db {
     /// Opens (creating a local file and its directory when missing) and migrates the database.
+    #[tracing::instrument(skip_all, fields(database = %location))]
     pub async fn open(location: Location, settings: DbSettings) -> Result<Db> {
         let fail = |source| Error::Database {
             message: format!("opening the database {location}"),

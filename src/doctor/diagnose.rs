@@ -20,6 +20,7 @@ use crate::sign::SigningKey;
 use crate::worktree;
 
 /// Looks at everything, changes nothing.
+#[tracing::instrument(skip_all, fields(repo = %paths.repo_root().display()))]
 pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
     let mut found = Diagnosis::default();
     if !paths.state_dir().is_dir() {

@@ -31,6 +31,7 @@ const PASSES: usize = 3;
 /// Reclaims what [`diagnose`] found, in passes until nothing fixable is left (fixing one thing,
 /// such as unregistering a dead instance, can reveal another, such as its inbox). Returns what
 /// was done and the diagnosis of what is left.
+#[tracing::instrument(skip_all, fields(repo = %paths.repo_root().display()))]
 pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis)> {
     // One doctor at a time; a second one waits, then finds what the first left.
     let _one_at_a_time = match paths.state_dir().is_dir() {

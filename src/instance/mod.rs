@@ -182,6 +182,7 @@ pub struct RunOutcome {
 }
 
 /// Runs `options.command` as a new instance and supervises it until it exits.
+#[tracing::instrument(skip_all, fields(cwd = %cwd.display()))]
 pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunOutcome> {
     validate(options)?;
     let database = (

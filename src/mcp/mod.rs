@@ -63,6 +63,7 @@ struct State {
 }
 
 /// Serves MCP on stdin/stdout for instance `me` until the client closes the connection.
+#[tracing::instrument(skip_all)]
 pub fn serve(
     paths: AppPaths,
     me: String,

@@ -164,6 +164,7 @@ impl Summary {
 }
 
 /// Reads and validates `plan_file` for a new run, checking the branches it would create.
+#[tracing::instrument(skip_all, fields(plan = %plan_file.display()))]
 pub fn prepare(cwd: &Path, plan_file: &Path, options: &Options) -> Result<(AppPaths, Plan)> {
     let paths = AppPaths::discover(cwd)?;
     let repo = refs::open(&paths)?;
@@ -208,6 +209,7 @@ pub fn prepare(cwd: &Path, plan_file: &Path, options: &Options) -> Result<(AppPa
 }
 
 /// Runs a prepared plan to the end.
+#[tracing::instrument(skip_all, fields(run = %plan.run))]
 pub fn start(
     paths: &AppPaths,
     plan: Plan,
@@ -256,6 +258,7 @@ pub fn start(
 }
 
 /// Continues run `id` after its orchestrator died: what succeeded stays, the rest runs again.
+#[tracing::instrument(skip_all, fields(run = %id))]
 pub fn resume(
     cwd: &Path,
     id: &str,
