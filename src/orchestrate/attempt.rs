@@ -104,7 +104,7 @@ impl Orchestrator {
         );
         let (sender, id, timeout) = (outcomes.clone(), task.id.clone(), task.timeout);
         thread::spawn(move || {
-            let _ = sender.send(supervise(&process, id, timeout));
+            let _ = sender.send(await_attempt(&process, id, timeout));
         });
         Ok(())
     }
@@ -186,7 +186,7 @@ impl Orchestrator {
 
 /// Waits for a task's `app run`, enforcing its timeout: SIGTERM to its group (a stop request
 /// its `app run` escalates after TASK_STOP_TIMEOUT), then SIGKILL.
-fn supervise(process: &process::Child, task: String, timeout: Option<Duration>) -> Outcome {
+fn await_attempt(process: &process::Child, task: String, timeout: Option<Duration>) -> Outcome {
     let started = Instant::now();
     let mut timed_out = false;
     let mut killed = false;
