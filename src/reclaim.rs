@@ -261,11 +261,76 @@ fn undo_branch(
     Ok(false)
 }
 
-/// Takes back the worktree and registration of instance `id`, which nobody uses any more:
-/// the worktree goes through the guarded removal (work saved on a rescue ref, or discarded
-/// with [`Work::Discard`]; kept when in use or when only its user can decide), the branch is
-/// deleted only when it holds nothing beyond its base (or with [`Work::Discard`]), then it is
-/// unregistered. A kept worktree keeps its registration's branch entry too.
+/// What reclaims work with: the repository, the registry opened for writing and the signing
+/// key, opened once for as many reclaims as the caller makes in a row (doctor reclaims a
+/// worktree per dead instance). Each reclaim still reads what it acts on again: the worktree
+/// on disk, the registry's branch record, and the registry under its lock when it updates it.
+pub(crate) struct Reclaimer<'a> {
+    paths: &'a AppPaths,
+    repo: Repository,
+    registry: Registry,
+    key: SigningKey,
+}
+
+impl<'a> Reclaimer<'a> {
+    /// Opens the repository of `paths`, its registry for writing and the signing key
+    /// (creating `.app/` and the key when missing, as any write does).
+    pub(crate) fn open(paths: &'a AppPaths) -> Result<Reclaimer<'a>> {
+        Ok(Reclaimer {
+            paths,
+            repo: open_repo(paths)?,
+            registry: Registry::open_for_write(paths)?,
+            key: SigningKey::load_or_create(paths)?,
+        })
+    }
+
+    /// The registry, opened for writing.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Takes back the worktree and registration of instance `id`, which nobody uses any
+    /// more: the worktree goes through the guarded removal (work saved on a rescue ref, or
+    /// discarded with [`Work::Discard`]; kept when in use or when only its user can decide),
+    /// the branch is deleted only when it holds nothing beyond its base (or with
+    /// [`Work::Discard`]), then it is unregistered. A kept worktree keeps its registration's
+    /// branch entry too.
+    pub(crate) fn reclaim(
+        &self,
+        work: Work,
+        id: &str,
+        path: Option<&Path>,
+        branch: Option<&str>,
+    ) -> Result<String> {
+        let (paths, repo) = (self.paths, &self.repo);
+        let mut done = Vec::new();
+        if let Some(path) = path.filter(|p| *p == paths.worktree(id)) {
+            let target = Target { id, branch: None };
+            let removal = worktree::remove(repo, paths, &self.key, target, work.keep())?;
+            let kept = matches!(removal, Removal::Kept { .. });
+            done.push(describe_removal(path, removal));
+            if kept {
+                return Ok(done.join("; "));
+            }
+        }
+        let snapshot = self.registry.snapshot()?;
+        let forget_branch = match branch {
+            Some(branch) => settle_branch(repo, &snapshot, work, branch, &mut done)?,
+            None => false,
+        };
+        self.registry.update(|tables| {
+            tables.remove_instance(id);
+            if forget_branch && let Some(branch) = branch {
+                tables.remove_branch(branch);
+            }
+            Ok(())
+        })?;
+        done.push("unregistered".into());
+        Ok(done.join("; "))
+    }
+}
+
+/// [`Reclaimer::reclaim`] for one instance (the journal recovery, `orchestrate --resume`).
 pub(crate) fn reclaim(
     paths: &AppPaths,
     work: Work,
@@ -273,33 +338,7 @@ pub(crate) fn reclaim(
     path: Option<&Path>,
     branch: Option<&str>,
 ) -> Result<String> {
-    let repo = open_repo(paths)?;
-    let registry = Registry::open_for_write(paths)?;
-    let mut done = Vec::new();
-    if let Some(path) = path.filter(|p| *p == paths.worktree(id)) {
-        let key = SigningKey::load_or_create(paths)?;
-        let target = Target { id, branch: None };
-        let removal = worktree::remove(&repo, paths, &key, target, work.keep())?;
-        let kept = matches!(removal, Removal::Kept { .. });
-        done.push(describe_removal(path, removal));
-        if kept {
-            return Ok(done.join("; "));
-        }
-    }
-    let snapshot = registry.snapshot()?;
-    let forget_branch = match branch {
-        Some(branch) => settle_branch(&repo, &snapshot, work, branch, &mut done)?,
-        None => false,
-    };
-    registry.update(|tables| {
-        tables.remove_instance(id);
-        if forget_branch && let Some(branch) = branch {
-            tables.remove_branch(branch);
-        }
-        Ok(())
-    })?;
-    done.push("unregistered".into());
-    Ok(done.join("; "))
+    Reclaimer::open(paths)?.reclaim(work, id, path, branch)
 }
 
 /// Decides the fate of a reclaimed instance's `branch` (unless something has it checked out):

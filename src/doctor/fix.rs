@@ -19,7 +19,7 @@ use crate::inuse;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
 use crate::process::ProcessIdentity;
-use crate::reclaim;
+use crate::reclaim::{self, Reclaimer};
 use crate::registry::{InstanceRecord, Registry};
 use crate::sign::SigningKey;
 use crate::state;
@@ -50,12 +50,14 @@ pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis
         if !diagnosis.any_fixable() {
             break;
         }
+        // What this pass's reclaims share, opened at the first of them.
+        let mut reclaimer = None;
         for problem in diagnosis.problems.iter().filter(|p| p.fixable()) {
             let finding = problem.finding();
             if locked_out.contains(&finding) {
                 continue;
             }
-            let outcome = fix_one(paths, options, problem);
+            let outcome = fix_one(paths, options, &mut reclaimer, problem);
             if outcome.as_ref().is_err_and(ref_locked) {
                 locked_out.push(finding.clone());
             }
@@ -83,8 +85,24 @@ fn ref_locked(err: &Error) -> bool {
     matches!(err, Error::Git { source, .. } if source.code() == ErrorCode::Locked)
 }
 
-/// Fixes one problem; the text says what was done.
-fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<String> {
+/// The reclaimer of this pass (`slot`), opened when it is first needed.
+fn open_reclaimer<'s, 'a>(
+    paths: &'a AppPaths,
+    slot: &'s mut Option<Reclaimer<'a>>,
+) -> Result<&'s Reclaimer<'a>> {
+    if slot.is_none() {
+        *slot = Some(Reclaimer::open(paths)?);
+    }
+    Ok(slot.as_ref().expect("opened just above"))
+}
+
+/// Fixes one problem; the text says what was done. Reclaims share `reclaimer`.
+fn fix_one<'a>(
+    paths: &'a AppPaths,
+    options: &Options,
+    reclaimer: &mut Option<Reclaimer<'a>>,
+    problem: &Problem,
+) -> Result<String> {
     let registry = || Registry::open_for_write(paths);
     match problem {
         Problem::MissingSecret => {
@@ -103,8 +121,12 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             registry()?.update(|tables| Ok(tables.remove_instance(key)))?;
             Ok("removed the entry".into())
         }
-        Problem::DeadInstance { record, .. } => reclaim_dead(paths, options, record),
-        Problem::OrphanWorktree { id, path } => reclaim_orphan(paths, options, id, path),
+        Problem::DeadInstance { record, .. } => {
+            reclaim_dead(open_reclaimer(paths, reclaimer)?, options, record)
+        }
+        Problem::OrphanWorktree { id, path } => {
+            reclaim_orphan(open_reclaimer(paths, reclaimer)?, options, id, path)
+        }
         Problem::DanglingMetadata { name, admin } => {
             if worktree::forget_missing(paths, name)? {
                 Ok(format!("removed {}", admin.display()))
@@ -176,15 +198,18 @@ fn move_aside(paths: &AppPaths, path: &Path) -> Result<String> {
 }
 
 /// Reclaims the dead instance `record`, unless it was restarted since the diagnosis.
-fn reclaim_dead(paths: &AppPaths, options: &Options, record: &InstanceRecord) -> Result<String> {
+fn reclaim_dead(
+    reclaimer: &Reclaimer<'_>,
+    options: &Options,
+    record: &InstanceRecord,
+) -> Result<String> {
     // Read again: it may have been restarted since the diagnosis.
-    let snapshot = Registry::open_for_write(paths)?.snapshot()?;
+    let snapshot = reclaimer.registry().snapshot()?;
     match snapshot.instance(&record.id) {
         Some(current) if current.pid == record.pid && current.start_time == record.start_time => {}
         _ => return Ok("it changed meanwhile; left for the next run".into()),
     }
-    reclaim::reclaim(
-        paths,
+    reclaimer.reclaim(
         options.work(),
         &record.id,
         record.worktree.as_deref(),
@@ -194,8 +219,13 @@ fn reclaim_dead(paths: &AppPaths, options: &Options, record: &InstanceRecord) ->
 
 /// Reclaims the orphaned worktree `id` at `path` and the branch checked out in it, unless an
 /// instance took it since the diagnosis.
-fn reclaim_orphan(paths: &AppPaths, options: &Options, id: &str, path: &Path) -> Result<String> {
-    let snapshot = Registry::open_for_write(paths)?.snapshot()?;
+fn reclaim_orphan(
+    reclaimer: &Reclaimer<'_>,
+    options: &Options,
+    id: &str,
+    path: &Path,
+) -> Result<String> {
+    let snapshot = reclaimer.registry().snapshot()?;
     if snapshot.instance(id).is_some() {
         return Ok("an instance took it meanwhile; left alone".into());
     }
@@ -205,7 +235,7 @@ fn reclaim_orphan(paths: &AppPaths, options: &Options, id: &str, path: &Path) ->
             .filter(|h| h.is_branch())
             .and_then(|h| h.shorthand().ok().map(str::to_string))
     });
-    reclaim::reclaim(paths, options.work(), id, Some(path), branch.as_deref())
+    reclaimer.reclaim(options.work(), id, Some(path), branch.as_deref())
 }
 
 /// Moves the messages of the gone instance `owner` aside and removes its inbox.
