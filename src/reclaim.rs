@@ -8,31 +8,24 @@
 //!   made: an undone start touches the registry entry it wrote (same pid and start time), the
 //!   worktree whose supervisor record carries its nonce and the branch it created (or the
 //!   lock file a kill during its creation left, once no live process holds it and it is
-//!   [`REF_LOCK_STALE_AFTER`] old); a name another instance holds now is left alone.
+//!   [`reflock::STALE_AFTER`] old); a name another instance holds now is left alone.
 //! - Every removal goes through [`worktree::remove`], which never takes a worktree in use
 //!   and saves uncommitted work on `refs/app/rescue/<id>` unless told to discard it
 //!   ([`Work::Discard`], `--force`). A branch is deleted only when app created it and it holds
 //!   nothing beyond its base (or with `--force`).
 //! - Nothing here diagnoses: callers decide what is dead, this module only makes it so.
 
-use std::fs;
 use std::path::Path;
-use std::time::Duration;
 
 use git2::{Oid, Repository};
 
 use crate::error::{GitContext, Result};
-use crate::inuse::{Scan, Supervisor};
+use crate::inuse::Supervisor;
 use crate::journal::{self, Intent, Operation};
 use crate::paths::AppPaths;
 use crate::registry::{Entry, InstanceRecord, Registry, Snapshot};
 use crate::sign::SigningKey;
-use crate::worktree::{self, BranchFate, Keep, Removal, Target};
-
-/// How old a lock file of a ref that no live process holds must be to count as left by a
-/// killed writer: a writer closes its lock file just before it renames it over the ref, and
-/// may be preempted in between.
-pub(crate) const REF_LOCK_STALE_AFTER: Duration = Duration::from_secs(1);
+use crate::worktree::{self, BranchFate, Keep, Removal, Target, reflock};
 
 /// What a reclaim does with the work it finds: uncommitted changes in a worktree, commits on
 /// a branch beyond its base.
@@ -165,7 +158,7 @@ fn undo_start(paths: &AppPaths, work: Work, intent: &Intent) -> Result<String> {
         ));
     }
     let mut done = Vec::new();
-    undo_branch_lock(paths, &repo, intent, &mut done)?;
+    undo_branch_lock(&repo, intent, &mut done)?;
     let worktree_gone = undo_worktree(paths, &repo, work, intent, &mut done)?;
     let branch_gone = undo_branch(&repo, &snapshot, intent, worktree_gone, &mut done)?;
     Registry::open_for_write(paths)?.update(|tables| {
@@ -186,62 +179,21 @@ fn undo_start(paths: &AppPaths, work: Work, intent: &Intent) -> Result<String> {
 
 /// Removes the lock file a start killed while it created its branch left, which would block
 /// the branch for good (the next start of the same name too), unless the branch was made.
-fn undo_branch_lock(
-    paths: &AppPaths,
-    repo: &Repository,
-    intent: &Intent,
-    done: &mut Vec<String>,
-) -> Result<()> {
+fn undo_branch_lock(repo: &Repository, intent: &Intent, done: &mut Vec<String>) -> Result<()> {
     let Some(branch) = intent.branch.as_deref().filter(|_| intent.create_branch) else {
         return Ok(());
     };
     if worktree::branch_tip(repo, branch)?.is_some() {
         return Ok(());
     }
-    let lock = paths
-        .git_common_dir()
-        .join("refs/heads")
-        .join(format!("{branch}.lock"));
-    if remove_left_ref_lock(&lock)? {
+    let lock = reflock::lock_file(repo, &format!("refs/heads/{branch}"));
+    if reflock::remove_once_left(&lock)? {
         done.push(format!(
             "removed {}, left by the creation of branch {branch}",
             lock.display()
         ));
     }
     Ok(())
-}
-
-/// Removes `lock`, a ref's lock file a killed writer left, once no live process holds it and
-/// it is [`REF_LOCK_STALE_AFTER`] old (a young one gets the rest of that time, about a second
-/// at most). Returns whether it removed it; a lock someone holds is theirs, and stays.
-fn remove_left_ref_lock(lock: &Path) -> Result<bool> {
-    let age = || {
-        fs::metadata(lock)
-            .and_then(|m| m.modified())
-            .ok()
-            .map(|at| at.elapsed().ok())
-    };
-    let unheld = || Scan::take().users(lock).is_empty();
-    // Absent (None), or from the future (Some(None)): not a killed writer's to judge by age.
-    let Some(Some(first)) = age() else {
-        return Ok(false);
-    };
-    if !unheld() {
-        return Ok(false);
-    }
-    if let Some(rest) = REF_LOCK_STALE_AFTER.checked_sub(first) {
-        std::thread::sleep(rest + Duration::from_millis(50));
-    }
-    // Asked again, fresh: a writer that took it meanwhile holds it open.
-    if age()
-        .flatten()
-        .is_some_and(|age| age > REF_LOCK_STALE_AFTER)
-        && unheld()
-    {
-        crate::state::remove_if_present(lock)?;
-        return Ok(true);
-    }
-    Ok(false)
 }
 
 /// Removes the worktree an interrupted start made (its supervisor record carries the start's
@@ -309,11 +261,76 @@ fn undo_branch(
     Ok(false)
 }
 
-/// Takes back the worktree and registration of instance `id`, which nobody uses any more:
-/// the worktree goes through the guarded removal (work saved on a rescue ref, or discarded
-/// with [`Work::Discard`]; kept when in use or when only its user can decide), the branch is
-/// deleted only when it holds nothing beyond its base (or with [`Work::Discard`]), then it is
-/// unregistered. A kept worktree keeps its registration's branch entry too.
+/// What reclaims work with: the repository, the registry opened for writing and the signing
+/// key, opened once for as many reclaims as the caller makes in a row (doctor reclaims a
+/// worktree per dead instance). Each reclaim still reads what it acts on again: the worktree
+/// on disk, the registry's branch record, and the registry under its lock when it updates it.
+pub(crate) struct Reclaimer<'a> {
+    paths: &'a AppPaths,
+    repo: Repository,
+    registry: Registry,
+    key: SigningKey,
+}
+
+impl<'a> Reclaimer<'a> {
+    /// Opens the repository of `paths`, its registry for writing and the signing key
+    /// (creating `.app/` and the key when missing, as any write does).
+    pub(crate) fn open(paths: &'a AppPaths) -> Result<Reclaimer<'a>> {
+        Ok(Reclaimer {
+            paths,
+            repo: open_repo(paths)?,
+            registry: Registry::open_for_write(paths)?,
+            key: SigningKey::load_or_create(paths)?,
+        })
+    }
+
+    /// The registry, opened for writing.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Takes back the worktree and registration of instance `id`, which nobody uses any
+    /// more: the worktree goes through the guarded removal (work saved on a rescue ref, or
+    /// discarded with [`Work::Discard`]; kept when in use or when only its user can decide),
+    /// the branch is deleted only when it holds nothing beyond its base (or with
+    /// [`Work::Discard`]), then it is unregistered. A kept worktree keeps its registration's
+    /// branch entry too.
+    pub(crate) fn reclaim(
+        &self,
+        work: Work,
+        id: &str,
+        path: Option<&Path>,
+        branch: Option<&str>,
+    ) -> Result<String> {
+        let (paths, repo) = (self.paths, &self.repo);
+        let mut done = Vec::new();
+        if let Some(path) = path.filter(|p| *p == paths.worktree(id)) {
+            let target = Target { id, branch: None };
+            let removal = worktree::remove(repo, paths, &self.key, target, work.keep())?;
+            let kept = matches!(removal, Removal::Kept { .. });
+            done.push(describe_removal(path, removal));
+            if kept {
+                return Ok(done.join("; "));
+            }
+        }
+        let snapshot = self.registry.snapshot()?;
+        let forget_branch = match branch {
+            Some(branch) => settle_branch(repo, &snapshot, work, branch, &mut done)?,
+            None => false,
+        };
+        self.registry.update(|tables| {
+            tables.remove_instance(id);
+            if forget_branch && let Some(branch) = branch {
+                tables.remove_branch(branch);
+            }
+            Ok(())
+        })?;
+        done.push("unregistered".into());
+        Ok(done.join("; "))
+    }
+}
+
+/// [`Reclaimer::reclaim`] for one instance (the journal recovery, `orchestrate --resume`).
 pub(crate) fn reclaim(
     paths: &AppPaths,
     work: Work,
@@ -321,33 +338,7 @@ pub(crate) fn reclaim(
     path: Option<&Path>,
     branch: Option<&str>,
 ) -> Result<String> {
-    let repo = open_repo(paths)?;
-    let registry = Registry::open_for_write(paths)?;
-    let mut done = Vec::new();
-    if let Some(path) = path.filter(|p| *p == paths.worktree(id)) {
-        let key = SigningKey::load_or_create(paths)?;
-        let target = Target { id, branch: None };
-        let removal = worktree::remove(&repo, paths, &key, target, work.keep())?;
-        let kept = matches!(removal, Removal::Kept { .. });
-        done.push(describe_removal(path, removal));
-        if kept {
-            return Ok(done.join("; "));
-        }
-    }
-    let snapshot = registry.snapshot()?;
-    let forget_branch = match branch {
-        Some(branch) => settle_branch(&repo, &snapshot, work, branch, &mut done)?,
-        None => false,
-    };
-    registry.update(|tables| {
-        tables.remove_instance(id);
-        if forget_branch && let Some(branch) = branch {
-            tables.remove_branch(branch);
-        }
-        Ok(())
-    })?;
-    done.push("unregistered".into());
-    Ok(done.join("; "))
+    Reclaimer::open(paths)?.reclaim(work, id, path, branch)
 }
 
 /// Decides the fate of a reclaimed instance's `branch` (unless something has it checked out):

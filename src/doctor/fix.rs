@@ -15,15 +15,18 @@ use super::{Diagnosis, Fixed, Options, diagnose, git};
 use crate::coordination::Coordination;
 use crate::db::{Blocking, DbSettings, instances};
 use crate::error::{Error, Result};
-use crate::inuse::{self, Scan};
+use crate::inuse;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
 use crate::process::ProcessIdentity;
-use crate::reclaim;
+use crate::reclaim::{self, Reclaimer};
 use crate::registry::{InstanceRecord, Registry};
 use crate::sign::SigningKey;
 use crate::state;
-use crate::worktree;
+use crate::worktree::{
+    self,
+    reflock::{self, RefLock},
+};
 
 /// Passes of fixes at most: each one fixes what the one before revealed.
 const PASSES: usize = 3;
@@ -42,30 +45,40 @@ pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis
     // The reclaims need the refs whose lock files a writer killed a moment ago left.
     git::await_young_ref_locks(paths);
     let mut diagnosis = diagnose(paths, options)?;
-    for pass in 1..=PASSES {
+    // Fixes a lock file stopped: they waited for it already, a later pass would wait again.
+    let mut locked_out = Vec::new();
+    for _ in 0..PASSES {
         if !diagnosis.any_fixable() {
             break;
         }
-        let mut blocked = false;
+        // What this pass's reclaims share, opened at the first of them.
+        let mut reclaimer = None;
         for problem in diagnosis.problems.iter().filter(|p| p.fixable()) {
-            let outcome = fix_one(paths, options, problem);
-            // A writer killed since the diagnosis left a lock file in the way: once it has
-            // aged, the next pass removes it before it fixes this again.
-            if pass < PASSES && outcome.as_ref().is_err_and(ref_locked) {
-                blocked = true;
+            let finding = problem.finding();
+            if locked_out.contains(&finding) {
                 continue;
             }
+            let outcome = fix_one(paths, options, &mut reclaimer, problem);
+            if outcome.as_ref().is_err_and(ref_locked) {
+                locked_out.push(finding.clone());
+            }
             done.push(Fixed {
-                finding: problem.finding(),
-                outcome: outcome.map_err(|err| failure(paths, &err)),
+                finding,
+                outcome: outcome.map_err(|err| failure(&err)),
             });
-        }
-        if blocked {
-            git::await_young_ref_locks(paths);
         }
         diagnosis = diagnose(paths, options)?;
     }
     Ok((done, diagnosis))
+}
+
+/// The text of a failed fix. git refusing a change for a lock file (which says who holds it
+/// and what to do about it, see [`reflock::retry`]) says what to do next.
+fn failure(err: &Error) -> String {
+    match ref_locked(err) {
+        true => format!("{err}, then run 'app doctor --fix' again"),
+        false => err.to_string(),
+    }
 }
 
 /// Whether `err` is git refusing to change a ref because its lock file is there.
@@ -73,34 +86,24 @@ fn ref_locked(err: &Error) -> bool {
     matches!(err, Error::Git { source, .. } if source.code() == ErrorCode::Locked)
 }
 
-/// The text of a failed fix. A lock file in the way says who holds it and what to do.
-fn failure(paths: &AppPaths, err: &Error) -> String {
-    let text = err.to_string();
-    if !ref_locked(err) {
-        return text;
+/// The reclaimer of this pass (`slot`), opened when it is first needed.
+fn open_reclaimer<'s, 'a>(
+    paths: &'a AppPaths,
+    slot: &'s mut Option<Reclaimer<'a>>,
+) -> Result<&'s Reclaimer<'a>> {
+    if slot.is_none() {
+        *slot = Some(Reclaimer::open(paths)?);
     }
-    let held: Vec<String> = git::held_ref_locks(paths)
-        .into_iter()
-        .map(|(path, users)| {
-            let users: Vec<String> = users
-                .iter()
-                .map(|u| format!("pid {} ({})", u.pid, u.command))
-                .collect();
-            format!("{} is held by {}", path.display(), users.join(", "))
-        })
-        .collect();
-    let what_to_do = match held.is_empty() {
-        true => "if no git command works in this repository, remove that lock file".to_string(),
-        false => format!("{}: let it finish or stop it", held.join("; ")),
-    };
-    format!(
-        "{}; {what_to_do}, then run 'app doctor --fix' again",
-        text.trim_end_matches([':', ' '])
-    )
+    Ok(slot.as_ref().expect("opened just above"))
 }
 
-/// Fixes one problem; the text says what was done.
-fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<String> {
+/// Fixes one problem; the text says what was done. Reclaims share `reclaimer`.
+fn fix_one<'a>(
+    paths: &'a AppPaths,
+    options: &Options,
+    reclaimer: &mut Option<Reclaimer<'a>>,
+    problem: &Problem,
+) -> Result<String> {
     let registry = || Registry::open_for_write(paths);
     match problem {
         Problem::MissingSecret => {
@@ -119,8 +122,12 @@ fn fix_one(paths: &AppPaths, options: &Options, problem: &Problem) -> Result<Str
             registry()?.update(|tables| Ok(tables.remove_instance(key)))?;
             Ok("removed the entry".into())
         }
-        Problem::DeadInstance { record, .. } => reclaim_dead(paths, options, record),
-        Problem::OrphanWorktree { id, path } => reclaim_orphan(paths, options, id, path),
+        Problem::DeadInstance { record, .. } => {
+            reclaim_dead(open_reclaimer(paths, reclaimer)?, options, record)
+        }
+        Problem::OrphanWorktree { id, path } => {
+            reclaim_orphan(open_reclaimer(paths, reclaimer)?, options, id, path)
+        }
         Problem::DanglingMetadata { name, admin } => {
             if worktree::forget_missing(paths, name)? {
                 Ok(format!("removed {}", admin.display()))
@@ -192,15 +199,18 @@ fn move_aside(paths: &AppPaths, path: &Path) -> Result<String> {
 }
 
 /// Reclaims the dead instance `record`, unless it was restarted since the diagnosis.
-fn reclaim_dead(paths: &AppPaths, options: &Options, record: &InstanceRecord) -> Result<String> {
+fn reclaim_dead(
+    reclaimer: &Reclaimer<'_>,
+    options: &Options,
+    record: &InstanceRecord,
+) -> Result<String> {
     // Read again: it may have been restarted since the diagnosis.
-    let snapshot = Registry::open_for_write(paths)?.snapshot()?;
+    let snapshot = reclaimer.registry().snapshot()?;
     match snapshot.instance(&record.id) {
         Some(current) if current.pid == record.pid && current.start_time == record.start_time => {}
         _ => return Ok("it changed meanwhile; left for the next run".into()),
     }
-    reclaim::reclaim(
-        paths,
+    reclaimer.reclaim(
         options.work(),
         &record.id,
         record.worktree.as_deref(),
@@ -210,8 +220,13 @@ fn reclaim_dead(paths: &AppPaths, options: &Options, record: &InstanceRecord) ->
 
 /// Reclaims the orphaned worktree `id` at `path` and the branch checked out in it, unless an
 /// instance took it since the diagnosis.
-fn reclaim_orphan(paths: &AppPaths, options: &Options, id: &str, path: &Path) -> Result<String> {
-    let snapshot = Registry::open_for_write(paths)?.snapshot()?;
+fn reclaim_orphan(
+    reclaimer: &Reclaimer<'_>,
+    options: &Options,
+    id: &str,
+    path: &Path,
+) -> Result<String> {
+    let snapshot = reclaimer.registry().snapshot()?;
     if snapshot.instance(id).is_some() {
         return Ok("an instance took it meanwhile; left alone".into());
     }
@@ -221,7 +236,7 @@ fn reclaim_orphan(paths: &AppPaths, options: &Options, id: &str, path: &Path) ->
             .filter(|h| h.is_branch())
             .and_then(|h| h.shorthand().ok().map(str::to_string))
     });
-    reclaim::reclaim(paths, options.work(), id, Some(path), branch.as_deref())
+    reclaimer.reclaim(options.work(), id, Some(path), branch.as_deref())
 }
 
 /// Moves the messages of the gone instance `owner` aside and removes its inbox.
@@ -241,18 +256,14 @@ fn sweep_inbox(paths: &AppPaths, options: &Options, owner: &str) -> Result<Strin
     ))
 }
 
-/// Removes a ref's lock file nobody holds.
+/// Removes a ref's lock file a killed writer left.
 fn remove_ref_lock(path: &Path) -> Result<String> {
-    // Asked again, fresh: a writer holds its lock file open while it works.
-    let users = Scan::take().users(path);
-    if !users.is_empty() {
-        return Ok(format!(
-            "held again by {}; left alone",
-            inuse::describe(&users)
-        ));
-    }
-    state::remove_if_present(path)?;
-    Ok("removed".into())
+    // Judged again, fresh: a writer holds its lock file open while it works.
+    Ok(match reflock::remove_if_left(path)? {
+        RefLock::Left | RefLock::Absent => "removed".into(),
+        RefLock::Held(users) => format!("held again by {}; left alone", inuse::describe(&users)),
+        RefLock::Young(_) | RefLock::Undated => "written again meanwhile; left alone".into(),
+    })
 }
 
 /// Writes the database row of the live instance `record`.

@@ -12,11 +12,10 @@ use git2::{BranchType, Oid, Repository};
 use super::diagnose::unregistered_in_use;
 use super::problem::Problem;
 use crate::error::{GitContext, Result};
-use crate::inuse::{self, Scan, User};
+use crate::inuse::{self, Scan};
 use crate::paths::AppPaths;
-use crate::reclaim::REF_LOCK_STALE_AFTER;
 use crate::registry::{Entry, Liveness, Snapshot};
-use crate::worktree;
+use crate::worktree::{self, reflock::RefLock};
 
 /// Worktrees under `.app/worktrees/` that no registry entry or intent owns, then git's records
 /// of app's worktrees whose directory is gone.
@@ -220,13 +219,12 @@ fn holds_nothing_new(repo: &Repository, name: &str, base: Option<Oid>) -> Result
     Ok(false)
 }
 
-/// `*.lock` files of app's refs (`refs/heads/app/`, `refs/app/`) that no live process has
-/// open: git and libgit2 hold a ref's lock file open while they change it, so one nobody holds
-/// was left by a writer killed half-way, and blocks the ref for good. Young ones are left for
-/// a writer that may be about to rename them ([`await_young_ref_locks`] lets them age).
+/// `*.lock` files of app's refs (`refs/heads/app/`, `refs/app/`) that a killed writer left
+/// (see [`worktree::reflock`]): they block their ref for good. Young ones are left for a writer that may
+/// be about to rename them ([`await_young_ref_locks`] lets them age).
 pub(super) fn stale_ref_locks(paths: &AppPaths, scan: &Scan, problems: &mut Vec<Problem>) {
-    for (path, age) in ref_locks(paths) {
-        if age.is_some_and(|age| age > REF_LOCK_STALE_AFTER) && scan.users(&path).is_empty() {
+    for path in ref_locks(paths) {
+        if RefLock::judge(&path, scan) == RefLock::Left {
             problems.push(Problem::StaleRefLock { path });
         }
     }
@@ -236,21 +234,17 @@ pub(super) fn stale_ref_locks(paths: &AppPaths, scan: &Scan, problems: &mut Vec<
 /// [`stale_ref_locks`] to find, about a second at most: a writer killed a moment ago leaves
 /// one, and the reclaims that follow need its ref. Returns at once when there is none.
 pub(super) fn await_young_ref_locks(paths: &AppPaths) {
-    let young: Vec<(PathBuf, Duration)> = ref_locks(paths)
-        .into_iter()
-        .filter_map(|(path, age)| {
-            age.filter(|age| *age <= REF_LOCK_STALE_AFTER)
-                .map(|age| (path, age))
-        })
-        .collect();
-    if young.is_empty() {
+    let locks = ref_locks(paths);
+    if locks.is_empty() {
         return;
     }
     let scan = Scan::take();
-    let wait = young
+    let wait = locks
         .iter()
-        .filter(|(path, _)| scan.users(path).is_empty())
-        .map(|(_, age)| REF_LOCK_STALE_AFTER - *age)
+        .filter_map(|path| match RefLock::judge(path, &scan) {
+            RefLock::Young(rest) => Some(rest),
+            _ => None,
+        })
         .max();
     if let Some(wait) = wait {
         tracing::debug!(
@@ -261,21 +255,8 @@ pub(super) fn await_young_ref_locks(paths: &AppPaths) {
     }
 }
 
-/// The processes that hold a lock file of one of app's refs open, by lock file.
-pub(super) fn held_ref_locks(paths: &AppPaths) -> Vec<(PathBuf, Vec<User>)> {
-    let scan = Scan::take();
-    ref_locks(paths)
-        .into_iter()
-        .map(|(path, _)| {
-            let users = scan.users(&path);
-            (path, users)
-        })
-        .filter(|(_, users)| !users.is_empty())
-        .collect()
-}
-
-/// The `*.lock` files of app's refs and how old they are (`None`: unknown, or from the future).
-fn ref_locks(paths: &AppPaths) -> Vec<(PathBuf, Option<Duration>)> {
+/// The `*.lock` files of app's refs.
+fn ref_locks(paths: &AppPaths) -> Vec<PathBuf> {
     let refs = paths.git_common_dir().join("refs");
     let mut dirs = vec![refs.join("heads/app"), refs.join("app")];
     let mut found = Vec::new();
@@ -285,12 +266,7 @@ fn ref_locks(paths: &AppPaths) -> Vec<(PathBuf, Option<Duration>)> {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "lock") {
-                let age = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|at| at.elapsed().ok());
-                found.push((path, age));
+                found.push(path);
             }
         }
     }

@@ -531,7 +531,9 @@ fn rescue_once(
         } else {
             format!("refs/app/rescue/{id}-{n}")
         };
-        match repo.reference(&name, commit, false, &message) {
+        match super::reflock::retry(repo, &name, || {
+            repo.reference(&name, commit, false, &message)
+        }) {
             Ok(_) => return Ok((name, commit)),
             Err(err) if err.code() == ErrorCode::Exists => continue,
             Err(err) => return Err(Error::git(format!("creating {name}"), err)),

@@ -419,12 +419,14 @@ fn keep_private_refs(paths: &AppPaths, id: &str, admin: &Path) -> Result<()> {
             continue;
         }
         let rescue = format!("refs/app/rescue/{id}-{name}-{}", &oid.to_string()[..12]);
-        repo.reference(
-            &rescue,
-            oid,
-            true,
-            "app: a ref only the removed worktree had",
-        )
+        super::reflock::retry(&repo, &rescue, || {
+            repo.reference(
+                &rescue,
+                oid,
+                true,
+                "app: a ref only the removed worktree had",
+            )
+        })
         .map_err(|err| Error::git(format!("creating {rescue}"), err))?;
     }
     Ok(())

@@ -12,7 +12,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
 
 use git2::{BranchType, ErrorCode, Oid, Repository};
 
@@ -24,6 +23,7 @@ use crate::sign::SigningKey;
 
 pub mod changes;
 pub mod guard;
+pub(crate) mod reflock;
 
 pub use guard::{Keep, Removal, Target, forget_missing, remove, user_must_decide};
 
@@ -286,7 +286,11 @@ pub fn create(
         let commit = repo
             .find_commit(plan.base)
             .git_context(|| format!("reading commit {}", plan.base))?;
-        retry_locked(|| repo.branch(&plan.branch, &commit, false)).map_err(|err| {
+        let reference = format!("refs/heads/{}", plan.branch);
+        reflock::retry(repo, &reference, || {
+            repo.branch(&plan.branch, &commit, false)
+        })
+        .map_err(|err| {
             if err.code() == ErrorCode::Exists {
                 Error::bad_input(format!(
                     "branch {} was created by someone else a moment ago; pick another --branch",
@@ -458,7 +462,7 @@ pub fn end_instance(
     keep: Keep,
 ) -> Result<Cleanup> {
     let mut cleanup = Cleanup::default();
-    match guard::remove(repo, paths, key, Target { id, branch }, keep)? {
+    match guard::remove(repo, paths, key, Target { id, branch }, keep).map_err(then_doctor)? {
         Removal::Removed { rescued_to } => {
             cleanup.worktree_removed = true;
             cleanup.rescued_to = rescued_to;
@@ -474,7 +478,7 @@ pub fn end_instance(
     let Some(branch) = branch.filter(|_| created_branch) else {
         return Ok(cleanup);
     };
-    match delete_branch_if_empty(repo, branch, base)? {
+    match delete_branch_if_empty(repo, branch, base).map_err(then_doctor)? {
         BranchFate::Gone => {}
         BranchFate::Deleted => {
             cleanup.branch_deleted = true;
@@ -483,6 +487,21 @@ pub fn end_instance(
         BranchFate::Kept(reason) => cleanup.branch_kept_because = Some(reason),
     }
     Ok(cleanup)
+}
+
+/// `err`, when a lock file stopped the end of an instance (the worktree or branch it could not
+/// take is still there), with what finishes it once the lock file is seen to.
+fn then_doctor(err: Error) -> Error {
+    match err {
+        Error::Git { message, source } if source.code() == ErrorCode::Locked => {
+            let text = format!("{}, then run 'app doctor --fix'", source.message());
+            Error::git(
+                message,
+                git2::Error::new(source.code(), source.class(), text),
+            )
+        }
+        other => other,
+    }
 }
 
 /// What [`delete_branch_if_empty`] did.
@@ -551,7 +570,7 @@ pub fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
         )));
     }
     let refname = format!("refs/heads/{branch}");
-    retry_locked(|| match repo.find_reference(&refname) {
+    reflock::retry(repo, &refname, || match repo.find_reference(&refname) {
         Ok(mut reference) => reference.delete(),
         Err(err) if err.code() == ErrorCode::NotFound => Ok(()),
         Err(err) => Err(err),
@@ -577,31 +596,4 @@ pub fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Retries a git operation that failed because another process holds one of git's lock files
-/// (a ref's `.lock`, `packed-refs.lock`). Many instances ending at once contend for them, and
-/// libgit2, unlike the git CLI, does not wait for a lock itself.
-fn retry_locked<T>(
-    mut op: impl FnMut() -> std::result::Result<T, git2::Error>,
-) -> std::result::Result<T, git2::Error> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut delay = Duration::from_millis(2);
-    loop {
-        match op() {
-            Err(err) if err.code() == ErrorCode::Locked && Instant::now() < deadline => {
-                // Jitter keeps the waiters from retrying in lockstep.
-                let nanos = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .subsec_nanos();
-                let jitter =
-                    Duration::from_nanos(u64::from(nanos) % delay.as_nanos().max(1) as u64);
-                tracing::debug!(%err, ?delay, "git lock held; retrying");
-                std::thread::sleep(delay + jitter);
-                delay = (delay * 2).min(Duration::from_millis(100));
-            }
-            other => return other,
-        }
-    }
 }

@@ -906,3 +906,149 @@ fn bad_lock_names_and_patterns_exit_2_and_change_nothing() {
     }
     assert!(!repo.state_dir().exists());
 }
+
+/// Leaves `<reference>.lock` the way a writer SIGKILLed half-way through changing it does
+/// (a file nobody holds open), `age` ago.
+fn crashed_ref_writer(repo: &TestRepo, reference: &str, age: Duration) -> std::path::PathBuf {
+    let lock = repo.root().join(".git").join(format!("{reference}.lock"));
+    fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let file = fs::File::create(&lock).unwrap();
+    file.set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+    lock
+}
+
+/// Starts `app run --instance <id>` whose command waits for the returned file to appear,
+/// then exits 0.
+fn run_until_go(repo: &TestRepo, id: &str) -> (crate::support::Running, std::path::PathBuf) {
+    let go = repo.scratch().join(format!("go-{id}"));
+    let script = "while [ ! -e \"$0\" ]; do sleep 0.02; done";
+    let run = repo.spawn_app(&[
+        "run",
+        "--instance",
+        id,
+        "--",
+        "sh",
+        "-c",
+        script,
+        go.to_str().unwrap(),
+    ]);
+    repo.wait_running(run.pid());
+    (run, go)
+}
+
+#[test]
+fn the_end_of_a_run_removes_a_branch_lock_a_crash_left_just_now() {
+    let repo = TestRepo::new();
+    let (run, go) = run_until_go(&repo, "locked");
+    let lock = crashed_ref_writer(&repo, "refs/heads/app/locked", Duration::ZERO);
+    fs::write(&go, "").unwrap();
+    let started = std::time::Instant::now();
+    let output = run.wait(Duration::from_secs(30));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the run waited for the lock to be released"
+    );
+    assert!(!lock.exists());
+    assert_eq!(repo.branches(), vec!["main".to_string()]);
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn a_stopped_ci_job_saves_its_work_past_a_rescue_ref_lock_a_crash_left() {
+    let repo = TestRepo::new();
+    let script = "echo draft > draft.txt; exec sleep 600";
+    let job = repo.spawn_app(&["ci", "--branch", "ci/job", "--", "sh", "-c", script]);
+    let record = repo.wait_running(job.pid());
+    let worktree = record.worktree.clone().unwrap();
+    wait_for("the draft", Duration::from_secs(10), || {
+        worktree.join("draft.txt").exists()
+    });
+    let rescue = format!("refs/app/rescue/{}", record.id);
+    let lock = crashed_ref_writer(&repo, &rescue, Duration::from_secs(30));
+    let stop = repo.run_app(&["instance", "stop", &record.id]);
+    assert_eq!(code(&stop), 0, "{}", stderr(&stop));
+    let output = job.wait(Duration::from_secs(30));
+    assert!(
+        !stderr(&output).contains("lock"),
+        "the stop failed: {}",
+        stderr(&output)
+    );
+    assert!(!lock.exists());
+    assert_eq!(
+        repo.git(&["show", &format!("{rescue}:draft.txt")]),
+        "draft\n"
+    );
+    assert!(!worktree.exists());
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn a_private_ref_is_saved_past_a_rescue_ref_lock_a_crash_left() {
+    let repo = TestRepo::new();
+    // A commit only the worktree's own ref reaches, and the lock file of the ref that saves
+    // it, as a writer killed just now leaves it.
+    let script = "echo x > kept.txt && git add kept.txt && git commit -qm kept \
+        && git update-ref refs/worktree/keep HEAD && git reset -q --hard HEAD~1 \
+        && git rev-parse refs/worktree/keep";
+    let lock_script = format!(
+        "{script} && c=$(git rev-parse --git-common-dir) && mkdir -p \"$c/refs/app/rescue\" \
+         && : > \"$c/refs/app/rescue/private-worktree-keep-$(git rev-parse refs/worktree/keep | cut -c1-12).lock\""
+    );
+    let output = repo.run_app(&[
+        "run",
+        "--instance",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        &lock_script,
+    ]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let commit = stdout(&output).trim().to_string();
+    let rescue = format!("refs/app/rescue/private-worktree-keep-{}", &commit[..12]);
+    assert_eq!(repo.git(&["rev-parse", &rescue]).trim(), commit);
+    assert!(
+        !repo
+            .root()
+            .join(".git")
+            .join(format!("{rescue}.lock"))
+            .exists()
+    );
+    assert!(repo.instances().is_empty());
+}
+
+#[test]
+fn a_ref_lock_a_live_process_holds_is_left_and_the_run_names_its_holder() {
+    let repo = TestRepo::new();
+    let (run, go) = run_until_go(&repo, "held");
+    let lock = crashed_ref_writer(&repo, "refs/heads/app/held", Duration::from_secs(30));
+    let ready = repo.scratch().join("holding");
+    let mut hold = repo.command("sh");
+    hold.args([
+        "-c",
+        "exec 3>>\"$0\" && touch \"$1\" && exec sleep 600",
+        lock.to_str().unwrap(),
+        ready.to_str().unwrap(),
+    ]);
+    let holder = repo.spawn(hold);
+    wait_for("the holder", Duration::from_secs(10), || ready.exists());
+    fs::write(&go, "").unwrap();
+    let output = run.wait(Duration::from_secs(60));
+    assert_eq!(code(&output), 1, "{}", stderr(&output));
+    assert!(lock.exists(), "a held lock was removed");
+    let text = stderr(&output);
+    assert!(
+        text.contains(&format!("held by pid {}", holder.pid()))
+            && text.contains("let it finish or stop it, then run 'app doctor --fix'"),
+        "{text}"
+    );
+    assert!(repo.branches().contains(&"app/held".to_string()));
+
+    let _ = holder.kill_now();
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(!lock.exists());
+    assert_eq!(repo.branches(), vec!["main".to_string()]);
+}
