@@ -144,6 +144,35 @@ fn a_running_instance_keeps_its_worktree_whatever_happens_to_app_s_records() {
 }
 
 #[test]
+fn an_empty_worktree_directory_a_crash_left_without_its_intent_is_reclaimed() {
+    let repo = TestRepo::new();
+    let output = repo
+        .app(&["run", "--instance", "ghost", "--", "true"])
+        .env("APP_FAULT_POINT", "run.worktree-linked")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&output.status),
+        Some(9),
+        "{}",
+        stderr(&output)
+    );
+    let dir = worktree(&repo, "ghost");
+    // What a start killed after making the directory but before its `.git`, or a removal
+    // killed after its last file (`.git` goes last) but before the directory, leaves: an
+    // empty directory. A deleted secret then makes its intent one doctor cannot trust.
+    fs::remove_file(dir.join(".git")).unwrap();
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    fs::remove_file(repo.state_dir().join("secret")).unwrap();
+    let fixed = doctor_fix(&repo);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(!dir.exists(), "{}", stdout(&fixed));
+    let again = repo.run_app(&["doctor"]);
+    assert_eq!(code(&again), 0, "{}", stdout(&again));
+}
+
+#[test]
 fn doctor_says_a_worktree_in_use_without_a_supervisor_is_left_alone() {
     let repo = TestRepo::new();
     let running = start_writer(&repo, "l2");
