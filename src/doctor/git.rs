@@ -71,6 +71,11 @@ fn orphan_worktrees(
                     Some(reason) => Problem::NeedsUser { id, reason },
                 }
             }
+            // A start killed before it wrote the `.git`, or a removal killed after it removed
+            // it (it goes last), leaves an empty directory, and a lost or untrusted intent
+            // leaves nobody to finish it: nothing in it to lose, and the guarded removal takes
+            // nothing but an empty directory nobody uses.
+            _ if is_empty_dir(&path) => Problem::OrphanWorktree { id, path },
             Ok(_) => Problem::Unreadable {
                 path,
                 reason: format!("git has no worktree named {id}"),
@@ -81,6 +86,11 @@ fn orphan_worktrees(
             },
         });
     }
+}
+
+/// Whether `dir` is a directory with nothing in it.
+fn is_empty_dir(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
 }
 
 /// git's records of app's worktrees whose directory is gone, unless an intent or a live (or

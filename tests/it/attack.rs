@@ -54,13 +54,46 @@ fn doctor_fix(repo: &TestRepo) -> std::process::Output {
     command.stdin(std::process::Stdio::null()).output().unwrap()
 }
 
+/// `git clean -fdx` in the repository root, all of it. A live supervisor's heartbeat writes
+/// its records through temporary files it renames into place; when one vanishes between git
+/// listing it and git removing it, git warns ("could not lstat" or "failed to remove" it: "No
+/// such file or directory") and exits 1 having removed the rest. That is git losing a race
+/// with a file that is gone anyway, so it runs again, a few times at most, until it succeeds;
+/// any other failure fails the test.
+fn git_clean(repo: &TestRepo) {
+    for _ in 0..10 {
+        let output = repo
+            .command("git")
+            .args(["clean", "-fdxq"])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            return;
+        }
+        // Each warning names its path, then (maybe on a line of its own) the OS error.
+        let errors = String::from_utf8_lossy(&output.stderr);
+        let vanished = |warning: &str| {
+            warning.contains(".tmp.")
+                && (warning.contains("could not lstat") || warning.contains("failed to remove"))
+                && warning.contains("No such file or directory")
+        };
+        assert!(
+            errors
+                .split("warning: ")
+                .map(str::trim)
+                .filter(|w| !w.is_empty())
+                .all(vanished),
+            "git clean -fdx failed: {errors}"
+        );
+    }
+    panic!("git clean -fdx kept losing races with vanishing temporary files");
+}
+
 #[test]
 fn a_running_instance_keeps_its_worktree_whatever_happens_to_app_s_records() {
     type Attack = fn(&TestRepo);
     let attacks: [(&str, Attack); 4] = [
-        ("git clean -fdx", |repo| {
-            repo.git(&["clean", "-fdxq"]);
-        }),
+        ("git clean -fdx", git_clean),
         ("a deleted secret", |repo| {
             fs::remove_file(repo.state_dir().join("secret")).unwrap();
         }),
@@ -111,6 +144,35 @@ fn a_running_instance_keeps_its_worktree_whatever_happens_to_app_s_records() {
 }
 
 #[test]
+fn an_empty_worktree_directory_a_crash_left_without_its_intent_is_reclaimed() {
+    let repo = TestRepo::new();
+    let output = repo
+        .app(&["run", "--instance", "ghost", "--", "true"])
+        .env("APP_FAULT_POINT", "run.worktree-linked")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&output.status),
+        Some(9),
+        "{}",
+        stderr(&output)
+    );
+    let dir = worktree(&repo, "ghost");
+    // What a start killed after making the directory but before its `.git`, or a removal
+    // killed after its last file (`.git` goes last) but before the directory, leaves: an
+    // empty directory. A deleted secret then makes its intent one doctor cannot trust.
+    fs::remove_file(dir.join(".git")).unwrap();
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    fs::remove_file(repo.state_dir().join("secret")).unwrap();
+    let fixed = doctor_fix(&repo);
+    assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
+    assert!(!dir.exists(), "{}", stdout(&fixed));
+    let again = repo.run_app(&["doctor"]);
+    assert_eq!(code(&again), 0, "{}", stdout(&again));
+}
+
+#[test]
 fn doctor_says_a_worktree_in_use_without_a_supervisor_is_left_alone() {
     let repo = TestRepo::new();
     let running = start_writer(&repo, "l2");
@@ -119,7 +181,7 @@ fn doctor_says_a_worktree_in_use_without_a_supervisor_is_left_alone() {
     let command = repo.instances()[0].child_pid.unwrap();
     // The supervisor dies, its command goes on; the registry entry is lost too.
     crate::support::kill(supervisor, nix::sys::signal::Signal::SIGKILL);
-    repo.git(&["clean", "-fdxq"]);
+    git_clean(&repo);
     let fixed = doctor_fix(&repo);
     assert_eq!(code(&fixed), 1, "{}", stdout(&fixed));
     assert!(
