@@ -151,7 +151,7 @@ fn the_next_run_removes_the_branch_lock_an_interrupted_start_left() {
         .unwrap();
     assert_eq!(output.status.signal(), Some(9));
     // What a kill while libgit2 creates the branch leaves.
-    let lock = crashed_ref_writer(&repo, "refs/heads/app/half", Duration::ZERO);
+    let lock = repo.crashed_ref_writer("refs/heads/app/half", Duration::ZERO);
     let started = std::time::Instant::now();
     let next = repo.run_app(&["run", "--instance", "half", "--", "true"]);
     assert_eq!(code(&next), 0, "{}", stderr(&next));
@@ -409,22 +409,11 @@ fn dead_with_draft(repo: &TestRepo, id: &str) {
     let _ = run.kill_now();
 }
 
-/// Leaves `<ref>.lock` the way a writer SIGKILLed half-way through changing `reference`
-/// does, `age` ago.
-fn crashed_ref_writer(repo: &TestRepo, reference: &str, age: Duration) -> std::path::PathBuf {
-    let lock = repo.root().join(".git").join(format!("{reference}.lock"));
-    fs::create_dir_all(lock.parent().unwrap()).unwrap();
-    let file = fs::File::create(&lock).unwrap();
-    file.set_modified(std::time::SystemTime::now() - age)
-        .unwrap();
-    lock
-}
-
 #[test]
 fn a_ref_lock_a_crash_left_just_now_does_not_stop_the_rescue() {
     let repo = TestRepo::new();
     dead_with_draft(&repo, "gone");
-    let lock = crashed_ref_writer(&repo, "refs/app/rescue/gone", Duration::ZERO);
+    let lock = repo.crashed_ref_writer("refs/app/rescue/gone", Duration::ZERO);
     let fixed = repo.run_app(&["doctor", "--fix"]);
     assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
     assert!(!stdout(&fixed).contains("FAILED"), "{}", stdout(&fixed));
@@ -437,7 +426,7 @@ fn a_ref_lock_a_crash_left_just_now_does_not_stop_the_rescue() {
 fn an_old_ref_lock_is_removed_before_the_rescue_that_needs_it() {
     let repo = TestRepo::new();
     dead_with_draft(&repo, "gone");
-    let lock = crashed_ref_writer(&repo, "refs/app/rescue/gone", Duration::from_secs(30));
+    let lock = repo.crashed_ref_writer("refs/app/rescue/gone", Duration::from_secs(30));
     let fixed = repo.run_app(&["doctor", "--fix"]);
     assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
     assert!(!stdout(&fixed).contains("FAILED"), "{}", stdout(&fixed));
@@ -452,7 +441,7 @@ fn a_branch_lock_a_crash_left_just_now_does_not_keep_the_branch() {
     let run = repo.spawn_app(&["run", "--instance", "gone", "--", "sleep", "600"]);
     repo.wait_running(run.pid());
     let _ = run.kill_now();
-    let lock = crashed_ref_writer(&repo, "refs/heads/app/gone", Duration::ZERO);
+    let lock = repo.crashed_ref_writer("refs/heads/app/gone", Duration::ZERO);
     let fixed = repo.run_app(&["doctor", "--fix"]);
     assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
     assert!(!stdout(&fixed).contains("FAILED"), "{}", stdout(&fixed));
@@ -465,17 +454,8 @@ fn a_branch_lock_a_crash_left_just_now_does_not_keep_the_branch() {
 fn a_ref_lock_a_live_process_holds_is_never_removed() {
     let repo = TestRepo::new();
     dead_with_draft(&repo, "gone");
-    let lock = crashed_ref_writer(&repo, "refs/app/rescue/gone", Duration::from_secs(30));
-    let ready = repo.scratch().join("holding");
-    let mut hold = repo.command("sh");
-    hold.args([
-        "-c",
-        "exec 3>>\"$0\" && touch \"$1\" && exec sleep 600",
-        lock.to_str().unwrap(),
-        ready.to_str().unwrap(),
-    ]);
-    let holder = repo.spawn(hold);
-    wait_for("the holder", Duration::from_secs(10), || ready.exists());
+    let lock = repo.crashed_ref_writer("refs/app/rescue/gone", Duration::from_secs(30));
+    let holder = repo.hold_open(&lock);
 
     let fixed = repo.run_app(&["doctor", "--fix"]);
     assert_eq!(code(&fixed), 1, "{}{}", stdout(&fixed), stderr(&fixed));

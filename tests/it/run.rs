@@ -907,17 +907,6 @@ fn bad_lock_names_and_patterns_exit_2_and_change_nothing() {
     assert!(!repo.state_dir().exists());
 }
 
-/// Leaves `<reference>.lock` the way a writer SIGKILLed half-way through changing it does
-/// (a file nobody holds open), `age` ago.
-fn crashed_ref_writer(repo: &TestRepo, reference: &str, age: Duration) -> std::path::PathBuf {
-    let lock = repo.root().join(".git").join(format!("{reference}.lock"));
-    fs::create_dir_all(lock.parent().unwrap()).unwrap();
-    let file = fs::File::create(&lock).unwrap();
-    file.set_modified(std::time::SystemTime::now() - age)
-        .unwrap();
-    lock
-}
-
 /// Starts `app run --instance <id>` whose command waits for the returned file to appear,
 /// then exits 0.
 fn run_until_go(repo: &TestRepo, id: &str) -> (crate::support::Running, std::path::PathBuf) {
@@ -941,7 +930,7 @@ fn run_until_go(repo: &TestRepo, id: &str) -> (crate::support::Running, std::pat
 fn the_end_of_a_run_removes_a_branch_lock_a_crash_left_just_now() {
     let repo = TestRepo::new();
     let (run, go) = run_until_go(&repo, "locked");
-    let lock = crashed_ref_writer(&repo, "refs/heads/app/locked", Duration::ZERO);
+    let lock = repo.crashed_ref_writer("refs/heads/app/locked", Duration::ZERO);
     fs::write(&go, "").unwrap();
     let started = std::time::Instant::now();
     let output = run.wait(Duration::from_secs(30));
@@ -966,7 +955,7 @@ fn a_stopped_ci_job_saves_its_work_past_a_rescue_ref_lock_a_crash_left() {
         worktree.join("draft.txt").exists()
     });
     let rescue = format!("refs/app/rescue/{}", record.id);
-    let lock = crashed_ref_writer(&repo, &rescue, Duration::from_secs(30));
+    let lock = repo.crashed_ref_writer(&rescue, Duration::from_secs(30));
     let stop = repo.run_app(&["instance", "stop", &record.id]);
     assert_eq!(code(&stop), 0, "{}", stderr(&stop));
     let output = job.wait(Duration::from_secs(30));
@@ -1023,17 +1012,8 @@ fn a_private_ref_is_saved_past_a_rescue_ref_lock_a_crash_left() {
 fn a_ref_lock_a_live_process_holds_is_left_and_the_run_names_its_holder() {
     let repo = TestRepo::new();
     let (run, go) = run_until_go(&repo, "held");
-    let lock = crashed_ref_writer(&repo, "refs/heads/app/held", Duration::from_secs(30));
-    let ready = repo.scratch().join("holding");
-    let mut hold = repo.command("sh");
-    hold.args([
-        "-c",
-        "exec 3>>\"$0\" && touch \"$1\" && exec sleep 600",
-        lock.to_str().unwrap(),
-        ready.to_str().unwrap(),
-    ]);
-    let holder = repo.spawn(hold);
-    wait_for("the holder", Duration::from_secs(10), || ready.exists());
+    let lock = repo.crashed_ref_writer("refs/heads/app/held", Duration::from_secs(30));
+    let holder = repo.hold_open(&lock);
     fs::write(&go, "").unwrap();
     let output = run.wait(Duration::from_secs(60));
     assert_eq!(code(&output), 1, "{}", stderr(&output));

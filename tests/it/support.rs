@@ -93,6 +93,33 @@ impl TestRepo {
         &self.root
     }
 
+    /// Leaves `<reference>.lock` the way a writer SIGKILLed half-way through changing
+    /// `reference` does (a file nobody holds open), `age` ago.
+    pub fn crashed_ref_writer(&self, reference: &str, age: Duration) -> PathBuf {
+        let lock = self.root().join(".git").join(format!("{reference}.lock"));
+        fs::create_dir_all(lock.parent().unwrap()).unwrap();
+        let file = fs::File::create(&lock).unwrap();
+        file.set_modified(std::time::SystemTime::now() - age)
+            .unwrap();
+        lock
+    }
+
+    /// A live process that holds `file` open (as a writer holds its lock file), started and
+    /// holding it when this returns.
+    pub fn hold_open(&self, file: &Path) -> Running {
+        let ready = self.scratch().join("holding");
+        let mut hold = self.command("sh");
+        hold.args([
+            "-c",
+            "exec 3>>\"$0\" && touch \"$1\" && exec sleep 600",
+            file.to_str().unwrap(),
+            ready.to_str().unwrap(),
+        ]);
+        let holder = self.spawn(hold);
+        wait_for("the holder", Duration::from_secs(10), || ready.exists());
+        holder
+    }
+
     /// A scratch directory outside the repository, for files tests exchange with children.
     pub fn scratch(&self) -> PathBuf {
         let path = self.dir.path().join("scratch");
