@@ -756,15 +756,15 @@ fn locks_and_reservations_are_held_while_the_command_runs_and_given_back_after()
     assert!(repo.instances().is_empty());
 }
 
-#[test]
-fn a_lock_held_by_someone_else_is_awaited_and_a_signal_cancels_the_wait() {
-    let repo = TestRepo::new();
+/// `app lock run NAME` in another process, holding the lock (scratch file `held` says so)
+/// until the scratch file `go` appears.
+fn hold_lock_until_go(repo: &TestRepo, name: &str) -> crate::support::Running {
     let s = repo.scratch();
     let mut holder = repo.command("sh");
     holder.args([
         "-c",
         &format!(
-            "exec \"$APP_BIN\" lock run db -- sh -c 'touch {s}/held; while [ ! -f {s}/go ]; do sleep 0.05; done'",
+            "exec \"$APP_BIN\" lock run {name} -- sh -c 'touch {s}/held; while [ ! -f {s}/go ]; do sleep 0.05; done'",
             s = s.display()
         ),
     ]);
@@ -772,6 +772,14 @@ fn a_lock_held_by_someone_else_is_awaited_and_a_signal_cancels_the_wait() {
     wait_for("the lock to be held", Duration::from_secs(20), || {
         s.join("held").exists()
     });
+    holder
+}
+
+#[test]
+fn a_lock_held_by_someone_else_is_awaited_and_a_signal_cancels_the_wait() {
+    let repo = TestRepo::new();
+    let s = repo.scratch();
+    let holder = hold_lock_until_go(&repo, "db");
     let ran = s.join("ran");
     let waiting = repo.spawn_app(&["run", "--lock", "db", "--", "touch", ran.to_str().unwrap()]);
     // It registers, then waits for the lock without starting its command.
@@ -795,18 +803,7 @@ fn a_lock_held_by_someone_else_is_awaited_and_a_signal_cancels_the_wait() {
     fs::remove_file(s.join("go")).unwrap();
     fs::remove_file(s.join("held")).unwrap();
     fs::remove_file(&ran).unwrap();
-    let mut holder = repo.command("sh");
-    holder.args([
-        "-c",
-        &format!(
-            "exec \"$APP_BIN\" lock run db -- sh -c 'touch {s}/held; while [ ! -f {s}/go ]; do sleep 0.05; done'",
-            s = s.display()
-        ),
-    ]);
-    let holder = repo.spawn(holder);
-    wait_for("the lock to be held", Duration::from_secs(20), || {
-        s.join("held").exists()
-    });
+    let holder = hold_lock_until_go(&repo, "db");
     let waiting = repo.spawn_app(&[
         "run",
         "--lock",
