@@ -168,6 +168,8 @@ pub struct Settings {
     pub api_addr: Option<String>,
     /// The API's bearer token (`APP_API_TOKEN`), when set.
     pub api_token: Option<String>,
+    /// How long a fleet lease lasts without renewal (`APP_LEASE_TTL`).
+    pub lease_ttl: Duration,
 }
 
 /// Default largest message payload, in bytes of compact JSON.
@@ -176,6 +178,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Default time a busy database is retried before the command gives up (exit 3).
 pub const DEFAULT_DB_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// Default time a fleet host's lease lasts without renewal.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// Default range `app run --ports N` leases from.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
 /// Default range the API binds the first free port of.
@@ -241,6 +245,14 @@ impl Settings {
             api_port_range: port_range("APP_API_PORT_RANGE", DEFAULT_API_PORT_RANGE)?,
             api_addr: nonblank("APP_API_ADDR")?,
             api_token: nonblank("APP_API_TOKEN")?,
+            lease_ttl: match duration("APP_LEASE_TTL", DEFAULT_LEASE_TTL)? {
+                ttl if ttl < Duration::from_secs(1) => {
+                    return Err(Error::bad_input(
+                        "APP_LEASE_TTL must be at least 1s (hosts renew their leases every third of it)",
+                    ));
+                }
+                ttl => ttl,
+            },
         })
     }
 }

@@ -127,6 +127,53 @@ impl Namespace {
     }
 }
 
+/// Whether `text` is a fleet label key or value, or a host name: 1-64 of letters, digits and
+/// `_ . -`, starting with a letter or digit.
+fn is_label_word(text: &str) -> bool {
+    text.len() <= 64
+        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// Checks one fleet label `key=value`; the error says what is allowed.
+pub fn validate_label(key: &str, value: &str) -> std::result::Result<(), String> {
+    for word in [key, value] {
+        if !is_label_word(word) {
+            return Err(format!(
+                "label {key:?}={value:?}: keys and values are 1-64 of letters, digits and '_.-', starting with a letter or digit"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--labels k=v,k2=v2` (empty for none).
+pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut labels = std::collections::BTreeMap::new();
+    for item in text.split(',').filter(|item| !item.trim().is_empty()) {
+        let Some((key, value)) = item.trim().split_once('=') else {
+            return Err(Error::bad_input(format!(
+                "--labels: {item:?} is not key=value; write e.g. --labels gpu=1,os=linux"
+            )));
+        };
+        validate_label(key, value).map_err(|err| Error::bad_input(format!("--labels: {err}")))?;
+        labels.insert(key.to_string(), value.to_string());
+    }
+    Ok(labels)
+}
+
+/// Checks a fleet host name (`app worker --name`).
+pub fn validate_host_name(text: &str) -> Result<()> {
+    if is_label_word(text) {
+        return Ok(());
+    }
+    Err(Error::bad_input(format!(
+        "invalid host name {text:?}: use 1-64 of letters, digits and '_.-', starting with a letter or digit"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

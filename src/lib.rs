@@ -28,11 +28,13 @@ pub mod process;
 pub mod queue;
 pub(crate) mod reclaim;
 pub mod registry;
+pub(crate) mod remote;
 pub(crate) mod reserve;
 pub mod sign;
 pub mod state;
 pub(crate) mod stop;
 pub(crate) mod watch;
+pub(crate) mod worker;
 pub(crate) mod worktree;
 
 pub use error::{Error, Result};

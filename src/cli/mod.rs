@@ -5,6 +5,7 @@ mod context;
 mod db;
 mod doctor;
 mod events;
+mod fleet;
 mod instance;
 mod lock;
 mod mcp;
@@ -92,6 +93,10 @@ enum Command {
     Orchestrate(orchestrate::OrchestrateArgs),
     /// Run a CI command in a fresh worktree of a branch, always cleaned up (docs/CI.md).
     Ci(run::CiArgs),
+    /// Take tasks of fleet runs and run them on this host (docs/FLEET.md).
+    Worker(fleet::WorkerArgs),
+    /// The fleet: hosts, capacity, load, running and waiting tasks.
+    Fleet(fleet::FleetArgs),
     /// Orchestrated runs: list, show, logs.
     #[command(subcommand)]
     Runs(orchestrate::RunsCommand),
@@ -138,6 +143,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Orchestrate(args) => orchestrate::orchestrate(ctx, args),
         Command::Ci(args) => run::ci(ctx, args),
         Command::Runs(command) => orchestrate::runs(ctx, command),
+        Command::Worker(args) => fleet::worker(ctx, args),
+        Command::Fleet(args) => fleet::fleet(ctx, args),
     }
 }
 

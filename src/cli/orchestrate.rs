@@ -9,8 +9,6 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use clap::{Args, Subcommand, ValueEnum};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 use super::context::Context;
 use crate::config::format_age;
@@ -61,6 +59,13 @@ pub struct OrchestrateArgs {
     /// Validate the plan and print its schedule (waves); run nothing.
     #[arg(long, conflicts_with = "resume")]
     dry_run: bool,
+    /// Run the tasks on the fleet: 'app worker's on any host sharing APP_DB_URL and
+    /// APP_SHARED_SECRET take them (docs/FLEET.md).
+    #[arg(long, conflicts_with = "resume")]
+    fleet: bool,
+    /// The git remote the fleet's hosts share (default origin).
+    #[arg(long, value_name = "NAME")]
+    remote: Option<String>,
 }
 
 pub(super) fn orchestrate(ctx: &Context, args: OrchestrateArgs) -> Result<u8> {
@@ -70,6 +75,18 @@ pub(super) fn orchestrate(ctx: &Context, args: OrchestrateArgs) -> Result<u8> {
         fail_fast: args.fail_fast,
         db: ctx.db.clone(),
         settings: ctx.settings.clone(),
+        fleet: match (args.fleet, args.remote) {
+            (true, remote) => {
+                Some(remote.unwrap_or_else(|| orchestrate::fleet::DEFAULT_REMOTE.into()))
+            }
+            (false, Some(remote)) if args.resume.is_some() => Some(remote),
+            (false, Some(_)) => {
+                return Err(Error::bad_input(
+                    "--remote is for fleet runs: add --fleet (or --resume a fleet run)",
+                ));
+            }
+            (false, None) => None,
+        },
     };
     let prepared = match &args.plan {
         Some(file) => Some(orchestrate::prepare(&cwd, file, &options)?),
@@ -92,17 +109,7 @@ pub(super) fn orchestrate(ctx: &Context, args: OrchestrateArgs) -> Result<u8> {
     }
 
     let stop = StopFlag::default();
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
-        .io_context("installing signal handlers for", "app orchestrate")?;
-    let handle = signals.handle();
-    let watcher = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            for signal in signals.forever() {
-                stop.raise(signal);
-            }
-        })
-    };
+    let (handle, watcher) = super::fleet::count_signals(&stop)?;
     let live = args.progress == ProgressMode::Auto
         && std::io::stderr().is_terminal()
         && std::env::var_os("CI").is_none();
@@ -209,6 +216,12 @@ impl Live {
                 let _ = self.multi.println(describe(progress));
                 self.overall.inc(1);
             }
+            Progress::Moved { task, .. } => {
+                if let Some((bar, _)) = running.remove(task) {
+                    bar.finish_and_clear();
+                }
+                let _ = self.multi.println(describe(progress));
+            }
             Progress::Reclaimed { .. }
             | Progress::Conflict { .. }
             | Progress::Integrated { .. } => {
@@ -282,6 +295,7 @@ fn describe(progress: &Progress) -> String {
             done,
         } => format!("{task}: reclaimed its dead attempt {instance}: {done}"),
         Progress::Skipped { task, because } => format!("{task}: skipped ({because})"),
+        Progress::Moved { task, because } => format!("{task}: {because}"),
         Progress::Conflict { a, b, files } => format!(
             "warning: tasks {a} and {b} both finished and would conflict in {}",
             files.join(", ")

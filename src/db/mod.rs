@@ -12,6 +12,7 @@
 //!   an agent's path treats a database failure as a warning ([`mirror`]).
 
 pub mod events;
+pub mod fleet;
 pub mod instances;
 pub mod mirror;
 pub mod notes;
@@ -182,6 +183,16 @@ impl Blocking {
         Blocking::open(Location::resolve(flag)?, settings)
     }
 
+    /// Whether this is an embedded file (as opposed to a server).
+    pub fn is_local(&self) -> bool {
+        self.db.is_local()
+    }
+
+    /// Where this database lives.
+    pub fn location(&self) -> &Location {
+        self.db.location()
+    }
+
     /// Runs `body` with the database to its end.
     pub fn run<T>(&self, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
         self.runtime.block_on(body(&self.db))
@@ -340,6 +351,54 @@ impl Db {
         .await
     }
 
+    /// Runs `statements` as one atomic unit and returns the rows each produced: a `BEGIN
+    /// IMMEDIATE` transaction on a local file, one transactional batch request to a server. A
+    /// conditional write followed by the read that tells what it did (a claim and the rows it
+    /// claimed) thus costs one request.
+    ///
+    /// Parameters are inlined as SQL literals (as a server's batch needs), so a statement may
+    /// use only some of its parameters. Against a server an unanswered batch is sent again (see
+    /// [`Db::execute`]), so the statements together must be idempotent: guard a write by a uid
+    /// the caller chose.
+    pub async fn batch(
+        &self,
+        what: &str,
+        statements: &[(&str, Vec<Value>)],
+    ) -> Result<Vec<Vec<Vec<Value>>>> {
+        if !self.is_local() {
+            let batch: Vec<String> = statements
+                .iter()
+                .map(|(sql, params)| inline_params(sql, params))
+                .collect();
+            let batch = batch.join(";\n");
+            let limit = Some(REMOTE_ATTEMPT_LIMIT);
+            return retry::run(self.settings.retry_deadline, limit, what, async || {
+                let conn = self.database.connect()?;
+                let mut results = conn.execute_transactional_batch(&batch).await?;
+                let mut out = Vec::with_capacity(statements.len());
+                while let Some(result) = results.next_stmt_row() {
+                    out.push(match result {
+                        Some(rows) => read_rows(rows).await?,
+                        None => Vec::new(),
+                    });
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|err| self.retry_error(what, err));
+        }
+        self.transaction(what, async |conn| {
+            let mut out = Vec::with_capacity(statements.len());
+            for (sql, params) in statements {
+                // Inlined as for a server, so a statement may leave some parameters unused.
+                let sql = inline_params(sql, params);
+                out.push(collect_rows(conn, &sql, vec![]).await?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Runs `body` in a `BEGIN IMMEDIATE` transaction, committing when it succeeds and retrying
     /// the whole transaction while the database is busy.
     pub async fn transaction<T>(
@@ -451,7 +510,11 @@ pub(crate) async fn collect_rows(
     sql: &str,
     params: Vec<Value>,
 ) -> libsql::Result<Vec<Vec<Value>>> {
-    let mut rows = conn.query(sql, params).await?;
+    read_rows(conn.query(sql, params).await?).await
+}
+
+/// Reads every row of a result set into memory.
+async fn read_rows(mut rows: libsql::Rows) -> libsql::Result<Vec<Vec<Value>>> {
     let columns = rows.column_count();
     let mut out = Vec::new();
     while let Some(row) = rows.next().await? {

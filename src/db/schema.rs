@@ -31,6 +31,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "runs",
         sql: include_str!("../../schema/0002_runs.sql"),
     },
+    Migration {
+        version: 3,
+        name: "fleet",
+        sql: include_str!("../../schema/0003_fleet.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -8,6 +8,7 @@
 //!   after a resume gave back a launch that never started its command.
 //! - The child is signalled only until it is reaped (see [`process::Child`]).
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 
 use super::Progress;
 use super::plan::Task;
@@ -31,18 +33,23 @@ use crate::registry::Timestamp;
 pub(super) const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How an attempt ended.
-pub(super) struct Outcome {
-    pub(super) task: String,
-    pub(super) exit_code: Option<i64>,
-    pub(super) timed_out: bool,
-    pub(super) error: Option<String>,
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The task.
+    pub task: String,
+    /// Its exit code, when it ran to an end.
+    pub exit_code: Option<i64>,
+    /// Whether it was stopped for running past its timeout.
+    pub timed_out: bool,
+    /// Why it could not run or be waited for.
+    pub error: Option<String>,
 }
 
 /// An attempt in flight.
 pub(super) struct Running {
     /// The task's `app run`, leading a process group of its own, signalled only while it is
-    /// unreaped.
-    pub(super) process: Arc<process::Child>,
+    /// unreaped; `None` for an attempt a fleet host runs.
+    pub(super) process: Option<Arc<process::Child>>,
     pub(super) started: Instant,
 }
 
@@ -62,6 +69,9 @@ impl Orchestrator {
         if let Err(detail) = self.set_start_point(task, launch - 1)? {
             return self.fail_unstarted(task, detail, now, report);
         }
+        if self.fleet.is_some() {
+            return self.start_on_fleet(task, now, report);
+        }
         {
             let row = self.rows.get_mut(&task.id).expect("every task has a row");
             row.attempts = attempt;
@@ -73,7 +83,13 @@ impl Orchestrator {
         }
         *self.tries.entry(task.id.clone()).or_default() += 1;
         let output = open_log(&log, attempt, &task.argv)?;
-        let mut command = self.command(task, &instance);
+        let spec = self.spec(task, None);
+        let mut command = spec.command(
+            &self.exe,
+            self.options.db.as_deref(),
+            &instance,
+            self.paths.repo_root(),
+        );
         command
             .stdin(Stdio::null())
             .stdout(output.try_clone().io_context("opening", &log)?)
@@ -98,7 +114,7 @@ impl Orchestrator {
         self.running.insert(
             task.id.clone(),
             Running {
-                process: Arc::clone(&process),
+                process: Some(Arc::clone(&process)),
                 started: Instant::now(),
             },
         );
@@ -109,12 +125,44 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Offers the attempt of `task`, whose branch is at its start, to the fleet; a host that
+    /// leases it counts it.
+    fn start_on_fleet(
+        &mut self,
+        task: &Task,
+        now: String,
+        report: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        let start = self
+            .branch_tip(&task.branch)?
+            .expect("the branch was just pointed at its start");
+        if let Err(detail) = self.offer(task, start)? {
+            return self.fail_unstarted(task, detail, now, report);
+        }
+        *self.tries.entry(task.id.clone()).or_default() += 1;
+        let row = self.rows.get_mut(&task.id).expect("every task has a row");
+        row.status = TaskStatus::Running;
+        row.started_at = Some(now);
+        row.finished_at = None;
+        row.exit_code = None;
+        row.detail = None;
+        let row = row.clone();
+        self.save_task(&row)?;
+        self.running.insert(
+            task.id.clone(),
+            Running {
+                process: None,
+                started: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
     /// The instance id of attempt `attempt` of `task`, and its launch number.
     fn next_instance(&self, task: &Task, attempt: i64) -> (String, i64) {
         // Instance ids are never used twice, also after a resume took back a launch that never
         // started its command (and so is not counted as an attempt).
-        let suffix = self.run.id.rsplit('-').next().unwrap_or("run").to_string();
-        let prefix = format!("{suffix}-{}-", task.id);
+        let prefix = self.spec(task, None).instance_prefix;
         let launched = self.rows[&task.id]
             .instance
             .as_deref()
@@ -151,42 +199,99 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// The `app run` of an attempt of `task` as instance `instance`, in the repository's root.
-    /// Its `app run` takes the task's locks (in name order, waiting as long as it takes) and
-    /// reserves its paths before the command starts, and gives them back when it ends.
-    fn command(&self, task: &Task, instance: &str) -> Command {
-        let mut command = Command::new(&self.exe);
-        if let Some(db) = &self.options.db {
+    /// What an attempt of `task` runs (for the fleet, with the commit its branch starts at).
+    pub(super) fn spec(&self, task: &Task, start: Option<String>) -> AttemptSpec {
+        AttemptSpec {
+            run: self.run.id.clone(),
+            task: task.id.clone(),
+            instance_prefix: instance_prefix(&self.run.id, &task.id),
+            branch: task.branch.clone(),
+            start,
+            argv: task.argv.clone(),
+            env: task.env.clone(),
+            locks: task.locks.clone(),
+            reserve: task.reserve.clone(),
+            timeout_ms: task.timeout.map(|t| t.as_millis() as u64),
+        }
+    }
+}
+
+/// The instance ids of `task`'s attempts in `run` are this followed by the attempt's number.
+pub(super) fn instance_prefix(run: &str, task: &str) -> String {
+    let suffix = run.rsplit('-').next().unwrap_or("run");
+    format!("{suffix}-{task}-")
+}
+
+/// What one attempt runs: everything its `app run` needs, so a host that never saw the plan (a
+/// fleet worker) runs it exactly as the orchestrator's own host would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptSpec {
+    /// The run.
+    pub run: String,
+    /// The task.
+    pub task: String,
+    /// Instance ids of its attempts are this followed by the attempt's number.
+    pub instance_prefix: String,
+    /// Its branch.
+    pub branch: String,
+    /// The commit the branch starts at, pushed to the remote's branch (fleet only: locally the
+    /// orchestrator sets the branch itself).
+    pub start: Option<String>,
+    /// The command.
+    pub argv: Vec<String>,
+    /// The plan's environment for it.
+    pub env: BTreeMap<String, String>,
+    /// Named locks held while it runs.
+    pub locks: Vec<String>,
+    /// Path globs reserved while it runs.
+    pub reserve: Vec<String>,
+    /// Its time limit.
+    pub timeout_ms: Option<u64>,
+}
+
+impl AttemptSpec {
+    /// Its time limit.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(Duration::from_millis)
+    }
+
+    /// The `app run` (the executable `exe`, with `--db` when given) of this attempt as instance
+    /// `instance`, in the repository root `root`. Its `app run` takes the task's locks (in name
+    /// order, waiting as long as it takes) and reserves its paths before the command starts,
+    /// and gives them back when it ends.
+    pub fn command(&self, exe: &Path, db: Option<&Path>, instance: &str, root: &Path) -> Command {
+        let mut command = Command::new(exe);
+        if let Some(db) = db {
             command.arg("--db").arg(db);
         }
         command
-            .args(["run", "--instance", instance, "--branch", &task.branch])
+            .args(["run", "--instance", instance, "--branch", &self.branch])
             .arg("--stop-timeout")
             .arg(format!("{}ms", TASK_STOP_TIMEOUT.as_millis()));
-        for name in &task.locks {
+        for name in &self.locks {
             command.arg(format!("--lock={name}"));
         }
-        for pattern in &task.reserve {
+        for pattern in &self.reserve {
             command.arg(format!("--reserve={pattern}"));
         }
-        if !task.reserve.is_empty() {
-            let reason = format!("task {} of run {}", task.id, self.run.id);
+        if !self.reserve.is_empty() {
+            let reason = format!("task {} of run {}", self.task, self.run);
             command.arg(format!("--reserve-reason={reason}"));
         }
         command
             .arg("--")
-            .args(&task.argv)
-            .current_dir(self.paths.repo_root())
-            .env("APP_RUN_ID", &self.run.id)
-            .env("APP_TASK_ID", &task.id)
-            .envs(&task.env);
+            .args(&self.argv)
+            .current_dir(root)
+            .env("APP_RUN_ID", &self.run)
+            .env("APP_TASK_ID", &self.task)
+            .envs(&self.env);
         command
     }
 }
 
 /// Waits for a task's `app run`, enforcing its timeout: SIGTERM to its group (a stop request
 /// its `app run` escalates after TASK_STOP_TIMEOUT), then SIGKILL.
-fn await_attempt(process: &process::Child, task: String, timeout: Option<Duration>) -> Outcome {
+pub fn await_attempt(process: &process::Child, task: String, timeout: Option<Duration>) -> Outcome {
     let started = Instant::now();
     let mut timed_out = false;
     let mut killed = false;
@@ -221,7 +326,7 @@ fn await_attempt(process: &process::Child, task: String, timeout: Option<Duratio
 }
 
 /// Opens a task's log for appending and writes the attempt's header.
-fn open_log(path: &Path, attempt: i64, argv: &[String]) -> Result<std::fs::File> {
+pub fn open_log(path: &Path, attempt: i64, argv: &[String]) -> Result<std::fs::File> {
     let dir = path.parent().expect("logs live in a directory");
     crate::state::create_private_dir_all(dir)?;
     let mut file = OpenOptions::new()

@@ -29,7 +29,8 @@
 pub mod merge;
 pub mod plan;
 
-mod attempt;
+pub(crate) mod attempt;
+pub(crate) mod fleet;
 mod refs;
 mod resume;
 mod scheduler;
@@ -41,6 +42,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use self::fleet::FleetRun;
 use self::plan::Plan;
 use self::scheduler::Orchestrator;
 use crate::config::Settings;
@@ -63,6 +65,8 @@ pub struct Options {
     pub db: Option<PathBuf>,
     /// The settings read at the start of the command.
     pub settings: Settings,
+    /// Run the attempts on the fleet, through this git remote (`--fleet`, `--remote`).
+    pub fleet: Option<String>,
 }
 
 impl Options {
@@ -114,6 +118,13 @@ pub enum Progress {
         instance: String,
         /// What was done, saved work first.
         done: String,
+    },
+    /// A fleet attempt's host stopped renewing its lease: another host takes the task.
+    Moved {
+        /// Task id.
+        task: String,
+        /// What happened.
+        because: String,
     },
     /// A task will not run.
     Skipped {
@@ -221,6 +232,20 @@ pub fn start(
     // recorded.
     paths.ensure_state_dir()?;
     let db = options.database()?;
+    let fleet = match &options.fleet {
+        Some(remote) => Some(FleetRun::open(paths, remote, &db)?),
+        None => None,
+    };
+    if let Some(fleet) = &fleet
+        && let Some(task) = plan.tasks.iter().find(|t| fleet.has_branch(&t.branch))
+    {
+        return Err(Error::bad_input(format!(
+            "task {:?}: the remote {} already has a branch {}; give the task another \"branch\" or delete that one",
+            task.id,
+            fleet.remote.name(),
+            task.branch
+        )));
+    }
     let me = ProcessIdentity::current();
     let run = RunRow {
         id: plan.run.clone(),
@@ -233,7 +258,10 @@ pub fn start(
         finished_at: None,
         pid: Some(me.pid.into()),
         start_time: Some(me.start_time as i64),
-        report: json!({}),
+        report: match &fleet {
+            Some(fleet) => json!({ "fleet": fleet.describe() }),
+            None => json!({}),
+        },
     };
     let rows: Vec<TaskRow> = plan
         .tasks
@@ -253,7 +281,7 @@ pub fn start(
         })
         .collect();
     db.run(async |db| runs::create(db, &run, &rows).await)?;
-    let mut orchestrator = Orchestrator::new(paths, plan, options, run, rows, db)?;
+    let mut orchestrator = Orchestrator::new(paths, plan, options, run, rows, db, fleet)?;
     orchestrator.execute(stop, report)
 }
 
@@ -274,14 +302,25 @@ pub fn resume(
     if let Some(max) = options.max_concurrent {
         plan.max_concurrent = max.max(1);
     }
-    let rows = resume::take_back(&paths, &db, id, options.settings.timing, report)?;
+    let fleet = match run.report.get("fleet") {
+        Some(described) => Some(FleetRun::reopen(&paths, described, options, &db)?),
+        None => None,
+    };
+    let rows = match fleet {
+        Some(_) => db.run(async |db| runs::tasks(db, id).await)?,
+        None => resume::take_back(&paths, &db, id, options.settings.timing, report)?,
+    };
     let me = ProcessIdentity::current();
     run.status = RunStatus::Running;
     run.finished_at = None;
     run.pid = Some(me.pid.into());
     run.start_time = Some(me.start_time as i64);
     db.run(async |db| runs::update_run(db, &run).await)?;
-    let mut orchestrator = Orchestrator::new(&paths, plan, options, run, rows, db)?;
+    let adopt = fleet.is_some();
+    let mut orchestrator = Orchestrator::new(&paths, plan, options, run, rows, db, fleet)?;
+    if adopt {
+        orchestrator.adopt()?;
+    }
     orchestrator.execute(stop, report)
 }
 

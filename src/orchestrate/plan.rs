@@ -91,6 +91,9 @@ pub struct TaskSpec {
     /// Path globs reserved while it runs.
     #[serde(default)]
     pub reserve: Vec<String>,
+    /// Labels a fleet host must have to run it (`{"gpu": "1"}`); a local run ignores them.
+    #[serde(default)]
+    pub on: BTreeMap<String, String>,
 }
 
 /// The file as written.
@@ -136,6 +139,9 @@ pub struct Task {
     pub locks: Vec<String>,
     /// Path globs reserved while it runs.
     pub reserve: Vec<String>,
+    /// Labels a fleet host must have to run it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub on: BTreeMap<String, String>,
 }
 
 /// A validated plan, bound to a run id.
@@ -533,6 +539,9 @@ fn task_of(spec: &TaskSpec, branch: String) -> std::result::Result<Task, String>
     for pattern in &spec.reserve {
         crate::glob::Glob::parse(pattern).map_err(|err| err.to_string())?;
     }
+    for (key, value) in &spec.on {
+        crate::ids::validate_label(key, value).map_err(|err| format!("on: {err}"))?;
+    }
     for key in spec.env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(format!("env: {key:?} is not a variable name"));
@@ -549,6 +558,7 @@ fn task_of(spec: &TaskSpec, branch: String) -> std::result::Result<Task, String>
         retries: spec.retries,
         locks: spec.locks.clone(),
         reserve: spec.reserve.clone(),
+        on: spec.on.clone(),
     })
 }
 
@@ -708,6 +718,7 @@ mod tests {
             retries: 0,
             locks: Vec::new(),
             reserve: Vec::new(),
+            on: BTreeMap::new(),
         };
         let mut plan = Plan {
             name: "x".into(),
@@ -1012,6 +1023,7 @@ mod proptests {
                         retries,
                         locks,
                         reserve,
+                        on: BTreeMap::new(),
                     }
                 },
             );
@@ -1075,6 +1087,7 @@ mod proptests {
                         retries: 0,
                         locks: Vec::new(),
                         reserve: Vec::new(),
+                        on: BTreeMap::new(),
                     }
                 })
                 .collect(),

@@ -28,7 +28,9 @@ pub(super) fn require_resumable(paths: &AppPaths, db: &Blocking, id: &str) -> Re
             "no run {id:?} in the database; 'app runs list' shows the runs of this repository"
         )));
     };
-    if run.repo_root != paths.repo_root().display().to_string() {
+    // A fleet run is resumed from any clone of its repository (checked against its remote).
+    if run.report.get("fleet").is_none() && run.repo_root != paths.repo_root().display().to_string()
+    {
         return Err(Error::bad_input(format!(
             "run {id} belongs to the repository at {}; resume it from there",
             run.repo_root

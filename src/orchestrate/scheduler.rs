@@ -18,6 +18,7 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use super::attempt::{Outcome, Running};
+use super::fleet::FleetRun;
 use super::plan::{Plan, Task};
 use super::{Options, Progress, StopFlag, Summary, refs};
 use crate::db::Blocking;
@@ -38,8 +39,10 @@ pub(super) struct Orchestrator {
     pub(super) tries: HashMap<String, u32>,
     pub(super) running: HashMap<String, Running>,
     pub(super) conflicts: Vec<Value>,
-    db: Blocking,
+    pub(super) db: Blocking,
     pub(super) exe: PathBuf,
+    /// The fleet side, when the run's attempts run on the fleet.
+    pub(super) fleet: Option<FleetRun>,
 }
 
 impl Orchestrator {
@@ -50,6 +53,7 @@ impl Orchestrator {
         run: RunRow,
         rows: Vec<TaskRow>,
         db: Blocking,
+        fleet: Option<FleetRun>,
     ) -> Result<Self> {
         let exe = std::env::current_exe().io_context("finding", "the app executable")?;
         Ok(Orchestrator {
@@ -64,6 +68,7 @@ impl Orchestrator {
             conflicts: Vec::new(),
             db,
             exe,
+            fleet,
         })
     }
 
@@ -99,6 +104,11 @@ impl Orchestrator {
             if stop.count() > signals_seen {
                 signals_seen = stop.count();
                 stopping = true;
+                if self.fleet.is_some() {
+                    // Hosts' attempts go on; `--resume` adopts them.
+                    self.withdraw_offers()?;
+                    return Ok(true);
+                }
                 let signal = if signals_seen > 1 {
                     Signal::SIGKILL
                 } else {
@@ -112,6 +122,12 @@ impl Orchestrator {
             }
             if self.running.is_empty() {
                 return Ok(stopping);
+            }
+            if self.fleet.is_some() {
+                for outcome in self.poll_fleet(report)? {
+                    let failed = self.finish(outcome, stopping, report)?;
+                    stopping |= failed && self.options.fail_fast;
+                }
             }
             match finished.recv_timeout(Duration::from_millis(100)) {
                 Ok(outcome) => {
@@ -128,8 +144,8 @@ impl Orchestrator {
     }
 
     fn signal_running(&self, signal: Signal) {
-        for running in self.running.values() {
-            running.process.signal(signal);
+        for process in self.running.values().filter_map(|r| r.process.as_ref()) {
+            process.signal(signal);
         }
     }
 
@@ -157,6 +173,9 @@ impl Orchestrator {
     /// Integrates (unless stopped by a signal) and writes the run's final row.
     fn close(&mut self, stop: &StopFlag, report: &mut dyn FnMut(Progress)) -> Result<Summary> {
         let mut report_value = json!({ "conflicts": self.conflicts });
+        if let Some(fleet) = self.run.report.get("fleet") {
+            report_value["fleet"] = fleet.clone();
+        }
         if stop.count() == 0
             && let Some(branch) = self.plan.integration.clone()
         {

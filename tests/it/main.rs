@@ -10,6 +10,7 @@ mod coordination;
 mod db;
 mod doctor;
 mod environment;
+mod fleet;
 mod instance;
 mod layers;
 mod mcp;

@@ -1,0 +1,460 @@
+//! A run whose attempts run on the fleet (`app orchestrate --fleet`): the orchestrator offers
+//! each attempt in the database and watches; `app worker`s lease and run them
+//! (`crate::worker`), and the work travels through the repository's git remote.
+//!
+//! Invariants:
+//! - An attempt's start is made here, exactly as for a local attempt, and pushed to the remote's
+//!   task branch only over the value the orchestrator last saw there; the host fetches it.
+//! - A host pushes what an attempt made to `refs/app/fleet/<run>/<task>/<token>`, a ref of that
+//!   lease alone: a host that lost its lease cannot push over the attempt that replaced it.
+//! - Only a finished report the database accepted (its token still current) is taken: the
+//!   attempt ref is fetched, the local branch moved forward to it, and the remote's task branch
+//!   pushed over the start it held.
+//! - Killing the orchestrator stops nothing on the hosts; a stop takes back only offers no host
+//!   took, and `--resume` adopts the attempts still running.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use git2::Oid;
+
+use super::Progress;
+use super::attempt::{Outcome, Running, instance_prefix};
+use super::plan::Task;
+use super::scheduler::Orchestrator;
+use crate::db::Blocking;
+use crate::db::fleet::{self, FleetTask, LeaseState, Offer};
+use crate::db::runs::TaskStatus;
+use crate::error::{Error, GitContext, Result};
+use crate::paths::AppPaths;
+use crate::remote::{Pushed, Remote};
+use crate::sign::SigningKey;
+
+/// The remote a fleet run uses unless told (`--remote`).
+pub const DEFAULT_REMOTE: &str = "origin";
+
+/// How often the orchestrator reads its run's fleet rows.
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The detail a host reports for an attempt stopped at its timeout.
+pub const TIMED_OUT: &str = "timed out";
+
+/// The text every fleet member signs to show which secret it holds: equal checks mean the
+/// same `APP_SHARED_SECRET`.
+const SECRET_CHECK: &[u8] = b"app fleet: secret check v1";
+
+/// The fleet's key: `APP_SHARED_SECRET`, which every host must share (a generated
+/// `.app/secret` differs on each host, so hosts would refuse each other).
+pub fn shared_key(paths: &AppPaths) -> Result<SigningKey> {
+    if std::env::var_os("APP_SHARED_SECRET").is_none() {
+        return Err(Error::bad_input(
+            "the fleet needs APP_SHARED_SECRET, the same on every host (e.g. 'export APP_SHARED_SECRET=$(openssl rand -hex 32)' once, then the same value everywhere)",
+        ));
+    }
+    Ok(SigningKey::load(paths, false)?.expect("APP_SHARED_SECRET is set"))
+}
+
+/// The check of `key` every fleet member publishes (see [`SECRET_CHECK`]).
+pub fn secret_check(key: &SigningKey) -> String {
+    key.sign(SECRET_CHECK)
+}
+
+/// Refuses a local database: the fleet needs a server every host reaches.
+pub fn require_server(db: &Blocking) -> Result<()> {
+    if db.is_local() {
+        return Err(Error::bad_input(format!(
+            "the fleet needs a libSQL server database every host reaches, not the local file {}: set APP_DB_URL=http://HOST:PORT on every host (scripts/start-sqld.sh starts one; docs/FLEET.md)",
+            db.location()
+        )));
+    }
+    Ok(())
+}
+
+/// The ref a host pushes attempt `token` of `task` in `run` to.
+pub fn attempt_ref(run: &str, task: &str, token: i64) -> String {
+    format!("refs/app/fleet/{run}/{task}/{token}")
+}
+
+/// The attempt of a task last reported as started.
+#[derive(Debug, Clone)]
+struct Seen {
+    attempt: i64,
+    host: String,
+    /// Whether its lease's expiry was reported.
+    expiry_told: bool,
+}
+
+/// The fleet side of a run being driven.
+pub(super) struct FleetRun {
+    pub(super) remote: Remote,
+    key: SigningKey,
+    secret_check: String,
+    repo: String,
+    /// What the remote's task branches hold, as last pushed or seen (`None`: absent).
+    remote_tips: HashMap<String, Option<String>>,
+    /// Per task, the attempt last reported as started.
+    seen: HashMap<String, Seen>,
+    last_poll: Option<Instant>,
+}
+
+impl FleetRun {
+    /// The fleet side of a run in the repository at `paths`, through `remote`.
+    pub(super) fn open(paths: &AppPaths, remote: &str, db: &Blocking) -> Result<FleetRun> {
+        require_server(db)?;
+        let key = shared_key(paths)?;
+        let remote = Remote::open(paths.repo_root(), remote)?;
+        let remote_tips = remote
+            .list("refs/heads/*")?
+            .into_iter()
+            .map(|(name, commit)| {
+                let branch = name
+                    .strip_prefix("refs/heads/")
+                    .unwrap_or(&name)
+                    .to_string();
+                (branch, Some(commit))
+            })
+            .collect();
+        Ok(FleetRun {
+            secret_check: secret_check(&key),
+            repo: remote.repo_key(),
+            key,
+            remote,
+            remote_tips,
+            seen: HashMap::new(),
+            last_poll: None,
+        })
+    }
+
+    /// The fleet side of a run being resumed, as `described` in its row (see
+    /// [`FleetRun::describe`]); `--remote` overrides the remote's name.
+    pub(super) fn reopen(
+        paths: &AppPaths,
+        described: &serde_json::Value,
+        options: &super::Options,
+        db: &Blocking,
+    ) -> Result<FleetRun> {
+        let remote = options
+            .fleet
+            .clone()
+            .or_else(|| described["remote"].as_str().map(str::to_string))
+            .unwrap_or_else(|| DEFAULT_REMOTE.to_string());
+        let fleet = FleetRun::open(paths, &remote, db)?;
+        if described["repo"].as_str() != Some(fleet.repo.as_str()) {
+            return Err(Error::bad_input(format!(
+                "the run belongs to the repository {}, and this one's remote {} is {}; resume it from a clone of that one",
+                described["repo"].as_str().unwrap_or("?"),
+                fleet.remote.name(),
+                fleet.repo
+            )));
+        }
+        Ok(fleet)
+    }
+
+    /// What the run's row records of the fleet side.
+    pub(super) fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "remote": self.remote.name(), "repo": self.repo })
+    }
+
+    /// Whether the remote has a branch of this name.
+    pub(super) fn has_branch(&self, branch: &str) -> bool {
+        self.remote_tips.get(branch).is_some_and(Option::is_some)
+    }
+}
+
+impl Orchestrator {
+    fn fleet(&mut self) -> &mut FleetRun {
+        self.fleet.as_mut().expect("a fleet run")
+    }
+
+    /// Offers the next attempt of `task` (its branch already at its start, `start`): the start
+    /// pushed to the remote's task branch, the offer written. The attempt is counted when a
+    /// host leases it.
+    pub(super) fn offer(
+        &mut self,
+        task: &Task,
+        start: Oid,
+    ) -> Result<std::result::Result<(), String>> {
+        let start = start.to_string();
+        let fleet = self.fleet();
+        let expected = fleet.remote_tips.get(&task.branch).cloned().flatten();
+        let target = format!("refs/heads/{}", task.branch);
+        if expected.as_deref() != Some(start.as_str()) {
+            match fleet.remote.push(&start, &target, expected.as_deref())? {
+                Pushed::Done => {}
+                Pushed::Refused(why) => {
+                    return Ok(Err(format!(
+                        "the remote's branch {} moved ({why}); app never pushes over work it did not see: look at it, then resume",
+                        task.branch
+                    )));
+                }
+            }
+            fleet
+                .remote_tips
+                .insert(task.branch.clone(), Some(start.clone()));
+        }
+        let spec = serde_json::to_string(&self.spec(task, Some(start))).expect("specs serialize");
+        let fleet = self.fleet.as_ref().expect("a fleet run");
+        let sig = fleet.key.sign(spec.as_bytes());
+        let offer = Offer {
+            run_id: &self.run.id,
+            task_id: &task.id,
+            repo: &fleet.repo,
+            spec: &spec,
+            sig: &sig,
+            secret_check: &fleet.secret_check,
+            needs: &task.on,
+        };
+        self.db.run(async |db| fleet::offer(db, &offer).await)?;
+        Ok(Ok(()))
+    }
+
+    /// Reads the run's fleet rows (at most every [`POLL_INTERVAL`]): attempts hosts started are
+    /// reported, accepted ends become outcomes.
+    pub(super) fn poll_fleet(&mut self, report: &mut dyn FnMut(Progress)) -> Result<Vec<Outcome>> {
+        let fleet = self.fleet();
+        if fleet
+            .last_poll
+            .is_some_and(|at| at.elapsed() < POLL_INTERVAL)
+        {
+            return Ok(Vec::new());
+        }
+        fleet.last_poll = Some(Instant::now());
+        let run = self.run.id.clone();
+        let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
+        let mut outcomes = Vec::new();
+        for row in rows {
+            if !self.running.contains_key(&row.task_id) {
+                continue;
+            }
+            match row.state {
+                LeaseState::Leased | LeaseState::Started => self.observe(&row, report)?,
+                LeaseState::Finished => outcomes.push(self.accept(&row)?),
+                LeaseState::Offered | LeaseState::Withdrawn => {}
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Records that a host runs attempt `row.attempt`, and says so once; says once when its
+    /// lease expired (the host died or slept: another host takes the task as a new attempt).
+    fn observe(&mut self, row: &FleetTask, report: &mut dyn FnMut(Progress)) -> Result<()> {
+        let host = row.host.clone().unwrap_or_default();
+        let seen = self.fleet().seen.get(&row.task_id).cloned();
+        let moved = |from: &Seen| {
+            format!(
+                "host {} stopped renewing its lease on attempt {}; another host takes the task as a new attempt",
+                from.host, from.attempt
+            )
+        };
+        match seen {
+            Some(seen) if row.attempt <= seen.attempt => {
+                if row.expired && !seen.expiry_told {
+                    report(Progress::Moved {
+                        task: row.task_id.clone(),
+                        because: moved(&seen),
+                    });
+                    self.fleet().seen.insert(
+                        row.task_id.clone(),
+                        Seen {
+                            expiry_told: true,
+                            ..seen
+                        },
+                    );
+                }
+                return Ok(());
+            }
+            Some(seen) if !seen.expiry_told => report(Progress::Moved {
+                task: row.task_id.clone(),
+                because: moved(&seen),
+            }),
+            _ => {}
+        }
+        let log = PathBuf::from(format!(
+            "{host}:{}",
+            self.paths.task_log(&self.run.id, &row.task_id).display()
+        ));
+        let task = self
+            .rows
+            .get_mut(&row.task_id)
+            .expect("every task has a row");
+        task.attempts = task.attempts.max(row.attempt);
+        task.instance = Some(format!(
+            "{}{}@{host}",
+            instance_prefix(&self.run.id, &row.task_id),
+            row.attempt
+        ));
+        task.log_path = Some(log.display().to_string());
+        task.status = TaskStatus::Running;
+        let task = task.clone();
+        self.save_task(&task)?;
+        self.fleet().seen.insert(
+            row.task_id.clone(),
+            Seen {
+                attempt: row.attempt,
+                host,
+                expiry_told: false,
+            },
+        );
+        report(Progress::Started {
+            task: row.task_id.clone(),
+            attempt: row.attempt,
+            log,
+        });
+        Ok(())
+    }
+
+    /// Takes an accepted end: the attempt's commit fetched and made the task branch's tip, here
+    /// and on the remote.
+    fn accept(&mut self, row: &FleetTask) -> Result<Outcome> {
+        let mut outcome = Outcome {
+            task: row.task_id.clone(),
+            exit_code: row.exit_code,
+            timed_out: row.detail.as_deref() == Some(TIMED_OUT),
+            error: row
+                .exit_code
+                .is_none()
+                .then(|| row.detail.clone().unwrap_or_default()),
+        };
+        let (Some(tip), Some(token)) = (&row.tip, row.token) else {
+            return Ok(outcome);
+        };
+        let task = self
+            .plan
+            .task(&row.task_id)
+            .expect("fleet tasks are plan tasks")
+            .clone();
+        if let Err(why) = self.take_tip(&task, tip, token)? {
+            outcome.exit_code = None;
+            outcome.error = Some(why);
+        }
+        Ok(outcome)
+    }
+
+    fn take_tip(
+        &mut self,
+        task: &Task,
+        tip: &str,
+        token: i64,
+    ) -> Result<std::result::Result<(), String>> {
+        let source = attempt_ref(&self.run.id, &task.id, token);
+        let fleet = self.fleet.as_mut().expect("a fleet run");
+        let Some(fetched) = fleet.remote.fetch(&source, &source)? else {
+            return Ok(Err(format!(
+                "its host reported {tip} but never pushed {source}"
+            )));
+        };
+        if fetched != tip {
+            return Ok(Err(format!(
+                "{source} holds {fetched}, not the {tip} its host reported"
+            )));
+        }
+        let target = format!("refs/heads/{}", task.branch);
+        let expected = fleet.remote_tips.get(&task.branch).cloned().flatten();
+        if expected.as_deref() != Some(tip) {
+            match fleet.remote.push(tip, &target, expected.as_deref())? {
+                Pushed::Done => {
+                    fleet
+                        .remote_tips
+                        .insert(task.branch.clone(), Some(tip.to_string()));
+                }
+                Pushed::Refused(why) => {
+                    return Ok(Err(format!(
+                        "the remote's branch {} moved ({why}); the attempt's work is kept on {source}",
+                        task.branch
+                    )));
+                }
+            }
+        }
+        let oid = Oid::from_str(tip).git_context(|| format!("reading {tip}"))?;
+        self.repo
+            .reference(
+                &target,
+                oid,
+                true,
+                &format!(
+                    "app orchestrate: task {} of run {} on the fleet",
+                    task.id, self.run.id
+                ),
+            )
+            .git_context(|| format!("updating {}", task.branch))?;
+        Ok(Ok(()))
+    }
+
+    /// A stop: the offers no host took are taken back and their tasks cancelled; attempts hosts
+    /// run go on (`--resume` adopts them).
+    pub(super) fn withdraw_offers(&mut self) -> Result<()> {
+        let run = self.run.id.clone();
+        self.db.run(async |db| fleet::withdraw(db, &run).await)?;
+        let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
+        for row in rows {
+            if row.state == LeaseState::Withdrawn && self.running.remove(&row.task_id).is_some() {
+                let task = self
+                    .rows
+                    .get_mut(&row.task_id)
+                    .expect("every task has a row");
+                task.status = TaskStatus::Pending;
+            }
+        }
+        // What hosts still run stays `running` in the run's rows.
+        self.running.clear();
+        Ok(())
+    }
+
+    /// Takes every task a dead orchestrator left on the fleet back into the run: running ones
+    /// are adopted (their ends are read as they come), the rest offered again.
+    pub(super) fn adopt(&mut self) -> Result<()> {
+        let run = self.run.id.clone();
+        let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
+        let by_task: HashMap<String, FleetTask> = rows
+            .into_iter()
+            .map(|row| (row.task_id.clone(), row))
+            .collect();
+        for task in self.plan.tasks.clone() {
+            let status = self.rows[&task.id].status;
+            if status == TaskStatus::Succeeded {
+                // Integration happens here: the task's branch as the remote has it.
+                let target = format!("refs/heads/{}", task.branch);
+                self.fleet().remote.fetch(&target, &target)?;
+                continue;
+            }
+            if status != TaskStatus::Running {
+                continue;
+            }
+            match by_task.get(&task.id).map(|row| row.state) {
+                Some(LeaseState::Leased | LeaseState::Started | LeaseState::Finished) => {
+                    let row = &by_task[&task.id];
+                    let seen = Seen {
+                        attempt: row.attempt,
+                        host: row.host.clone().unwrap_or_default(),
+                        expiry_told: false,
+                    };
+                    self.fleet().seen.insert(task.id.clone(), seen);
+                    self.running.insert(
+                        task.id.clone(),
+                        Running {
+                            process: None,
+                            started: Instant::now(),
+                        },
+                    );
+                }
+                Some(LeaseState::Offered) => {
+                    self.running.insert(
+                        task.id.clone(),
+                        Running {
+                            process: None,
+                            started: Instant::now(),
+                        },
+                    );
+                }
+                _ => {
+                    self.rows
+                        .get_mut(&task.id)
+                        .expect("every task has a row")
+                        .status = TaskStatus::Pending;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,192 @@
+//! The repository's git remote, as the fleet uses it: fetch a ref into a ref of ours, push a
+//! commit only over the value we expect (never over someone else's newer work), list refs.
+//!
+//! Through the `git` command, so the user's transports, credential helpers and SSH settings
+//! apply as for their own `git push`.
+//!
+//! Invariants:
+//! - Every push names the value it expects the remote ref to hold (`--force-with-lease` with an
+//!   explicit old value, empty for "must not exist"): a push over anything else is refused by
+//!   the remote, and reported as [`Pushed::Refused`], never retried by force.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::error::{Error, Result};
+
+/// A named remote of the repository at `root`.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    root: PathBuf,
+    name: String,
+    url: String,
+}
+
+/// How a push ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushed {
+    /// The remote ref now holds the commit.
+    Done,
+    /// The remote ref held something else than expected; nothing changed.
+    Refused(String),
+}
+
+impl Remote {
+    /// The remote `name` of the repository at `root`; exit 2 when it has none of that name.
+    pub fn open(root: &Path, name: &str) -> Result<Remote> {
+        let output = git(root, ["remote", "get-url", name])?;
+        if !output.status.success() {
+            return Err(Error::bad_input(format!(
+                "the repository {} has no git remote {name:?}; add one ('git remote add {name} URL', a bare repository works) or pass --remote NAME",
+                root.display()
+            )));
+        }
+        let url = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        Ok(Remote {
+            root: root.to_path_buf(),
+            name: name.to_string(),
+            url,
+        })
+    }
+
+    /// The remote's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The repository's identity in the fleet: the remote's URL without a trailing `/` or
+    /// `.git`, so every clone of one remote serves the same runs.
+    pub fn repo_key(&self) -> String {
+        let url = self.url.trim_end_matches('/');
+        url.strip_suffix(".git").unwrap_or(url).to_string()
+    }
+
+    /// Fetches the remote's `source` ref into our ref `target` (replacing it) and returns the
+    /// commit it holds; `None` when the remote has no such ref.
+    pub fn fetch(&self, source: &str, target: &str) -> Result<Option<String>> {
+        let refspec = format!("+{source}:{target}");
+        let output = git(
+            &self.root,
+            [
+                OsStr::new("fetch"),
+                OsStr::new("--quiet"),
+                OsStr::new("--no-tags"),
+                OsStr::new("--no-write-fetch-head"),
+                OsStr::new(&self.name),
+                OsStr::new(&refspec),
+            ],
+        )?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains("couldn't find remote ref") {
+                return Ok(None);
+            }
+            return Err(self.failed(&format!("fetching {source}"), &output));
+        }
+        self.resolve(target)
+    }
+
+    /// Pushes `commit` to the remote's `target` ref if that ref holds `expected` (`None`: if it
+    /// does not exist).
+    pub fn push(&self, commit: &str, target: &str, expected: Option<&str>) -> Result<Pushed> {
+        let lease = format!("--force-with-lease={target}:{}", expected.unwrap_or(""));
+        let refspec = format!("{commit}:{target}");
+        let output = git(
+            &self.root,
+            [
+                OsStr::new("push"),
+                OsStr::new("--quiet"),
+                OsStr::new("--porcelain"),
+                OsStr::new("--no-verify"),
+                OsStr::new(&lease),
+                OsStr::new(&self.name),
+                OsStr::new(&refspec),
+            ],
+        )?;
+        if output.status.success() {
+            return Ok(Pushed::Done);
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // Porcelain: "!\t<src>:<dst>\t[rejected] (stale info)" for a lease that did not hold.
+        if stdout.lines().any(|line| line.starts_with('!')) {
+            let why = stdout
+                .lines()
+                .find(|line| line.starts_with('!'))
+                .unwrap_or_default()
+                .rsplit('\t')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            return Ok(Pushed::Refused(why));
+        }
+        Err(self.failed(&format!("pushing {commit} to {target}"), &output))
+    }
+
+    /// The remote's refs matching `pattern` (`refs/heads/app/*`), as (ref, commit).
+    pub fn list(&self, pattern: &str) -> Result<Vec<(String, String)>> {
+        let output = git(
+            &self.root,
+            [
+                OsStr::new("ls-remote"),
+                OsStr::new("--quiet"),
+                OsStr::new(&self.name),
+                OsStr::new(pattern),
+            ],
+        )?;
+        if !output.status.success() {
+            return Err(self.failed("listing refs", &output));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let (commit, name) = line.split_once('\t')?;
+                Some((name.to_string(), commit.to_string()))
+            })
+            .collect())
+    }
+
+    /// The commit our ref `name` holds, if it exists.
+    fn resolve(&self, name: &str) -> Result<Option<String>> {
+        let output = git(
+            &self.root,
+            [
+                OsStr::new("rev-parse"),
+                OsStr::new("--verify"),
+                OsStr::new("--quiet"),
+                OsStr::new(&format!("{name}^{{commit}}")),
+            ],
+        )?;
+        Ok(output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string()))
+    }
+
+    fn failed(&self, what: &str, output: &Output) -> Error {
+        Error::Failed(format!(
+            "{what} on the remote {} ({}) failed: {}",
+            self.name,
+            self.url,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Runs `git` in `root` with no terminal prompt (a task host has nobody to answer it).
+fn git<I, S>(root: &Path, args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new("git")
+        .args(args)
+        .current_dir(root)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Spawn {
+            command: "git".into(),
+            source,
+        })
+}

@@ -1,0 +1,324 @@
+//! The fleet: hosts (separate clones with their own `.app/`, home and host name) sharing one
+//! real libSQL server on the loopback and one local bare remote; real workers, a real
+//! orchestrator, real git pushes and fetches.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::support::{Running, Sqld, TestRepo, code, kill, stderr, stdout, wait_for};
+
+const SECRET: &str = "fleet-test-secret";
+
+/// Several hosts of one fleet.
+struct Fleet {
+    sqld: Sqld,
+    /// The orchestrating host: also the first clone, whose history the others share.
+    hosts: Vec<TestRepo>,
+    remote: PathBuf,
+}
+
+impl Fleet {
+    /// `n` hosts, each a repository whose `origin` is one bare remote; `None` (said loudly)
+    /// where the machine has no sqld, a failure under CI.
+    fn new(n: usize) -> Option<Fleet> {
+        let sqld = Sqld::start()?;
+        let hosts: Vec<TestRepo> = (0..n).map(|_| TestRepo::new()).collect();
+        let remote = hosts[0].scratch().join("remote.git");
+        hosts[0].git(&[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            remote.to_str().unwrap(),
+        ]);
+        for host in &hosts {
+            // Fixed author and dates: every TestRepo's first commit is the same commit.
+            host.git(&["remote", "add", "origin", remote.to_str().unwrap()]);
+        }
+        hosts[0].git(&["push", "-q", "origin", "main"]);
+        for host in &hosts[1..] {
+            host.git(&["fetch", "-q", "origin"]);
+        }
+        Some(Fleet {
+            sqld,
+            hosts,
+            remote,
+        })
+    }
+
+    /// `app` on host `n`, in the fleet.
+    fn app(&self, n: usize, args: &[&str]) -> Command {
+        let mut command = self.hosts[n].app(args);
+        command
+            .env("APP_DB_URL", self.sqld.url())
+            .env("APP_SHARED_SECRET", SECRET)
+            .env("APP_LEASE_TTL", "3s")
+            .env("FLEET_HOST", format!("host{n}"));
+        command
+    }
+
+    fn run(&self, n: usize, args: &[&str]) -> Output {
+        self.app(n, args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `app worker --name host<n>` on host `n`, with `extra` arguments.
+    fn worker(&self, n: usize, extra: &[&str]) -> Running {
+        let name = format!("host{n}");
+        let mut args = vec!["worker", "--name", &name];
+        args.extend_from_slice(extra);
+        let worker = self.hosts[n].spawn(self.app(n, &args));
+        wait_for("the worker to register", Duration::from_secs(20), || {
+            let out = self.run(0, &["fleet", "--json"]);
+            let hosts: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            hosts["hosts"].as_array().is_some_and(|hosts| {
+                hosts
+                    .iter()
+                    .any(|h| h["host"]["name"] == name.as_str() && h["alive"] == true)
+            })
+        });
+        worker
+    }
+
+    /// The refs of the remote matching `pattern`.
+    fn remote_refs(&self, pattern: &str) -> Vec<String> {
+        self.hosts[0]
+            .git(&["ls-remote", self.remote.to_str().unwrap(), pattern])
+            .lines()
+            .map(|line| line.split('\t').nth(1).unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+/// A task that commits a file named after it and records where it ran.
+fn committing(id: &str, ran: &Path) -> String {
+    format!(
+        "echo \"$APP_TASK_ID $FLEET_HOST\" >> {ran} && echo {id} > {id}.txt && git add {id}.txt && git commit -qm \"task {id}\"",
+        ran = ran.display()
+    )
+}
+
+fn write_plan(repo: &TestRepo, plan: &Value) -> PathBuf {
+    let path = repo.scratch().join("plan.json");
+    fs::write(&path, serde_json::to_vec_pretty(plan).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn a_twelve_task_plan_runs_once_per_task_across_two_workers_on_the_hosts_its_labels_allow() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let ran = fleet.hosts[0].scratch().join("ran");
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let id = format!("t{i}");
+        let mut task = json!({ "id": id, "command": committing(&id, &ran) });
+        if (4..8).contains(&i) {
+            // Each depends on two tasks that may have run on the other host.
+            task["depends_on"] = json!([format!("t{}", i - 4), format!("t{}", (i - 3) % 4)]);
+        }
+        if i >= 10 {
+            task["on"] = json!({ "gpu": "1" });
+        }
+        tasks.push(task);
+    }
+    let plan = json!({
+        "name": "fleet12", "max_concurrent": 4, "integration": "fleet-merged", "tasks": tasks,
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _one = fleet.worker(1, &["--capacity", "2"]);
+    let _two = fleet.worker(2, &["--capacity", "2", "--labels", "gpu=1"]);
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lines = fs::read_to_string(&ran).unwrap();
+    let mut hosts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in lines.lines() {
+        let (task, host) = line.split_once(' ').unwrap();
+        hosts
+            .entry(task.to_string())
+            .or_default()
+            .push(host.to_string());
+    }
+    assert_eq!(hosts.len(), 12, "every task ran: {lines}");
+    for (task, on) in &hosts {
+        assert_eq!(on.len(), 1, "{task} ran once: {lines}");
+        assert_ne!(
+            on[0], "host0",
+            "the orchestrating host runs no worker: {lines}"
+        );
+        if task == "t10" || task == "t11" {
+            assert_eq!(on[0], "host2", "{task} needs gpu=1, which only host2 has");
+        }
+    }
+    let used: std::collections::BTreeSet<&String> = hosts.values().flatten().collect();
+    assert_eq!(used.len(), 2, "both workers took tasks: {lines}");
+    // Integration happened on the orchestrating host, from the branches the hosts pushed.
+    let log = fleet.hosts[0].git(&["log", "--format=%s", "fleet-merged"]);
+    for i in 0..12 {
+        let subject = format!("task t{i}");
+        assert_eq!(
+            log.lines().filter(|l| *l == subject).count(),
+            1,
+            "{subject} once in the integration branch:\n{log}"
+        );
+    }
+    assert_eq!(summary["run"]["status"], "succeeded");
+    // Each task's branch on the remote is its accepted attempt.
+    let run = summary["run"]["id"].as_str().unwrap();
+    assert_eq!(
+        fleet.remote_refs(&format!("refs/heads/app/{run}/*")).len(),
+        12
+    );
+    let fleet_view = fleet.run(0, &["fleet"]);
+    assert_eq!(code(&fleet_view), 0, "{}", stderr(&fleet_view));
+    assert!(stdout(&fleet_view).contains("host1") && stdout(&fleet_view).contains("gpu=1"));
+}
+
+#[test]
+fn a_worker_that_slept_past_its_lease_can_neither_report_nor_push_over_the_new_attempt() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let marks = fleet.hosts[0].scratch();
+    let script = format!(
+        "echo $FLEET_HOST > who.txt && git add who.txt && git commit -qm \"slow on $FLEET_HOST\" && touch {marks}/started-$FLEET_HOST && sleep 4",
+        marks = marks.display()
+    );
+    let plan = json!({
+        "name": "zombie", "integration": "zombie-merged",
+        "tasks": [{ "id": "slow", "command": script }],
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let sleeper = fleet.worker(1, &[]);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    ));
+    wait_for(
+        "the first attempt to start",
+        Duration::from_secs(30),
+        || marks.join("started-host1").exists(),
+    );
+    // The host sleeps (SIGSTOP): its lease runs out, and the second worker takes the task.
+    kill(sleeper.pid(), Signal::SIGSTOP);
+    let _other = fleet.worker(2, &[]);
+    let out = orchestrator.wait(Duration::from_secs(60));
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stderr(&out).contains("stopped renewing its lease"),
+        "{}",
+        stderr(&out)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = summary["run"]["id"].as_str().unwrap().to_string();
+    let merged = fleet.hosts[0].git(&["log", "--format=%s", "zombie-merged"]);
+    assert!(
+        merged.contains("slow on host2") && !merged.contains("slow on host1"),
+        "{merged}"
+    );
+    // The sleeper wakes up: its late report is refused, and its push lands on its own
+    // attempt's ref only, so its work is kept and the task's branch is not touched.
+    let branch_before = fleet.remote_refs(&format!("refs/heads/app/{run}/slow"));
+    kill(sleeper.pid(), Signal::SIGCONT);
+    wait_for(
+        "the woken worker to push its attempt",
+        Duration::from_secs(30),
+        || {
+            fleet
+                .remote_refs(&format!("refs/app/fleet/{run}/slow/*"))
+                .len()
+                == 2
+        },
+    );
+    let woke = sleeper.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+    let said = stderr(&woke);
+    assert!(
+        said.contains("lease lost") || said.contains("refused"),
+        "{said}"
+    );
+    assert_eq!(
+        fleet.remote_refs(&format!("refs/heads/app/{run}/slow")),
+        branch_before
+    );
+    let tip = fleet.hosts[0].git(&[
+        "ls-remote",
+        fleet.remote.to_str().unwrap(),
+        &format!("refs/heads/app/{run}/slow"),
+    ]);
+    let tip = tip.split('\t').next().unwrap().to_string();
+    fleet.hosts[0].git(&[
+        "fetch",
+        "-q",
+        "origin",
+        &format!("refs/app/fleet/{run}/slow/*:refs/zombie/*"),
+    ]);
+    let subjects = fleet.hosts[0].git(&["log", "--format=%s", "--glob=refs/zombie/*"]);
+    assert!(
+        subjects.contains("slow on host1"),
+        "the sleeper's work is kept: {subjects}"
+    );
+    let on_branch = fleet.hosts[0].git(&["log", "--format=%s", &tip]);
+    assert!(!on_branch.contains("slow on host1"), "{on_branch}");
+    let runs = fleet.run(0, &["runs", "show", &run, "--json"]);
+    assert_eq!(code(&runs), 0, "{}", stderr(&runs));
+}
+
+#[test]
+fn fleet_commands_without_a_server_or_secret_change_nothing_and_say_what_to_set() {
+    let repo = TestRepo::new();
+    let out = repo.run_app(&["worker"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("APP_DB_URL"), "{}", stderr(&out));
+    let out = repo.run_app(&["fleet"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let Some(fleet) = Fleet::new(1) else { return };
+    let mut command = fleet.app(0, &["worker"]);
+    command.env_remove("APP_SHARED_SECRET");
+    let out = command.output().unwrap();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("APP_SHARED_SECRET"),
+        "{}",
+        stderr(&out)
+    );
+    for bad in [
+        &["worker", "--labels", "gpu"][..],
+        &["worker", "--capacity", "0"],
+        &["worker", "--name", "a b"],
+    ] {
+        let out = fleet.run(0, bad);
+        assert_eq!(code(&out), 2, "{bad:?}: {}", stderr(&out));
+    }
+    let out = fleet.run(0, &["worker", "--remote", "nowhere"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no git remote"), "{}", stderr(&out));
+    let hosts = fleet.run(0, &["fleet", "--json"]);
+    let hosts: Value = serde_json::from_slice(&hosts.stdout).unwrap();
+    assert_eq!(hosts["hosts"], json!([]), "nothing was registered");
+}
