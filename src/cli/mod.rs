@@ -1,5 +1,8 @@
 //! The command line: argument definitions (`clap` derive) and everything printed to the
-//! terminal. The only module that prints; the rest of the library returns values.
+//! terminal. The only module that prints; the rest of the library returns values. What goes to
+//! standard output goes through [`output`] (`println!` is denied here).
+
+#![deny(clippy::print_stdout)]
 
 mod context;
 mod db;
@@ -10,6 +13,7 @@ mod lock;
 mod mcp;
 mod notes;
 mod orchestrate;
+mod output;
 mod queue;
 mod reserve;
 mod run;
@@ -139,12 +143,4 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Ci(args) => run::ci(ctx, args),
         Command::Runs(command) => orchestrate::runs(ctx, command),
     }
-}
-
-/// Prints a value as pretty JSON.
-fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("in-memory values serialize")
-    );
 }
