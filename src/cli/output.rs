@@ -2,14 +2,23 @@
 //! bytes, pretty and one-line JSON, aligned tables ([`Table`]) and labelled values ([`Fields`]).
 //! `println!` is denied in `cli/` so that nothing bypasses it.
 //!
-//! Any failure to write a line panics with `println!`'s message.
+//! Invariant: a closed standard output (the reader of a pipe went away: `app doctor | head -1`)
+//! ends the process quietly with 141 (128 + SIGPIPE), what a shell reports for a command killed
+//! by SIGPIPE, as git does. `app` ignores SIGPIPE (Rust's runtime does), so the write
+//! fails with EPIPE instead; it happens at the first line written after the reader left. The exit
+//! skips destructors: every command prints only what it has already done (a message received
+//! but not yet acknowledged is delivered again, as after a crash). Any other failure to write a
+//! line panics with `println!`'s message, as before.
 
 use std::fmt::{self, Display};
 use std::io::{self, StdoutLock, Write};
 
+use nix::sys::signal::Signal;
 use serde::Serialize;
 
-/// Prints a line on standard output, as `println!` does.
+use crate::process;
+
+/// Prints a line on standard output, as `println!` does (see the module's invariant).
 macro_rules! outln {
     () => {
         $crate::cli::output::line(format_args!(""))
@@ -20,9 +29,16 @@ macro_rules! outln {
 }
 pub(super) use outln;
 
-/// Writes to standard output through `write`.
+/// Writes to standard output through `write`; a closed output ends the process quietly.
 fn write_stdout(write: impl FnOnce(&mut StdoutLock<'static>) -> io::Result<()>) -> io::Result<()> {
-    write(&mut io::stdout().lock())
+    let result = write(&mut io::stdout().lock());
+    if let Err(err) = &result
+        && err.kind() == io::ErrorKind::BrokenPipe
+    {
+        let code = process::signal_exit_code(Signal::SIGPIPE as i32);
+        std::process::exit(i32::from(code));
+    }
+    result
 }
 
 /// One line on standard output: what [`outln!`] expands to.
@@ -32,7 +48,8 @@ pub(super) fn line(args: fmt::Arguments<'_>) {
     }
 }
 
-/// Bytes as they are (another process's output, a log), flushed; errors are the caller's.
+/// Bytes as they are (another process's output, a log), flushed; errors other than a closed
+/// output are the caller's.
 pub(super) fn bytes(data: &[u8]) -> io::Result<()> {
     write_stdout(|out| {
         out.write_all(data)?;

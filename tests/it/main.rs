@@ -14,6 +14,7 @@ mod instance;
 mod layers;
 mod mcp;
 mod orchestrate;
+mod output;
 mod registry;
 mod run;
 mod support;
