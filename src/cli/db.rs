@@ -6,6 +6,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::context::Context;
+use super::output::{self, Fields};
 use crate::db::{Db, Location, schema};
 use crate::error::Result;
 
@@ -35,17 +36,22 @@ pub(super) fn run(ctx: &Context, command: DbCommand) -> Result<u8> {
     let DbCommand::Status { json } = command;
     let status = ctx.with_db(async |db| status(db).await)?;
     if json {
-        super::print_json(&status);
+        output::json(&status);
     } else {
         let size = |bytes: Option<u64>| bytes.map_or_else(|| "-".into(), |b| format!("{b} bytes"));
-        println!("location:       {} ({})", status.location, status.kind);
-        println!(
-            "schema version: {} (this app: {})",
-            status.schema_version, status.latest_schema_version
-        );
-        println!("size:           {}", size(status.size_bytes));
-        println!("wal:            {}", size(status.wal_bytes));
-        println!("quick_check:    {}", status.quick_check);
+        Fields::new(1)
+            .field("location", format!("{} ({})", status.location, status.kind))
+            .field(
+                "schema version",
+                format!(
+                    "{} (this app: {})",
+                    status.schema_version, status.latest_schema_version
+                ),
+            )
+            .field("size", size(status.size_bytes))
+            .field("wal", size(status.wal_bytes))
+            .field("quick_check", &status.quick_check)
+            .print();
     }
     Ok(if status.quick_check == "ok" { 0 } else { 1 })
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use clap::Args;
 
 use super::context::Context;
+use super::output::{self, outln};
 use crate::doctor::{self, Finding, Fixed, Options};
 use crate::error::{EXIT_FAILURE, Error, Result};
 
@@ -41,7 +42,7 @@ pub(super) fn run(ctx: &Context, args: DoctorArgs) -> Result<u8> {
     };
     let left = diagnosis.findings();
     if args.json {
-        super::print_json(&serde_json::json!({
+        output::json(&serde_json::json!({
             "findings": if args.fix { Vec::new() } else { left.clone() },
             "fixed": fixed,
             "remaining": if args.fix { left.clone() } else { Vec::new() },
@@ -50,16 +51,16 @@ pub(super) fn run(ctx: &Context, args: DoctorArgs) -> Result<u8> {
     } else {
         print_fixed(&fixed);
         if args.fix && !left.is_empty() {
-            println!("left after --fix:");
+            outln!("left after --fix:");
         }
         print_grouped(&left, !args.fix);
         for notice in &diagnosis.notices {
-            println!("note: {notice}");
+            outln!("note: {notice}");
         }
         if left.is_empty() && fixed.iter().any(|f| f.outcome.is_err()) {
-            println!("app doctor: some fixes failed (see FAILED above)");
+            outln!("app doctor: some fixes failed (see FAILED above)");
         } else if left.is_empty() {
-            println!(
+            outln!(
                 "{}",
                 if fixed.is_empty() {
                     "app doctor: nothing to reclaim"
@@ -68,7 +69,7 @@ pub(super) fn run(ctx: &Context, args: DoctorArgs) -> Result<u8> {
                 }
             );
         } else if !args.fix {
-            println!(
+            outln!(
                 "app doctor: {} problem(s); 'app doctor --fix' reclaims the fixable ones without losing work",
                 left.len()
             );
@@ -88,11 +89,11 @@ fn print_grouped(findings: &[Finding], with_fix: bool) {
         groups.entry(finding.kind).or_default().push(finding);
     }
     for (kind, group) in groups {
-        println!("{kind} ({})", group.len());
+        outln!("{kind} ({})", group.len());
         for finding in group {
-            println!("  {}: {}", finding.subject, finding.problem);
+            outln!("  {}: {}", finding.subject, finding.problem);
             if with_fix || !finding.fixable {
-                println!("    fix: {}", finding.fix);
+                outln!("    fix: {}", finding.fix);
             }
         }
     }
@@ -101,13 +102,15 @@ fn print_grouped(findings: &[Finding], with_fix: bool) {
 fn print_fixed(fixed: &[Fixed]) {
     for entry in fixed {
         match &entry.outcome {
-            Ok(done) => println!(
+            Ok(done) => outln!(
                 "fixed {} {}: {done}",
-                entry.finding.kind, entry.finding.subject
+                entry.finding.kind,
+                entry.finding.subject
             ),
-            Err(err) => println!(
+            Err(err) => outln!(
                 "FAILED {} {}: {err}",
-                entry.finding.kind, entry.finding.subject
+                entry.finding.kind,
+                entry.finding.subject
             ),
         }
     }

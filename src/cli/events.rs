@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::context::Context;
+use super::output::{self, outln};
 use crate::config;
 use crate::db::events::{self, Event, EventFilter};
 use crate::error::Result;
@@ -76,12 +77,9 @@ pub(super) fn run(ctx: &Context, args: EventsArgs) -> Result<u8> {
 
 fn print_event(event: &Event, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(event).expect("in-memory values serialize")
-        );
+        output::json_line(event);
     } else {
-        println!(
+        outln!(
             "{} {} {} {}",
             event.at,
             event.instance.as_deref().unwrap_or("-"),

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::context::Context;
+use super::output::{self, Fields, Table, outln};
 use crate::config::{self, Timing, format_age};
 use crate::db::instances;
 use crate::error::{EXIT_FAILURE, Error, Result};
@@ -158,20 +159,17 @@ fn list(registry: &Registry, args: &ListArgs, timing: Timing) -> Result<u8> {
     }
     if args.json {
         let values: Vec<Value> = rows.iter().map(row_json).collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&values).expect("JSON values serialize")
-        );
+        output::json(&values);
     } else if args.long {
         print_table(&rows);
     } else {
         for row in &rows {
             match row {
-                Row::Valid(record, Liveness::Live) => println!("{}:{}", record.id, record.pid),
+                Row::Valid(record, Liveness::Live) => outln!("{}:{}", record.id, record.pid),
                 Row::Valid(record, Liveness::Stale(reason)) => {
-                    println!("{}:{} stale ({reason})", record.id, record.pid)
+                    outln!("{}:{} stale ({reason})", record.id, record.pid)
                 }
-                Row::Forged { key, reason } => println!("{key}:? forged ({reason})"),
+                Row::Forged { key, reason } => outln!("{key}:? forged ({reason})"),
             }
         }
     }
@@ -189,24 +187,20 @@ fn list_everywhere(ctx: &Context, args: &ListArgs) -> Result<u8> {
     let stale_after = ctx.settings.timing.stale_after;
     let rows = ctx.with_db(async |db| instances::live_everywhere(db, stale_after).await)?;
     if args.json {
-        super::print_json(&rows);
+        output::json(&rows);
     } else if args.long {
-        let mut table = vec![
-            [
-                "ID",
-                "PID",
-                "HOST",
-                "STATUS",
-                "HEARTBEAT",
-                "BRANCH",
-                "REPO",
-                "COMMAND",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
+        let mut table = Table::new(&[
+            "ID",
+            "PID",
+            "HOST",
+            "STATUS",
+            "HEARTBEAT",
+            "BRANCH",
+            "REPO",
+            "COMMAND",
+        ]);
         for row in &rows {
-            table.push(vec![
+            table.row(vec![
                 row.id.clone(),
                 row.pid.to_string(),
                 row.host.clone(),
@@ -217,10 +211,10 @@ fn list_everywhere(ctx: &Context, args: &ListArgs) -> Result<u8> {
                 row.command.join(" "),
             ]);
         }
-        print_columns(&table);
+        table.print();
     } else {
         for row in &rows {
-            println!("{}:{} {} {}", row.id, row.pid, row.host, row.repo_root);
+            outln!("{}:{} {} {}", row.id, row.pid, row.host, row.repo_root);
         }
     }
     Ok(0)
@@ -238,9 +232,9 @@ fn print_table(rows: &[Row]) {
         "API",
         "COMMAND",
     ];
-    let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let mut table = Table::new(&header);
     for row in rows {
-        table.push(match row {
+        table.row(match row {
             Row::Valid(record, liveness) => vec![
                 record.id.clone(),
                 record.pid.to_string(),
@@ -265,35 +259,7 @@ fn print_table(rows: &[Row]) {
             }
         });
     }
-    print_columns(&table);
-}
-
-/// Prints rows as left-aligned columns (the last one unpadded).
-pub(super) fn print_columns(table: &[Vec<String>]) {
-    let columns = table.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..columns)
-        .map(|col| {
-            table
-                .iter()
-                .map(|row| row[col].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for row in table {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(col, cell)| {
-                if col + 1 == row.len() {
-                    cell.clone()
-                } else {
-                    format!("{cell:<width$}", width = widths[col])
-                }
-            })
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    table.print();
 }
 
 /// Whether instance `id` is live and still `starting`: registered, its socket not served yet.
@@ -315,11 +281,7 @@ fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8>
         .ok_or_else(|| Error::UnknownInstance { id: id.to_string() })?;
     let liveness = record.liveness(timing.stale_after);
     if json {
-        let value = row_json(&Row::Valid(record, liveness));
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON values serialize")
-        );
+        output::json(&row_json(&Row::Valid(record, liveness)));
         return Ok(0);
     }
     let state = match &liveness {
@@ -327,37 +289,47 @@ fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8>
         Liveness::Stale(reason) => format!("stale ({reason})"),
     };
     let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".into());
-    println!("id:         {}", record.id);
-    println!("state:      {state}");
-    println!("pid:        {}", record.pid);
-    println!(
-        "child pid:  {}",
-        or_dash(record.child_pid.map(|p| p.to_string()))
-    );
-    println!("host:       {}", record.host);
-    println!(
-        "started:    {} ({} ago)",
-        record.started_at,
-        format_age(record.started_at.age())
-    );
-    println!(
-        "heartbeat:  {} ({} ago)",
-        record.heartbeat_at,
-        format_age(record.heartbeat_at.age())
-    );
-    println!(
-        "worktree:   {}",
-        or_dash(record.worktree.as_ref().map(|w| w.display().to_string()))
-    );
-    println!("cwd:        {}", record.cwd.display());
-    println!("branch:     {}", or_dash(record.branch.clone()));
-    println!("base:       {}", or_dash(record.base.clone()));
+    let mut fields = Fields::new(2);
+    fields
+        .field("id", &record.id)
+        .field("state", state)
+        .field("pid", record.pid)
+        .field(
+            "child pid",
+            or_dash(record.child_pid.map(|p| p.to_string())),
+        )
+        .field("host", &record.host)
+        .field(
+            "started",
+            format!(
+                "{} ({} ago)",
+                record.started_at,
+                format_age(record.started_at.age())
+            ),
+        )
+        .field(
+            "heartbeat",
+            format!(
+                "{} ({} ago)",
+                record.heartbeat_at,
+                format_age(record.heartbeat_at.age())
+            ),
+        )
+        .field(
+            "worktree",
+            or_dash(record.worktree.as_ref().map(|w| w.display().to_string())),
+        )
+        .field("cwd", record.cwd.display())
+        .field("branch", or_dash(record.branch.clone()))
+        .field("base", or_dash(record.base.clone()));
     if !record.ports.is_empty() {
         let ports: Vec<String> = record.ports.iter().map(u16::to_string).collect();
-        println!("ports:      {}", ports.join(","));
+        fields.field("ports", ports.join(","));
     }
-    println!("api:        {}", or_dash(record.api_url.clone()));
-    println!("command:    {}", record.command.join(" "));
+    fields
+        .field("api", or_dash(record.api_url.clone()))
+        .field("command", record.command.join(" "));
+    fields.print();
     Ok(0)
 }
 
@@ -367,7 +339,7 @@ pub(super) fn whoami(ctx: &Context) -> Result<u8> {
     let dir = std::fs::canonicalize(&repo.cwd).unwrap_or(repo.cwd);
     match instance::owner_of(&snapshot, &dir) {
         Some(record) => {
-            println!("{}", record.id);
+            outln!("{}", record.id);
             Ok(0)
         }
         None => {
@@ -449,10 +421,9 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
             Ok(code) => format!("exit {code}"),
             Err(why) => why.clone(),
         };
-        println!("== {id} ({status}) ==");
+        outln!("== {id} ({status}) ==");
+        let _ = output::bytes(&out);
         use std::io::Write;
-        let _ = std::io::stdout().write_all(&out);
-        let _ = std::io::stdout().flush();
         let _ = std::io::stderr().write_all(&err);
         if result != Ok(0) {
             failed.push(format!("{id} ({status})"));

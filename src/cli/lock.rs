@@ -12,6 +12,7 @@ use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
 use super::context::Context;
+use super::output::{self, outln};
 use crate::error::{Error, IoContext, Result};
 use crate::ids::LockName;
 use crate::instance;
@@ -84,7 +85,7 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
                 ttl,
                 timeout: timeout.unwrap_or(FOREVER),
             })?;
-            println!("{token}");
+            outln!("{token}");
             eprintln!("app: lock {name:?} held by {holder} (token {token})");
             Ok(0)
         }
@@ -121,13 +122,13 @@ fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
                 value
             })
             .collect();
-        super::print_json(&values);
+        output::json(&values);
         return Ok(0);
     }
     for (state, lapsed) in all {
         match (&state.holder, lapsed) {
-            (None, _) => println!("{} free (last token {})", state.name, state.token),
-            (Some(holder), None) => println!(
+            (None, _) => outln!("{} free (last token {})", state.name, state.token),
+            (Some(holder), None) => outln!(
                 "{} held by {holder} since {} (token {}){}",
                 state.name,
                 state
@@ -138,9 +139,10 @@ fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
                     .expires_at
                     .map_or_else(String::new, |t| format!(", expires {t}"))
             ),
-            (Some(holder), Some(reason)) => println!(
+            (Some(holder), Some(reason)) => outln!(
                 "{} lapsed: was held by {holder} (token {}); {reason}",
-                state.name, state.token
+                state.name,
+                state.token
             ),
         }
     }

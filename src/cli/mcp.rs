@@ -3,6 +3,7 @@
 use clap::Args;
 
 use super::context::Context;
+use super::output;
 use crate::error::{Error, IoContext, Result};
 use crate::instance::{self, RunOptions};
 
@@ -24,7 +25,7 @@ pub struct McpArgs {
 pub(super) fn mcp(ctx: &Context, args: McpArgs) -> Result<u8> {
     let app = std::env::current_exe().io_context("finding", "the app binary")?;
     if args.print_config {
-        super::print_json(&crate::mcp::client_config(&app));
+        output::json(&crate::mcp::client_config(&app));
         return Ok(0);
     }
     let repo = ctx.repo()?;

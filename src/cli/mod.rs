@@ -1,5 +1,8 @@
 //! The command line: argument definitions (`clap` derive) and everything printed to the
-//! terminal. The only module that prints; the rest of the library returns values.
+//! terminal. The only module that prints; the rest of the library returns values. What goes to
+//! standard output goes through [`output`] (`println!` is denied here).
+
+#![deny(clippy::print_stdout)]
 
 mod context;
 mod db;
@@ -11,6 +14,7 @@ mod lock;
 mod mcp;
 mod notes;
 mod orchestrate;
+mod output;
 mod queue;
 mod reserve;
 mod run;
@@ -146,12 +150,4 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Worker(args) => fleet::worker(ctx, args),
         Command::Fleet(args) => fleet::fleet(ctx, args),
     }
-}
-
-/// Prints a value as pretty JSON.
-fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("in-memory values serialize")
-    );
 }

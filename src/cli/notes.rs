@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::context::Context;
+use super::output::{self, outln};
 use crate::db::notes::{self, Note};
 use crate::error::Result;
 use crate::ids::Namespace;
@@ -122,9 +123,9 @@ fn add(ctx: &Context, namespace: &str, text: &str, json: bool) -> Result<u8> {
         notes::add(db, namespace, text, author.as_deref(), repo_root.as_deref()).await
     })?;
     if json {
-        super::print_json(&note);
+        output::json(&note);
     } else {
-        println!("note {} added to {}", note.id, note.namespace);
+        outln!("note {} added to {}", note.id, note.namespace);
     }
     Ok(0)
 }
@@ -139,14 +140,16 @@ fn repo_root() -> Option<PathBuf> {
 
 fn print_notes(found: &[Note], json: bool) {
     if json {
-        super::print_json(&found);
+        output::json(&found);
         return;
     }
     for note in found {
         let author = note.author.as_deref().unwrap_or("-");
-        println!(
+        outln!(
             "#{} {} {author}: {}",
-            note.id, note.created_at, note.content
+            note.id,
+            note.created_at,
+            note.content
         );
     }
 }

@@ -11,6 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::context::Context;
+use super::output::{self, Table, outln};
 use crate::config::format_age;
 use crate::db::runs::{self, RunRow, TaskRow, TaskStatus};
 use crate::error::{Error, IoContext, Result};
@@ -94,7 +95,7 @@ pub(super) fn orchestrate(ctx: &Context, args: OrchestrateArgs) -> Result<u8> {
     };
     if args.dry_run {
         let (_, plan) = prepared.expect("--dry-run needs --plan");
-        println!(
+        outln!(
             "run {} (dry run): {} tasks, at most {} at once, base {}, integration {}",
             plan.run,
             plan.tasks.len(),
@@ -103,7 +104,7 @@ pub(super) fn orchestrate(ctx: &Context, args: OrchestrateArgs) -> Result<u8> {
             plan.integration.as_deref().unwrap_or("off")
         );
         for (n, wave) in plan.waves().iter().enumerate() {
-            println!("wave {}: {}", n + 1, wave.join(", "));
+            outln!("wave {}: {}", n + 1, wave.join(", "));
         }
         return Ok(0);
     }
@@ -131,7 +132,7 @@ pub(super) fn orchestrate(ctx: &Context, args: OrchestrateArgs) -> Result<u8> {
     }
     let summary = result?;
     if args.json {
-        super::print_json(&serde_json::json!({ "run": summary.run, "tasks": summary.tasks }));
+        output::json(&serde_json::json!({ "run": summary.run, "tasks": summary.tasks }));
     } else {
         print_summary(&summary);
     }
@@ -323,18 +324,14 @@ fn list_or_none(items: &[String]) -> String {
 }
 
 fn print_summary(summary: &Summary) {
-    println!("run {}: {}", summary.run.id, summary.run.status);
+    outln!("run {}: {}", summary.run.id, summary.run.status);
     print_tasks(&summary.tasks);
 }
 
 fn print_tasks(tasks: &[TaskRow]) {
-    let mut table = vec![
-        [
-            "TASK", "STATUS", "ATTEMPTS", "TIME", "EXIT", "BRANCH", "DETAIL",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut table = Table::new(&[
+        "TASK", "STATUS", "ATTEMPTS", "TIME", "EXIT", "BRANCH", "DETAIL",
+    ]);
     for task in tasks {
         let time = match (&task.started_at, &task.finished_at) {
             (Some(start), Some(end)) => {
@@ -349,7 +346,7 @@ fn print_tasks(tasks: &[TaskRow]) {
             }
             _ => "-".into(),
         };
-        table.push(vec![
+        table.row(vec![
             task.task_id.clone(),
             task.status.to_string(),
             task.attempts.to_string(),
@@ -359,7 +356,7 @@ fn print_tasks(tasks: &[TaskRow]) {
             task.detail.clone().unwrap_or_default(),
         ]);
     }
-    super::instance::print_columns(&table);
+    table.print();
 }
 
 /// `app runs`.
@@ -398,36 +395,34 @@ pub(super) fn runs(ctx: &Context, command: RunsCommand) -> Result<u8> {
         RunsCommand::List { json } => {
             let rows = ctx.with_db(async |db| runs::list(db, &repo_root, 100).await)?;
             if json {
-                super::print_json(&rows);
+                output::json(&rows);
             } else {
-                let mut table = vec![
-                    ["RUN", "STATUS", "STARTED", "FINISHED"]
-                        .map(String::from)
-                        .to_vec(),
-                ];
+                let mut table = Table::new(&["RUN", "STATUS", "STARTED", "FINISHED"]);
                 for row in &rows {
-                    table.push(vec![
+                    table.row(vec![
                         row.id.clone(),
                         row.status.to_string(),
                         row.started_at.clone(),
                         row.finished_at.clone().unwrap_or_else(|| "-".into()),
                     ]);
                 }
-                super::instance::print_columns(&table);
+                table.print();
             }
             Ok(0)
         }
         RunsCommand::Show { run, json } => {
             let (row, tasks) = load(ctx, &run)?;
             if json {
-                super::print_json(&serde_json::json!({ "run": row, "tasks": tasks }));
+                output::json(&serde_json::json!({ "run": row, "tasks": tasks }));
             } else {
-                println!(
+                outln!(
                     "run {}: {} (started {})",
-                    row.id, row.status, row.started_at
+                    row.id,
+                    row.status,
+                    row.started_at
                 );
                 if row.report != serde_json::json!({}) {
-                    println!("report: {}", row.report);
+                    outln!("report: {}", row.report);
                 }
                 print_tasks(&tasks);
             }
@@ -473,7 +468,6 @@ fn load(ctx: &Context, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
 /// Prints a log; with `follow`, keeps printing what is appended until the task is no longer
 /// pending or running.
 fn print_log(path: &Path, follow: Option<(&Context, &str, &str)>) -> Result<u8> {
-    use std::io::Write;
     if follow.is_none() && !path.exists() {
         return Err(Error::bad_input(format!(
             "no log at {} yet: the task has not started",
@@ -481,7 +475,6 @@ fn print_log(path: &Path, follow: Option<(&Context, &str, &str)>) -> Result<u8> 
         )));
     }
     let mut offset = 0u64;
-    let mut out = std::io::stdout().lock();
     loop {
         // Asked before reading, so the last read sees everything written before the end.
         let active = match follow {
@@ -497,8 +490,7 @@ fn print_log(path: &Path, follow: Option<(&Context, &str, &str)>) -> Result<u8> 
             let mut chunk = Vec::new();
             file.read_to_end(&mut chunk).io_context("reading", path)?;
             offset += chunk.len() as u64;
-            out.write_all(&chunk).io_context("writing", "stdout")?;
-            out.flush().io_context("writing", "stdout")?;
+            output::bytes(&chunk).io_context("writing", "stdout")?;
         }
         if !active {
             return Ok(0);

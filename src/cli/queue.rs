@@ -7,6 +7,7 @@ use clap::Args;
 use serde_json::Value;
 
 use super::context::{Context, RepoContext};
+use super::output::{self, outln};
 use crate::config;
 use crate::coordination::Coordination;
 use crate::error::{EXIT_FAILURE, Error, Result};
@@ -129,7 +130,7 @@ pub(super) fn send(ctx: &Context, args: SendArgs) -> Result<u8> {
             payload,
         },
     )?;
-    println!("{}", posted.id);
+    outln!("{}", posted.id);
     if broadcast {
         eprintln!(
             "app: broadcast to {} live instance(s)",
@@ -212,15 +213,12 @@ pub(super) fn ack(ctx: &Context, args: AckArgs) -> Result<u8> {
 
 fn print_message(message: &Message, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(message).expect("messages serialize")
-        );
+        output::json_line(message);
         return;
     }
     let payload = match &message.payload {
         Value::String(text) => text.clone(),
         other => other.to_string(),
     };
-    println!("{} {} {} {payload}", message.id, message.from, message.kind);
+    outln!("{} {} {} {payload}", message.id, message.from, message.kind);
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::context::{Context, RepoContext};
+use super::output::{self, outln};
 use crate::error::{EXIT_FAILURE, Error, GitContext, Result};
 use crate::glob::Glob;
 use crate::instance;
@@ -76,7 +77,7 @@ pub(super) fn reserve(ctx: &Context, args: ReserveArgs) -> Result<u8> {
             "exclusive"
         }
     );
-    println!("{}", reservation.id);
+    outln!("{}", reservation.id);
     Ok(0)
 }
 
@@ -95,12 +96,12 @@ pub(super) fn list(ctx: &Context, json: bool) -> Result<u8> {
                 Err((id, reason)) => serde_json::json!({"id": id, "forged": reason}),
             })
             .collect();
-        super::print_json(&values);
+        output::json(&values);
         return Ok(0);
     }
     for entry in all {
         match entry {
-            Ok((r, lapsed)) => println!(
+            Ok((r, lapsed)) => outln!(
                 "{} {} {} by {} since {}{}{}",
                 r.id,
                 if r.shared { "shared" } else { "exclusive" },
@@ -110,7 +111,7 @@ pub(super) fn list(ctx: &Context, json: bool) -> Result<u8> {
                 r.reason.map_or_else(String::new, |why| format!(" ({why})")),
                 lapsed.map_or_else(String::new, |why| format!(" [lapsed: {why}]"))
             ),
-            Err((id, reason)) => println!("{id} forged ({reason})"),
+            Err((id, reason)) => outln!("{id} forged ({reason})"),
         }
     }
     Ok(0)

@@ -15,6 +15,7 @@ mod instance;
 mod layers;
 mod mcp;
 mod orchestrate;
+mod output;
 mod registry;
 mod run;
 mod support;

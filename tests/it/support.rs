@@ -312,6 +312,16 @@ impl Running {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Its piped stdout, for a test that reads it (and closes it) while the process runs.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child
+            .as_mut()
+            .unwrap()
+            .stdout
+            .take()
+            .expect("stdout is piped")
+    }
+
     /// Panics with the process's stderr if it has already exited: for waits that expect it to
     /// keep running.
     pub fn assert_running(&mut self) {
