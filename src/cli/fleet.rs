@@ -6,6 +6,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
 use super::context::Context;
+use super::output::{self, Table, outln};
 use crate::db::fleet::{self, FleetTask, HostRow};
 use crate::db::{Blocking, DbSettings};
 use crate::error::{IoContext, Result};
@@ -141,7 +142,7 @@ pub(super) fn fleet(ctx: &Context, args: FleetArgs) -> Result<u8> {
         secret: mine.as_deref(),
     };
     if args.json {
-        super::print_json(&json!({
+        output::json(&json!({
             "hosts": hosts.iter().map(|h| json!({
                 "host": h, "alive": view.alive(h), "refused": view.refused(h),
             })).collect::<Vec<_>>(),
@@ -153,36 +154,42 @@ pub(super) fn fleet(ctx: &Context, args: FleetArgs) -> Result<u8> {
         return Ok(0);
     }
     if hosts.is_empty() {
-        println!("no hosts: start 'app worker' on each host (docs/FLEET.md)");
+        outln!("no hosts: start 'app worker' on each host (docs/FLEET.md)");
     } else {
-        println!(
-            "{:<16} {:<9} {:>8} {:>7} {:>5} {:>10}  LABELS",
-            "HOST", "STATE", "CAPACITY", "RUNNING", "LOAD", "HEARTBEAT"
-        );
+        let mut table = Table::new(&[
+            "HOST",
+            "STATE",
+            "CAPACITY",
+            "RUNNING",
+            "LOAD",
+            "HEARTBEAT",
+            "LABELS",
+        ]);
         for host in &hosts {
             let labels: Vec<String> = host
                 .labels
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
-            let mut state = view.state(host);
-            if view.refused(host) {
-                state = "refused";
-            }
-            println!(
-                "{:<16} {:<9} {:>8} {:>7} {:>5} {:>9}s  {}",
-                host.name,
-                state,
-                host.capacity,
-                host.running,
+            let state = if view.refused(host) {
+                "refused (another APP_SHARED_SECRET)"
+            } else {
+                view.state(host)
+            };
+            table.row(vec![
+                host.name.clone(),
+                state.into(),
+                host.capacity.to_string(),
+                host.running.to_string(),
                 host.load.map_or("-".into(), |l| format!("{l:.2}")),
-                host.heartbeat_age_ms / 1000,
-                labels.join(",")
-            );
+                format!("{}s ago", host.heartbeat_age_ms / 1000),
+                labels.join(","),
+            ]);
         }
+        table.print();
     }
     for task in &tasks {
-        println!(
+        outln!(
             "running: {}/{} attempt {} on {} (token {})",
             task.run_id,
             task.task_id,
@@ -192,7 +199,7 @@ pub(super) fn fleet(ctx: &Context, args: FleetArgs) -> Result<u8> {
         );
     }
     for task in &waiting {
-        println!(
+        outln!(
             "waiting: {}/{}: {}",
             task.run_id,
             task.task_id,
