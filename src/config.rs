@@ -170,6 +170,8 @@ pub struct Settings {
     pub api_token: Option<String>,
     /// How long a fleet lease lasts without renewal (`APP_LEASE_TTL`).
     pub lease_ttl: Duration,
+    /// This machine's name in the fleet (`APP_FLEET_HOST`, default the host name).
+    pub fleet_host: String,
 }
 
 /// Default largest message payload, in bytes of compact JSON.
@@ -252,6 +254,14 @@ impl Settings {
                     ));
                 }
                 ttl => ttl,
+            },
+            fleet_host: match nonblank("APP_FLEET_HOST")? {
+                Some(name) => {
+                    crate::ids::validate_host_name(&name)
+                        .map_err(|err| Error::bad_input(format!("APP_FLEET_HOST: {err}")))?;
+                    name
+                }
+                None => crate::process::hostname().to_string(),
             },
         })
     }

@@ -24,7 +24,7 @@ pub struct WorkerArgs {
     /// Tasks run at once.
     #[arg(long, value_name = "N", default_value_t = 1)]
     capacity: usize,
-    /// This host's name in the fleet (default: the host name).
+    /// This host's name in the fleet (default: APP_FLEET_HOST, else the host name).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
     /// Labels tasks may require ("on" in a plan), as k=v,k2=v2.

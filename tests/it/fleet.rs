@@ -60,7 +60,8 @@ impl Fleet {
             .env("APP_DB_URL", self.sqld.url())
             .env("APP_SHARED_SECRET", SECRET)
             .env("APP_LEASE_TTL", "3s")
-            .env("FLEET_HOST", format!("host{n}"));
+            .env("FLEET_HOST", format!("host{n}"))
+            .env("APP_FLEET_HOST", format!("host{n}"));
         command
     }
 
