@@ -11,6 +11,7 @@ use crate::db::{Blocking, Db, DbSettings};
 use crate::error::{IoContext, Result};
 use crate::paths::AppPaths;
 use crate::registry::{Registry, Snapshot};
+use crate::sign::Keys;
 
 /// Every command's context.
 #[derive(Debug)]
@@ -33,6 +34,7 @@ impl Context {
         let paths = AppPaths::discover(&cwd)?;
         Ok(RepoContext {
             cwd,
+            keys: Keys::from_settings(&paths, &self.settings),
             paths,
             settings: &self.settings,
         })
@@ -56,6 +58,9 @@ pub(super) struct RepoContext<'a> {
     pub cwd: PathBuf,
     /// The repository's `.app/` layout.
     pub paths: AppPaths,
+    /// Where the repository's signing key comes from: `APP_SHARED_SECRET` as the settings
+    /// hold it, else `.app/secret`.
+    pub keys: Keys,
     /// The command's settings.
     pub settings: &'a Settings,
 }
@@ -63,7 +68,7 @@ pub(super) struct RepoContext<'a> {
 impl RepoContext<'_> {
     /// The registries, for reading only (creates nothing).
     pub fn registry(&self) -> Result<Registry> {
-        Registry::open_read_only(&self.paths)
+        Registry::open_read_only(&self.paths, &self.keys)
     }
 
     /// Both registries as they are now.

@@ -25,7 +25,7 @@ impl State {
     }
 
     pub(super) fn snapshot(&self) -> Result<Snapshot> {
-        Registry::open_read_only(&self.paths)?.snapshot()
+        Registry::open_read_only(&self.paths, &self.keys)?.snapshot()
     }
 
     /// This server's instance as it is registered now.

@@ -50,6 +50,7 @@ use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::Timestamp;
+use crate::sign::Keys;
 use crate::worktree;
 
 /// How a run is driven.
@@ -274,7 +275,8 @@ pub fn resume(
     if let Some(max) = options.max_concurrent {
         plan.max_concurrent = max.max(1);
     }
-    let rows = resume::take_back(&paths, &db, id, options.settings.timing, report)?;
+    let keys = Keys::from_settings(&paths, &options.settings);
+    let rows = resume::take_back(&paths, &keys, &db, id, options.settings.timing, report)?;
     let me = ProcessIdentity::current();
     run.status = RunStatus::Running;
     run.finished_at = None;
