@@ -9,8 +9,10 @@ use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::db::{Blocking, Db, DbSettings};
 use crate::error::{IoContext, Result};
+use crate::instance;
+use crate::lock::Holder;
 use crate::paths::AppPaths;
-use crate::registry::{Registry, Snapshot};
+use crate::registry::{InstanceRecord, Registry, Snapshot};
 use crate::sign::Keys;
 
 /// Every command's context.
@@ -74,6 +76,17 @@ impl RepoContext<'_> {
     /// Both registries as they are now.
     pub fn snapshot(&self) -> Result<Snapshot> {
         self.registry()?.snapshot()
+    }
+
+    /// The instance the caller acts for ([`instance::caller`]): the one it claims, else the
+    /// one whose worktree it runs in.
+    pub fn caller(&self, snapshot: &Snapshot) -> Option<InstanceRecord> {
+        instance::caller(snapshot, &self.settings.caller, &self.cwd)
+    }
+
+    /// The holder of what the caller takes ([`instance::caller_holder`]).
+    pub fn caller_holder(&self, snapshot: &Snapshot) -> Result<Holder> {
+        instance::caller_holder(snapshot, &self.settings.caller, &self.cwd)
     }
 
     /// The repository's locks, reservations and messages.
