@@ -22,7 +22,7 @@ use app::lock::{Holder, Locks, Request};
 use app::paths::AppPaths;
 use app::process::ProcessIdentity;
 use app::queue::{self, Outgoing};
-use app::sign::SigningKey;
+use app::sign::{Keys, SharedSecret};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,11 +50,18 @@ fn repository() -> AppPaths {
         .expect("run inside the bench repository")
 }
 
+/// The repository's keys as the `app` this bench starts sees them: it inherits our
+/// environment, `APP_SHARED_SECRET` too.
+fn keys(paths: &AppPaths) -> Keys {
+    Keys::new(
+        paths,
+        std::env::var_os("APP_SHARED_SECRET").map(SharedSecret::new),
+    )
+}
+
 fn latency(app: &str, recipient: &str, count: usize, gap_ms: u64, poll: bool) {
     let paths = repository();
-    let key = SigningKey::load(&paths, true)
-        .expect("the signing key")
-        .expect("load with create yields a key");
+    let key = keys(&paths).load_or_create().expect("the signing key");
     let mut receiver = Command::new(app);
     receiver.args(["recv", "--follow", "--json", "--instance", recipient]);
     if poll {
@@ -105,7 +112,7 @@ fn latency(app: &str, recipient: &str, count: usize, gap_ms: u64, poll: bool) {
 
 fn locks(count: u32) {
     let paths = repository();
-    let locks = Locks::open(&paths, Duration::from_secs(30)).expect("open locks");
+    let locks = Locks::open(&paths, &keys(&paths), Duration::from_secs(30)).expect("open locks");
     let request = Request {
         name: "bench".into(),
         holder: Holder::process(ProcessIdentity::current()),

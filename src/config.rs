@@ -8,6 +8,7 @@
 //! (an `Instant` or a `SystemTime` that is stored as RFC 3339 text) never overflows; a ttl is
 //! at most [`MAX_TTL`].
 
+use std::ffi::OsString;
 use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime};
 
@@ -172,6 +173,51 @@ pub struct Settings {
     pub lease_ttl: Duration,
     /// This machine's name in the fleet (`APP_FLEET_HOST`, default the host name).
     pub fleet_host: String,
+    /// `APP_SHARED_SECRET`, when set: the signing key in place of `.app/secret`
+    /// ([`crate::sign::Keys`]).
+    pub shared_secret: Option<SharedSecret>,
+    /// Who the calling process says it is (`APP_INSTANCE_ID`, `APP_RUN_ID`, `APP_TASK_ID`).
+    pub caller: Caller,
+}
+
+/// `APP_SHARED_SECRET` as the environment holds it; its value never prints (`Debug` shows
+/// `SharedSecret(..)`). It is judged only where a key is needed ([`crate::sign::Keys`]): an
+/// empty value is bad input there, so a command that signs and verifies nothing runs whatever
+/// it holds.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedSecret(OsString);
+
+impl SharedSecret {
+    /// The secret `value`.
+    pub fn new(value: impl Into<OsString>) -> SharedSecret {
+        SharedSecret(value.into())
+    }
+
+    /// The value as text; `None` when it is not valid UTF-8 (then it is not a key: the
+    /// repository's `.app/secret` is used, though restoring that file stays off).
+    pub(crate) fn text(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl std::fmt::Debug for SharedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedSecret(..)")
+    }
+}
+
+/// Who the calling process says it is: the variables `app run` and the orchestrator give the
+/// commands they start. Each is kept as set, an empty value too, and `None` when unset or not
+/// valid UTF-8; they are claims, not proof: every reader checks them against the registry or
+/// the database (and decides what an empty one means).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// `APP_INSTANCE_ID`: the instance the caller runs in.
+    pub instance_id: Option<String>,
+    /// `APP_RUN_ID`: the orchestrated run whose task the caller is.
+    pub run_id: Option<String>,
+    /// `APP_TASK_ID`: that task.
+    pub task_id: Option<String>,
 }
 
 /// Default largest message payload, in bytes of compact JSON.
@@ -201,7 +247,7 @@ impl Settings {
     }
 
     /// Reads and validates every setting through `var` (a variable's value, if set).
-    pub fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Settings> {
+    pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> Result<Settings> {
         let text = |name: &str| -> Result<Option<String>> {
             var(name)
                 .map(|value| {
@@ -232,6 +278,8 @@ impl Settings {
         let nonblank = |name: &str| -> Result<Option<String>> {
             Ok(text(name)?.filter(|value| !value.trim().is_empty()))
         };
+        // A claim that is not UTF-8 is no claim (as `std::env::var` saw it), never an error.
+        let claim = |name: &str| var(name).and_then(|value| value.into_string().ok());
         Ok(Settings {
             timing: Timing {
                 heartbeat_interval,
@@ -262,6 +310,12 @@ impl Settings {
                     name
                 }
                 None => crate::process::hostname().to_string(),
+            },
+            shared_secret: var("APP_SHARED_SECRET").map(SharedSecret),
+            caller: Caller {
+                instance_id: claim("APP_INSTANCE_ID"),
+                run_id: claim("APP_RUN_ID"),
+                task_id: claim("APP_TASK_ID"),
             },
         })
     }
@@ -355,6 +409,35 @@ mod tests {
         assert_eq!(s.port_range, DEFAULT_PORT_RANGE);
         assert_eq!(s.api_port_range, DEFAULT_API_PORT_RANGE);
         assert_eq!((s.api_addr, s.api_token), (None, None));
+        assert_eq!(s.shared_secret, None);
+        assert_eq!(s.caller, Caller::default());
+    }
+
+    #[test]
+    fn the_secret_and_the_caller_are_kept_as_set() {
+        let s = settings(&[
+            ("APP_SHARED_SECRET", ""),
+            ("APP_INSTANCE_ID", ""),
+            ("APP_RUN_ID", "r1"),
+            ("APP_TASK_ID", "t1"),
+        ])
+        .unwrap();
+        assert_eq!(s.shared_secret, Some(SharedSecret::new("")));
+        assert_eq!(s.caller.instance_id.as_deref(), Some(""));
+        assert_eq!(s.caller.run_id.as_deref(), Some("r1"));
+        assert_eq!(s.caller.task_id.as_deref(), Some("t1"));
+        let s = settings(&[("APP_SHARED_SECRET", "hunter2")]).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+    }
+
+    #[test]
+    fn a_claim_that_is_not_utf8_is_no_claim() {
+        use std::os::unix::ffi::OsStringExt;
+        let s = Settings::from_vars(|name| {
+            (name == "APP_INSTANCE_ID").then(|| OsString::from_vec(vec![0xff]))
+        })
+        .unwrap();
+        assert_eq!(s.caller.instance_id, None);
     }
 
     #[test]

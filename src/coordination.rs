@@ -17,12 +17,14 @@ use crate::paths::AppPaths;
 use crate::queue::{self, FileQueue, MessageStore, Post, Posted};
 use crate::registry::{LocalRoster, Roster, Snapshot};
 use crate::reserve::{ReservationStore, Reservations};
-use crate::sign::SigningKey;
+use crate::sign::{Keys, SigningKey};
 
 /// The coordination state of one repository.
 #[derive(Debug, Clone)]
 pub struct Coordination {
     paths: AppPaths,
+    /// Where the key that signs and verifies every store comes from.
+    keys: Keys,
     /// A holder whose instance has had no heartbeat for this long is dead.
     stale_after: Duration,
     /// The largest message payload (`APP_MAX_MESSAGE_BYTES`).
@@ -31,30 +33,44 @@ pub struct Coordination {
 
 impl Coordination {
     /// The coordination state of the repository at `paths`, judged with `settings` (when a
-    /// holder is dead, how large a message may be).
+    /// holder is dead, how large a message may be, which key signs).
     pub fn new(paths: &AppPaths, settings: &Settings) -> Coordination {
         Coordination {
             paths: paths.clone(),
+            keys: Keys::from_settings(paths, settings),
             stale_after: settings.timing.stale_after,
             max_message_bytes: settings.max_message_bytes,
         }
     }
 
+    /// Where the key that signs and verifies every store comes from.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
     /// The named locks, ready to be taken (creates the locks directory and the key).
     pub fn locks(&self) -> Result<Box<dyn LockStore>> {
-        Ok(Box::new(Locks::open(&self.paths, self.stale_after)?))
+        Ok(Box::new(Locks::open(
+            &self.paths,
+            &self.keys,
+            self.stale_after,
+        )?))
     }
 
     /// The named locks when any can exist, creating nothing; `None` where no lock was ever
     /// taken.
     pub fn existing_locks(&self) -> Result<Option<Box<dyn LockStore>>> {
-        Ok(Locks::existing(&self.paths, self.stale_after)?
+        Ok(Locks::existing(&self.paths, &self.keys, self.stale_after)?
             .map(|locks| Box::new(locks) as Box<dyn LockStore>))
     }
 
     /// The path reservations (creates nothing until the first change).
     pub fn reservations(&self) -> Result<Box<dyn ReservationStore>> {
-        Ok(Box::new(Reservations::open(&self.paths, self.stale_after)?))
+        Ok(Box::new(Reservations::open(
+            &self.paths,
+            &self.keys,
+            self.stale_after,
+        )?))
     }
 
     /// The path reservations when any were ever made; `None` otherwise.
@@ -66,13 +82,18 @@ impl Coordination {
     /// The message queue, verifying what it reads with the repository's key (none yet:
     /// nothing verifies) and bounding payloads by `APP_MAX_MESSAGE_BYTES`.
     pub fn messages(&self) -> Result<Box<dyn MessageStore>> {
-        let key = SigningKey::load(&self.paths, false)?;
+        let key = self.keys.load()?;
         Ok(self.messages_with(key))
     }
 
     /// The message queue read with `key`, for a caller that has it already.
     pub fn messages_with(&self, key: Option<SigningKey>) -> Box<dyn MessageStore> {
-        Box::new(FileQueue::new(&self.paths, key, self.max_message_bytes))
+        Box::new(FileQueue::new(
+            &self.paths,
+            &self.keys,
+            key,
+            self.max_message_bytes,
+        ))
     }
 
     /// Who is alive, judged from `snapshot` of this repository's registry.

@@ -25,7 +25,7 @@ use crate::process::{self, ProcessIdentity};
 use crate::registry::{
     InstanceRecord, Liveness, LocalRoster, Registry, Roster, Snapshot, Timestamp,
 };
-use crate::sign::{self, SigningKey};
+use crate::sign::{self, Keys, SigningKey};
 use crate::state;
 use crate::watch::DirWatch;
 
@@ -182,6 +182,7 @@ pub fn hold(locks: Box<dyn LockStore>, request: &Request) -> Result<LockGuard> {
 #[derive(Debug, Clone)]
 pub struct Locks {
     paths: AppPaths,
+    keys: Keys,
     key: SigningKey,
     stale_after: Duration,
 }
@@ -209,13 +210,14 @@ pub enum Released {
 }
 
 impl Locks {
-    /// Locks of the repository at `paths`, signed with the repository's key.
-    pub fn open(paths: &AppPaths, stale_after: Duration) -> Result<Locks> {
+    /// Locks of the repository at `paths`, signed with its key from `keys`.
+    pub fn open(paths: &AppPaths, keys: &Keys, stale_after: Duration) -> Result<Locks> {
         paths.ensure_state_dir()?;
         state::create_private_dir_all(&paths.named_locks_dir())?;
-        let key = SigningKey::load_or_create(paths)?;
+        let key = keys.load_or_create()?;
         Ok(Locks {
             paths: paths.clone(),
+            keys: keys.clone(),
             key,
             stale_after,
         })
@@ -223,19 +225,20 @@ impl Locks {
 
     /// The locks of the repository at `paths` when any can exist (a key and the locks
     /// directory), creating nothing.
-    pub fn existing(paths: &AppPaths, stale_after: Duration) -> Result<Option<Locks>> {
+    pub fn existing(paths: &AppPaths, keys: &Keys, stale_after: Duration) -> Result<Option<Locks>> {
         if !paths.named_locks_dir().is_dir() {
             return Ok(None);
         }
-        Ok(SigningKey::load(paths, false)?.map(|key| Locks {
+        Ok(keys.load()?.map(|key| Locks {
             paths: paths.clone(),
+            keys: keys.clone(),
             key,
             stale_after,
         }))
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
-        Registry::open_read_only(&self.paths)?.snapshot()
+        Registry::open_read_only(&self.paths, &self.keys)?.snapshot()
     }
 
     fn load(&self, name: &str) -> Result<Option<LockState>> {

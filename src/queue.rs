@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::registry::{Roster, Timestamp};
-use crate::sign::{self, SigningKey};
+use crate::sign::{self, Keys, SigningKey};
 use crate::state;
 use crate::watch::DirWatch;
 
@@ -272,16 +272,18 @@ pub trait MessageStore: std::fmt::Debug + Send + Sync {
 #[derive(Debug, Clone)]
 pub struct FileQueue {
     paths: AppPaths,
+    keys: Keys,
     key: Option<SigningKey>,
     max_bytes: usize,
 }
 
 impl FileQueue {
-    /// The queue at `paths`, read with `key` (`None`: nothing verifies) and payloads bounded
-    /// by `max_bytes`.
-    pub fn new(paths: &AppPaths, key: Option<SigningKey>, max_bytes: usize) -> Self {
+    /// The queue at `paths`, read with `key` (`None`: nothing verifies), signed with the key
+    /// from `keys` (created by the first message), and payloads bounded by `max_bytes`.
+    pub fn new(paths: &AppPaths, keys: &Keys, key: Option<SigningKey>, max_bytes: usize) -> Self {
         FileQueue {
             paths: paths.clone(),
+            keys: keys.clone(),
             key,
             max_bytes,
         }
@@ -296,7 +298,7 @@ impl MessageStore for FileQueue {
     fn send(&self, outgoing: &Outgoing, recipients: &[String]) -> Result<String> {
         // Sending signs: the first message of a repository creates its key.
         self.paths.ensure_state_dir()?;
-        let key = SigningKey::load_or_create(&self.paths)?;
+        let key = self.keys.load_or_create()?;
         send(&self.paths, &key, outgoing, recipients)
     }
 

@@ -24,7 +24,7 @@ use crate::inuse::Supervisor;
 use crate::journal::{self, Intent, Operation};
 use crate::paths::AppPaths;
 use crate::registry::{Entry, InstanceRecord, Registry, Snapshot};
-use crate::sign::SigningKey;
+use crate::sign::{Keys, SigningKey};
 use crate::worktree::{self, BranchFate, Keep, Removal, Target, reflock};
 
 /// What a reclaim does with the work it finds: uncommitted changes in a worktree, commits on
@@ -59,11 +59,11 @@ impl Work {
 
 /// Recovers intents left by crashed operations, quietly; `app run` calls this before it starts.
 /// Cheap when the journal is empty (one directory read).
-pub(crate) fn recover_journal(paths: &AppPaths) -> Result<()> {
-    let key = SigningKey::load(paths, false)?;
+pub(crate) fn recover_journal(paths: &AppPaths, keys: &Keys) -> Result<()> {
+    let key = keys.load()?;
     for intent in journal::list(paths, key.as_ref())?.into_iter().flatten() {
         if !intent.writer_alive() {
-            match recover(paths, Work::Save, &intent) {
+            match recover(paths, keys, Work::Save, &intent) {
                 Ok(done) => {
                     tracing::info!(instance = %intent.instance, done, "recovered an interrupted operation")
                 }
@@ -78,33 +78,39 @@ pub(crate) fn recover_journal(paths: &AppPaths) -> Result<()> {
 
 /// Finishes or undoes an interrupted operation. Only an intent whose writer is provably gone is
 /// recovered, and only what that writer made; the intent is ended once it is.
-pub(crate) fn recover(paths: &AppPaths, work: Work, intent: &Intent) -> Result<String> {
+pub(crate) fn recover(
+    paths: &AppPaths,
+    keys: &Keys,
+    work: Work,
+    intent: &Intent,
+) -> Result<String> {
     if intent.writer_alive() {
         return Ok("its writer still works; left alone".into());
     }
     let done = match intent.operation {
         Operation::Stop => reclaim(
             paths,
+            keys,
             work,
             &intent.instance,
             intent.worktree.as_deref(),
             intent.branch.as_deref(),
         )?,
-        Operation::Start => undo_start(paths, work, intent)?,
-        Operation::Remove => finish_removal(paths, work, intent)?,
+        Operation::Start => undo_start(paths, keys, work, intent)?,
+        Operation::Remove => finish_removal(paths, keys, work, intent)?,
     };
     journal::end(paths, intent)?;
     Ok(done)
 }
 
 /// Finishes an interrupted removal of app's own worktree of the intent's instance.
-fn finish_removal(paths: &AppPaths, work: Work, intent: &Intent) -> Result<String> {
+fn finish_removal(paths: &AppPaths, keys: &Keys, work: Work, intent: &Intent) -> Result<String> {
     let path = paths.worktree(&intent.instance);
     if intent.worktree.as_deref() != Some(path.as_path()) {
         return Ok("nothing of app's to finish".into());
     }
     let repo = open_repo(paths)?;
-    let key = SigningKey::load_or_create(paths)?;
+    let key = keys.load_or_create()?;
     let target = Target {
         id: &intent.instance,
         branch: None,
@@ -143,10 +149,10 @@ fn written_by(record: &InstanceRecord, intent: &Intent) -> bool {
 /// wrote (same pid and start time), the worktree whose supervisor record carries its nonce
 /// (through the guarded removal, so work found there is saved), and the branch it created
 /// while nothing else holds it. A name that another instance holds now is not touched.
-fn undo_start(paths: &AppPaths, work: Work, intent: &Intent) -> Result<String> {
+fn undo_start(paths: &AppPaths, keys: &Keys, work: Work, intent: &Intent) -> Result<String> {
     let repo = open_repo(paths)?;
     let id = &intent.instance;
-    let snapshot = Registry::open_read_only(paths)?
+    let snapshot = Registry::open_read_only(paths, keys)?
         .snapshot()
         .unwrap_or_default();
     if let Some(record) = snapshot.instance(id)
@@ -159,9 +165,9 @@ fn undo_start(paths: &AppPaths, work: Work, intent: &Intent) -> Result<String> {
     }
     let mut done = Vec::new();
     undo_branch_lock(&repo, intent, &mut done)?;
-    let worktree_gone = undo_worktree(paths, &repo, work, intent, &mut done)?;
+    let worktree_gone = undo_worktree(paths, keys, &repo, work, intent, &mut done)?;
     let branch_gone = undo_branch(&repo, &snapshot, intent, worktree_gone, &mut done)?;
-    Registry::open_for_write(paths)?.update(|tables| {
+    Registry::open_for_write(paths, keys)?.update(|tables| {
         if tables.instance(id).is_some_and(|r| written_by(&r, intent)) {
             tables.remove_instance(id);
         }
@@ -200,6 +206,7 @@ fn undo_branch_lock(repo: &Repository, intent: &Intent, done: &mut Vec<String>) 
 /// nonce), or git's record of it when its directory is gone. Returns whether it is gone.
 fn undo_worktree(
     paths: &AppPaths,
+    keys: &Keys,
     repo: &Repository,
     work: Work,
     intent: &Intent,
@@ -211,7 +218,7 @@ fn undo_worktree(
     let made_by_writer = Supervisor::load(&admin).is_some_and(|s| s.created_by == intent.nonce);
     let gone = !path.exists();
     if !intent.reuse && intent.worktree.as_deref() == Some(path.as_path()) && made_by_writer {
-        let key = SigningKey::load_or_create(paths)?;
+        let key = keys.load_or_create()?;
         let target = Target { id, branch: None };
         let removal = worktree::remove(repo, paths, &key, target, work.keep_undo())?;
         let gone = matches!(removal, Removal::Removed { .. } | Removal::Absent);
@@ -273,14 +280,14 @@ pub(crate) struct Reclaimer<'a> {
 }
 
 impl<'a> Reclaimer<'a> {
-    /// Opens the repository of `paths`, its registry for writing and the signing key
-    /// (creating `.app/` and the key when missing, as any write does).
-    pub(crate) fn open(paths: &'a AppPaths) -> Result<Reclaimer<'a>> {
+    /// Opens the repository of `paths`, its registry for writing and the signing key from
+    /// `keys` (creating `.app/` and the key when missing, as any write does).
+    pub(crate) fn open(paths: &'a AppPaths, keys: &Keys) -> Result<Reclaimer<'a>> {
         Ok(Reclaimer {
             paths,
             repo: open_repo(paths)?,
-            registry: Registry::open_for_write(paths)?,
-            key: SigningKey::load_or_create(paths)?,
+            registry: Registry::open_for_write(paths, keys)?,
+            key: keys.load_or_create()?,
         })
     }
 
@@ -333,12 +340,13 @@ impl<'a> Reclaimer<'a> {
 /// [`Reclaimer::reclaim`] for one instance (the journal recovery, `orchestrate --resume`).
 pub(crate) fn reclaim(
     paths: &AppPaths,
+    keys: &Keys,
     work: Work,
     id: &str,
     path: Option<&Path>,
     branch: Option<&str>,
 ) -> Result<String> {
-    Reclaimer::open(paths)?.reclaim(work, id, path, branch)
+    Reclaimer::open(paths, keys)?.reclaim(work, id, path, branch)
 }
 
 /// Decides the fate of a reclaimed instance's `branch` (unless something has it checked out):

@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
-use crate::sign::{self, SigningKey};
+use crate::sign::{self, Keys, SigningKey};
 use crate::state;
 
 const FORMAT_VERSION: u32 = 1;
@@ -413,22 +413,24 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the registries for writing: creates `.app/` and the secret when missing.
-    pub fn open_for_write(paths: &AppPaths) -> Result<Self> {
+    /// Opens the registries for writing, signed with `keys`: creates `.app/` and the secret
+    /// when missing.
+    pub fn open_for_write(paths: &AppPaths, keys: &Keys) -> Result<Self> {
         paths.ensure_state_dir()?;
-        let key = SigningKey::load(paths, true)?;
+        let key = keys.load_or_create()?;
         Ok(Registry {
             paths: paths.clone(),
-            key,
+            key: Some(key),
         })
     }
 
     /// Opens the registries for reading only: creates nothing. A `.app` that is not a
-    /// directory of the current user's is refused ([`AppPaths::check_state_dir`]).
-    pub fn open_read_only(paths: &AppPaths) -> Result<Self> {
+    /// directory of the current user's is refused ([`AppPaths::check_state_dir`]). Entries
+    /// are verified with `keys`.
+    pub fn open_read_only(paths: &AppPaths, keys: &Keys) -> Result<Self> {
         paths.check_state_dir()?;
         let key = if paths.state_dir().is_dir() {
-            SigningKey::load(paths, false)?
+            keys.load()?
         } else {
             None
         };

@@ -23,7 +23,7 @@ use crate::glob::Glob;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
 use crate::registry::{LocalRoster, Registry, Roster, Timestamp};
-use crate::sign::{self, SigningKey};
+use crate::sign::{self, Keys, SigningKey};
 use crate::state;
 
 /// A listed reservation with why it lapsed (if it did), or a forged entry as `(id, reason)`.
@@ -124,17 +124,20 @@ struct Doc {
 #[derive(Debug, Clone)]
 pub struct Reservations {
     paths: AppPaths,
+    keys: Keys,
     /// `None` until something was ever signed in this repository.
     key: Option<SigningKey>,
     stale_after: Duration,
 }
 
 impl Reservations {
-    /// The reservations of the repository at `paths`. Creates nothing until the first change.
-    pub fn open(paths: &AppPaths, stale_after: Duration) -> Result<Reservations> {
+    /// The reservations of the repository at `paths`, signed with its key from `keys`.
+    /// Creates nothing until the first change.
+    pub fn open(paths: &AppPaths, keys: &Keys, stale_after: Duration) -> Result<Reservations> {
         Ok(Reservations {
             paths: paths.clone(),
-            key: SigningKey::load(paths, false)?,
+            keys: keys.clone(),
+            key: keys.load()?,
             stale_after,
         })
     }
@@ -178,11 +181,11 @@ impl Reservations {
         drop_forged: bool,
         change: impl FnOnce(&mut Vec<Reservation>, usize) -> Result<T>,
     ) -> Result<T> {
-        let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        let snapshot = Registry::open_read_only(&self.paths, &self.keys)?.snapshot()?;
         let roster = LocalRoster::new(&snapshot, self.stale_after);
         self.paths.ensure_state_dir()?;
         state::create_private_dir_all(&self.paths.locks_dir())?;
-        let key = SigningKey::load_or_create(&self.paths)?;
+        let key = self.keys.load_or_create()?;
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
         let loaded = Reservations {
             key: Some(key.clone()),
@@ -274,7 +277,7 @@ impl Reservations {
 
     /// Every reservation with why it lapsed, if it did; forged entries as `(id, reason)`.
     pub fn list(&self) -> Result<Vec<Listed>> {
-        let snapshot = Registry::open_read_only(&self.paths)?.snapshot()?;
+        let snapshot = Registry::open_read_only(&self.paths, &self.keys)?.snapshot()?;
         let roster = LocalRoster::new(&snapshot, self.stale_after);
         Ok(self
             .load()?

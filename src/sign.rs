@@ -3,6 +3,9 @@
 //! The key is `APP_SHARED_SECRET` when set, else the repository's generated `.app/secret`
 //! (32 random bytes, hex, mode 0600, created once and never replaced). An entry whose signature
 //! does not verify was not written by `app` with this key: every command ignores it.
+//!
+//! [`Keys`] is where a command's key comes from: the secret its [`Settings`] carry, else the
+//! file. Nothing here reads the environment.
 
 use std::fs::File;
 use std::io::Read;
@@ -13,6 +16,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::Sha256;
 
+use crate::config::Settings;
+pub use crate::config::SharedSecret;
 use crate::error::{Error, IoContext, Result};
 use crate::paths::AppPaths;
 use crate::state;
@@ -60,55 +65,6 @@ impl SigningKey {
         SigningKey { key: key.into() }
     }
 
-    /// Loads `APP_SHARED_SECRET`, else `.app/secret`, creating the latter when `create` is set.
-    ///
-    /// Returns `None` when there is no key and `create` is false (nothing was ever signed).
-    pub fn load(paths: &AppPaths, create: bool) -> Result<Option<Self>> {
-        if let Ok(secret) = std::env::var("APP_SHARED_SECRET") {
-            if secret.is_empty() {
-                return Err(Error::bad_input(
-                    "APP_SHARED_SECRET is set but empty; unset it or give it a value",
-                ));
-            }
-            return Ok(Some(Self::from_bytes(secret.into_bytes())));
-        }
-        let path = paths.secret();
-        if let Some(bytes) = state::read_optional(&path)? {
-            return Ok(Some(Self::from_bytes(trim_ascii(bytes))));
-        }
-        if !create {
-            return Ok(None);
-        }
-        let mut random = [0u8; 32];
-        File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut random))
-            .io_context("reading", "/dev/urandom")?;
-        let encoded = format!("{}\n", hex::encode(random));
-        // Two first starts may race: the loser reads the winner's key.
-        state::create_atomic(&path, encoded.as_bytes())?;
-        let bytes = state::read_optional(&path)?
-            .ok_or_else(|| Error::Failed(format!("{} vanished after creation", path.display())))?;
-        Ok(Some(Self::from_bytes(trim_ascii(bytes))))
-    }
-
-    /// Writes this key back to `.app/secret` when that file is gone (`git clean -fdx`, a user
-    /// deleting it) and `APP_SHARED_SECRET` is not set, so what it signed verifies again. A
-    /// secret someone else wrote meanwhile is left as it is. Returns whether it wrote one.
-    pub fn restore(&self, paths: &AppPaths) -> Result<bool> {
-        if std::env::var_os("APP_SHARED_SECRET").is_some() || paths.secret().exists() {
-            return Ok(false);
-        }
-        paths.ensure_state_dir()?;
-        let mut bytes = self.key.clone();
-        bytes.push(b'\n');
-        state::create_atomic(&paths.secret(), &bytes)
-    }
-
-    /// The repository's key, generating `.app/secret` on first use.
-    pub fn load_or_create(paths: &AppPaths) -> Result<Self> {
-        Ok(Self::load(paths, true)?.expect("load with create always yields a key"))
-    }
-
     /// The record's fields as a JSON object plus `signature`, the HMAC over the record's
     /// canonical JSON.
     pub fn seal<T: Serialize>(&self, record: &T) -> Value {
@@ -142,6 +98,86 @@ impl SigningKey {
     }
 }
 
+/// Where a repository's signing key comes from: the configured `APP_SHARED_SECRET`, else the
+/// repository's `.app/secret`. Cheap to clone and hand down.
+///
+/// The file is read again at every load, never cached: under a long-running command (a
+/// supervisor, the API, an MCP server) it can be deleted and restored, or created by another
+/// process, and every load sees it as it is on disk now, as every other process does.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    paths: AppPaths,
+    configured: Option<SharedSecret>,
+}
+
+impl Keys {
+    /// The keys of the repository at `paths`, with `configured` (`APP_SHARED_SECRET`) in place
+    /// of its `.app/secret` when given.
+    pub fn new(paths: &AppPaths, configured: Option<SharedSecret>) -> Keys {
+        Keys {
+            paths: paths.clone(),
+            configured,
+        }
+    }
+
+    /// The keys of the repository at `paths` as `settings` configure them.
+    pub fn from_settings(paths: &AppPaths, settings: &Settings) -> Keys {
+        Keys::new(paths, settings.shared_secret.clone())
+    }
+
+    /// Whether `APP_SHARED_SECRET` is set (to anything): then `.app/secret` is neither needed
+    /// nor restored.
+    pub fn configured(&self) -> bool {
+        self.configured.is_some()
+    }
+
+    /// The configured secret, else `.app/secret`; `None` when neither exists (nothing was
+    /// ever signed). A configured secret that is empty is bad input.
+    pub fn load(&self) -> Result<Option<SigningKey>> {
+        if let Some(secret) = self.configured.as_ref().and_then(SharedSecret::text) {
+            if secret.is_empty() {
+                return Err(Error::bad_input(
+                    "APP_SHARED_SECRET is set but empty; unset it or give it a value",
+                ));
+            }
+            return Ok(Some(SigningKey::from_bytes(secret.as_bytes())));
+        }
+        let path = self.paths.secret();
+        Ok(state::read_optional(&path)?.map(|bytes| SigningKey::from_bytes(trim_ascii(bytes))))
+    }
+
+    /// The key, generating `.app/secret` on first use.
+    pub fn load_or_create(&self) -> Result<SigningKey> {
+        if let Some(key) = self.load()? {
+            return Ok(key);
+        }
+        let path = self.paths.secret();
+        let mut random = [0u8; 32];
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .io_context("reading", "/dev/urandom")?;
+        let encoded = format!("{}\n", hex::encode(random));
+        // Two first starts may race: the loser reads the winner's key.
+        state::create_atomic(&path, encoded.as_bytes())?;
+        let bytes = state::read_optional(&path)?
+            .ok_or_else(|| Error::Failed(format!("{} vanished after creation", path.display())))?;
+        Ok(SigningKey::from_bytes(trim_ascii(bytes)))
+    }
+
+    /// Writes `key` back to `.app/secret` when that file is gone (`git clean -fdx`, a user
+    /// deleting it) and no secret is configured, so what it signed verifies again. A secret
+    /// someone else wrote meanwhile is left as it is. Returns whether it wrote one.
+    pub fn restore(&self, key: &SigningKey) -> Result<bool> {
+        if self.configured() || self.paths.secret().exists() {
+            return Ok(false);
+        }
+        self.paths.ensure_state_dir()?;
+        let mut bytes = key.key.clone();
+        bytes.push(b'\n');
+        state::create_atomic(&self.paths.secret(), &bytes)
+    }
+}
+
 fn trim_ascii(mut bytes: Vec<u8>) -> Vec<u8> {
     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
         bytes.pop();
@@ -161,5 +197,42 @@ mod tests {
         assert!(!key.verify(b"payloaD", &sig));
         assert!(!key.verify(b"payload", "zz"));
         assert!(!SigningKey::from_bytes(b"other".to_vec()).verify(b"payload", &sig));
+    }
+
+    #[test]
+    fn keys_take_the_configured_secret_over_the_file_and_never_restore_it() {
+        use std::os::unix::ffi::OsStringExt;
+        let dir = tempfile::tempdir().unwrap();
+        let paths = AppPaths::from_parts(dir.path().to_path_buf(), dir.path().join(".git"));
+        let file = Keys::new(&paths, None);
+        assert!(file.load().unwrap().is_none(), "nothing was ever signed");
+        std::fs::create_dir_all(paths.state_dir()).unwrap();
+        let key = file.load_or_create().unwrap();
+        assert_eq!(file.load().unwrap().unwrap().sign(b"m"), key.sign(b"m"));
+
+        let configured = Keys::new(&paths, Some(SharedSecret::new("s3cret")));
+        let secret = configured.load_or_create().unwrap();
+        assert_eq!(
+            secret.sign(b"m"),
+            SigningKey::from_bytes("s3cret").sign(b"m")
+        );
+        std::fs::remove_file(paths.secret()).unwrap();
+        assert!(
+            !configured.restore(&key).unwrap(),
+            "a configured secret needs no file"
+        );
+        assert!(file.restore(&key).unwrap());
+        assert_eq!(file.load().unwrap().unwrap().sign(b"m"), key.sign(b"m"));
+
+        let empty = Keys::new(&paths, Some(SharedSecret::new("")));
+        let err = empty.load().unwrap_err();
+        assert_eq!(err.exit_code(), crate::error::EXIT_USAGE, "{err}");
+        // Not UTF-8: not a key, so the file is used (and still not restored).
+        let bytes = Keys::new(
+            &paths,
+            Some(SharedSecret::new(std::ffi::OsString::from_vec(vec![0xff]))),
+        );
+        assert_eq!(bytes.load().unwrap().unwrap().sign(b"m"), key.sign(b"m"));
+        assert!(bytes.configured());
     }
 }

@@ -141,7 +141,7 @@ pub fn run(
     paths.ensure_state_dir()?;
     let db = Blocking::open_default(options.db.as_deref(), DbSettings::from(&options.settings))?;
     require_server(&db)?;
-    let key = shared_key(&paths)?;
+    let key = shared_key(&paths, &options.settings)?;
     let remote = Remote::open(paths.repo_root(), &options.remote)?;
     let me = ProcessIdentity::current();
     let ttl_ms = options.settings.lease_ttl.as_millis() as i64;

@@ -29,7 +29,7 @@ use crate::db::events::{self, EventFilter};
 use crate::db::{Db, DbSettings, Location};
 use crate::paths::AppPaths;
 use crate::registry::{Liveness, Registry, Timestamp};
-use crate::sign::SigningKey;
+use crate::sign::{Keys, SigningKey};
 use crate::state::visible_names;
 use crate::stop::StopToken;
 
@@ -265,17 +265,23 @@ impl LocalState {
     /// Scans once; returns the changes since the last scan.
     pub fn scan(&mut self, paths: &AppPaths, settings: &Settings) -> Vec<ApiEvent> {
         let mut out = Vec::new();
-        self.scan_instances(paths, settings.timing.stale_after, &mut out);
         let coordination = Coordination::new(paths, settings);
-        let key = SigningKey::load(paths, false).ok().flatten();
+        let keys = coordination.keys();
+        self.scan_instances((paths, keys), settings.timing.stale_after, &mut out);
+        let key = keys.load().ok().flatten();
         self.scan_messages(&coordination, paths, key, &mut out);
         self.scan_locks(&coordination, &mut out);
         let primed = std::mem::replace(&mut self.primed, true);
         if primed { out } else { Vec::new() }
     }
 
-    fn scan_instances(&mut self, paths: &AppPaths, stale_after: Duration, out: &mut Vec<ApiEvent>) {
-        let Ok(snapshot) = Registry::open_read_only(paths).and_then(|r| r.snapshot()) else {
+    fn scan_instances(
+        &mut self,
+        (paths, keys): (&AppPaths, &Keys),
+        stale_after: Duration,
+        out: &mut Vec<ApiEvent>,
+    ) {
+        let Ok(snapshot) = Registry::open_read_only(paths, keys).and_then(|r| r.snapshot()) else {
             return;
         };
         let mut stale = HashSet::new();

@@ -45,6 +45,7 @@ use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, Result};
 use crate::paths::AppPaths;
 use crate::queue;
 use crate::registry::{Registry, Snapshot};
+use crate::sign::Keys;
 use crate::stop::{StopToken, Stopper};
 
 /// Events kept for the slowest subscriber before it is told it lagged.
@@ -161,6 +162,8 @@ pub struct ApiContext {
     pub instance_id: String,
     /// The repository's `.app/` layout.
     pub paths: AppPaths,
+    /// Where the repository's signing key comes from.
+    pub keys: Keys,
     /// The settings of the `app` that serves it (when an instance counts as stale, how large a
     /// message may be).
     pub settings: Settings,
@@ -502,7 +505,7 @@ async fn with_snapshot<T: Send + 'static>(
 ) -> std::result::Result<T, ApiError> {
     let context = state.context.clone();
     tokio::task::spawn_blocking(move || {
-        let snapshot = Registry::open_read_only(&context.paths)?.snapshot()?;
+        let snapshot = Registry::open_read_only(&context.paths, &context.keys)?.snapshot()?;
         body(&context, &snapshot)
     })
     .await

@@ -9,8 +9,11 @@ use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::db::{Blocking, Db, DbSettings};
 use crate::error::{IoContext, Result};
+use crate::instance;
+use crate::lock::Holder;
 use crate::paths::AppPaths;
-use crate::registry::{Registry, Snapshot};
+use crate::registry::{InstanceRecord, Registry, Snapshot};
+use crate::sign::Keys;
 
 /// Every command's context.
 #[derive(Debug)]
@@ -33,6 +36,7 @@ impl Context {
         let paths = AppPaths::discover(&cwd)?;
         Ok(RepoContext {
             cwd,
+            keys: Keys::from_settings(&paths, &self.settings),
             paths,
             settings: &self.settings,
         })
@@ -56,6 +60,9 @@ pub(super) struct RepoContext<'a> {
     pub cwd: PathBuf,
     /// The repository's `.app/` layout.
     pub paths: AppPaths,
+    /// Where the repository's signing key comes from: `APP_SHARED_SECRET` as the settings
+    /// hold it, else `.app/secret`.
+    pub keys: Keys,
     /// The command's settings.
     pub settings: &'a Settings,
 }
@@ -63,12 +70,23 @@ pub(super) struct RepoContext<'a> {
 impl RepoContext<'_> {
     /// The registries, for reading only (creates nothing).
     pub fn registry(&self) -> Result<Registry> {
-        Registry::open_read_only(&self.paths)
+        Registry::open_read_only(&self.paths, &self.keys)
     }
 
     /// Both registries as they are now.
     pub fn snapshot(&self) -> Result<Snapshot> {
         self.registry()?.snapshot()
+    }
+
+    /// The instance the caller acts for ([`instance::caller`]): the one it claims, else the
+    /// one whose worktree it runs in.
+    pub fn caller(&self, snapshot: &Snapshot) -> Option<InstanceRecord> {
+        instance::caller(snapshot, &self.settings.caller, &self.cwd)
+    }
+
+    /// The holder of what the caller takes ([`instance::caller_holder`]).
+    pub fn caller_holder(&self, snapshot: &Snapshot) -> Result<Holder> {
+        instance::caller_holder(snapshot, &self.settings.caller, &self.cwd)
     }
 
     /// The repository's locks, reservations and messages.

@@ -36,9 +36,12 @@ pub(super) fn run(ctx: &Context, args: DoctorArgs) -> Result<u8> {
     };
     let repo = ctx.repo()?;
     let (fixed, diagnosis) = if args.fix {
-        doctor::fix(&repo.paths, &options)?
+        doctor::fix(&repo.paths, &repo.keys, &options)?
     } else {
-        (Vec::new(), doctor::diagnose(&repo.paths, &options)?)
+        (
+            Vec::new(),
+            doctor::diagnose(&repo.paths, &repo.keys, &options)?,
+        )
     };
     let left = diagnosis.findings();
     if args.json {

@@ -126,7 +126,9 @@ pub(super) fn fleet(ctx: &Context, args: FleetArgs) -> Result<u8> {
     let ttl_ms = ctx.settings.lease_ttl.as_millis() as i64;
     let paths = AppPaths::discover(&super::current_dir()?).ok();
     let mine = match &paths {
-        Some(paths) => shared_key(paths).ok().map(|key| secret_check(&key)),
+        Some(paths) => shared_key(paths, &ctx.settings)
+            .ok()
+            .map(|key| secret_check(&key)),
         None => None,
     };
     let hosts = db.run(async |db| fleet::hosts(db).await)?;

@@ -14,6 +14,7 @@ use crate::ids::InstanceId;
 use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
 use crate::registry::{Entry, InstanceRecord, InstanceStatus, Liveness, Registry};
+use crate::sign::Keys;
 
 /// Subcommands of `app instance`.
 #[derive(Debug, Subcommand)]
@@ -116,7 +117,7 @@ pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {
             }
             let stale_after = timing.stale_after;
             crate::control::exec(&paths.control_socket(&id), &command, &mut || {
-                still_starting(paths, &id, stale_after)
+                still_starting(paths, &repo.keys, &id, stale_after)
             })
         }
         InstanceCommand::Stop { id, timeout } => {
@@ -263,8 +264,8 @@ fn print_table(rows: &[Row]) {
 }
 
 /// Whether instance `id` is live and still `starting`: registered, its socket not served yet.
-fn still_starting(paths: &AppPaths, id: &str, stale_after: Duration) -> bool {
-    Registry::open_read_only(paths)
+fn still_starting(paths: &AppPaths, keys: &Keys, id: &str, stale_after: Duration) -> bool {
+    Registry::open_read_only(paths, keys)
         .and_then(|registry| registry.snapshot())
         .is_ok_and(|snapshot| {
             snapshot.instance(id).is_some_and(|record| {
@@ -390,10 +391,11 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
         .map(|(id, liveness)| {
             let socket = paths.control_socket(&id);
             let command = args.command.clone();
-            let (paths, target, stale_after) = (paths.clone(), id.clone(), timing.stale_after);
+            let (paths, keys) = (paths.clone(), repo.keys.clone());
+            let (target, stale_after) = (id.clone(), timing.stale_after);
             let handle = std::thread::spawn(move || {
                 let (mut out, mut err) = (Vec::new(), Vec::new());
-                let mut starting = || still_starting(&paths, &target, stale_after);
+                let mut starting = || still_starting(&paths, &keys, &target, stale_after);
                 let result = match liveness {
                     Liveness::Stale(reason) => Err(format!("not running ({reason})")),
                     Liveness::Live => crate::control::run_in(

@@ -15,7 +15,6 @@ use super::context::Context;
 use super::output::{self, outln};
 use crate::error::{Error, IoContext, Result};
 use crate::ids::LockName;
-use crate::instance;
 use crate::lock::{self, Holder, LockStore, Released, Request};
 use crate::process::{self, ProcessIdentity};
 
@@ -75,7 +74,7 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
     let repo = ctx.repo_at(cwd)?;
     let coordination = repo.coordination();
     let locks = || coordination.locks();
-    let caller = || -> Result<Holder> { instance::caller_holder(&repo.snapshot()?, &repo.cwd) };
+    let caller = || -> Result<Holder> { repo.caller_holder(&repo.snapshot()?) };
     match command {
         LockCommand::Acquire { name, timeout, ttl } => {
             let holder = caller()?;

@@ -31,7 +31,7 @@ pub(super) fn mcp(ctx: &Context, args: McpArgs) -> Result<u8> {
     let repo = ctx.repo()?;
     let snapshot = repo.snapshot()?;
     let db = ctx.db.clone();
-    if let Some(record) = instance::caller(&snapshot, &repo.cwd) {
+    if let Some(record) = repo.caller(&snapshot) {
         if let Some(name) = &args.name
             && *name != record.id
         {

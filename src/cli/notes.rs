@@ -115,8 +115,11 @@ pub(super) fn search(ctx: &Context, args: SearchArgs) -> Result<u8> {
 fn add(ctx: &Context, namespace: &str, text: &str, json: bool) -> Result<u8> {
     Namespace::parse(namespace)?;
     notes::validate_content(text)?;
-    let author = std::env::var("APP_INSTANCE_ID")
-        .ok()
+    let author = ctx
+        .settings
+        .caller
+        .instance_id
+        .clone()
         .filter(|id| !id.is_empty());
     let repo_root = repo_root();
     let note = ctx.with_db(async |db| {

@@ -12,7 +12,6 @@ use crate::config;
 use crate::coordination::Coordination;
 use crate::error::{EXIT_FAILURE, Error, Result};
 use crate::ids::InstanceId;
-use crate::instance;
 use crate::queue::{self, Message};
 use crate::registry::Snapshot;
 
@@ -89,7 +88,8 @@ fn acting(
 ) -> Result<String> {
     let id = match flag {
         Some(id) => id,
-        None => instance::caller(snapshot, &repo.cwd)
+        None => repo
+            .caller(snapshot)
             .map(|record| record.id)
             .ok_or_else(|| {
                 Error::bad_input(format!(

@@ -8,7 +8,6 @@ use super::context::{Context, RepoContext};
 use super::output::{self, outln};
 use crate::error::{EXIT_FAILURE, Error, GitContext, Result};
 use crate::glob::Glob;
-use crate::instance;
 use crate::paths;
 use crate::registry::Snapshot;
 use crate::reserve::ReservationStore;
@@ -64,7 +63,7 @@ pub(super) fn reserve(ctx: &Context, args: ReserveArgs) -> Result<u8> {
         .map(|p| Glob::parse(p))
         .collect::<Result<Vec<_>>>()?;
     let here = reserving(ctx)?;
-    let holder = instance::caller_holder(&here.snapshot, &here.repo.cwd)?;
+    let holder = here.repo.caller_holder(&here.snapshot)?;
     let reservation =
         here.reservations
             .reserve(&holder, &globs, args.shared, args.ttl, args.reason)?;
@@ -119,7 +118,7 @@ pub(super) fn list(ctx: &Context, json: bool) -> Result<u8> {
 
 pub(super) fn release(ctx: &Context, patterns: Vec<String>) -> Result<u8> {
     let here = reserving(ctx)?;
-    let holder = instance::caller_holder(&here.snapshot, &here.repo.cwd)?;
+    let holder = here.repo.caller_holder(&here.snapshot)?;
     let released = here.reservations.release(&holder, &patterns)?;
     eprintln!("app: released {released} reserved pattern(s)");
     Ok(0)
@@ -127,9 +126,11 @@ pub(super) fn release(ctx: &Context, patterns: Vec<String>) -> Result<u8> {
 
 pub(super) fn check_paths(ctx: &Context, files: Vec<String>) -> Result<u8> {
     let here = reserving(ctx)?;
-    let me = instance::caller_holder(&here.snapshot, &here.repo.cwd)?;
+    let me = here.repo.caller_holder(&here.snapshot)?;
     // Paths are relative to the worktree the caller is in: its instance's, or the main one.
-    let root = instance::caller(&here.snapshot, &here.repo.cwd)
+    let root = here
+        .repo
+        .caller(&here.snapshot)
         .and_then(|record| record.worktree)
         .unwrap_or_else(|| here.repo.paths.repo_root().to_path_buf());
     let relative = files

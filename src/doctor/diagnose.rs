@@ -16,12 +16,12 @@ use crate::inuse::{self, Scan, Supervisor};
 use crate::journal;
 use crate::paths::AppPaths;
 use crate::registry::{Entry, InstanceRecord, Liveness, Registry, Snapshot};
-use crate::sign::SigningKey;
+use crate::sign::{Keys, SigningKey};
 use crate::worktree;
 
-/// Looks at everything, changes nothing.
+/// Looks at everything, changes nothing; entries are verified with the key from `keys`.
 #[tracing::instrument(skip_all, fields(repo = %paths.repo_root().display()))]
-pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
+pub fn diagnose(paths: &AppPaths, keys: &Keys, options: &Options) -> Result<Diagnosis> {
     let mut found = Diagnosis::default();
     if !paths.state_dir().is_dir() {
         if fs::symlink_metadata(paths.state_dir()).is_ok() {
@@ -31,8 +31,8 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
         }
         return Ok(found);
     }
-    let key = signing_key(paths, &mut found.problems)?;
-    let snapshot = registry_snapshot(paths, &mut found.problems)?;
+    let key = signing_key(paths, keys, &mut found.problems)?;
+    let snapshot = registry_snapshot(paths, keys, &mut found.problems)?;
     let repo = Repository::open(paths.repo_root())
         .git_context(|| format!("opening {}", paths.repo_root().display()))?;
     let stale_after = options.settings.timing.stale_after;
@@ -71,18 +71,26 @@ pub fn diagnose(paths: &AppPaths, options: &Options) -> Result<Diagnosis> {
 }
 
 /// The signing key, or `None` with a problem when there is none to load.
-fn signing_key(paths: &AppPaths, problems: &mut Vec<Problem>) -> Result<Option<SigningKey>> {
-    if std::env::var_os("APP_SHARED_SECRET").is_none() && !paths.secret().exists() {
+fn signing_key(
+    paths: &AppPaths,
+    keys: &Keys,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<SigningKey>> {
+    if !keys.configured() && !paths.secret().exists() {
         problems.push(Problem::MissingSecret);
         return Ok(None);
     }
-    SigningKey::load(paths, false)
+    keys.load()
 }
 
 /// The registry as it is; a registry that cannot be read is a problem, and the rest is
 /// diagnosed as if it were empty: what is in use stays protected by the scan.
-fn registry_snapshot(paths: &AppPaths, problems: &mut Vec<Problem>) -> Result<Snapshot> {
-    match Registry::open_read_only(paths)?.snapshot() {
+fn registry_snapshot(
+    paths: &AppPaths,
+    keys: &Keys,
+    problems: &mut Vec<Problem>,
+) -> Result<Snapshot> {
+    match Registry::open_read_only(paths, keys)?.snapshot() {
         Ok(snapshot) => Ok(snapshot),
         Err(Error::Corrupt { path, source }) => {
             problems.push(Problem::CorruptFile {

@@ -21,7 +21,7 @@ use crate::paths::AppPaths;
 use crate::process::ProcessIdentity;
 use crate::reclaim::{self, Reclaimer};
 use crate::registry::{InstanceRecord, Registry};
-use crate::sign::SigningKey;
+use crate::sign::Keys;
 use crate::state;
 use crate::worktree::{
     self,
@@ -35,7 +35,7 @@ const PASSES: usize = 3;
 /// such as unregistering a dead instance, can reveal another, such as its inbox). Returns what
 /// was done and the diagnosis of what is left.
 #[tracing::instrument(skip_all, fields(repo = %paths.repo_root().display()))]
-pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis)> {
+pub fn fix(paths: &AppPaths, keys: &Keys, options: &Options) -> Result<(Vec<Fixed>, Diagnosis)> {
     // One doctor at a time; a second one waits, then finds what the first left.
     let _one_at_a_time = match paths.state_dir().is_dir() {
         true => Some(state::lock_exclusive(&paths.doctor_lock())?),
@@ -44,7 +44,7 @@ pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis
     let mut done = Vec::new();
     // The reclaims need the refs whose lock files a writer killed a moment ago left.
     git::await_young_ref_locks(paths);
-    let mut diagnosis = diagnose(paths, options)?;
+    let mut diagnosis = diagnose(paths, keys, options)?;
     // Fixes a lock file stopped: they waited for it already, a later pass would wait again.
     let mut locked_out = Vec::new();
     for _ in 0..PASSES {
@@ -58,7 +58,7 @@ pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis
             if locked_out.contains(&finding) {
                 continue;
             }
-            let outcome = fix_one(paths, options, &mut reclaimer, problem);
+            let outcome = fix_one(paths, keys, options, &mut reclaimer, problem);
             if outcome.as_ref().is_err_and(ref_locked) {
                 locked_out.push(finding.clone());
             }
@@ -67,7 +67,7 @@ pub fn fix(paths: &AppPaths, options: &Options) -> Result<(Vec<Fixed>, Diagnosis
                 outcome: outcome.map_err(|err| failure(&err)),
             });
         }
-        diagnosis = diagnose(paths, options)?;
+        diagnosis = diagnose(paths, keys, options)?;
     }
     Ok((done, diagnosis))
 }
@@ -89,10 +89,11 @@ fn ref_locked(err: &Error) -> bool {
 /// The reclaimer of this pass (`slot`), opened when it is first needed.
 fn open_reclaimer<'s, 'a>(
     paths: &'a AppPaths,
+    keys: &Keys,
     slot: &'s mut Option<Reclaimer<'a>>,
 ) -> Result<&'s Reclaimer<'a>> {
     if slot.is_none() {
-        *slot = Some(Reclaimer::open(paths)?);
+        *slot = Some(Reclaimer::open(paths, keys)?);
     }
     Ok(slot.as_ref().expect("opened just above"))
 }
@@ -100,19 +101,20 @@ fn open_reclaimer<'s, 'a>(
 /// Fixes one problem; the text says what was done. Reclaims share `reclaimer`.
 fn fix_one<'a>(
     paths: &'a AppPaths,
+    keys: &Keys,
     options: &Options,
     reclaimer: &mut Option<Reclaimer<'a>>,
     problem: &Problem,
 ) -> Result<String> {
-    let registry = || Registry::open_for_write(paths);
+    let registry = || Registry::open_for_write(paths, keys);
     match problem {
         Problem::MissingSecret => {
-            SigningKey::load_or_create(paths)?;
+            keys.load_or_create()?;
             Ok(format!("created {}", paths.secret().display()))
         }
         Problem::Permissions { path, want, .. } => chmod(path, *want),
-        Problem::HalfDone(intent) => reclaim::recover(paths, options.work(), intent),
-        Problem::Readopt { id, supervisor, .. } => readopt(paths, options, id, *supervisor),
+        Problem::HalfDone(intent) => reclaim::recover(paths, keys, options.work(), intent),
+        Problem::Readopt { id, supervisor, .. } => readopt(paths, keys, options, id, *supervisor),
         Problem::CorruptFile { path, .. } => move_aside(paths, path),
         Problem::UntrustedIntent { path, .. } => {
             state::remove_if_present(path)?;
@@ -123,10 +125,10 @@ fn fix_one<'a>(
             Ok("removed the entry".into())
         }
         Problem::DeadInstance { record, .. } => {
-            reclaim_dead(open_reclaimer(paths, reclaimer)?, options, record)
+            reclaim_dead(open_reclaimer(paths, keys, reclaimer)?, options, record)
         }
         Problem::OrphanWorktree { id, path } => {
-            reclaim_orphan(open_reclaimer(paths, reclaimer)?, options, id, path)
+            reclaim_orphan(open_reclaimer(paths, keys, reclaimer)?, options, id, path)
         }
         Problem::DanglingMetadata { name, admin } => {
             if worktree::forget_missing(paths, name)? {
@@ -276,11 +278,17 @@ fn write_row(paths: &AppPaths, options: &Options, record: &InstanceRecord) -> Re
 
 /// Waits (a few heartbeats at most) for the live supervisor of worktree `id` to register it
 /// again; its heartbeat re-creates a lost or unverifiable entry.
-fn readopt(paths: &AppPaths, options: &Options, id: &str, supervisor: u32) -> Result<String> {
+fn readopt(
+    paths: &AppPaths,
+    keys: &Keys,
+    options: &Options,
+    id: &str,
+    supervisor: u32,
+) -> Result<String> {
     let deadline =
         Instant::now() + options.settings.timing.heartbeat_interval * 3 + Duration::from_secs(1);
     loop {
-        let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+        let snapshot = Registry::open_read_only(paths, keys)?.snapshot()?;
         if snapshot.instance(id).is_some() {
             return Ok(format!(
                 "re-adopted: its supervisor (pid {supervisor}) registered it again"

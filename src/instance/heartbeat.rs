@@ -13,7 +13,7 @@ use crate::db::instances::InstanceRow;
 use crate::db::mirror::{MirrorSender, Update};
 use crate::paths::AppPaths;
 use crate::registry::{InstanceRecord, Registry, Timestamp};
-use crate::sign::SigningKey;
+use crate::sign::{Keys, SigningKey};
 use crate::stop::Stopper;
 
 /// The running heartbeat thread; [`Heartbeat::stop`] ends it.
@@ -26,7 +26,7 @@ impl Heartbeat {
     /// Every `heartbeat_interval`, refreshes the heartbeat of `record`'s instance (writing the
     /// entry again from `record` when it was lost) and sends the row to the mirror.
     pub(super) fn start(
-        (paths, key): (AppPaths, SigningKey),
+        (paths, keys, key): (AppPaths, Keys, SigningKey),
         record: InstanceRecord,
         timing: Timing,
         (mirror, repo_root): (MirrorSender, PathBuf),
@@ -35,7 +35,7 @@ impl Heartbeat {
         let stop = stopper.token();
         let handle = thread::spawn(move || {
             while !stop.wait_timeout(timing.heartbeat_interval) {
-                match beat(&paths, &key, &record) {
+                match beat(&paths, &keys, &key, &record) {
                     Ok(current) => mirror.send(Update::Instance(InstanceRow::from_record(
                         &current, &repo_root,
                     ))),
@@ -56,11 +56,12 @@ impl Heartbeat {
 /// One heartbeat: the entry as written.
 fn beat(
     paths: &AppPaths,
+    keys: &Keys,
     key: &SigningKey,
     record: &InstanceRecord,
 ) -> crate::error::Result<InstanceRecord> {
-    key.restore(paths)?;
-    Registry::open_for_write(paths)?.update(|tables| {
+    keys.restore(key)?;
+    Registry::open_for_write(paths, keys)?.update(|tables| {
         let mut current = tables.instance(&record.id).unwrap_or_else(|| {
             tracing::warn!(instance = %record.id, "the registry lost this instance's entry; registering it again");
             record.clone()

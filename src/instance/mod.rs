@@ -30,6 +30,7 @@ use crate::paths::AppPaths;
 use crate::ports;
 use crate::process;
 use crate::registry::Registry;
+use crate::sign::Keys;
 use crate::worktree::{self, Cleanup};
 
 mod claim;
@@ -190,17 +191,18 @@ pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunO
         DbSettings::from(settings),
     );
     let paths = AppPaths::discover(cwd)?;
+    let keys = Keys::from_settings(&paths, settings);
     let repo = Repository::open(paths.repo_root())
         .git_context(|| format!("opening {}", paths.repo_root().display()))?;
 
     // Operations a crash interrupted are finished or undone first (one directory read when
     // there are none).
     if paths.journal_dir().is_dir() {
-        crate::reclaim::recover_journal(&paths)?;
+        crate::reclaim::recover_journal(&paths, &keys)?;
     }
 
     // Everything below until `open_for_write` only reads.
-    let reader = Registry::open_read_only(&paths)?;
+    let reader = Registry::open_read_only(&paths, &keys)?;
     let snapshot = reader.snapshot()?;
     let id = claim::choose_id(
         (&repo, &paths),
@@ -231,6 +233,7 @@ pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunO
     let forwarder = signals::Forwarder::start(&slot)?;
     let result = supervisor::Supervisor::run(supervisor::Launch {
         paths: &paths,
+        keys: &keys,
         repo: &repo,
         id,
         plan,

@@ -1,17 +1,19 @@
-//! Whom a caller of `app` acts for: its instance (by `APP_INSTANCE_ID` or by the worktree it
-//! is in), or outside any instance the shell or script that called it.
+//! Whom a caller of `app` acts for: its instance (by the `APP_INSTANCE_ID` it claims, read
+//! into [`Caller`] at the edge, or by the worktree it is in), or outside any instance the shell
+//! or script that called it.
 
 use std::path::Path;
 
+use crate::config::Caller;
 use crate::error::{Error, Result};
 use crate::process;
 use crate::registry::{InstanceRecord, Snapshot};
 
-/// The instance the calling process acts for: the one `APP_INSTANCE_ID` names when it is
-/// registered, else the one whose worktree contains `cwd`.
-pub fn caller(snapshot: &Snapshot, cwd: &Path) -> Option<InstanceRecord> {
-    if let Ok(id) = std::env::var("APP_INSTANCE_ID")
-        && let Some(record) = snapshot.instance(&id)
+/// The instance the calling process acts for: the one it claims (`APP_INSTANCE_ID`) when
+/// that is registered, else the one whose worktree contains `cwd`.
+pub fn caller(snapshot: &Snapshot, claim: &Caller, cwd: &Path) -> Option<InstanceRecord> {
+    if let Some(id) = &claim.instance_id
+        && let Some(record) = snapshot.instance(id)
     {
         return Some(record.clone());
     }
@@ -22,8 +24,12 @@ pub fn caller(snapshot: &Snapshot, cwd: &Path) -> Option<InstanceRecord> {
 /// The holder of locks and reservations the caller takes: its instance, or outside any
 /// instance the process that called `app` (the shell or script, seen through the subshells of
 /// `tok=$(app lock acquire X)`: see [`process::caller`]), so the hold ends with it.
-pub fn caller_holder(snapshot: &Snapshot, cwd: &Path) -> Result<crate::lock::Holder> {
-    if let Some(record) = caller(snapshot, cwd) {
+pub fn caller_holder(
+    snapshot: &Snapshot,
+    claim: &Caller,
+    cwd: &Path,
+) -> Result<crate::lock::Holder> {
+    if let Some(record) = caller(snapshot, claim, cwd) {
         return Ok(crate::lock::Holder::instance(&record));
     }
     process::caller()

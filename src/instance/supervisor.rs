@@ -40,13 +40,14 @@ use crate::error::{Error, IoContext, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::{InstanceRecord, InstanceStatus, Registry, Timestamp};
-use crate::sign::SigningKey;
+use crate::sign::{Keys, SigningKey};
 use crate::worktree::{self, Cleanup, WorktreePlan};
 use crate::{fault, journal};
 
 /// What the supervisor starts from: everything validated, nothing written yet.
 pub(super) struct Launch<'a> {
     pub paths: &'a AppPaths,
+    pub keys: &'a Keys,
     pub repo: &'a Repository,
     pub id: String,
     pub plan: Option<WorktreePlan>,
@@ -66,6 +67,7 @@ pub(super) struct Supervisor<'a> {
     slot: Arc<Slot>,
     database: (Location, DbSettings),
     registry: Registry,
+    keys: &'a Keys,
     key: SigningKey,
     record: InstanceRecord,
     plan: Option<WorktreePlan>,
@@ -119,6 +121,7 @@ impl<'a> Supervisor<'a> {
     fn register(launch: Launch<'a>) -> Result<Supervisor<'a>> {
         let Launch {
             paths,
+            keys,
             repo,
             id,
             mut plan,
@@ -128,9 +131,9 @@ impl<'a> Supervisor<'a> {
             database,
             api,
         } = launch;
-        let registry = Registry::open_for_write(paths)?;
+        let registry = Registry::open_for_write(paths, keys)?;
         let mut record = new_record(&id, plan.as_ref(), options, api.as_ref())?;
-        let key = SigningKey::load_or_create(paths)?;
+        let key = keys.load_or_create()?;
         let create_branch = plan.as_ref().is_some_and(|p| p.create_branch);
         let start_intent =
             cleanup::intent(journal::Operation::Start, plan.as_ref(), create_branch, &id);
@@ -174,6 +177,7 @@ impl<'a> Supervisor<'a> {
             slot,
             database,
             registry,
+            keys,
             key,
             record,
             plan,
@@ -233,7 +237,7 @@ impl<'a> Supervisor<'a> {
     fn start_heartbeat(&self) -> Heartbeat {
         let (sender, repo_root) = self.mirror.sender();
         Heartbeat::start(
-            (self.paths.clone(), self.key.clone()),
+            (self.paths.clone(), self.keys.clone(), self.key.clone()),
             self.record.clone(),
             self.settings.timing,
             (sender, repo_root),
@@ -302,6 +306,7 @@ impl<'a> Supervisor<'a> {
         let context = api::ApiContext {
             instance_id: id.clone(),
             paths: self.paths.clone(),
+            keys: self.keys.clone(),
             settings: self.settings.clone(),
             database: self.database.clone(),
             capacity: self

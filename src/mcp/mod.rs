@@ -27,6 +27,7 @@ use crate::config::Settings;
 use crate::db::Blocking;
 use crate::error::{Error, Result};
 use crate::paths::AppPaths;
+use crate::sign::Keys;
 
 /// The longest JSON-RPC message the server reads; a longer one is dropped unread and answered
 /// with a parse error.
@@ -52,6 +53,9 @@ pub struct Server {
 /// What every tool reads.
 struct State {
     paths: AppPaths,
+    /// Where the repository's signing key comes from (the secret of `settings`, else
+    /// `.app/secret`).
+    keys: Keys,
     /// The instance this server acts for.
     me: String,
     settings: Settings,

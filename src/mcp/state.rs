@@ -25,7 +25,7 @@ impl State {
     }
 
     pub(super) fn snapshot(&self) -> Result<Snapshot> {
-        Registry::open_read_only(&self.paths)?.snapshot()
+        Registry::open_read_only(&self.paths, &self.keys)?.snapshot()
     }
 
     /// This server's instance as it is registered now.
@@ -327,7 +327,11 @@ impl State {
     }
 
     pub(super) async fn run_status_in(&self, db: &Db) -> Result<Value> {
-        let task = match (env_var("APP_RUN_ID"), env_var("APP_TASK_ID")) {
+        let claim = &self.settings.caller;
+        let task = match (
+            nonempty(claim.run_id.as_deref()),
+            nonempty(claim.task_id.as_deref()),
+        ) {
             (Some(run), Some(task)) => runs::tasks(db, &run)
                 .await?
                 .into_iter()
@@ -370,6 +374,7 @@ impl State {
     }
 }
 
-fn env_var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|value| !value.is_empty())
+/// A claim that is set and not empty.
+fn nonempty(claim: Option<&str>) -> Option<String> {
+    claim.filter(|value| !value.is_empty()).map(str::to_string)
 }

@@ -11,6 +11,7 @@ use super::args::*;
 use super::{Server, State};
 use crate::config::Settings;
 use crate::paths::AppPaths;
+use crate::sign::Keys;
 
 #[tool_router]
 impl Server {
@@ -23,6 +24,7 @@ impl Server {
     ) -> Server {
         Server {
             state: Arc::new(State {
+                keys: Keys::from_settings(&paths, &settings),
                 paths,
                 me,
                 settings,

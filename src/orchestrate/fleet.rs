@@ -23,13 +23,14 @@ use super::Progress;
 use super::attempt::{Outcome, Running, instance_prefix};
 use super::plan::Task;
 use super::scheduler::Orchestrator;
+use crate::config::Settings;
 use crate::db::Blocking;
 use crate::db::fleet::{self, FleetTask, LeaseState, Offer};
 use crate::db::runs::TaskStatus;
 use crate::error::{Error, GitContext, Result};
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote};
-use crate::sign::SigningKey;
+use crate::sign::{Keys, SigningKey};
 
 /// The remote a fleet run uses unless told (`--remote`).
 pub const DEFAULT_REMOTE: &str = "origin";
@@ -46,13 +47,14 @@ const SECRET_CHECK: &[u8] = b"app fleet: secret check v1";
 
 /// The fleet's key: `APP_SHARED_SECRET`, which every host must share (a generated
 /// `.app/secret` differs on each host, so hosts would refuse each other).
-pub fn shared_key(paths: &AppPaths) -> Result<SigningKey> {
-    if std::env::var_os("APP_SHARED_SECRET").is_none() {
+pub fn shared_key(paths: &AppPaths, settings: &Settings) -> Result<SigningKey> {
+    let keys = Keys::from_settings(paths, settings);
+    if !keys.configured() {
         return Err(Error::bad_input(
             "the fleet needs APP_SHARED_SECRET, the same on every host (e.g. 'export APP_SHARED_SECRET=$(openssl rand -hex 32)' once, then the same value everywhere)",
         ));
     }
-    Ok(SigningKey::load(paths, false)?.expect("APP_SHARED_SECRET is set"))
+    Ok(keys.load()?.expect("a configured secret is a key"))
 }
 
 /// The check of `key` every fleet member publishes (see [`SECRET_CHECK`]).
@@ -100,9 +102,14 @@ pub(super) struct FleetRun {
 
 impl FleetRun {
     /// The fleet side of a run in the repository at `paths`, through `remote`.
-    pub(super) fn open(paths: &AppPaths, remote: &str, db: &Blocking) -> Result<FleetRun> {
+    pub(super) fn open(
+        paths: &AppPaths,
+        remote: &str,
+        settings: &Settings,
+        db: &Blocking,
+    ) -> Result<FleetRun> {
         require_server(db)?;
-        let key = shared_key(paths)?;
+        let key = shared_key(paths, settings)?;
         let remote = Remote::open(paths.repo_root(), remote)?;
         let remote_tips = remote
             .list("refs/heads/*")?
@@ -139,7 +146,7 @@ impl FleetRun {
             .clone()
             .or_else(|| described["remote"].as_str().map(str::to_string))
             .unwrap_or_else(|| DEFAULT_REMOTE.to_string());
-        let fleet = FleetRun::open(paths, &remote, db)?;
+        let fleet = FleetRun::open(paths, &remote, &options.settings, db)?;
         if described["repo"].as_str() != Some(fleet.repo.as_str()) {
             return Err(Error::bad_input(format!(
                 "the run belongs to the repository {}, and this one's remote {} is {}; resume it from a clone of that one",

@@ -52,6 +52,7 @@ use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::Timestamp;
+use crate::sign::Keys;
 use crate::worktree;
 
 /// How a run is driven.
@@ -233,7 +234,7 @@ pub fn start(
     paths.ensure_state_dir()?;
     let db = options.database()?;
     let fleet = match &options.fleet {
-        Some(remote) => Some(FleetRun::open(paths, remote, &db)?),
+        Some(remote) => Some(FleetRun::open(paths, remote, &options.settings, &db)?),
         None => None,
     };
     if let Some(fleet) = &fleet
@@ -308,7 +309,10 @@ pub fn resume(
     };
     let rows = match fleet {
         Some(_) => db.run(async |db| runs::tasks(db, id).await)?,
-        None => resume::take_back(&paths, &db, id, options.settings.timing, report)?,
+        None => {
+            let keys = Keys::from_settings(&paths, &options.settings);
+            resume::take_back(&paths, &keys, &db, id, options.settings.timing, report)?
+        }
     };
     let me = ProcessIdentity::current();
     run.status = RunStatus::Running;

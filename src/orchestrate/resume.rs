@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
 use crate::registry::{Liveness, Registry};
+use crate::sign::Keys;
 
 /// Run `id` of this repository, unless it is unknown, another repository's, or still
 /// orchestrated by a live process (exit 3).
@@ -58,6 +59,7 @@ pub(super) fn require_resumable(paths: &AppPaths, db: &Blocking, id: &str) -> Re
 /// and returns its task rows with everything that did not succeed pending again.
 pub(super) fn take_back(
     paths: &AppPaths,
+    keys: &Keys,
     db: &Blocking,
     id: &str,
     timing: Timing,
@@ -72,19 +74,19 @@ pub(super) fn take_back(
             continue;
         }
         if let Some(instance) = &row.instance {
-            leftovers.push(survey(paths, db, row, instance, timing)?);
+            leftovers.push(survey(paths, keys, db, row, instance, timing)?);
         }
     }
     // Starts and stops the dead attempts' `app run` left half-done are finished or undone
     // first, as every `app run` does before it starts.
-    crate::reclaim::recover_journal(paths)?;
+    crate::reclaim::recover_journal(paths, keys)?;
     for leftover in &leftovers {
         if leftover.live {
             // An attempt the dead orchestrator left running is stopped before it is restarted.
-            let writer = Registry::open_for_write(paths)?;
+            let writer = Registry::open_for_write(paths, keys)?;
             let _ = crate::instance::stop(&writer, &leftover.instance, TASK_STOP_TIMEOUT, timing);
         }
-        if let Some(done) = reclaim_attempt(paths, timing, &leftover.instance)? {
+        if let Some(done) = reclaim_attempt(paths, keys, timing, &leftover.instance)? {
             report(Progress::Reclaimed {
                 task: leftover.task.clone(),
                 instance: leftover.instance.clone(),
@@ -125,12 +127,13 @@ struct Leftover {
 /// runs is an error (exit 3): nothing may take its worktree from under it.
 fn survey(
     paths: &AppPaths,
+    keys: &Keys,
     db: &Blocking,
     row: &TaskRow,
     instance: &str,
     timing: Timing,
 ) -> Result<Leftover> {
-    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+    let snapshot = Registry::open_read_only(paths, keys)?.snapshot()?;
     let record = snapshot.instance(instance).cloned();
     let live = record
         .as_ref()
@@ -166,8 +169,13 @@ fn survey(
 /// path every reclaim takes: uncommitted work saved on `refs/app/rescue/<instance>`, the
 /// worktree removed, the registration dropped, the task branch kept). `None` when it left
 /// nothing, or when it is still alive (then its worktree is not touched).
-fn reclaim_attempt(paths: &AppPaths, timing: Timing, instance: &str) -> Result<Option<String>> {
-    let snapshot = Registry::open_read_only(paths)?.snapshot()?;
+fn reclaim_attempt(
+    paths: &AppPaths,
+    keys: &Keys,
+    timing: Timing,
+    instance: &str,
+) -> Result<Option<String>> {
+    let snapshot = Registry::open_read_only(paths, keys)?.snapshot()?;
     if let Some(record) = snapshot.instance(instance) {
         if record.liveness(timing.stale_after) == Liveness::Live {
             return Err(Error::Busy(format!(
@@ -182,6 +190,7 @@ fn reclaim_attempt(paths: &AppPaths, timing: Timing, instance: &str) -> Result<O
         }
         let done = crate::reclaim::reclaim(
             paths,
+            keys,
             crate::reclaim::Work::Save,
             instance,
             record.worktree.as_deref(),
@@ -203,6 +212,7 @@ fn reclaim_attempt(paths: &AppPaths, timing: Timing, instance: &str) -> Result<O
     });
     crate::reclaim::reclaim(
         paths,
+        keys,
         crate::reclaim::Work::Save,
         instance,
         Some(&path),

@@ -10,7 +10,6 @@ use std::time::Duration;
 use app::inuse::Scan;
 use app::journal::{self, Intent, Operation};
 use app::paths::AppPaths;
-use app::sign::SigningKey;
 
 use crate::support::{TestRepo, code, hermetic, stderr, stdout, wait_for};
 
@@ -222,7 +221,7 @@ fn dead_intent(repo: &TestRepo, id: &str, operation: Operation) -> Intent {
 
 fn write_intent(repo: &TestRepo, intent: &Intent) {
     let paths = AppPaths::discover(repo.root()).unwrap();
-    let key = SigningKey::load(&paths, false).unwrap().unwrap();
+    let key = repo.keys().load().unwrap().unwrap();
     journal::begin(&paths, &key, intent).unwrap();
 }
 

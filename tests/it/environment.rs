@@ -7,10 +7,11 @@ use crate::support::{TestRepo, code, hermetic, stderr, stdout};
 
 /// What an `app` task's environment could hand the suite, each value one that `app` would act
 /// on visibly: a crash point on the way to running the command, a payload limit that refuses
-/// any message, ids, paths, a database and a git directory that do not exist. (Not
-/// `APP_SHARED_SECRET`: the suite's in-process checks read that one, so `TestRepo::new` refuses
-/// to run with it set.)
+/// any message, ids, a secret that verifies nothing the binary signed, paths, a database and a
+/// git directory that do not exist. The suite's in-process checks read no variable either:
+/// they are given the key (`TestRepo::keys`).
 const LEAKS: &[(&str, &str)] = &[
+    ("APP_SHARED_SECRET", "LEAKED-secret"),
     ("APP_FAULT_POINT", "run.registered"),
     ("APP_MAX_MESSAGE_BYTES", "1"),
     ("APP_RUN_ID", "LEAKED-run"),

@@ -3,7 +3,6 @@
 use std::fs;
 use std::process::Stdio;
 
-use app::paths::AppPaths;
 use app::registry::{Entry, InstanceRecord, InstanceStatus, Registry, Timestamp};
 
 use crate::support::{TestRepo, code, hermetic, stderr, stdout};
@@ -31,7 +30,7 @@ fn record(id: &str, pid: u32, start_time: u64) -> InstanceRecord {
 }
 
 fn writable(repo: &TestRepo) -> Registry {
-    Registry::open_for_write(&AppPaths::discover(repo.root()).unwrap()).unwrap()
+    Registry::open_for_write(&repo.paths(), &repo.keys()).unwrap()
 }
 
 #[test]

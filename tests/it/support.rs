@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use app::paths::AppPaths;
 use app::registry::{Entry, InstanceRecord, Registry};
+use app::sign::Keys;
 
 /// The `app` binary under test.
 pub const APP: &str = env!("CARGO_BIN_EXE_app");
@@ -37,22 +38,6 @@ pub fn hermetic(program: impl AsRef<OsStr>) -> Command {
     command
 }
 
-/// The variables that the library reads in the test process itself, where [`hermetic`] cannot
-/// reach: the registry and the signing key loaded in-process (`TestRepo::instances`,
-/// `SigningKey::load`) take `APP_SHARED_SECRET` over `.app/secret`, so with it set every check
-/// of what the binary signed would fail after a timeout. Refused up front, with the reason.
-const IN_PROCESS: &[&str] = &["APP_SHARED_SECRET"];
-
-fn refuse_in_process_leaks() {
-    for name in IN_PROCESS {
-        assert!(
-            std::env::var_os(name).is_none(),
-            "{name} is set in the test process: the suite's in-process checks would read it while \
-             the binary under test does not see it; unset it to run the suite"
-        );
-    }
-}
-
 /// A command for a tool that provisions the suite (installs a test client from a package
 /// registry) rather than being tested: it keeps the test process's environment, since reaching
 /// the registry can need the user's proxy, certificate and index settings. Nothing it runs is
@@ -71,7 +56,6 @@ pub struct TestRepo {
 impl TestRepo {
     /// A new repository with `README.md` and `src/lib.txt` committed on `main`.
     pub fn new() -> Self {
-        refuse_in_process_leaks();
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("repo");
         fs::create_dir_all(root.join("src")).unwrap();
@@ -230,9 +214,20 @@ impl TestRepo {
         command
     }
 
-    /// The repository's registry, read through the library.
+    /// The repository's `.app/` layout.
+    pub fn paths(&self) -> AppPaths {
+        AppPaths::discover(&self.root).unwrap()
+    }
+
+    /// The keys the binary under test signs with: `.app/secret`, since the suite gives it no
+    /// `APP_SHARED_SECRET` unless a test sets one on purpose (whatever the test process has).
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.paths(), None)
+    }
+
+    /// The repository's registry, read through the library with [`TestRepo::keys`].
     pub fn registry(&self) -> Registry {
-        Registry::open_read_only(&AppPaths::discover(&self.root).unwrap()).unwrap()
+        Registry::open_read_only(&self.paths(), &self.keys()).unwrap()
     }
 
     /// Verified instance records, oldest first.
