@@ -7,6 +7,16 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+mod control;
+mod instance;
+mod run;
+mod worktree;
+
+pub use control::ControlError;
+pub use instance::InstanceError;
+pub use run::RunError;
+pub use worktree::WorktreeError;
+
 /// Exit code for a failure that is neither bad input nor contention.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or bad input; nothing was changed.
@@ -37,15 +47,6 @@ pub enum Error {
     /// Something the user asked for is held by someone else.
     #[error("{0}")]
     Busy(String),
-
-    /// No instance with that id is registered.
-    #[error(
-        "no instance {id} is registered in this repository; 'app instance list --all' shows every entry"
-    )]
-    UnknownInstance {
-        /// The id that was asked for.
-        id: String,
-    },
 
     /// An operation failed for a reason that is neither bad input nor contention.
     #[error("{0}")]
@@ -105,6 +106,22 @@ pub enum Error {
     #[error(transparent)]
     Reserve(#[from] ReserveError),
 
+    /// An instance worktree was refused or could not be made or removed.
+    #[error(transparent)]
+    Worktree(#[from] WorktreeError),
+
+    /// An instance could not be registered, found or reached.
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+
+    /// An orchestrated run was refused.
+    #[error(transparent)]
+    Run(#[from] RunError),
+
+    /// An instance's control socket failed its client.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+
     /// A state file could not be parsed.
     #[error("{} is not valid JSON ({source}); run 'app doctor --fix' to move it aside (kept for you to read; running instances register again)", path.display())]
     Corrupt {
@@ -120,13 +137,15 @@ impl Error {
     /// The process exit code this error maps to.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::NotARepository { .. } | Error::BadInput(_) | Error::UnknownInstance { .. } => {
-                EXIT_USAGE
-            }
+            Error::NotARepository { .. } | Error::BadInput(_) => EXIT_USAGE,
             Error::Busy(_) => EXIT_BUSY,
             Error::Lock(err) => err.exit_code(),
             Error::Queue(err) => err.exit_code(),
             Error::Reserve(err) => err.exit_code(),
+            Error::Worktree(err) => err.exit_code(),
+            Error::Instance(err) => err.exit_code(),
+            Error::Run(err) => err.exit_code(),
+            Error::Control(err) => err.exit_code(),
             Error::Spawn { source, .. } => crate::process::spawn_failure_code(source),
             Error::Failed(_)
             | Error::Git { .. }

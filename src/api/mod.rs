@@ -41,7 +41,7 @@ use self::feed::{ApiEvent, Hub};
 use crate::config::{DEFAULT_API_PORT_RANGE, Settings};
 use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
-use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, Result};
+use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, InstanceError, Result};
 use crate::paths::AppPaths;
 use crate::queue;
 use crate::registry::{Registry, Snapshot};
@@ -400,7 +400,9 @@ impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         // By the exit-code contract, so every domain's errors map the same way.
         let (status, kind) = match (&err, err.exit_code()) {
-            (Error::UnknownInstance { .. }, _) => (StatusCode::NOT_FOUND, "not_found"),
+            (Error::Instance(InstanceError::Unknown { .. }), _) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             (_, EXIT_USAGE) => (StatusCode::BAD_REQUEST, "bad_input"),
             (_, EXIT_BUSY) => (StatusCode::CONFLICT, "busy"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::context::Context;
 use crate::config::{self, Timing, format_age};
 use crate::db::instances;
-use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::error::{EXIT_FAILURE, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
@@ -107,11 +107,9 @@ pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {
             let snapshot = registry.snapshot()?;
             let record = snapshot
                 .instance(&id)
-                .ok_or_else(|| Error::UnknownInstance { id: id.clone() })?;
+                .ok_or_else(|| InstanceError::Unknown { id: id.clone() })?;
             if let Liveness::Stale(reason) = record.liveness(timing.stale_after) {
-                return Err(Error::Failed(format!(
-                    "instance {id} is not running ({reason}); 'app doctor' reclaims what it left"
-                )));
+                return Err(InstanceError::NotRunningForExec { id, reason }.into());
             }
             let stale_after = timing.stale_after;
             crate::control::exec(&paths.control_socket(&id), &command, &mut || {
@@ -312,7 +310,7 @@ fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8>
     let snapshot = registry.snapshot()?;
     let record = snapshot
         .instance(id)
-        .ok_or_else(|| Error::UnknownInstance { id: id.to_string() })?;
+        .ok_or_else(|| InstanceError::Unknown { id: id.to_string() })?;
     let liveness = record.liveness(timing.stale_after);
     if json {
         let value = row_json(&Row::Valid(record, liveness));
@@ -389,7 +387,7 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
     for id in &args.instances {
         InstanceId::parse(id)?;
         if snapshot.instance(id).is_none() {
-            return Err(Error::UnknownInstance { id: id.clone() });
+            return Err(InstanceError::Unknown { id: id.clone() }.into());
         }
     }
     let targets: Vec<(String, Liveness)> = if args.instances.is_empty() {
@@ -409,9 +407,7 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
             .collect()
     };
     if targets.is_empty() {
-        return Err(Error::Failed(
-            "no live instance to run it in; 'app instance list' shows them".into(),
-        ));
+        return Err(InstanceError::NoneLive.into());
     }
     let runs: Vec<_> = targets
         .into_iter()

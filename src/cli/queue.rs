@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::context::{Context, RepoContext};
 use crate::config;
 use crate::coordination::Coordination;
-use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::error::{EXIT_FAILURE, Error, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::instance;
 use crate::queue::{self, Message};
@@ -98,7 +98,7 @@ fn acting(
     };
     InstanceId::parse(&id)?;
     if snapshot.instance(&id).is_none() {
-        return Err(Error::UnknownInstance { id });
+        return Err(InstanceError::Unknown { id }.into());
     }
     Ok(id)
 }

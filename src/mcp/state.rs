@@ -9,7 +9,7 @@ use super::State;
 use super::args::*;
 use crate::coordination::Coordination;
 use crate::db::{Blocking, Db, DbSettings, notes, runs};
-use crate::error::{Error, Result};
+use crate::error::{Error, InstanceError, Result, RunError};
 use crate::glob::Glob;
 use crate::ids::{LockName, Namespace};
 use crate::lock::{Holder, Released, Request};
@@ -30,12 +30,12 @@ impl State {
 
     /// This server's instance as it is registered now.
     pub(super) fn record(&self, snapshot: &Snapshot) -> Result<InstanceRecord> {
-        snapshot
-            .instance(&self.me)
-            .cloned()
-            .ok_or_else(|| Error::UnknownInstance {
+        snapshot.instance(&self.me).cloned().ok_or_else(|| {
+            InstanceError::Unknown {
                 id: self.me.clone(),
-            })
+            }
+            .into()
+        })
     }
 
     pub(super) fn holder(&self) -> Result<Holder> {
@@ -342,7 +342,9 @@ impl State {
         };
         let run = runs::get(db, &task.run_id)
             .await?
-            .ok_or_else(|| Error::Failed(format!("run {} is not in the database", task.run_id)))?;
+            .ok_or_else(|| RunError::Missing {
+                id: task.run_id.clone(),
+            })?;
         let tasks = runs::tasks(db, &run.id).await?;
         let plan = Plan::of_run(&run).ok();
         let depends_on = plan
