@@ -8,11 +8,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 mod control;
+mod db;
 mod instance;
 mod run;
 mod worktree;
 
 pub use control::ControlError;
+pub use db::{DbError, NoteError};
 pub use instance::InstanceError;
 pub use run::RunError;
 pub use worktree::WorktreeError;
@@ -84,7 +86,7 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// A database operation failed (busy past the deadline is [`Error::Busy`] instead).
+    /// A database operation failed (busy past the deadline is [`DbError::Locked`] instead).
     #[error("{message}: {source}")]
     Database {
         /// What `app` was doing, naming the database.
@@ -122,6 +124,14 @@ pub enum Error {
     #[error(transparent)]
     Control(#[from] ControlError),
 
+    /// The database was refused or is out of reach.
+    #[error(transparent)]
+    Db(#[from] DbError),
+
+    /// A note was refused.
+    #[error(transparent)]
+    Note(#[from] NoteError),
+
     /// A state file could not be parsed.
     #[error("{} is not valid JSON ({source}); run 'app doctor --fix' to move it aside (kept for you to read; running instances register again)", path.display())]
     Corrupt {
@@ -146,6 +156,8 @@ impl Error {
             Error::Instance(err) => err.exit_code(),
             Error::Run(err) => err.exit_code(),
             Error::Control(err) => err.exit_code(),
+            Error::Db(err) => err.exit_code(),
+            Error::Note(err) => err.exit_code(),
             Error::Spawn { source, .. } => crate::process::spawn_failure_code(source),
             Error::Failed(_)
             | Error::Git { .. }

@@ -208,7 +208,7 @@ fn list_everywhere(ctx: &Context, args: &ListArgs) -> Result<u8> {
                 row.id.clone(),
                 row.pid.to_string(),
                 row.host.clone(),
-                row.status.clone(),
+                row.status.to_string(),
                 row.last_heartbeat.clone(),
                 row.branch.clone().unwrap_or_else(|| "-".into()),
                 row.repo_root.clone(),

@@ -13,6 +13,7 @@ use git2::Repository;
 use super::Progress;
 use super::attempt::TASK_STOP_TIMEOUT;
 use crate::config::Timing;
+use crate::db::instances::MirrorStatus;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{self, Blocking};
 use crate::error::{Result, RunError};
@@ -153,7 +154,7 @@ fn survey(
         None => db
             .run(async |db| db::instances::history(db, paths.repo_root(), instance).await)?
             .iter()
-            .any(|r| r.status != "starting"),
+            .any(|r| r.status != MirrorStatus::Starting),
     };
     Ok(Leftover {
         task: row.task_id.clone(),
