@@ -7,15 +7,21 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+mod api;
 mod control;
 mod db;
 mod instance;
+mod mcp;
+mod paths;
 mod run;
 mod worktree;
 
+pub use api::ApiStartError;
 pub use control::ControlError;
 pub use db::{DbError, NoteError};
 pub use instance::InstanceError;
+pub use mcp::McpError;
+pub use paths::PathsError;
 pub use run::RunError;
 pub use worktree::WorktreeError;
 
@@ -96,6 +102,10 @@ pub enum Error {
         source: libsql::Error,
     },
 
+    /// The repository's layout (its `.app/` directory, a path given) refused.
+    #[error(transparent)]
+    Paths(#[from] PathsError),
+
     /// A named lock refused.
     #[error(transparent)]
     Lock(#[from] LockError),
@@ -124,6 +134,14 @@ pub enum Error {
     #[error(transparent)]
     Control(#[from] ControlError),
 
+    /// The HTTP API could not be bound or started.
+    #[error(transparent)]
+    ApiStart(#[from] ApiStartError),
+
+    /// An MCP tool refused its arguments, or the MCP server failed.
+    #[error(transparent)]
+    Mcp(#[from] McpError),
+
     /// The database was refused or is out of reach.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -149,6 +167,7 @@ impl Error {
         match self {
             Error::NotARepository { .. } | Error::BadInput(_) => EXIT_USAGE,
             Error::Busy(_) => EXIT_BUSY,
+            Error::Paths(err) => err.exit_code(),
             Error::Lock(err) => err.exit_code(),
             Error::Queue(err) => err.exit_code(),
             Error::Reserve(err) => err.exit_code(),
@@ -156,6 +175,8 @@ impl Error {
             Error::Instance(err) => err.exit_code(),
             Error::Run(err) => err.exit_code(),
             Error::Control(err) => err.exit_code(),
+            Error::ApiStart(err) => err.exit_code(),
+            Error::Mcp(err) => err.exit_code(),
             Error::Db(err) => err.exit_code(),
             Error::Note(err) => err.exit_code(),
             Error::Spawn { source, .. } => crate::process::spawn_failure_code(source),
