@@ -37,7 +37,7 @@ use nix::sys::signal::Signal;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{ControlError, IoContext, Result};
 use crate::process;
 use crate::state;
 use crate::stop::{StopToken, Stopper};
@@ -378,9 +378,10 @@ pub fn request_stop(socket: &Path) -> Result<()> {
         .io_context("writing to", socket)?;
     match read_frame(&mut stream).io_context("reading from", socket)? {
         Some((EXIT, _)) => Ok(()),
-        other => Err(Error::Failed(format!(
-            "the instance did not take the stop request ({other:?})"
-        ))),
+        other => Err(ControlError::StopNotTaken {
+            answer: format!("{other:?}"),
+        }
+        .into()),
     }
 }
 
@@ -405,17 +406,18 @@ fn connect(socket: &Path, starting: &mut dyn FnMut() -> bool) -> Result<UnixStre
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
         );
         if !(absent && starting()) {
-            return Err(Error::Failed(format!(
-                "cannot reach the instance's control socket {}: {err}; is it still running? ('app instance list')",
-                socket.display()
-            )));
+            return Err(ControlError::Unreachable {
+                socket: socket.to_path_buf(),
+                source: err,
+            }
+            .into());
         }
         if Instant::now() >= deadline {
-            return Err(Error::Failed(format!(
-                "the instance is still starting after {}s and does not serve its control socket {} yet; try again, or see 'app instance info'",
-                START_PATIENCE.as_secs(),
-                socket.display()
-            )));
+            return Err(ControlError::StillStarting {
+                patience: START_PATIENCE,
+                socket: socket.to_path_buf(),
+            }
+            .into());
         }
         thread::sleep(START_POLL);
     }
@@ -489,14 +491,13 @@ pub fn run_in(
                 return Ok(body.first().copied().unwrap_or(1));
             }
             Some((ERROR, body)) => {
-                return Err(Error::Failed(String::from_utf8_lossy(&body).into_owned()));
+                return Err(
+                    ControlError::Refused(String::from_utf8_lossy(&body).into_owned()).into(),
+                );
             }
             Some(_) => {}
             None => {
-                return Err(Error::Failed(
-                    "the instance closed the connection before the command ended (it may have stopped)"
-                        .into(),
-                ));
+                return Err(ControlError::Closed.into());
             }
         }
     }

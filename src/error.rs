@@ -7,6 +7,24 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+mod api;
+mod control;
+mod db;
+mod instance;
+mod mcp;
+mod paths;
+mod run;
+mod worktree;
+
+pub use api::ApiStartError;
+pub use control::ControlError;
+pub use db::{DbError, NoteError};
+pub use instance::InstanceError;
+pub use mcp::McpError;
+pub use paths::PathsError;
+pub use run::RunError;
+pub use worktree::WorktreeError;
+
 /// Exit code for a failure that is neither bad input nor contention.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or bad input; nothing was changed.
@@ -37,15 +55,6 @@ pub enum Error {
     /// Something the user asked for is held by someone else.
     #[error("{0}")]
     Busy(String),
-
-    /// No instance with that id is registered.
-    #[error(
-        "no instance {id} is registered in this repository; 'app instance list --all' shows every entry"
-    )]
-    UnknownInstance {
-        /// The id that was asked for.
-        id: String,
-    },
 
     /// An operation failed for a reason that is neither bad input nor contention.
     #[error("{0}")]
@@ -83,7 +92,7 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// A database operation failed (busy past the deadline is [`Error::Busy`] instead).
+    /// A database operation failed (busy past the deadline is [`DbError::Locked`] instead).
     #[error("{message}: {source}")]
     Database {
         /// What `app` was doing, naming the database.
@@ -92,6 +101,10 @@ pub enum Error {
         #[source]
         source: libsql::Error,
     },
+
+    /// The repository's layout (its `.app/` directory, a path given) refused.
+    #[error(transparent)]
+    Paths(#[from] PathsError),
 
     /// A named lock refused.
     #[error(transparent)]
@@ -104,6 +117,38 @@ pub enum Error {
     /// A path reservation refused.
     #[error(transparent)]
     Reserve(#[from] ReserveError),
+
+    /// An instance worktree was refused or could not be made or removed.
+    #[error(transparent)]
+    Worktree(#[from] WorktreeError),
+
+    /// An instance could not be registered, found or reached.
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+
+    /// An orchestrated run was refused.
+    #[error(transparent)]
+    Run(#[from] RunError),
+
+    /// An instance's control socket failed its client.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+
+    /// The HTTP API could not be bound or started.
+    #[error(transparent)]
+    ApiStart(#[from] ApiStartError),
+
+    /// An MCP tool refused its arguments, or the MCP server failed.
+    #[error(transparent)]
+    Mcp(#[from] McpError),
+
+    /// The database was refused or is out of reach.
+    #[error(transparent)]
+    Db(#[from] DbError),
+
+    /// A note was refused.
+    #[error(transparent)]
+    Note(#[from] NoteError),
 
     /// A state file could not be parsed.
     #[error("{} is not valid JSON ({source}); run 'app doctor --fix' to move it aside (kept for you to read; running instances register again)", path.display())]
@@ -120,13 +165,20 @@ impl Error {
     /// The process exit code this error maps to.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::NotARepository { .. } | Error::BadInput(_) | Error::UnknownInstance { .. } => {
-                EXIT_USAGE
-            }
+            Error::NotARepository { .. } | Error::BadInput(_) => EXIT_USAGE,
             Error::Busy(_) => EXIT_BUSY,
+            Error::Paths(err) => err.exit_code(),
             Error::Lock(err) => err.exit_code(),
             Error::Queue(err) => err.exit_code(),
             Error::Reserve(err) => err.exit_code(),
+            Error::Worktree(err) => err.exit_code(),
+            Error::Instance(err) => err.exit_code(),
+            Error::Run(err) => err.exit_code(),
+            Error::Control(err) => err.exit_code(),
+            Error::ApiStart(err) => err.exit_code(),
+            Error::Mcp(err) => err.exit_code(),
+            Error::Db(err) => err.exit_code(),
+            Error::Note(err) => err.exit_code(),
             Error::Spawn { source, .. } => crate::process::spawn_failure_code(source),
             Error::Failed(_)
             | Error::Git { .. }

@@ -313,11 +313,13 @@ impl Locks {
         self.save(&granted)?;
         Ok(Ok(granted.token))
     }
+}
 
+impl LockStore for Locks {
     /// Waits up to `request.timeout` for the lock; returns its fencing token. Times out with
     /// [`LockError::Held`] naming the holder.
     #[tracing::instrument(skip_all, fields(lock = %request.name))]
-    pub fn acquire(&self, request: &Request) -> Result<u64> {
+    fn acquire(&self, request: &Request) -> Result<u64> {
         // A timeout past what an Instant can hold never runs out.
         let deadline = Instant::now().checked_add(request.timeout);
         if let Ok(token) = self.try_acquire(request)? {
@@ -348,13 +350,8 @@ impl Locks {
         }
     }
 
-    /// Acquires and returns a guard that releases on drop.
-    pub fn hold(&self, request: &Request) -> Result<LockGuard> {
-        hold(Box::new(self.clone()), request)
-    }
-
     /// Releases `name` if `holder` holds it (or anyone does, with `force`).
-    pub fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
+    fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
         LockName::parse(name)?;
         let snapshot = self.snapshot()?;
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
@@ -387,7 +384,7 @@ impl Locks {
     }
 
     /// Every lock that has ever been granted, by name, with why its hold lapsed if it did.
-    pub fn list(&self) -> Result<Vec<(LockState, Option<String>)>> {
+    fn list(&self) -> Result<Vec<(LockState, Option<String>)>> {
         let snapshot = self.snapshot()?;
         let roster = LocalRoster::new(&snapshot, self.stale_after);
         let dir = self.paths.named_locks_dir();
@@ -404,20 +401,6 @@ impl Locks {
             }
         }
         Ok(out)
-    }
-}
-
-impl LockStore for Locks {
-    fn acquire(&self, request: &Request) -> Result<u64> {
-        Locks::acquire(self, request)
-    }
-
-    fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
-        Locks::release(self, name, holder, force)
-    }
-
-    fn list(&self) -> Result<Vec<(LockState, Option<String>)>> {
-        Locks::list(self)
     }
 }
 

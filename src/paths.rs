@@ -34,7 +34,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{Error, GitContext, IoContext, Result};
+use crate::error::{Error, GitContext, IoContext, PathsError, Result};
 use crate::state;
 
 /// Name of the state directory under the repo root.
@@ -70,11 +70,8 @@ impl AppPaths {
         // repository was discovered from a linked worktree.
         let main = git2::Repository::open(&common)
             .git_context(|| format!("opening the repository at {}", common.display()))?;
-        let root = main.workdir().ok_or_else(|| {
-            Error::bad_input(format!(
-                "{} is a bare repository; app needs a repository with a working tree",
-                common.display()
-            ))
+        let root = main.workdir().ok_or_else(|| PathsError::Bare {
+            common: common.clone(),
         })?;
         let repo_root = fs::canonicalize(root).io_context("resolving", root)?;
         let git_common_dir = fs::canonicalize(&common).io_context("resolving", &common)?;
@@ -247,12 +244,10 @@ impl AppPaths {
                 // Creating worktrees/ creates .app/ with it, both 0700. Another process may
                 // make .app at the same moment: check what is there now either way.
                 state::create_private_dir_all(&self.worktrees_dir())?;
-                self.check_state_dir()?.ok_or_else(|| {
-                    Error::Failed(format!(
-                        "{} vanished as it was made",
-                        self.state_dir.display()
-                    ))
-                })?
+                self.check_state_dir()?
+                    .ok_or_else(|| PathsError::Vanished {
+                        dir: self.state_dir.clone(),
+                    })?
             }
         };
         if meta.permissions().mode() & 0o077 != 0 {
@@ -284,25 +279,23 @@ impl AppPaths {
         let meta = match fs::metadata(dir) {
             Ok(meta) => meta,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::bad_input(format!(
-                    "{named} names nothing; app keeps its state in .app/: point the symlink at a directory of yours, or remove it"
-                )));
+                return Err(PathsError::Dangling { named }.into());
             }
             Err(err) => return Err(Error::io("reading", dir, err)),
         };
         if !meta.is_dir() {
-            return Err(Error::bad_input(format!(
-                "{named} is not a directory; app keeps its state in a directory .app/ at the repository root: move that file away (e.g. 'mv .app .app.orig') and run again"
-            )));
+            return Err(PathsError::NotADirectory { named }.into());
         }
         let me = nix::unistd::geteuid().as_raw();
         if meta.uid() != me {
-            return Err(Error::bad_input(format!(
-                "{named} is owned by uid {}{}, not by you (uid {me}{}); app keeps private state there (its key, the registries) and uses only a directory of your own: run app as that user, or have the directory removed (by its owner or root) so app makes a new one",
-                meta.uid(),
-                user_name(meta.uid()),
-                user_name(me),
-            )));
+            return Err(PathsError::NotYours {
+                named,
+                owner: meta.uid(),
+                owner_name: user_name(meta.uid()),
+                me,
+                my_name: user_name(me),
+            }
+            .into());
         }
         Ok(Some(meta))
     }
@@ -372,12 +365,12 @@ pub fn relative_to(root: &Path, cwd: &Path, file: &str) -> Result<String> {
             other => normal.push(other),
         }
     }
-    let inside = normal.strip_prefix(&root).map_err(|_| {
-        Error::bad_input(format!(
-            "{file} is outside the worktree {}; give paths inside it",
-            root.display()
-        ))
-    })?;
+    let inside = normal
+        .strip_prefix(&root)
+        .map_err(|_| PathsError::OutsideWorktree {
+            file: file.to_string(),
+            root: root.clone(),
+        })?;
     Ok(inside
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::error::QueueError;
-use crate::error::{Error, Result};
+use crate::error::{Error, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::registry::{Roster, Timestamp};
@@ -172,7 +172,7 @@ pub fn route(roster: &dyn Roster, post: Post, max_bytes: usize) -> Result<(Outgo
     } else {
         InstanceId::parse(&post.to)?;
         if roster.instance(&post.to).is_none() {
-            return Err(Error::UnknownInstance { id: post.to });
+            return Err(InstanceError::Unknown { id: post.to }.into());
         }
         (Some(post.to.clone()), vec![post.to])
     };

@@ -209,15 +209,12 @@ impl Reservations {
         self.save(&key, &live)?;
         Ok(result)
     }
+}
 
-    /// Drops lapsed reservations and entries that do not verify; returns how many it dropped.
-    pub fn prune(&self) -> Result<usize> {
-        self.update(true, |_, dropped| Ok(dropped))
-    }
-
+impl ReservationStore for Reservations {
     /// Reserves `patterns` for `holder`; refused with [`ReserveError::Overlap`] when an exclusive claim
     /// (theirs or this one) overlaps another live holder's.
-    pub fn reserve(
+    fn reserve(
         &self,
         holder: &Holder,
         patterns: &[Glob],
@@ -261,7 +258,7 @@ impl Reservations {
 
     /// Drops `holder`'s reservations of `patterns` (all of them when empty); returns how many
     /// patterns were released.
-    pub fn release(&self, holder: &Holder, patterns: &[String]) -> Result<usize> {
+    fn release(&self, holder: &Holder, patterns: &[String]) -> Result<usize> {
         self.update(false, |live, _| {
             let mut released = 0;
             for r in live.iter_mut().filter(|r| r.holder.same(holder)) {
@@ -276,7 +273,7 @@ impl Reservations {
     }
 
     /// Every reservation with why it lapsed, if it did; forged entries as `(id, reason)`.
-    pub fn list(&self) -> Result<Vec<Listed>> {
+    fn list(&self) -> Result<Vec<Listed>> {
         let snapshot = Registry::open_read_only(&self.paths, &self.keys)?.snapshot()?;
         let roster = LocalRoster::new(&snapshot, self.stale_after);
         Ok(self
@@ -293,7 +290,7 @@ impl Reservations {
 
     /// For each of `files` reserved exclusively by a live holder other than `me`, the file and
     /// the reservation.
-    pub fn conflicts(
+    fn conflicts(
         &self,
         me: Option<&Holder>,
         files: &[String],
@@ -313,37 +310,9 @@ impl Reservations {
         }
         Ok(found)
     }
-}
 
-impl ReservationStore for Reservations {
-    fn reserve(
-        &self,
-        holder: &Holder,
-        patterns: &[Glob],
-        shared: bool,
-        ttl: Option<Duration>,
-        reason: Option<String>,
-    ) -> Result<Reservation> {
-        Reservations::reserve(self, holder, patterns, shared, ttl, reason)
-    }
-
-    fn release(&self, holder: &Holder, patterns: &[String]) -> Result<usize> {
-        Reservations::release(self, holder, patterns)
-    }
-
-    fn list(&self) -> Result<Vec<Listed>> {
-        Reservations::list(self)
-    }
-
-    fn conflicts(
-        &self,
-        me: Option<&Holder>,
-        files: &[String],
-    ) -> Result<Vec<(String, Reservation)>> {
-        Reservations::conflicts(self, me, files)
-    }
-
+    /// Drops lapsed reservations and entries that do not verify; returns how many it dropped.
     fn prune(&self) -> Result<usize> {
-        Reservations::prune(self)
+        self.update(true, |_, dropped| Ok(dropped))
     }
 }

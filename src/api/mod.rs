@@ -41,7 +41,7 @@ use self::feed::{ApiEvent, Hub};
 use crate::config::{DEFAULT_API_PORT_RANGE, Settings};
 use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
-use crate::error::{EXIT_BUSY, EXIT_USAGE, Error, Result};
+use crate::error::{ApiStartError, EXIT_BUSY, EXIT_USAGE, Error, InstanceError, Result};
 use crate::paths::AppPaths;
 use crate::queue;
 use crate::registry::{Registry, Snapshot};
@@ -107,10 +107,12 @@ pub fn bind(options: &ApiOptions, settings: &Settings) -> Result<Bound> {
         .or_else(|| settings.api_addr.clone())
         .filter(|a| !a.trim().is_empty());
     if options.capacity == 0 || options.capacity > MAX_CAPACITY {
-        return Err(Error::bad_input(format!(
-            "--api-capacity {}: give the number of events buffered per subscriber, 1 to {MAX_CAPACITY} (default {DEFAULT_CAPACITY})",
-            options.capacity
-        )));
+        return Err(ApiStartError::Capacity {
+            capacity: options.capacity,
+            max: MAX_CAPACITY,
+            default: DEFAULT_CAPACITY,
+        }
+        .into());
     }
     let Some(text) = explicit else {
         let range = settings.api_port_range.clone();
@@ -126,25 +128,22 @@ pub fn bind(options: &ApiOptions, settings: &Settings) -> Result<Bound> {
         }
         return Ok(Bound::AllTaken(range));
     };
-    let addr: SocketAddr = text.trim().parse().map_err(|_| {
-        Error::bad_input(format!(
-            "API address {text:?} is not IP:PORT; write e.g. 127.0.0.1:3000"
-        ))
-    })?;
+    let addr: SocketAddr = text
+        .trim()
+        .parse()
+        .map_err(|_| ApiStartError::NotAnAddress { text: text.clone() })?;
     if !addr.ip().is_loopback() && token.is_none() {
-        return Err(Error::bad_input(format!(
-            "the API on {addr} would be reachable from other machines; set APP_API_TOKEN to a secret bearer token, or bind 127.0.0.1"
-        )));
+        return Err(ApiStartError::Reachable { addr }.into());
     }
     let listener = TcpListener::bind(addr).map_err(|err| {
         if err.kind() == std::io::ErrorKind::AddrInUse {
-            Error::Busy(format!(
-                "API address {addr} is taken; pick another --api-addr, or leave it out to take the first free port of the range (APP_API_PORT_RANGE, default {}-{})",
-                DEFAULT_API_PORT_RANGE.start(),
-                DEFAULT_API_PORT_RANGE.end()
-            ))
+            ApiStartError::Taken {
+                addr,
+                low: *DEFAULT_API_PORT_RANGE.start(),
+                high: *DEFAULT_API_PORT_RANGE.end(),
+            }
         } else {
-            Error::Failed(format!("cannot listen on {addr}: {err}"))
+            ApiStartError::Listen { addr, source: err }
         }
     })?;
     let addr = listener.local_addr().unwrap_or(addr);
@@ -192,6 +191,11 @@ struct AppState {
     stop: StopToken,
 }
 
+/// The failure to set up `what` for the server.
+fn setup(what: &'static str) -> impl Fn(std::io::Error) -> ApiStartError {
+    move |source| ApiStartError::Setup { what, source }
+}
+
 /// Starts serving `binding` on a thread of its own.
 #[tracing::instrument(skip_all)]
 pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
@@ -201,11 +205,11 @@ pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|err| Error::Failed(format!("cannot start the API's runtime: {err}")))?;
+        .map_err(setup("start the API's runtime"))?;
     binding
         .listener
         .set_nonblocking(true)
-        .map_err(|err| Error::Failed(format!("cannot set up the API's socket: {err}")))?;
+        .map_err(setup("set up the API's socket"))?;
     let state = Arc::new(AppState {
         context,
         hub: hub.clone(),
@@ -221,11 +225,11 @@ pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|err| Error::Failed(format!("cannot start the event feed: {err}")))?;
+            .map_err(setup("start the event feed"))?;
         thread::Builder::new()
             .name("api-db-feed".into())
             .spawn(move || runtime.block_on(feed::tail_database(hub, database, repo_root, stop)))
-            .map_err(|err| Error::Failed(format!("cannot start the event feed: {err}")))?;
+            .map_err(setup("start the event feed"))?;
     }
     let (finished, done) = std::sync::mpsc::channel();
     let (listener, stopped) = (binding.listener, stop.token());
@@ -235,7 +239,7 @@ pub fn start(binding: Binding, context: ApiContext) -> Result<ApiServer> {
             runtime.block_on(serve(listener, state, stopped));
             let _ = finished.send(());
         })
-        .map_err(|err| Error::Failed(format!("cannot start the API thread: {err}")))?;
+        .map_err(setup("start the API thread"))?;
     Ok(ApiServer {
         url,
         hub,
@@ -403,7 +407,9 @@ impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         // By the exit-code contract, so every domain's errors map the same way.
         let (status, kind) = match (&err, err.exit_code()) {
-            (Error::UnknownInstance { .. }, _) => (StatusCode::NOT_FOUND, "not_found"),
+            (Error::Instance(InstanceError::Unknown { .. }), _) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             (_, EXIT_USAGE) => (StatusCode::BAD_REQUEST, "bad_input"),
             (_, EXIT_BUSY) => (StatusCode::CONFLICT, "busy"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),

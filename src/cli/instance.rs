@@ -9,7 +9,7 @@ use super::context::Context;
 use super::output::{self, Fields, Table, outln};
 use crate::config::{self, Timing, format_age};
 use crate::db::instances;
-use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::error::{EXIT_FAILURE, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
@@ -109,11 +109,9 @@ pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {
             let snapshot = registry.snapshot()?;
             let record = snapshot
                 .instance(&id)
-                .ok_or_else(|| Error::UnknownInstance { id: id.clone() })?;
+                .ok_or_else(|| InstanceError::Unknown { id: id.clone() })?;
             if let Liveness::Stale(reason) = record.liveness(timing.stale_after) {
-                return Err(Error::Failed(format!(
-                    "instance {id} is not running ({reason}); 'app doctor' reclaims what it left"
-                )));
+                return Err(InstanceError::NotRunningForExec { id, reason }.into());
             }
             let stale_after = timing.stale_after;
             crate::control::exec(&paths.control_socket(&id), &command, &mut || {
@@ -205,7 +203,7 @@ fn list_everywhere(ctx: &Context, args: &ListArgs) -> Result<u8> {
                 row.id.clone(),
                 row.pid.to_string(),
                 row.host.clone(),
-                row.status.clone(),
+                row.status.to_string(),
                 row.last_heartbeat.clone(),
                 row.branch.clone().unwrap_or_else(|| "-".into()),
                 row.repo_root.clone(),
@@ -279,7 +277,7 @@ fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8>
     let snapshot = registry.snapshot()?;
     let record = snapshot
         .instance(id)
-        .ok_or_else(|| Error::UnknownInstance { id: id.to_string() })?;
+        .ok_or_else(|| InstanceError::Unknown { id: id.to_string() })?;
     let liveness = record.liveness(timing.stale_after);
     if json {
         output::json(&row_json(&Row::Valid(record, liveness)));
@@ -362,7 +360,7 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
     for id in &args.instances {
         InstanceId::parse(id)?;
         if snapshot.instance(id).is_none() {
-            return Err(Error::UnknownInstance { id: id.clone() });
+            return Err(InstanceError::Unknown { id: id.clone() }.into());
         }
     }
     let targets: Vec<(String, Liveness)> = if args.instances.is_empty() {
@@ -382,9 +380,7 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
             .collect()
     };
     if targets.is_empty() {
-        return Err(Error::Failed(
-            "no live instance to run it in; 'app instance list' shows them".into(),
-        ));
+        return Err(InstanceError::NoneLive.into());
     }
     let runs: Vec<_> = targets
         .into_iter()

@@ -14,7 +14,7 @@ use super::context::Context;
 use super::output::{self, Table, outln};
 use crate::config::format_age;
 use crate::db::runs::{self, RunRow, TaskRow, TaskStatus};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, RunError};
 use crate::orchestrate::plan::Plan;
 use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
 use crate::registry::Timestamp;
@@ -430,11 +430,13 @@ pub(super) fn runs(ctx: &Context, command: RunsCommand) -> Result<u8> {
         }
         RunsCommand::Logs { run, task, follow } => {
             let (_, tasks) = load(ctx, &run)?;
-            let row = tasks.iter().find(|t| t.task_id == task).ok_or_else(|| {
-                Error::bad_input(format!(
-                    "run {run} has no task {task:?}; 'app runs show {run}' lists them"
-                ))
-            })?;
+            let row = tasks
+                .iter()
+                .find(|t| t.task_id == task)
+                .ok_or_else(|| RunError::NoTask {
+                    run: run.clone(),
+                    task: task.clone(),
+                })?;
             let path = paths.task_log(&run, &task);
             print_log(
                 &path,
@@ -447,10 +449,8 @@ pub(super) fn runs(ctx: &Context, command: RunsCommand) -> Result<u8> {
 fn load(ctx: &Context, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
     let (row, mut tasks) =
         ctx.with_db(async |db| Ok((runs::get(db, run).await?, runs::tasks(db, run).await?)))?;
-    let row = row.ok_or_else(|| {
-        Error::bad_input(format!(
-            "no run {run:?}; 'app runs list' shows this repository's runs"
-        ))
+    let row = row.ok_or_else(|| RunError::Unknown {
+        id: run.to_string(),
     })?;
     // Plan order, as the plan listed them.
     let order: Vec<String> = Plan::of_run(&row)
@@ -469,10 +469,10 @@ fn load(ctx: &Context, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
 /// pending or running.
 fn print_log(path: &Path, follow: Option<(&Context, &str, &str)>) -> Result<u8> {
     if follow.is_none() && !path.exists() {
-        return Err(Error::bad_input(format!(
-            "no log at {} yet: the task has not started",
-            path.display()
-        )));
+        return Err(RunError::NoLog {
+            path: path.to_path_buf(),
+        }
+        .into());
     }
     let mut offset = 0u64;
     loop {

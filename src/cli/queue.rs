@@ -10,7 +10,7 @@ use super::context::{Context, RepoContext};
 use super::output::{self, outln};
 use crate::config;
 use crate::coordination::Coordination;
-use crate::error::{EXIT_FAILURE, Error, Result};
+use crate::error::{EXIT_FAILURE, Error, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::queue::{self, Message};
 use crate::registry::Snapshot;
@@ -99,7 +99,7 @@ fn acting(
     };
     InstanceId::parse(&id)?;
     if snapshot.instance(&id).is_none() {
-        return Err(Error::UnknownInstance { id });
+        return Err(InstanceError::Unknown { id }.into());
     }
     Ok(id)
 }

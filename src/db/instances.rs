@@ -7,9 +7,34 @@ use std::time::{Duration, SystemTime};
 use libsql::Value;
 use serde::Serialize;
 
+use super::status::{self, stored_status};
 use super::{Db, integer, opt, opt_text, text};
 use crate::error::Result;
-use crate::registry::{InstanceRecord, Timestamp};
+use crate::registry::{InstanceRecord, InstanceStatus, Timestamp};
+
+stored_status! {
+    /// Where a mirrored instance is: its registry status, or stopped once it ended.
+    MirrorStatus {
+        /// Registered, command not started yet.
+        Starting = "starting",
+        /// The command is running.
+        Running = "running",
+        /// The command is being stopped or has exited; cleanup is under way.
+        Stopping = "stopping",
+        /// The instance ended and left the registry.
+        Stopped = "stopped",
+    }
+}
+
+impl From<InstanceStatus> for MirrorStatus {
+    fn from(status: InstanceStatus) -> Self {
+        match status {
+            InstanceStatus::Starting => MirrorStatus::Starting,
+            InstanceStatus::Running => MirrorStatus::Running,
+            InstanceStatus::Stopping => MirrorStatus::Stopping,
+        }
+    }
+}
 
 /// One registration as the database holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -32,8 +57,8 @@ pub struct InstanceRow {
     pub base: Option<String>,
     /// The command it ran.
     pub command: Vec<String>,
-    /// `starting`, `running`, `stopping` or `stopped`.
-    pub status: String,
+    /// Where it is.
+    pub status: MirrorStatus,
     /// When it registered.
     pub started_at: String,
     /// Its last heartbeat.
@@ -57,7 +82,7 @@ impl InstanceRow {
             branch: record.branch.clone(),
             base: record.base.clone(),
             command: record.command.clone(),
-            status: record.status.to_string(),
+            status: record.status.into(),
             started_at: record.started_at.to_string(),
             last_heartbeat: record.heartbeat_at.to_string(),
             stopped_at: None,
@@ -88,7 +113,7 @@ pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
             opt(row.branch.clone()),
             opt(row.base.clone()),
             Value::Text(serde_json::to_string(&row.command).expect("strings serialize")),
-            Value::Text(row.status.clone()),
+            Value::Text(row.status.as_str().into()),
             Value::Text(row.started_at.clone()),
             Value::Text(row.last_heartbeat.clone()),
             opt(row.stopped_at.clone()),
@@ -110,8 +135,11 @@ pub async fn live_everywhere(db: &Db, stale_after: Duration) -> Result<Vec<Insta
     let cutoff = Timestamp::from(cutoff).to_string();
     select(
         db,
-        "WHERE status != 'stopped' AND last_heartbeat >= ?1 ORDER BY started_at",
-        vec![Value::Text(cutoff)],
+        "WHERE status != ?2 AND last_heartbeat >= ?1 ORDER BY started_at",
+        vec![
+            Value::Text(cutoff),
+            Value::Text(MirrorStatus::Stopped.as_str().into()),
+        ],
     )
     .await
 }
@@ -141,23 +169,24 @@ async fn select(db: &Db, clause: &str, params: Vec<Value>) -> Result<Vec<Instanc
             params,
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|row| InstanceRow {
-            id: text(&row[0]),
-            repo_root: text(&row[1]),
-            host: text(&row[2]),
-            pid: integer(&row[3]).unwrap_or_default(),
-            start_time: integer(&row[4]).unwrap_or_default(),
-            worktree: opt_text(&row[5]),
-            branch: opt_text(&row[6]),
-            base: opt_text(&row[7]),
-            command: serde_json::from_str(&text(&row[8])).unwrap_or_default(),
-            status: text(&row[9]),
-            started_at: text(&row[10]),
-            last_heartbeat: text(&row[11]),
-            stopped_at: opt_text(&row[12]),
-            exit_code: integer(&row[13]),
+    rows.iter()
+        .map(|row| {
+            Ok(InstanceRow {
+                id: text(&row[0]),
+                repo_root: text(&row[1]),
+                host: text(&row[2]),
+                pid: integer(&row[3]).unwrap_or_default(),
+                start_time: integer(&row[4]).unwrap_or_default(),
+                worktree: opt_text(&row[5]),
+                branch: opt_text(&row[6]),
+                base: opt_text(&row[7]),
+                command: serde_json::from_str(&text(&row[8])).unwrap_or_default(),
+                status: status::parse(&row[9], "instance status", MirrorStatus::parse)?,
+                started_at: text(&row[10]),
+                last_heartbeat: text(&row[11]),
+                stopped_at: opt_text(&row[12]),
+                exit_code: integer(&row[13]),
+            })
         })
-        .collect())
+        .collect()
 }

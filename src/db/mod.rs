@@ -3,7 +3,7 @@
 //! Invariants:
 //! - Every write goes through [`Db::execute`] or [`Db::transaction`]: a `BEGIN IMMEDIATE`
 //!   transaction on a local file (one transactional batch request against a server), retried on SQLITE_BUSY/SQLITE_LOCKED with backoff up to the
-//!   deadline ([`retry`]), then [`Error::Busy`] (exit 3) naming the database.
+//!   deadline ([`retry`]), then [`DbError::Locked`] (exit 3) naming the database.
 //! - The schema is the files of `schema/`, embedded and applied in order once per database
 //!   ([`schema`]); two processes opening an empty database at once both succeed.
 //! - Result sets are read to the end and dropped inside the helper that ran them, so no open
@@ -19,6 +19,7 @@ pub mod notes;
 pub mod retry;
 pub mod runs;
 pub mod schema;
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use libsql::{Builder, Connection, Database, TransactionBehavior, Value};
 
 use crate::config::{self, Settings};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{DbError, Error, IoContext, Result};
 use crate::state;
 
 /// How long one request to a server may go unanswered before it is sent again.
@@ -72,9 +73,7 @@ impl Location {
         let token = || var("APP_DB_AUTH_TOKEN").unwrap_or_default();
         if let Some(url) = var("APP_DB_URL") {
             if !is_server_url(&url) {
-                return Err(Error::bad_input(format!(
-                    "APP_DB_URL={url:?} is not a libSQL server URL; use http://, https:// or libsql://, or APP_DB_PATH for a file"
-                )));
+                return Err(DbError::NotAServerUrl { url }.into());
             }
             return Ok(Location::Remote {
                 url,
@@ -296,17 +295,15 @@ impl Db {
 
     fn retry_error(&self, what: &str, err: retry::RetryError) -> Error {
         match err {
-            retry::RetryError::Deadline { last, attempts } => Error::Busy(format!(
-                "the database {} stayed locked by another writer for {} ({attempts} attempts) while {what}: {last}; {}retry later, or raise APP_DB_RETRY_DEADLINE",
-                self.location,
-                config::format_age(self.settings.retry_deadline),
-                if self.is_local() {
-                    "nothing was written; "
-                } else {
-                    // The server queues a request behind the lock; giving up cannot recall it.
-                    "the server may still apply a write it already received once the lock frees; "
-                }
-            )),
+            retry::RetryError::Deadline { last, attempts } => DbError::Locked {
+                location: self.location.to_string(),
+                waited: config::format_age(self.settings.retry_deadline),
+                attempts,
+                what: what.to_string(),
+                local: self.is_local(),
+                source: last,
+            }
+            .into(),
             retry::RetryError::Failed(source) => Error::Database {
                 message: format!("{what} (database {})", self.location),
                 source,

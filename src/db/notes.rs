@@ -9,7 +9,7 @@ use libsql::Value;
 use serde::Serialize;
 
 use super::{Db, integer, opt, opt_text, text};
-use crate::error::{Error, Result};
+use crate::error::{NoteError, Result};
 use crate::ids::Namespace;
 use crate::process;
 use crate::registry::Timestamp;
@@ -41,16 +41,17 @@ pub struct Note {
 /// Checks a note's content: not blank, at most [`MAX_NOTE_BYTES`].
 pub fn validate_content(content: &str) -> Result<()> {
     if content.contains('\0') {
-        return Err(Error::bad_input("the note contains a NUL character"));
+        return Err(NoteError::Nul.into());
     }
     if content.trim().is_empty() {
-        return Err(Error::bad_input("the note is empty; give its text"));
+        return Err(NoteError::Empty.into());
     }
     if content.len() > MAX_NOTE_BYTES {
-        return Err(Error::bad_input(format!(
-            "the note is {} bytes; the limit is {MAX_NOTE_BYTES}",
-            content.len()
-        )));
+        return Err(NoteError::TooLarge {
+            len: content.len(),
+            max: MAX_NOTE_BYTES,
+        }
+        .into());
     }
     Ok(())
 }
@@ -58,9 +59,11 @@ pub fn validate_content(content: &str) -> Result<()> {
 /// Checks a limit: 1 to [`MAX_LIMIT`].
 pub fn validate_limit(limit: u32) -> Result<()> {
     if limit == 0 || limit > MAX_LIMIT {
-        return Err(Error::bad_input(format!(
-            "--limit must be between 1 and {MAX_LIMIT}, got {limit}"
-        )));
+        return Err(NoteError::Limit {
+            limit,
+            max: MAX_LIMIT,
+        }
+        .into());
     }
     Ok(())
 }
@@ -73,9 +76,7 @@ pub fn fts_query(query: &str) -> Result<String> {
         .map(|word| format!("\"{}\"", word.replace('"', "\"\"")))
         .collect();
     if terms.is_empty() {
-        return Err(Error::bad_input(
-            "the search query is empty; give a word to look for",
-        ));
+        return Err(NoteError::EmptyQuery.into());
     }
     Ok(terms.join(" "))
 }

@@ -1,48 +1,13 @@
 //! The `runs` and `run_tasks` tables: the state of orchestrated runs (`app orchestrate`).
 
-use std::fmt;
-
 use libsql::Value;
 use serde::Serialize;
 
+use super::status::{self, stored_status};
 use super::{Db, integer, opt, opt_text, text};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-/// Declares a status enum stored as the text in its table; `parse` is the inverse of `as_str`.
-macro_rules! status {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-        pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
-        }
-
-        impl $name {
-            /// The text stored in the database and shown to users.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text,)+
-                }
-            }
-
-            /// The status stored as `text`.
-            pub fn parse(text: &str) -> Option<$name> {
-                match text {
-                    $($text => Some($name::$variant),)+
-                    _ => None,
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-status! {
+stored_status! {
     /// Where a run is.
     RunStatus {
         /// The orchestrator is (or was, until it died) running it.
@@ -56,7 +21,7 @@ status! {
     }
 }
 
-status! {
+stored_status! {
     /// Where a task of a run is.
     TaskStatus {
         /// Not started yet (or waiting for a retry).
@@ -82,16 +47,6 @@ impl TaskStatus {
             TaskStatus::Failed | TaskStatus::Skipped | TaskStatus::Cancelled
         )
     }
-}
-
-/// The status in column `column` of a row, which an older or newer `app` may have written.
-fn status<T>(value: &Value, column: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
-    let text = text(value);
-    parse(&text).ok_or_else(|| {
-        Error::Failed(format!(
-            "the database holds an unknown {column} '{text}'; was it written by a newer app? upgrade app"
-        ))
-    })
 }
 
 /// One run.
@@ -240,7 +195,7 @@ fn run_row(row: &[Value]) -> Result<RunRow> {
         repo_root: text(&row[2]),
         host: text(&row[3]),
         plan: json(&row[4]),
-        status: status(&row[5], "run status", RunStatus::parse)?,
+        status: status::parse(&row[5], "run status", RunStatus::parse)?,
         started_at: text(&row[6]),
         finished_at: opt_text(&row[7]),
         pid: integer(&row[8]),
@@ -307,7 +262,7 @@ fn task_row(row: &[Value]) -> Result<TaskRow> {
     Ok(TaskRow {
         run_id: text(&row[0]),
         task_id: text(&row[1]),
-        status: status(&row[2], "task status", TaskStatus::parse)?,
+        status: status::parse(&row[2], "task status", TaskStatus::parse)?,
         attempts: integer(&row[3]).unwrap_or(0),
         started_at: opt_text(&row[4]),
         finished_at: opt_text(&row[5]),

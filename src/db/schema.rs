@@ -9,7 +9,7 @@
 use libsql::Value;
 
 use super::{Db, integer};
-use crate::error::{Error, Result};
+use crate::error::{DbError, Result};
 use crate::registry::Timestamp;
 
 /// A schema change: its number, name and SQL.
@@ -77,10 +77,12 @@ pub async fn version(db: &Db) -> Result<i64> {
 pub async fn migrate(db: &Db) -> Result<usize> {
     let current = version(db).await?;
     if current > LATEST {
-        return Err(Error::Failed(format!(
-            "the database {} has schema version {current}, newer than this app's {LATEST}; upgrade app",
-            db.location()
-        )));
+        return Err(DbError::NewerSchema {
+            location: db.location().to_string(),
+            current,
+            latest: LATEST,
+        }
+        .into());
     }
     if current == LATEST {
         return Ok(0);

@@ -12,7 +12,7 @@ use std::ops::RangeInclusive;
 use git2::Repository;
 
 use crate::config::Timing;
-use crate::error::{Error, Result};
+use crate::error::{InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::ports;
@@ -35,7 +35,7 @@ pub(super) fn choose_id(
         None => (0..16)
             .map(|_| random_id())
             .find(|id| !id_in_use(repo, paths, snapshot, id))
-            .ok_or_else(|| Error::Failed("could not find an unused instance id".into())),
+            .ok_or_else(|| InstanceError::NoFreeId.into()),
     }
 }
 
@@ -60,10 +60,12 @@ fn refuse_live_holder(snapshot: &Snapshot, name: &str, timing: Timing) -> Result
     if let Some(record) = snapshot.instance(name)
         && record.liveness(timing.stale_after) == Liveness::Live
     {
-        return Err(Error::Busy(format!(
-            "instance name {name:?} is held by a live instance (pid {}, started {}); pick another --instance or stop it with 'app instance stop {name}'",
-            record.pid, record.started_at
-        )));
+        return Err(InstanceError::NameHeld {
+            name: name.to_string(),
+            pid: record.pid,
+            started: record.started_at.to_string(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -120,16 +122,17 @@ pub(super) fn claim(
 fn check_id(tables: &Tables, record: &InstanceRecord, timing: Timing) -> Result<()> {
     if let Some(existing) = tables.instance(&record.id) {
         if existing.liveness(timing.stale_after) == Liveness::Live {
-            return Err(Error::Busy(format!(
-                "instance name {:?} is held by a live instance (pid {}); pick another --instance",
-                record.id, existing.pid
-            )));
+            return Err(InstanceError::NameTaken {
+                name: record.id.clone(),
+                pid: existing.pid,
+            }
+            .into());
         }
     } else if tables.has_instance_key(&record.id) {
-        return Err(Error::Failed(format!(
-            "the registry holds an entry for {:?} that does not verify; run 'app doctor' to see it",
-            record.id
-        )));
+        return Err(InstanceError::Unverified {
+            id: record.id.clone(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -159,10 +162,12 @@ fn claim_branch(
         return Ok(());
     };
     if !ci {
-        return Err(Error::Busy(format!(
-            "branch {} is held by live instance {} (pid {}); pick another --branch",
-            plan.branch, other.id, other.pid
-        )));
+        return Err(InstanceError::BranchHeld {
+            branch: plan.branch.clone(),
+            holder: other.id,
+            pid: other.pid,
+        }
+        .into());
     }
     // `app ci` jobs on one branch never collide: this one tests it detached, at the commit the
     // branch has (or, while another job is creating it, will have).
@@ -193,10 +198,11 @@ fn lease_ports(
         .flatten()
         .collect();
     ports::lease(count, &taken, port_range.clone()).ok_or_else(|| {
-        Error::Busy(format!(
-            "no {count} consecutive free ports in {}-{}; ask for fewer or set APP_PORT_RANGE",
-            port_range.start(),
-            port_range.end()
-        ))
+        InstanceError::NoPorts {
+            count,
+            low: *port_range.start(),
+            high: *port_range.end(),
+        }
+        .into()
     })
 }

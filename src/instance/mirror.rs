@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::db::events::NewEvent;
-use crate::db::instances::InstanceRow;
+use crate::db::instances::{InstanceRow, MirrorStatus};
 use crate::db::mirror::{Mirror, MirrorSender, Update};
 use crate::db::{DbSettings, Location};
 use crate::paths::AppPaths;
@@ -54,7 +54,7 @@ impl DbMirror {
     ) {
         let mut row = InstanceRow::from_record(record, &self.repo_root);
         let now = Timestamp::now().to_string();
-        row.status = "stopped".into();
+        row.status = MirrorStatus::Stopped;
         row.last_heartbeat = now.clone();
         row.stopped_at = Some(now);
         row.exit_code = exit_code.map(i64::from);

@@ -24,7 +24,7 @@ use git2::Repository;
 use crate::api::{self, ApiOptions, Bound};
 use crate::config::Settings;
 use crate::db::{DbSettings, Location};
-use crate::error::{Error, GitContext, Result};
+use crate::error::{GitContext, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::ports;
@@ -250,9 +250,7 @@ pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunO
 /// The checks of `options` that need nothing on disk.
 fn validate(options: &RunOptions) -> Result<()> {
     if options.command.is_empty() && !matches!(options.mode, Mode::Serve) {
-        return Err(Error::bad_input(
-            "no command given; write it after '--', e.g. app run -- bash",
-        ));
+        return Err(InstanceError::NoCommand.into());
     }
     if let Some(name) = &options.name {
         InstanceId::parse(name)?;

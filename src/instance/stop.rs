@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 
 use crate::config::Timing;
 use crate::control;
-use crate::error::{Error, Result};
+use crate::error::{InstanceError, Result};
 use crate::process::{Presence, ProcessIdentity};
 use crate::registry::{Liveness, Registry};
 
@@ -44,12 +44,14 @@ pub fn stop(
     let snapshot = registry.snapshot()?;
     let record = snapshot
         .instance(id)
-        .ok_or_else(|| Error::UnknownInstance { id: id.to_string() })?
+        .ok_or_else(|| InstanceError::Unknown { id: id.to_string() })?
         .clone();
     if let Liveness::Stale(reason) = record.liveness(timing.stale_after) {
-        return Err(Error::Failed(format!(
-            "instance {id} is not running ({reason}); 'app doctor --fix' reclaims what it left"
-        )));
+        return Err(InstanceError::NotRunning {
+            id: id.to_string(),
+            reason,
+        }
+        .into());
     }
     let supervisor = record.identity();
     let route = match control::request_stop(&registry.paths().control_socket(id)) {

@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{McpError, Result};
 
 /// The longest a call may wait (`wait_seconds`).
 pub(super) const MAX_WAIT_SECONDS: f64 = 600.0;
@@ -164,9 +164,11 @@ pub(crate) struct RecallArgs {
 pub(super) fn wait(seconds: Option<f64>) -> Result<Duration> {
     let seconds = seconds.unwrap_or(0.0);
     if !(0.0..=MAX_WAIT_SECONDS).contains(&seconds) {
-        return Err(Error::bad_input(format!(
-            "wait_seconds {seconds} is out of range; give 0 to {MAX_WAIT_SECONDS}"
-        )));
+        return Err(McpError::Wait {
+            seconds,
+            max: MAX_WAIT_SECONDS,
+        }
+        .into());
     }
     Ok(Duration::from_secs_f64(seconds))
 }
@@ -176,17 +178,22 @@ pub(super) fn ttl(seconds: Option<u64>) -> Result<Option<Duration>> {
     match seconds {
         None => Ok(None),
         Some(s) if (1..=MAX_TTL_SECONDS).contains(&s) => Ok(Some(Duration::from_secs(s))),
-        Some(s) => Err(Error::bad_input(format!(
-            "ttl_seconds {s} is out of range; give 1 to {MAX_TTL_SECONDS}"
-        ))),
+        Some(seconds) => Err(McpError::Ttl {
+            seconds,
+            max: MAX_TTL_SECONDS,
+        }
+        .into()),
     }
 }
 
 pub(super) fn check_count(what: &str, count: usize) -> Result<()> {
     if count > MAX_ITEMS {
-        return Err(Error::bad_input(format!(
-            "{count} {what} in one call; give at most {MAX_ITEMS}"
-        )));
+        return Err(McpError::TooMany {
+            count,
+            what: what.to_string(),
+            max: MAX_ITEMS,
+        }
+        .into());
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::config::Settings;
 use crate::db::Blocking;
-use crate::error::{Error, Result};
+use crate::error::{McpError, Result};
 use crate::paths::AppPaths;
 use crate::sign::Keys;
 
@@ -83,13 +83,14 @@ pub fn serve(
         let (read, write) = rmcp::transport::stdio_pipes();
         let (transport, writer) = stdio::transport(read, write, MAX_REQUEST_BYTES);
         let served = async {
-            let running = server.serve(transport).await.map_err(|err| {
-                Error::Failed(format!("MCP: the client's initialize failed: {err}"))
-            })?;
+            let running = server
+                .serve(transport)
+                .await
+                .map_err(|err| McpError::Initialize(err.to_string()))?;
             running
                 .waiting()
                 .await
-                .map_err(|err| Error::Failed(format!("MCP: the server stopped: {err}")))?;
+                .map_err(|err| McpError::Stopped(err.to_string()))?;
             Ok(())
         }
         .await;
@@ -112,7 +113,7 @@ impl Server {
         let state = Arc::clone(&self.state);
         let result = tokio::task::spawn_blocking(move || work(&state))
             .await
-            .unwrap_or_else(|err| Err(Error::Failed(format!("the tool failed: {err}"))));
+            .unwrap_or_else(|err| Err(McpError::ToolFailed(err.to_string()).into()));
         match result {
             Ok(value) => CallToolResult::structured(value),
             Err(err) => CallToolResult::error(vec![ContentBlock::text(err.to_string())]),

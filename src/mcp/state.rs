@@ -9,7 +9,7 @@ use super::State;
 use super::args::*;
 use crate::coordination::Coordination;
 use crate::db::{Blocking, Db, DbSettings, notes, runs};
-use crate::error::{Error, Result};
+use crate::error::{InstanceError, McpError, Result, RunError};
 use crate::glob::Glob;
 use crate::ids::{LockName, Namespace};
 use crate::lock::{Holder, Released, Request};
@@ -30,12 +30,12 @@ impl State {
 
     /// This server's instance as it is registered now.
     pub(super) fn record(&self, snapshot: &Snapshot) -> Result<InstanceRecord> {
-        snapshot
-            .instance(&self.me)
-            .cloned()
-            .ok_or_else(|| Error::UnknownInstance {
+        snapshot.instance(&self.me).cloned().ok_or_else(|| {
+            InstanceError::Unknown {
                 id: self.me.clone(),
-            })
+            }
+            .into()
+        })
     }
 
     pub(super) fn holder(&self) -> Result<Holder> {
@@ -104,9 +104,11 @@ impl State {
     pub(super) fn receive_messages(&self, args: &ReceiveArgs) -> Result<Value> {
         let limit = args.limit.unwrap_or(20);
         if !(1..=MAX_RECEIVE).contains(&limit) {
-            return Err(Error::bad_input(format!(
-                "limit {limit} is out of range; give 1 to {MAX_RECEIVE}"
-            )));
+            return Err(McpError::Limit {
+                limit,
+                max: MAX_RECEIVE,
+            }
+            .into());
         }
         let deadline = Instant::now() + wait(args.wait_seconds)?;
         let store = self.coordination().messages()?;
@@ -163,11 +165,11 @@ impl State {
             .map(String::as_str)
             .collect();
         if !unknown.is_empty() {
-            return Err(Error::bad_input(format!(
-                "no message {} waits for instance {} (none was acknowledged); receive_messages lists them",
-                unknown.join(", "),
-                self.me
-            )));
+            return Err(McpError::NotWaiting {
+                ids: unknown.join(", "),
+                owner: self.me.clone(),
+            }
+            .into());
         }
         let (mut acknowledged, mut before) = (Vec::new(), Vec::new());
         for id in &args.ids {
@@ -221,9 +223,10 @@ impl State {
             .as_ref()
             .is_some_and(|r| r.len() > MAX_REASON_BYTES)
         {
-            return Err(Error::bad_input(format!(
-                "the reason is longer than {MAX_REASON_BYTES} bytes; shorten it"
-            )));
+            return Err(McpError::ReasonTooLong {
+                max: MAX_REASON_BYTES,
+            }
+            .into());
         }
         let globs = args
             .patterns
@@ -346,7 +349,9 @@ impl State {
         };
         let run = runs::get(db, &task.run_id)
             .await?
-            .ok_or_else(|| Error::Failed(format!("run {} is not in the database", task.run_id)))?;
+            .ok_or_else(|| RunError::Missing {
+                id: task.run_id.clone(),
+            })?;
         let tasks = runs::tasks(db, &run.id).await?;
         let plan = Plan::of_run(&run).ok();
         let depends_on = plan

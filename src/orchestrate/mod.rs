@@ -48,7 +48,7 @@ use self::scheduler::Orchestrator;
 use crate::config::Settings;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{Blocking, DbSettings};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RunError};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::Timestamp;
@@ -180,11 +180,9 @@ impl Summary {
 pub fn prepare(cwd: &Path, plan_file: &Path, options: &Options) -> Result<(AppPaths, Plan)> {
     let paths = AppPaths::discover(cwd)?;
     let repo = refs::open(&paths)?;
-    let text = std::fs::read_to_string(plan_file).map_err(|err| {
-        Error::bad_input(format!(
-            "cannot read the plan {}: {err}",
-            plan_file.display()
-        ))
+    let text = std::fs::read_to_string(plan_file).map_err(|source| RunError::PlanUnreadable {
+        path: plan_file.to_path_buf(),
+        source,
     })?;
     // The run id is made from the plan's name; a file too broken to name one fails in parse.
     let format = plan::Format::of(plan_file);
@@ -194,7 +192,7 @@ pub fn prepare(cwd: &Path, plan_file: &Path, options: &Options) -> Result<(AppPa
     let mut plan = Plan::parse(&text, format, &plan_file.display().to_string(), &run, &repo)?;
     if let Some(max) = options.max_concurrent {
         if max == 0 {
-            return Err(Error::bad_input("--max-concurrent must be at least 1"));
+            return Err(RunError::NoConcurrency.into());
         }
         plan.max_concurrent = max;
     }
@@ -203,19 +201,21 @@ pub fn prepare(cwd: &Path, plan_file: &Path, options: &Options) -> Result<(AppPa
             .find_branch(&task.branch, git2::BranchType::Local)
             .is_ok()
         {
-            return Err(Error::bad_input(format!(
-                "task {:?}: branch {} already exists; give the task another \"branch\" or delete that one",
-                task.id, task.branch
-            )));
+            return Err(RunError::TaskBranchExists {
+                task: task.id.clone(),
+                branch: task.branch.clone(),
+            }
+            .into());
         }
     }
     if let Some(branch) = &plan.integration
         && let Some(path) = worktree::checked_out_in(&repo, branch)?
     {
-        return Err(Error::bad_input(format!(
-            "the integration branch {branch} is checked out in {}; app never moves a checked-out branch: name another \"integration\"",
-            path.display()
-        )));
+        return Err(RunError::IntegrationCheckedOut {
+            branch: branch.clone(),
+            path,
+        }
+        .into());
     }
     Ok((paths, plan))
 }

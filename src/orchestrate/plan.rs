@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::db::runs::RunRow;
 
 use crate::config::parse_duration;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RunError};
 use crate::worktree;
 
 /// A task's command: an argv array, or a string run by `sh -c`.
@@ -271,11 +271,12 @@ pub fn name_in(text: &str, format: Format) -> Option<String> {
 impl Plan {
     /// The plan a run recorded in the database (validated when the run began).
     pub fn of_run(run: &RunRow) -> Result<Plan> {
-        serde_json::from_value(run.plan.clone()).map_err(|err| {
-            Error::Failed(format!(
-                "run {} holds a plan this app cannot read: {err}",
-                run.id
-            ))
+        serde_json::from_value(run.plan.clone()).map_err(|source| {
+            RunError::PlanOfRun {
+                id: run.id.clone(),
+                source,
+            }
+            .into()
         })
     }
 

@@ -13,9 +13,10 @@ use git2::Repository;
 use super::Progress;
 use super::attempt::TASK_STOP_TIMEOUT;
 use crate::config::Timing;
+use crate::db::instances::MirrorStatus;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{self, Blocking};
-use crate::error::{Error, Result};
+use crate::error::{Result, RunError};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
 use crate::registry::{Liveness, Registry};
@@ -25,17 +26,16 @@ use crate::sign::Keys;
 /// orchestrated by a live process (exit 3).
 pub(super) fn require_resumable(paths: &AppPaths, db: &Blocking, id: &str) -> Result<RunRow> {
     let Some(run) = db.run(async |db| runs::get(db, id).await)? else {
-        return Err(Error::bad_input(format!(
-            "no run {id:?} in the database; 'app runs list' shows the runs of this repository"
-        )));
+        return Err(RunError::NotInDatabase { id: id.to_string() }.into());
     };
     // A fleet run is resumed from any clone of its repository (checked against its remote).
     if run.report.get("fleet").is_none() && run.repo_root != paths.repo_root().display().to_string()
     {
-        return Err(Error::bad_input(format!(
-            "run {id} belongs to the repository at {}; resume it from there",
-            run.repo_root
-        )));
+        return Err(RunError::OtherRepository {
+            id: id.to_string(),
+            repo_root: run.repo_root,
+        }
+        .into());
     }
     if let (Some(pid), Some(start_time)) = (run.pid, run.start_time)
         && run.status == RunStatus::Running
@@ -47,9 +47,11 @@ pub(super) fn require_resumable(paths: &AppPaths, db: &Blocking, id: &str) -> Re
             boot_id: process::boot_id().to_string(),
         };
         if owner.presence() == Presence::Running && pid as u32 != std::process::id() {
-            return Err(Error::Busy(format!(
-                "run {id} is still being orchestrated by pid {pid}; wait for it or stop it first"
-            )));
+            return Err(RunError::StillOrchestrated {
+                id: id.to_string(),
+                pid,
+            }
+            .into());
         }
     }
     Ok(run)
@@ -142,10 +144,12 @@ fn survey(
         && let Some(record) = &record
         && let Some(why) = crate::inuse::instance_running(record)
     {
-        return Err(Error::Busy(format!(
-            "task {:?}: its attempt {instance} is dead but {why}; stop that process, then resume again",
-            row.task_id
-        )));
+        return Err(RunError::TaskAttemptInUse {
+            task: row.task_id.clone(),
+            instance: instance.to_string(),
+            why,
+        }
+        .into());
     }
     let started = match &record {
         // The registry is written before the command starts and after it has started.
@@ -155,7 +159,7 @@ fn survey(
         None => db
             .run(async |db| db::instances::history(db, paths.repo_root(), instance).await)?
             .iter()
-            .any(|r| r.status != "starting"),
+            .any(|r| r.status != MirrorStatus::Starting),
     };
     Ok(Leftover {
         task: row.task_id.clone(),
@@ -178,15 +182,18 @@ fn reclaim_attempt(
     let snapshot = Registry::open_read_only(paths, keys)?.snapshot()?;
     if let Some(record) = snapshot.instance(instance) {
         if record.liveness(timing.stale_after) == Liveness::Live {
-            return Err(Error::Busy(format!(
-                "attempt {instance} still runs (pid {}) after being asked to stop; stop it with 'app instance stop {instance}', then resume again",
-                record.pid
-            )));
+            return Err(RunError::AttemptStillRuns {
+                instance: instance.to_string(),
+                pid: record.pid,
+            }
+            .into());
         }
         if let Some(why) = crate::inuse::instance_running(record) {
-            return Err(Error::Busy(format!(
-                "attempt {instance} is dead but {why}; stop that process, then resume again"
-            )));
+            return Err(RunError::AttemptInUse {
+                instance: instance.to_string(),
+                why,
+            }
+            .into());
         }
         let done = crate::reclaim::reclaim(
             paths,

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{ErrorCode, FileMode, ObjectType, Oid, Repository};
 
-use crate::error::{Error, GitContext, Result};
+use crate::error::{Error, GitContext, Result, WorktreeError};
 
 /// Index flag: assume-unchanged (`GIT_INDEX_ENTRY_VALID`).
 const ASSUME_UNCHANGED: u16 = 0x8000;
@@ -421,10 +421,10 @@ pub fn rescue(
         tracing::warn!(instance = %id, "objects of the rescue commit vanished (a concurrent 'git gc --prune=now'?); saving again");
         let _ = repo.find_reference(&name).and_then(|mut r| r.delete());
     }
-    Err(Error::Failed(format!(
-        "the rescue of {} kept losing its objects (is 'git gc --prune=now' running in a loop?); nothing was removed",
-        path.display()
-    )))
+    Err(WorktreeError::RescueLost {
+        path: path.to_path_buf(),
+    }
+    .into())
 }
 
 /// Whether `commit` and every object the rescue wrote for `changes` are in the object store.

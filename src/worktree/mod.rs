@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{BranchType, ErrorCode, Oid, Repository};
 
-use crate::error::{Error, GitContext, IoContext, Result};
+use crate::error::{Error, GitContext, IoContext, Result, WorktreeError};
 use crate::inuse::Supervisor;
 use crate::paths::AppPaths;
 use crate::process::ProcessIdentity;
@@ -61,9 +61,10 @@ pub fn validate_branch_name(name: &str) -> Result<()> {
     let valid = git2::Branch::name_is_valid(name)
         .git_context(|| format!("checking branch name {name:?}"))?;
     if !valid || name == "HEAD" || name.starts_with('-') {
-        return Err(Error::bad_input(format!(
-            "{name:?} is not a valid branch name (see 'git check-ref-format --branch')"
-        )));
+        return Err(WorktreeError::InvalidBranch {
+            name: name.to_string(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -96,18 +97,17 @@ pub fn plan(
     };
     if let Some(existing) = existing {
         if base.is_some() {
-            return Err(Error::bad_input(format!(
-                "branch {branch} already exists; --base applies only to a new branch (drop --base to check {branch} out as it is)"
-            )));
+            return Err(WorktreeError::BaseForExistingBranch { branch }.into());
         }
         let holder = checked_out_in(repo, &branch)?;
         if let Some(holder) = &holder
             && !detach
         {
-            return Err(Error::bad_input(format!(
-                "branch {branch} is already checked out in {}; pick another --branch",
-                holder.display()
-            )));
+            return Err(WorktreeError::CheckedOut {
+                branch,
+                holder: holder.clone(),
+            }
+            .into());
         }
         let tip = existing
             .get()
@@ -143,42 +143,29 @@ fn plan_reuse(
     base: Option<&str>,
     path: PathBuf,
 ) -> Result<WorktreePlan> {
-    let kept = || {
-        format!(
-            "{} already exists but is not a worktree app can reuse; move it aside or run 'app doctor'",
-            path.display()
-        )
-    };
+    let kept = || WorktreeError::NotReusable { path: path.clone() };
     let admin = paths.git_worktree_admin(id);
     if !admin.is_dir() {
-        return Err(Error::Failed(kept()));
+        return Err(kept().into());
     }
     let users = crate::inuse::worktree_users(&crate::inuse::Scan::take(), &path, &admin);
     if !users.is_empty() {
-        return Err(Error::Busy(format!(
-            "{} is in use by {}; pick another --instance or stop what runs there",
-            path.display(),
-            crate::inuse::describe(&users)
-        )));
+        return Err(WorktreeError::InUse {
+            path,
+            users: crate::inuse::describe(&users),
+        }
+        .into());
     }
-    let wt_repo = Repository::open(&path).map_err(|_| Error::Failed(kept()))?;
-    let head = wt_repo.head().map_err(|_| Error::Failed(kept()))?;
+    let wt_repo = Repository::open(&path).map_err(|_| kept())?;
+    let head = wt_repo.head().map_err(|_| kept())?;
     let current = head
         .shorthand()
         .ok()
         .filter(|_| head.is_branch())
-        .ok_or_else(|| {
-            Error::Failed(format!(
-                "{} has a detached HEAD; check a branch out there first",
-                path.display()
-            ))
-        })?
+        .ok_or_else(|| WorktreeError::DetachedHead { path: path.clone() })?
         .to_string();
     if branch.is_some_and(|b| b != current) || base.is_some() {
-        return Err(Error::bad_input(format!(
-            "{} already exists on branch {current} (kept from an earlier run); run without --branch/--base to reuse it",
-            path.display()
-        )));
+        return Err(WorktreeError::KeptOnBranch { path, current }.into());
     }
     let tip = head
         .peel_to_commit()
@@ -200,19 +187,19 @@ pub fn resolve_base(repo: &Repository, base: Option<&str>) -> Result<Oid> {
     let spec = base.unwrap_or("HEAD");
     let object = repo.revparse_single(spec).map_err(|err| {
         if base.is_none() && matches!(err.code(), ErrorCode::UnbornBranch | ErrorCode::NotFound) {
-            Error::bad_input(
-                "the repository has no commit yet; make a first commit, then run app again",
-            )
+            WorktreeError::NoCommit
         } else {
-            Error::bad_input(format!(
-                "unknown ref {spec:?}: {}; give --base a branch, tag or commit",
-                err.message()
-            ))
+            WorktreeError::UnknownRef {
+                spec: spec.to_string(),
+                reason: err.message().to_string(),
+            }
         }
     })?;
     let commit = object
         .peel_to_commit()
-        .map_err(|_| Error::bad_input(format!("{spec:?} does not name a commit")))?;
+        .map_err(|_| WorktreeError::NotACommit {
+            spec: spec.to_string(),
+        })?;
     Ok(commit.id())
 }
 
@@ -292,10 +279,10 @@ pub fn create(
         })
         .map_err(|err| {
             if err.code() == ErrorCode::Exists {
-                Error::bad_input(format!(
-                    "branch {} was created by someone else a moment ago; pick another --branch",
-                    plan.branch
-                ))
+                WorktreeError::BranchRaced {
+                    branch: plan.branch.clone(),
+                }
+                .into()
             } else {
                 Error::git(format!("creating branch {}", plan.branch), err)
             }
@@ -334,11 +321,11 @@ fn add_worktree(admin: &Path, plan: &WorktreePlan, nonce: &str) -> Result<()> {
     fs::create_dir_all(admin_parent).io_context("creating", admin_parent)?;
     fs::create_dir(admin).map_err(|err| {
         if err.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::Failed(format!(
-                "git already has a worktree named {} ({}); run 'app doctor' or pick another --instance",
-                plan.id,
-                admin.display()
-            ))
+            WorktreeError::AdminTaken {
+                id: plan.id.clone(),
+                admin: admin.to_path_buf(),
+            }
+            .into()
         } else {
             Error::io("creating", admin, err)
         }
@@ -564,10 +551,11 @@ pub fn delete_branch_if_empty(repo: &Repository, branch: &str, base: Oid) -> Res
 /// here instead, from the worktrees' HEAD files.
 pub fn delete_branch(repo: &Repository, branch: &str) -> Result<()> {
     if let Some(holder) = checked_out_in(repo, branch)? {
-        return Err(Error::Failed(format!(
-            "branch {branch} is checked out in {}; not deleting it",
-            holder.display()
-        )));
+        return Err(WorktreeError::CheckedOutNotDeleting {
+            branch: branch.to_string(),
+            holder,
+        }
+        .into());
     }
     let refname = format!("refs/heads/{branch}");
     reflock::retry(repo, &refname, || match repo.find_reference(&refname) {
