@@ -59,9 +59,15 @@ impl MirrorSender {
     }
 }
 
+/// The longest one flush of the mirror retries a busy or unreachable database.
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
+
 impl Mirror {
-    /// Starts the mirror thread for the database at `location`.
-    pub fn start(location: Location, settings: DbSettings) -> Mirror {
+    /// Starts the mirror thread for the database at `location`. One flush retries a busy or
+    /// unreachable database for at most [`FLUSH_DEADLINE`]: it then warns and tries again with
+    /// the next update, so a server that is down is said early, and never holds up the agent.
+    pub fn start(location: Location, mut settings: DbSettings) -> Mirror {
+        settings.retry_deadline = settings.retry_deadline.min(FLUSH_DEADLINE);
         let (sender, updates) = mpsc::channel();
         let (done, finished) = mpsc::channel();
         thread::Builder::new()

@@ -304,6 +304,14 @@ impl Db {
                 source: last,
             }
             .into(),
+            retry::RetryError::Unreachable { last, attempts } => DbError::Unreachable {
+                location: self.location.to_string(),
+                waited: config::format_age(self.settings.retry_deadline),
+                attempts,
+                what: what.to_string(),
+                last,
+            }
+            .into(),
             retry::RetryError::Failed(source) => Error::Database {
                 message: format!("{what} (database {})", self.location),
                 source,

@@ -1,5 +1,6 @@
-//! Backoff for a contended database: SQLITE_BUSY and SQLITE_LOCKED are retried with exponential
-//! backoff and jitter until a deadline, every other error is returned at once.
+//! Backoff for a contended or unreachable database: SQLITE_BUSY and SQLITE_LOCKED, and a server
+//! that refuses or drops the connection, are retried with exponential backoff and jitter until a
+//! deadline; every other error is returned at once.
 //!
 //! Both shapes of "busy" count: the local `SqliteFailure(5 | 6, ..)` (extended codes included)
 //! and a libSQL server's Hrana error whose code is `SQLITE_BUSY…` or `SQLITE_LOCKED…`.
@@ -62,9 +63,37 @@ fn hrana_code(text: &str) -> Option<&str> {
     Some(&text[start..start + len])
 }
 
+/// The busy error an attempt left unanswered past its limit counts as.
+const NO_ANSWER: &str = "no answer while waiting for the write lock";
+
+/// Whether `err` says a server could not be reached (refused, reset before an answer): it may
+/// be back soon, so it is retried like a busy error.
+pub fn is_unreachable(err: &libsql::Error) -> bool {
+    match err {
+        libsql::Error::Hrana(inner) => {
+            let text = inner.to_string();
+            [
+                "error trying to connect",
+                "connection closed before message completed",
+                "Connection reset",
+            ]
+            .iter()
+            .any(|sign| text.contains(sign))
+        }
+        _ => false,
+    }
+}
+
 /// Why [`run`] gave up.
 #[derive(Debug)]
 pub enum RetryError {
+    /// The server could not be reached until the deadline passed.
+    Unreachable {
+        /// The last connection error, in words.
+        last: String,
+        /// How many attempts were made.
+        attempts: u32,
+    },
     /// Still busy when the deadline passed.
     Deadline {
         /// The last busy error.
@@ -88,25 +117,36 @@ pub async fn run<T>(
 ) -> Result<T, RetryError> {
     let until = Instant::now() + deadline;
     let mut attempt = 0;
+    let mut unreachable: Option<String> = None;
     loop {
         // A libSQL server queues a writer behind the lock holder instead of answering busy, so
         // the deadline is also enforced around each attempt.
         let limit = attempt_limit.map_or(until, |limit| until.min(Instant::now() + limit));
         let result = match tokio::time::timeout_at(limit.into(), op()).await {
             Ok(result) => result,
-            Err(_elapsed) => Err(libsql::Error::SqliteFailure(
-                5,
-                "no answer while waiting for the write lock".into(),
-            )),
+            Err(_elapsed) => Err(libsql::Error::SqliteFailure(5, NO_ANSWER.into())),
         };
         match result {
             Ok(value) => return Ok(value),
-            Err(err) if is_busy(&err) => {
+            Err(err) if is_busy(&err) || is_unreachable(&err) => {
+                // The last attempt may be cut short by the deadline: what the server said
+                // before (refused, or busy) is what the caller hears.
+                if is_unreachable(&err) {
+                    unreachable = Some(err.to_string());
+                } else if is_busy(&err)
+                    && !matches!(&err, libsql::Error::SqliteFailure(5, m) if m == NO_ANSWER)
+                {
+                    unreachable = None;
+                }
                 let now = Instant::now();
                 if now >= until {
-                    return Err(RetryError::Deadline {
-                        last: err,
-                        attempts: attempt + 1,
+                    let attempts = attempt + 1;
+                    return Err(match unreachable {
+                        Some(last) => RetryError::Unreachable { last, attempts },
+                        None => RetryError::Deadline {
+                            last: err,
+                            attempts,
+                        },
                     });
                 }
                 let wait = jittered(backoff(attempt)).min(until - now);

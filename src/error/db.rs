@@ -39,6 +39,22 @@ pub enum DbError {
         #[source]
         source: libsql::Error,
     },
+    /// The server could not be reached until the retry deadline.
+    #[error(
+        "the database server {location} could not be reached for {waited} ({attempts} attempts) while {what}: {last}; start it (scripts/start-sqld.sh), check APP_DB_URL, or raise APP_DB_RETRY_DEADLINE"
+    )]
+    Unreachable {
+        /// The server's URL.
+        location: String,
+        /// How long it was retried, as `config::format_age` prints it.
+        waited: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// What `app` was doing.
+        what: String,
+        /// The last connection error, in words.
+        last: String,
+    },
     /// The database was migrated by a newer `app`.
     #[error(
         "the database {location} has schema version {current}, newer than this app's {latest}; upgrade app"
@@ -68,7 +84,7 @@ impl DbError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DbError::NotAServerUrl { .. } => EXIT_USAGE,
-            DbError::Locked { .. } => EXIT_BUSY,
+            DbError::Locked { .. } | DbError::Unreachable { .. } => EXIT_BUSY,
             DbError::NewerSchema { .. } | DbError::UnknownStatus { .. } => EXIT_FAILURE,
         }
     }

@@ -323,3 +323,34 @@ fn fleet_commands_without_a_server_or_secret_change_nothing_and_say_what_to_set(
     let hosts: Value = serde_json::from_slice(&hosts.stdout).unwrap();
     assert_eq!(hosts["hosts"], json!([]), "nothing was registered");
 }
+
+#[test]
+fn an_unreachable_server_is_retried_until_the_deadline_then_exit_3_naming_the_url() {
+    let repo = TestRepo::new();
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = repo
+        .app(&["fleet"])
+        .env("APP_DB_URL", &url)
+        .env("APP_DB_RETRY_DEADLINE", "1s")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains(&url) && said.contains("could not be reached"),
+        "{said}"
+    );
+    let attempts: u32 = said
+        .split(" attempts)")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(attempts > 1, "it was retried: {said}");
+}
