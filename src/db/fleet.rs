@@ -657,3 +657,27 @@ pub async fn release(db: &Db, host: &str, tokens: &[i64]) -> Result<()> {
     .await
     .map(drop)
 }
+
+/// Records that the orchestrator of fleet run `run_id` is alive (by the server's clock).
+pub async fn run_heartbeat(db: &Db, run_id: &str) -> Result<()> {
+    db.execute(
+        "recording that this run's orchestrator is alive",
+        &format!("UPDATE runs SET heartbeat_ms = {NOW_MS} WHERE id = ?1"),
+        vec![Value::Text(run_id.into())],
+    )
+    .await
+    .map(drop)
+}
+
+/// How old the heartbeat of fleet run `run_id`'s orchestrator is, in milliseconds by the
+/// server's clock; `None` when it never beat (a local run).
+pub async fn run_heartbeat_age(db: &Db, run_id: &str) -> Result<Option<i64>> {
+    let rows = db
+        .query_rows(
+            "reading a run's heartbeat",
+            &format!("SELECT {NOW_MS} - heartbeat_ms FROM runs WHERE id = ?1"),
+            vec![Value::Text(run_id.into())],
+        )
+        .await?;
+    Ok(rows.first().and_then(|row| integer(&row[0])))
+}

@@ -76,6 +76,18 @@ pub enum RunError {
         /// The orchestrator's pid.
         pid: i64,
     },
+    /// A fleet run's orchestrator on another host still heartbeats.
+    #[error(
+        "run {id} is still being orchestrated on host {host} (its heartbeat is {age_ms} ms old); wait for it or stop it first"
+    )]
+    StillOrchestratedOnFleet {
+        /// The run id.
+        id: String,
+        /// The orchestrator's host.
+        host: String,
+        /// How old its heartbeat is, by the server's clock.
+        age_ms: i64,
+    },
     /// A task's dead attempt still has a process in its worktree.
     #[error(
         "task {task:?}: its attempt {instance} is dead but {why}; stop that process, then resume again"
@@ -145,6 +157,7 @@ impl RunError {
             | RunError::NoTask { .. }
             | RunError::NoLog { .. } => EXIT_USAGE,
             RunError::StillOrchestrated { .. }
+            | RunError::StillOrchestratedOnFleet { .. }
             | RunError::TaskAttemptInUse { .. }
             | RunError::AttemptStillRuns { .. }
             | RunError::AttemptInUse { .. } => EXIT_BUSY,

@@ -98,6 +98,8 @@ pub(super) struct FleetRun {
     /// Per task, the attempt last reported as started.
     seen: HashMap<String, Seen>,
     last_poll: Option<Instant>,
+    /// When this orchestrator last said it is alive (`runs.heartbeat_ms`).
+    last_beat: Option<Instant>,
 }
 
 impl FleetRun {
@@ -130,6 +132,7 @@ impl FleetRun {
             remote_tips,
             seen: HashMap::new(),
             last_poll: None,
+            last_beat: None,
         })
     }
 
@@ -227,7 +230,15 @@ impl Orchestrator {
             return Ok(Vec::new());
         }
         fleet.last_poll = Some(Instant::now());
+        let beat_due = fleet
+            .last_beat
+            .is_none_or(|at| at.elapsed() >= self.options.settings.lease_ttl / 3);
         let run = self.run.id.clone();
+        if beat_due {
+            self.db
+                .run(async |db| fleet::run_heartbeat(db, &run).await)?;
+            self.fleet().last_beat = Some(Instant::now());
+        }
         let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
         let mut outcomes = Vec::new();
         for row in rows {

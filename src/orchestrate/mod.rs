@@ -298,7 +298,7 @@ pub fn resume(
     let paths = AppPaths::discover(cwd)?;
     paths.ensure_state_dir()?;
     let db = options.database()?;
-    let mut run = resume::require_resumable(&paths, &db, id)?;
+    let mut run = resume::require_resumable(&paths, &db, id, options.settings.lease_ttl)?;
     let mut plan = Plan::of_run(&run)?;
     if let Some(max) = options.max_concurrent {
         plan.max_concurrent = max.max(1);

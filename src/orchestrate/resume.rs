@@ -24,7 +24,12 @@ use crate::sign::Keys;
 
 /// Run `id` of this repository, unless it is unknown, another repository's, or still
 /// orchestrated by a live process (exit 3).
-pub(super) fn require_resumable(paths: &AppPaths, db: &Blocking, id: &str) -> Result<RunRow> {
+pub(super) fn require_resumable(
+    paths: &AppPaths,
+    db: &Blocking,
+    id: &str,
+    ttl: std::time::Duration,
+) -> Result<RunRow> {
     let Some(run) = db.run(async |db| runs::get(db, id).await)? else {
         return Err(RunError::NotInDatabase { id: id.to_string() }.into());
     };
@@ -36,6 +41,20 @@ pub(super) fn require_resumable(paths: &AppPaths, db: &Blocking, id: &str) -> Re
             repo_root: run.repo_root,
         }
         .into());
+    }
+    if run.report.get("fleet").is_some() && run.status == RunStatus::Running {
+        // Its orchestrator may run on any host: it is alive while it heartbeats.
+        let age = db.run(async |db| crate::db::fleet::run_heartbeat_age(db, id).await)?;
+        if let Some(age_ms) = age.filter(|age| *age < ttl.as_millis() as i64)
+            && !(run.host == process::hostname() && run.pid == Some(std::process::id().into()))
+        {
+            return Err(RunError::StillOrchestratedOnFleet {
+                id: id.to_string(),
+                host: run.host.clone(),
+                age_ms,
+            }
+            .into());
+        }
     }
     if let (Some(pid), Some(start_time)) = (run.pid, run.start_time)
         && run.status == RunStatus::Running

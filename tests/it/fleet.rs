@@ -354,3 +354,141 @@ fn an_unreachable_server_is_retried_until_the_deadline_then_exit_3_naming_the_ur
         .unwrap_or(0);
     assert!(attempts > 1, "it was retried: {said}");
 }
+
+#[test]
+fn a_killed_orchestrator_stops_nothing_and_another_host_resumes_the_run_with_its_results() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let marks = fleet.hosts[0].scratch();
+    let ran = marks.join("ran");
+    let first = format!(
+        "touch {m}/started-a && sleep 3 && {}",
+        committing("a", &ran),
+        m = marks.display()
+    );
+    let plan = json!({
+        "name": "handover", "integration": "handover-merged",
+        "tasks": [
+            { "id": "a", "command": first },
+            { "id": "b", "command": committing("b", &ran), "depends_on": ["a"] },
+        ],
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _worker = fleet.worker(2, &[]);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+        ],
+    ));
+    wait_for("task a to start", Duration::from_secs(30), || {
+        marks.join("started-a").exists()
+    });
+    let killed = orchestrator.kill_now();
+    let said = stderr(&killed);
+    let run = said
+        .split("run ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .expect("the orchestrator named its run")
+        .to_string();
+    // The task goes on without its orchestrator.
+    wait_for(
+        "task a to finish on its host",
+        Duration::from_secs(30),
+        || fs::read_to_string(&ran).is_ok_and(|text| text.contains("a host2")),
+    );
+    // Another host resumes once the dead orchestrator's heartbeat is stale.
+    let mut resumed = None;
+    wait_for("the resume to be accepted", Duration::from_secs(30), || {
+        let out = fleet.run(
+            1,
+            &[
+                "orchestrate",
+                "--resume",
+                &run,
+                "--progress",
+                "plain",
+                "--json",
+            ],
+        );
+        if code(&out) == 3 && stderr(&out).contains("still being orchestrated") {
+            std::thread::sleep(Duration::from_millis(500));
+            return false;
+        }
+        resumed = Some(out);
+        true
+    });
+    let out = resumed.unwrap();
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let lines = fs::read_to_string(&ran).unwrap();
+    assert_eq!(
+        lines.lines().filter(|l| l.starts_with("a ")).count(),
+        1,
+        "{lines}"
+    );
+    assert_eq!(
+        lines.lines().filter(|l| l.starts_with("b ")).count(),
+        1,
+        "{lines}"
+    );
+    let log = fleet.hosts[1].git(&["log", "--format=%s", "handover-merged"]);
+    assert!(log.contains("task a") && log.contains("task b"), "{log}");
+}
+
+#[test]
+fn fleet_tasks_retry_and_time_out_as_local_ones_do() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let marks = fleet.hosts[0].scratch();
+    let flaky = format!(
+        "if [ -e {m}/tried ]; then {}; else touch {m}/tried; exit 5; fi",
+        committing("flaky", &marks.join("ran")),
+        m = marks.display()
+    );
+    let plan = json!({
+        "name": "retries",
+        "tasks": [
+            { "id": "flaky", "command": flaky, "retries": 1 },
+            { "id": "slow", "command": "sleep 30", "timeout": "1s" },
+        ],
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _worker = fleet.worker(1, &["--capacity", "2"]);
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&out), 1, "{}\n{}", stdout(&out), stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let task = |id: &str| {
+        summary["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["task_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(task("flaky")["status"], "succeeded", "{summary}");
+    assert_eq!(task("flaky")["attempts"], 2, "{summary}");
+    assert_eq!(task("slow")["status"], "failed", "{summary}");
+    assert!(
+        task("slow")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{summary}"
+    );
+}
