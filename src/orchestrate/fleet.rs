@@ -437,6 +437,8 @@ impl Orchestrator {
                 continue;
             }
             if status != TaskStatus::Running {
+                // What did not succeed runs again, as after a local run's resume.
+                self.pend(&task.id)?;
                 continue;
             }
             match by_task.get(&task.id).map(|row| row.state) {
@@ -465,14 +467,18 @@ impl Orchestrator {
                         },
                     );
                 }
-                _ => {
-                    self.rows
-                        .get_mut(&task.id)
-                        .expect("every task has a row")
-                        .status = TaskStatus::Pending;
-                }
+                _ => self.pend(&task.id)?,
             }
         }
         Ok(())
+    }
+
+    /// Makes task `id` pending again, with its row saved.
+    fn pend(&mut self, id: &str) -> Result<()> {
+        let row = self.rows.get_mut(id).expect("every task has a row");
+        row.status = TaskStatus::Pending;
+        row.detail = None;
+        let row = row.clone();
+        self.save_task(&row)
     }
 }

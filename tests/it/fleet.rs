@@ -492,3 +492,85 @@ fn fleet_tasks_retry_and_time_out_as_local_ones_do() {
         "{summary}"
     );
 }
+
+#[test]
+fn ctrl_c_takes_back_untaken_offers_leaves_leased_attempts_running_and_resume_finishes_both() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let marks = fleet.hosts[0].scratch();
+    let ran = marks.join("ran");
+    let slow = format!(
+        "touch {m}/started-a && sleep 3 && {}",
+        committing("a", &ran),
+        m = marks.display()
+    );
+    let plan = json!({
+        "name": "stopped",
+        "tasks": [
+            { "id": "a", "command": slow },
+            { "id": "gpu", "command": committing("gpu", &ran), "on": { "gpu": "1" } },
+        ],
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _plain = fleet.worker(1, &[]);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    ));
+    wait_for("task a to start", Duration::from_secs(30), || {
+        marks.join("started-a").exists()
+    });
+    let waiting = fleet.run(0, &["fleet"]);
+    assert!(
+        stdout(&waiting).contains("no live host has the labels gpu=1"),
+        "app fleet says why the task waits: {}",
+        stdout(&waiting)
+    );
+    let out = orchestrator.wait_after(Signal::SIGINT, Duration::from_secs(30));
+    assert_eq!(code(&out), 130, "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["run"]["status"], "interrupted", "{summary}");
+    let run = summary["run"]["id"].as_str().unwrap().to_string();
+    // The leased attempt goes on; the untaken offer is gone (no host may take it now).
+    wait_for(
+        "task a to finish on its host",
+        Duration::from_secs(30),
+        || fs::read_to_string(&ran).is_ok_and(|text| text.contains("a host1")),
+    );
+    let _gpu = fleet.worker(2, &["--labels", "gpu=1"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !fs::read_to_string(&ran).unwrap().contains("gpu "),
+        "a taken-back offer is not run"
+    );
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--resume",
+            &run,
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let lines = fs::read_to_string(&ran).unwrap();
+    assert_eq!(
+        lines.lines().filter(|l| l.starts_with("a ")).count(),
+        1,
+        "{lines}"
+    );
+    assert_eq!(
+        lines.lines().filter(|l| *l == "gpu host2").count(),
+        1,
+        "{lines}"
+    );
+}
