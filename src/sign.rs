@@ -104,6 +104,17 @@ impl SigningKey {
         state::create_atomic(&paths.secret(), &bytes)
     }
 
+    /// The fleet's key: `APP_SHARED_SECRET`, which every host must share (a generated
+    /// `.app/secret` differs on each host, so hosts would refuse each other).
+    pub fn shared(paths: &AppPaths) -> Result<Self> {
+        if std::env::var_os("APP_SHARED_SECRET").is_none() {
+            return Err(Error::bad_input(
+                "the fleet needs APP_SHARED_SECRET, the same on every host (e.g. 'export APP_SHARED_SECRET=$(openssl rand -hex 32)' once, then the same value everywhere)",
+            ));
+        }
+        Ok(Self::load(paths, false)?.expect("APP_SHARED_SECRET is set"))
+    }
+
     /// The repository's key, generating `.app/secret` on first use.
     pub fn load_or_create(paths: &AppPaths) -> Result<Self> {
         Ok(Self::load(paths, true)?.expect("load with create always yields a key"))

@@ -47,12 +47,7 @@ const SECRET_CHECK: &[u8] = b"app fleet: secret check v1";
 /// The fleet's key: `APP_SHARED_SECRET`, which every host must share (a generated
 /// `.app/secret` differs on each host, so hosts would refuse each other).
 pub fn shared_key(paths: &AppPaths) -> Result<SigningKey> {
-    if std::env::var_os("APP_SHARED_SECRET").is_none() {
-        return Err(Error::bad_input(
-            "the fleet needs APP_SHARED_SECRET, the same on every host (e.g. 'export APP_SHARED_SECRET=$(openssl rand -hex 32)' once, then the same value everywhere)",
-        ));
-    }
-    Ok(SigningKey::load(paths, false)?.expect("APP_SHARED_SECRET is set"))
+    SigningKey::shared(paths)
 }
 
 /// The check of `key` every fleet member publishes (see [`SECRET_CHECK`]).
