@@ -7,11 +7,16 @@
 //!   (a database) can be chosen here beside the files of `.app/` without changing them.
 //! - Choosing a store changes nothing on disk; each store creates what it needs at its first
 //!   change, as its module documents ([`crate::lock`], [`crate::reserve`], [`crate::queue`]).
+//! - Messages reach other hosts only when the caller named a server database
+//!   ([`Coordination::with_database`]): then the queue is a [`FleetQueue`], the files for this
+//!   host and the server's table for the others; without one, a fleet option is refused.
 
 use std::time::Duration;
 
 use crate::config::Settings;
+use crate::db::{DbSettings, Location};
 use crate::error::Result;
+use crate::fleet_queue::{self, FleetQueue, Server};
 use crate::lock::{LockStore, Locks};
 use crate::paths::AppPaths;
 use crate::queue::{self, FileQueue, MessageStore, Post, Posted};
@@ -29,6 +34,10 @@ pub struct Coordination {
     stale_after: Duration,
     /// The largest message payload (`APP_MAX_MESSAGE_BYTES`).
     max_message_bytes: usize,
+    /// This machine's name in the fleet (`APP_FLEET_HOST`).
+    fleet_host: String,
+    /// The database the caller named, when it did ([`Coordination::with_database`]).
+    database: Option<(Location, DbSettings)>,
 }
 
 impl Coordination {
@@ -40,12 +49,39 @@ impl Coordination {
             keys: Keys::from_settings(paths, settings),
             stale_after: settings.timing.stale_after,
             max_message_bytes: settings.max_message_bytes,
+            fleet_host: settings.fleet_host.clone(),
+            database: None,
         }
     }
 
     /// Where the key that signs and verifies every store comes from.
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The same, with the shared database at `location`: when it is a server, messages also
+    /// reach (and come from) instances on the fleet's other hosts.
+    pub fn with_database(mut self, location: &Location, settings: DbSettings) -> Coordination {
+        self.database = Some((location.clone(), settings));
+        self
+    }
+
+    /// The fleet's server, when the database is one.
+    fn server(&self) -> Option<Server> {
+        match &self.database {
+            Some((location @ Location::Remote { .. }, settings)) => Some(Server {
+                location: location.clone(),
+                settings: *settings,
+                host: self.fleet_host.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn fleet_queue(&self, key: Option<SigningKey>) -> Option<FleetQueue> {
+        let limits = (key, self.max_message_bytes, self.stale_after);
+        self.server()
+            .map(|server| FleetQueue::new(&self.paths, &self.keys, server, limits))
     }
 
     /// The named locks, ready to be taken (creates the locks directory and the key).
@@ -88,12 +124,15 @@ impl Coordination {
 
     /// The message queue read with `key`, for a caller that has it already.
     pub fn messages_with(&self, key: Option<SigningKey>) -> Box<dyn MessageStore> {
-        Box::new(FileQueue::new(
-            &self.paths,
-            &self.keys,
-            key,
-            self.max_message_bytes,
-        ))
+        match self.fleet_queue(key.clone()) {
+            Some(queue) => Box::new(queue),
+            None => Box::new(FileQueue::new(
+                &self.paths,
+                &self.keys,
+                key,
+                self.max_message_bytes,
+            )),
+        }
     }
 
     /// Who is alive, judged from `snapshot` of this repository's registry.
@@ -105,6 +144,14 @@ impl Coordination {
     /// `app send`, the MCP `send_message` tool and `POST /messages` do. Bad input changes
     /// nothing.
     pub fn post(&self, roster: &dyn Roster, post: Post) -> Result<Posted> {
+        if let Some(queue) = self.fleet_queue(self.keys.load()?) {
+            return queue.post(roster, post);
+        }
+        if post.fleet {
+            queue::validate(&post, self.max_message_bytes)?;
+            let location = self.database.as_ref().map(|(location, _)| location);
+            return Err(fleet_queue::no_server(location));
+        }
         let (outgoing, recipients) = queue::route(roster, post, self.max_message_bytes)?;
         let id = self.messages()?.send(&outgoing, &recipients)?;
         Ok(Posted { id, recipients })

@@ -36,7 +36,7 @@ use crate::watch::DirWatch;
 /// Default time an unacked message waits before it goes to `dead/`.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// Room for the envelope (ids, type, signature) on top of the payload when reading a file.
-const ENVELOPE_BYTES: usize = 4096;
+pub(crate) const ENVELOPE_BYTES: usize = 4096;
 
 /// One message as stored (without its signature).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,7 +108,24 @@ pub fn check_payload(payload: &Value, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn new_id() -> String {
+impl Outgoing {
+    /// The copy of message `id`, sent at `timestamp`, for `recipient`'s inbox.
+    pub(crate) fn copy(&self, id: &str, timestamp: Timestamp, recipient: &str) -> Message {
+        Message {
+            id: id.to_string(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            recipient: recipient.to_string(),
+            kind: self.kind.clone(),
+            timestamp,
+            ttl_ms: self.ttl.as_millis() as u64,
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// A new message id: it sorts in sending order.
+pub(crate) fn new_id() -> String {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -142,6 +159,9 @@ pub struct Post {
     pub ttl: Duration,
     /// Content.
     pub payload: Value,
+    /// With `to: all`, also every live instance on the fleet's other hosts (needs a server
+    /// database); an instance id is reached on whichever host it runs either way.
+    pub fleet: bool,
 }
 
 /// A message that was filed.
@@ -158,9 +178,7 @@ pub struct Posted {
 /// Writes nothing: bad input changes nothing. [`crate::coordination::Coordination::post`]
 /// files what it returns.
 pub fn route(roster: &dyn Roster, post: Post, max_bytes: usize) -> Result<(Outgoing, Vec<String>)> {
-    validate_kind(&post.kind)?;
-    check_payload(&post.payload, max_bytes)?;
-    InstanceId::parse(&post.from)?;
+    validate(&post, max_bytes)?;
     let (to, recipients) = if post.to == "all" {
         let live: Vec<String> = roster
             .live_instances()
@@ -174,16 +192,32 @@ pub fn route(roster: &dyn Roster, post: Post, max_bytes: usize) -> Result<(Outgo
         if roster.instance(&post.to).is_none() {
             return Err(InstanceError::Unknown { id: post.to }.into());
         }
-        (Some(post.to.clone()), vec![post.to])
+        (Some(post.to.clone()), vec![post.to.clone()])
     };
-    let outgoing = Outgoing {
+    Ok((outgoing(post, to), recipients))
+}
+
+/// Checks what `post` says, without looking for its recipient: its type, its payload's size
+/// (at most `max_bytes`), its sender and recipient names.
+pub(crate) fn validate(post: &Post, max_bytes: usize) -> Result<()> {
+    validate_kind(&post.kind)?;
+    check_payload(&post.payload, max_bytes)?;
+    InstanceId::parse(&post.from)?;
+    if post.to != "all" {
+        InstanceId::parse(&post.to)?;
+    }
+    Ok(())
+}
+
+/// The message `post` sends, addressed `to` one instance (`None`: a broadcast).
+pub(crate) fn outgoing(post: Post, to: Option<String>) -> Outgoing {
+    Outgoing {
         from: post.from,
         to,
         kind: post.kind,
         ttl: post.ttl,
         payload: post.payload,
-    };
-    Ok((outgoing, recipients))
+    }
 }
 
 /// Files `message` into each of `recipients`' inboxes; returns the message id. Validation
@@ -196,24 +230,26 @@ pub fn send(
     recipients: &[String],
 ) -> Result<String> {
     let id = new_id();
-    let timestamp = Timestamp::now();
+    send_as(paths, key, outgoing, (&id, Timestamp::now()), recipients)?;
+    Ok(id)
+}
+
+/// Files `outgoing` as message `id` sent at `timestamp` into each of `recipients`' inboxes.
+pub(crate) fn send_as(
+    paths: &AppPaths,
+    key: &SigningKey,
+    outgoing: &Outgoing,
+    (id, timestamp): (&str, Timestamp),
+    recipients: &[String],
+) -> Result<()> {
     for recipient in recipients {
-        let message = Message {
-            id: id.clone(),
-            from: outgoing.from.clone(),
-            to: outgoing.to.clone(),
-            recipient: recipient.clone(),
-            kind: outgoing.kind.clone(),
-            timestamp,
-            ttl_ms: outgoing.ttl.as_millis() as u64,
-            payload: outgoing.payload.clone(),
-        };
+        let message = outgoing.copy(id, timestamp, recipient);
         let inbox = paths.inbox(recipient);
         state::create_private_dir_all(&inbox)?;
         let bytes = serde_json::to_vec(&key.seal(&message)).expect("messages serialize");
         state::create_atomic(&inbox.join(format!("{id}.json")), &bytes)?;
     }
-    Ok(id)
+    Ok(())
 }
 
 /// What a scan of an inbox found besides deliverable messages.
@@ -258,6 +294,11 @@ pub trait MessageStore: std::fmt::Debug + Send + Sync {
     /// Acknowledges message `id` of `owner`: it will not be handed out again. Returns false
     /// when it was acknowledged before; [`QueueError::NotWaiting`] when it is not `owner`'s.
     fn ack(&self, owner: &str, id: &str) -> Result<bool>;
+    /// Acknowledges every message of `ids`, as [`MessageStore::ack`] each; a store shared by
+    /// many hosts does it in one request.
+    fn ack_all(&self, owner: &str, ids: &[String]) -> Result<Vec<bool>> {
+        ids.iter().map(|id| self.ack(owner, id)).collect()
+    }
     /// Moves every message of `owner`, an instance that is gone, aside (to the dead letters,
     /// untrusted ones to quarantine) and forgets its inbox. Returns how many it moved.
     fn retire(&self, owner: &str, reason: &str) -> Result<usize>;
@@ -497,18 +538,7 @@ impl Inbox {
     }
 
     fn bury(&self, path: &Path, message: &Message, reason: &str) -> Result<()> {
-        let dead = self.paths.dead_letters();
-        state::create_private_dir_all(&dead)?;
-        let record = serde_json::json!({
-            "reason": reason,
-            "moved_at": Timestamp::now(),
-            "message": message,
-        });
-        let target = dead.join(format!("{}-{}.json", self.owner, message.id));
-        state::write_atomic(
-            &target,
-            &serde_json::to_vec_pretty(&record).expect("serializes"),
-        )?;
+        dead_letter(&self.paths, &self.owner, message, reason)?;
         state::remove_if_present(path)
     }
 
@@ -526,6 +556,47 @@ impl Inbox {
         reason_path.push(".reason");
         state::write_atomic(Path::new(&reason_path), format!("{reason}\n").as_bytes())
     }
+}
+
+/// Writes `message` of `owner` to the dead letters with `reason` (again, the same file, when
+/// it is there already).
+pub(crate) fn dead_letter(
+    paths: &AppPaths,
+    owner: &str,
+    message: &Message,
+    reason: &str,
+) -> Result<()> {
+    let dead = paths.dead_letters();
+    state::create_private_dir_all(&dead)?;
+    let record = serde_json::json!({
+        "reason": reason,
+        "moved_at": Timestamp::now(),
+        "message": message,
+    });
+    let target = dead.join(format!("{owner}-{}.json", message.id));
+    state::write_atomic(
+        &target,
+        &serde_json::to_vec_pretty(&record).expect("serializes"),
+    )
+}
+
+/// Keeps `bytes`, a copy for `owner` that cannot be trusted, in the quarantine as `name`, with
+/// a `.reason` file beside it.
+pub(crate) fn quarantine_copy(
+    paths: &AppPaths,
+    owner: &str,
+    name: &str,
+    bytes: &[u8],
+    reason: &str,
+) -> Result<()> {
+    let dir = paths.quarantine();
+    state::create_private_dir_all(&dir)?;
+    let target = dir.join(format!("{owner}-{name}"));
+    tracing::warn!(file = %target.display(), reason, "message quarantined");
+    state::write_atomic(&target, bytes)?;
+    let mut reason_path = target.into_os_string();
+    reason_path.push(".reason");
+    state::write_atomic(Path::new(&reason_path), format!("{reason}\n").as_bytes())
 }
 
 #[cfg(test)]

@@ -146,6 +146,17 @@ impl Keys {
         Ok(state::read_optional(&path)?.map(|bytes| SigningKey::from_bytes(trim_ascii(bytes))))
     }
 
+    /// The fleet's key: the configured `APP_SHARED_SECRET`, which every host must share (a
+    /// generated `.app/secret` differs on each host, so hosts would refuse each other).
+    pub fn shared(&self) -> Result<SigningKey> {
+        if !self.configured() {
+            return Err(Error::bad_input(
+                "the fleet needs APP_SHARED_SECRET, the same on every host (e.g. 'export APP_SHARED_SECRET=$(openssl rand -hex 32)' once, then the same value everywhere)",
+            ));
+        }
+        Ok(self.load()?.expect("a configured secret is a key"))
+    }
+
     /// The key, generating `.app/secret` on first use.
     pub fn load_or_create(&self) -> Result<SigningKey> {
         if let Some(key) = self.load()? {

@@ -594,6 +594,9 @@ struct PostMessage {
     ttl: Option<u64>,
     /// The sending instance (default: the API's own).
     from: Option<String>,
+    /// With `to: all`, also every live instance on the fleet's other hosts.
+    #[serde(default)]
+    fleet: bool,
 }
 
 fn text_kind() -> String {
@@ -634,7 +637,9 @@ async fn messages(
         )
     })?;
     let posted = with_snapshot(&state, move |context, snapshot| {
-        let coordination = Coordination::new(&context.paths, &context.settings);
+        let (location, db_settings) = &context.database;
+        let coordination = Coordination::new(&context.paths, &context.settings)
+            .with_database(location, *db_settings);
         coordination.post(
             &*coordination.roster(snapshot),
             queue::Post {
@@ -645,6 +650,7 @@ async fn messages(
                     .ttl
                     .map_or(queue::DEFAULT_TTL, Duration::from_millis),
                 payload: request.payload,
+                fleet: request.fleet,
             },
         )
     })

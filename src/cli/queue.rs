@@ -10,6 +10,7 @@ use super::context::{Context, RepoContext};
 use super::output::{self, outln};
 use crate::config;
 use crate::coordination::Coordination;
+use crate::db::{DbSettings, Location};
 use crate::error::{EXIT_FAILURE, Error, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::queue::{self, Message};
@@ -33,6 +34,10 @@ pub struct SendArgs {
     /// The payload is JSON (default: text).
     #[arg(long)]
     json: bool,
+    /// With --to all, also every live instance on the fleet's other hosts (needs APP_DB_URL
+    /// and APP_SHARED_SECRET). An instance id reaches its host with or without it.
+    #[arg(long)]
+    fleet: bool,
     /// The payload.
     #[arg(value_name = "PAYLOAD")]
     payload: String,
@@ -75,7 +80,11 @@ pub struct AckArgs {
 fn setup(ctx: &Context) -> Result<(RepoContext<'_>, Coordination, Snapshot)> {
     let repo = ctx.repo()?;
     let snapshot = repo.snapshot()?;
-    let coordination = repo.coordination();
+    // With a server database, messages also cross to the fleet's other hosts.
+    let location = Location::resolve(ctx.db_flag())?;
+    let coordination = repo
+        .coordination()
+        .with_database(&location, DbSettings::from(&ctx.settings));
     Ok((repo, coordination, snapshot))
 }
 
@@ -128,10 +137,22 @@ pub(super) fn send(ctx: &Context, args: SendArgs) -> Result<u8> {
             kind: args.kind,
             ttl: args.ttl.unwrap_or(queue::DEFAULT_TTL),
             payload,
+            fleet: args.fleet,
         },
     )?;
     outln!("{}", posted.id);
-    if broadcast {
+    if broadcast && args.fleet {
+        let here = posted
+            .recipients
+            .iter()
+            .filter(|id| snapshot.instance(id).is_some())
+            .count();
+        eprintln!(
+            "app: broadcast to {} live instance(s), {} of them on other hosts",
+            posted.recipients.len(),
+            posted.recipients.len() - here
+        );
+    } else if broadcast {
         eprintln!(
             "app: broadcast to {} live instance(s)",
             posted.recipients.len()
@@ -167,15 +188,17 @@ pub(super) fn recv(ctx: &Context, args: RecvArgs) -> Result<u8> {
                 swept.quarantined, swept.expired
             );
         }
+        let mut printed = Vec::new();
         for message in pending {
             if !shown.insert(message.id.clone()) {
                 continue;
             }
             print_message(&message, args.json);
-            // Printed first, acknowledged second: a crash in between delivers it again.
-            if !args.no_ack {
-                messages.ack(&me, &message.id)?;
-            }
+            printed.push(message.id);
+        }
+        // Printed first, acknowledged second: a crash in between delivers them again.
+        if !args.no_ack && !printed.is_empty() {
+            messages.ack_all(&me, &printed)?;
         }
         let Some(arrivals) = &arrivals else { break };
         if !args.follow && !shown.is_empty() {

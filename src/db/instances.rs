@@ -70,12 +70,14 @@ pub struct InstanceRow {
 }
 
 impl InstanceRow {
-    /// The row mirroring a registry record of the repository at `repo_root`.
-    pub fn from_record(record: &InstanceRecord, repo_root: &Path) -> Self {
+    /// The row mirroring a registry record of the repository at `repo_root` on `host`, this
+    /// machine's name in the fleet (`APP_FLEET_HOST`; the record keeps the machine's own host
+    /// name, by which liveness is judged).
+    pub fn from_record(record: &InstanceRecord, repo_root: &Path, host: &str) -> Self {
         InstanceRow {
             id: record.id.clone(),
             repo_root: repo_root.display().to_string(),
-            host: record.host.clone(),
+            host: host.to_string(),
             pid: record.pid.into(),
             start_time: record.start_time as i64,
             worktree: record.worktree.as_ref().map(|p| p.display().to_string()),
@@ -127,12 +129,7 @@ pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
 /// Instances on any host and in any repository whose last heartbeat is younger than
 /// `stale_after` and that have not stopped, oldest first.
 pub async fn live_everywhere(db: &Db, stale_after: Duration) -> Result<Vec<InstanceRow>> {
-    // A limit reaching back before 1970 counts every heartbeat ever written.
-    let cutoff = SystemTime::now()
-        .checked_sub(stale_after)
-        .filter(|time| *time >= SystemTime::UNIX_EPOCH)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let cutoff = Timestamp::from(cutoff).to_string();
+    let cutoff = live_since(stale_after);
     select(
         db,
         "WHERE status != ?2 AND last_heartbeat >= ?1 ORDER BY started_at",
@@ -142,6 +139,16 @@ pub async fn live_everywhere(db: &Db, stale_after: Duration) -> Result<Vec<Insta
         ],
     )
     .await
+}
+
+/// The oldest `last_heartbeat` of a live registration, judged with `stale_after`.
+pub(crate) fn live_since(stale_after: Duration) -> String {
+    // A limit reaching back before 1970 counts every heartbeat ever written.
+    let cutoff = SystemTime::now()
+        .checked_sub(stale_after)
+        .filter(|time| *time >= SystemTime::UNIX_EPOCH)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Timestamp::from(cutoff).to_string()
 }
 
 /// Every registration of instance `id` in the repository at `repo_root`, oldest first.

@@ -14,6 +14,7 @@
 pub mod events;
 pub mod fleet;
 pub mod instances;
+pub(crate) mod messages;
 pub mod mirror;
 pub mod notes;
 pub mod retry;

@@ -270,7 +270,11 @@ fn remove_ref_lock(path: &Path) -> Result<String> {
 
 /// Writes the database row of the live instance `record`.
 fn write_row(paths: &AppPaths, options: &Options, record: &InstanceRecord) -> Result<String> {
-    let row = instances::InstanceRow::from_record(record, paths.repo_root());
+    let row = instances::InstanceRow::from_record(
+        record,
+        paths.repo_root(),
+        &options.settings.fleet_host,
+    );
     Blocking::open_default(options.db.as_deref(), DbSettings::from(&options.settings))?
         .run(async |db| instances::upsert(db, &row).await)?;
     Ok("wrote its row".into())

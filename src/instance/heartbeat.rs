@@ -29,7 +29,7 @@ impl Heartbeat {
         (paths, keys, key): (AppPaths, Keys, SigningKey),
         record: InstanceRecord,
         timing: Timing,
-        (mirror, repo_root): (MirrorSender, PathBuf),
+        (mirror, repo_root, host): (MirrorSender, PathBuf, String),
     ) -> Heartbeat {
         let stopper = Stopper::new();
         let stop = stopper.token();
@@ -37,7 +37,7 @@ impl Heartbeat {
             while !stop.wait_timeout(timing.heartbeat_interval) {
                 match beat(&paths, &keys, &key, &record) {
                     Ok(current) => mirror.send(Update::Instance(InstanceRow::from_record(
-                        &current, &repo_root,
+                        &current, &repo_root, &host,
                     ))),
                     Err(err) => tracing::warn!(instance = %record.id, %err, "heartbeat failed"),
                 }

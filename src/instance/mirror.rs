@@ -16,15 +16,22 @@ use crate::registry::{InstanceRecord, Timestamp};
 pub(super) struct DbMirror {
     mirror: Mirror,
     repo_root: PathBuf,
+    /// This machine's name in the fleet, which its rows carry.
+    host: String,
     /// How long the way out waits for the last writes.
     final_wait: Duration,
 }
 
 impl DbMirror {
-    pub(super) fn start(paths: &AppPaths, (location, settings): (Location, DbSettings)) -> Self {
+    pub(super) fn start(
+        paths: &AppPaths,
+        (location, settings): (Location, DbSettings),
+        host: &str,
+    ) -> Self {
         DbMirror {
             mirror: Mirror::start(location, settings),
             repo_root: paths.repo_root().to_path_buf(),
+            host: host.to_string(),
             final_wait: settings.retry_deadline.min(Duration::from_secs(5)),
         }
     }
@@ -34,10 +41,16 @@ impl DbMirror {
         (self.mirror.sender(), self.repo_root.clone())
     }
 
+    /// The fleet host name the rows carry.
+    pub(super) fn host(&self) -> &str {
+        &self.host
+    }
+
     pub(super) fn instance(&self, record: &InstanceRecord) {
         self.mirror.send(Update::Instance(InstanceRow::from_record(
             record,
             &self.repo_root,
+            &self.host,
         )));
     }
 
@@ -52,7 +65,7 @@ impl DbMirror {
         exit_code: Option<u8>,
         payload: serde_json::Value,
     ) {
-        let mut row = InstanceRow::from_record(record, &self.repo_root);
+        let mut row = InstanceRow::from_record(record, &self.repo_root, &self.host);
         let now = Timestamp::now().to_string();
         row.status = MirrorStatus::Stopped;
         row.last_heartbeat = now.clone();

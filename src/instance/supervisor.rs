@@ -156,7 +156,7 @@ impl<'a> Supervisor<'a> {
             }
         };
         fault::point("run.registered");
-        let mirror = DbMirror::start(paths, database.clone());
+        let mirror = DbMirror::start(paths, database.clone(), &settings.fleet_host);
         mirror.instance(&record);
         mirror.event(
             &id,
@@ -240,7 +240,7 @@ impl<'a> Supervisor<'a> {
             (self.paths.clone(), self.keys.clone(), self.key.clone()),
             self.record.clone(),
             self.settings.timing,
-            (sender, repo_root),
+            (sender, repo_root, self.mirror.host().to_string()),
         )
     }
 

@@ -49,6 +49,11 @@ pub(crate) struct SendArgs {
     /// How long the message may wait unacknowledged before it expires (default 3600).
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    /// With to "all", also every live instance on the fleet's other hosts (needs a server
+    /// database and APP_SHARED_SECRET; default false). An instance id reaches its host either
+    /// way.
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 /// Arguments of `receive_messages`.

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::State;
 use super::args::*;
 use crate::coordination::Coordination;
-use crate::db::{Blocking, Db, DbSettings, notes, runs};
+use crate::db::{Blocking, Db, DbSettings, Location, notes, runs};
 use crate::error::{InstanceError, McpError, Result, RunError};
 use crate::glob::Glob;
 use crate::ids::{LockName, Namespace};
@@ -22,6 +22,14 @@ impl State {
     /// Where this repository's locks, reservations and messages are.
     fn coordination(&self) -> Coordination {
         Coordination::new(&self.paths, &self.settings)
+    }
+
+    /// The same, with messages reaching the fleet's other hosts when the database is a server.
+    fn messaging(&self) -> Result<Coordination> {
+        let location = Location::resolve(self.db_flag.as_deref())?;
+        Ok(self
+            .coordination()
+            .with_database(&location, DbSettings::from(&self.settings)))
     }
 
     pub(super) fn snapshot(&self) -> Result<Snapshot> {
@@ -86,7 +94,7 @@ impl State {
 
     pub(super) fn send_message(&self, args: SendArgs) -> Result<Value> {
         let ttl = ttl(args.ttl_seconds)?.unwrap_or(queue::DEFAULT_TTL);
-        let coordination = self.coordination();
+        let coordination = self.messaging()?;
         let snapshot = self.snapshot()?;
         let posted = coordination.post(
             &*coordination.roster(&snapshot),
@@ -96,6 +104,7 @@ impl State {
                 kind: args.kind.unwrap_or_else(|| "text".into()),
                 ttl,
                 payload: args.payload,
+                fleet: args.fleet,
             },
         )?;
         Ok(json!({ "id": posted.id, "recipients": posted.recipients }))
@@ -111,7 +120,7 @@ impl State {
             .into());
         }
         let deadline = Instant::now() + wait(args.wait_seconds)?;
-        let store = self.coordination().messages()?;
+        let store = self.messaging()?.messages()?;
         let poll = self.settings.poll_interval;
         // Watch before the first scan, so nothing arriving in between is missed.
         let arrivals = if deadline > Instant::now() {
@@ -130,10 +139,9 @@ impl State {
             }
         };
         messages.truncate(limit);
-        if args.ack {
-            for message in &messages {
-                store.ack(&self.me, &message.id)?;
-            }
+        if args.ack && !messages.is_empty() {
+            let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+            store.ack_all(&self.me, &ids)?;
         }
         let messages: Vec<Value> = messages
             .iter()
@@ -156,7 +164,7 @@ impl State {
         for id in &args.ids {
             queue::validate_id(id)?;
         }
-        let store = self.coordination().messages()?;
+        let store = self.messaging()?.messages()?;
         // All or nothing: every id must be one of this instance's messages.
         let unknown: Vec<&str> = args
             .ids

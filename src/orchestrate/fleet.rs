@@ -48,13 +48,7 @@ const SECRET_CHECK: &[u8] = b"app fleet: secret check v1";
 /// The fleet's key: `APP_SHARED_SECRET`, which every host must share (a generated
 /// `.app/secret` differs on each host, so hosts would refuse each other).
 pub fn shared_key(paths: &AppPaths, settings: &Settings) -> Result<SigningKey> {
-    let keys = Keys::from_settings(paths, settings);
-    if !keys.configured() {
-        return Err(Error::bad_input(
-            "the fleet needs APP_SHARED_SECRET, the same on every host (e.g. 'export APP_SHARED_SECRET=$(openssl rand -hex 32)' once, then the same value everywhere)",
-        ));
-    }
-    Ok(keys.load()?.expect("a configured secret is a key"))
+    Keys::from_settings(paths, settings).shared()
 }
 
 /// The check of `key` every fleet member publishes (see [`SECRET_CHECK`]).

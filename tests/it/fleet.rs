@@ -56,13 +56,54 @@ impl Fleet {
     /// `app` on host `n`, in the fleet.
     fn app(&self, n: usize, args: &[&str]) -> Command {
         let mut command = self.hosts[n].app(args);
+        self.join(n, &mut command);
+        command
+    }
+
+    /// A shell running `script` on host `n`, in the fleet (`$APP_BIN` is `app`).
+    fn shell(&self, n: usize, script: &str) -> Command {
+        let mut command = self.hosts[n].command("sh");
+        command.args(["-c", script]);
+        self.join(n, &mut command);
+        command
+    }
+
+    /// Gives `command` the environment of host `n` of the fleet.
+    fn join(&self, n: usize, command: &mut Command) {
         command
             .env("APP_DB_URL", self.sqld.url())
             .env("APP_SHARED_SECRET", SECRET)
             .env("APP_LEASE_TTL", "3s")
             .env("FLEET_HOST", format!("host{n}"))
             .env("APP_FLEET_HOST", format!("host{n}"));
-        command
+    }
+
+    /// Instance `name` (`sleep 60`) on host `n`, once host `m` sees it live on host `n`.
+    fn instance(&self, n: usize, name: &str, m: usize) -> Running {
+        let run = self.hosts[n].spawn(self.app(
+            n,
+            &[
+                "run",
+                "--no-worktree",
+                "--instance",
+                name,
+                "--",
+                "sleep",
+                "60",
+            ],
+        ));
+        let line = format!(" host{n} ");
+        wait_for(
+            "the instance to be seen from another host",
+            Duration::from_secs(20),
+            || {
+                let out = self.run(m, &["instance", "list", "--everywhere"]);
+                stdout(&out)
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}:")) && l.contains(&line))
+            },
+        );
+        run
     }
 
     fn run(&self, n: usize, args: &[&str]) -> Output {
@@ -573,4 +614,210 @@ fn ctrl_c_takes_back_untaken_offers_leaves_leased_attempts_running_and_resume_fi
         1,
         "{lines}"
     );
+}
+
+/// What `app recv --json` printed: one message per line.
+fn received(out: &str) -> Vec<Value> {
+    out.lines()
+        .filter(|line| line.ends_with('}'))
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_message_to_an_instance_on_another_host_arrives_there_once_signed_bounded_and_expiring() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let _a1 = fleet.instance(0, "a1", 1);
+    let _b1 = fleet.instance(1, "b1", 0);
+    let state = fleet.hosts[0].state_dir().join("coordination_queue");
+
+    // host1 -> a1 on host0: through the server; host0 receives it, once.
+    let out = fleet.run(1, &["send", "--from", "b1", "--to", "a1", "rebase on main"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    assert!(
+        !fleet.hosts[1]
+            .state_dir()
+            .join("coordination_queue/inbox/a1")
+            .exists(),
+        "nothing for a1 was filed on host1"
+    );
+    let out = fleet.run(0, &["recv", "--instance", "a1", "--wait", "20s", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let got = received(&stdout(&out));
+    assert_eq!(got.len(), 1, "{}", stdout(&out));
+    assert_eq!(got[0]["id"], id.as_str());
+    assert_eq!(got[0]["from"], "b1");
+    assert_eq!(got[0]["recipient"], "a1");
+    assert_eq!(got[0]["payload"], "rebase on main");
+    let out = fleet.run(0, &["recv", "--instance", "a1"]);
+    assert_eq!(code(&out), 1, "acknowledged: not again: {}", stdout(&out));
+
+    // A local recipient stays on the files: host0 -> a1 is a file of host0's inbox.
+    let out = fleet.run(0, &["send", "--from", "x", "--to", "a1", "local"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let local_id = stdout(&out).trim().to_string();
+    assert!(state.join(format!("inbox/a1/{local_id}.json")).exists());
+    let out = fleet.run(0, &["recv", "--instance", "a1"]);
+    assert_eq!(stdout(&out).split_whitespace().nth(3), Some("local"));
+
+    // A broadcast reaches other hosts only with --fleet.
+    let out = fleet.run(1, &["send", "--from", "b1", "--to", "all", "here only"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("to 0 live instance(s)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fleet.run(
+        1,
+        &["send", "--from", "b1", "--to", "all", "--fleet", "everyone"],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("to 1 live instance(s), 1 of them on other hosts"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fleet.run(0, &["recv", "--instance", "a1", "--wait", "20s"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stdout(&out).ends_with("b1 text everyone\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Bad input changes nothing: no secret, an oversized payload, --fleet without a server.
+    let mut command = fleet.app(1, &["send", "--from", "b1", "--to", "a1", "x"]);
+    command.env_remove("APP_SHARED_SECRET");
+    let out = command.output().unwrap();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("runs on host host0") && stderr(&out).contains("APP_SHARED_SECRET"),
+        "{}",
+        stderr(&out)
+    );
+    let big = "x".repeat(2000);
+    let out = fleet.run(1, &["send", "--from", "b1", "--to", "a1", &big]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let mut command = fleet.app(1, &["send", "--from", "b1", "--to", "all", "--fleet", "x"]);
+    command.env_remove("APP_DB_URL");
+    let out = command.output().unwrap();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("APP_DB_URL"), "{}", stderr(&out));
+    let out = fleet.run(0, &["recv", "--instance", "a1"]);
+    assert_eq!(code(&out), 1, "none of them was sent: {}", stdout(&out));
+
+    // Signed with another secret: refused and quarantined on the receiving host.
+    let mut command = fleet.app(1, &["send", "--from", "b1", "--to", "a1", "forged"]);
+    command.env("APP_SHARED_SECRET", "another-secret");
+    let out = command.output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let forged = stdout(&out).trim().to_string();
+    let out = fleet.run(0, &["recv", "--instance", "a1"]);
+    assert_eq!(code(&out), 1, "never delivered: {}", stdout(&out));
+    assert!(stderr(&out).contains("1 untrusted"), "{}", stderr(&out));
+    let reason = fs::read_to_string(state.join(format!("quarantine/a1-{forged}.json.reason")));
+    assert!(reason.unwrap().contains("signature does not verify"));
+
+    // Unacknowledged past its TTL: to the dead letters, with the reason.
+    let out = fleet.run(
+        1,
+        &[
+            "send", "--from", "b1", "--to", "a1", "--ttl", "200ms", "late",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let late = stdout(&out).trim().to_string();
+    std::thread::sleep(Duration::from_millis(400));
+    let out = fleet.run(0, &["recv", "--instance", "a1"]);
+    assert_eq!(code(&out), 1, "expired: {}", stdout(&out));
+    let dead = fs::read(state.join(format!("dead/a1-{late}.json"))).unwrap();
+    let record: Value = serde_json::from_slice(&dead).unwrap();
+    assert!(record["reason"].as_str().unwrap().contains("TTL"));
+    assert_eq!(record["message"]["payload"], "late");
+    let doctor = fleet.run(0, &["doctor"]);
+    assert!(
+        stdout(&doctor).contains("dead letter") && stdout(&doctor).contains("quarantined"),
+        "{}",
+        stdout(&doctor)
+    );
+}
+
+#[test]
+fn messages_from_senders_killed_mid_stream_on_one_host_arrive_once_each_on_another() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let _a1 = fleet.instance(0, "a1", 1);
+    let scratch = fleet.hosts[1].scratch();
+    let inbox = scratch.join("a1.jsonl");
+    let _receiver = fleet.hosts[0].spawn(fleet.shell(
+        0,
+        &format!(
+            "exec \"$APP_BIN\" recv --instance a1 --follow --json > {}",
+            inbox.display()
+        ),
+    ));
+    // 4 senders x 25 messages; each records what it was told was sent.
+    let senders: Vec<Running> = (0..4)
+        .map(|s| {
+            let script = format!(
+                r#"for i in $(seq 25); do
+                     id=$("$APP_BIN" send --from s{s} --to a1 "s{s}-$i") || exit 1
+                     echo "s{s}-$i" >> {sent}/sent.s{s}
+                   done"#,
+                sent = scratch.display()
+            );
+            fleet.hosts[1].spawn(fleet.shell(1, &script))
+        })
+        .collect();
+    let sent = |s: usize| -> Vec<String> {
+        fs::read_to_string(scratch.join(format!("sent.s{s}")))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    // Two senders die mid-stream, in the middle of whatever request they were making.
+    let mut senders = senders.into_iter();
+    let (first, second) = (senders.next().unwrap(), senders.next().unwrap());
+    wait_for("the first sends", Duration::from_secs(60), || {
+        sent(0).len() >= 5
+    });
+    first.kill_now();
+    wait_for("more sends", Duration::from_secs(60), || {
+        sent(1).len() >= 10
+    });
+    second.kill_now();
+    for sender in senders {
+        let out = sender.wait(Duration::from_secs(300));
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let reported: BTreeMap<String, ()> = (0..4).flat_map(sent).map(|p| (p, ())).collect();
+    assert!(reported.len() >= 5 + 10 + 50, "{}", reported.len());
+    let payloads = || -> Vec<String> {
+        received(&fs::read_to_string(&inbox).unwrap_or_default())
+            .iter()
+            .map(|m| m["payload"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_for(
+        "every reported message to arrive",
+        Duration::from_secs(60),
+        || {
+            let got = payloads();
+            reported.keys().all(|p| got.contains(p))
+        },
+    );
+    let got = payloads();
+    let mut unique = got.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "no message twice: {got:?}");
+    // What arrived and was not reported came from a sender killed after its request landed.
+    for extra in got.iter().filter(|p| !reported.contains_key(*p)) {
+        assert!(
+            extra.starts_with("s0-") || extra.starts_with("s1-"),
+            "{extra}"
+        );
+    }
 }
