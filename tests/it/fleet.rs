@@ -821,3 +821,43 @@ fn messages_from_senders_killed_mid_stream_on_one_host_arrive_once_each_on_anoth
         );
     }
 }
+
+#[test]
+fn a_host_with_another_secret_takes_nothing_and_app_fleet_says_it_is_refused() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let ran = fleet.hosts[0].scratch().join("ran");
+    let mut stranger = fleet.app(1, &["worker", "--name", "stranger"]);
+    stranger.env("APP_SHARED_SECRET", "another-secret");
+    let _stranger = fleet.hosts[1].spawn(stranger);
+    wait_for("the stranger to register", Duration::from_secs(20), || {
+        stdout(&fleet.run(0, &["fleet"])).contains("stranger")
+    });
+    let plan =
+        json!({ "name": "secret", "tasks": [{ "id": "t", "command": committing("t", &ran) }] });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+        ],
+    ));
+    wait_for("the task to be offered", Duration::from_secs(20), || {
+        stdout(&fleet.run(0, &["fleet"])).contains("waiting: secret-")
+    });
+    let view = stdout(&fleet.run(0, &["fleet"]));
+    assert!(
+        view.contains("refused (another APP_SHARED_SECRET)"),
+        "{view}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!ran.exists(), "the host with another secret ran nothing");
+    let _friend = fleet.worker(2, &[]);
+    let out = orchestrator.wait(Duration::from_secs(60));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(fs::read_to_string(&ran).unwrap(), "t host2\n");
+}
