@@ -5,6 +5,8 @@
 //! Invariants:
 //! - Callers obtain every store here and use only its trait, so a store shared by many hosts
 //!   (a database) can be chosen here beside the files of `.app/` without changing them.
+//! - [`Coordination::in_fleet`] chooses the stores of the shared database for locks and
+//!   reservations ([`crate::fleet_holds`]); without it every store is the file one.
 //! - Choosing a store changes nothing on disk; each store creates what it needs at its first
 //!   change, as its module documents ([`crate::lock`], [`crate::reserve`], [`crate::queue`]).
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use crate::config::Settings;
 use crate::error::Result;
+use crate::fleet_holds::{Fleet, FleetLocks, FleetReservations};
 use crate::lock::{LockStore, Locks};
 use crate::paths::AppPaths;
 use crate::queue::{self, FileQueue, MessageStore, Post, Posted};
@@ -27,6 +30,8 @@ pub struct Coordination {
     stale_after: Duration,
     /// The largest message payload (`APP_MAX_MESSAGE_BYTES`).
     max_message_bytes: usize,
+    /// The fleet whose database holds the locks and reservations, when chosen.
+    fleet: Option<Fleet>,
 }
 
 impl Coordination {
@@ -37,28 +42,57 @@ impl Coordination {
             paths: paths.clone(),
             stale_after: settings.timing.stale_after,
             max_message_bytes: settings.max_message_bytes,
+            fleet: None,
         }
+    }
+
+    /// The same coordination with its locks and reservations in `fleet`'s database, shared by
+    /// every host (`--fleet`).
+    pub(crate) fn in_fleet(self, fleet: Fleet) -> Coordination {
+        Coordination {
+            fleet: Some(fleet),
+            ..self
+        }
+    }
+
+    /// The fleet's reservations, when this coordination is in a fleet.
+    pub(crate) fn fleet_reservations(&self) -> Option<Box<dyn ReservationStore>> {
+        self.fleet
+            .clone()
+            .map(|fleet| Box::new(FleetReservations::new(fleet)) as Box<dyn ReservationStore>)
     }
 
     /// The named locks, ready to be taken (creates the locks directory and the key).
     pub fn locks(&self) -> Result<Box<dyn LockStore>> {
+        if let Some(fleet) = &self.fleet {
+            return Ok(Box::new(FleetLocks::new(fleet.clone())));
+        }
         Ok(Box::new(Locks::open(&self.paths, self.stale_after)?))
     }
 
     /// The named locks when any can exist, creating nothing; `None` where no lock was ever
     /// taken.
     pub fn existing_locks(&self) -> Result<Option<Box<dyn LockStore>>> {
+        if self.fleet.is_some() {
+            return self.locks().map(Some);
+        }
         Ok(Locks::existing(&self.paths, self.stale_after)?
             .map(|locks| Box::new(locks) as Box<dyn LockStore>))
     }
 
     /// The path reservations (creates nothing until the first change).
     pub fn reservations(&self) -> Result<Box<dyn ReservationStore>> {
+        if let Some(fleet) = self.fleet_reservations() {
+            return Ok(fleet);
+        }
         Ok(Box::new(Reservations::open(&self.paths, self.stale_after)?))
     }
 
     /// The path reservations when any were ever made; `None` otherwise.
     pub fn existing_reservations(&self) -> Result<Option<Box<dyn ReservationStore>>> {
+        if let Some(fleet) = self.fleet_reservations() {
+            return Ok(Some(fleet));
+        }
         let reservations = self.reservations()?;
         Ok(self.paths.reservations().exists().then_some(reservations))
     }

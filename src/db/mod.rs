@@ -13,6 +13,7 @@
 
 pub mod events;
 pub mod fleet;
+pub mod holds;
 pub mod instances;
 pub mod mirror;
 pub mod notes;

@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "fleet",
         sql: include_str!("../../schema/0003_fleet.sql"),
     },
+    Migration {
+        version: 4,
+        name: "fleet_holds",
+        sql: include_str!("../../schema/0004_fleet_holds.sql"),
+    },
 ];
 
 /// The schema version this binary writes.
