@@ -88,6 +88,17 @@ impl LockStore for FleetLocks {
             if row.holder.as_ref() == Some(&holder) {
                 return Ok(u64::try_from(row.token).unwrap_or(0));
             }
+            // A holder of this host that /proc says is gone lapses at once: take it over now.
+            if let Some(dead) = row
+                .holder
+                .as_ref()
+                .and_then(|other| self.fleet.dead_here(other))
+            {
+                row = self.take(request, &holder, Some(dead))?;
+                if row.holder.as_ref() == Some(&holder) {
+                    continue;
+                }
+            }
             let now = Instant::now();
             if deadline.is_some_and(|deadline| now >= deadline) {
                 let (state, _) = self.state(&row);
