@@ -5,6 +5,8 @@
 //! Invariants:
 //! - Callers obtain every store here and use only its trait, so a store shared by many hosts
 //!   (a database) can be chosen here beside the files of `.app/` without changing them.
+//! - [`Coordination::in_fleet`] chooses the stores of the shared database for locks and
+//!   reservations ([`crate::fleet_holds`]); without it every store is the file one.
 //! - Choosing a store changes nothing on disk; each store creates what it needs at its first
 //!   change, as its module documents ([`crate::lock`], [`crate::reserve`], [`crate::queue`]).
 //! - Messages reach other hosts only when the caller named a server database
@@ -16,6 +18,7 @@ use std::time::Duration;
 use crate::config::Settings;
 use crate::db::{DbSettings, Location};
 use crate::error::Result;
+use crate::fleet_holds::{Fleet, FleetLocks, FleetReservations};
 use crate::fleet_queue::{self, FleetQueue, Server};
 use crate::lock::{LockStore, Locks};
 use crate::paths::AppPaths;
@@ -38,6 +41,8 @@ pub struct Coordination {
     fleet_host: String,
     /// The database the caller named, when it did ([`Coordination::with_database`]).
     database: Option<(Location, DbSettings)>,
+    /// The fleet whose database holds the locks and reservations, when chosen.
+    fleet: Option<Fleet>,
 }
 
 impl Coordination {
@@ -51,6 +56,7 @@ impl Coordination {
             max_message_bytes: settings.max_message_bytes,
             fleet_host: settings.fleet_host.clone(),
             database: None,
+            fleet: None,
         }
     }
 
@@ -84,8 +90,27 @@ impl Coordination {
             .map(|server| FleetQueue::new(&self.paths, &self.keys, server, limits))
     }
 
+    /// The same coordination with its locks and reservations in `fleet`'s database, shared by
+    /// every host (`--fleet`).
+    pub(crate) fn in_fleet(self, fleet: Fleet) -> Coordination {
+        Coordination {
+            fleet: Some(fleet),
+            ..self
+        }
+    }
+
+    /// The fleet's reservations, when this coordination is in a fleet.
+    pub(crate) fn fleet_reservations(&self) -> Option<Box<dyn ReservationStore>> {
+        self.fleet
+            .clone()
+            .map(|fleet| Box::new(FleetReservations::new(fleet)) as Box<dyn ReservationStore>)
+    }
+
     /// The named locks, ready to be taken (creates the locks directory and the key).
     pub fn locks(&self) -> Result<Box<dyn LockStore>> {
+        if let Some(fleet) = &self.fleet {
+            return Ok(Box::new(FleetLocks::new(fleet.clone())));
+        }
         Ok(Box::new(Locks::open(
             &self.paths,
             &self.keys,
@@ -96,12 +121,18 @@ impl Coordination {
     /// The named locks when any can exist, creating nothing; `None` where no lock was ever
     /// taken.
     pub fn existing_locks(&self) -> Result<Option<Box<dyn LockStore>>> {
+        if self.fleet.is_some() {
+            return self.locks().map(Some);
+        }
         Ok(Locks::existing(&self.paths, &self.keys, self.stale_after)?
             .map(|locks| Box::new(locks) as Box<dyn LockStore>))
     }
 
     /// The path reservations (creates nothing until the first change).
     pub fn reservations(&self) -> Result<Box<dyn ReservationStore>> {
+        if let Some(fleet) = self.fleet_reservations() {
+            return Ok(fleet);
+        }
         Ok(Box::new(Reservations::open(
             &self.paths,
             &self.keys,
@@ -111,6 +142,9 @@ impl Coordination {
 
     /// The path reservations when any were ever made; `None` otherwise.
     pub fn existing_reservations(&self) -> Result<Option<Box<dyn ReservationStore>>> {
+        if let Some(fleet) = self.fleet_reservations() {
+            return Ok(Some(fleet));
+        }
         let reservations = self.reservations()?;
         Ok(self.paths.reservations().exists().then_some(reservations))
     }

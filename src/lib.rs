@@ -14,6 +14,7 @@ pub mod db;
 pub(crate) mod doctor;
 pub mod error;
 pub mod fault;
+pub(crate) mod fleet_holds;
 pub(crate) mod fleet_queue;
 pub(crate) mod glob;
 pub(crate) mod ids;

@@ -99,8 +99,12 @@ impl Holder {
         }
     }
 
-    /// Whether `other` is the same holder.
+    /// Whether `other` is the same holder (on the same host: fleet holders of several hosts
+    /// may share a pid).
     pub fn same(&self, other: &Holder) -> bool {
+        if self.host != other.host {
+            return false;
+        }
         match (&self.instance, &other.instance) {
             (Some(a), Some(b)) => a == b && self.pid == other.pid,
             (None, None) => {

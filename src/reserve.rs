@@ -226,19 +226,7 @@ impl ReservationStore for Reservations {
             return Err(ReserveError::NoPatterns.into());
         }
         self.update(false, |live, _| {
-            for other in live.iter().filter(|r| !r.holder.same(holder)) {
-                if let Some((mine, theirs)) = other.conflicts_with(patterns, shared) {
-                    return Err(ReserveError::Overlap(Box::new(Overlap {
-                        mine: mine.to_string(),
-                        theirs: theirs.to_string(),
-                        shared: other.shared,
-                        holder: other.holder.to_string(),
-                        since: other.created_at.to_string(),
-                        reason: other.reason.clone(),
-                    }))
-                    .into());
-                }
-            }
+            refuse_overlap(live, holder, patterns, shared)?;
             let now = Timestamp::now();
             let reservation = Reservation {
                 id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
@@ -295,24 +283,63 @@ impl ReservationStore for Reservations {
         me: Option<&Holder>,
         files: &[String],
     ) -> Result<Vec<(String, Reservation)>> {
-        let mut found = Vec::new();
-        for entry in self.list()? {
-            let Ok((r, None)) = entry else { continue };
-            if r.shared || me.is_some_and(|me| r.holder.same(me)) {
-                continue;
-            }
-            let globs = r.globs();
-            for file in files {
-                if globs.iter().any(|g| g.matches(file)) {
-                    found.push((file.clone(), r.clone()));
-                }
-            }
-        }
-        Ok(found)
+        let listed = self.list()?;
+        let live = listed.iter().filter_map(|entry| match entry {
+            Ok((r, None)) => Some(r),
+            _ => None,
+        });
+        Ok(conflicts_among(live, me, files))
     }
 
     /// Drops lapsed reservations and entries that do not verify; returns how many it dropped.
     fn prune(&self) -> Result<usize> {
         self.update(true, |_, dropped| Ok(dropped))
     }
+}
+
+/// Refuses `patterns` for `holder` with [`ReserveError::Overlap`] when an exclusive claim
+/// (theirs or this one) overlaps one of `live` held by another holder: the rule every
+/// [`ReservationStore`] applies.
+pub(crate) fn refuse_overlap(
+    live: &[Reservation],
+    holder: &Holder,
+    patterns: &[Glob],
+    shared: bool,
+) -> Result<()> {
+    for other in live.iter().filter(|r| !r.holder.same(holder)) {
+        if let Some((mine, theirs)) = other.conflicts_with(patterns, shared) {
+            return Err(ReserveError::Overlap(Box::new(Overlap {
+                mine: mine.to_string(),
+                theirs: theirs.to_string(),
+                shared: other.shared,
+                holder: other.holder.to_string(),
+                since: other.created_at.to_string(),
+                reason: other.reason.clone(),
+            }))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// For each of `files` reserved exclusively by one of `live` held by someone other than `me`,
+/// the file and the reservation.
+pub(crate) fn conflicts_among<'a>(
+    live: impl Iterator<Item = &'a Reservation>,
+    me: Option<&Holder>,
+    files: &[String],
+) -> Vec<(String, Reservation)> {
+    let mut found = Vec::new();
+    for r in live {
+        if r.shared || me.is_some_and(|me| r.holder.same(me)) {
+            continue;
+        }
+        let globs = r.globs();
+        for file in files {
+            if globs.iter().any(|g| g.matches(file)) {
+                found.push((file.clone(), r.clone()));
+            }
+        }
+    }
+    found
 }

@@ -36,6 +36,26 @@ pub fn lock_shared(path: &Path) -> Result<FileLock> {
     lock_with(path, File::lock_shared)
 }
 
+/// Takes an exclusive lock on `path` (created 0600 if missing) if nobody holds it; `None`
+/// when someone does.
+pub fn try_lock_exclusive(path: &Path) -> Result<Option<FileLock>> {
+    use std::os::unix::fs::MetadataExt;
+    let file = open_lock_file(path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(fs::TryLockError::Error(err)) => return Err(Error::io("locking", path, err)),
+    }
+    // As in `lock_with`: a file deleted meanwhile is a lock nobody else sees; try again later.
+    let held = file.metadata().io_context("reading", path)?;
+    Ok(match fs::metadata(path) {
+        Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+            Some(FileLock { _file: file })
+        }
+        _ => None,
+    })
+}
+
 /// Locks the file at `path`, and checks after locking that `path` still names the locked
 /// file: one deleted meanwhile (`git clean -fdx` takes `.app/`'s lock files too) would be a
 /// lock nobody else can see, so the lock is taken again on whatever `path` is now.

@@ -29,8 +29,10 @@ use nix::sys::signal::Signal;
 
 use crate::config::Settings;
 use crate::db::fleet::{self, Ask, Beat, Claimed, HostRow, Labels, Report};
+use crate::db::holds::Member;
 use crate::db::{Blocking, DbSettings};
 use crate::error::{Error, GitContext, IoContext, Result};
+use crate::fleet_holds::HostFlock;
 use crate::orchestrate::StopFlag;
 use crate::orchestrate::attempt::{self, AttemptSpec};
 use crate::orchestrate::fleet::{TIMED_OUT, attempt_ref, require_server, secret_check, shared_key};
@@ -200,6 +202,8 @@ struct Worker<'a> {
     last_look: Option<Instant>,
     last_activity: Instant,
     draining: bool,
+    /// The right to write this host's fleet heartbeat, folded into the worker's own.
+    host_flock: Option<HostFlock>,
 }
 
 impl<'a> Worker<'a> {
@@ -216,6 +220,9 @@ impl<'a> Worker<'a> {
             last_look: None,
             last_activity: Instant::now(),
             draining: false,
+            host_flock: HostFlock::new(&options.settings.fleet_host)
+                .inspect_err(|err| tracing::warn!(%err, "no fleet heartbeat from this worker"))
+                .ok(),
         }
     }
 
@@ -284,6 +291,16 @@ impl<'a> Worker<'a> {
             load: load(),
             leases: &leases,
             ttl_ms: self.options.settings.lease_ttl.as_millis() as i64,
+            member: self
+                .host_flock
+                .as_mut()
+                .is_some_and(HostFlock::hold)
+                .then_some(Member {
+                    host: &self.options.settings.fleet_host,
+                    pid: self.host.pid,
+                    start_time: self.host.start_time,
+                    secret_check: &self.host.secret_check,
+                }),
         };
         let held = self
             .shared

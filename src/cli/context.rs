@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Settings;
 use crate::coordination::Coordination;
-use crate::db::{Blocking, Db, DbSettings};
+use crate::db::{Blocking, Db, DbSettings, Location};
 use crate::error::{IoContext, Result};
+use crate::fleet_holds::{BeatTarget, Fleet};
 use crate::instance;
 use crate::lock::Holder;
+use crate::orchestrate::fleet::require_server_at;
 use crate::paths::AppPaths;
 use crate::registry::{InstanceRecord, Registry, Snapshot};
 use crate::sign::Keys;
@@ -45,6 +47,39 @@ impl Context {
     /// `--db`, when given.
     pub fn db_flag(&self) -> Option<&Path> {
         self.db.as_deref()
+    }
+
+    /// The fleet of the server database `--db` or the environment names (`--fleet`); bad
+    /// input (exit 2, nothing opened) when that is a local file.
+    pub fn fleet(&self) -> Result<Fleet> {
+        let location = Location::resolve(self.db_flag())?;
+        require_server_at(&location)?;
+        self.open_fleet(location)
+    }
+
+    /// The fleet when the database is a server, `None` (nothing opened) when it is a file.
+    pub fn fleet_if_server(&self) -> Result<Option<Fleet>> {
+        match Location::resolve(self.db_flag())? {
+            Location::Local(_) => Ok(None),
+            location => self.open_fleet(location).map(Some),
+        }
+    }
+
+    fn open_fleet(&self, location: Location) -> Result<Fleet> {
+        let db = Blocking::open(location, DbSettings::from(&self.settings))?;
+        Ok(Fleet::new(std::sync::Arc::new(db), &self.settings))
+    }
+
+    /// What a long-lived fleet holder's host heartbeat writes to (`Fleet` checked the
+    /// location already).
+    pub fn beat_target(&self) -> Result<BeatTarget> {
+        Ok(BeatTarget {
+            location: Location::resolve(self.db_flag())?,
+            settings: DbSettings::from(&self.settings),
+            host: self.settings.fleet_host.clone(),
+            lease_ttl: self.settings.lease_ttl,
+            secret_check: String::new(),
+        })
     }
 
     /// Opens the database named by `--db` or the environment and runs `body` with it.
@@ -92,6 +127,14 @@ impl RepoContext<'_> {
     /// The repository's locks, reservations and messages.
     pub fn coordination(&self) -> Coordination {
         Coordination::new(&self.paths, self.settings)
+    }
+
+    /// The same, with the locks and reservations of `fleet` when given (`--fleet`).
+    pub fn coordination_in(&self, fleet: Option<Fleet>) -> Coordination {
+        match fleet {
+            Some(fleet) => self.coordination().in_fleet(fleet),
+            None => self.coordination(),
+        }
     }
 }
 

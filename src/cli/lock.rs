@@ -14,6 +14,7 @@ use signal_hook::low_level::siginfo::Cause;
 use super::context::Context;
 use super::output::{self, outln};
 use crate::error::{Error, IoContext, Result};
+use crate::fleet_holds::{BeatTarget, HostBeat};
 use crate::ids::LockName;
 use crate::lock::{self, Holder, LockStore, Released, Request};
 use crate::process::{self, ProcessIdentity};
@@ -35,6 +36,9 @@ pub enum LockCommand {
         /// Let the hold run out by itself after DUR (at most 365d).
         #[arg(long, value_name = "DUR", value_parser = super::instance::parse_ttl)]
         ttl: Option<Duration>,
+        /// Keep it in the fleet's database, one holder across every host (needs APP_DB_URL).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Release a lock the caller holds.
     Release {
@@ -43,12 +47,18 @@ pub enum LockCommand {
         /// Release it even when someone else holds it.
         #[arg(long)]
         force: bool,
+        /// Keep it in the fleet's database, one holder across every host (needs APP_DB_URL).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Every lock with its holder and last fencing token.
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Keep it in the fleet's database, one holder across every host (needs APP_DB_URL).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Hold a lock while CMD runs (like flock(1)); exits with CMD's code.
     Run {
@@ -57,6 +67,9 @@ pub enum LockCommand {
         /// Give up after DUR (exit 3); default: wait as long as it takes.
         #[arg(long, value_name = "DUR", value_parser = super::instance::parse_duration)]
         timeout: Option<Duration>,
+        /// Keep it in the fleet's database, one holder across every host (needs APP_DB_URL).
+        #[arg(long)]
+        fleet: bool,
         /// The command, after '--'.
         #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
         command: Vec<String>,
@@ -72,11 +85,26 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
         LockName::parse(name)?;
     }
     let repo = ctx.repo_at(cwd)?;
-    let coordination = repo.coordination();
+    let fleet = match &command {
+        LockCommand::Acquire { fleet, .. }
+        | LockCommand::Release { fleet, .. }
+        | LockCommand::List { fleet, .. }
+        | LockCommand::Run { fleet, .. } => *fleet,
+    };
+    let coordination = repo.coordination_in(fleet.then(|| ctx.fleet()).transpose()?);
     let locks = || coordination.locks();
-    let caller = || -> Result<Holder> { repo.caller_holder(&repo.snapshot()?) };
+    // A fleet holder is named by this host's fleet name.
+    let caller = || -> Result<Holder> {
+        let mut holder = repo.caller_holder(&repo.snapshot()?)?;
+        if fleet {
+            holder.host = ctx.settings.fleet_host.clone();
+        }
+        Ok(holder)
+    };
     match command {
-        LockCommand::Acquire { name, timeout, ttl } => {
+        LockCommand::Acquire {
+            name, timeout, ttl, ..
+        } => {
             let holder = caller()?;
             let token = locks()?.acquire(&Request {
                 name: name.clone(),
@@ -88,14 +116,14 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
             eprintln!("app: lock {name:?} held by {holder} (token {token})");
             Ok(0)
         }
-        LockCommand::Release { name, force } => {
+        LockCommand::Release { name, force, .. } => {
             match locks()?.release(&name, &caller()?, force)? {
                 Released::Released => eprintln!("app: lock {name:?} released"),
                 Released::NotHeld => eprintln!("app: lock {name:?} was not held"),
             }
             Ok(0)
         }
-        LockCommand::List { json } => {
+        LockCommand::List { json, .. } => {
             // Listing creates nothing: where no lock was ever taken there is nothing to list.
             let all = match coordination.existing_locks()? {
                 Some(locks) => locks.list()?,
@@ -107,7 +135,13 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
             name,
             timeout,
             command,
-        } => run_locked(locks()?, &name, timeout.unwrap_or(FOREVER), &command),
+            ..
+        } => {
+            // A fleet hold lives while this host's heartbeat does: this process renews it
+            // (when no other process of the host does) for as long as it holds the lock.
+            let beat = fleet.then(|| ctx.beat_target()).transpose()?;
+            run_locked(locks()?, &name, timeout.unwrap_or(FOREVER), &command, beat)
+        }
     }
 }
 
@@ -154,6 +188,7 @@ fn run_locked(
     name: &str,
     timeout: Duration,
     command: &[String],
+    beat: Option<BeatTarget>,
 ) -> Result<u8> {
     let guard = lock::hold(
         locks,
@@ -164,6 +199,7 @@ fn run_locked(
             timeout,
         },
     )?;
+    let beat = beat.map(HostBeat::start).transpose()?;
     let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP])
         .io_context("installing signal handlers for", "app lock run")?;
     let child = process::Child::spawn(
@@ -196,5 +232,8 @@ fn run_locked(
     handle.close();
     let _ = forwarder.join();
     drop(guard);
+    if let Some(beat) = beat {
+        beat.stop();
+    }
     Ok(process::exit_code(status?))
 }

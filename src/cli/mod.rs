@@ -80,14 +80,21 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// The fleet's reservations, in its database (needs APP_DB_URL).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Release your path reservations (all of them without GLOBs).
     Release {
         /// The patterns to release, as reserved.
         #[arg(value_name = "GLOB")]
         patterns: Vec<String>,
+        /// Release fleet reservations, in the fleet's database (needs APP_DB_URL).
+        #[arg(long)]
+        fleet: bool,
     },
-    /// Exit 1 when a file is reserved exclusively by another live instance.
+    /// Exit 1 when a file is reserved exclusively by another live instance (also in the
+    /// fleet, when the database is a server).
     CheckPaths {
         /// Files, relative to the current directory.
         #[arg(value_name = "FILE")]
@@ -138,8 +145,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Ack(args) => queue::ack(ctx, args),
         Command::Lock(command) => lock::run(ctx, command),
         Command::Reserve(args) => reserve::reserve(ctx, args),
-        Command::Reservations { json } => reserve::list(ctx, json),
-        Command::Release { patterns } => reserve::release(ctx, patterns),
+        Command::Reservations { json, fleet } => reserve::list(ctx, json, fleet),
+        Command::Release { patterns, fleet } => reserve::release(ctx, patterns, fleet),
         Command::CheckPaths { files } => reserve::check_paths(ctx, files),
         Command::Hooks(command) => reserve::hooks(ctx, command),
         Command::Mcp(args) => mcp::mcp(ctx, args),

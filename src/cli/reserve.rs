@@ -28,6 +28,9 @@ pub struct ReserveArgs {
     /// Why, for the others.
     #[arg(long, value_name = "TEXT")]
     reason: Option<String>,
+    /// Reserve in the fleet's database, seen by every host (needs APP_DB_URL).
+    #[arg(long)]
+    fleet: bool,
 }
 
 /// Subcommands of `app hooks`.
@@ -43,16 +46,34 @@ struct Reserving<'a> {
     repo: RepoContext<'a>,
     snapshot: Snapshot,
     reservations: Box<dyn ReservationStore>,
+    /// Whether `reservations` are the fleet's.
+    fleet: bool,
 }
 
-fn reserving(ctx: &Context) -> Result<Reserving<'_>> {
+impl Reserving<'_> {
+    /// Who calls: an instance or a process, named by this host's fleet name in the fleet.
+    fn caller(&self) -> Result<crate::lock::Holder> {
+        let mut holder = self.repo.caller_holder(&self.snapshot)?;
+        if self.fleet {
+            holder.host = self.repo.settings.fleet_host.clone();
+        }
+        Ok(holder)
+    }
+}
+
+/// The reservations of this repository, or with `fleet` the fleet's (bad input without a
+/// server database).
+fn reserving(ctx: &Context, fleet: bool) -> Result<Reserving<'_>> {
     let repo = ctx.repo()?;
+    let in_fleet = fleet;
+    let fleet = fleet.then(|| ctx.fleet()).transpose()?;
     let snapshot = repo.snapshot()?;
-    let reservations = repo.coordination().reservations()?;
+    let reservations = repo.coordination_in(fleet).reservations()?;
     Ok(Reserving {
         repo,
         snapshot,
         reservations,
+        fleet: in_fleet,
     })
 }
 
@@ -62,8 +83,8 @@ pub(super) fn reserve(ctx: &Context, args: ReserveArgs) -> Result<u8> {
         .iter()
         .map(|p| Glob::parse(p))
         .collect::<Result<Vec<_>>>()?;
-    let here = reserving(ctx)?;
-    let holder = here.repo.caller_holder(&here.snapshot)?;
+    let here = reserving(ctx, args.fleet)?;
+    let holder = here.caller()?;
     let reservation =
         here.reservations
             .reserve(&holder, &globs, args.shared, args.ttl, args.reason)?;
@@ -80,8 +101,8 @@ pub(super) fn reserve(ctx: &Context, args: ReserveArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub(super) fn list(ctx: &Context, json: bool) -> Result<u8> {
-    let here = reserving(ctx)?;
+pub(super) fn list(ctx: &Context, json: bool, fleet: bool) -> Result<u8> {
+    let here = reserving(ctx, fleet)?;
     let all = here.reservations.list()?;
     if json {
         let values: Vec<serde_json::Value> = all
@@ -116,16 +137,16 @@ pub(super) fn list(ctx: &Context, json: bool) -> Result<u8> {
     Ok(0)
 }
 
-pub(super) fn release(ctx: &Context, patterns: Vec<String>) -> Result<u8> {
-    let here = reserving(ctx)?;
-    let holder = here.repo.caller_holder(&here.snapshot)?;
+pub(super) fn release(ctx: &Context, patterns: Vec<String>, fleet: bool) -> Result<u8> {
+    let here = reserving(ctx, fleet)?;
+    let holder = here.caller()?;
     let released = here.reservations.release(&holder, &patterns)?;
     eprintln!("app: released {released} reserved pattern(s)");
     Ok(0)
 }
 
 pub(super) fn check_paths(ctx: &Context, files: Vec<String>) -> Result<u8> {
-    let here = reserving(ctx)?;
+    let here = reserving(ctx, false)?;
     let me = here.repo.caller_holder(&here.snapshot)?;
     // Paths are relative to the worktree the caller is in: its instance's, or the main one.
     let root = here
@@ -137,7 +158,21 @@ pub(super) fn check_paths(ctx: &Context, files: Vec<String>) -> Result<u8> {
         .iter()
         .map(|file| paths::relative_to(&root, &here.repo.cwd, file))
         .collect::<Result<Vec<_>>>()?;
-    let conflicts = here.reservations.conflicts(Some(&me), &relative)?;
+    let mut conflicts = here.reservations.conflicts(Some(&me), &relative)?;
+    // With a server database the fleet's reservations count too; a file costs nothing here.
+    if let Some(fleet) = ctx.fleet_if_server()?
+        && let Some(reservations) = here
+            .repo
+            .coordination()
+            .in_fleet(fleet)
+            .fleet_reservations()
+    {
+        let me = crate::lock::Holder {
+            host: ctx.settings.fleet_host.clone(),
+            ..me.clone()
+        };
+        conflicts.extend(reservations.conflicts(Some(&me), &relative)?);
+    }
     for (file, r) in &conflicts {
         eprintln!(
             "app: {file} is reserved exclusively by {} since {} ({}){}",

@@ -158,13 +158,20 @@ pub struct Beat<'a> {
     pub leases: &'a [(i64, Option<String>)],
     /// How long a lease lasts from now, in milliseconds.
     pub ttl_ms: i64,
+    /// This host's fleet heartbeat, when this process writes it ([`super::holds`]).
+    pub member: Option<super::holds::Member<'a>>,
 }
 
 /// One heartbeat: the host's row and every lease it holds renewed, in one request. Returns the
 /// tokens still held: a lease missing from the answer was lost (it expired and another host
 /// took the task, or the run withdrew it).
 pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<i64>> {
-    let mut statements = vec![(
+    let mut statements: Vec<(String, Vec<Value>)> = beat
+        .member
+        .iter()
+        .map(super::holds::beat_statement)
+        .collect();
+    statements.push((
         format!(
             "UPDATE fleet_hosts SET heartbeat_ms = {NOW_MS}, state = ?2, running = ?3, load = ?4
              WHERE name = ?1 AND pid = ?5 AND start_time = ?6"
@@ -177,7 +184,7 @@ pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<i64>> {
             Value::Integer(beat.pid),
             Value::Integer(beat.start_time),
         ],
-    )];
+    ));
     for (token, output) in beat.leases {
         statements.push((
             format!(

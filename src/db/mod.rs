@@ -13,6 +13,7 @@
 
 pub mod events;
 pub mod fleet;
+pub mod holds;
 pub mod instances;
 pub(crate) mod messages;
 pub mod mirror;

@@ -37,6 +37,7 @@ use crate::control::{self, ControlServer};
 use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
 use crate::error::{Error, IoContext, Result};
+use crate::fleet_holds::{BeatTarget, HostBeat};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::{InstanceRecord, InstanceStatus, Registry, Timestamp};
@@ -80,6 +81,9 @@ pub(super) struct Supervisor<'a> {
     api: Option<ApiServer>,
     control: Option<ControlServer>,
     heartbeat: Option<Heartbeat>,
+    /// This host's fleet heartbeat, when the database is a server (see
+    /// [`crate::fleet_holds::HostBeat`]).
+    host_beat: Option<HostBeat>,
     /// The locks and reservation of `--lock` and `--reserve`, once taken.
     held: Option<Held>,
 }
@@ -157,6 +161,7 @@ impl<'a> Supervisor<'a> {
         };
         fault::point("run.registered");
         let mirror = DbMirror::start(paths, database.clone(), &settings.fleet_host);
+        let host_beat = host_beat(settings, &database);
         mirror.instance(&record);
         mirror.event(
             &id,
@@ -188,6 +193,7 @@ impl<'a> Supervisor<'a> {
             api: None,
             control: None,
             heartbeat: None,
+            host_beat,
             held: None,
         })
     }
@@ -438,6 +444,9 @@ impl<'a> Supervisor<'a> {
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.stop();
         }
+        if let Some(beat) = self.host_beat.take() {
+            beat.stop();
+        }
         if let Some(mut held) = self.held.take() {
             held.release_reservation();
         }
@@ -588,4 +597,24 @@ fn new_record(
         ports: Vec::new(),
         api_url: api.map(api::Binding::url),
     })
+}
+
+/// With a server database, this host's fleet heartbeat for as long as the instance lives: its
+/// supervisor is a process of the fleet that keeps the host's holds alive.
+fn host_beat(
+    settings: &Settings,
+    (location, db_settings): &(Location, DbSettings),
+) -> Option<HostBeat> {
+    if let Location::Local(_) = location {
+        return None;
+    }
+    HostBeat::start(BeatTarget {
+        location: location.clone(),
+        settings: *db_settings,
+        host: settings.fleet_host.clone(),
+        lease_ttl: settings.lease_ttl,
+        secret_check: String::new(),
+    })
+    .inspect_err(|err| tracing::warn!(%err, "cannot start this host's fleet heartbeat"))
+    .ok()
 }

@@ -24,6 +24,16 @@ pub(super) const MAX_RECEIVE: usize = 100;
 #[serde(deny_unknown_fields)]
 pub(crate) struct NoArgs {}
 
+/// Arguments of `list_locks` and `list_reservations`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListArgs {
+    /// List the fleet's, in its shared database (needs a server database; default false:
+    /// this repository's own).
+    #[serde(default)]
+    pub fleet: bool,
+}
+
 /// Arguments of `list_instances`.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +105,10 @@ pub(crate) struct AcquireArgs {
     /// or this instance ends).
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    /// Keep it in the fleet's shared database, across every host (needs a server database;
+    /// default false: this repository's own).
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 /// Arguments of `release_lock`.
@@ -103,6 +117,10 @@ pub(crate) struct AcquireArgs {
 pub(crate) struct ReleaseLockArgs {
     /// Lock name, as acquired.
     pub name: String,
+    /// Keep it in the fleet's shared database, across every host (needs a server database;
+    /// default false: this repository's own).
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 /// Arguments of `reserve_paths`.
@@ -122,6 +140,10 @@ pub(crate) struct ReserveArgs {
     /// Why, for the other agents (at most 1024 bytes).
     #[serde(default)]
     pub reason: Option<String>,
+    /// Keep it in the fleet's shared database, across every host (needs a server database;
+    /// default false: this repository's own).
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 /// Arguments of `release_paths`.
@@ -132,6 +154,10 @@ pub(crate) struct ReleasePathsArgs {
     /// instance).
     #[serde(default)]
     pub patterns: Vec<String>,
+    /// Keep it in the fleet's shared database, across every host (needs a server database;
+    /// default false: this repository's own).
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 /// Arguments of `check_paths`.

@@ -10,9 +10,11 @@ use super::args::*;
 use crate::coordination::Coordination;
 use crate::db::{Blocking, Db, DbSettings, Location, notes, runs};
 use crate::error::{InstanceError, McpError, Result, RunError};
+use crate::fleet_holds::Fleet;
 use crate::glob::Glob;
 use crate::ids::{LockName, Namespace};
 use crate::lock::{Holder, Released, Request};
+use crate::orchestrate::fleet::require_server_at;
 use crate::orchestrate::plan::Plan;
 use crate::paths;
 use crate::queue;
@@ -30,6 +32,29 @@ impl State {
         Ok(self
             .coordination()
             .with_database(&location, DbSettings::from(&self.settings)))
+    }
+
+    /// The coordination with the fleet's locks and reservations when `fleet` (bad input
+    /// without a server database).
+    fn coordination_in(&self, fleet: bool) -> Result<Coordination> {
+        if !fleet {
+            return Ok(self.coordination());
+        }
+        require_server_at(&Location::resolve(self.db_flag.as_deref())?)?;
+        Ok(self.coordination().in_fleet(self.fleet()?))
+    }
+
+    fn fleet(&self) -> Result<Fleet> {
+        Ok(Fleet::new(self.db()?, &self.settings))
+    }
+
+    /// This instance as a holder; in the fleet, named by this host's fleet name.
+    fn holder_in(&self, fleet: bool) -> Result<Holder> {
+        let mut holder = self.holder()?;
+        if fleet {
+            holder.host = self.settings.fleet_host.clone();
+        }
+        Ok(holder)
     }
 
     pub(super) fn snapshot(&self) -> Result<Snapshot> {
@@ -52,20 +77,22 @@ impl State {
 
     /// Runs `body` with the database, opened at the first call.
     pub(super) fn with_db<T>(&self, body: impl AsyncFnOnce(&Db) -> Result<T>) -> Result<T> {
-        let db = {
-            // Opened under the lock: two first tools at once open it once.
-            let mut slot = self.db.lock().unwrap_or_else(PoisonError::into_inner);
-            match &*slot {
-                Some(db) => Arc::clone(db),
-                None => {
-                    let settings = DbSettings::from(&self.settings);
-                    let db = Arc::new(Blocking::open_default(self.db_flag.as_deref(), settings)?);
-                    *slot = Some(Arc::clone(&db));
-                    db
-                }
+        self.db()?.run(body)
+    }
+
+    /// The database, opened at the first call.
+    fn db(&self) -> Result<Arc<Blocking>> {
+        // Opened under the lock: two first tools at once open it once.
+        let mut slot = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(match &*slot {
+            Some(db) => Arc::clone(db),
+            None => {
+                let settings = DbSettings::from(&self.settings);
+                let db = Arc::new(Blocking::open_default(self.db_flag.as_deref(), settings)?);
+                *slot = Some(Arc::clone(&db));
+                db
             }
-        };
-        db.run(body)
+        })
     }
 
     pub(super) fn whoami(&self) -> Result<Value> {
@@ -194,23 +221,26 @@ impl State {
         LockName::parse(&args.name)?;
         let request = Request {
             name: args.name.clone(),
-            holder: self.holder()?,
+            holder: self.holder_in(args.fleet)?,
             ttl: ttl(args.ttl_seconds)?,
             timeout: wait(args.wait_seconds)?,
         };
-        let token = self.coordination().locks()?.acquire(&request)?;
+        let token = self
+            .coordination_in(args.fleet)?
+            .locks()?
+            .acquire(&request)?;
         Ok(json!({ "name": args.name, "token": token }))
     }
 
     pub(super) fn release_lock(&self, args: &ReleaseLockArgs) -> Result<Value> {
         LockName::parse(&args.name)?;
-        let locks = self.coordination().locks()?;
-        let released = locks.release(&args.name, &self.holder()?, false)?;
+        let locks = self.coordination_in(args.fleet)?.locks()?;
+        let released = locks.release(&args.name, &self.holder_in(args.fleet)?, false)?;
         Ok(json!({ "name": args.name, "released": released == Released::Released }))
     }
 
-    pub(super) fn list_locks(&self) -> Result<Value> {
-        let locks = self.coordination().locks()?;
+    pub(super) fn list_locks(&self, args: &ListArgs) -> Result<Value> {
+        let locks = self.coordination_in(args.fleet)?.locks()?;
         let values: Vec<Value> = locks
             .list()?
             .into_iter()
@@ -242,9 +272,15 @@ impl State {
             .map(|p| Glob::parse(p))
             .collect::<Result<Vec<_>>>()?;
         let ttl = ttl(args.ttl_seconds)?;
-        let reservations = self.coordination().reservations()?;
-        let reservation =
-            reservations.reserve(&self.holder()?, &globs, args.shared, ttl, args.reason)?;
+        let fleet = args.fleet;
+        let reservations = self.coordination_in(fleet)?.reservations()?;
+        let reservation = reservations.reserve(
+            &self.holder_in(fleet)?,
+            &globs,
+            args.shared,
+            ttl,
+            args.reason,
+        )?;
         Ok(json!({
             "id": reservation.id,
             "patterns": reservation.patterns,
@@ -254,13 +290,13 @@ impl State {
 
     pub(super) fn release_paths(&self, args: &ReleasePathsArgs) -> Result<Value> {
         check_count("patterns", args.patterns.len())?;
-        let reservations = self.coordination().reservations()?;
-        let released = reservations.release(&self.holder()?, &args.patterns)?;
+        let reservations = self.coordination_in(args.fleet)?.reservations()?;
+        let released = reservations.release(&self.holder_in(args.fleet)?, &args.patterns)?;
         Ok(json!({ "released": released }))
     }
 
-    pub(super) fn list_reservations(&self) -> Result<Value> {
-        let reservations = self.coordination().reservations()?;
+    pub(super) fn list_reservations(&self, args: &ListArgs) -> Result<Value> {
+        let reservations = self.coordination_in(args.fleet)?.reservations()?;
         let values: Vec<Value> = reservations
             .list()?
             .into_iter()
@@ -288,9 +324,20 @@ impl State {
             .iter()
             .map(|path| paths::relative_to(&root, &root, path))
             .collect::<Result<Vec<_>>>()?;
-        let reservations = self.coordination().reservations()?;
-        let conflicts: Vec<Value> = reservations
-            .conflicts(Some(&Holder::instance(&record)), &relative)?
+        let me = Holder::instance(&record);
+        let mut conflicts = self
+            .coordination()
+            .reservations()?
+            .conflicts(Some(&me), &relative)?;
+        // With a server database the fleet's reservations count too.
+        if let Location::Remote { .. } = Location::resolve(self.db_flag.as_deref())? {
+            let me = self.holder_in(true)?;
+            let fleet = self.coordination().in_fleet(self.fleet()?);
+            if let Some(reservations) = fleet.fleet_reservations() {
+                conflicts.extend(reservations.conflicts(Some(&me), &relative)?);
+            }
+        }
+        let conflicts: Vec<Value> = conflicts
             .into_iter()
             .map(|(path, r)| {
                 json!({

@@ -78,7 +78,7 @@ impl Server {
     }
 
     #[tool(
-        description = "Take a named lock for your instance, e.g. around a migration or a lock-file update. Returns a fencing token that grows with every grant. Fails, naming the holder, when another instance holds it (after wait_seconds, default 0). The lock is released by release_lock, when its ttl runs out, or when your instance ends."
+        description = "Take a named lock for your instance, e.g. around a migration or a lock-file update. Returns a fencing token that grows with every grant. Fails, naming the holder, when another instance holds it (after wait_seconds, default 0). The lock is released by release_lock, when its ttl runs out, or when your instance ends. With fleet true the lock is one across every host of the fleet (a server database)."
     )]
     async fn acquire_lock(&self, Parameters(args): Parameters<AcquireArgs>) -> CallToolResult {
         self.blocking(move |state| state.acquire_lock(&args)).await
@@ -96,12 +96,12 @@ impl Server {
         description = "Every named lock: holder, last fencing token, since when; 'lapsed' is null while the hold counts, else why it no longer does (holder gone, ttl out).",
         annotations(read_only_hint = true)
     )]
-    async fn list_locks(&self, Parameters(NoArgs {}): Parameters<NoArgs>) -> CallToolResult {
-        self.blocking(State::list_locks).await
+    async fn list_locks(&self, Parameters(args): Parameters<ListArgs>) -> CallToolResult {
+        self.blocking(move |state| state.list_locks(&args)).await
     }
 
     #[tool(
-        description = "Reserve the files you are about to edit (paths or globs relative to the repository root), so other agents see them as taken. Exclusive by default. Fails, naming the holder, when they overlap another instance's exclusive reservation (or any of theirs, for an exclusive one)."
+        description = "Reserve the files you are about to edit (paths or globs relative to the repository root), so other agents see them as taken. Exclusive by default. Fails, naming the holder, when they overlap another instance's exclusive reservation (or any of theirs, for an exclusive one). With fleet true every host's agents see it (a server database)."
     )]
     async fn reserve_paths(&self, Parameters(args): Parameters<ReserveArgs>) -> CallToolResult {
         self.blocking(move |state| state.reserve_paths(args)).await
@@ -122,12 +122,13 @@ impl Server {
         description = "Every path reservation: id, patterns, shared or exclusive, holder, reason, since when; 'lapsed' is null while it counts, else why it no longer does.",
         annotations(read_only_hint = true)
     )]
-    async fn list_reservations(&self, Parameters(NoArgs {}): Parameters<NoArgs>) -> CallToolResult {
-        self.blocking(State::list_reservations).await
+    async fn list_reservations(&self, Parameters(args): Parameters<ListArgs>) -> CallToolResult {
+        self.blocking(move |state| state.list_reservations(&args))
+            .await
     }
 
     #[tool(
-        description = "Check files before editing them: 'ok' is false and 'conflicts' names the holder when another live instance reserved any of them exclusively.",
+        description = "Check files before editing them: 'ok' is false and 'conflicts' names the holder when another live instance reserved any of them exclusively (with a server database, on any host of the fleet too).",
         annotations(read_only_hint = true)
     )]
     async fn check_paths(&self, Parameters(args): Parameters<CheckPathsArgs>) -> CallToolResult {

@@ -24,9 +24,9 @@ use super::attempt::{Outcome, Running, instance_prefix};
 use super::plan::Task;
 use super::scheduler::Orchestrator;
 use crate::config::Settings;
-use crate::db::Blocking;
 use crate::db::fleet::{self, FleetTask, LeaseState, Offer};
 use crate::db::runs::TaskStatus;
+use crate::db::{Blocking, Location};
 use crate::error::{Error, GitContext, Result};
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote};
@@ -58,10 +58,14 @@ pub fn secret_check(key: &SigningKey) -> String {
 
 /// Refuses a local database: the fleet needs a server every host reaches.
 pub fn require_server(db: &Blocking) -> Result<()> {
-    if db.is_local() {
+    require_server_at(db.location())
+}
+
+/// Refuses a local database before opening it (which would create the file).
+pub fn require_server_at(location: &Location) -> Result<()> {
+    if let Location::Local(_) = location {
         return Err(Error::bad_input(format!(
-            "the fleet needs a libSQL server database every host reaches, not the local file {}: set APP_DB_URL=http://HOST:PORT on every host (scripts/start-sqld.sh starts one; docs/FLEET.md)",
-            db.location()
+            "the fleet needs a libSQL server database every host reaches, not the local file {location}: set APP_DB_URL=http://HOST:PORT on every host (scripts/start-sqld.sh starts one; docs/FLEET.md)"
         )));
     }
     Ok(())

@@ -106,6 +106,26 @@ impl Fleet {
         run
     }
 
+    /// Any program (a shell, git) on host `n`, in the fleet; `$APP_BIN` is `app`.
+    fn command(&self, n: usize, program: &str) -> Command {
+        let mut command = self.hosts[n].command(program);
+        self.join(n, &mut command);
+        command
+    }
+
+    /// The fleet lock `name` as `app lock list --fleet --json` on host `n` shows it.
+    fn fleet_lock(&self, n: usize, name: &str) -> Value {
+        let out = self.run(n, &["lock", "list", "--fleet", "--json"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|lock| lock["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
     fn run(&self, n: usize, args: &[&str]) -> Output {
         self.app(n, args)
             .stdin(std::process::Stdio::null())
@@ -860,4 +880,213 @@ fn a_host_with_another_secret_takes_nothing_and_app_fleet_says_it_is_refused() {
     let out = orchestrator.wait(Duration::from_secs(60));
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(fs::read_to_string(&ran).unwrap(), "t host2\n");
+}
+
+/// `app lock acquire --fleet NAME` from a shell on host `n` that then sleeps: the shell
+/// (become `sleep`, same pid and start time) holds the lock. Returns once it holds it.
+fn shell_holding(fleet: &Fleet, n: usize, name: &str) -> Running {
+    let mut shell = fleet.command(n, "sh");
+    shell.args([
+        "-c",
+        &format!("\"$APP_BIN\" lock acquire --fleet {name} && exec sleep 600"),
+    ]);
+    let holder = fleet.hosts[n].spawn(shell);
+    let pid = holder.pid();
+    wait_for(
+        "the shell to hold the lock",
+        Duration::from_secs(20),
+        || fleet.fleet_lock(n, name)["holder"]["pid"] == pid,
+    );
+    holder
+}
+
+#[test]
+fn a_fleet_lock_raced_by_eight_processes_on_two_hosts_has_one_holder_at_a_time_and_growing_tokens()
+{
+    let Some(fleet) = Fleet::new(2) else { return };
+    let record = fleet.hosts[0].scratch().join("holds");
+    // Each hold writes its start and end with its token; a hold overlapping another would
+    // show as two starts in a row.
+    let hold = format!(
+        "echo \"start $APP_LOCK_TOKEN $FLEET_HOST $(date +%s%N)\" >> {file}; sleep 0.1; echo \"end $APP_LOCK_TOKEN $FLEET_HOST $(date +%s%N)\" >> {file}",
+        file = record.display()
+    );
+    let rounds = 3;
+    std::thread::scope(|scope| {
+        for process in 0..8 {
+            let (fleet, hold) = (&fleet, &hold);
+            scope.spawn(move || {
+                let host = process % 2;
+                for _ in 0..rounds {
+                    let racer = fleet.hosts[host].spawn(fleet.app(
+                        host,
+                        &["lock", "run", "--fleet", "race", "--", "sh", "-c", hold],
+                    ));
+                    let out = racer.wait(Duration::from_secs(180));
+                    assert_eq!(code(&out), 0, "{}", stderr(&out));
+                }
+            });
+        }
+    });
+    let lines = fs::read_to_string(&record).unwrap();
+    let events: Vec<(String, u64, String, u128)> = lines
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (
+                fields[0].to_string(),
+                fields[1].parse().unwrap(),
+                fields[2].to_string(),
+                fields[3].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(events.len(), 8 * rounds * 2, "{lines}");
+    let mut last_token = 0;
+    let mut last_end = 0;
+    for pair in events.chunks(2) {
+        let [
+            (start, token, host, began),
+            (end, end_token, end_host, ended),
+        ] = pair
+        else {
+            unreachable!("an even number of events")
+        };
+        assert_eq!(
+            (start.as_str(), end.as_str(), token, host),
+            ("start", "end", end_token, end_host),
+            "two holders at once:\n{lines}"
+        );
+        assert!(*token > last_token, "tokens must grow:\n{lines}");
+        assert!(last_end <= *began && began <= ended, "overlap:\n{lines}");
+        (last_token, last_end) = (*token, *ended);
+    }
+    let hosts: std::collections::BTreeSet<&str> =
+        events.iter().map(|(_, _, host, _)| host.as_str()).collect();
+    assert_eq!(hosts.len(), 2, "both hosts held it: {lines}");
+    let state = fleet.fleet_lock(1, "race");
+    assert_eq!(state["holder"], Value::Null, "{state}");
+    assert_eq!(state["token"], last_token, "{state}");
+}
+
+#[test]
+fn a_killed_fleet_holder_lapses_at_once_on_its_host_and_after_the_ttl_elsewhere() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    // A long-lived holder of another lock keeps host0's heartbeat fresh.
+    let keepalive = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &["lock", "run", "--fleet", "keepalive", "--", "sleep", "600"],
+    ));
+    wait_for("the keepalive lock", Duration::from_secs(20), || {
+        fleet.fleet_lock(0, "keepalive")["holder"] != Value::Null
+    });
+    let victim = shell_holding(&fleet, 0, "victim");
+    let token = fleet.fleet_lock(0, "victim")["token"].as_u64().unwrap();
+    kill(victim.pid(), Signal::SIGKILL);
+    drop(victim);
+    // host1 cannot see the process: host0's heartbeat says its holders live.
+    let out = fleet.run(
+        1,
+        &["lock", "acquire", "--fleet", "victim", "--timeout", "0s"],
+    );
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(stderr(&out).contains("on host0"), "{}", stderr(&out));
+    // host0 asks /proc: the holder is gone, the lock is free at once.
+    let out = fleet.run(
+        0,
+        &["lock", "acquire", "--fleet", "victim", "--timeout", "0s"],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), (token + 1).to_string());
+    let out = fleet.run(0, &["lock", "release", "--fleet", "victim"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // With every process of host0 gone, its holds lapse for host1 after the lease TTL.
+    let victim = shell_holding(&fleet, 0, "victim");
+    kill(victim.pid(), Signal::SIGKILL);
+    drop(victim);
+    keepalive.kill_now();
+    let out = fleet.run(
+        1,
+        &["lock", "acquire", "--fleet", "victim", "--timeout", "60s"],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), (token + 3).to_string());
+    let state = fleet.fleet_lock(1, "victim");
+    assert_eq!(state["holder"]["host"], "host1", "{state}");
+    assert_eq!(state["lapsed"], Value::Null, "{state}");
+}
+
+#[test]
+fn a_fleet_reservation_on_one_host_stops_check_paths_and_the_pre_commit_hook_on_another() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    // An instance on host0 (its supervisor keeps the host's heartbeat).
+    let instance = fleet.hosts[0].spawn(fleet.app(0, &["run", "--", "sleep", "600"]));
+    wait_for("the instance to run", Duration::from_secs(30), || {
+        let out = fleet.run(0, &["instance", "list", "--json"]);
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        listed.as_array().is_some_and(|all| {
+            all.iter()
+                .any(|i| i["pid"] == instance.pid() && !i["child_pid"].is_null())
+        })
+    });
+    let out = fleet.run(
+        0,
+        &["reserve", "--fleet", "src/**", "--reason", "schema work"],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let listed = fleet.run(1, &["reservations", "--fleet", "--json"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["holder"]["host"], "host0", "{listed}");
+    assert_eq!(listed[0]["lapsed"], Value::Null, "{listed}");
+    let out = fleet.run(1, &["check-paths", "src/lib.txt"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("schema work"), "{}", stderr(&out));
+    let out = fleet.run(1, &["check-paths", "README.md"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = fleet.run(1, &["reserve", "--fleet", "src/lib.txt"]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    // The pre-commit hook on host1 refuses a commit touching the reserved file.
+    let out = fleet.run(1, &["hooks", "install"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let head = fleet.hosts[1].git(&["rev-parse", "HEAD"]);
+    fs::write(fleet.hosts[1].root().join("src/lib.txt"), "changed\n").unwrap();
+    fleet.hosts[1].git(&["add", "src/lib.txt"]);
+    let commit = |message: &str| {
+        fleet
+            .command(1, "git")
+            .args(["commit", "-q", "-m", message])
+            .output()
+            .unwrap()
+    };
+    let out = commit("touches a reserved file");
+    assert_ne!(code(&out), 0, "the hook let it through");
+    assert!(stderr(&out).contains("host0"), "{}", stderr(&out));
+    assert_eq!(fleet.hosts[1].git(&["rev-parse", "HEAD"]), head);
+    // Released on host0, the same commit goes through.
+    let out = fleet.run(0, &["release", "--fleet"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = commit("touches a free file");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let listed = fleet.run(1, &["reservations", "--fleet", "--json"]);
+    assert_eq!(stdout(&listed).trim(), "[]");
+}
+
+#[test]
+fn fleet_locks_and_reservations_without_a_server_exit_2_and_change_nothing() {
+    let repo = TestRepo::new();
+    for args in [
+        &["lock", "acquire", "--fleet", "db-schema"][..],
+        &["lock", "release", "--fleet", "db-schema"],
+        &["lock", "list", "--fleet"],
+        &["lock", "run", "--fleet", "db-schema", "--", "true"],
+        &["reserve", "--fleet", "src/**"],
+        &["reservations", "--fleet"],
+        &["release", "--fleet"],
+    ] {
+        let out = repo.run_app(args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("APP_DB_URL"), "{}", stderr(&out));
+    }
+    assert!(!repo.state_dir().exists(), ".app/ was created");
+    assert!(!repo.db_path().exists(), "a local database was created");
 }

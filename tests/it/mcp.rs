@@ -22,10 +22,16 @@ type Client = RunningService<RoleClient, ()>;
 
 /// `app mcp` started in `dir`, with the repository's isolated environment, connected.
 async fn connect(repo: &TestRepo, dir: &Path, args: &[&str]) -> Client {
+    connect_with(repo, dir, args, &[]).await
+}
+
+/// [`connect`] with `env` set too.
+async fn connect_with(repo: &TestRepo, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Client {
     let mut command = repo.app(&["mcp"]);
     command
         .args(args)
         .current_dir(dir)
+        .envs(env.iter().copied())
         .env_remove("APP_INSTANCE_ID");
     let transport = TokioChildProcess::builder(tokio::process::Command::from(command))
         .stderr(Stdio::inherit())
@@ -564,4 +570,63 @@ fn garbage_and_oversized_lines_get_a_parse_error_and_serving_goes_on() {
         answer["result"]["structuredContent"]["id"], "raw",
         "{answer}"
     );
+}
+
+#[tokio::test]
+async fn the_lock_and_reservation_tools_take_the_fleet_option() {
+    tokio::time::timeout(LIMIT, async {
+        let repo = TestRepo::new();
+        let Some(sqld) = support::Sqld::start() else {
+            return;
+        };
+        let server = [("APP_DB_URL", sqld.url()), ("APP_FLEET_HOST", "mcphost")];
+        let mut run = repo.app(&["run", "--instance", "alice", "--", "sleep", "300"]);
+        run.envs(server);
+        let alice = repo.spawn(run);
+        let record = repo.wait_running(alice.pid());
+        let dir = record.worktree.unwrap();
+        let client = connect_with(&repo, &dir, &[], &server).await;
+        let token = ok(
+            &client,
+            "acquire_lock",
+            json!({"name": "db-schema", "fleet": true}),
+        )
+        .await;
+        assert_eq!(token["token"], 1);
+        // The local store never saw it; the fleet's names this host.
+        let local = ok(&client, "list_locks", json!({})).await;
+        assert_eq!(local["locks"], json!([]));
+        let fleet = ok(&client, "list_locks", json!({"fleet": true})).await;
+        assert_eq!(fleet["locks"][0]["holder"]["instance"], "alice", "{fleet}");
+        assert_eq!(fleet["locks"][0]["holder"]["host"], "mcphost", "{fleet}");
+        let reserved = ok(
+            &client,
+            "reserve_paths",
+            json!({"patterns": ["src/**"], "fleet": true}),
+        )
+        .await;
+        let listed = ok(&client, "list_reservations", json!({"fleet": true})).await;
+        assert_eq!(listed["reservations"][0]["id"], reserved["id"], "{listed}");
+        // Another host's check sees it.
+        let mut check = repo.app(&["check-paths", "src/lib.txt"]);
+        check.envs([("APP_DB_URL", sqld.url()), ("APP_FLEET_HOST", "other")]);
+        let out = check.output().unwrap();
+        assert_eq!(support::code(&out), 1, "{}", support::stderr(&out));
+        let released = ok(&client, "release_paths", json!({"fleet": true})).await;
+        assert_eq!(released["released"], 1);
+        let released = ok(
+            &client,
+            "release_lock",
+            json!({"name": "db-schema", "fleet": true}),
+        )
+        .await;
+        assert_eq!(released["released"], true);
+        // Without a server the option is refused and nothing changes.
+        let local = connect(&repo, &dir, &[]).await;
+        let text = refused(&local, "acquire_lock", json!({"name": "x", "fleet": true})).await;
+        assert!(text.contains("APP_DB_URL"), "{text}");
+        drop(alice);
+    })
+    .await
+    .expect("within the limit");
 }
