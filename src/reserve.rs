@@ -49,6 +49,29 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A new reservation of `patterns` for `holder`, made now, with a fresh id; `ttl` makes it
+    /// lapse by itself.
+    pub(crate) fn new(
+        holder: &Holder,
+        patterns: &[Glob],
+        shared: bool,
+        ttl: Option<Duration>,
+        reason: Option<String>,
+    ) -> Result<Reservation> {
+        let now = Timestamp::now();
+        Ok(Reservation {
+            id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            holder: holder.clone(),
+            patterns: patterns.iter().map(|g| g.to_string()).collect(),
+            shared,
+            reason,
+            created_at: now,
+            expires_at: ttl
+                .map(|ttl| config::expiry(now.system_time(), ttl).map(Timestamp::from))
+                .transpose()?,
+        })
+    }
+
     fn globs(&self) -> Vec<Glob> {
         self.patterns
             .iter()
@@ -227,18 +250,7 @@ impl ReservationStore for Reservations {
         }
         self.update(false, |live, _| {
             refuse_overlap(live, holder, patterns, shared)?;
-            let now = Timestamp::now();
-            let reservation = Reservation {
-                id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
-                holder: holder.clone(),
-                patterns: patterns.iter().map(|g| g.to_string()).collect(),
-                shared,
-                reason,
-                created_at: now,
-                expires_at: ttl
-                    .map(|ttl| config::expiry(now.system_time(), ttl).map(Timestamp::from))
-                    .transpose()?,
-            };
+            let reservation = Reservation::new(holder, patterns, shared, ttl, reason.clone())?;
             live.push(reservation.clone());
             Ok(reservation)
         })

@@ -102,23 +102,21 @@ impl ReservationStore for FleetReservations {
         if patterns.is_empty() {
             return Err(ReserveError::NoPatterns.into());
         }
-        let now = Timestamp::now();
-        let expires_at = ttl
-            .map(|ttl| crate::config::expiry(now.system_time(), ttl).map(Timestamp::from))
-            .transpose()?;
+        let made = Reservation::new(holder, patterns, shared, ttl, reason)?;
         let row = ReservationRow {
-            id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            id: made.id.clone(),
             holder: self.fleet.row(holder),
-            patterns: patterns.iter().map(|g| g.to_string()).collect(),
+            patterns: made.patterns.clone(),
             shared,
-            reason,
-            created_at: now.to_string(),
+            reason: made.reason.clone(),
+            created_at: made.created_at.to_string(),
             expires_in_ms: ttl.map(|ttl| ttl.as_millis() as i64),
             host_age_ms: None,
         };
+        // The holder as every host reads it back from the row.
         let made = Reservation {
-            expires_at,
-            ..reservation(&row)
+            holder: holder_of(&row.holder),
+            ..made
         };
         self.update(|live, _| {
             // Made already, by a write whose answer was lost.
