@@ -1090,3 +1090,65 @@ fn fleet_locks_and_reservations_without_a_server_exit_2_and_change_nothing() {
     assert!(!repo.state_dir().exists(), ".app/ was created");
     assert!(!repo.db_path().exists(), "a local database was created");
 }
+
+#[test]
+fn a_worker_killed_mid_task_loses_its_lease_and_the_task_finishes_on_another_host_losing_nothing() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let marks = fleet.hosts[0].scratch();
+    let script = format!(
+        "echo $FLEET_HOST > who.txt && git add who.txt && git commit -qm \"work on $FLEET_HOST\" && touch {m}/started-$FLEET_HOST && sleep 2",
+        m = marks.display()
+    );
+    let plan = json!({
+        "name": "killed", "integration": "killed-merged",
+        "tasks": [{ "id": "t", "command": script }],
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let doomed = fleet.worker(1, &[]);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    ));
+    wait_for(
+        "the first attempt to start",
+        Duration::from_secs(30),
+        || marks.join("started-host1").exists(),
+    );
+    doomed.kill_now();
+    let _other = fleet.worker(2, &[]);
+    let out = orchestrator.wait(Duration::from_secs(60));
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let merged = fleet.hosts[0].git(&["log", "--format=%s", "killed-merged"]);
+    assert_eq!(
+        merged
+            .lines()
+            .filter(|l| l.starts_with("work on"))
+            .collect::<Vec<_>>(),
+        ["work on host2"],
+        "the task's work is in once, from the host that finished it"
+    );
+    // The killed host's commit is not lost: its attempt's `app run` outlived the worker and
+    // left it on the task branch there.
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = summary["run"]["id"].as_str().unwrap();
+    wait_for(
+        "the orphaned attempt to end on host1",
+        Duration::from_secs(30),
+        || {
+            fleet.hosts[1]
+                .instances()
+                .iter()
+                .all(|record| !record.id.contains("-t-"))
+        },
+    );
+    let kept = fleet.hosts[1].git(&["log", "--format=%s", &format!("app/{run}/t")]);
+    assert!(kept.contains("work on host1"), "{kept}");
+}
