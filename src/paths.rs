@@ -216,6 +216,12 @@ impl AppPaths {
             .join(format!("{task}.log"))
     }
 
+    /// `.app/fleet/leases/`: a file per fleet lease this host's worker holds, until what its
+    /// attempt made was pushed (`<token>.json`).
+    pub fn fleet_leases_dir(&self) -> PathBuf {
+        self.state_dir.join("fleet/leases")
+    }
+
     /// `.app/journal/`: intents of operations under way.
     pub fn journal_dir(&self) -> PathBuf {
         self.state_dir.join("journal")

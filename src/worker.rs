@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use git2::{Oid, Repository};
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::db::fleet::{self, Ask, Beat, Claimed, HostRow, Labels, Report};
@@ -179,6 +180,7 @@ pub fn run(
         host: host.name.clone(),
         db_flag: options.db.clone(),
     });
+    push_leftovers(&shared);
     push_rescues(&shared);
     report(WorkerEvent::Registered {
         host: host.name.clone(),
@@ -456,6 +458,14 @@ impl Job {
     fn execute(&self) -> Result<Option<Ended>> {
         let spec = self.verified_spec()?;
         let shared = &self.shared;
+        let lease = Lease {
+            run: spec.run.clone(),
+            task: spec.task.clone(),
+            branch: spec.branch.clone(),
+            token: self.task.token,
+            worker: ProcessIdentity::current(),
+        };
+        lease.record(&shared.paths)?;
         let start = spec
             .start
             .clone()
@@ -467,6 +477,7 @@ impl Job {
         };
         let (run, task, token) = (&self.task.run_id, &self.task.task_id, self.task.token);
         if !shared.db(async |db| fleet::report(db, run, task, token, &started).await)? {
+            lease.forget(&shared.paths);
             return Ok(None);
         }
         let instance = format!("{}{}", spec.instance_prefix, self.task.attempt);
@@ -493,6 +504,7 @@ impl Job {
         }
         let outcome = attempt::await_attempt(&child, task.clone(), spec.timeout());
         let tip = self.push_result(&spec, &instance)?;
+        lease.forget(&shared.paths);
         let detail = if outcome.timed_out {
             Some(TIMED_OUT.to_string())
         } else {
@@ -582,6 +594,73 @@ impl Job {
             shared.remote.push(&rescue.to_string(), &target, None)?;
         }
         Ok(Some(tip))
+    }
+}
+
+/// A lease this host's worker took, recorded in `.app/fleet/leases/` until what its attempt
+/// made was pushed: a worker killed in between pushes it when it runs again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Lease {
+    run: String,
+    task: String,
+    branch: String,
+    token: i64,
+    /// The worker that holds it: while it lives, the lease is its own business.
+    worker: ProcessIdentity,
+}
+
+impl Lease {
+    fn file(&self, paths: &AppPaths) -> PathBuf {
+        paths
+            .fleet_leases_dir()
+            .join(format!("{}.json", self.token))
+    }
+
+    fn record(&self, paths: &AppPaths) -> Result<()> {
+        crate::state::create_private_dir_all(&paths.fleet_leases_dir())?;
+        let bytes = serde_json::to_vec(self).expect("leases serialize");
+        crate::state::write_atomic(&self.file(paths), &bytes)
+    }
+
+    fn forget(&self, paths: &AppPaths) {
+        let _ = std::fs::remove_file(self.file(paths));
+    }
+}
+
+/// Pushes what the attempts of a dead worker of this host made (their task branches, as the
+/// leases it recorded name them) to their leases' own refs; their reports were never made, so
+/// the runs do not take them, but nothing is lost. Failures are logged and retried next time.
+fn push_leftovers(shared: &Shared) {
+    let dir = shared.paths.fleet_leases_dir();
+    let Ok(names) = crate::state::visible_names(&dir) else {
+        return;
+    };
+    for name in names {
+        let path = dir.join(&name);
+        let Some(lease) = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Lease>(&bytes).ok())
+        else {
+            continue;
+        };
+        if lease.worker.presence() == process::Presence::Running {
+            continue;
+        }
+        let pushed = (|| -> Result<()> {
+            let repo = Repository::open(shared.paths.repo_root())
+                .git_context(|| format!("opening {}", shared.paths.repo_root().display()))?;
+            if let Ok(tip) = repo.refname_to_id(&format!("refs/heads/{}", lease.branch)) {
+                let target = attempt_ref(&lease.run, &lease.task, lease.token);
+                shared.remote.push(&tip.to_string(), &target, None)?;
+            }
+            Ok(())
+        })();
+        match pushed {
+            Ok(()) => lease.forget(&shared.paths),
+            Err(err) => {
+                tracing::warn!(error = %err, lease = %name, "pushing a dead attempt's work failed; it stays here")
+            }
+        }
     }
 }
 

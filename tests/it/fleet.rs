@@ -1151,4 +1151,24 @@ fn a_worker_killed_mid_task_loses_its_lease_and_the_task_finishes_on_another_hos
     );
     let kept = fleet.hosts[1].git(&["log", "--format=%s", &format!("app/{run}/t")]);
     assert!(kept.contains("work on host1"), "{kept}");
+    // When the worker runs again there, it pushes that work to its lease's own ref.
+    let _again = fleet.worker(1, &[]);
+    wait_for(
+        "the dead attempt's work on the remote",
+        Duration::from_secs(30),
+        || {
+            fleet
+                .remote_refs(&format!("refs/app/fleet/{run}/t/*"))
+                .len()
+                == 2
+        },
+    );
+    fleet.hosts[0].git(&[
+        "fetch",
+        "-q",
+        "origin",
+        &format!("refs/app/fleet/{run}/t/*:refs/dead/*"),
+    ]);
+    let pushed = fleet.hosts[0].git(&["log", "--format=%s", "--glob=refs/dead/*"]);
+    assert!(pushed.contains("work on host1"), "{pushed}");
 }
