@@ -435,24 +435,22 @@ impl Db {
     }
 
     /// Runs a query and returns every row, read to the end (so no statement stays open).
+    ///
+    /// Against a server it is one request, a batch that also closes its stream (an open
+    /// stream's read snapshot can stall the server's WAL checkpoint and with it every writer):
+    /// a prepared query was three (describe, cursor, and a statement to close the stream).
     pub async fn query_rows(
         &self,
         what: &str,
         sql: &str,
         params: Vec<Value>,
     ) -> Result<Vec<Vec<Value>>> {
-        let limit = (!self.is_local()).then_some(REMOTE_ATTEMPT_LIMIT);
-        retry::run(self.settings.retry_deadline, limit, what, async || {
-            if self.is_local() {
-                return collect_rows(&self.conn, sql, params.clone()).await;
-            }
-            let conn = self.database.connect()?;
-            let rows = collect_rows(&conn, sql, params.clone()).await?;
-            // A query leaves its server stream open, and an open stream's read snapshot can
-            // stall the server's WAL checkpoint and with it every writer. An autocommit
-            // statement on the same stream closes it.
-            conn.execute("SELECT 1", ()).await?;
-            Ok(rows)
+        if !self.is_local() {
+            let mut results = self.batch(what, &[(sql, params)]).await?;
+            return Ok(results.pop().unwrap_or_default());
+        }
+        retry::run(self.settings.retry_deadline, None, what, async || {
+            collect_rows(&self.conn, sql, params.clone()).await
         })
         .await
         .map_err(|err| self.retry_error(what, err))

@@ -1,6 +1,7 @@
 //! The fleet: hosts (separate clones with their own `.app/`, home and host name) sharing one
 //! real libSQL server on the loopback and one local bare remote; real workers, a real
-//! orchestrator, real git pushes and fetches.
+//! orchestrator, real git pushes and fetches. Where the machine allows (root, `ip netns`), one
+//! host runs in a network namespace of its own and reaches the server over a veth address.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use crate::support::{Running, Sqld, TestRepo, code, kill, stderr, stdout, wait_for};
+use crate::support::{Running, Sqld, TestRepo, code, hermetic, kill, stderr, stdout, wait_for};
 
 const SECRET: &str = "fleet-test-secret";
 
@@ -27,7 +28,11 @@ impl Fleet {
     /// `n` hosts, each a repository whose `origin` is one bare remote; `None` (said loudly)
     /// where the machine has no sqld, a failure under CI.
     fn new(n: usize) -> Option<Fleet> {
-        let sqld = Sqld::start()?;
+        Some(Fleet::with_server(Sqld::start()?, n))
+    }
+
+    /// `n` hosts sharing `sqld`.
+    fn with_server(sqld: Sqld, n: usize) -> Fleet {
         let hosts: Vec<TestRepo> = (0..n).map(|_| TestRepo::new()).collect();
         let remote = hosts[0].scratch().join("remote.git");
         hosts[0].git(&[
@@ -46,11 +51,11 @@ impl Fleet {
         for host in &hosts[1..] {
             host.git(&["fetch", "-q", "origin"]);
         }
-        Some(Fleet {
+        Fleet {
             sqld,
             hosts,
             remote,
-        })
+        }
     }
 
     /// `app` on host `n`, in the fleet.
@@ -138,7 +143,13 @@ impl Fleet {
         let name = format!("host{n}");
         let mut args = vec!["worker", "--name", &name];
         args.extend_from_slice(extra);
-        let worker = self.hosts[n].spawn(self.app(n, &args));
+        self.spawn_worker(n, self.app(n, &args))
+    }
+
+    /// Starts `command`, the worker of host `n`, and waits until it has registered.
+    fn spawn_worker(&self, n: usize, command: Command) -> Running {
+        let name = format!("host{n}");
+        let worker = self.hosts[n].spawn(command);
         wait_for("the worker to register", Duration::from_secs(20), || {
             let out = self.run(0, &["fleet", "--json"]);
             let hosts: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -1171,4 +1182,190 @@ fn a_worker_killed_mid_task_loses_its_lease_and_the_task_finishes_on_another_hos
     ]);
     let pushed = fleet.hosts[0].git(&["log", "--format=%s", "--glob=refs/dead/*"]);
     assert!(pushed.contains("work on host1"), "{pushed}");
+}
+
+#[test]
+fn a_host_in_its_own_network_namespace_reaches_the_server_over_a_veth_and_takes_its_tasks() {
+    // Declared first, so it is removed last: after the processes inside it have ended.
+    let Some(netns) = Netns::create() else { return };
+    let Some(sqld) = Sqld::start_on(netns.outer) else {
+        return;
+    };
+    let fleet = Fleet::with_server(sqld, 3);
+    let ran = fleet.hosts[0].scratch().join("ran");
+    let tasks: Vec<Value> = (0..4)
+        .map(|i| {
+            let id = format!("t{i}");
+            let net = if i < 2 { "root" } else { "ns" };
+            json!({ "id": id, "command": committing(&id, &ran), "on": { "net": net } })
+        })
+        .collect();
+    let plan = json!({
+        "name": "netns", "max_concurrent": 4, "integration": "netns-merged", "tasks": tasks,
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _outside = fleet.worker(1, &["--capacity", "2", "--labels", "net=root"]);
+    let inside = fleet.app(
+        2,
+        &[
+            "worker",
+            "--name",
+            "host2",
+            "--capacity",
+            "2",
+            "--labels",
+            "net=ns",
+        ],
+    );
+    let inside = fleet.spawn_worker(2, netns.exec(&inside));
+    let net = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(
+        net(&inside.pid().to_string()),
+        net("self"),
+        "the worker runs in the other namespace"
+    );
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let lines = fs::read_to_string(&ran).unwrap();
+    let mut ran_on: Vec<&str> = lines.lines().collect();
+    ran_on.sort();
+    assert_eq!(
+        ran_on,
+        ["t0 host1", "t1 host1", "t2 host2", "t3 host2"],
+        "every task once, t2 and t3 on the namespaced host: {lines}"
+    );
+    let log = fleet.hosts[0].git(&["log", "--format=%s", "netns-merged"]);
+    for i in 0..4 {
+        let subject = format!("task t{i}");
+        assert_eq!(log.lines().filter(|l| *l == subject).count(), 1, "{log}");
+    }
+}
+
+/// A network namespace joined to the root namespace by a veth pair: a host inside reaches the
+/// server over a routed address, not a loopback it shares. Removed on drop, also when the test
+/// fails half-way.
+struct Netns {
+    name: String,
+    /// The root namespace's end of the pair (deleting it deletes both ends).
+    outer_link: String,
+    /// The address of that end, where the server listens.
+    outer: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// A namespace named after this test process, with a /30 of 10.128.0.0/9 of its own; `None`,
+    /// said loudly, where the machine does not allow one (not root, no `ip`, no namespaces),
+    /// a failure under CI (which runs as root).
+    fn create() -> Option<Netns> {
+        let pid = std::process::id();
+        let base = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (pid % (1 << 21)) * 4;
+        let netns = Netns {
+            name: format!("app-it-{pid}"),
+            outer_link: format!("appo{pid}"),
+            outer: (base + 1).into(),
+        };
+        let inner_link = format!("appi{pid}");
+        let inner = format!("{}/30", std::net::Ipv4Addr::from(base + 2));
+        let outer = format!("{}/30", netns.outer);
+        let name = netns.name.as_str();
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", name],
+            &[
+                "link",
+                "add",
+                &netns.outer_link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &inner_link,
+            ],
+            &["link", "set", &inner_link, "netns", name],
+            &["addr", "add", &outer, "dev", &netns.outer_link],
+            &["link", "set", &netns.outer_link, "up"],
+            &[
+                "netns",
+                "exec",
+                name,
+                "ip",
+                "addr",
+                "add",
+                &inner,
+                "dev",
+                &inner_link,
+            ],
+            &[
+                "netns",
+                "exec",
+                name,
+                "ip",
+                "link",
+                "set",
+                &inner_link,
+                "up",
+            ],
+            &["netns", "exec", name, "ip", "link", "set", "lo", "up"],
+        ];
+        if !nix::unistd::geteuid().is_root() {
+            return skip("the test does not run as root");
+        }
+        for step in steps {
+            match hermetic("ip").args(step).output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => return skip(&format!("'ip {}': {}", step.join(" "), stderr(&out))),
+                Err(err) => return skip(&format!("no 'ip' command: {err}")),
+            }
+        }
+        Some(netns)
+    }
+
+    /// `command` run inside the namespace, with the same arguments, environment and directory.
+    fn exec(&self, command: &Command) -> Command {
+        let mut wrapped = hermetic("ip");
+        wrapped
+            .args(["netns", "exec", &self.name])
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        if let Some(dir) = command.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        wrapped
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Each may fail when creation stopped half-way; what exists is removed.
+        let _ = hermetic("ip")
+            .args(["link", "del", &self.outer_link])
+            .output();
+        let _ = hermetic("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// Says loudly that the namespace variant does not run here, or fails under CI.
+fn skip<T>(why: &str) -> Option<T> {
+    let message = format!("NETWORK NAMESPACE TEST SKIPPED: {why}");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{message} (required under CI, which runs as root)"
+    );
+    eprintln!("\n!!! {message}\n");
+    None
 }

@@ -385,7 +385,8 @@ impl Drop for Running {
     }
 }
 
-/// A libSQL server (sqld) on 127.0.0.1 with a fresh database, stopped on drop.
+/// A libSQL server (sqld) on 127.0.0.1 (or the address [`Sqld::start_on`] names) with a fresh
+/// database, stopped on drop.
 pub struct Sqld {
     child: Child,
     url: String,
@@ -397,6 +398,11 @@ impl Sqld {
     /// `scripts/start-sqld.sh --install-only`). Without the binary, returns `None` after saying
     /// so loudly, except under CI (`CI` set), where that is a failure.
     pub fn start() -> Option<Sqld> {
+        Sqld::start_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`Sqld::start`], listening on `ip` instead of the loopback.
+    pub fn start_on(ip: std::net::Ipv4Addr) -> Option<Sqld> {
         let binary = std::env::var_os("APP_TEST_SQLD")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -417,7 +423,7 @@ impl Sqld {
         }
         // A port can be taken between probing and binding: try a few.
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
+            let port = std::net::TcpListener::bind((ip, 0))
                 .and_then(|l| l.local_addr())
                 .unwrap()
                 .port();
@@ -428,7 +434,7 @@ impl Sqld {
                 .arg(data.path().join("db"))
                 .args([
                     "--http-listen-addr",
-                    &format!("127.0.0.1:{port}"),
+                    &format!("{ip}:{port}"),
                     "--no-welcome",
                     // One database connection: this sqld wedges (200% CPU, writes unanswered
                     // for minutes) when several of its connections contend for the write
@@ -447,10 +453,10 @@ impl Sqld {
                 if child.try_wait().unwrap().is_some() {
                     break;
                 }
-                if http_ok(port, "/health") {
+                if http_ok(ip, port, "/health") {
                     return Some(Sqld {
                         child,
-                        url: format!("http://127.0.0.1:{port}"),
+                        url: format!("http://{ip}:{port}"),
                         _data: data,
                     });
                 }
@@ -479,9 +485,9 @@ impl Drop for Sqld {
     }
 }
 
-/// Whether GET `path` on 127.0.0.1:`port` answers 200 (within 2 s, and through no proxy the
+/// Whether GET `path` on `ip`:`port` answers 200 (within 2 s, and through no proxy the
 /// environment names).
-fn http_ok(port: u16, path: &str) -> bool {
+fn http_ok(ip: std::net::Ipv4Addr, port: u16, path: &str) -> bool {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .proxy(None)
         .http_status_as_error(false)
@@ -489,7 +495,7 @@ fn http_ok(port: u16, path: &str) -> bool {
         .build()
         .into();
     agent
-        .get(format!("http://127.0.0.1:{port}{path}"))
+        .get(format!("http://{ip}:{port}{path}"))
         .call()
         .is_ok_and(|response| response.status() == 200)
 }
