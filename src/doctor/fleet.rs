@@ -362,3 +362,33 @@ pub(super) fn delete_taken(
         Pushed::Refused(why) => format!("it moved on the remote meanwhile ({why}); kept"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_refs_are_task_branches_and_attempt_refs_only() {
+        let parsed = |name: &str| TaskRef::parse(name, "c").map(|r| (r.run, r.task, r.token));
+        let some = |run: &str, task: &str, token| Some((run.into(), task.into(), token));
+        assert_eq!(
+            parsed("refs/heads/app/r-1a2b3c/t"),
+            some("r-1a2b3c", "t", None)
+        );
+        assert_eq!(
+            parsed("refs/app/fleet/r-1a2b3c/t/17"),
+            some("r-1a2b3c", "t", Some(17))
+        );
+        for other in [
+            "refs/heads/app/3f9a1c2e",
+            "refs/heads/app/r/t/extra",
+            "refs/heads/main",
+            "refs/app/fleet/r/t",
+            "refs/app/fleet/r/t/not-a-token",
+            "refs/app/fleet/r//1",
+            "refs/app/rescue/host1/3f9a1c2e",
+        ] {
+            assert_eq!(parsed(other), None, "{other}");
+        }
+    }
+}
