@@ -107,20 +107,57 @@ impl Remote {
         if output.status.success() {
             return Ok(Pushed::Done);
         }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        // Porcelain: "!\t<src>:<dst>\t[rejected] (stale info)" for a lease that did not hold.
-        if stdout.lines().any(|line| line.starts_with('!')) {
-            let why = stdout
-                .lines()
-                .find(|line| line.starts_with('!'))
-                .unwrap_or_default()
-                .rsplit('\t')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            return Ok(Pushed::Refused(why));
+        match refused(&output) {
+            Some(why) => Ok(Pushed::Refused(why)),
+            None => Err(self.failed(&format!("pushing {commit} to {target}"), &output)),
         }
-        Err(self.failed(&format!("pushing {commit} to {target}"), &output))
+    }
+
+    /// Deletes the remote's ref `target` if it holds `expected` (never anything newer).
+    pub(crate) fn delete(&self, target: &str, expected: &str) -> Result<Pushed> {
+        let lease = format!("--force-with-lease={target}:{expected}");
+        let refspec = format!(":{target}");
+        let output = git(
+            &self.root,
+            [
+                OsStr::new("push"),
+                OsStr::new("--quiet"),
+                OsStr::new("--porcelain"),
+                OsStr::new("--no-verify"),
+                OsStr::new(&lease),
+                OsStr::new(&self.name),
+                OsStr::new(&refspec),
+            ],
+        )?;
+        if output.status.success() {
+            return Ok(Pushed::Done);
+        }
+        match refused(&output) {
+            Some(why) => Ok(Pushed::Refused(why)),
+            None => Err(self.failed(&format!("deleting {target}"), &output)),
+        }
+    }
+
+    /// Fetches the commits of the remote's refs `sources` into the object store, moving no
+    /// ref of ours (no remote-tracking branch, no `FETCH_HEAD`).
+    pub(crate) fn fetch_objects(&self, sources: &[String]) -> Result<()> {
+        if sources.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec![
+            OsStr::new("fetch"),
+            OsStr::new("--quiet"),
+            OsStr::new("--no-tags"),
+            OsStr::new("--no-write-fetch-head"),
+            OsStr::new("--refmap="),
+            OsStr::new(&self.name),
+        ];
+        args.extend(sources.iter().map(OsStr::new));
+        let output = git(&self.root, args)?;
+        if !output.status.success() {
+            return Err(self.failed("fetching task refs", &output));
+        }
+        Ok(())
     }
 
     /// The remote's refs matching `pattern` (`refs/heads/app/*`), as (ref, commit).
@@ -171,6 +208,14 @@ impl Remote {
             String::from_utf8_lossy(&output.stderr).trim()
         ))
     }
+}
+
+/// Why a push was refused (porcelain: "!\t<src>:<dst>\t[rejected] (stale info)" for a lease
+/// that did not hold), if it was.
+fn refused(output: &Output) -> Option<String> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find(|line| line.starts_with('!'))?;
+    Some(line.rsplit('\t').next().unwrap_or_default().to_string())
 }
 
 /// Runs `git` in `root` with no terminal prompt (a task host has nobody to answer it).

@@ -688,3 +688,242 @@ pub async fn run_heartbeat_age(db: &Db, run_id: &str) -> Result<Option<i64>> {
         .await?;
     Ok(rows.first().and_then(|row| integer(&row[0])))
 }
+
+/// A lease held on a task, as `app doctor` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Held {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The attempt the lease is for.
+    pub attempt: i64,
+    /// The host holding it.
+    pub host: String,
+    /// The lease's fencing token.
+    pub token: i64,
+    /// How long ago the lease expired, in milliseconds by the server's clock (`None`: it runs).
+    pub expired_ms: Option<i64>,
+    /// Whether its host is alive (not stopped, a heartbeat within the TTL).
+    pub host_alive: bool,
+}
+
+/// What the fleet left that `app doctor` judges: one read.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Leftovers {
+    /// Hosts of the repository not stopped whose heartbeat is older than the TTL.
+    pub dead_hosts: Vec<HostRow>,
+    /// Every lease held on a task of the repository.
+    pub held: Vec<Held>,
+    /// Waiting message copies past their TTL, per inbox: (host, repo root, recipient, count).
+    pub expired_messages: Vec<(String, String, String, i64)>,
+    /// The status of each run of `run_ids` the `runs` table knows.
+    pub runs: BTreeMap<String, String>,
+    /// The branch of each task of those runs, by (run, task).
+    pub branches: BTreeMap<(String, String), String>,
+}
+
+/// A host is alive while it is not stopped and its heartbeat is within ?2 ms (by the server's
+/// clock); `{host}` names the host row.
+const HOST_ALIVE: &str = "{host}.state != 'stopped' AND {host}.heartbeat_ms >= {now} - ?2";
+
+/// A host is dead while it is not stopped and its heartbeat is older than ?2 ms.
+const HOST_DEAD: &str = "{host}.state != 'stopped' AND {host}.heartbeat_ms < {now} - ?2";
+
+fn host_alive(host: &str) -> String {
+    HOST_ALIVE.replace("{host}", host).replace("{now}", NOW_MS)
+}
+
+fn host_dead(host: &str) -> String {
+    HOST_DEAD.replace("{host}", host).replace("{now}", NOW_MS)
+}
+
+/// Reads, in one request, what the fleet of repository `repo` (when this repository has a
+/// remote: its hosts and leases) and every host (its expired messages) left for `app doctor`,
+/// judged with a lease TTL of `ttl_ms`; and the status of the runs `run_ids`.
+pub(crate) async fn leftovers(
+    db: &Db,
+    repo: Option<&str>,
+    ttl_ms: i64,
+    run_ids: &[String],
+) -> Result<Leftovers> {
+    let params = vec![
+        repo.map_or(Value::Null, |repo| Value::Text(repo.into())),
+        Value::Integer(ttl_ms),
+    ];
+    let runs: Vec<String> = run_ids
+        .iter()
+        .map(|id| super::literal(&Value::Text(id.clone())))
+        .collect();
+    let runs = match runs.is_empty() {
+        true => "NULL".to_string(),
+        false => runs.join(", "),
+    };
+    let statements = [
+        format!(
+            "SELECT {HOST_COLUMNS}, {NOW_MS} FROM fleet_hosts AS h
+             WHERE h.repo = ?1 AND {} ORDER BY h.name",
+            host_dead("h")
+        ),
+        format!(
+            "SELECT t.run_id, t.task_id, t.attempt, t.host, t.token,
+                    CASE WHEN t.lease_expires < {NOW_MS} THEN {NOW_MS} - t.lease_expires END,
+                    EXISTS (SELECT 1 FROM fleet_hosts AS h WHERE h.name = t.host AND {})
+             FROM fleet_tasks AS t
+             WHERE t.repo = ?1 AND t.state IN ('leased', 'started')
+             ORDER BY t.run_id, t.task_id",
+            host_alive("h")
+        ),
+        format!(
+            "SELECT host, repo_root, recipient, count(*) FROM messages
+             WHERE state = 'waiting' AND expires_ms < {NOW_MS}
+             GROUP BY host, repo_root, recipient ORDER BY host, repo_root, recipient"
+        ),
+        format!("SELECT id, status FROM runs WHERE id IN ({runs})"),
+        format!("SELECT run_id, task_id, branch FROM run_tasks WHERE run_id IN ({runs})"),
+    ];
+    let statements: Vec<(&str, Vec<Value>)> = statements
+        .iter()
+        .map(|sql| (sql.as_str(), params.clone()))
+        .collect();
+    let results = db
+        .batch("reading what the fleet left behind", &statements)
+        .await?;
+    let rows = |i: usize| results.get(i).map(Vec::as_slice).unwrap_or_default();
+    Ok(Leftovers {
+        dead_hosts: rows(0)
+            .iter()
+            .map(|row| host_row(row, integer(&row[14]).unwrap_or(0)))
+            .collect(),
+        held: rows(1)
+            .iter()
+            .map(|row| Held {
+                run_id: text(&row[0]),
+                task_id: text(&row[1]),
+                attempt: integer(&row[2]).unwrap_or(0),
+                host: text(&row[3]),
+                token: integer(&row[4]).unwrap_or(0),
+                expired_ms: integer(&row[5]),
+                host_alive: integer(&row[6]).unwrap_or(0) != 0,
+            })
+            .collect(),
+        expired_messages: rows(2)
+            .iter()
+            .map(|row| {
+                (
+                    text(&row[0]),
+                    text(&row[1]),
+                    text(&row[2]),
+                    integer(&row[3]).unwrap_or(0),
+                )
+            })
+            .collect(),
+        runs: rows(3)
+            .iter()
+            .map(|row| (text(&row[0]), text(&row[1])))
+            .collect(),
+        branches: rows(4)
+            .iter()
+            .map(|row| ((text(&row[0]), text(&row[1])), text(&row[2])))
+            .collect(),
+    })
+}
+
+/// Marks the dead host `name` stopped, only while it is the worker `pid`/`start_time` and its
+/// heartbeat is still older than `ttl_ms`: its row is kept, and a heartbeat of that worker
+/// makes it live again. Returns whether it is stopped afterwards (`false`: it came back).
+pub(crate) async fn stop_dead_host(
+    db: &Db,
+    name: &str,
+    (pid, start_time): (i64, i64),
+    ttl_ms: i64,
+) -> Result<bool> {
+    let params = vec![
+        Value::Text(name.into()),
+        Value::Integer(ttl_ms),
+        Value::Integer(pid),
+        Value::Integer(start_time),
+    ];
+    let results = db
+        .batch(
+            "marking a dead host stopped",
+            &[
+                (
+                    &format!(
+                        "UPDATE fleet_hosts SET state = 'stopped', running = 0
+                         WHERE name = ?1 AND pid = ?3 AND start_time = ?4 AND {}",
+                        host_dead("fleet_hosts")
+                    ),
+                    params.clone(),
+                ),
+                (
+                    "SELECT state = 'stopped' FROM fleet_hosts WHERE name = ?1",
+                    params,
+                ),
+            ],
+        )
+        .await?;
+    Ok(results
+        .last()
+        .and_then(|rows| rows.first())
+        .is_some_and(|row| integer(&row[0]).unwrap_or(0) != 0))
+}
+
+/// What became of an expired lease doctor handed back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandedBack {
+    /// The task is offered again: the next host takes it as a new attempt.
+    Offered,
+    /// The lease is no longer this one (another host took the task, or it ended).
+    Moved,
+    /// Its host is alive again, or renewed the lease: left alone.
+    Kept,
+}
+
+/// Gives the expired lease `token` on task `task_id` of `run_id` back to the fleet (as
+/// [`release`] does) only while it is still that lease, still expired, and no live host (its
+/// heartbeat within `ttl_ms`) holds it. One request; sent twice it is applied once (the token
+/// guards it).
+pub(crate) async fn hand_back(
+    db: &Db,
+    run_id: &str,
+    task_id: &str,
+    token: i64,
+    ttl_ms: i64,
+) -> Result<HandedBack> {
+    let params = vec![
+        Value::Text(run_id.into()),
+        Value::Integer(ttl_ms),
+        Value::Text(task_id.into()),
+        Value::Integer(token),
+    ];
+    let results = db
+        .batch(
+            "handing an expired lease back to the fleet",
+            &[
+                (
+                    &format!(
+                        "UPDATE fleet_tasks SET state = 'offered', host = NULL, token = NULL,
+                            claim = NULL, lease_expires = NULL
+                         WHERE run_id = ?1 AND task_id = ?3 AND token = ?4
+                           AND state IN ('leased', 'started') AND lease_expires < {NOW_MS}
+                           AND NOT EXISTS (SELECT 1 FROM fleet_hosts AS h
+                                           WHERE h.name = fleet_tasks.host AND {})",
+                        host_alive("h")
+                    ),
+                    params.clone(),
+                ),
+                (
+                    "SELECT state, token FROM fleet_tasks WHERE run_id = ?1 AND task_id = ?3",
+                    params,
+                ),
+            ],
+        )
+        .await?;
+    let row = results.last().and_then(|rows| rows.first());
+    Ok(match row.map(|row| (text(&row[0]), integer(&row[1]))) {
+        Some((_, Some(now))) if now == token => HandedBack::Kept,
+        Some((state, None)) if state == "offered" => HandedBack::Offered,
+        _ => HandedBack::Moved,
+    })
+}

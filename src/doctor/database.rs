@@ -1,12 +1,12 @@
 //! The database as doctor sees it: whether it passes its quick check, whether its schema is
 //! one this app knows, and whether every live instance is mirrored in it. A database that does
-//! not exist yet is only noticed.
+//! not exist yet is only noticed. A server's fleet is judged by `fleet`.
 
 use std::path::Path;
 use std::time::Duration;
 
 use super::problem::Problem;
-use super::{Diagnosis, Options};
+use super::{Diagnosis, Options, fleet};
 use crate::db::{self, Blocking, Db, DbSettings, Location, instances};
 use crate::error::Result;
 use crate::paths::AppPaths;
@@ -39,10 +39,18 @@ pub(super) fn problems(
     let stale_after = options.settings.timing.stale_after;
     let checked =
         Blocking::open(location.clone(), DbSettings::from(&options.settings)).and_then(|db| {
-            db.run(async |db| check(db, paths.repo_root(), snapshot, stale_after).await)
+            let problems =
+                db.run(async |db| check(db, paths.repo_root(), snapshot, stale_after).await)?;
+            Ok((db, problems))
         });
     match checked {
-        Ok(problems) => found.problems.extend(problems),
+        Ok((db, problems)) => {
+            found.problems.extend(problems);
+            // Only a server holds a fleet: a local database is asked nothing more.
+            if !db.is_local() {
+                fleet::problems(paths, &db, options, found);
+            }
+        }
         Err(err) => found.problems.push(Problem::Database {
             reason: format!("cannot check the database: {err}"),
         }),

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use git2::{ErrorCode, Repository};
 
-use super::problem::Problem;
-use super::{Diagnosis, Fixed, Options, diagnose, git};
+use super::problem::{FleetRefState, Problem};
+use super::{Diagnosis, Fixed, Options, diagnose, fleet, git};
 use crate::coordination::Coordination;
 use crate::db::{Blocking, DbSettings, instances};
 use crate::error::{Error, Result};
@@ -166,7 +166,18 @@ fn fix_one<'a>(
             Ok("removed".into())
         }
         Problem::Unmirrored { record } => write_row(paths, options, record),
-        Problem::InUse { .. }
+        Problem::DeadHost { host, .. } => fleet::stop_host(options, host),
+        Problem::ExpiredLease { lease } => fleet::hand_back(options, lease),
+        Problem::FleetMessages { recipient, .. } => {
+            fleet::sweep_messages(paths, options, recipient)
+        }
+        Problem::FleetRef {
+            name,
+            commit,
+            state: FleetRefState::Taken { branch, .. },
+        } => fleet::delete_taken(paths, name, commit, branch),
+        Problem::FleetRef { .. }
+        | Problem::InUse { .. }
         | Problem::NeedsUser { .. }
         | Problem::StateDirNotDir { .. }
         | Problem::Unreadable { .. }

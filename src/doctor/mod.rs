@@ -18,14 +18,15 @@
 //!   waits for the other.
 //!
 //! Files: `problem` (every kind of problem and its reported text), `diagnose` (the read-only
-//! entry point: journal and instances), `git`, `coordination`, `files` and `database` (the
-//! other read-only checks), `fix` (the repair loop).
+//! entry point: journal and instances), `git`, `coordination`, `files`, `database` and `fleet` (the
+//! other read-only checks; `fleet` also holds the fleet's fixes), `fix` (the repair loop).
 
 mod coordination;
 mod database;
 mod diagnose;
 mod files;
 mod fix;
+mod fleet;
 mod git;
 mod problem;
 

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use super::Finding;
+use crate::config::format_age;
+use crate::db::fleet::{Held, HostRow};
 use crate::journal::{Intent, Operation};
 use crate::registry::InstanceRecord;
 
@@ -107,6 +109,43 @@ pub(super) enum Problem {
     Unmirrored {
         record: InstanceRecord,
     },
+    /// A fleet host not stopped whose heartbeat is older than the lease TTL, with the leases
+    /// it still holds (`run/task#attempt (token N)`).
+    DeadHost {
+        host: HostRow,
+        ttl_ms: i64,
+        holds: Vec<String>,
+    },
+    /// A lease past its expiry (by the server's clock).
+    ExpiredLease {
+        lease: Held,
+    },
+    /// Copies in the fleet's message table for `recipient` on this host and in this
+    /// repository, waiting past their TTL.
+    FleetMessages {
+        recipient: String,
+        count: i64,
+    },
+    /// A task branch or attempt ref on the remote that no run needs any more, or that no run
+    /// of the database references.
+    FleetRef {
+        name: String,
+        commit: String,
+        state: FleetRefState,
+    },
+}
+
+/// What a task ref on the remote is to the runs of the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum FleetRefState {
+    /// An attempt ref of finished run `run` whose commit the task branch `branch` on the
+    /// remote contains: deleting it loses nothing.
+    Taken { run: String, branch: String },
+    /// An attempt ref of finished run `run` holding commits its task branch lacks (an attempt
+    /// the run did not take: a zombie's, or one whose end never came).
+    HoldsWork { run: String, status: String },
+    /// A task branch or attempt ref of a run the database does not know.
+    NoRun { run: String },
 }
 
 impl Problem {
@@ -302,6 +341,23 @@ impl Problem {
                 "live instance missing from the database".into(),
                 "write its row".into(),
             ),
+            Problem::DeadHost {
+                host,
+                ttl_ms,
+                holds,
+            } => dead_host(host, *ttl_ms, holds),
+            Problem::ExpiredLease { lease } => expired_lease(lease),
+            Problem::FleetMessages { recipient, count } => (
+                "fleet-messages",
+                recipient.clone(),
+                format!("{count} message(s) from other hosts waiting past their TTL in the fleet's message table"),
+                "move them to dead/ as its receiving side does (untrusted ones to quarantine/); the table keeps its record".into(),
+            ),
+            Problem::FleetRef {
+                name,
+                commit,
+                state,
+            } => fleet_ref(name, commit, state),
         };
         Finding {
             kind,
@@ -322,8 +378,91 @@ impl Problem {
                 | Problem::Unreadable { .. }
                 | Problem::Locks { .. }
                 | Problem::Database { .. }
+                | Problem::ExpiredLease {
+                    lease: Held {
+                        host_alive: true,
+                        ..
+                    }
+                }
+                | Problem::FleetRef {
+                    state: FleetRefState::HoldsWork { .. } | FleetRefState::NoRun { .. },
+                    ..
+                }
         )
     }
+}
+
+type Text = (&'static str, String, String, String);
+
+fn dead_host(host: &HostRow, ttl_ms: i64, holds: &[String]) -> Text {
+    let age = |ms: i64| format_age(std::time::Duration::from_millis(ms.max(0) as u64));
+    let holding = match holds {
+        [] => "it holds no lease".to_string(),
+        _ => format!("it still holds {}", holds.join(", ")),
+    };
+    (
+        "dead-host",
+        host.name.clone(),
+        format!(
+            "its worker (pid {}, {}) has sent no heartbeat for {} (lease TTL {}) and did not stop; {holding}",
+            host.pid,
+            host.state,
+            age(host.heartbeat_age_ms),
+            age(ttl_ms)
+        ),
+        "mark it stopped (its row is kept: if that worker comes back, its next heartbeat makes it live again); its leases are handed back once expired (expired-lease)".into(),
+    )
+}
+
+fn expired_lease(lease: &Held) -> Text {
+    let ago = format_age(std::time::Duration::from_millis(
+        lease.expired_ms.unwrap_or(0).max(0) as u64,
+    ));
+    let problem = format!(
+        "attempt {} on host {} (token {}): its lease expired {ago} ago (server clock)",
+        lease.attempt, lease.host, lease.token
+    );
+    let (problem, fix) = match lease.host_alive {
+        true => (
+            format!("{problem}, but its host is alive"),
+            "none while its host is alive (a live worker renews its leases, or gives them back); if it stays, stop that worker".into(),
+        ),
+        false => (
+            problem,
+            "hand the task back to the fleet (offered again, host and token cleared): the next free host runs it as a new attempt; what the dead attempt pushed stays on its ref".into(),
+        ),
+    };
+    (
+        "expired-lease",
+        format!("{}/{}", lease.run_id, lease.task_id),
+        problem,
+        fix,
+    )
+}
+
+fn fleet_ref(name: &str, commit: &str, state: &FleetRefState) -> Text {
+    let by_hand = format!(
+        "none: it may hold work; look at it (git fetch origin {name} && git log FETCH_HEAD), and delete it yourself when it holds nothing you need: git push --force-with-lease={name}:{commit} origin :{name}"
+    );
+    let (problem, fix) = match state {
+        FleetRefState::Taken { run, branch } => (
+            format!("attempt ref of finished run {run}; its commit is on the task branch {branch}"),
+            format!(
+                "delete it on the remote (only while it still holds {commit}); its work stays on {branch}"
+            ),
+        ),
+        FleetRefState::HoldsWork { run, status } => (
+            format!(
+                "attempt ref of {status} run {run} holding commits its task branch lacks (an attempt the run did not take)"
+            ),
+            by_hand,
+        ),
+        FleetRefState::NoRun { run } => (
+            format!("no run {run} in the database references it"),
+            by_hand,
+        ),
+    };
+    ("fleet-ref", name.to_string(), problem, fix)
 }
 
 /// What `--fix` does about a dead or orphaned instance whose worktree is at `worktree`.

@@ -1369,3 +1369,325 @@ fn skip<T>(why: &str) -> Option<T> {
     eprintln!("\n!!! {message}\n");
     None
 }
+
+/// `app doctor --json` (or with `--fix`) on host `n`: its code and its report.
+fn doctor(fleet: &Fleet, n: usize, fix: bool) -> (i32, Value) {
+    let args: &[&str] = if fix {
+        &["doctor", "--fix", "--json"]
+    } else {
+        &["doctor", "--json"]
+    };
+    let out = fleet.run(n, args);
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}\n{}", stdout(&out), stderr(&out)));
+    (code(&out), report)
+}
+
+/// The entries of `report[list]` of `kind`.
+fn of_kind(report: &Value, list: &str, kind: &str) -> Vec<Value> {
+    report[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == kind || f["finding"]["kind"] == kind)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn doctor_reports_a_sigkilled_worker_and_its_expired_lease_and_fix_hands_the_task_to_a_live_one() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let marks = fleet.hosts[0].scratch();
+    let ran = marks.join("ran");
+    let script = format!(
+        "if [ \"$FLEET_HOST\" = host1 ]; then echo $$ > {m}/pid-host1; exec sleep 60; fi; {}",
+        committing("a", &ran),
+        m = marks.display()
+    );
+    let plan = json!({ "name": "dies", "tasks": [{ "id": "a", "command": script }] });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let doomed = fleet.worker(1, &[]);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    ));
+    let pid_file = marks.join("pid-host1");
+    wait_for(
+        "the first attempt to start",
+        Duration::from_secs(30),
+        || fs::read_to_string(&pid_file).is_ok_and(|pid| pid.trim().parse::<u32>().is_ok()),
+    );
+    // The host dies: its worker and the attempt's command, at once.
+    doomed.kill_now();
+    let command: u32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(command, Signal::SIGKILL);
+    let mut report = Value::Null;
+    wait_for(
+        "doctor to see the dead host and its expired lease",
+        Duration::from_secs(30),
+        || {
+            report = doctor(&fleet, 0, false).1;
+            !of_kind(&report, "findings", "dead-host").is_empty()
+                && !of_kind(&report, "findings", "expired-lease").is_empty()
+        },
+    );
+    let dead = &of_kind(&report, "findings", "dead-host")[0];
+    assert_eq!(dead["subject"], "host1", "{report}");
+    let lease = &of_kind(&report, "findings", "expired-lease")[0];
+    let run = lease["subject"]
+        .as_str()
+        .unwrap()
+        .strip_suffix("/a")
+        .unwrap()
+        .to_string();
+    assert!(
+        dead["problem"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("still holds {run}/a#1 (token ")),
+        "{report}"
+    );
+    assert!(
+        lease["problem"]
+            .as_str()
+            .unwrap()
+            .contains("attempt 1 on host host1"),
+        "{report}"
+    );
+    assert_eq!(lease["fixable"], true, "{report}");
+
+    let (_, fixed) = doctor(&fleet, 0, true);
+    let outcome = |kind: &str| of_kind(&fixed, "fixed", kind)[0]["outcome"]["Ok"].clone();
+    assert!(
+        outcome("dead-host")
+            .as_str()
+            .unwrap()
+            .contains("marked stopped"),
+        "{fixed}"
+    );
+    assert!(
+        outcome("expired-lease")
+            .as_str()
+            .unwrap()
+            .contains("handed back"),
+        "{fixed}"
+    );
+    for kind in ["dead-host", "expired-lease"] {
+        assert!(of_kind(&fixed, "remaining", kind).is_empty(), "{fixed}");
+    }
+    // The host's row is kept, stopped; the task is offered again to whoever comes.
+    let view: Value = serde_json::from_slice(&fleet.run(0, &["fleet", "--json"]).stdout).unwrap();
+    let host1 = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"]["name"] == "host1")
+        .unwrap();
+    assert_eq!(host1["host"]["state"], "stopped", "{view}");
+    assert_eq!(view["waiting"][0]["task"]["state"], "offered", "{view}");
+    assert_eq!(view["waiting"][0]["task"]["host"], Value::Null, "{view}");
+
+    let _live = fleet.worker(2, &[]);
+    let out = orchestrator.wait(Duration::from_secs(60));
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let task = &summary["tasks"][0];
+    assert_eq!(task["status"], "succeeded", "{summary}");
+    assert_eq!(task["attempts"], 2, "a new attempt: {summary}");
+    assert_eq!(fs::read_to_string(&ran).unwrap(), "a host2\n");
+    let (_, after) = doctor(&fleet, 0, false);
+    assert!(
+        of_kind(&after, "findings", "dead-host").is_empty(),
+        "{after}"
+    );
+    assert!(
+        of_kind(&after, "findings", "expired-lease").is_empty(),
+        "{after}"
+    );
+}
+
+#[test]
+fn doctor_deletes_only_remote_attempt_refs_whose_work_is_on_their_task_branch() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let ran = fleet.hosts[0].scratch().join("ran");
+    let plan =
+        json!({ "name": "refs", "tasks": [{ "id": "a", "command": committing("a", &ran) }] });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _worker = fleet.worker(1, &[]);
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = summary["run"]["id"].as_str().unwrap().to_string();
+    let taken = fleet.remote_refs(&format!("refs/app/fleet/{run}/a/*"));
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    // Work no run took: a zombie's attempt of this run, and a branch of a run nobody knows.
+    let host0 = &fleet.hosts[0];
+    let commit = |message: &str| {
+        host0
+            .git(&["commit-tree", "HEAD^{tree}", "-p", "HEAD", "-m", message])
+            .trim()
+            .to_string()
+    };
+    let zombie = commit("zombie work");
+    let ghost = commit("ghost work");
+    let zombie_ref = format!("refs/app/fleet/{run}/a/999999");
+    let ghost_ref = "refs/heads/app/ghost-000000/x".to_string();
+    host0.git(&["push", "-q", "origin", &format!("{zombie}:{zombie_ref}")]);
+    host0.git(&["push", "-q", "origin", &format!("{ghost}:{ghost_ref}")]);
+
+    // Judged from a host that has none of these commits: it fetches them, moving no ref.
+    let refs_before = fleet.hosts[1].git(&["for-each-ref"]);
+    let (status, report) = doctor(&fleet, 1, false);
+    assert_eq!(status, 1, "{report}");
+    assert_eq!(fleet.hosts[1].git(&["for-each-ref"]), refs_before);
+    let found = of_kind(&report, "findings", "fleet-ref");
+    let finding = |name: &str| {
+        found
+            .iter()
+            .find(|f| f["subject"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+            .clone()
+    };
+    assert_eq!(finding(&taken[0])["fixable"], true, "{report}");
+    let zombie_finding = finding(&zombie_ref);
+    assert_eq!(zombie_finding["fixable"], false, "{report}");
+    assert!(
+        zombie_finding["problem"]
+            .as_str()
+            .unwrap()
+            .contains("holding commits its task branch lacks"),
+        "{report}"
+    );
+    assert!(
+        zombie_finding["fix"].as_str().unwrap().contains(&format!(
+            "git push --force-with-lease={zombie_ref}:{zombie} origin :{zombie_ref}"
+        )),
+        "{report}"
+    );
+    assert!(
+        finding(&ghost_ref)["problem"]
+            .as_str()
+            .unwrap()
+            .contains("no run ghost-000000"),
+        "{report}"
+    );
+    assert_eq!(
+        found.len(),
+        3,
+        "the run's task branch is its result: {report}"
+    );
+
+    let (status, fixed) = doctor(&fleet, 1, true);
+    assert_eq!(status, 1, "work is left for its owner: {fixed}");
+    let done = of_kind(&fixed, "fixed", "fleet-ref");
+    assert_eq!(done.len(), 1, "{fixed}");
+    assert_eq!(done[0]["finding"]["subject"], taken[0].as_str());
+    assert_eq!(
+        of_kind(&fixed, "remaining", "fleet-ref").len(),
+        2,
+        "{fixed}"
+    );
+    assert!(
+        fleet.remote_refs(&taken[0]).is_empty(),
+        "the taken attempt ref is gone"
+    );
+    let tip = |name: &str| {
+        host0
+            .git(&["ls-remote", fleet.remote.to_str().unwrap(), name])
+            .split('\t')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(tip(&zombie_ref), zombie, "unmerged work is kept");
+    assert_eq!(tip(&ghost_ref), ghost, "unknown work is kept");
+    let branch = tip(&format!("refs/heads/app/{run}/a"));
+    let subjects = host0.git(&["log", "--format=%s", &branch]);
+    assert!(subjects.contains("task a"), "{subjects}");
+    let (_, again) = doctor(&fleet, 1, true);
+    assert!(of_kind(&again, "fixed", "fleet-ref").is_empty(), "{again}");
+}
+
+#[test]
+fn doctor_moves_this_hosts_expired_fleet_messages_to_its_dead_letters_and_notices_the_others() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let _a1 = fleet.instance(0, "a1", 1);
+    let _b1 = fleet.instance(1, "b1", 0);
+    let out = fleet.run(
+        1,
+        &[
+            "send", "--from", "b1", "--to", "a1", "--ttl", "200ms", "unread",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    std::thread::sleep(Duration::from_millis(400));
+    let (_, there) = doctor(&fleet, 1, false);
+    assert!(
+        of_kind(&there, "findings", "fleet-messages").is_empty(),
+        "{there}"
+    );
+    let noticed = |report: &Value| {
+        report["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("for a1 on host host0"))
+    };
+    assert!(noticed(&there), "{there}");
+    let (_, here) = doctor(&fleet, 0, false);
+    let found = of_kind(&here, "findings", "fleet-messages");
+    assert_eq!(found.len(), 1, "{here}");
+    assert_eq!(found[0]["subject"], "a1");
+    let (_, fixed) = doctor(&fleet, 0, true);
+    let done = of_kind(&fixed, "fixed", "fleet-messages");
+    assert_eq!(
+        done[0]["outcome"]["Ok"], "moved 1 to dead/ and 0 to quarantine/",
+        "{fixed}"
+    );
+    let dead = fleet.hosts[0]
+        .state_dir()
+        .join(format!("coordination_queue/dead/a1-{id}.json"));
+    let record: Value = serde_json::from_slice(&fs::read(&dead).unwrap()).unwrap();
+    assert_eq!(record["message"]["payload"], "unread");
+    let (_, after) = doctor(&fleet, 1, false);
+    assert!(!noticed(&after), "{after}");
+}
+
+#[test]
+fn doctor_on_a_local_database_asks_nothing_of_the_remote_and_says_what_it_said_before() {
+    let repo = TestRepo::new();
+    let remote = repo.scratch().join("remote.git");
+    repo.git(&["init", "-q", "--bare", remote.to_str().unwrap()]);
+    repo.git(&["remote", "add", "origin", remote.to_str().unwrap()]);
+    // A task branch of a run no database knows: a server's doctor would report it.
+    repo.git(&["push", "-q", "origin", "HEAD:refs/heads/app/ghost-000000/x"]);
+    let out = repo.run_app(&["run", "--no-worktree", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = repo.run_app(&["doctor"]);
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out), "app doctor: nothing to reclaim\n");
+}
