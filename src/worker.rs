@@ -29,7 +29,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
-use crate::db::fleet::{self, Ask, Beat, Claimed, HostRow, Labels, Report};
+use crate::db::fleet::{self, Ask, Beat, Claimed, HostRow, Labels, LeaseKey, Report};
 use crate::db::holds::Member;
 use crate::db::{Blocking, DbSettings};
 use crate::error::{Error, GitContext, IoContext, Result};
@@ -197,9 +197,10 @@ struct Worker<'a> {
     shared: Arc<Shared>,
     options: &'a WorkerOptions,
     host: &'a HostRow,
-    slots: HashMap<i64, Slot>,
-    ended: mpsc::Receiver<(i64, WorkerEvent)>,
-    ended_tx: mpsc::Sender<(i64, WorkerEvent)>,
+    /// The leases it runs, by their key (a claim's tasks share one token).
+    slots: HashMap<LeaseKey, Slot>,
+    ended: mpsc::Receiver<(LeaseKey, WorkerEvent)>,
+    ended_tx: mpsc::Sender<(LeaseKey, WorkerEvent)>,
     last_beat: Instant,
     last_look: Option<Instant>,
     last_activity: Instant,
@@ -255,12 +256,11 @@ impl<'a> Worker<'a> {
                 self.take(report)?;
             }
             match self.ended.recv_timeout(Duration::from_millis(100)) {
-                Ok((token, event)) => {
-                    self.slots.remove(&token);
+                Ok((lease, event)) => {
+                    self.slots.remove(&lease);
                     self.last_activity = Instant::now();
                     self.last_look = None;
                     report(event);
-                    push_rescues(&self.shared);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -282,8 +282,11 @@ impl<'a> Worker<'a> {
     /// One heartbeat; stops the attempts whose lease was lost.
     fn beat(&mut self, report: &mut dyn FnMut(WorkerEvent)) -> Result<()> {
         self.last_beat = Instant::now();
-        let leases: Vec<(i64, Option<String>)> =
-            self.slots.keys().map(|token| (*token, None)).collect();
+        let leases: Vec<(LeaseKey, Option<String>)> = self
+            .slots
+            .keys()
+            .map(|lease| (lease.clone(), None))
+            .collect();
         let beat = Beat {
             host: &self.host.name,
             pid: self.host.pid,
@@ -307,8 +310,8 @@ impl<'a> Worker<'a> {
         let held = self
             .shared
             .db(async |db| fleet::heartbeat(db, &beat).await)?;
-        for (token, slot) in &self.slots {
-            if !held.contains(token) && !slot.lost.swap(true, Ordering::SeqCst) {
+        for (lease, slot) in &self.slots {
+            if !held.contains(lease) && !slot.lost.swap(true, Ordering::SeqCst) {
                 report(WorkerEvent::Lost {
                     attempt: slot.name.clone(),
                 });
@@ -345,6 +348,11 @@ impl<'a> Worker<'a> {
                 attempt: name.clone(),
                 token: task.token,
             });
+            let lease = LeaseKey {
+                run_id: task.run_id.clone(),
+                task_id: task.task_id.clone(),
+                token: task.token,
+            };
             let slot = Slot {
                 name,
                 process: Arc::default(),
@@ -358,11 +366,10 @@ impl<'a> Worker<'a> {
                 task,
             };
             let tx = self.ended_tx.clone();
-            let token = job.task.token;
-            self.slots.insert(token, slot);
+            self.slots.insert(lease.clone(), slot);
             thread::spawn(move || {
                 let event = job.run();
-                let _ = tx.send((token, event));
+                let _ = tx.send((lease, event));
             });
         }
         Ok(())
@@ -370,14 +377,14 @@ impl<'a> Worker<'a> {
 
     /// The second signal: every attempt stopped, its lease given back.
     fn stop_tasks(&mut self) -> Result<()> {
-        let tokens: Vec<i64> = self.slots.keys().copied().collect();
+        let leases: Vec<LeaseKey> = self.slots.keys().cloned().collect();
         for slot in self.slots.values() {
             slot.lost.store(true, Ordering::SeqCst);
             signal(slot, Signal::SIGTERM);
         }
         let host = self.host.name.clone();
         self.shared
-            .db(async |db| fleet::release(db, &host, &tokens).await)
+            .db(async |db| fleet::release(db, &host, &leases).await)
     }
 }
 

@@ -154,8 +154,8 @@ pub struct Beat<'a> {
     pub running: i64,
     /// Its load average.
     pub load: Option<f64>,
-    /// The tokens of the leases it holds, with the last lines of each task's log.
-    pub leases: &'a [(i64, Option<String>)],
+    /// The leases it holds, with the last lines of each task's log.
+    pub leases: &'a [(LeaseKey, Option<String>)],
     /// How long a lease lasts from now, in milliseconds.
     pub ttl_ms: i64,
     /// This host's fleet heartbeat, when this process writes it ([`super::holds`]).
@@ -163,9 +163,9 @@ pub struct Beat<'a> {
 }
 
 /// One heartbeat: the host's row and every lease it holds renewed, in one request. Returns the
-/// tokens still held: a lease missing from the answer was lost (it expired and another host
+/// leases still held: a lease missing from the answer was lost (it expired and another host
 /// took the task, or the run withdrew it).
-pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<i64>> {
+pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<LeaseKey>> {
     let mut statements: Vec<(String, Vec<Value>)> = beat
         .member
         .iter()
@@ -185,22 +185,27 @@ pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<i64>> {
             Value::Integer(beat.start_time),
         ],
     ));
-    for (token, output) in beat.leases {
+    for (lease, output) in beat.leases {
         statements.push((
             format!(
                 "UPDATE fleet_tasks SET lease_expires = {NOW_MS} + ?3, output = coalesce(?4, output)
-                 WHERE host = ?1 AND token = ?2 AND state IN ('leased', 'started')"
+                 WHERE host = ?1 AND token = ?2 AND run_id = ?5 AND task_id = ?6
+                   AND state IN ('leased', 'started')"
             ),
             vec![
                 Value::Text(beat.host.into()),
-                Value::Integer(*token),
+                Value::Integer(lease.token),
                 Value::Integer(beat.ttl_ms),
                 opt(output.clone()),
+                Value::Text(lease.run_id.clone()),
+                Value::Text(lease.task_id.clone()),
             ],
         ));
     }
     statements.push((
-        "SELECT token FROM fleet_tasks WHERE host = ?1 AND state IN ('leased', 'started')".into(),
+        "SELECT run_id, task_id, token FROM fleet_tasks
+         WHERE host = ?1 AND state IN ('leased', 'started')"
+            .into(),
         vec![Value::Text(beat.host.into())],
     ));
     let statements: Vec<(&str, Vec<Value>)> = statements
@@ -208,16 +213,36 @@ pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<i64>> {
         .map(|(sql, params)| (sql.as_str(), params.clone()))
         .collect();
     let results = db.batch("renewing this host's leases", &statements).await?;
-    let held: Vec<i64> = results
+    let held: Vec<LeaseKey> = results
         .last()
-        .map(|rows| rows.iter().filter_map(|row| integer(&row[0])).collect())
+        .map(|rows| rows.iter().map(|row| lease_key(row)).collect())
         .unwrap_or_default();
     Ok(beat
         .leases
         .iter()
-        .map(|(token, _)| *token)
-        .filter(|token| held.contains(token))
+        .map(|(lease, _)| lease.clone())
+        .filter(|lease| held.contains(lease))
         .collect())
+}
+
+/// One lease: a task of a run under a token. A claim gives every task it leases the same
+/// token, so a lease is named by all three.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseKey {
+    /// The run.
+    pub run_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The claim's fencing token.
+    pub token: i64,
+}
+
+fn lease_key(row: &[Value]) -> LeaseKey {
+    LeaseKey {
+        run_id: text(&row[0]),
+        task_id: text(&row[1]),
+        token: integer(&row[2]).unwrap_or(0),
+    }
 }
 
 /// Marks the host stopped (its worker exits).
@@ -644,25 +669,32 @@ pub async fn report(
         .is_some_and(|row| text(&row[0]) == state))
 }
 
-/// Gives the leases of `tokens` held by `host` back to the fleet (a worker stopped before their
+/// Gives `leases` held by `host` back to the fleet (a worker stopped before their
 /// tasks ended): another host takes them as a new attempt.
-pub async fn release(db: &Db, host: &str, tokens: &[i64]) -> Result<()> {
-    if tokens.is_empty() {
+pub async fn release(db: &Db, host: &str, leases: &[LeaseKey]) -> Result<()> {
+    let statements: Vec<(&str, Vec<Value>)> = leases
+        .iter()
+        .map(|lease| {
+            (
+                "UPDATE fleet_tasks SET state = 'offered', host = NULL, token = NULL, claim = NULL,
+                    lease_expires = NULL
+                 WHERE host = ?1 AND token = ?2 AND run_id = ?3 AND task_id = ?4
+                   AND state IN ('leased', 'started')",
+                vec![
+                    Value::Text(host.into()),
+                    Value::Integer(lease.token),
+                    Value::Text(lease.run_id.clone()),
+                    Value::Text(lease.task_id.clone()),
+                ],
+            )
+        })
+        .collect();
+    if statements.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> = tokens.iter().map(i64::to_string).collect();
-    db.execute(
-        "giving leases back to the fleet",
-        &format!(
-            "UPDATE fleet_tasks SET state = 'offered', host = NULL, token = NULL, claim = NULL,
-                lease_expires = NULL
-             WHERE host = ?1 AND state IN ('leased', 'started') AND token IN ({})",
-            list.join(", ")
-        ),
-        vec![Value::Text(host.into())],
-    )
-    .await
-    .map(drop)
+    db.batch("giving leases back to the fleet", &statements)
+        .await
+        .map(drop)
 }
 
 /// Records that the orchestrator of fleet run `run_id` is alive (by the server's clock).

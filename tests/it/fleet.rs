@@ -1691,3 +1691,51 @@ fn doctor_on_a_local_database_asks_nothing_of_the_remote_and_says_what_it_said_b
     assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(stdout(&out), "app doctor: nothing to reclaim\n");
 }
+
+#[test]
+fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_tasks() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let log = fleet.hosts[0].scratch().join("spans");
+    let tasks: Vec<Value> = (0..6)
+        .map(|i| {
+            json!({
+                "id": format!("t{i}"),
+                "command": format!(
+                    "echo \"start $(date +%s%N)\" >> {l} && sleep 1 && echo \"end $(date +%s%N)\" >> {l}",
+                    l = log.display()
+                ),
+            })
+        })
+        .collect();
+    let plan = json!({ "name": "capacity", "max_concurrent": 6, "tasks": tasks });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _worker = fleet.worker(1, &["--capacity", "2"]);
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let mut events: Vec<(u128, i32)> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (what, at) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), if what == "start" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort();
+    let (mut running, mut most) = (0, 0);
+    for (_, change) in &events {
+        running += change;
+        most = most.max(running);
+    }
+    assert_eq!(events.len(), 12, "every task ran once");
+    assert!(most <= 2, "at most --capacity at once, saw {most}");
+}
