@@ -23,6 +23,18 @@ pub struct Remote {
     url: String,
 }
 
+/// One ref a push sets: `target` to `commit`, only if it holds `expected` (`None`: if it does
+/// not exist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// The commit.
+    pub commit: String,
+    /// The remote's ref.
+    pub target: String,
+    /// What it must hold now.
+    pub expected: Option<String>,
+}
+
 /// How a push ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pushed {
@@ -62,6 +74,33 @@ impl Remote {
         url.strip_suffix(".git").unwrap_or(url).to_string()
     }
 
+    /// Fetches each (source, target) pair, remote ref into our ref, in one `git fetch`; returns
+    /// the commit each target holds after. When one source is missing (the whole fetch fails),
+    /// they are fetched one by one, a missing one as `None`.
+    pub fn fetch_all(&self, pairs: &[(String, String)]) -> Result<Vec<Option<String>>> {
+        if pairs.len() > 1 {
+            let mut args: Vec<String> = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"]
+                .map(String::from)
+                .to_vec();
+            args.push(self.name.clone());
+            args.extend(
+                pairs
+                    .iter()
+                    .map(|(source, target)| format!("+{source}:{target}")),
+            );
+            if git(&self.root, &args)?.status.success() {
+                return pairs
+                    .iter()
+                    .map(|(_, target)| self.resolve(target))
+                    .collect();
+            }
+        }
+        pairs
+            .iter()
+            .map(|(source, target)| self.fetch(source, target))
+            .collect()
+    }
+
     /// Fetches the remote's `source` ref into our ref `target` (replacing it) and returns the
     /// commit it holds; `None` when the remote has no such ref.
     pub fn fetch(&self, source: &str, target: &str) -> Result<Option<String>> {
@@ -90,27 +129,53 @@ impl Remote {
     /// Pushes `commit` to the remote's `target` ref if that ref holds `expected` (`None`: if it
     /// does not exist).
     pub fn push(&self, commit: &str, target: &str, expected: Option<&str>) -> Result<Pushed> {
-        let lease = format!("--force-with-lease={target}:{}", expected.unwrap_or(""));
-        let refspec = format!("{commit}:{target}");
-        let output = git(
-            &self.root,
-            [
-                OsStr::new("push"),
-                OsStr::new("--quiet"),
-                OsStr::new("--porcelain"),
-                OsStr::new("--no-verify"),
-                OsStr::new(&lease),
-                OsStr::new(&self.name),
-                OsStr::new(&refspec),
-            ],
-        )?;
-        if output.status.success() {
-            return Ok(Pushed::Done);
+        let update = Update {
+            commit: commit.to_string(),
+            target: target.to_string(),
+            expected: expected.map(str::to_string),
+        };
+        Ok(self
+            .push_all(std::slice::from_ref(&update))?
+            .pop()
+            .expect("one update, one answer"))
+    }
+
+    /// Pushes every update in one `git push` (one connection to the remote), each only over its
+    /// expected value; returns how each ended, in order. One refused update does not stop the
+    /// others.
+    pub fn push_all(&self, updates: &[Update]) -> Result<Vec<Pushed>> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
         }
-        match refused(&output) {
-            Some(why) => Ok(Pushed::Refused(why)),
-            None => Err(self.failed(&format!("pushing {commit} to {target}"), &output)),
+        let mut args: Vec<String> = ["push", "--quiet", "--porcelain", "--no-verify"]
+            .map(String::from)
+            .to_vec();
+        for update in updates {
+            args.push(format!(
+                "--force-with-lease={}:{}",
+                update.target,
+                update.expected.as_deref().unwrap_or("")
+            ));
         }
+        args.push(self.name.clone());
+        args.extend(updates.iter().map(|u| format!("{}:{}", u.commit, u.target)));
+        let output = git(&self.root, &args)?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // Porcelain: "<flag>\t<src>:<dst>\t<summary>", flag '!' for a refused ref.
+        let refusal = |target: &str| {
+            stdout
+                .lines()
+                .find(|line| line.starts_with('!') && line.contains(&format!(":{target}\t")))
+                .map(|line| line.rsplit('\t').next().unwrap_or_default().to_string())
+        };
+        let answers: Vec<Pushed> = updates
+            .iter()
+            .map(|u| refusal(&u.target).map_or(Pushed::Done, Pushed::Refused))
+            .collect();
+        if !output.status.success() && answers.iter().all(|a| *a == Pushed::Done) {
+            return Err(self.failed(&format!("pushing {} refs", updates.len()), &output));
+        }
+        Ok(answers)
     }
 
     /// Deletes the remote's ref `target` if it holds `expected` (never anything newer).

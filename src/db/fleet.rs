@@ -439,29 +439,37 @@ pub struct Offer<'a> {
     pub needs: &'a Labels,
 }
 
-/// Offers (or offers again, after a failed attempt) a task to the fleet.
-pub async fn offer(db: &Db, offer: &Offer<'_>) -> Result<()> {
-    db.execute(
-        "offering a task to the fleet",
-        "INSERT INTO fleet_tasks (run_id, task_id, repo, attempt, spec, needs, secret_check, sig, state)
-         VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, 'offered')
-         ON CONFLICT (run_id, task_id) DO UPDATE SET
-            repo = excluded.repo, spec = excluded.spec, needs = excluded.needs,
-            secret_check = excluded.secret_check, sig = excluded.sig, state = 'offered',
-            host = NULL, token = NULL, claim = NULL, lease_expires = NULL, started_at = NULL,
-            finished_at = NULL, exit_code = NULL, tip = NULL, detail = NULL, output = NULL",
-        vec![
-            Value::Text(offer.run_id.into()),
-            Value::Text(offer.task_id.into()),
-            Value::Text(offer.repo.into()),
-            Value::Text(offer.spec.into()),
-            Value::Text(serde_json::to_string(offer.needs).expect("labels serialize")),
-            Value::Text(offer.secret_check.into()),
-            Value::Text(offer.sig.into()),
-        ],
-    )
-    .await
-    .map(drop)
+/// Offers (or offers again, after a failed attempt) tasks to the fleet, in one request.
+pub async fn offer(db: &Db, offers: &[Offer<'_>]) -> Result<()> {
+    let statements: Vec<(&str, Vec<Value>)> = offers
+        .iter()
+        .map(|offer| {
+            (
+                "INSERT INTO fleet_tasks (run_id, task_id, repo, attempt, spec, needs, secret_check, sig, state)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, 'offered')
+                 ON CONFLICT (run_id, task_id) DO UPDATE SET
+                    repo = excluded.repo, spec = excluded.spec, needs = excluded.needs,
+                    secret_check = excluded.secret_check, sig = excluded.sig, state = 'offered',
+                    host = NULL, token = NULL, claim = NULL, lease_expires = NULL, started_at = NULL,
+                    finished_at = NULL, exit_code = NULL, tip = NULL, detail = NULL, output = NULL",
+                vec![
+                    Value::Text(offer.run_id.into()),
+                    Value::Text(offer.task_id.into()),
+                    Value::Text(offer.repo.into()),
+                    Value::Text(offer.spec.into()),
+                    Value::Text(serde_json::to_string(offer.needs).expect("labels serialize")),
+                    Value::Text(offer.secret_check.into()),
+                    Value::Text(offer.sig.into()),
+                ],
+            )
+        })
+        .collect();
+    if statements.is_empty() {
+        return Ok(());
+    }
+    db.batch("offering tasks to the fleet", &statements)
+        .await
+        .map(drop)
 }
 
 /// Takes back every offer of run `run_id` no host took yet.

@@ -70,7 +70,7 @@ impl Orchestrator {
             return self.fail_unstarted(task, detail, now, report);
         }
         if self.fleet.is_some() {
-            return self.start_on_fleet(task, now, report);
+            return self.start_on_fleet(task, now);
         }
         {
             let row = self.rows.get_mut(&task.id).expect("every task has a row");
@@ -125,20 +125,13 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Offers the attempt of `task`, whose branch is at its start, to the fleet; a host that
-    /// leases it counts it.
-    fn start_on_fleet(
-        &mut self,
-        task: &Task,
-        now: String,
-        report: &mut dyn FnMut(Progress),
-    ) -> Result<()> {
+    /// Queues the offer of the attempt of `task`, whose branch is at its start, to the fleet
+    /// (sent with the pass's others by `send_offers`); a host that leases it counts it.
+    fn start_on_fleet(&mut self, task: &Task, now: String) -> Result<()> {
         let start = self
             .branch_tip(&task.branch)?
             .expect("the branch was just pointed at its start");
-        if let Err(detail) = self.offer(task, start)? {
-            return self.fail_unstarted(task, detail, now, report);
-        }
+        self.queue_offer(task, start);
         *self.tries.entry(task.id.clone()).or_default() += 1;
         let row = self.rows.get_mut(&task.id).expect("every task has a row");
         row.status = TaskStatus::Running;
@@ -175,7 +168,7 @@ impl Orchestrator {
 
     /// Fails `task` whose start point could not be made: its command never starts, so no
     /// attempt is used.
-    fn fail_unstarted(
+    pub(super) fn fail_unstarted(
         &mut self,
         task: &Task,
         detail: String,

@@ -29,7 +29,7 @@ use crate::db::runs::TaskStatus;
 use crate::db::{Blocking, Location};
 use crate::error::{Error, GitContext, Result};
 use crate::paths::AppPaths;
-use crate::remote::{Pushed, Remote};
+use crate::remote::{Pushed, Remote, Update};
 use crate::sign::{Keys, SigningKey};
 
 /// The remote a fleet run uses unless told (`--remote`).
@@ -96,6 +96,8 @@ pub(super) struct FleetRun {
     /// Per task, the attempt last reported as started.
     seen: HashMap<String, Seen>,
     last_poll: Option<Instant>,
+    /// Offers made in this pass, sent together by `send_offers`: (task, start).
+    queued: Vec<(String, String)>,
     /// When this orchestrator last said it is alive (`runs.heartbeat_ms`).
     last_beat: Option<Instant>,
 }
@@ -130,6 +132,7 @@ impl FleetRun {
             remote_tips,
             seen: HashMap::new(),
             last_poll: None,
+            queued: Vec::new(),
             last_beat: None,
         })
     }
@@ -175,46 +178,92 @@ impl Orchestrator {
         self.fleet.as_mut().expect("a fleet run")
     }
 
-    /// Offers the next attempt of `task` (its branch already at its start, `start`): the start
-    /// pushed to the remote's task branch, the offer written. The attempt is counted when a
-    /// host leases it.
-    pub(super) fn offer(
-        &mut self,
-        task: &Task,
-        start: Oid,
-    ) -> Result<std::result::Result<(), String>> {
-        let start = start.to_string();
+    /// Queues the offer of the next attempt of `task`, whose branch is at `start`; sent with
+    /// the others of this pass by [`Orchestrator::send_offers`].
+    pub(super) fn queue_offer(&mut self, task: &Task, start: Oid) {
+        self.fleet()
+            .queued
+            .push((task.id.clone(), start.to_string()));
+    }
+
+    /// Sends the queued offers: every start pushed to its task branch on the remote in one
+    /// push (each only over the value last seen there), then the offers in one request. A
+    /// task whose branch moved on the remote fails without using an attempt.
+    pub(super) fn send_offers(&mut self, report: &mut dyn FnMut(Progress)) -> Result<()> {
+        let queued = std::mem::take(&mut self.fleet().queued);
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let tasks: Vec<Task> = queued
+            .iter()
+            .map(|(id, _)| {
+                self.plan
+                    .task(id)
+                    .expect("queued tasks are plan tasks")
+                    .clone()
+            })
+            .collect();
         let fleet = self.fleet();
-        let expected = fleet.remote_tips.get(&task.branch).cloned().flatten();
-        let target = format!("refs/heads/{}", task.branch);
-        if expected.as_deref() != Some(start.as_str()) {
-            match fleet.remote.push(&start, &target, expected.as_deref())? {
-                Pushed::Done => {}
+        let updates: Vec<Update> = tasks
+            .iter()
+            .zip(&queued)
+            .map(|(task, (_, start))| Update {
+                commit: start.clone(),
+                target: format!("refs/heads/{}", task.branch),
+                expected: fleet.remote_tips.get(&task.branch).cloned().flatten(),
+            })
+            .filter(|update| update.expected.as_deref() != Some(update.commit.as_str()))
+            .collect();
+        let pushed = fleet.remote.push_all(&updates)?;
+        let mut refused = HashMap::new();
+        for (update, answer) in updates.iter().zip(pushed) {
+            let branch = update.target.trim_start_matches("refs/heads/").to_string();
+            match answer {
+                Pushed::Done => {
+                    fleet
+                        .remote_tips
+                        .insert(branch, Some(update.commit.clone()));
+                }
                 Pushed::Refused(why) => {
-                    return Ok(Err(format!(
-                        "the remote's branch {} moved ({why}); app never pushes over work it did not see: look at it, then resume",
-                        task.branch
-                    )));
+                    refused.insert(branch, why);
                 }
             }
-            fleet
-                .remote_tips
-                .insert(task.branch.clone(), Some(start.clone()));
         }
-        let spec = serde_json::to_string(&self.spec(task, Some(start))).expect("specs serialize");
+        let mut specs = Vec::new();
+        for (task, (_, start)) in tasks.iter().zip(&queued) {
+            if let Some(why) = refused.get(&task.branch) {
+                self.running.remove(&task.id);
+                let detail = format!(
+                    "the remote's branch {} moved ({why}); app never pushes over work it did not see: look at it, then resume",
+                    task.branch
+                );
+                self.fail_unstarted(
+                    task,
+                    detail,
+                    crate::registry::Timestamp::now().to_string(),
+                    report,
+                )?;
+                continue;
+            }
+            let spec = serde_json::to_string(&self.spec(task, Some(start.clone())))
+                .expect("specs serialize");
+            let sig = self.fleet().key.sign(spec.as_bytes());
+            specs.push((task, spec, sig));
+        }
         let fleet = self.fleet.as_ref().expect("a fleet run");
-        let sig = fleet.key.sign(spec.as_bytes());
-        let offer = Offer {
-            run_id: &self.run.id,
-            task_id: &task.id,
-            repo: &fleet.repo,
-            spec: &spec,
-            sig: &sig,
-            secret_check: &fleet.secret_check,
-            needs: &task.on,
-        };
-        self.db.run(async |db| fleet::offer(db, &offer).await)?;
-        Ok(Ok(()))
+        let offers: Vec<Offer> = specs
+            .iter()
+            .map(|(task, spec, sig)| Offer {
+                run_id: &self.run.id,
+                task_id: &task.id,
+                repo: &fleet.repo,
+                spec,
+                sig,
+                secret_check: &fleet.secret_check,
+                needs: &task.on,
+            })
+            .collect();
+        self.db.run(async |db| fleet::offer(db, &offers).await)
     }
 
     /// Reads the run's fleet rows (at most every [`POLL_INTERVAL`]): attempts hosts started are
@@ -238,18 +287,18 @@ impl Orchestrator {
             self.fleet().last_beat = Some(Instant::now());
         }
         let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
-        let mut outcomes = Vec::new();
+        let mut finished = Vec::new();
         for row in rows {
             if !self.running.contains_key(&row.task_id) {
                 continue;
             }
             match row.state {
                 LeaseState::Leased | LeaseState::Started => self.observe(&row, report)?,
-                LeaseState::Finished => outcomes.push(self.accept(&row)?),
+                LeaseState::Finished => finished.push(row),
                 LeaseState::Offered | LeaseState::Withdrawn => {}
             }
         }
-        Ok(outcomes)
+        self.accept(&finished)
     }
 
     /// Records that a host runs attempt `row.attempt`, and says so once; says once when its
@@ -320,81 +369,110 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Takes an accepted end: the attempt's commit fetched and made the task branch's tip, here
-    /// and on the remote.
-    fn accept(&mut self, row: &FleetTask) -> Result<Outcome> {
-        let mut outcome = Outcome {
-            task: row.task_id.clone(),
-            exit_code: row.exit_code,
-            timed_out: row.detail.as_deref() == Some(TIMED_OUT),
-            error: row
-                .exit_code
-                .is_none()
-                .then(|| row.detail.clone().unwrap_or_default()),
-        };
-        let (Some(tip), Some(token)) = (&row.tip, row.token) else {
-            return Ok(outcome);
-        };
-        let task = self
-            .plan
-            .task(&row.task_id)
-            .expect("fleet tasks are plan tasks")
-            .clone();
-        if let Err(why) = self.take_tip(&task, tip, token)? {
-            outcome.exit_code = None;
-            outcome.error = Some(why);
+    /// Takes accepted ends: the attempts' commits fetched (one fetch) and made their task
+    /// branches' tips, on the remote (one push, each over the start it held) and here.
+    fn accept(&mut self, rows: &[FleetTask]) -> Result<Vec<Outcome>> {
+        let mut outcomes: Vec<Outcome> = rows
+            .iter()
+            .map(|row| Outcome {
+                task: row.task_id.clone(),
+                exit_code: row.exit_code,
+                timed_out: row.detail.as_deref() == Some(TIMED_OUT),
+                error: row
+                    .exit_code
+                    .is_none()
+                    .then(|| row.detail.clone().unwrap_or_default()),
+            })
+            .collect();
+        // The ends that name a commit: (index, task, tip, its attempt's ref).
+        let ended: Vec<(usize, Task, String, String)> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, row)| {
+                let (tip, token) = (row.tip.clone()?, row.token?);
+                let task = self
+                    .plan
+                    .task(&row.task_id)
+                    .expect("fleet tasks are plan tasks");
+                Some((
+                    i,
+                    task.clone(),
+                    tip,
+                    attempt_ref(&self.run.id, &row.task_id, token),
+                ))
+            })
+            .collect();
+        let pairs: Vec<(String, String)> = ended
+            .iter()
+            .map(|(_, _, _, source)| (source.clone(), source.clone()))
+            .collect();
+        let fetched = self.fleet().remote.fetch_all(&pairs)?;
+        let mut good = Vec::new();
+        for ((i, task, tip, source), fetched) in ended.into_iter().zip(fetched) {
+            let why = match fetched {
+                None => Some(format!("its host reported {tip} but never pushed {source}")),
+                Some(commit) if commit != tip => Some(format!(
+                    "{source} holds {commit}, not the {tip} its host reported"
+                )),
+                Some(_) => None,
+            };
+            match why {
+                Some(why) => {
+                    outcomes[i].exit_code = None;
+                    outcomes[i].error = Some(why);
+                }
+                None => good.push((i, task, tip, source)),
+            }
         }
-        Ok(outcome)
-    }
-
-    fn take_tip(
-        &mut self,
-        task: &Task,
-        tip: &str,
-        token: i64,
-    ) -> Result<std::result::Result<(), String>> {
-        let source = attempt_ref(&self.run.id, &task.id, token);
-        let fleet = self.fleet.as_mut().expect("a fleet run");
-        let Some(fetched) = fleet.remote.fetch(&source, &source)? else {
-            return Ok(Err(format!(
-                "its host reported {tip} but never pushed {source}"
-            )));
-        };
-        if fetched != tip {
-            return Ok(Err(format!(
-                "{source} holds {fetched}, not the {tip} its host reported"
-            )));
-        }
-        let target = format!("refs/heads/{}", task.branch);
-        let expected = fleet.remote_tips.get(&task.branch).cloned().flatten();
-        if expected.as_deref() != Some(tip) {
-            match fleet.remote.push(tip, &target, expected.as_deref())? {
+        let fleet = self.fleet();
+        let updates: Vec<Update> = good
+            .iter()
+            .map(|(_, task, tip, _)| Update {
+                commit: tip.clone(),
+                target: format!("refs/heads/{}", task.branch),
+                expected: fleet.remote_tips.get(&task.branch).cloned().flatten(),
+            })
+            .collect();
+        let pushing: Vec<Update> = updates
+            .iter()
+            .filter(|u| u.expected.as_deref() != Some(u.commit.as_str()))
+            .cloned()
+            .collect();
+        let answers = fleet.remote.push_all(&pushing)?;
+        let mut refused = HashMap::new();
+        for (update, answer) in pushing.iter().zip(answers) {
+            match answer {
                 Pushed::Done => {
+                    let branch = update.target.trim_start_matches("refs/heads/").to_string();
                     fleet
                         .remote_tips
-                        .insert(task.branch.clone(), Some(tip.to_string()));
+                        .insert(branch, Some(update.commit.clone()));
                 }
                 Pushed::Refused(why) => {
-                    return Ok(Err(format!(
-                        "the remote's branch {} moved ({why}); the attempt's work is kept on {source}",
-                        task.branch
-                    )));
+                    refused.insert(update.target.clone(), why);
                 }
             }
         }
-        let oid = Oid::from_str(tip).git_context(|| format!("reading {tip}"))?;
-        self.repo
-            .reference(
-                &target,
-                oid,
-                true,
-                &format!(
-                    "app orchestrate: task {} of run {} on the fleet",
-                    task.id, self.run.id
-                ),
-            )
-            .git_context(|| format!("updating {}", task.branch))?;
-        Ok(Ok(()))
+        for (i, task, tip, source) in good {
+            let target = format!("refs/heads/{}", task.branch);
+            if let Some(why) = refused.get(&target) {
+                outcomes[i].exit_code = None;
+                outcomes[i].error = Some(format!(
+                    "the remote's branch {} moved ({why}); the attempt's work is kept on {source}",
+                    task.branch
+                ));
+                continue;
+            }
+            let oid = Oid::from_str(&tip).git_context(|| format!("reading {tip}"))?;
+            let message = format!(
+                "app orchestrate: task {} of run {} on the fleet",
+                task.id, self.run.id
+            );
+            self.repo
+                .reference(&target, oid, true, &message)
+                .git_context(|| format!("updating {}", task.branch))?;
+        }
+        Ok(outcomes)
     }
 
     /// A stop: the offers no host took are taken back and their tasks cancelled; attempts hosts

@@ -119,6 +119,9 @@ impl Orchestrator {
             if !stopping {
                 self.skip_blocked(report)?;
                 self.start_ready(&outcomes, report)?;
+                if self.fleet.is_some() {
+                    self.send_offers(report)?;
+                }
             }
             if self.running.is_empty() {
                 return Ok(stopping);
