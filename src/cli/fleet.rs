@@ -7,7 +7,7 @@ use signal_hook::iterator::{Handle, Signals};
 
 use super::context::Context;
 use super::output::{self, Table, outln};
-use crate::db::fleet::{self, FleetTask, HostRow};
+use crate::db::fleet::{self, FleetTask, HostRow, Overview};
 use crate::db::{Blocking, DbSettings};
 use crate::error::{IoContext, Result};
 use crate::ids;
@@ -123,7 +123,6 @@ fn describe(event: &WorkerEvent) -> String {
 pub(super) fn fleet(ctx: &Context, args: FleetArgs) -> Result<u8> {
     let db = Blocking::open_default(ctx.db.as_deref(), DbSettings::from(&ctx.settings))?;
     require_server(&db)?;
-    let ttl_ms = ctx.settings.lease_ttl.as_millis() as i64;
     let paths = AppPaths::discover(&super::current_dir()?).ok();
     let mine = match &paths {
         Some(paths) => shared_key(paths, &ctx.settings)
@@ -131,82 +130,24 @@ pub(super) fn fleet(ctx: &Context, args: FleetArgs) -> Result<u8> {
             .map(|key| secret_check(&key)),
         None => None,
     };
-    let hosts = db.run(async |db| fleet::hosts(db).await)?;
-    let mut tasks = Vec::new();
-    for host in &hosts {
-        let name = host.name.clone();
-        tasks.extend(db.run(async |db| fleet::host_tasks(db, &name).await)?);
-    }
-    let waiting = db.run(async |db| fleet::waiting(db).await)?;
+    let overview = db.run(async |db| fleet::overview(db).await)?;
     let view = View {
-        hosts: &hosts,
-        ttl_ms,
+        hosts: &overview.hosts,
+        ttl_ms: ctx.settings.lease_ttl.as_millis() as i64,
         secret: mine.as_deref(),
     };
     if args.json {
         output::json(&json!({
-            "hosts": hosts.iter().map(|h| json!({
+            "hosts": overview.hosts.iter().map(|h| json!({
                 "host": h, "alive": view.alive(h), "refused": view.refused(h),
             })).collect::<Vec<_>>(),
-            "running": tasks,
-            "waiting": waiting.iter().map(|t| json!({
+            "running": overview.running,
+            "waiting": overview.waiting.iter().map(|t| json!({
                 "task": t, "why": view.why_waiting(t),
             })).collect::<Vec<_>>(),
         }));
-        return Ok(0);
-    }
-    if hosts.is_empty() {
-        outln!("no hosts: start 'app worker' on each host (docs/FLEET.md)");
     } else {
-        let mut table = Table::new(&[
-            "HOST",
-            "STATE",
-            "CAPACITY",
-            "RUNNING",
-            "LOAD",
-            "HEARTBEAT",
-            "LABELS",
-        ]);
-        for host in &hosts {
-            let labels: Vec<String> = host
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let state = if view.refused(host) {
-                "refused (another APP_SHARED_SECRET)"
-            } else {
-                view.state(host)
-            };
-            table.row(vec![
-                host.name.clone(),
-                state.into(),
-                host.capacity.to_string(),
-                host.running.to_string(),
-                host.load.map_or("-".into(), |l| format!("{l:.2}")),
-                format!("{}s ago", host.heartbeat_age_ms / 1000),
-                labels.join(","),
-            ]);
-        }
-        table.print();
-    }
-    for task in &tasks {
-        outln!(
-            "running: {}/{} attempt {} on {} (token {})",
-            task.run_id,
-            task.task_id,
-            task.attempt,
-            task.host.as_deref().unwrap_or("?"),
-            task.token.unwrap_or(0)
-        );
-    }
-    for task in &waiting {
-        outln!(
-            "waiting: {}/{}: {}",
-            task.run_id,
-            task.task_id,
-            view.why_waiting(task)
-        );
+        view.print(&overview);
     }
     Ok(0)
 }
@@ -219,6 +160,62 @@ struct View<'a> {
 }
 
 impl View<'_> {
+    fn print(&self, overview: &Overview) {
+        if overview.hosts.is_empty() {
+            outln!("no hosts: start 'app worker' on each host (docs/FLEET.md)");
+        } else {
+            let mut table = Table::new(&[
+                "HOST",
+                "STATE",
+                "CAPACITY",
+                "RUNNING",
+                "LOAD",
+                "HEARTBEAT",
+                "LABELS",
+            ]);
+            for host in &overview.hosts {
+                let labels: Vec<String> = host
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let state = if self.refused(host) {
+                    "refused (another APP_SHARED_SECRET)"
+                } else {
+                    self.state(host)
+                };
+                table.row(vec![
+                    host.name.clone(),
+                    state.into(),
+                    host.capacity.to_string(),
+                    host.running.to_string(),
+                    host.load.map_or("-".into(), |l| format!("{l:.2}")),
+                    format!("{}s ago", host.heartbeat_age_ms / 1000),
+                    labels.join(","),
+                ]);
+            }
+            table.print();
+        }
+        for task in &overview.running {
+            outln!(
+                "running: {}/{} attempt {} on {} (token {})",
+                task.run_id,
+                task.task_id,
+                task.attempt,
+                task.host.as_deref().unwrap_or("?"),
+                task.token.unwrap_or(0)
+            );
+        }
+        for task in &overview.waiting {
+            outln!(
+                "waiting: {}/{}: {}",
+                task.run_id,
+                task.task_id,
+                self.why_waiting(task)
+            );
+        }
+    }
+
     fn alive(&self, host: &HostRow) -> bool {
         host.state != "stopped" && host.heartbeat_age_ms <= self.ttl_ms
     }

@@ -261,21 +261,6 @@ pub async fn stop_host(db: &Db, host: &str, pid: i64, start_time: i64) -> Result
     .map(drop)
 }
 
-/// Every host, by name, with its heartbeat's age by the server's clock.
-pub async fn hosts(db: &Db) -> Result<Vec<HostRow>> {
-    let rows = db
-        .query_rows(
-            "listing the fleet's hosts",
-            &format!("SELECT {HOST_COLUMNS}, {NOW_MS} FROM fleet_hosts ORDER BY name"),
-            vec![],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|row| host_row(row, integer(&row[14]).unwrap_or(0)))
-        .collect())
-}
-
 /// The state of a fleet task's current attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -389,35 +374,50 @@ pub async fn run_tasks(db: &Db, run_id: &str) -> Result<Vec<FleetTask>> {
     Ok(rows.iter().map(|row| task_row(row)).collect())
 }
 
-/// The tasks leased (or started) on `host`.
-pub async fn host_tasks(db: &Db, host: &str) -> Result<Vec<FleetTask>> {
-    let rows = db
-        .query_rows(
-            "reading a host's tasks",
-            &format!(
-                "SELECT {} FROM fleet_tasks WHERE host = ?1 AND state IN ('leased', 'started')",
-                task_columns()
-            ),
-            vec![Value::Text(host.into())],
-        )
-        .await?;
-    Ok(rows.iter().map(|row| task_row(row)).collect())
+/// What `app fleet` shows, in one request.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    /// Every host, by name, with its heartbeat's age by the server's clock.
+    pub hosts: Vec<HostRow>,
+    /// The tasks leased or started on a host.
+    pub running: Vec<FleetTask>,
+    /// The tasks waiting for a host (offered, or their lease expired), with the labels they
+    /// need.
+    pub waiting: Vec<FleetTask>,
 }
 
-/// The tasks waiting for a host, across every run, with the labels they need.
-pub async fn waiting(db: &Db) -> Result<Vec<FleetTask>> {
-    let rows = db
-        .query_rows(
-            "reading the fleet's waiting tasks",
-            &format!(
-                "SELECT {} FROM fleet_tasks WHERE state = 'offered'
-                    OR (state IN ('leased', 'started') AND lease_expires < {NOW_MS})",
-                task_columns()
-            ),
-            vec![],
+/// The fleet's hosts, running and waiting tasks, read in one request.
+pub async fn overview(db: &Db) -> Result<Overview> {
+    let columns = task_columns();
+    let hosts = format!("SELECT {HOST_COLUMNS}, {NOW_MS} FROM fleet_hosts ORDER BY name");
+    let running = format!(
+        "SELECT {columns} FROM fleet_tasks WHERE host IS NOT NULL AND state IN ('leased', 'started')
+         ORDER BY host, run_id, task_id"
+    );
+    let waiting = format!(
+        "SELECT {columns} FROM fleet_tasks WHERE state = 'offered'
+            OR (state IN ('leased', 'started') AND lease_expires < {NOW_MS})
+         ORDER BY run_id, task_id"
+    );
+    let results = db
+        .batch(
+            "reading the fleet",
+            &[
+                (hosts.as_str(), vec![]),
+                (running.as_str(), vec![]),
+                (waiting.as_str(), vec![]),
+            ],
         )
         .await?;
-    Ok(rows.iter().map(|row| task_row(row)).collect())
+    let tasks = |rows: &Vec<Vec<Value>>| rows.iter().map(|row| task_row(row)).collect();
+    Ok(Overview {
+        hosts: results[0]
+            .iter()
+            .map(|row| host_row(row, integer(&row[14]).unwrap_or(0)))
+            .collect(),
+        running: tasks(&results[1]),
+        waiting: tasks(&results[2]),
+    })
 }
 
 /// An offer of one attempt of a task.

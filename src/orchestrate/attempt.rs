@@ -45,6 +45,14 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+impl Outcome {
+    /// Marks the attempt failed for `why`, whatever its command's exit code.
+    pub(super) fn fail(&mut self, why: String) {
+        self.exit_code = None;
+        self.error = Some(why);
+    }
+}
+
 /// An attempt in flight.
 pub(super) struct Running {
     /// The task's `app run`, leading a process group of its own, signalled only while it is

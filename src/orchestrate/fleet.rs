@@ -76,6 +76,13 @@ pub fn attempt_ref(run: &str, task: &str, token: i64) -> String {
     format!("refs/app/fleet/{run}/{task}/{token}")
 }
 
+/// An accepted end that names a commit: the task, the commit, and its attempt's ref.
+struct End {
+    task: Task,
+    tip: String,
+    source: String,
+}
+
 /// The attempt of a task last reported as started.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -384,8 +391,47 @@ impl Orchestrator {
                     .then(|| row.detail.clone().unwrap_or_default()),
             })
             .collect();
-        // The ends that name a commit: (index, task, tip, its attempt's ref).
-        let ended: Vec<(usize, Task, String, String)> = rows
+        let fetched = self.fetch_ends(rows)?;
+        let mut taken = Vec::new();
+        for (i, end) in fetched {
+            match end {
+                Ok(end) => taken.push((i, end)),
+                Err(why) => outcomes[i].fail(why),
+            }
+        }
+        let pushed = self.push_ends(taken.iter().map(|(_, end)| end))?;
+        for ((i, end), refused) in taken.into_iter().zip(pushed) {
+            if let Some(why) = refused {
+                outcomes[i].fail(format!(
+                    "the remote's branch {} moved ({why}); the attempt's work is kept on {}",
+                    end.task.branch, end.source
+                ));
+                continue;
+            }
+            let oid = Oid::from_str(&end.tip).git_context(|| format!("reading {}", end.tip))?;
+            let message = format!(
+                "app orchestrate: task {} of run {} on the fleet",
+                end.task.id, self.run.id
+            );
+            self.repo
+                .reference(
+                    &format!("refs/heads/{}", end.task.branch),
+                    oid,
+                    true,
+                    &message,
+                )
+                .git_context(|| format!("updating {}", end.task.branch))?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Fetches the attempt refs of the ends in `rows` that name a commit, in one fetch; per
+    /// such row (by index), the end, or why it cannot be taken.
+    fn fetch_ends(
+        &mut self,
+        rows: &[FleetTask],
+    ) -> Result<Vec<(usize, std::result::Result<End, String>)>> {
+        let ends: Vec<(usize, End)> = rows
             .iter()
             .enumerate()
             .filter_map(|(i, row)| {
@@ -394,43 +440,54 @@ impl Orchestrator {
                     .plan
                     .task(&row.task_id)
                     .expect("fleet tasks are plan tasks");
+                let source = attempt_ref(&self.run.id, &row.task_id, token);
                 Some((
                     i,
-                    task.clone(),
-                    tip,
-                    attempt_ref(&self.run.id, &row.task_id, token),
+                    End {
+                        task: task.clone(),
+                        tip,
+                        source,
+                    },
                 ))
             })
             .collect();
-        let pairs: Vec<(String, String)> = ended
+        let pairs: Vec<(String, String)> = ends
             .iter()
-            .map(|(_, _, _, source)| (source.clone(), source.clone()))
+            .map(|(_, end)| (end.source.clone(), end.source.clone()))
             .collect();
         let fetched = self.fleet().remote.fetch_all(&pairs)?;
-        let mut good = Vec::new();
-        for ((i, task, tip, source), fetched) in ended.into_iter().zip(fetched) {
-            let why = match fetched {
-                None => Some(format!("its host reported {tip} but never pushed {source}")),
-                Some(commit) if commit != tip => Some(format!(
-                    "{source} holds {commit}, not the {tip} its host reported"
-                )),
-                Some(_) => None,
-            };
-            match why {
-                Some(why) => {
-                    outcomes[i].exit_code = None;
-                    outcomes[i].error = Some(why);
-                }
-                None => good.push((i, task, tip, source)),
-            }
-        }
+        Ok(ends
+            .into_iter()
+            .zip(fetched)
+            .map(|((i, end), fetched)| {
+                let checked = match fetched {
+                    None => Err(format!(
+                        "its host reported {} but never pushed {}",
+                        end.tip, end.source
+                    )),
+                    Some(commit) if commit != end.tip => Err(format!(
+                        "{} holds {commit}, not the {} its host reported",
+                        end.source, end.tip
+                    )),
+                    Some(_) => Ok(end),
+                };
+                (i, checked)
+            })
+            .collect())
+    }
+
+    /// Pushes each end's commit to its task branch on the remote, over the start it held, in
+    /// one push; per end, why it was refused.
+    fn push_ends<'a>(
+        &mut self,
+        ends: impl Iterator<Item = &'a End>,
+    ) -> Result<Vec<Option<String>>> {
         let fleet = self.fleet();
-        let updates: Vec<Update> = good
-            .iter()
-            .map(|(_, task, tip, _)| Update {
-                commit: tip.clone(),
-                target: format!("refs/heads/{}", task.branch),
-                expected: fleet.remote_tips.get(&task.branch).cloned().flatten(),
+        let updates: Vec<Update> = ends
+            .map(|end| Update {
+                commit: end.tip.clone(),
+                target: format!("refs/heads/{}", end.task.branch),
+                expected: fleet.remote_tips.get(&end.task.branch).cloned().flatten(),
             })
             .collect();
         let pushing: Vec<Update> = updates
@@ -453,26 +510,10 @@ impl Orchestrator {
                 }
             }
         }
-        for (i, task, tip, source) in good {
-            let target = format!("refs/heads/{}", task.branch);
-            if let Some(why) = refused.get(&target) {
-                outcomes[i].exit_code = None;
-                outcomes[i].error = Some(format!(
-                    "the remote's branch {} moved ({why}); the attempt's work is kept on {source}",
-                    task.branch
-                ));
-                continue;
-            }
-            let oid = Oid::from_str(&tip).git_context(|| format!("reading {tip}"))?;
-            let message = format!(
-                "app orchestrate: task {} of run {} on the fleet",
-                task.id, self.run.id
-            );
-            self.repo
-                .reference(&target, oid, true, &message)
-                .git_context(|| format!("updating {}", task.branch))?;
-        }
-        Ok(outcomes)
+        Ok(updates
+            .iter()
+            .map(|update| refused.get(&update.target).cloned())
+            .collect())
     }
 
     /// A stop: the offers no host took are taken back and their tasks cancelled; attempts hosts
