@@ -1,142 +1,19 @@
-//! Settings read from the environment, and the duration syntax every flag and variable shares.
+//! Settings read from the environment, once per command, and validated there.
 //!
-//! Durations are written as a number and a unit: `500ms`, `3s`, `2m`, `1h`, `1d` (a bare number
-//! means seconds; units may be combined, `1m30s`). A variable that is set but malformed is an
-//! error, never silently replaced by the default.
-//!
-//! Invariant: a parsed duration is at most [`MAX_DURATION`], so adding one to the current time
-//! (an `Instant` or a `SystemTime` that is stored as RFC 3339 text) never overflows; a ttl is
-//! at most [`MAX_TTL`].
+//! Durations use the syntax of [`crate::time`]. A variable that is set but malformed is an
+//! error naming the variable, never silently replaced by the default.
 
 use std::ffi::OsString;
 use std::ops::RangeInclusive;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::time::parse_duration;
 
 /// Default time between two heartbeats of a running instance.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// Default age past which a heartbeat no longer proves an instance alive.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30);
-
-/// The longest duration any flag, variable or plan field accepts: 36500 days (100 years).
-pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
-/// The longest ttl of a lock, a path reservation or a message: 365 days.
-pub const MAX_TTL: Duration = Duration::from_secs(365 * 86_400);
-
-/// Parses a duration such as `500ms`, `3s`, `2m`, `1h30m` or `10` (seconds), at most
-/// [`MAX_DURATION`].
-pub fn parse_duration(text: &str) -> Result<Duration> {
-    parse_at_most(text, MAX_DURATION, "duration")
-}
-
-/// Parses a ttl: a duration (see [`parse_duration`]) of at most [`MAX_TTL`].
-pub fn parse_ttl(text: &str) -> Result<Duration> {
-    parse_at_most(text, MAX_TTL, "ttl")
-}
-
-fn parse_at_most(text: &str, max: Duration, what: &str) -> Result<Duration> {
-    let bad = || {
-        Error::bad_input(format!(
-            "invalid duration {text:?}; write a number and a unit such as 500ms, 3s, 2m or 1h"
-        ))
-    };
-    let too_long = || {
-        Error::bad_input(format!(
-            "{what} {text:?} is too long; give at most {}d",
-            max.as_secs() / 86_400
-        ))
-    };
-    let bounded = |duration: Duration| {
-        if duration > max {
-            Err(too_long())
-        } else {
-            Ok(duration)
-        }
-    };
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(bad());
-    }
-    if let Ok(seconds) = text.parse::<f64>() {
-        if seconds.is_finite() && seconds > max.as_secs_f64() {
-            return Err(too_long());
-        }
-        return Duration::try_from_secs_f64(seconds)
-            .map_err(|_| bad())
-            .and_then(bounded);
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let number: f64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit_seconds = match &rest[..unit_len] {
-            "ms" => 0.001,
-            "s" | "sec" | "secs" => 1.0,
-            "m" | "min" | "mins" => 60.0,
-            "h" | "hour" | "hours" => 3600.0,
-            "d" | "day" | "days" => 86400.0,
-            _ => return Err(bad()),
-        };
-        rest = &rest[unit_len..];
-        let seconds = number * unit_seconds;
-        if seconds.is_finite() && seconds > max.as_secs_f64() {
-            return Err(too_long());
-        }
-        let part = Duration::try_from_secs_f64(seconds).map_err(|_| bad())?;
-        total = bounded(total.checked_add(part).ok_or_else(too_long)?)?;
-    }
-    Ok(total)
-}
-
-/// Refuses a ttl over [`MAX_TTL`].
-pub fn check_ttl(ttl: Duration) -> Result<Duration> {
-    if ttl > MAX_TTL {
-        return Err(Error::bad_input(format!(
-            "a ttl of {} is too long; give at most {}d",
-            format_age(ttl),
-            MAX_TTL.as_secs() / 86_400
-        )));
-    }
-    Ok(ttl)
-}
-
-/// When a hold of `ttl` taken at `now` runs out; a ttl over [`MAX_TTL`] is bad input, so the
-/// result is always a time a timestamp can be written as.
-pub fn expiry(now: SystemTime, ttl: Duration) -> Result<SystemTime> {
-    check_ttl(ttl)?;
-    now.checked_add(ttl)
-        .ok_or_else(|| Error::bad_input("a ttl reaches past the end of time; give a shorter one"))
-}
-
-/// The time `age` before now: for "since" filters. Going back before 1970-01-01 is bad input
-/// naming `what` (a flag or variable), since no timestamp can be written before it.
-pub fn time_ago(age: Duration, what: &str) -> Result<SystemTime> {
-    let now = SystemTime::now();
-    now.checked_sub(age)
-        .filter(|time| *time >= SystemTime::UNIX_EPOCH)
-        .ok_or_else(|| {
-            let days = now
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs()
-                / 86_400;
-            Error::bad_input(format!(
-                "{what} {} reaches back before 1970-01-01; give at most {days}d",
-                format_age(age)
-            ))
-        })
-}
 
 /// The timing settings shared by every command (part of [`Settings`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,18 +251,6 @@ pub fn data_dir() -> Result<std::path::PathBuf> {
         })
 }
 
-/// Formats a duration compactly for tables: `850ms`, `12s`, `4m`, `3h`, `2d`.
-pub fn format_age(age: Duration) -> String {
-    let secs = age.as_secs();
-    match secs {
-        0 => format!("{}ms", age.as_millis()),
-        1..60 => format!("{secs}s"),
-        60..3600 => format!("{}m", secs / 60),
-        3600..86400 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86400),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,110 +336,6 @@ mod tests {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
             assert!(err.to_string().contains(var), "{var}: {err}");
-        }
-    }
-
-    #[test]
-    fn parses_units() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-    }
-
-    #[test]
-    fn rejects_garbage() {
-        for bad in ["", "s", "3x", "-1s", "ms5", "1s2", "abc"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
-        }
-    }
-
-    #[test]
-    fn bounds_durations_and_ttls() {
-        assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
-        assert_eq!(parse_ttl("365d").unwrap(), MAX_TTL);
-        for long in [
-            "36501d",
-            "2920000d",
-            "1e300",
-            "10000000000000000000s10000000000000000000s",
-        ] {
-            let err = parse_duration(long).unwrap_err().to_string();
-            assert!(err.contains("at most 36500d"), "{long}: {err}");
-        }
-        let err = parse_ttl("366d").unwrap_err().to_string();
-        assert!(err.contains("at most 365d"), "{err}");
-        assert!(expiry(SystemTime::now(), MAX_TTL + Duration::from_secs(1)).is_err());
-        assert!(time_ago(Duration::from_secs(21_000 * 86_400), "--since").is_err());
-        assert!(time_ago(Duration::from_secs(60), "--since").is_ok());
-    }
-
-    #[test]
-    fn formats_ages() {
-        assert_eq!(format_age(Duration::from_millis(850)), "850ms");
-        assert_eq!(format_age(Duration::from_secs(12)), "12s");
-        assert_eq!(format_age(Duration::from_secs(240)), "4m");
-        assert_eq!(format_age(Duration::from_secs(3 * 86400)), "3d");
-    }
-}
-
-#[cfg(test)]
-mod proptests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
-
-        #[test]
-        fn parsing_never_panics_and_stays_in_bounds(text in any::<String>()) {
-            if let Ok(duration) = parse_duration(&text) {
-                prop_assert!(duration <= MAX_DURATION);
-            }
-            if let Ok(ttl) = parse_ttl(&text) {
-                prop_assert!(ttl <= MAX_TTL);
-            }
-        }
-
-        #[test]
-        fn number_and_unit_soup_never_panics(text in "[0-9.]{0,25}(ms|s|m|h|d|x)?([0-9.]{0,25}(ms|s|m|h|d))*") {
-            let _ = parse_duration(&text);
-        }
-
-        #[test]
-        fn whole_units_parse_to_what_they_say(n in 0u64..100_000, unit in 0usize..5) {
-            let (suffix, seconds) = [("ms", 0), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)][unit];
-            let want = if seconds == 0 {
-                Duration::from_millis(n)
-            } else {
-                Duration::from_secs(n * seconds)
-            };
-            let parsed = parse_duration(&format!("{n}{suffix}"));
-            if want <= MAX_DURATION {
-                prop_assert_eq!(parsed.unwrap(), want);
-            } else {
-                prop_assert!(parsed.is_err());
-            }
-        }
-
-        /// `format_age` keeps the largest whole unit: parsing it back gives the age rounded
-        /// down to that unit.
-        #[test]
-        fn formatted_ages_parse_back_to_at_most_the_age(millis in 0u64..(40 * 86_400_000)) {
-            let age = Duration::from_millis(millis);
-            let text = format_age(age);
-            let back = parse_duration(&text).unwrap();
-            prop_assert!(back <= age, "{text} is {back:?}, more than {age:?}");
-            let unit = match age.as_secs() {
-                0 => Duration::from_millis(1),
-                1..60 => Duration::from_secs(1),
-                60..3600 => Duration::from_secs(60),
-                3600..86400 => Duration::from_secs(3600),
-                _ => Duration::from_secs(86_400),
-            };
-            prop_assert!(age - back < unit, "{text} is {back:?}, for {age:?}");
         }
     }
 }

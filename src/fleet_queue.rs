@@ -35,8 +35,9 @@ use crate::paths::AppPaths;
 use crate::queue::{
     self, Arrivals, ENVELOPE_BYTES, FileQueue, Message, MessageStore, Outgoing, Post, Posted, Swept,
 };
-use crate::registry::{Liveness, Roster, Timestamp};
+use crate::registry::{Liveness, Roster};
 use crate::sign::{self, Keys, SigningKey};
+use crate::time::Timestamp;
 
 /// The shortest time between two polls of the table: after something arrived.
 pub(crate) const POLL_FASTEST: Duration = Duration::from_millis(250);

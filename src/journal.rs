@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::paths::AppPaths;
 use crate::process::{Presence, ProcessIdentity};
-use crate::registry::Timestamp;
 use crate::sign::{self, SigningKey};
 use crate::state;
+use crate::time::Timestamp;
 
 /// Which operation an intent belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

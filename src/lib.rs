@@ -35,6 +35,7 @@ pub(crate) mod reserve;
 pub mod sign;
 pub mod state;
 pub(crate) mod stop;
+pub mod time;
 pub(crate) mod watch;
 pub(crate) mod worker;
 pub(crate) mod worktree;

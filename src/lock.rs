@@ -16,17 +16,16 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config;
 pub use crate::error::LockError;
 use crate::error::Result;
 use crate::ids::LockName;
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
-use crate::registry::{
-    InstanceRecord, Liveness, LocalRoster, Registry, Roster, Snapshot, Timestamp,
-};
+use crate::registry::{InstanceRecord, Liveness, LocalRoster, Registry, Roster, Snapshot};
 use crate::sign::{self, Keys, SigningKey};
 use crate::state;
+use crate::time;
+use crate::time::Timestamp;
 use crate::watch::DirWatch;
 
 /// How often a waiting acquirer re-checks a holder that may have died without releasing.
@@ -289,7 +288,7 @@ impl Locks {
                 // Acquiring again renews the hold: a ttl given now runs from now, same token.
                 if let Some(ttl) = request.ttl {
                     let mut renewed = current.clone();
-                    renewed.expires_at = Some(Timestamp::from(config::expiry(
+                    renewed.expires_at = Some(Timestamp::from(time::expiry(
                         Timestamp::now().system_time(),
                         ttl,
                     )?));
@@ -311,7 +310,7 @@ impl Locks {
             acquired_at: Some(now),
             expires_at: request
                 .ttl
-                .map(|ttl| config::expiry(now.system_time(), ttl).map(Timestamp::from))
+                .map(|ttl| time::expiry(now.system_time(), ttl).map(Timestamp::from))
                 .transpose()?,
         };
         self.save(&granted)?;

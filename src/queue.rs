@@ -19,7 +19,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,9 +28,10 @@ pub use crate::error::QueueError;
 use crate::error::{Error, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::paths::AppPaths;
-use crate::registry::{Roster, Timestamp};
+use crate::registry::Roster;
 use crate::sign::{self, Keys, SigningKey};
 use crate::state;
+use crate::time::{self, Timestamp};
 use crate::watch::DirWatch;
 
 /// Default time an unacked message waits before it goes to `dead/`.
@@ -126,10 +127,7 @@ impl Outgoing {
 
 /// A new message id: it sorts in sending order.
 pub(crate) fn new_id() -> String {
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
+    let millis = time::unix_millis();
     let random = uuid::Uuid::new_v4().as_u128() as u32;
     format!("{millis:012x}{random:08x}")
 }
@@ -628,7 +626,7 @@ mod tests {
 #[cfg(test)]
 mod proptests {
     use super::*;
-    use crate::registry::Timestamp;
+    use crate::time::Timestamp;
     use proptest::prelude::*;
 
     /// Any JSON value, a few levels deep.
@@ -682,7 +680,9 @@ mod proptests {
                     to,
                     recipient,
                     kind,
-                    timestamp: Timestamp::from(UNIX_EPOCH + Duration::from_millis(millis)),
+                    timestamp: Timestamp::from(
+                        std::time::UNIX_EPOCH + Duration::from_millis(millis),
+                    ),
                     ttl_ms,
                     payload,
                 },

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -24,67 +24,9 @@ use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
 use crate::sign::{self, Keys, SigningKey};
 use crate::state;
+use crate::time::Timestamp;
 
 const FORMAT_VERSION: u32 = 1;
-
-/// A point in time, stored as RFC 3339 text with milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Timestamp(SystemTime);
-
-impl Timestamp {
-    /// The current time, truncated to the millisecond it is stored with, so a timestamp
-    /// compares equal to itself after a round trip through a file.
-    pub fn now() -> Self {
-        let since_epoch = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let millis = Duration::from_millis(since_epoch.as_millis() as u64);
-        Timestamp(SystemTime::UNIX_EPOCH + millis)
-    }
-
-    /// The wrapped time.
-    pub fn system_time(self) -> SystemTime {
-        self.0
-    }
-
-    /// Time elapsed since this timestamp (zero if it lies in the future).
-    pub fn age(self) -> Duration {
-        SystemTime::now().duration_since(self.0).unwrap_or_default()
-    }
-}
-
-impl std::str::FromStr for Timestamp {
-    type Err = humantime::TimestampError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        humantime::parse_rfc3339_weak(text).map(Timestamp)
-    }
-}
-
-impl From<SystemTime> for Timestamp {
-    fn from(time: SystemTime) -> Self {
-        Timestamp(time)
-    }
-}
-
-impl std::fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_millis(self.0))
-    }
-}
-
-impl Serialize for Timestamp {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Timestamp {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
 
 /// Lifecycle stage of an instance, as its supervisor last recorded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,8 +134,8 @@ impl InstanceRecord {
         if age > stale_after {
             Liveness::Stale(format!(
                 "last heartbeat {} ago (stale after {})",
-                crate::config::format_age(age),
-                crate::config::format_age(stale_after)
+                crate::time::format_age(age),
+                crate::time::format_age(stale_after)
             ))
         } else {
             Liveness::Live
@@ -616,19 +558,11 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_round_trip() {
-        let ts = Timestamp::now();
-        let json = serde_json::to_string(&ts).unwrap();
-        let back: Timestamp = serde_json::from_str(&json).unwrap();
-        assert_eq!(ts, back);
-    }
-
-    #[test]
     fn live_record_of_this_process_and_stale_heartbeat() {
         let rec = record("abcd1234");
         assert_eq!(rec.liveness(Duration::from_secs(30)), Liveness::Live);
         let old = InstanceRecord {
-            heartbeat_at: Timestamp(SystemTime::now() - Duration::from_secs(60)),
+            heartbeat_at: Timestamp::from(std::time::SystemTime::now() - Duration::from_secs(60)),
             ..rec
         };
         assert!(matches!(
@@ -645,8 +579,9 @@ mod proptests {
 
     fn timestamp() -> impl Strategy<Value = Timestamp> {
         // 1970 to the end of 9999, to the millisecond as it is stored.
-        (0u64..253_402_300_799_999)
-            .prop_map(|millis| Timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(millis)))
+        (0u64..253_402_300_799_999).prop_map(|millis| {
+            Timestamp::from(std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
+        })
     }
 
     fn record() -> impl Strategy<Value = InstanceRecord> {

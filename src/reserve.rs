@@ -16,15 +16,16 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config;
 use crate::error::{Error, Result};
 pub use crate::error::{Overlap, ReserveError};
 use crate::glob::Glob;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
-use crate::registry::{LocalRoster, Registry, Roster, Timestamp};
+use crate::registry::{LocalRoster, Registry, Roster};
 use crate::sign::{self, Keys, SigningKey};
 use crate::state;
+use crate::time;
+use crate::time::Timestamp;
 
 /// A listed reservation with why it lapsed (if it did), or a forged entry as `(id, reason)`.
 pub type Listed = std::result::Result<(Reservation, Option<String>), (String, String)>;
@@ -67,7 +68,7 @@ impl Reservation {
             reason,
             created_at: now,
             expires_at: ttl
-                .map(|ttl| config::expiry(now.system_time(), ttl).map(Timestamp::from))
+                .map(|ttl| time::expiry(now.system_time(), ttl).map(Timestamp::from))
                 .transpose()?,
         })
     }

@@ -39,9 +39,9 @@ use crate::orchestrate::attempt::{self, AttemptSpec};
 use crate::orchestrate::fleet::{TIMED_OUT, attempt_ref, require_server, secret_check, shared_key};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
-use crate::registry::Timestamp;
 use crate::remote::Remote;
 use crate::sign::SigningKey;
+use crate::time::Timestamp;
 
 /// Longest wait between two looks for tasks while nothing happens.
 pub const IDLE_POLL: Duration = Duration::from_secs(2);

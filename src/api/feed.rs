@@ -28,10 +28,11 @@ use crate::coordination::Coordination;
 use crate::db::events::{self, EventFilter};
 use crate::db::{Db, DbSettings, Location};
 use crate::paths::AppPaths;
-use crate::registry::{Liveness, Registry, Timestamp};
+use crate::registry::{Liveness, Registry};
 use crate::sign::{Keys, SigningKey};
 use crate::state::visible_names;
 use crate::stop::StopToken;
+use crate::time::Timestamp;
 
 /// How often the database is asked for new events.
 const DATABASE_INTERVAL: Duration = Duration::from_millis(250);

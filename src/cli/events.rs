@@ -6,11 +6,11 @@ use clap::Args;
 
 use super::context::Context;
 use super::output::{self, outln};
-use crate::config;
 use crate::db::events::{self, Event, EventFilter};
 use crate::error::Result;
 use crate::paths::AppPaths;
-use crate::registry::Timestamp;
+use crate::time;
+use crate::time::Timestamp;
 
 /// How often `--follow` looks for new events.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
@@ -49,7 +49,7 @@ pub(super) fn run(ctx: &Context, args: EventsArgs) -> Result<u8> {
     let mut filter = EventFilter {
         since: args
             .since
-            .map(|age| config::time_ago(age, "--since").map(Timestamp::from))
+            .map(|age| time::time_ago(age, "--since").map(Timestamp::from))
             .transpose()?,
         instance: args.instance,
         repo_root,

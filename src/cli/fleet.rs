@@ -15,7 +15,7 @@ use crate::orchestrate::StopFlag;
 use crate::orchestrate::fleet::{DEFAULT_REMOTE, require_server, secret_check, shared_key};
 use crate::paths::AppPaths;
 use crate::process;
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 use crate::worker::{self, WorkerEvent, WorkerOptions};
 
 /// Arguments of `app worker`.

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::context::Context;
 use super::output::{self, Fields, Table, outln};
-use crate::config::{self, Timing, format_age};
+use crate::config::Timing;
 use crate::db::instances;
 use crate::error::{EXIT_FAILURE, InstanceError, Result};
 use crate::ids::InstanceId;
@@ -15,6 +15,7 @@ use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
 use crate::registry::{Entry, InstanceRecord, InstanceStatus, Liveness, Registry};
 use crate::sign::Keys;
+use crate::time::{self, format_age};
 
 /// Subcommands of `app instance`.
 #[derive(Debug, Subcommand)]
@@ -77,12 +78,12 @@ pub struct ListArgs {
 }
 
 pub(super) fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    config::parse_duration(text).map_err(|err| err.to_string())
+    time::parse_duration(text).map_err(|err| err.to_string())
 }
 
-/// A `--ttl` value: a duration of at most [`config::MAX_TTL`].
+/// A `--ttl` value: a duration of at most [`time::MAX_TTL`].
 pub(super) fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
-    config::parse_ttl(text).map_err(|err| err.to_string())
+    time::parse_ttl(text).map_err(|err| err.to_string())
 }
 
 pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {

@@ -12,13 +12,13 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::context::Context;
 use super::output::{self, Table, outln};
-use crate::config::format_age;
 use crate::db::runs::{self, RunRow, TaskRow, TaskStatus};
 use crate::error::{Error, IoContext, Result, RunError};
 use crate::orchestrate::plan::Plan;
 use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
-use crate::registry::Timestamp;
 use crate::stop::Stopper;
+use crate::time::Timestamp;
+use crate::time::format_age;
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

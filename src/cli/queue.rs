@@ -8,13 +8,13 @@ use serde_json::Value;
 
 use super::context::{Context, RepoContext};
 use super::output::{self, outln};
-use crate::config;
 use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
 use crate::error::{EXIT_FAILURE, Error, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::queue::{self, Message};
 use crate::registry::Snapshot;
+use crate::time;
 
 /// Arguments of `app send`.
 #[derive(Debug, Args)]
@@ -167,7 +167,7 @@ pub(super) fn recv(ctx: &Context, args: RecvArgs) -> Result<u8> {
         None => None,
         Some("forever") => Some(None),
         // Past what an Instant can hold is as good as forever.
-        Some(text) => Some(Instant::now().checked_add(config::parse_duration(text)?)),
+        Some(text) => Some(Instant::now().checked_add(time::parse_duration(text)?)),
     };
     let (repo, coordination, snapshot) = setup(ctx)?;
     let me = acting(&repo, &snapshot, args.instance, "--instance")?;

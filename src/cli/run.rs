@@ -7,11 +7,11 @@ use clap::Args;
 
 use super::context::Context;
 use crate::api::{ApiOptions, DEFAULT_CAPACITY};
-use crate::config::parse_duration;
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::instance::{self, Holds, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
 use crate::ports;
+use crate::time::parse_duration;
 
 /// The HTTP API and stop options `app run` and `app serve` share.
 #[derive(Debug, Args)]
@@ -105,7 +105,7 @@ pub(super) fn ci(ctx: &Context, args: CiArgs) -> Result<u8> {
     if outcome.exit_code == instance::EXIT_TIMED_OUT {
         eprintln!(
             "app: the command outlived --timeout {} and was stopped",
-            crate::config::format_age(options.deadline.unwrap_or_default())
+            crate::time::format_age(options.deadline.unwrap_or_default())
         );
     }
     if let Some(cleanup) = &outcome.cleanup {

@@ -12,7 +12,7 @@ pub fn new_uid() -> String {
 }
 use crate::error::Result;
 use crate::process;
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Serialize)]

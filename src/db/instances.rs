@@ -10,7 +10,8 @@ use serde::Serialize;
 use super::status::{self, stored_status};
 use super::{Db, integer, opt, opt_text, text};
 use crate::error::Result;
-use crate::registry::{InstanceRecord, InstanceStatus, Timestamp};
+use crate::registry::{InstanceRecord, InstanceStatus};
+use crate::time::Timestamp;
 
 stored_status! {
     /// Where a mirrored instance is: its registry status, or stopped once it ended.

@@ -31,6 +31,7 @@ use libsql::{Builder, Connection, Database, TransactionBehavior, Value};
 use crate::config::{self, Settings};
 use crate::error::{DbError, Error, IoContext, Result};
 use crate::state;
+use crate::time;
 
 /// How long one request to a server may go unanswered before it is sent again.
 pub const REMOTE_ATTEMPT_LIMIT: Duration = Duration::from_secs(5);
@@ -299,7 +300,7 @@ impl Db {
         match err {
             retry::RetryError::Deadline { last, attempts } => DbError::Locked {
                 location: self.location.to_string(),
-                waited: config::format_age(self.settings.retry_deadline),
+                waited: time::format_age(self.settings.retry_deadline),
                 attempts,
                 what: what.to_string(),
                 local: self.is_local(),
@@ -308,7 +309,7 @@ impl Db {
             .into(),
             retry::RetryError::Unreachable { last, attempts } => DbError::Unreachable {
                 location: self.location.to_string(),
-                waited: config::format_age(self.settings.retry_deadline),
+                waited: time::format_age(self.settings.retry_deadline),
                 attempts,
                 what: what.to_string(),
                 last,

@@ -12,7 +12,7 @@ use super::{Db, integer, opt, opt_text, text};
 use crate::error::{NoteError, Result};
 use crate::ids::Namespace;
 use crate::process;
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 
 /// Largest note content, in bytes.
 pub const MAX_NOTE_BYTES: usize = 64 * 1024;

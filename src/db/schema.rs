@@ -10,7 +10,7 @@ use libsql::Value;
 
 use super::{Db, integer};
 use crate::error::{DbError, Result};
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 
 /// A schema change: its number, name and SQL.
 struct Migration {

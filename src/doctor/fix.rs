@@ -6,7 +6,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use git2::{ErrorCode, Repository};
 
@@ -23,6 +23,7 @@ use crate::reclaim::{self, Reclaimer};
 use crate::registry::{InstanceRecord, Registry};
 use crate::sign::Keys;
 use crate::state;
+use crate::time;
 use crate::worktree::{
     self,
     reflock::{self, RefLock},
@@ -201,10 +202,7 @@ fn move_aside(paths: &AppPaths, path: &Path) -> Result<String> {
     let aside = path.with_file_name(format!(
         "{}.corrupt-{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
+        time::unix_secs()
     ));
     let _guard = state::lock_exclusive(&paths.registry_lock())?;
     fs::rename(path, &aside).map_err(|err| Error::io("moving aside", path, err))?;

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use super::Finding;
-use crate::config::format_age;
 use crate::db::fleet::{Held, HostRow};
 use crate::journal::{Intent, Operation};
 use crate::registry::InstanceRecord;
+use crate::time::format_age;
 
 /// A problem with what fixing it needs.
 #[derive(Debug, Clone)]

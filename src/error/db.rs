@@ -27,7 +27,7 @@ pub enum DbError {
     Locked {
         /// The database, as its location prints.
         location: String,
-        /// How long it was retried, as `config::format_age` prints it.
+        /// How long it was retried, as `time::format_age` prints it.
         waited: String,
         /// How many attempts were made.
         attempts: u32,
@@ -46,7 +46,7 @@ pub enum DbError {
     Unreachable {
         /// The server's URL.
         location: String,
-        /// How long it was retried, as `config::format_age` prints it.
+        /// How long it was retried, as `time::format_age` prints it.
         waited: String,
         /// How many attempts were made.
         attempts: u32,

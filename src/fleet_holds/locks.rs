@@ -7,7 +7,7 @@ use crate::db::holds::{self, HolderRow, LockAsk, LockReleased, LockRow};
 use crate::error::{LockError, Result};
 use crate::ids::LockName;
 use crate::lock::{Holder, LockState, LockStore, Released, Request};
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 
 /// The named locks every host of the fleet shares.
 #[derive(Debug, Clone)]
@@ -31,7 +31,7 @@ impl FleetLocks {
         let ttl_ms = request
             .ttl
             .map(|ttl| {
-                crate::config::expiry(Timestamp::now().system_time(), ttl)
+                crate::time::expiry(Timestamp::now().system_time(), ttl)
                     .map(|_| ttl.as_millis() as i64)
             })
             .transpose()?;

@@ -30,7 +30,7 @@ use crate::db::Blocking;
 use crate::db::holds::{HolderRow, Member};
 use crate::lock::Holder;
 use crate::process::{Presence, ProcessIdentity};
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 
 /// The first wait of a waiting acquirer between two reads.
 const FIRST_POLL: Duration = Duration::from_millis(250);
@@ -97,7 +97,7 @@ impl Fleet {
         if let Some(ms) = expires_in_ms.filter(|ms| *ms <= 0) {
             return Some(format!(
                 "its ttl ran out {} ago",
-                crate::config::format_age(Duration::from_millis(ms.unsigned_abs()))
+                crate::time::format_age(Duration::from_millis(ms.unsigned_abs()))
             ));
         }
         match host_age_ms {
@@ -106,8 +106,8 @@ impl Fleet {
                 return Some(format!(
                     "host {} has had no fleet heartbeat for {} (lease TTL {})",
                     holder.host,
-                    crate::config::format_age(Duration::from_millis(age.unsigned_abs())),
-                    crate::config::format_age(self.lease_ttl)
+                    crate::time::format_age(Duration::from_millis(age.unsigned_abs())),
+                    crate::time::format_age(self.lease_ttl)
                 ));
             }
             Some(_) => {}

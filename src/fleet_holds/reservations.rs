@@ -8,8 +8,8 @@ use crate::db::holds::{self, ReservationChange, ReservationRow, ReservationsRead
 use crate::error::{Error, Result};
 use crate::glob::Glob;
 use crate::lock::Holder;
-use crate::registry::Timestamp;
 use crate::reserve::{self, Listed, Reservation, ReservationStore, ReserveError};
+use crate::time::Timestamp;
 
 /// How many times a change is tried again when other hosts changed the reservations between
 /// its read and its write.

@@ -12,9 +12,10 @@ use crate::config::Timing;
 use crate::db::instances::InstanceRow;
 use crate::db::mirror::{MirrorSender, Update};
 use crate::paths::AppPaths;
-use crate::registry::{InstanceRecord, Registry, Timestamp};
+use crate::registry::{InstanceRecord, Registry};
 use crate::sign::{Keys, SigningKey};
 use crate::stop::Stopper;
+use crate::time::Timestamp;
 
 /// The running heartbeat thread; [`Heartbeat::stop`] ends it.
 pub(super) struct Heartbeat {

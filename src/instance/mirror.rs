@@ -9,7 +9,8 @@ use crate::db::instances::{InstanceRow, MirrorStatus};
 use crate::db::mirror::{Mirror, MirrorSender, Update};
 use crate::db::{DbSettings, Location};
 use crate::paths::AppPaths;
-use crate::registry::{InstanceRecord, Timestamp};
+use crate::registry::InstanceRecord;
+use crate::time::Timestamp;
 
 /// Copies the instance's registry entry and lifecycle into the shared database, in the
 /// background; see [`crate::db::mirror`].

@@ -40,8 +40,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::fleet_holds::{BeatTarget, HostBeat};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
-use crate::registry::{InstanceRecord, InstanceStatus, Registry, Timestamp};
+use crate::registry::{InstanceRecord, InstanceStatus, Registry};
 use crate::sign::{Keys, SigningKey};
+use crate::time::Timestamp;
 use crate::worktree::{self, Cleanup, WorktreePlan};
 use crate::{fault, journal};
 

@@ -27,7 +27,7 @@ use super::scheduler::Orchestrator;
 use crate::db::runs::TaskStatus;
 use crate::error::{Error, IoContext, Result};
 use crate::process;
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 
 /// How long a task's `app run` waits for its command after SIGTERM before killing it.
 pub(super) const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);

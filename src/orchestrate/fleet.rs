@@ -247,7 +247,7 @@ impl Orchestrator {
                 self.fail_unstarted(
                     task,
                     detail,
-                    crate::registry::Timestamp::now().to_string(),
+                    crate::time::Timestamp::now().to_string(),
                     report,
                 )?;
                 continue;

@@ -51,8 +51,8 @@ use crate::db::{Blocking, DbSettings};
 use crate::error::{Error, Result, RunError};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
-use crate::registry::Timestamp;
 use crate::sign::Keys;
+use crate::time::Timestamp;
 use crate::worktree;
 
 /// How a run is driven.

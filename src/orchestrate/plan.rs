@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::db::runs::RunRow;
 
-use crate::config::parse_duration;
 use crate::error::{Error, Result, RunError};
+use crate::time::parse_duration;
 use crate::worktree;
 
 /// A task's command: an argv array, or a string run by `sh -c`.

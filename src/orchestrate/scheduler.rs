@@ -25,7 +25,7 @@ use crate::db::Blocking;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::error::{IoContext, Result};
 use crate::paths::AppPaths;
-use crate::registry::Timestamp;
+use crate::time::Timestamp;
 
 /// One run being driven: its plan, its rows, its attempts in flight.
 pub(super) struct Orchestrator {
@@ -342,7 +342,7 @@ fn failure(task: &Task, outcome: &Outcome, stopping: bool) -> String {
     } else if outcome.timed_out {
         format!(
             "timed out after {}",
-            crate::config::format_age(task.timeout.unwrap_or_default())
+            crate::time::format_age(task.timeout.unwrap_or_default())
         )
     } else if stopping {
         "stopped by a signal to the orchestrator".into()

@@ -3,7 +3,8 @@
 use std::fs;
 use std::process::Stdio;
 
-use app::registry::{Entry, InstanceRecord, InstanceStatus, Registry, Timestamp};
+use app::registry::{Entry, InstanceRecord, InstanceStatus, Registry};
+use app::time::Timestamp;
 
 use crate::support::{TestRepo, code, hermetic, stderr, stdout};
 
