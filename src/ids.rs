@@ -1,9 +1,10 @@
 //! Names and ids that users give: each is a type that can only hold a valid value, parsed once
 //! where it enters (a flag, an MCP argument, a plan) with the error that says what is allowed.
 //!
-//! Invariant: an [`InstanceId`], [`LockName`] or [`Namespace`] value always satisfies its
-//! syntax, so code that holds one never checks it again. Values read back from app's own
-//! signed files are trusted as written (`Deserialize` does not re-check).
+//! Invariant: an [`InstanceId`], [`LockName`], [`Namespace`] or [`RunId`] value always
+//! satisfies its syntax, so code that holds one never checks it again. Values read back from
+//! app's own signed files and database rows are trusted as written (`Deserialize` and
+//! [`RunId::stored`] do not re-check), so a record written by another version reads as today.
 
 use std::fmt;
 
@@ -174,6 +175,55 @@ pub fn validate_host_name(text: &str) -> Result<()> {
     )))
 }
 
+/// A plan's name or a task id: 1-32 of `a-z`, `0-9`, `-` and `_`, starting with a letter or
+/// digit (run ids and the orchestrator's instance ids are built from them).
+pub(crate) fn is_plan_id(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 32
+        && text
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+name_type! {
+    /// An orchestrated run: `<plan name>-<6 lowercase hex>`.
+    RunId
+}
+
+impl RunId {
+    /// A fresh id for a run of the plan named `name`; a name that is no plan id (a plan that
+    /// its validation will refuse) gives a `plan-` id.
+    pub(crate) fn for_plan(name: &str) -> RunId {
+        let name = if is_plan_id(name) { name } else { "plan" };
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        RunId(format!("{name}-{suffix}"))
+    }
+
+    /// The run id `text` is, or `None` when no run can have it (so it names no run).
+    pub(crate) fn parse(text: &str) -> Option<RunId> {
+        let (name, suffix) = text.rsplit_once('-')?;
+        let hex = suffix.len() == 6
+            && suffix
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+        (hex && is_plan_id(name)).then(|| RunId(text.to_string()))
+    }
+
+    /// A run id as the database holds it, trusted as written.
+    pub(crate) fn stored(text: String) -> RunId {
+        RunId(text)
+    }
+
+    /// The part after the last `-`: the random suffix the run's instance ids start with.
+    pub(crate) fn suffix(&self) -> &str {
+        self.0.rsplit('-').next().unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +296,30 @@ mod tests {
         assert_eq!(serde_json::to_string(&id).unwrap(), "\"agent-1\"");
         let back: InstanceId = serde_json::from_str("\"agent-1\"").unwrap();
         assert_eq!(back, id);
+    }
+
+    #[test]
+    fn run_ids() {
+        let id = RunId::for_plan("demo");
+        assert!(id.as_str().starts_with("demo-"), "{id}");
+        assert_eq!(id.suffix().len(), 6);
+        assert_eq!(RunId::parse(id.as_str()), Some(id));
+        assert!(RunId::for_plan("Not A Name").as_str().starts_with("plan-"));
+        for good in ["x-0a1b2c", "my-plan_2-ffffff"] {
+            assert!(RunId::parse(good).is_some(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "x",
+            "x-",
+            "-0a1b2c",
+            "x-0A1B2C",
+            "x-0a1b2",
+            "X-0a1b2c",
+            "../x-0a1b2c",
+        ] {
+            assert!(RunId::parse(bad).is_none(), "{bad:?}");
+        }
+        assert_eq!(RunId::stored("odd".into()).suffix(), "odd");
     }
 }

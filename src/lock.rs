@@ -24,8 +24,7 @@ use crate::process::{self, ProcessIdentity};
 use crate::registry::{InstanceRecord, Liveness, LocalRoster, Registry, Roster, Snapshot};
 use crate::sign::{self, Keys, SigningKey};
 use crate::state;
-use crate::time;
-use crate::time::Timestamp;
+use crate::time::{self, Timestamp};
 use crate::watch::DirWatch;
 
 /// How often a waiting acquirer re-checks a holder that may have died without releasing.

@@ -24,8 +24,7 @@ use crate::paths::AppPaths;
 use crate::registry::{LocalRoster, Registry, Roster};
 use crate::sign::{self, Keys, SigningKey};
 use crate::state;
-use crate::time;
-use crate::time::Timestamp;
+use crate::time::{self, Timestamp};
 
 /// A listed reservation with why it lapsed (if it did), or a forged entry as `(id, reason)`.
 pub type Listed = std::result::Result<(Reservation, Option<String>), (String, String)>;

@@ -34,6 +34,7 @@ use crate::db::holds::Member;
 use crate::db::{Blocking, DbSettings};
 use crate::error::{Error, GitContext, IoContext, Result};
 use crate::fleet_holds::HostFlock;
+use crate::ids::RunId;
 use crate::orchestrate::StopFlag;
 use crate::orchestrate::attempt::{self, AttemptSpec};
 use crate::orchestrate::fleet::{TIMED_OUT, attempt_ref, require_server, secret_check, shared_key};
@@ -438,7 +439,7 @@ impl Job {
         let log = self
             .shared
             .paths
-            .task_log(&self.task.run_id, &self.task.task_id);
+            .task_log(self.task.run_id.as_str(), &self.task.task_id);
         let ended = Report {
             started_at: None,
             finished_at: Some(Timestamp::now().to_string()),
@@ -488,7 +489,7 @@ impl Job {
             return Ok(None);
         }
         let instance = format!("{}{}", spec.instance_prefix, self.task.attempt);
-        let log = shared.paths.task_log(run, task);
+        let log = shared.paths.task_log(run.as_str(), task);
         let output = attempt::open_log(&log, self.task.attempt, &spec.argv)?;
         let mut command = spec.command(
             &shared.exe,
@@ -608,7 +609,7 @@ impl Job {
 /// made was pushed: a worker killed in between pushes it when it runs again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Lease {
-    run: String,
+    run: RunId,
     task: String,
     branch: String,
     token: i64,

@@ -9,8 +9,7 @@ use super::output::{self, outln};
 use crate::db::events::{self, Event, EventFilter};
 use crate::error::Result;
 use crate::paths::AppPaths;
-use crate::time;
-use crate::time::Timestamp;
+use crate::time::{self, Timestamp};
 
 /// How often `--follow` looks for new events.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);

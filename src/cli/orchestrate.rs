@@ -14,11 +14,11 @@ use super::context::Context;
 use super::output::{self, Table, outln};
 use crate::db::runs::{self, RunRow, TaskRow, TaskStatus};
 use crate::error::{Error, IoContext, Result, RunError};
+use crate::ids::RunId;
 use crate::orchestrate::plan::Plan;
 use crate::orchestrate::{self, Options, Progress, StopFlag, Summary};
 use crate::stop::Stopper;
-use crate::time::Timestamp;
-use crate::time::format_age;
+use crate::time::{Timestamp, format_age};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -400,7 +400,7 @@ pub(super) fn runs(ctx: &Context, command: RunsCommand) -> Result<u8> {
                 let mut table = Table::new(&["RUN", "STATUS", "STARTED", "FINISHED"]);
                 for row in &rows {
                     table.row(vec![
-                        row.id.clone(),
+                        row.id.to_string(),
                         row.status.to_string(),
                         row.started_at.clone(),
                         row.finished_at.clone().unwrap_or_else(|| "-".into()),
@@ -447,8 +447,11 @@ pub(super) fn runs(ctx: &Context, command: RunsCommand) -> Result<u8> {
 }
 
 fn load(ctx: &Context, run: &str) -> Result<(RunRow, Vec<TaskRow>)> {
-    let (row, mut tasks) =
-        ctx.with_db(async |db| Ok((runs::get(db, run).await?, runs::tasks(db, run).await?)))?;
+    // A text that is no run id names no run.
+    let (row, mut tasks) = ctx.with_db(async |db| match RunId::parse(run) {
+        Some(id) => Ok((runs::get(db, &id).await?, runs::tasks(db, &id).await?)),
+        None => Ok((None, Vec::new())),
+    })?;
     let row = row.ok_or_else(|| RunError::Unknown {
         id: run.to_string(),
     })?;

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::{Db, integer, opt, opt_text, text};
 use crate::error::Result;
+use crate::ids::RunId;
 
 /// Now, in milliseconds since the epoch, by the database's clock.
 pub const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
@@ -197,7 +198,7 @@ pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<LeaseKey>> {
                 Value::Integer(lease.token),
                 Value::Integer(beat.ttl_ms),
                 opt(output.clone()),
-                Value::Text(lease.run_id.clone()),
+                Value::Text(lease.run_id.to_string()),
                 Value::Text(lease.task_id.clone()),
             ],
         ));
@@ -230,7 +231,7 @@ pub async fn heartbeat(db: &Db, beat: &Beat<'_>) -> Result<Vec<LeaseKey>> {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LeaseKey {
     /// The run.
-    pub run_id: String,
+    pub run_id: RunId,
     /// The task.
     pub task_id: String,
     /// The claim's fencing token.
@@ -239,7 +240,7 @@ pub struct LeaseKey {
 
 fn lease_key(row: &[Value]) -> LeaseKey {
     LeaseKey {
-        run_id: text(&row[0]),
+        run_id: RunId::stored(text(&row[0])),
         task_id: text(&row[1]),
         token: integer(&row[2]).unwrap_or(0),
     }
@@ -304,7 +305,7 @@ impl LeaseState {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FleetTask {
     /// The run.
-    pub run_id: String,
+    pub run_id: RunId,
     /// The task.
     pub task_id: String,
     /// Leases taken so far (the attempt a host runs now).
@@ -338,7 +339,7 @@ const TASK_COLUMNS: &str = "run_id, task_id, attempt, state, host, token, \
 
 fn task_row(row: &[Value]) -> FleetTask {
     FleetTask {
-        run_id: text(&row[0]),
+        run_id: RunId::stored(text(&row[0])),
         task_id: text(&row[1]),
         attempt: integer(&row[2]).unwrap_or(0),
         state: LeaseState::parse(&text(&row[3])),
@@ -360,7 +361,7 @@ fn task_columns() -> String {
 }
 
 /// The fleet tasks of run `run_id`.
-pub async fn run_tasks(db: &Db, run_id: &str) -> Result<Vec<FleetTask>> {
+pub async fn run_tasks(db: &Db, run_id: &RunId) -> Result<Vec<FleetTask>> {
     let rows = db
         .query_rows(
             "reading a fleet run's tasks",
@@ -368,7 +369,7 @@ pub async fn run_tasks(db: &Db, run_id: &str) -> Result<Vec<FleetTask>> {
                 "SELECT {} FROM fleet_tasks WHERE run_id = ?1",
                 task_columns()
             ),
-            vec![Value::Text(run_id.into())],
+            vec![Value::Text(run_id.to_string())],
         )
         .await?;
     Ok(rows.iter().map(|row| task_row(row)).collect())
@@ -424,7 +425,7 @@ pub async fn overview(db: &Db) -> Result<Overview> {
 #[derive(Debug, Clone)]
 pub struct Offer<'a> {
     /// The run.
-    pub run_id: &'a str,
+    pub run_id: &'a RunId,
     /// The task.
     pub task_id: &'a str,
     /// The repository (see [`HostRow::repo`]).
@@ -453,7 +454,7 @@ pub async fn offer(db: &Db, offers: &[Offer<'_>]) -> Result<()> {
                     host = NULL, token = NULL, claim = NULL, lease_expires = NULL, started_at = NULL,
                     finished_at = NULL, exit_code = NULL, tip = NULL, detail = NULL, output = NULL",
                 vec![
-                    Value::Text(offer.run_id.into()),
+                    Value::Text(offer.run_id.to_string()),
                     Value::Text(offer.task_id.into()),
                     Value::Text(offer.repo.into()),
                     Value::Text(offer.spec.into()),
@@ -473,11 +474,11 @@ pub async fn offer(db: &Db, offers: &[Offer<'_>]) -> Result<()> {
 }
 
 /// Takes back every offer of run `run_id` no host took yet.
-pub async fn withdraw(db: &Db, run_id: &str) -> Result<()> {
+pub async fn withdraw(db: &Db, run_id: &RunId) -> Result<()> {
     db.execute(
         "taking back a run's offers",
         "UPDATE fleet_tasks SET state = 'withdrawn' WHERE run_id = ?1 AND state = 'offered'",
-        vec![Value::Text(run_id.into())],
+        vec![Value::Text(run_id.to_string())],
     )
     .await
     .map(drop)
@@ -487,7 +488,7 @@ pub async fn withdraw(db: &Db, run_id: &str) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     /// The run.
-    pub run_id: String,
+    pub run_id: RunId,
     /// The task.
     pub task_id: String,
     /// The attempt it runs.
@@ -596,7 +597,7 @@ pub async fn claim(db: &Db, ask: &Ask<'_>, uid: &str) -> Result<Vec<Claimed>> {
         .map(|rows| {
             rows.iter()
                 .map(|row| Claimed {
-                    run_id: text(&row[0]),
+                    run_id: RunId::stored(text(&row[0])),
                     task_id: text(&row[1]),
                     attempt: integer(&row[2]).unwrap_or(0),
                     spec: text(&row[3]),
@@ -629,7 +630,7 @@ pub struct Report {
 /// whether it was applied (a stale token changes nothing).
 pub async fn report(
     db: &Db,
-    run_id: &str,
+    run_id: &RunId,
     task_id: &str,
     token: i64,
     report: &Report,
@@ -640,7 +641,7 @@ pub async fn report(
         ("started", "('leased')")
     };
     let key = vec![
-        Value::Text(run_id.into()),
+        Value::Text(run_id.to_string()),
         Value::Text(task_id.into()),
         Value::Integer(token),
     ];
@@ -691,7 +692,7 @@ pub async fn release(db: &Db, host: &str, leases: &[LeaseKey]) -> Result<()> {
                 vec![
                     Value::Text(host.into()),
                     Value::Integer(lease.token),
-                    Value::Text(lease.run_id.clone()),
+                    Value::Text(lease.run_id.to_string()),
                     Value::Text(lease.task_id.clone()),
                 ],
             )
@@ -706,11 +707,11 @@ pub async fn release(db: &Db, host: &str, leases: &[LeaseKey]) -> Result<()> {
 }
 
 /// Records that the orchestrator of fleet run `run_id` is alive (by the server's clock).
-pub async fn run_heartbeat(db: &Db, run_id: &str) -> Result<()> {
+pub async fn run_heartbeat(db: &Db, run_id: &RunId) -> Result<()> {
     db.execute(
         "recording that this run's orchestrator is alive",
         &format!("UPDATE runs SET heartbeat_ms = {NOW_MS} WHERE id = ?1"),
-        vec![Value::Text(run_id.into())],
+        vec![Value::Text(run_id.to_string())],
     )
     .await
     .map(drop)
@@ -718,12 +719,12 @@ pub async fn run_heartbeat(db: &Db, run_id: &str) -> Result<()> {
 
 /// How old the heartbeat of fleet run `run_id`'s orchestrator is, in milliseconds by the
 /// server's clock; `None` when it never beat (a local run).
-pub async fn run_heartbeat_age(db: &Db, run_id: &str) -> Result<Option<i64>> {
+pub async fn run_heartbeat_age(db: &Db, run_id: &RunId) -> Result<Option<i64>> {
     let rows = db
         .query_rows(
             "reading a run's heartbeat",
             &format!("SELECT {NOW_MS} - heartbeat_ms FROM runs WHERE id = ?1"),
-            vec![Value::Text(run_id.into())],
+            vec![Value::Text(run_id.to_string())],
         )
         .await?;
     Ok(rows.first().and_then(|row| integer(&row[0])))
@@ -932,7 +933,7 @@ pub(crate) async fn hand_back(
     ttl_ms: i64,
 ) -> Result<HandedBack> {
     let params = vec![
-        Value::Text(run_id.into()),
+        Value::Text(run_id.to_string()),
         Value::Integer(ttl_ms),
         Value::Text(task_id.into()),
         Value::Integer(token),

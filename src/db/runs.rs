@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::status::{self, stored_status};
 use super::{Db, integer, opt, opt_text, text};
 use crate::error::Result;
+use crate::ids::RunId;
 
 stored_status! {
     /// Where a run is.
@@ -53,7 +54,7 @@ impl TaskStatus {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunRow {
     /// Run id (`<plan name>-<6 hex>`).
-    pub id: String,
+    pub id: RunId,
     /// The plan's name.
     pub name: String,
     /// Repository it runs in.
@@ -80,7 +81,7 @@ pub struct RunRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TaskRow {
     /// The run.
-    pub run_id: String,
+    pub run_id: RunId,
     /// The task.
     pub task_id: String,
     /// Where it is.
@@ -111,7 +112,7 @@ pub async fn create(db: &Db, run: &RunRow, tasks: &[TaskRow]) -> Result<()> {
             "INSERT INTO runs (id, name, repo_root, host, plan, status, started_at, pid, start_time, report)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             vec![
-                Value::Text(run.id.clone()),
+                Value::Text(run.id.to_string()),
                 Value::Text(run.name.clone()),
                 Value::Text(run.repo_root.clone()),
                 Value::Text(run.host.clone()),
@@ -128,7 +129,7 @@ pub async fn create(db: &Db, run: &RunRow, tasks: &[TaskRow]) -> Result<()> {
             conn.execute(
                 "INSERT INTO run_tasks (run_id, task_id, status, branch) VALUES (?1, ?2, ?3, ?4)",
                 vec![
-                    Value::Text(task.run_id.clone()),
+                    Value::Text(task.run_id.to_string()),
                     Value::Text(task.task_id.clone()),
                     Value::Text(task.status.as_str().into()),
                     Value::Text(task.branch.clone()),
@@ -149,7 +150,7 @@ pub async fn update_task(db: &Db, task: &TaskRow) -> Result<()> {
                 exit_code = ?7, instance = ?8, log_path = ?9, detail = ?10
          WHERE run_id = ?1 AND task_id = ?2",
         vec![
-            Value::Text(task.run_id.clone()),
+            Value::Text(task.run_id.to_string()),
             Value::Text(task.task_id.clone()),
             Value::Text(task.status.as_str().into()),
             Value::Integer(task.attempts),
@@ -172,7 +173,7 @@ pub async fn update_run(db: &Db, run: &RunRow) -> Result<()> {
         "UPDATE runs SET status = ?2, finished_at = ?3, pid = ?4, start_time = ?5, report = ?6
          WHERE id = ?1",
         vec![
-            Value::Text(run.id.clone()),
+            Value::Text(run.id.to_string()),
             Value::Text(run.status.as_str().into()),
             opt(run.finished_at.clone()),
             run.pid.map_or(Value::Null, Value::Integer),
@@ -190,7 +191,7 @@ const RUN_COLUMNS: &str =
 fn run_row(row: &[Value]) -> Result<RunRow> {
     let json = |value: &Value| serde_json::from_str(&text(value)).unwrap_or_default();
     Ok(RunRow {
-        id: text(&row[0]),
+        id: RunId::stored(text(&row[0])),
         name: text(&row[1]),
         repo_root: text(&row[2]),
         host: text(&row[3]),
@@ -205,7 +206,7 @@ fn run_row(row: &[Value]) -> Result<RunRow> {
 }
 
 /// The run with `id`.
-pub async fn get(db: &Db, id: &str) -> Result<Option<RunRow>> {
+pub async fn get(db: &Db, id: &RunId) -> Result<Option<RunRow>> {
     let rows = db
         .query_rows(
             "reading a run",
@@ -234,7 +235,7 @@ const TASK_COLUMNS: &str = "run_id, task_id, status, attempts, started_at, finis
                             branch, instance, log_path, detail";
 
 /// The tasks of run `id`, in no particular order.
-pub async fn tasks(db: &Db, id: &str) -> Result<Vec<TaskRow>> {
+pub async fn tasks(db: &Db, id: &RunId) -> Result<Vec<TaskRow>> {
     let rows = db
         .query_rows(
             "reading a run's tasks",
@@ -260,7 +261,7 @@ pub async fn task_of_instance(db: &Db, instance: &str) -> Result<Option<TaskRow>
 /// The task in `row`, read with [`TASK_COLUMNS`].
 fn task_row(row: &[Value]) -> Result<TaskRow> {
     Ok(TaskRow {
-        run_id: text(&row[0]),
+        run_id: RunId::stored(text(&row[0])),
         task_id: text(&row[1]),
         status: status::parse(&row[2], "task status", TaskStatus::parse)?,
         attempts: integer(&row[3]).unwrap_or(0),

@@ -12,7 +12,7 @@ use crate::db::{Blocking, Db, DbSettings, Location, notes, runs};
 use crate::error::{InstanceError, McpError, Result, RunError};
 use crate::fleet_holds::Fleet;
 use crate::glob::Glob;
-use crate::ids::{LockName, Namespace};
+use crate::ids::{LockName, Namespace, RunId};
 use crate::lock::{Holder, Released, Request};
 use crate::orchestrate::fleet::require_server_at;
 use crate::orchestrate::plan::Plan;
@@ -390,10 +390,14 @@ impl State {
             nonempty(claim.run_id.as_deref()),
             nonempty(claim.task_id.as_deref()),
         ) {
-            (Some(run), Some(task)) => runs::tasks(db, &run)
-                .await?
-                .into_iter()
-                .find(|row| row.task_id == task),
+            // A text that is no run id names no run.
+            (Some(run), Some(task)) => match RunId::parse(&run) {
+                Some(run) => runs::tasks(db, &run)
+                    .await?
+                    .into_iter()
+                    .find(|row| row.task_id == task),
+                None => None,
+            },
             _ => runs::task_of_instance(db, &self.me).await?,
         };
         let Some(task) = task else {
@@ -405,7 +409,7 @@ impl State {
         let run = runs::get(db, &task.run_id)
             .await?
             .ok_or_else(|| RunError::Missing {
-                id: task.run_id.clone(),
+                id: task.run_id.to_string(),
             })?;
         let tasks = runs::tasks(db, &run.id).await?;
         let plan = Plan::of_run(&run).ok();

@@ -26,6 +26,7 @@ use super::plan::Task;
 use super::scheduler::Orchestrator;
 use crate::db::runs::TaskStatus;
 use crate::error::{Error, IoContext, Result};
+use crate::ids::RunId;
 use crate::process;
 use crate::time::Timestamp;
 
@@ -73,7 +74,7 @@ impl Orchestrator {
         let attempt = self.rows[&task.id].attempts + 1;
         let (instance, launch) = self.next_instance(task, attempt);
         let now = Timestamp::now().to_string();
-        let log = self.paths.task_log(&self.run.id, &task.id);
+        let log = self.paths.task_log(self.run.id.as_str(), &task.id);
         if let Err(detail) = self.set_start_point(task, launch - 1)? {
             return self.fail_unstarted(task, detail, now, report);
         }
@@ -218,9 +219,8 @@ impl Orchestrator {
 }
 
 /// The instance ids of `task`'s attempts in `run` are this followed by the attempt's number.
-pub(super) fn instance_prefix(run: &str, task: &str) -> String {
-    let suffix = run.rsplit('-').next().unwrap_or("run");
-    format!("{suffix}-{task}-")
+pub(super) fn instance_prefix(run: &RunId, task: &str) -> String {
+    format!("{}-{task}-", run.suffix())
 }
 
 /// What one attempt runs: everything its `app run` needs, so a host that never saw the plan (a
@@ -228,7 +228,7 @@ pub(super) fn instance_prefix(run: &str, task: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptSpec {
     /// The run.
-    pub run: String,
+    pub run: RunId,
     /// The task.
     pub task: String,
     /// Instance ids of its attempts are this followed by the attempt's number.
@@ -283,7 +283,7 @@ impl AttemptSpec {
             .arg("--")
             .args(&self.argv)
             .current_dir(root)
-            .env("APP_RUN_ID", &self.run)
+            .env("APP_RUN_ID", self.run.as_str())
             .env("APP_TASK_ID", &self.task)
             .envs(&self.env);
         command

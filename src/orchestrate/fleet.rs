@@ -28,6 +28,7 @@ use crate::db::fleet::{self, FleetTask, LeaseState, Offer};
 use crate::db::runs::TaskStatus;
 use crate::db::{Blocking, Location};
 use crate::error::{Error, GitContext, Result};
+use crate::ids::RunId;
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote, Update};
 use crate::sign::{Keys, SigningKey};
@@ -72,7 +73,7 @@ pub fn require_server_at(location: &Location) -> Result<()> {
 }
 
 /// The ref a host pushes attempt `token` of `task` in `run` to.
-pub fn attempt_ref(run: &str, task: &str, token: i64) -> String {
+pub fn attempt_ref(run: &RunId, task: &str, token: i64) -> String {
     format!("refs/app/fleet/{run}/{task}/{token}")
 }
 
@@ -344,7 +345,9 @@ impl Orchestrator {
         }
         let log = PathBuf::from(format!(
             "{host}:{}",
-            self.paths.task_log(&self.run.id, &row.task_id).display()
+            self.paths
+                .task_log(self.run.id.as_str(), &row.task_id)
+                .display()
         ));
         let task = self
             .rows

@@ -49,6 +49,7 @@ use crate::config::Settings;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{Blocking, DbSettings};
 use crate::error::{Error, Result, RunError};
+use crate::ids::RunId;
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::sign::Keys;
@@ -83,7 +84,7 @@ pub enum Progress {
     /// The run begins (or resumes with `done` tasks already succeeded).
     Began {
         /// Run id.
-        run: String,
+        run: RunId,
         /// Tasks in the plan.
         tasks: usize,
         /// Tasks that succeeded before (a resume).
@@ -187,8 +188,7 @@ pub fn prepare(cwd: &Path, plan_file: &Path, options: &Options) -> Result<(AppPa
     // The run id is made from the plan's name; a file too broken to name one fails in parse.
     let format = plan::Format::of(plan_file);
     let name = plan::name_in(&text, format).unwrap_or_else(|| "plan".into());
-    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
-    let run = format!("{name}-{suffix}");
+    let run = RunId::for_plan(&name);
     let mut plan = Plan::parse(&text, format, &plan_file.display().to_string(), &run, &repo)?;
     if let Some(max) = options.max_concurrent {
         if max == 0 {
@@ -308,10 +308,10 @@ pub fn resume(
         None => None,
     };
     let rows = match fleet {
-        Some(_) => db.run(async |db| runs::tasks(db, id).await)?,
+        Some(_) => db.run(async |db| runs::tasks(db, &run.id).await)?,
         None => {
             let keys = Keys::from_settings(&paths, &options.settings);
-            resume::take_back(&paths, &keys, &db, id, options.settings.timing, report)?
+            resume::take_back(&paths, &keys, &db, &run.id, options.settings.timing, report)?
         }
     };
     let me = ProcessIdentity::current();

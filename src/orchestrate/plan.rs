@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::db::runs::RunRow;
 
 use crate::error::{Error, Result, RunError};
+use crate::ids::RunId;
 use crate::time::parse_duration;
 use crate::worktree;
 
@@ -150,7 +151,7 @@ pub struct Plan {
     /// The plan's name.
     pub name: String,
     /// The run this plan is executed as.
-    pub run: String,
+    pub run: RunId,
     /// The base commit (resolved).
     pub base: String,
     /// Most tasks at once.
@@ -273,7 +274,7 @@ impl Plan {
     pub fn of_run(run: &RunRow) -> Result<Plan> {
         serde_json::from_value(run.plan.clone()).map_err(|source| {
             RunError::PlanOfRun {
-                id: run.id.clone(),
+                id: run.id.to_string(),
                 source,
             }
             .into()
@@ -285,7 +286,7 @@ impl Plan {
         text: &str,
         format: Format,
         origin: &str,
-        run: &str,
+        run: &RunId,
         repo: &Repository,
     ) -> Result<Plan> {
         // The mark is one character on the first line: lines and columns stay the same.
@@ -315,11 +316,11 @@ impl Plan {
         let base = worktree::resolve_base(repo, spec.base.as_deref())
             .map_err(|err| Error::bad_input(format!("{}: base: {err}", places.at("base"))))?
             .to_string();
-        let integration = integration_of(&spec, run, &places)?;
-        let tasks = tasks_of(&spec.tasks, run, integration.as_deref(), &places)?;
+        let integration = integration_of(&spec, run.as_str(), &places)?;
+        let tasks = tasks_of(&spec.tasks, run.as_str(), integration.as_deref(), &places)?;
         let plan = Plan {
             name: spec.name,
-            run: run.to_string(),
+            run: run.clone(),
             base,
             max_concurrent,
             integration,
@@ -629,16 +630,7 @@ fn check_exec_strings(
 
 /// Checks a plan or task id; the error completes "the id ...".
 fn validate_id(id: &str) -> std::result::Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 32
-        && id
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if ok {
+    if crate::ids::is_plan_id(id) {
         Ok(())
     } else {
         Err("must be 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit".into())
@@ -677,7 +669,13 @@ mod tests {
 
     fn parse(text: &str) -> Result<Plan> {
         let (_dir, repo) = repo();
-        Plan::parse(text, Format::Json, "plan.json", "r1", &repo)
+        Plan::parse(
+            text,
+            Format::Json,
+            "plan.json",
+            &RunId::stored("r1".into()),
+            &repo,
+        )
     }
 
     fn error(text: &str) -> String {
@@ -723,7 +721,7 @@ mod tests {
         };
         let mut plan = Plan {
             name: "x".into(),
-            run: "x-1".into(),
+            run: RunId::stored("x-1".into()),
             base: String::new(),
             max_concurrent: 1,
             integration: None,
@@ -748,7 +746,13 @@ mod tests {
 
     fn parse_toml(text: &str) -> Result<Plan> {
         let (_dir, repo) = repo();
-        Plan::parse(text, Format::Toml, "plan.toml", "r1", &repo)
+        Plan::parse(
+            text,
+            Format::Toml,
+            "plan.toml",
+            &RunId::stored("r1".into()),
+            &repo,
+        )
     }
 
     #[test]
@@ -770,7 +774,7 @@ mod tests {
             let text = std::fs::read_to_string(&path).unwrap();
             let format = Format::of(&path);
             assert_eq!(name_in(&text, format).as_deref(), Some("hello"));
-            Plan::parse(&text, format, name, "r1", &repo).unwrap()
+            Plan::parse(&text, format, name, &RunId::stored("r1".into()), &repo).unwrap()
         };
         assert_eq!(load("hello-plan.toml"), load("hello-plan.json"));
         assert_eq!(Format::of(Path::new("p.TOML")), Format::Toml);
@@ -1104,7 +1108,7 @@ mod proptests {
         ])| {
             for format in [Format::Json, Format::Toml] {
                 let _ = name_in(&text, format);
-                let _ = Plan::parse(&text, format, "p", "r1", &repo);
+                let _ = Plan::parse(&text, format, "p", &RunId::stored("r1".into()), &repo);
             }
         });
     }
@@ -1119,8 +1123,8 @@ mod proptests {
             let read = Format::Toml.read(&toml, "p.toml");
             prop_assert!(read.is_ok(), "{}\n{:?}", toml, read);
             prop_assert_eq!(&read.unwrap(), &spec);
-            let from_json = Plan::parse(&json, Format::Json, "p.json", "r1", &repo);
-            let from_toml = Plan::parse(&toml, Format::Toml, "p.toml", "r1", &repo);
+            let from_json = Plan::parse(&json, Format::Json, "p.json", &RunId::stored("r1".into()), &repo);
+            let from_toml = Plan::parse(&toml, Format::Toml, "p.toml", &RunId::stored("r1".into()), &repo);
             // Both formats agree on whether the plan is valid, and on the plan.
             match (from_json, from_toml) {
                 (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
@@ -1135,7 +1139,7 @@ mod proptests {
         let (_dir, repo) = repo();
         proptest!(ProptestConfig::with_cases(256), |(spec in dag_spec())| {
             let json = serde_json::to_string(&spec).unwrap();
-            let plan = Plan::parse(&json, Format::Json, "p.json", "r1", &repo);
+            let plan = Plan::parse(&json, Format::Json, "p.json", &RunId::stored("r1".into()), &repo);
             prop_assert!(plan.is_ok(), "{}: {:?}", json, plan);
             let plan = plan.unwrap();
             let waves = plan.waves();
@@ -1165,7 +1169,7 @@ mod proptests {
             let last = cyclic.tasks.len() - 1;
             cyclic.tasks[0].depends_on.push(format!("t{last}"));
             cyclic.tasks[last].depends_on.push("t0".into());
-            let refused = Plan::parse(&serde_json::to_string(&cyclic).unwrap(), Format::Json, "p.json", "r1", &repo);
+            let refused = Plan::parse(&serde_json::to_string(&cyclic).unwrap(), Format::Json, "p.json", &RunId::stored("r1".into()), &repo);
             prop_assert!(
                 matches!(&refused, Err(Error::BadInput(m)) if m.contains("cycle") || m.contains("depends on itself")),
                 "{:?}",

@@ -17,6 +17,7 @@ use crate::db::instances::MirrorStatus;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{self, Blocking};
 use crate::error::{Result, RunError};
+use crate::ids::RunId;
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
 use crate::registry::{Liveness, Registry};
@@ -30,7 +31,12 @@ pub(super) fn require_resumable(
     id: &str,
     ttl: std::time::Duration,
 ) -> Result<RunRow> {
-    let Some(run) = db.run(async |db| runs::get(db, id).await)? else {
+    // A text that is no run id names no run.
+    let found = match RunId::parse(id) {
+        Some(id) => db.run(async |db| runs::get(db, &id).await)?,
+        None => None,
+    };
+    let Some(run) = found else {
         return Err(RunError::NotInDatabase { id: id.to_string() }.into());
     };
     // A fleet run is resumed from any clone of its repository (checked against its remote).
@@ -44,7 +50,7 @@ pub(super) fn require_resumable(
     }
     if run.report.get("fleet").is_some() && run.status == RunStatus::Running {
         // Its orchestrator may run on any host: it is alive while it heartbeats.
-        let age = db.run(async |db| crate::db::fleet::run_heartbeat_age(db, id).await)?;
+        let age = db.run(async |db| crate::db::fleet::run_heartbeat_age(db, &run.id).await)?;
         if let Some(age_ms) = age.filter(|age| *age < ttl.as_millis() as i64)
             && !(run.host == process::hostname() && run.pid == Some(std::process::id().into()))
         {
@@ -82,7 +88,7 @@ pub(super) fn take_back(
     paths: &AppPaths,
     keys: &Keys,
     db: &Blocking,
-    id: &str,
+    id: &RunId,
     timing: Timing,
     report: &mut dyn FnMut(Progress),
 ) -> Result<Vec<TaskRow>> {
