@@ -17,7 +17,7 @@ pub mod fault;
 pub(crate) mod fleet_holds;
 pub(crate) mod fleet_queue;
 pub(crate) mod glob;
-pub(crate) mod ids;
+pub mod ids;
 pub(crate) mod instance;
 pub mod inuse;
 pub mod journal;

@@ -49,7 +49,7 @@ impl Holder {
     /// An instance as holder.
     pub fn instance(record: &InstanceRecord) -> Holder {
         Holder {
-            instance: Some(record.id.clone()),
+            instance: Some(record.id.to_string()),
             pid: record.pid,
             start_time: record.start_time,
             boot_id: record.boot_id.clone(),

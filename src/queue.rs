@@ -182,7 +182,7 @@ pub fn route(roster: &dyn Roster, post: Post, max_bytes: usize) -> Result<(Outgo
             .live_instances()
             .into_iter()
             .filter(|r| r.id != post.from)
-            .map(|r| r.id.clone())
+            .map(|r| r.id.to_string())
             .collect();
         (None, live)
     } else {

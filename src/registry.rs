@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
 use crate::sign::{self, Keys, SigningKey};
@@ -54,7 +55,7 @@ impl std::fmt::Display for InstanceStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     /// Instance id (8 hex characters, or a user-given name).
-    pub id: String,
+    pub id: InstanceId,
     /// Pid of the supervising `app` process.
     pub pid: u32,
     /// Start time of that process, in clock ticks since boot.
@@ -158,7 +159,7 @@ pub struct BranchRecord {
     /// Branch name without `refs/heads/`.
     pub branch: String,
     /// Owning instance.
-    pub instance: String,
+    pub instance: InstanceId,
     /// Worktree the branch is checked out in.
     pub worktree: PathBuf,
     /// Commit the branch started from.
@@ -220,7 +221,7 @@ impl Tables {
     /// Signs and stores `record` under its id.
     pub fn put_instance(&mut self, record: &InstanceRecord) {
         let value = self.key.seal(record);
-        self.processes.entries.insert(record.id.clone(), value);
+        self.processes.entries.insert(record.id.to_string(), value);
         self.processes_changed = true;
     }
 
@@ -519,7 +520,7 @@ mod tests {
     fn record(id: &str) -> InstanceRecord {
         let me = ProcessIdentity::current();
         InstanceRecord {
-            id: id.into(),
+            id: InstanceId::parse(id).unwrap(),
             pid: me.pid,
             start_time: me.start_time,
             boot_id: me.boot_id,
@@ -620,7 +621,7 @@ mod proptests {
                     (worktree, cwd, branch, base),
                     (command, child_pid, child_start_time, status, ports, api_url),
                 )| InstanceRecord {
-                    id,
+                    id: InstanceId::parse(&id).expect("the strategy makes valid ids"),
                     pid,
                     start_time,
                     boot_id,
@@ -682,14 +683,14 @@ mod proptests {
             let mut doc = RegistryDoc { version: FORMAT_VERSION, entries: BTreeMap::new() };
             let mut want = BTreeMap::new();
             for record in records {
-                doc.entries.insert(record.id.clone(), key.seal(&record));
-                want.insert(record.id.clone(), record);
+                doc.entries.insert(record.id.to_string(), key.seal(&record));
+                want.insert(record.id.to_string(), record);
             }
             let loaded = load(&doc_bytes(&doc)).unwrap();
             let got: BTreeMap<String, InstanceRecord> = entries::<InstanceRecord>(&loaded, Some(&key))
                 .into_iter()
                 .map(|entry| match entry {
-                    Entry::Valid(record) => Ok((record.id.clone(), record)),
+                    Entry::Valid(record) => Ok((record.id.to_string(), record)),
                     Entry::Forged { key, reason } => Err(format!("{key}: {reason}")),
                 })
                 .collect::<std::result::Result<_, _>>()

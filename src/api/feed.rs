@@ -27,6 +27,7 @@ use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::db::events::{self, EventFilter};
 use crate::db::{Db, DbSettings, Location};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::registry::{Liveness, Registry};
 use crate::sign::{Keys, SigningKey};
@@ -253,7 +254,7 @@ async fn wait_or_stop(stop: &StopToken, period: Duration) -> bool {
 pub struct LocalState {
     primed: bool,
     /// Instances already reported stale.
-    stale: HashSet<String>,
+    stale: HashSet<InstanceId>,
     /// Message files in inboxes: (recipient, message id).
     messages: HashSet<(String, String)>,
     /// Acknowledged messages, the same way.

@@ -236,7 +236,7 @@ fn print_table(rows: &[Row]) {
     for row in rows {
         table.row(match row {
             Row::Valid(record, liveness) => vec![
-                record.id.clone(),
+                record.id.to_string(),
                 record.pid.to_string(),
                 match liveness {
                     Liveness::Live => record.status.to_string(),
@@ -368,7 +368,7 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
         snapshot
             .valid_instances()
             .into_iter()
-            .map(|r| (r.id.clone(), r.liveness(timing.stale_after)))
+            .map(|r| (r.id.to_string(), r.liveness(timing.stale_after)))
             .filter(|(_, liveness)| *liveness == Liveness::Live)
             .collect()
     } else {

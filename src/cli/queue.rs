@@ -99,7 +99,7 @@ fn acting(
         Some(id) => id,
         None => repo
             .caller(snapshot)
-            .map(|record| record.id)
+            .map(|record| record.id.into_string())
             .ok_or_else(|| {
                 Error::bad_input(format!(
                     "not inside an instance; run this from one (app run) or give {what}"

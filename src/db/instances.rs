@@ -76,7 +76,7 @@ impl InstanceRow {
     /// name, by which liveness is judged).
     pub fn from_record(record: &InstanceRecord, repo_root: &Path, host: &str) -> Self {
         InstanceRow {
-            id: record.id.clone(),
+            id: record.id.to_string(),
             repo_root: repo_root.display().to_string(),
             host: host.to_string(),
             pid: record.pid.into(),

@@ -145,7 +145,7 @@ fn instance_problem(
         }
         Entry::Valid(record) => record,
     };
-    if journaled.contains(&record.id) {
+    if journaled.iter().any(|id| *id == record.id) {
         return None;
     }
     let Liveness::Stale(reason) = record.liveness(stale_after) else {
@@ -176,18 +176,18 @@ fn stale_instance(
         .and_then(|_| worktree::user_must_decide(paths, &record.id));
     match (inuse::instance_running(record), needs_user) {
         (Some(why), _) => Problem::InUse {
-            id: record.id.clone(),
+            id: record.id.to_string(),
             reason: format!("stale ({reason}) but {why}"),
         },
         _ if !users.is_empty() => Problem::InUse {
-            id: record.id.clone(),
+            id: record.id.to_string(),
             reason: format!(
                 "stale ({reason}) but its worktree is in use by {}",
                 inuse::describe(&users)
             ),
         },
         (None, Some(why)) => Problem::NeedsUser {
-            id: record.id.clone(),
+            id: record.id.to_string(),
             reason: format!("dead instance ({reason}) whose worktree is kept: {why}"),
         },
         (None, None) => Problem::DeadInstance {

@@ -200,7 +200,7 @@ impl Problem {
             ),
             Problem::DeadInstance { record, reason } => (
                 "dead-instance",
-                record.id.clone(),
+                record.id.to_string(),
                 format!("registered but dead: {reason}"),
                 reclaim_plan(record.worktree.as_deref()),
             ),
@@ -337,7 +337,7 @@ impl Problem {
             ),
             Problem::Unmirrored { record } => (
                 "database",
-                record.id.clone(),
+                record.id.to_string(),
                 "live instance missing from the database".into(),
                 "write its row".into(),
             ),

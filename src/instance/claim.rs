@@ -24,24 +24,19 @@ use crate::worktree::{self, WorktreePlan};
 pub(super) fn choose_id(
     (repo, paths): (&Repository, &AppPaths),
     snapshot: &Snapshot,
-    name: Option<&str>,
+    name: Option<InstanceId>,
     timing: Timing,
-) -> Result<String> {
+) -> Result<InstanceId> {
     match name {
         Some(name) => {
-            refuse_live_holder(snapshot, name, timing)?;
-            Ok(name.to_string())
+            refuse_live_holder(snapshot, &name, timing)?;
+            Ok(name)
         }
         None => (0..16)
-            .map(|_| random_id())
+            .map(|_| InstanceId::random())
             .find(|id| !id_in_use(repo, paths, snapshot, id))
             .ok_or_else(|| InstanceError::NoFreeId.into()),
     }
-}
-
-/// A fresh random id: 8 lowercase hex characters from a v4 UUID.
-fn random_id() -> String {
-    InstanceId::random().into_string()
 }
 
 /// Whether `id` was ever used in this repository as far as any trace shows.
@@ -123,14 +118,14 @@ fn check_id(tables: &Tables, record: &InstanceRecord, timing: Timing) -> Result<
     if let Some(existing) = tables.instance(&record.id) {
         if existing.liveness(timing.stale_after) == Liveness::Live {
             return Err(InstanceError::NameTaken {
-                name: record.id.clone(),
+                name: record.id.to_string(),
                 pid: existing.pid,
             }
             .into());
         }
     } else if tables.has_instance_key(&record.id) {
         return Err(InstanceError::Unverified {
-            id: record.id.clone(),
+            id: record.id.to_string(),
         }
         .into());
     }
@@ -164,7 +159,7 @@ fn claim_branch(
     if !ci {
         return Err(InstanceError::BranchHeld {
             branch: plan.branch.clone(),
-            holder: other.id,
+            holder: other.id.into_string(),
             pid: other.pid,
         }
         .into());

@@ -185,7 +185,7 @@ pub struct RunOutcome {
 /// Runs `options.command` as a new instance and supervises it until it exits.
 #[tracing::instrument(skip_all, fields(cwd = %cwd.display()))]
 pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunOutcome> {
-    validate(options)?;
+    let name = validate(options)?;
     let database = (
         Location::resolve(options.db.as_deref())?,
         DbSettings::from(settings),
@@ -204,12 +204,7 @@ pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunO
     // Everything below until `open_for_write` only reads.
     let reader = Registry::open_read_only(&paths, &keys)?;
     let snapshot = reader.snapshot()?;
-    let id = claim::choose_id(
-        (&repo, &paths),
-        &snapshot,
-        options.name.as_deref(),
-        settings.timing,
-    )?;
+    let id = claim::choose_id((&repo, &paths), &snapshot, name, settings.timing)?;
     let plan = match &options.mode {
         Mode::Worktree(worktree) => Some(worktree::plan(
             &repo,
@@ -247,18 +242,17 @@ pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunO
     result
 }
 
-/// The checks of `options` that need nothing on disk.
-fn validate(options: &RunOptions) -> Result<()> {
+/// The checks of `options` that need nothing on disk; the instance name asked for, parsed.
+fn validate(options: &RunOptions) -> Result<Option<InstanceId>> {
     if options.command.is_empty() && !matches!(options.mode, Mode::Serve) {
         return Err(InstanceError::NoCommand.into());
     }
-    if let Some(name) = &options.name {
-        InstanceId::parse(name)?;
-    }
+    let name = options.name.as_deref().map(InstanceId::parse).transpose()?;
     if let Some(count) = options.ports {
         ports::validate_count(count)?;
     }
-    options.holds.validate()
+    options.holds.validate()?;
+    Ok(name)
 }
 
 /// Binds the API's address; when every port of the default range is taken the instance runs

@@ -38,6 +38,7 @@ use crate::coordination::Coordination;
 use crate::db::{DbSettings, Location};
 use crate::error::{Error, IoContext, Result};
 use crate::fleet_holds::{BeatTarget, HostBeat};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::{InstanceRecord, InstanceStatus, Registry};
@@ -51,7 +52,7 @@ pub(super) struct Launch<'a> {
     pub paths: &'a AppPaths,
     pub keys: &'a Keys,
     pub repo: &'a Repository,
-    pub id: String,
+    pub id: InstanceId,
     pub plan: Option<WorktreePlan>,
     pub options: &'a RunOptions,
     pub settings: &'a Settings,
@@ -255,7 +256,7 @@ impl<'a> Supervisor<'a> {
     fn environment(&self) -> Vec<(String, OsString)> {
         let (db_var, db_value) = self.database.0.export();
         let mut env: Vec<(String, OsString)> = vec![
-            ("APP_INSTANCE_ID".into(), self.record.id.clone().into()),
+            ("APP_INSTANCE_ID".into(), self.record.id.as_str().into()),
             ("APP_REPO_ROOT".into(), self.paths.repo_root().into()),
             // The command's own `app` calls reach the same database as its supervisor.
             (db_var.into(), db_value.into()),
@@ -311,7 +312,7 @@ impl<'a> Supervisor<'a> {
         let binding = self.binding.take()?;
         let id = &self.record.id;
         let context = api::ApiContext {
-            instance_id: id.clone(),
+            instance_id: id.to_string(),
             paths: self.paths.clone(),
             keys: self.keys.clone(),
             settings: self.settings.clone(),
@@ -326,7 +327,7 @@ impl<'a> Supervisor<'a> {
             Ok(server) => {
                 if let Some(notify) = self.options.notify {
                     notify(&Notice::ApiListening {
-                        id: id.clone(),
+                        id: id.to_string(),
                         url: server.url().to_string(),
                     });
                 }
@@ -540,7 +541,7 @@ impl Ending {
         record: &InstanceRecord,
     ) -> Result<RunOutcome> {
         let outcome = |exit_code, cleanup| RunOutcome {
-            id: record.id.clone(),
+            id: record.id.to_string(),
             exit_code,
             worktree: record.worktree.clone(),
             branch: record.branch.clone(),
@@ -567,7 +568,7 @@ impl Ending {
 
 /// The registry entry of a new instance of this process, status `starting`.
 fn new_record(
-    id: &str,
+    id: &InstanceId,
     plan: Option<&WorktreePlan>,
     options: &RunOptions,
     api: Option<&api::Binding>,
@@ -579,7 +580,7 @@ fn new_record(
     };
     let now = Timestamp::now();
     Ok(InstanceRecord {
-        id: id.to_string(),
+        id: id.clone(),
         pid: me.pid,
         start_time: me.start_time,
         boot_id: me.boot_id.clone(),

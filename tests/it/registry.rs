@@ -10,7 +10,7 @@ use crate::support::{TestRepo, code, hermetic, stderr, stdout};
 
 fn record(id: &str, pid: u32, start_time: u64) -> InstanceRecord {
     InstanceRecord {
-        id: id.into(),
+        id: app::ids::InstanceId::parse(id).unwrap(),
         pid,
         start_time,
         boot_id: app::process::boot_id().into(),
