@@ -114,7 +114,7 @@ fn locks(count: u32) {
     let paths = repository();
     let locks = Locks::open(&paths, &keys(&paths), Duration::from_secs(30)).expect("open locks");
     let request = Request {
-        name: "bench".into(),
+        name: app::ids::LockName::parse("bench").expect("a valid lock name"),
         holder: Holder::process(ProcessIdentity::current()),
         ttl: None,
         timeout: Duration::from_secs(10),

@@ -151,6 +151,11 @@ impl LockName {
         }
         Ok(LockName(text.to_string()))
     }
+
+    /// A lock name as the database holds it, trusted as written (as a state file's is).
+    pub(crate) fn stored(text: String) -> LockName {
+        LockName(text)
+    }
 }
 
 name_type! {

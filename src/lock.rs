@@ -128,7 +128,7 @@ impl std::fmt::Display for Holder {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockState {
     /// The lock's name.
-    pub name: String,
+    pub name: LockName,
     /// The last fencing token granted.
     pub token: u64,
     /// The current holder, if any.
@@ -164,7 +164,7 @@ pub trait LockStore: std::fmt::Debug + Send + Sync {
     /// the holder already holds returns the same token (and renews a ttl from now).
     fn acquire(&self, request: &Request) -> Result<u64>;
     /// Releases `name` if `holder` holds it (or anyone does, with `force`).
-    fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released>;
+    fn release(&self, name: &LockName, holder: &Holder, force: bool) -> Result<Released>;
     /// Every lock that has ever been granted, by name, with why its hold lapsed if it did.
     fn list(&self) -> Result<Vec<(LockState, Option<String>)>>;
 }
@@ -193,7 +193,7 @@ pub struct Locks {
 #[derive(Debug, Clone)]
 pub struct Request {
     /// Lock name.
-    pub name: String,
+    pub name: LockName,
     /// Who will hold it.
     pub holder: Holder,
     /// Let the hold run out by itself after this long.
@@ -271,7 +271,6 @@ impl Locks {
     /// `request` renews the hold from now). Returns the token, or the current state when
     /// someone else holds it.
     pub fn try_acquire(&self, request: &Request) -> Result<std::result::Result<u64, LockState>> {
-        LockName::parse(&request.name)?;
         let snapshot = self.snapshot()?;
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
         let current = self.load(&request.name)?.unwrap_or(LockState {
@@ -342,7 +341,7 @@ impl LockStore for Locks {
                     .acquired_at
                     .map_or_else(|| "?".into(), |t| t.to_string());
                 return Err(LockError::Held {
-                    name: request.name.clone(),
+                    name: request.name.to_string(),
                     holder: holder.to_string(),
                     since,
                 }
@@ -353,8 +352,7 @@ impl LockStore for Locks {
     }
 
     /// Releases `name` if `holder` holds it (or anyone does, with `force`).
-    fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
-        LockName::parse(name)?;
+    fn release(&self, name: &LockName, holder: &Holder, force: bool) -> Result<Released> {
         let snapshot = self.snapshot()?;
         let _guard = state::lock_exclusive(&self.paths.locks_mutex())?;
         let Some(mut current) = self.load(name)? else {
@@ -367,7 +365,7 @@ impl LockStore for Locks {
             None => return Ok(Released::NotHeld),
             Some(other) if !other.same(holder) && !force && !lapsed => {
                 return Err(LockError::NotYours {
-                    name: name.into(),
+                    name: name.to_string(),
                     holder: other.to_string(),
                 }
                 .into());
@@ -410,7 +408,7 @@ impl LockStore for Locks {
 #[derive(Debug)]
 pub struct LockGuard {
     locks: Box<dyn LockStore>,
-    name: String,
+    name: LockName,
     holder: Holder,
     token: u64,
 }

@@ -27,7 +27,7 @@ use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::db::events::{self, EventFilter};
 use crate::db::{Db, DbSettings, Location};
-use crate::ids::InstanceId;
+use crate::ids::{InstanceId, LockName};
 use crate::paths::AppPaths;
 use crate::registry::{Liveness, Registry};
 use crate::sign::{Keys, SigningKey};
@@ -260,7 +260,7 @@ pub struct LocalState {
     /// Acknowledged messages, the same way.
     acked: HashSet<(String, String)>,
     /// Locks by name: the last token and whether it was held.
-    locks: HashMap<String, (u64, bool)>,
+    locks: HashMap<LockName, (u64, bool)>,
 }
 
 impl LocalState {

@@ -78,12 +78,17 @@ pub enum LockCommand {
 
 pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
     let cwd = super::current_dir()?;
-    if let LockCommand::Acquire { name, .. }
-    | LockCommand::Release { name, .. }
-    | LockCommand::Run { name, .. } = &command
-    {
-        LockName::parse(name)?;
-    }
+    // Parsed before anything else, so a bad name is the first error wherever the command runs.
+    let lock = match &command {
+        LockCommand::Acquire { name, .. }
+        | LockCommand::Release { name, .. }
+        | LockCommand::Run { name, .. } => Some(LockName::parse(name)?),
+        LockCommand::List { .. } => None,
+    };
+    let lock = || {
+        lock.clone()
+            .expect("parsed above for every command naming a lock")
+    };
     let repo = ctx.repo_at(cwd)?;
     let fleet = match &command {
         LockCommand::Acquire { fleet, .. }
@@ -107,7 +112,7 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
         } => {
             let holder = caller()?;
             let token = locks()?.acquire(&Request {
-                name: name.clone(),
+                name: lock(),
                 holder: holder.clone(),
                 ttl,
                 timeout: timeout.unwrap_or(FOREVER),
@@ -117,7 +122,7 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
             Ok(0)
         }
         LockCommand::Release { name, force, .. } => {
-            match locks()?.release(&name, &caller()?, force)? {
+            match locks()?.release(&lock(), &caller()?, force)? {
                 Released::Released => eprintln!("app: lock {name:?} released"),
                 Released::NotHeld => eprintln!("app: lock {name:?} was not held"),
             }
@@ -132,15 +137,12 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
             list(all, json)
         }
         LockCommand::Run {
-            name,
-            timeout,
-            command,
-            ..
+            timeout, command, ..
         } => {
             // A fleet hold lives while this host's heartbeat does: this process renews it
             // (when no other process of the host does) for as long as it holds the lock.
             let beat = fleet.then(|| ctx.beat_target()).transpose()?;
-            run_locked(locks()?, &name, timeout.unwrap_or(FOREVER), &command, beat)
+            run_locked(locks()?, lock(), timeout.unwrap_or(FOREVER), &command, beat)
         }
     }
 }
@@ -185,7 +187,7 @@ fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
 /// `app lock run`: this process holds the lock while its child runs.
 fn run_locked(
     locks: Box<dyn LockStore>,
-    name: &str,
+    name: LockName,
     timeout: Duration,
     command: &[String],
     beat: Option<BeatTarget>,
@@ -193,7 +195,7 @@ fn run_locked(
     let guard = lock::hold(
         locks,
         &Request {
-            name: name.to_string(),
+            name: name.clone(),
             holder: Holder::process(ProcessIdentity::current()),
             ttl: None,
             timeout,
@@ -205,7 +207,7 @@ fn run_locked(
     let child = process::Child::spawn(
         Command::new(&command[0])
             .args(&command[1..])
-            .env("APP_LOCK_NAME", name)
+            .env("APP_LOCK_NAME", &name)
             .env("APP_LOCK_TOKEN", guard.token().to_string()),
     )
     .map_err(|source| Error::Spawn {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::Finding;
 use crate::db::fleet::{Held, HostRow};
+use crate::ids::LockName;
 use crate::journal::{Intent, Operation};
 use crate::registry::InstanceRecord;
 use crate::time::format_age;
@@ -77,7 +78,7 @@ pub(super) enum Problem {
         reason: String,
     },
     LapsedLock {
-        name: String,
+        name: LockName,
         reason: String,
     },
     Locks {
@@ -285,7 +286,7 @@ impl Problem {
             ),
             Problem::LapsedLock { name, reason } => (
                 "lapsed-lock",
-                name.clone(),
+                name.to_string(),
                 format!("held by a dead holder: {reason}"),
                 "release it (its fencing token is kept)".into(),
             ),

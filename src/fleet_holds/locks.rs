@@ -66,7 +66,7 @@ impl FleetLocks {
                 .lapsed(holder, row.expires_in_ms, row.host_age_ms)
         });
         let state = LockState {
-            name: row.name.clone(),
+            name: LockName::stored(row.name.clone()),
             token: u64::try_from(row.token).unwrap_or(0),
             holder: row.holder.as_ref().map(holder_of),
             acquired_at: row.acquired_at.as_deref().and_then(|at| at.parse().ok()),
@@ -78,7 +78,6 @@ impl FleetLocks {
 
 impl LockStore for FleetLocks {
     fn acquire(&self, request: &Request) -> Result<u64> {
-        LockName::parse(&request.name)?;
         let holder = self.fleet.row(&request.holder);
         // A timeout past what an Instant can hold never runs out.
         let deadline = Instant::now().checked_add(request.timeout);
@@ -103,7 +102,7 @@ impl LockStore for FleetLocks {
             if deadline.is_some_and(|deadline| now >= deadline) {
                 let (state, _) = self.state(&row);
                 return Err(LockError::Held {
-                    name: request.name.clone(),
+                    name: request.name.to_string(),
                     holder: state
                         .holder
                         .map_or_else(|| "nobody".into(), |h| h.to_string()),
@@ -132,8 +131,7 @@ impl LockStore for FleetLocks {
         }
     }
 
-    fn release(&self, name: &str, holder: &Holder, force: bool) -> Result<Released> {
-        LockName::parse(name)?;
+    fn release(&self, name: &LockName, holder: &Holder, force: bool) -> Result<Released> {
         let holder = self.fleet.row(holder);
         let member = self.fleet.member();
         let release = |dead: Option<(i64, i64)>| {
@@ -161,7 +159,7 @@ impl LockStore for FleetLocks {
             LockReleased::Released => Ok(Released::Released),
             LockReleased::NotHeld => Ok(Released::NotHeld),
             LockReleased::NotYours(other) => Err(LockError::NotYours {
-                name: name.into(),
+                name: name.to_string(),
                 holder: holder_of(&other).to_string(),
             }
             .into()),

@@ -137,7 +137,7 @@ fn take_lock(
     slot: &Slot,
 ) -> Result<std::result::Result<LockGuard, i32>> {
     let request = Request {
-        name: name.to_string(),
+        name: LockName::parse(name)?,
         holder: holder.clone(),
         ttl: None,
         timeout: CANCEL_CHECK,

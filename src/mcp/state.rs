@@ -218,9 +218,8 @@ impl State {
     }
 
     pub(super) fn acquire_lock(&self, args: &AcquireArgs) -> Result<Value> {
-        LockName::parse(&args.name)?;
         let request = Request {
-            name: args.name.clone(),
+            name: LockName::parse(&args.name)?,
             holder: self.holder_in(args.fleet)?,
             ttl: ttl(args.ttl_seconds)?,
             timeout: wait(args.wait_seconds)?,
@@ -233,9 +232,9 @@ impl State {
     }
 
     pub(super) fn release_lock(&self, args: &ReleaseLockArgs) -> Result<Value> {
-        LockName::parse(&args.name)?;
+        let name = LockName::parse(&args.name)?;
         let locks = self.coordination_in(args.fleet)?.locks()?;
-        let released = locks.release(&args.name, &self.holder_in(args.fleet)?, false)?;
+        let released = locks.release(&name, &self.holder_in(args.fleet)?, false)?;
         Ok(json!({ "name": args.name, "released": released == Released::Released }))
     }
 
