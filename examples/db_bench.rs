@@ -12,6 +12,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use app::db::{Db, DbSettings, Location, notes};
 
 const NAMESPACE: &str = "bench:notes";
+
+fn namespace() -> app::ids::Namespace {
+    app::ids::Namespace::parse(NAMESPACE).expect("a valid namespace")
+}
 /// Words notes are made of; searches pick from the same list.
 const WORDS: &[&str] = &[
     "cargo",
@@ -115,7 +119,7 @@ async fn write(path: &str, count: usize, name: &str) {
     for i in 0..count {
         let content = format!("{name} note {i} about the cargo lock and the schema migration");
         let t = Instant::now();
-        notes::add(&db, NAMESPACE, &content, Some(name), None)
+        notes::add(&db, &namespace(), &content, Some(name), None)
             .await
             .expect("add a note");
         if t.elapsed() > Duration::from_secs(1) {
@@ -152,7 +156,7 @@ async fn search(path: &str) {
         for _ in 0..200 {
             let query = queries.sentence(2);
             let started = Instant::now();
-            notes::search(&db, NAMESPACE, &query, 10).await.unwrap();
+            notes::search(&db, &namespace(), &query, 10).await.unwrap();
             samples.push(started.elapsed());
         }
         samples.sort();

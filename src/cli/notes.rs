@@ -86,10 +86,9 @@ pub(super) fn run(ctx: &Context, command: NotesCommand) -> Result<u8> {
         NotesCommand::Add(args) => add(ctx, &args.namespace, &args.text, args.json),
         NotesCommand::Search(args) => search(ctx, args),
         NotesCommand::List(args) => {
-            Namespace::parse(&args.namespace)?;
+            let namespace = Namespace::parse(&args.namespace)?;
             notes::validate_limit(args.limit)?;
-            let found =
-                ctx.with_db(async |db| notes::list(db, &args.namespace, args.limit).await)?;
+            let found = ctx.with_db(async |db| notes::list(db, &namespace, args.limit).await)?;
             print_notes(&found, args.json);
             Ok(0)
         }
@@ -102,18 +101,17 @@ pub(super) fn remember(ctx: &Context, args: RememberArgs) -> Result<u8> {
 
 pub(super) fn search(ctx: &Context, args: SearchArgs) -> Result<u8> {
     let query = args.query.join(" ");
-    Namespace::parse(&args.namespace)?;
+    let namespace = Namespace::parse(&args.namespace)?;
     notes::validate_limit(args.limit)?;
     notes::fts_query(&query)?;
-    let found =
-        ctx.with_db(async |db| notes::search(db, &args.namespace, &query, args.limit).await)?;
+    let found = ctx.with_db(async |db| notes::search(db, &namespace, &query, args.limit).await)?;
     print_notes(&found, args.json);
     // Like grep: nothing found is exit 1.
     Ok(if found.is_empty() { 1 } else { 0 })
 }
 
 fn add(ctx: &Context, namespace: &str, text: &str, json: bool) -> Result<u8> {
-    Namespace::parse(namespace)?;
+    let namespace = Namespace::parse(namespace)?;
     notes::validate_content(text)?;
     let author = ctx
         .settings
@@ -123,7 +121,14 @@ fn add(ctx: &Context, namespace: &str, text: &str, json: bool) -> Result<u8> {
         .filter(|id| !id.is_empty());
     let repo_root = repo_root();
     let note = ctx.with_db(async |db| {
-        notes::add(db, namespace, text, author.as_deref(), repo_root.as_deref()).await
+        notes::add(
+            db,
+            &namespace,
+            text,
+            author.as_deref(),
+            repo_root.as_deref(),
+        )
+        .await
     })?;
     if json {
         output::json(&note);

@@ -84,12 +84,11 @@ pub fn fts_query(query: &str) -> Result<String> {
 /// Stores a note; `author` is the writing instance, `repo_root` where it was written.
 pub async fn add(
     db: &Db,
-    namespace: &str,
+    namespace: &Namespace,
     content: &str,
     author: Option<&str>,
     repo_root: Option<&Path>,
 ) -> Result<Note> {
-    Namespace::parse(namespace)?;
     validate_content(content)?;
     let created_at = Timestamp::now().to_string();
     let repo_root = repo_root.map(|p| p.display().to_string());
@@ -141,8 +140,7 @@ pub async fn add(
 const COLUMNS: &str = "n.id, n.namespace, n.content, n.author, n.host, n.repo_root, n.created_at";
 
 /// The newest `limit` notes of a namespace, newest first.
-pub async fn list(db: &Db, namespace: &str, limit: u32) -> Result<Vec<Note>> {
-    Namespace::parse(namespace)?;
+pub async fn list(db: &Db, namespace: &Namespace, limit: u32) -> Result<Vec<Note>> {
     validate_limit(limit)?;
     let rows = db
         .query_rows(
@@ -160,8 +158,7 @@ pub async fn list(db: &Db, namespace: &str, limit: u32) -> Result<Vec<Note>> {
 }
 
 /// Notes of a namespace containing every word of `query`, best match first.
-pub async fn search(db: &Db, namespace: &str, query: &str, limit: u32) -> Result<Vec<Note>> {
-    Namespace::parse(namespace)?;
+pub async fn search(db: &Db, namespace: &Namespace, query: &str, limit: u32) -> Result<Vec<Note>> {
     validate_limit(limit)?;
     let fts = fts_query(query)?;
     let rows = db

@@ -354,12 +354,12 @@ impl State {
     }
 
     pub(super) fn remember(&self, args: &RememberArgs) -> Result<Value> {
-        Namespace::parse(&args.namespace)?;
+        let namespace = Namespace::parse(&args.namespace)?;
         notes::validate_content(&args.content)?;
         let note = self.with_db(async |db| {
             notes::add(
                 db,
-                &args.namespace,
+                &namespace,
                 &args.content,
                 Some(&self.me),
                 Some(self.paths.repo_root()),
@@ -371,11 +371,11 @@ impl State {
 
     pub(super) fn recall(&self, args: &RecallArgs) -> Result<Value> {
         let limit = args.limit.unwrap_or(10);
-        Namespace::parse(&args.namespace)?;
+        let namespace = Namespace::parse(&args.namespace)?;
         notes::validate_limit(limit)?;
         notes::fts_query(&args.query)?;
         let found =
-            self.with_db(async |db| notes::search(db, &args.namespace, &args.query, limit).await)?;
+            self.with_db(async |db| notes::search(db, &namespace, &args.query, limit).await)?;
         Ok(json!({ "notes": found }))
     }
 

@@ -85,6 +85,10 @@ const WRITERS: usize = 8;
 const NOTES_EACH: usize = 500;
 const NAMESPACE: &str = "test:writers";
 
+fn namespace() -> app::ids::Namespace {
+    app::ids::Namespace::parse(NAMESPACE).unwrap()
+}
+
 /// A writer child: this test binary run again with only [`writer_child`] selected.
 fn spawn_writer(repo: &TestRepo, target: &Target, name: &str) -> Running {
     let mut command = repo.command(std::env::current_exe().unwrap());
@@ -110,7 +114,7 @@ fn writer_child() {
         let db = Db::open_default(None, DbSettings::default()).await.unwrap();
         for i in 0..count {
             let content = format!("{name} note {i} {}", "x".repeat(i % 40));
-            let note = notes::add(&db, NAMESPACE, &content, Some(name), None)
+            let note = notes::add(&db, &namespace(), &content, Some(name), None)
                 .await
                 .unwrap();
             println!("committed {}\t{}", note.id, note.content);
@@ -262,7 +266,12 @@ fn a_held_write_lock_makes_writers_wait_then_fails_past_the_deadline(
     );
     runtime.block_on(holder.execute("ROLLBACK", ())).unwrap();
 
-    let stored = block_on(notes::list(&db, "lock:test", 10)).unwrap();
+    let stored = block_on(notes::list(
+        &db,
+        &app::ids::Namespace::parse("lock:test").unwrap(),
+        10,
+    ))
+    .unwrap();
     let texts: Vec<&str> = stored.iter().map(|n| n.content.as_str()).collect();
     match target {
         Target::Local(_) => {
