@@ -31,13 +31,15 @@ use serde::{Deserialize, Serialize};
 use crate::config::Settings;
 use crate::db::fleet::{self, Ask, Beat, Claimed, HostRow, Labels, LeaseKey, Report};
 use crate::db::holds::Member;
-use crate::db::{Blocking, DbSettings};
+use crate::db::{Blocking, DbSettings, Location};
 use crate::error::{Error, GitContext, IoContext, Result};
 use crate::fleet_holds::HostFlock;
 use crate::ids::RunId;
 use crate::orchestrate::StopFlag;
 use crate::orchestrate::attempt::{self, AttemptSpec};
-use crate::orchestrate::fleet::{TIMED_OUT, attempt_ref, require_server, secret_check, shared_key};
+use crate::orchestrate::fleet::{
+    TIMED_OUT, attempt_ref, require_server_at, secret_check, shared_key,
+};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::remote::Remote;
@@ -142,11 +144,13 @@ pub fn run(
     report: &mut dyn FnMut(WorkerEvent),
 ) -> Result<()> {
     let paths = AppPaths::discover(cwd)?;
-    paths.ensure_state_dir()?;
-    let db = Blocking::open_default(options.db.as_deref(), DbSettings::from(&options.settings))?;
-    require_server(&db)?;
+    // Bad settings change nothing: checked before .app/ or a database is made.
+    let location = Location::resolve(options.db.as_deref())?;
+    require_server_at(&location)?;
     let key = shared_key(&paths, &options.settings)?;
     let remote = Remote::open(paths.repo_root(), &options.remote)?;
+    paths.ensure_state_dir()?;
+    let db = Blocking::open(location, DbSettings::from(&options.settings))?;
     let me = ProcessIdentity::current();
     let ttl_ms = options.settings.lease_ttl.as_millis() as i64;
     let host = HostRow {

@@ -8,11 +8,11 @@ use signal_hook::iterator::{Handle, Signals};
 use super::context::Context;
 use super::output::{self, Table, outln};
 use crate::db::fleet::{self, FleetTask, HostRow, Overview};
-use crate::db::{Blocking, DbSettings};
+use crate::db::{Blocking, DbSettings, Location};
 use crate::error::{IoContext, Result};
 use crate::ids;
 use crate::orchestrate::StopFlag;
-use crate::orchestrate::fleet::{DEFAULT_REMOTE, require_server, secret_check, shared_key};
+use crate::orchestrate::fleet::{DEFAULT_REMOTE, require_server_at, secret_check, shared_key};
 use crate::paths::AppPaths;
 use crate::process;
 use crate::time::Timestamp;
@@ -121,8 +121,9 @@ fn describe(event: &WorkerEvent) -> String {
 }
 
 pub(super) fn fleet(ctx: &Context, args: FleetArgs) -> Result<u8> {
-    let db = Blocking::open_default(ctx.db.as_deref(), DbSettings::from(&ctx.settings))?;
-    require_server(&db)?;
+    let location = Location::resolve(ctx.db.as_deref())?;
+    require_server_at(&location)?;
+    let db = Blocking::open(location, DbSettings::from(&ctx.settings))?;
     let paths = AppPaths::discover(&super::current_dir()?).ok();
     let mine = match &paths {
         Some(paths) => shared_key(paths, &ctx.settings)

@@ -145,6 +145,18 @@ impl FleetRun {
         })
     }
 
+    /// What [`FleetRun::open`] requires, checked without writing anything: a server database,
+    /// the shared secret, the remote.
+    pub(super) fn preflight(
+        paths: &AppPaths,
+        remote: &str,
+        options: &super::Options,
+    ) -> Result<()> {
+        require_server_at(&Location::resolve(options.db.as_deref())?)?;
+        shared_key(paths, &options.settings)?;
+        Remote::open(paths.repo_root(), remote).map(drop)
+    }
+
     /// The fleet side of a run being resumed, as `described` in its row (see
     /// [`FleetRun::describe`]); `--remote` overrides the remote's name.
     pub(super) fn reopen(

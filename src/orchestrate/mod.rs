@@ -229,6 +229,10 @@ pub fn start(
     stop: &StopFlag,
     report: &mut dyn FnMut(Progress),
 ) -> Result<Summary> {
+    if let Some(remote) = &options.fleet {
+        // Bad fleet settings change nothing: checked before .app/ or a database is made.
+        FleetRun::preflight(paths, remote, options)?;
+    }
     // Task logs live in .app/: a state directory app cannot use stops the run before it is
     // recorded.
     paths.ensure_state_dir()?;

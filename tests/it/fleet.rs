@@ -368,6 +368,17 @@ fn fleet_commands_without_a_server_or_secret_change_nothing_and_say_what_to_set(
     let out = repo.run_app(&["worker"]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("APP_DB_URL"), "{}", stderr(&out));
+    let plan = write_plan(
+        &repo,
+        &json!({ "name": "p", "tasks": [{ "id": "t", "command": "true" }] }),
+    );
+    let out = repo.run_app(&["orchestrate", "--plan", plan.to_str().unwrap(), "--fleet"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("APP_DB_URL"), "{}", stderr(&out));
+    assert!(
+        !repo.state_dir().exists() && !repo.db_path().exists(),
+        "bad fleet input made neither .app/ nor a database"
+    );
     let out = repo.run_app(&["fleet"]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     let Some(fleet) = Fleet::new(1) else { return };
