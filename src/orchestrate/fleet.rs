@@ -89,8 +89,8 @@ struct End {
 struct Seen {
     attempt: i64,
     host: String,
-    /// Whether its lease's expiry was reported.
-    expiry_told: bool,
+    /// Whether its end was seen: its report taken, or its lease's expiry said.
+    ended: bool,
 }
 
 /// The fleet side of a run being driven.
@@ -314,11 +314,24 @@ impl Orchestrator {
             }
             match row.state {
                 LeaseState::Leased | LeaseState::Started => self.observe(&row, report)?,
-                LeaseState::Finished => finished.push(row),
+                LeaseState::Finished => {
+                    // An attempt that started and ended between two polls is recorded first.
+                    let known = self.fleet().seen.get(&row.task_id).map_or(0, |s| s.attempt);
+                    if row.attempt > known {
+                        self.observe(&row, report)?;
+                    }
+                    finished.push(row);
+                }
                 LeaseState::Offered | LeaseState::Withdrawn => {}
             }
         }
-        self.accept(&finished)
+        let outcomes = self.accept(&finished)?;
+        for row in &finished {
+            if let Some(seen) = self.fleet().seen.get_mut(&row.task_id) {
+                seen.ended = true;
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Records that a host runs attempt `row.attempt`, and says so once; says once when its
@@ -334,7 +347,7 @@ impl Orchestrator {
         };
         match seen {
             Some(seen) if row.attempt <= seen.attempt => {
-                if row.expired && !seen.expiry_told {
+                if row.expired && !seen.ended && row.state != LeaseState::Finished {
                     report(Progress::Moved {
                         task: row.task_id.clone(),
                         because: moved(&seen),
@@ -342,14 +355,14 @@ impl Orchestrator {
                     self.fleet().seen.insert(
                         row.task_id.clone(),
                         Seen {
-                            expiry_told: true,
+                            ended: true,
                             ..seen
                         },
                     );
                 }
                 return Ok(());
             }
-            Some(seen) if !seen.expiry_told => report(Progress::Moved {
+            Some(seen) if !seen.ended => report(Progress::Moved {
                 task: row.task_id.clone(),
                 because: moved(&seen),
             }),
@@ -380,7 +393,7 @@ impl Orchestrator {
             Seen {
                 attempt: row.attempt,
                 host,
-                expiry_told: false,
+                ended: false,
             },
         );
         report(Progress::Started {
@@ -579,7 +592,7 @@ impl Orchestrator {
                     let seen = Seen {
                         attempt: row.attempt,
                         host: row.host.clone().unwrap_or_default(),
-                        expiry_told: false,
+                        ended: false,
                     };
                     self.fleet().seen.insert(task.id.clone(), seen);
                     self.running.insert(

@@ -566,6 +566,11 @@ fn fleet_tasks_retry_and_time_out_as_local_ones_do() {
     };
     assert_eq!(task("flaky")["status"], "succeeded", "{summary}");
     assert_eq!(task("flaky")["attempts"], 2, "{summary}");
+    assert!(
+        !stderr(&out).contains("stopped renewing"),
+        "a retry is not a lost lease: {}",
+        stderr(&out)
+    );
     assert_eq!(task("slow")["status"], "failed", "{summary}");
     assert!(
         task("slow")["detail"]
