@@ -318,18 +318,9 @@ pub struct FleetTask {
     pub token: Option<i64>,
     /// Whether the lease has expired (by the server's clock).
     pub expired: bool,
-    /// When its command started.
-    pub started_at: Option<String>,
-    /// When it ended.
-    pub finished_at: Option<String>,
-    /// Its exit code.
-    pub exit_code: Option<i64>,
-    /// The commit it ended on.
-    pub tip: Option<String>,
-    /// Why it failed, in words.
-    pub detail: Option<String>,
-    /// The last lines of its log.
-    pub output: Option<String>,
+    /// What its host reported of the current attempt.
+    #[serde(flatten)]
+    pub report: Report,
     /// Labels a host needs for it.
     pub needs: Labels,
 }
@@ -346,12 +337,14 @@ fn task_row(row: &[Value]) -> FleetTask {
         host: opt_text(&row[4]),
         token: integer(&row[5]),
         expired: integer(&row[6]).unwrap_or(0) != 0,
-        started_at: opt_text(&row[7]),
-        finished_at: opt_text(&row[8]),
-        exit_code: integer(&row[9]),
-        tip: opt_text(&row[10]),
-        detail: opt_text(&row[11]),
-        output: opt_text(&row[12]),
+        report: Report {
+            started_at: opt_text(&row[7]),
+            finished_at: opt_text(&row[8]),
+            exit_code: integer(&row[9]),
+            tip: opt_text(&row[10]),
+            detail: opt_text(&row[11]),
+            output: opt_text(&row[12]),
+        },
         needs: labels(&row[13]),
     }
 }
@@ -465,9 +458,6 @@ pub async fn offer(db: &Db, offers: &[Offer<'_>]) -> Result<()> {
             )
         })
         .collect();
-    if statements.is_empty() {
-        return Ok(());
-    }
     db.batch("offering tasks to the fleet", &statements)
         .await
         .map(drop)
@@ -609,8 +599,8 @@ pub async fn claim(db: &Db, ask: &Ask<'_>, uid: &str) -> Result<Vec<Claimed>> {
         .unwrap_or_default())
 }
 
-/// A host's report on a leased task.
-#[derive(Debug, Clone, Default)]
+/// A host's report on a leased task, as sent and as the row keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Report {
     /// Its command started (at this time), or
     pub started_at: Option<String>,
@@ -698,9 +688,6 @@ pub async fn release(db: &Db, host: &str, leases: &[LeaseKey]) -> Result<()> {
             )
         })
         .collect();
-    if statements.is_empty() {
-        return Ok(());
-    }
     db.batch("giving leases back to the fleet", &statements)
         .await
         .map(drop)

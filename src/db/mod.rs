@@ -364,7 +364,7 @@ impl Db {
     /// conditional write followed by the read that tells what it did (a claim and the rows it
     /// claimed) thus costs one request.
     ///
-    /// Parameters are inlined as SQL literals (as a server's batch needs), so a statement may
+    /// No statements: no request. Parameters are inlined as SQL literals (as a server's batch needs), so a statement may
     /// use only some of its parameters. Against a server an unanswered batch is sent again (see
     /// [`Db::execute`]), so the statements together must be idempotent: guard a write by a uid
     /// the caller chose.
@@ -373,6 +373,10 @@ impl Db {
         what: &str,
         statements: &[(&str, Vec<Value>)],
     ) -> Result<Vec<Vec<Vec<Value>>>> {
+        if statements.is_empty() {
+            // Nothing to send: no request.
+            return Ok(Vec::new());
+        }
         if !self.is_local() {
             let batch: Vec<String> = statements
                 .iter()

@@ -411,12 +411,13 @@ impl Orchestrator {
             .iter()
             .map(|row| Outcome {
                 task: row.task_id.clone(),
-                exit_code: row.exit_code,
-                timed_out: row.detail.as_deref() == Some(TIMED_OUT),
+                exit_code: row.report.exit_code,
+                timed_out: row.report.detail.as_deref() == Some(TIMED_OUT),
                 error: row
+                    .report
                     .exit_code
                     .is_none()
-                    .then(|| row.detail.clone().unwrap_or_default()),
+                    .then(|| row.report.detail.clone().unwrap_or_default()),
             })
             .collect();
         let fetched = self.fetch_ends(rows)?;
@@ -463,7 +464,7 @@ impl Orchestrator {
             .iter()
             .enumerate()
             .filter_map(|(i, row)| {
-                let (tip, token) = (row.tip.clone()?, row.token?);
+                let (tip, token) = (row.report.tip.clone()?, row.token?);
                 let task = self
                     .plan
                     .task(&row.task_id)
