@@ -5,6 +5,7 @@
 //! loses work. The binary (`src/main.rs`) only parses arguments and maps errors to exit codes;
 //! everything else lives here. See docs/ARCHITECTURE.md for the module map.
 
+pub mod activity;
 pub(crate) mod api;
 pub mod cli;
 pub(crate) mod config;
@@ -24,6 +25,7 @@ pub mod journal;
 pub mod lock;
 pub mod mcp;
 pub(crate) mod orchestrate;
+pub mod overview;
 pub mod paths;
 pub(crate) mod ports;
 pub mod process;
