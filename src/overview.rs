@@ -3,17 +3,45 @@
 //! and the attention strip that puts what needs a human first. The web dashboard reads it as
 //! `GET /overview`, `app dash` reads it locally or through `--api URL`.
 //!
-//! (Contract for issue 17: these types and their JSON are what the page and the TUI are built
-//! against; `gather` is being written.)
+//! Invariants:
+//! - Read only: nothing here writes to `.app/` or the database (messages are inspected, never
+//!   moved; doctor diagnoses, never fixes).
+//! - Cheap to poll: one [`Source`] runs one gather at a time, hands a gather younger than
+//!   [`REUSE_FOR`] to every caller that asks meanwhile, and runs doctor at most every
+//!   [`FINDINGS_EVERY`].
+//! - A database that cannot be read costs the runs, not the rest: the screen still shows the
+//!   instances and coordination state, with the failure in the attention strip.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::activity::{Progress, StateReport};
+use crate::activity::{AgentState, Progress, StateReport};
+use crate::api::{ApiContext, Dashboard};
+use crate::config::Settings;
+use crate::coordination::Coordination;
+use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
+use crate::db::{Blocking, DbSettings, Location};
+use crate::doctor;
+use crate::error::Result;
 use crate::lock::LockState;
+use crate::paths::AppPaths;
+use crate::process;
 use crate::queue::Message;
-use crate::registry::InstanceRecord;
+use crate::registry::{InstanceRecord, Liveness, Registry};
 use crate::reserve::Reservation;
+use crate::sign::Keys;
 use crate::time::Timestamp;
+
+/// How many runs the overview shows (the newest).
+pub const RUNS_SHOWN: u32 = 10;
+/// Doctor's findings are computed at most this often.
+pub const FINDINGS_EVERY: Duration = Duration::from_secs(5);
+/// A gather this young is handed out again instead of reading everything anew.
+pub const REUSE_FOR: Duration = Duration::from_millis(250);
 
 /// Everything one screen shows, read at `generated_at`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,4 +194,471 @@ pub struct FindingView {
     pub problem: String,
     pub fix: String,
     pub fixable: bool,
+}
+
+/// Where an overview is read from, and what the last reads left to reuse.
+#[derive(Debug)]
+pub struct Source {
+    paths: AppPaths,
+    keys: Keys,
+    settings: Settings,
+    database: (Location, DbSettings),
+    /// Doctor's findings and when they were computed.
+    findings: Mutex<Option<(Instant, Vec<FindingView>)>>,
+    /// The last overview and when it was read; held while a gather runs, so gathers never
+    /// overlap.
+    last: Mutex<Option<(Instant, Overview)>>,
+}
+
+impl Source {
+    /// The overview of the repository at `paths`, judged with `settings`, with its runs in the
+    /// database at `database`.
+    pub fn new(paths: &AppPaths, settings: &Settings, database: (Location, DbSettings)) -> Source {
+        Source {
+            paths: paths.clone(),
+            keys: Keys::from_settings(paths, settings),
+            settings: settings.clone(),
+            database,
+            findings: Mutex::new(None),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Everything one screen shows, now (or as read less than [`REUSE_FOR`] ago).
+    pub fn gather(&self) -> Result<Overview> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, overview)) = last.as_ref()
+            && at.elapsed() < REUSE_FOR
+        {
+            return Ok(overview.clone());
+        }
+        let overview = self.read()?;
+        *last = Some((Instant::now(), overview.clone()));
+        Ok(overview)
+    }
+
+    fn read(&self) -> Result<Overview> {
+        let snapshot = Registry::open_read_only(&self.paths, &self.keys)?.snapshot()?;
+        let coordination = Coordination::new(&self.paths, &self.settings)
+            .with_database(&self.database.0, self.database.1);
+        let stale_after = self.settings.timing.stale_after;
+        let mut instances: Vec<InstanceView> = snapshot
+            .valid_instances()
+            .into_iter()
+            .map(|record| instance_view(record, &record.liveness(stale_after)))
+            .collect();
+        let (runs, host_db) = self.runs_and_latency();
+        let (runs, db_failure) = match runs {
+            Ok(runs) => (runs, None),
+            Err(err) => (Vec::new(), Some(err.to_string())),
+        };
+        attach_tasks(&mut instances, &runs);
+        let locks = match coordination.existing_locks()? {
+            Some(store) => store.list()?.into_iter().map(lock_view).collect(),
+            None => Vec::new(),
+        };
+        let reservations = match coordination.existing_reservations()? {
+            Some(store) => store
+                .list()?
+                .into_iter()
+                .filter_map(|listed| listed.ok())
+                .map(|(reservation, lapsed)| ReservationView {
+                    reservation,
+                    lapsed,
+                    scope: "local".into(),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let messages = messages(&coordination, &self.paths)?;
+        let findings = self.findings();
+        let host = host_health(&self.paths, &self.database.0, host_db);
+        let attention = attention(&instances, &runs, &findings, db_failure);
+        Ok(Overview {
+            generated_at: Timestamp::now(),
+            repo_root: self.paths.repo_root().display().to_string(),
+            host,
+            attention,
+            instances,
+            runs,
+            locks,
+            reservations,
+            messages,
+            findings,
+        })
+    }
+
+    /// The newest runs with their tasks, and how long one trivial read took.
+    fn runs_and_latency(&self) -> (Result<Vec<RunView>>, Option<f64>) {
+        let db = match Blocking::open(self.database.0.clone(), self.database.1) {
+            Ok(db) => db,
+            Err(err) => return (Err(err), None),
+        };
+        let started = Instant::now();
+        let latency = db
+            .run(async |db| db.query_rows("timing a read", "SELECT 1", Vec::new()).await)
+            .ok()
+            .map(|_| started.elapsed().as_secs_f64() * 1000.0);
+        let repo_root = self.paths.repo_root().display().to_string();
+        let runs = db.run(async |db| {
+            let mut views = Vec::new();
+            for run in runs::list(db, &repo_root, RUNS_SHOWN).await? {
+                let tasks = runs::tasks(db, &run.id).await?;
+                views.push(run_view(&run, tasks));
+            }
+            Ok(views)
+        });
+        (runs, latency)
+    }
+
+    /// Doctor's findings, computed again when the last are older than [`FINDINGS_EVERY`].
+    fn findings(&self) -> Vec<FindingView> {
+        let mut cached = self.findings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, findings)) = cached.as_ref()
+            && at.elapsed() < FINDINGS_EVERY
+        {
+            return findings.clone();
+        }
+        let options = doctor::Options {
+            settings: self.settings.clone(),
+            force: false,
+            db: match &self.database.0 {
+                Location::Local(path) => Some(path.clone()),
+                Location::Remote { .. } => None,
+            },
+        };
+        let findings = match doctor::diagnose(&self.paths, &self.keys, &options) {
+            Ok(diagnosis) => diagnosis
+                .findings()
+                .into_iter()
+                .map(|finding| FindingView {
+                    kind: finding.kind.to_string(),
+                    subject: finding.subject,
+                    problem: finding.problem,
+                    fix: finding.fix,
+                    fixable: finding.fixable,
+                })
+                .collect(),
+            Err(err) => vec![FindingView {
+                kind: "doctor-failed".into(),
+                subject: self.paths.repo_root().display().to_string(),
+                problem: format!("doctor could not look: {err}"),
+                fix: "run 'app doctor' to see the error".into(),
+                fixable: false,
+            }],
+        };
+        *cached = Some((Instant::now(), findings.clone()));
+        findings
+    }
+}
+
+/// Everything one screen shows for `source`, now.
+pub fn gather(source: &Source) -> Result<Overview> {
+    source.gather()
+}
+
+/// What an API serves as its dashboard: the overview of its repository, from a [`Source`]
+/// made on the first request (one per server, so its caches are shared by every client).
+#[derive(Debug, Default)]
+pub struct ApiDashboard {
+    source: OnceLock<Source>,
+}
+
+impl ApiDashboard {
+    /// A dashboard for an API that has not served yet.
+    pub fn new() -> ApiDashboard {
+        ApiDashboard::default()
+    }
+
+    fn source(&self, context: &ApiContext) -> &Source {
+        self.source.get_or_init(|| {
+            Source::new(&context.paths, &context.settings, context.database.clone())
+        })
+    }
+}
+
+impl Dashboard for ApiDashboard {
+    fn overview(&self, context: &ApiContext) -> Result<serde_json::Value> {
+        let overview = self.source(context).gather()?;
+        Ok(serde_json::to_value(overview).expect("overviews serialize"))
+    }
+}
+
+fn instance_view(record: &InstanceRecord, liveness: &Liveness) -> InstanceView {
+    let (liveness, reason) = match liveness {
+        Liveness::Live => ("live", None),
+        Liveness::Stale(reason) => ("stale", Some(reason.clone())),
+    };
+    InstanceView {
+        record: record.clone(),
+        liveness: liveness.into(),
+        reason,
+        agent: None,
+        progress: None,
+        run: None,
+        task: None,
+    }
+}
+
+/// Names the run and task of every instance that is the last attempt of a task shown.
+fn attach_tasks(instances: &mut [InstanceView], runs: &[RunView]) {
+    let attempts: HashMap<&str, (&str, &str)> = runs
+        .iter()
+        .flat_map(|run| {
+            run.tasks.iter().filter_map(move |task| {
+                let instance = task.instance.as_deref()?;
+                Some((instance, (run.id.as_str(), task.id.as_str())))
+            })
+        })
+        .collect();
+    for view in instances {
+        if let Some((run, task)) = attempts.get(view.record.id.as_str()) {
+            view.run = Some(run.to_string());
+            view.task = Some(task.to_string());
+        }
+    }
+}
+
+/// A run with its tasks in plan order, each with its edges from the stored plan.
+fn run_view(run: &RunRow, tasks: Vec<TaskRow>) -> RunView {
+    let planned: Vec<(String, Vec<String>)> = run.plan["tasks"]
+        .as_array()
+        .map(|tasks| {
+            tasks
+                .iter()
+                .map(|task| {
+                    let id = task["id"].as_str().unwrap_or_default().to_string();
+                    let deps = task["depends_on"]
+                        .as_array()
+                        .map(|deps| {
+                            deps.iter()
+                                .filter_map(|d| d.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (id, deps)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let order: HashMap<&str, usize> = planned
+        .iter()
+        .enumerate()
+        .map(|(at, (id, _))| (id.as_str(), at))
+        .collect();
+    let mut tasks: Vec<TaskView> = tasks
+        .into_iter()
+        .map(|row| TaskView {
+            depends_on: order
+                .get(row.task_id.as_str())
+                .map(|&at| planned[at].1.clone())
+                .unwrap_or_default(),
+            id: row.task_id,
+            status: row.status.to_string(),
+            attempts: row.attempts,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            exit_code: row.exit_code,
+            branch: row.branch,
+            instance: row.instance,
+            detail: row.detail,
+        })
+        .collect();
+    tasks.sort_by_key(|task| (order.get(task.id.as_str()).copied(), task.id.clone()));
+    RunView {
+        id: run.id.to_string(),
+        name: run.name.clone(),
+        host: run.host.clone(),
+        status: run.status.to_string(),
+        started_at: run.started_at.clone(),
+        finished_at: run.finished_at.clone(),
+        tasks,
+    }
+}
+
+fn lock_view((lock, lapsed): (LockState, Option<String>)) -> LockView {
+    LockView {
+        lock,
+        lapsed,
+        waiters: Vec::new(),
+        scope: "local".into(),
+    }
+}
+
+/// Every inbox's deliverable messages (inspected, nothing moved), then the dead letters.
+fn messages(coordination: &Coordination, paths: &AppPaths) -> Result<Vec<MessageView>> {
+    let store = coordination.messages()?;
+    let mut views = Vec::new();
+    for owner in store.owners() {
+        let (pending, _) = store.inspect(&owner)?;
+        views.extend(pending.into_iter().map(|message| MessageView {
+            message,
+            state: "pending".into(),
+        }));
+    }
+    let mut dead: Vec<Message> = crate::state::visible_names(&paths.dead_letters())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|name| name.ends_with(".json"))
+        .filter_map(|name| {
+            let bytes = std::fs::read(paths.dead_letters().join(name)).ok()?;
+            let record: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            serde_json::from_value(record["message"].clone()).ok()
+        })
+        .collect();
+    dead.sort_by(|a, b| a.id.cmp(&b.id));
+    views.extend(dead.into_iter().map(|message| MessageView {
+        message,
+        state: "dead".into(),
+    }));
+    Ok(views)
+}
+
+/// This host's load, memory and disk, and the database's latency as measured.
+fn host_health(paths: &AppPaths, location: &Location, db_latency_ms: Option<f64>) -> HostHealth {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut averages = load.split_whitespace().map(|n| n.parse().unwrap_or(0.0));
+    let load = [(); 3].map(|()| averages.next().unwrap_or(0.0));
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |field: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .map_or(0, |kib: u64| kib * 1024)
+    };
+    let (disk_total_bytes, disk_free_bytes) = disk(if paths.state_dir().is_dir() {
+        paths.state_dir()
+    } else {
+        paths.repo_root()
+    });
+    HostHealth {
+        name: process::hostname().to_string(),
+        load,
+        mem_total_bytes: kib("MemTotal"),
+        mem_available_bytes: kib("MemAvailable"),
+        disk_total_bytes,
+        disk_free_bytes,
+        db_kind: match location {
+            Location::Local(_) => "file",
+            Location::Remote { .. } => "server",
+        }
+        .into(),
+        db_latency_ms,
+    }
+}
+
+/// The size and the space left to unprivileged users of the file system holding `dir`.
+fn disk(dir: &Path) -> (u64, u64) {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(stat) => {
+            let unit = stat.fragment_size();
+            (stat.blocks() * unit, stat.blocks_available() * unit)
+        }
+        Err(_) => (0, 0),
+    }
+}
+
+/// The attention strip: what needs a human, most urgent kind first, the longest waiting first
+/// within a kind.
+fn attention(
+    instances: &[InstanceView],
+    runs: &[RunView],
+    findings: &[FindingView],
+    db_failure: Option<String>,
+) -> Vec<Attention> {
+    let mut items: Vec<(u8, Attention)> = Vec::new();
+    for view in instances {
+        let id = view.record.id.to_string();
+        if let Some(report) = &view.agent {
+            let rank = match report.state {
+                AgentState::NeedsInput => Some((0, "needs-input")),
+                AgentState::Stuck => Some((1, "stuck")),
+                _ => None,
+            };
+            if let Some((rank, kind)) = rank {
+                items.push((rank, attention_item(kind, &id, &report.reason, report)));
+            }
+        }
+        if view.liveness == "stale" {
+            let text = view.reason.clone().unwrap_or_else(|| "stale".into());
+            items.push((
+                3,
+                Attention {
+                    kind: "dead-instance".into(),
+                    subject: id,
+                    text: format!("{text}; 'app doctor --fix' reclaims it"),
+                    since: Some(view.record.heartbeat_at),
+                },
+            ));
+        }
+    }
+    // Failures of runs still going, and of the newest run however it ended.
+    for (at, run) in runs.iter().enumerate() {
+        if at > 0 && run.status != RunStatus::Running.to_string() {
+            continue;
+        }
+        for task in &run.tasks {
+            if task.status == TaskStatus::Failed.to_string() {
+                let exit = task
+                    .exit_code
+                    .map_or(String::new(), |c| format!(" (exit {c})"));
+                let detail = task.detail.clone().unwrap_or_default();
+                items.push((
+                    2,
+                    Attention {
+                        kind: "failed-task".into(),
+                        subject: format!("{}/{}", run.id, task.id),
+                        text: format!("task {} failed{exit}. {detail}", task.id)
+                            .trim()
+                            .to_string(),
+                        since: task.finished_at.as_deref().and_then(|t| t.parse().ok()),
+                    },
+                ));
+            }
+        }
+    }
+    let dead: Vec<&str> = items
+        .iter()
+        .filter(|(rank, _)| *rank == 3)
+        .map(|(_, item)| item.subject.as_str())
+        .collect();
+    let findings: Vec<(u8, Attention)> = findings
+        .iter()
+        .filter(|finding| !dead.contains(&finding.subject.as_str()))
+        .map(|finding| {
+            (
+                4,
+                Attention {
+                    kind: "finding".into(),
+                    subject: finding.subject.clone(),
+                    text: format!("{} ({})", finding.problem, finding.fix),
+                    since: None,
+                },
+            )
+        })
+        .collect();
+    items.extend(findings);
+    if let Some(failure) = db_failure {
+        items.push((
+            4,
+            Attention {
+                kind: "finding".into(),
+                subject: "database".into(),
+                text: format!("the runs cannot be read: {failure}"),
+                since: None,
+            },
+        ));
+    }
+    items.sort_by(|(a, x), (b, y)| a.cmp(b).then(x.since.cmp(&y.since)));
+    items.into_iter().map(|(_, item)| item).collect()
+}
+
+fn attention_item(kind: &str, id: &str, reason: &str, report: &StateReport) -> Attention {
+    Attention {
+        kind: kind.into(),
+        subject: id.into(),
+        text: reason.into(),
+        since: Some(report.since),
+    }
 }

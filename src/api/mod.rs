@@ -66,6 +66,16 @@ pub struct ApiOptions {
     pub addr: Option<String>,
     /// `--api-capacity`: events buffered per subscriber.
     pub capacity: usize,
+    /// What serves `GET /overview` (the layers above the API hand it down); without one that
+    /// endpoint answers 404.
+    pub dashboard: Option<Arc<dyn Dashboard>>,
+}
+
+/// What the API serves from the layers above it (it may not import them): the dashboard's
+/// data. Every call runs on the blocking pool, so it may read files and the database.
+pub trait Dashboard: std::fmt::Debug + Send + Sync {
+    /// Everything one screen shows (`GET /overview`), as JSON.
+    fn overview(&self, context: &ApiContext) -> Result<Value>;
 }
 
 /// A bound listener, not yet serving.
@@ -170,6 +180,8 @@ pub struct ApiContext {
     pub database: (Location, DbSettings),
     /// Events buffered per subscriber.
     pub capacity: usize,
+    /// What serves `GET /overview`, when anything does.
+    pub dashboard: Option<Arc<dyn Dashboard>>,
 }
 
 /// A running API server.
@@ -301,6 +313,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/instances", get(instances))
         .route("/events", get(events))
+        .route("/overview", get(overview))
         .route("/messages", post(messages))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -483,7 +496,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such endpoint; see docs/API.md (GET /health, GET /instances, GET /events, POST /messages)",
+        "no such endpoint; see docs/API.md (GET /health, GET /instances, GET /overview, GET /events, POST /messages)",
     )
 }
 
@@ -533,6 +546,24 @@ async fn instances(
     })
     .await?;
     Ok(Json(listing))
+}
+
+async fn overview(
+    State(state): State<Arc<AppState>>,
+) -> std::result::Result<Json<Value>, ApiError> {
+    let Some(dashboard) = state.context.dashboard.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this API serves no overview (it was started without a dashboard)",
+        ));
+    };
+    let context = state.context.clone();
+    let value = tokio::task::spawn_blocking(move || dashboard.overview(&context))
+        .await
+        .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))?
+        .map_err(ApiError::from)?;
+    Ok(Json(value))
 }
 
 async fn events(

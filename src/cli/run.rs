@@ -1,6 +1,7 @@
 //! `app run` and `app serve`.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -10,6 +11,7 @@ use crate::api::{ApiOptions, DEFAULT_CAPACITY};
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::instance::{self, Holds, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
+use crate::overview::ApiDashboard;
 use crate::ports;
 use crate::time::parse_duration;
 
@@ -36,6 +38,7 @@ impl ServeArgs {
         self.with_api.then(|| ApiOptions {
             addr: self.api_addr.clone(),
             capacity: self.api_capacity,
+            dashboard: Some(Arc::new(ApiDashboard::new())),
         })
     }
 }

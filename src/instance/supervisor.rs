@@ -322,6 +322,7 @@ impl<'a> Supervisor<'a> {
                 .api
                 .as_ref()
                 .map_or(api::DEFAULT_CAPACITY, |a| a.capacity),
+            dashboard: self.options.api.as_ref().and_then(|a| a.dashboard.clone()),
         };
         match api::start(binding, context) {
             Ok(server) => {

@@ -663,3 +663,184 @@ fn an_oversized_or_broken_body_gets_the_json_error_shape() {
     let (status, response) = http(&url, "GET", "/health", &[], None);
     assert_eq!(status, 200, "{response}");
 }
+
+#[test]
+fn overview_shows_instances_runs_locks_reservations_and_messages_behind_the_token() {
+    let repo = TestRepo::new();
+    // A run first: a fails nothing, b fails after a, c runs after a.
+    let plan = repo.scratch().join("graph.json");
+    std::fs::write(
+        &plan,
+        json!({"name": "graph", "tasks": [
+            {"id": "a", "command": "true"},
+            {"id": "b", "command": "false", "depends_on": ["a"]},
+            {"id": "c", "command": "true", "depends_on": ["a"]},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let run = repo.run_app(&["orchestrate", "--plan", plan.to_str().unwrap(), "--json"]);
+    assert_eq!(code(&run), 1, "{}", stderr(&run));
+    let run_id = json_of(&stdout(&run))["run"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let port = free_ports(1);
+    let mut command = repo.app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--instance",
+        "dash",
+    ]);
+    command.env("APP_API_TOKEN", "t0ken");
+    let mut server = repo.spawn(command);
+    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let mut worker = repo.spawn_app(&[
+        "run",
+        "--no-worktree",
+        "--instance",
+        "w1",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    wait_serving(&repo, &mut worker, "w1");
+    // An instance whose supervisor died: stale. Its orphaned command is ended at the end.
+    let mut doomed = repo.spawn_app(&[
+        "run",
+        "--no-worktree",
+        "--instance",
+        "gone",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    wait_serving(&repo, &mut doomed, "gone");
+    let orphan = repo
+        .instances()
+        .into_iter()
+        .find(|r| r.id == "gone")
+        .and_then(|r| r.child_pid)
+        .unwrap();
+    doomed.kill_now();
+
+    let as_w1 = |args: &[&str]| {
+        repo.app(args)
+            .env("APP_INSTANCE_ID", "w1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let lock = as_w1(&["lock", "acquire", "gpu"]);
+    assert_eq!(code(&lock), 0, "{}", stderr(&lock));
+    let token: u64 = stdout(&lock).trim().parse().unwrap();
+    let reserve = as_w1(&["reserve", "src/**", "--reason", "refactor"]);
+    assert_eq!(code(&reserve), 0, "{}", stderr(&reserve));
+    let send = repo.run_app(&["send", "--from", "dash", "--to", "w1", "hello"]);
+    assert_eq!(code(&send), 0, "{}", stderr(&send));
+
+    for headers in [vec![], vec![("Authorization", "Bearer wrong")]] {
+        let (status, body) = http(&url, "GET", "/overview", &headers, None);
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(json_of(&body)["kind"], "unauthorized");
+    }
+    let auth = [("Authorization", "Bearer t0ken")];
+    let (status, body) = http(&url, "GET", "/overview", &auth, None);
+    assert_eq!(status, 200, "{body}");
+    let overview = json_of(&body);
+    // It is the contract's type, whole.
+    let typed: app::overview::Overview = serde_json::from_value(overview.clone()).unwrap();
+    assert_eq!(typed.repo_root, repo.root().display().to_string());
+
+    let liveness = |id: &str| {
+        overview["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .map(|i| i["liveness"].clone())
+    };
+    assert_eq!(liveness("dash"), Some(json!("live")), "{overview:#}");
+    assert_eq!(liveness("w1"), Some(json!("live")), "{overview:#}");
+    assert_eq!(liveness("gone"), Some(json!("stale")), "{overview:#}");
+
+    let run = &overview["runs"][0];
+    assert_eq!(run["id"], run_id.as_str());
+    assert_eq!(run["status"], "failed");
+    let tasks: Vec<(String, Value, String)> = run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().to_string(),
+                t["depends_on"].clone(),
+                t["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tasks,
+        [
+            ("a".into(), json!([]), "succeeded".into()),
+            ("b".into(), json!(["a"]), "failed".into()),
+            ("c".into(), json!(["a"]), "succeeded".into()),
+        ]
+    );
+
+    let lock = &overview["locks"][0];
+    assert_eq!(lock["name"], "gpu");
+    assert_eq!(lock["token"], token);
+    assert_eq!(lock["holder"]["instance"], "w1");
+    assert_eq!(lock["lapsed"], Value::Null);
+    let reservation = &overview["reservations"][0];
+    assert_eq!(reservation["patterns"], json!(["src/**"]));
+    assert_eq!(reservation["holder"]["instance"], "w1");
+    assert_eq!(reservation["reason"], "refactor");
+    let message = &overview["messages"][0];
+    assert_eq!(
+        (
+            &message["recipient"],
+            &message["state"],
+            &message["payload"]
+        ),
+        (&json!("w1"), &json!("pending"), &json!("hello")),
+        "{overview:#}"
+    );
+
+    // What needs a human: the failed task and the dead instance, the failure first.
+    let attention: Vec<(String, String)> = overview["attention"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["kind"].as_str().unwrap().to_string(),
+                a["subject"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let failed = attention
+        .iter()
+        .position(|a| *a == ("failed-task".to_string(), format!("{run_id}/b")));
+    let dead = attention
+        .iter()
+        .position(|a| *a == ("dead-instance".to_string(), "gone".to_string()));
+    assert!(
+        failed.is_some() && dead.is_some() && failed < dead,
+        "{attention:?}"
+    );
+    assert!(overview["host"]["mem_total_bytes"].as_u64().unwrap() > 0);
+    assert!(overview["host"]["disk_total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(overview["host"]["db_kind"], "file");
+    assert!(overview["host"]["db_latency_ms"].is_number());
+
+    kill(orphan, Signal::SIGKILL);
+    let output = worker.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+    assert_eq!(code(&output), 143, "{}", stderr(&output));
+    let output = server.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+}
