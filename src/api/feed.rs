@@ -12,7 +12,9 @@
 //! - Publishing never waits for a subscriber: each one reads from a ring of `capacity` events;
 //!   one that falls behind loses the oldest and is told how many (`lagged`), the others are not
 //!   slowed down.
-//! - Nothing already in the log is replayed: a subscriber sees what happens after it connected.
+//! - Nothing already in the log is replayed unless asked: a subscriber sees what happens after
+//!   it connected; one that resumes (`Last-Event-ID`) first gets the log's rows after that id
+//!   ([`replay`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -101,6 +103,47 @@ impl Hub {
     /// How many subscribers are connected.
     pub fn subscribers(&self) -> usize {
         self.sender.receiver_count()
+    }
+}
+
+/// This repository's database events after id `after`, oldest first, at most `max`; and
+/// whether more were left out.
+pub(crate) fn replay(
+    (location, settings): (Location, DbSettings),
+    repo_root: &str,
+    after: i64,
+    max: usize,
+) -> crate::error::Result<(Vec<ApiEvent>, bool)> {
+    const PAGE: usize = 500;
+    let db = crate::db::Blocking::open(location, settings)?;
+    let mut replayed = Vec::new();
+    let mut after = after;
+    loop {
+        let filter = EventFilter {
+            after_id: after,
+            repo_root: Some(repo_root.to_string()),
+            ..EventFilter::default()
+        };
+        let page = PAGE.min(max + 1 - replayed.len());
+        let rows = db.run(async |db| events::query(db, &filter, page as u32).await)?;
+        let full = rows.len() == page;
+        for row in rows {
+            after = row.id;
+            replayed.push(ApiEvent {
+                id: Some(row.id),
+                kind: row.kind,
+                at: row.at,
+                instance: row.instance,
+                payload: row.payload,
+            });
+        }
+        if replayed.len() > max {
+            replayed.truncate(max);
+            return Ok((replayed, true));
+        }
+        if !full {
+            return Ok((replayed, false));
+        }
     }
 }
 

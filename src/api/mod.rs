@@ -566,39 +566,118 @@ async fn overview(
     Ok(Json(value))
 }
 
+/// The most database events one reconnect replays; a client further behind gets them, then
+/// `lagged` for the rest (as a slow reader does).
+pub const MAX_REPLAY: usize = 10_000;
+
+/// `GET /events`: with `Last-Event-ID: N` (or `?last_event_id=N`) the database events after N
+/// first, then live ones.
 async fn events(
     State(state): State<Arc<AppState>>,
-) -> Sse<impl Stream<Item = std::result::Result<Event, Infallible>>> {
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> std::result::Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>, ApiError>
+{
+    let resume = last_event_id(&headers, &uri)?;
+    // Subscribed before the log is read: an event written meanwhile is in the log, in the
+    // receiver, or both (then the replay's copy is the one sent), never in neither.
     let receiver = state.hub.subscribe();
+    let (replay, missed) = match resume {
+        Some(after) => {
+            let (database, repo_root) = (
+                state.context.database.clone(),
+                state.context.paths.repo_root().display().to_string(),
+            );
+            tokio::task::spawn_blocking(move || {
+                feed::replay(database, &repo_root, after, MAX_REPLAY)
+            })
+            .await
+            .map_err(|err| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string())
+            })?
+            .map_err(ApiError::from)?
+        }
+        None => (Vec::new(), false),
+    };
+    // Live database events up to the last replayed one were sent already.
+    let sent_through = replay.last().and_then(|event| event.id).or(resume);
+    let mut first: std::collections::VecDeque<Event> = replay.iter().map(sse_event).collect();
+    if missed {
+        first.push_back(
+            Event::default()
+                .event("lagged")
+                .data(json!({ "missed": null }).to_string()),
+        );
+    }
     let stop = state.stop.clone();
     let stream = futures_util::stream::unfold(
-        (receiver, stop, false),
-        |(mut receiver, stop, ended)| async move {
-            if ended {
-                return None;
+        (first, receiver, stop, false),
+        move |(mut first, mut receiver, stop, ended)| async move {
+            if let Some(event) = first.pop_front() {
+                return Some((Ok(event), (first, receiver, stop, ended)));
             }
-            // Events already published come before the stop, so the final one is delivered.
-            let next = tokio::select! {
-                biased;
-                received = receiver.recv() => received,
-                () = stop.stopped() => return None,
-            };
-            match next {
-                Ok(event) => {
-                    let last = event.kind == FINAL_EVENT;
-                    Some((Ok(sse_event(&event)), (receiver, stop, last)))
+            loop {
+                if ended {
+                    return None;
                 }
-                Err(broadcast::error::RecvError::Lagged(missed)) => Some((
-                    Ok(Event::default()
-                        .event("lagged")
-                        .data(json!({ "missed": missed }).to_string())),
-                    (receiver, stop, false),
-                )),
-                Err(broadcast::error::RecvError::Closed) => None,
+                // Events already published come before the stop, so the final one is delivered.
+                let next = tokio::select! {
+                    biased;
+                    received = receiver.recv() => received,
+                    () = stop.stopped() => return None,
+                };
+                return match next {
+                    Ok(event) if event.id.is_some() && event.id <= sent_through => continue,
+                    Ok(event) => {
+                        let last = event.kind == FINAL_EVENT;
+                        Some((Ok(sse_event(&event)), (first, receiver, stop, last)))
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => Some((
+                        Ok(Event::default()
+                            .event("lagged")
+                            .data(json!({ "missed": missed }).to_string())),
+                        (first, receiver, stop, false),
+                    )),
+                    Err(broadcast::error::RecvError::Closed) => None,
+                };
             }
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The id a client resumes after: the `Last-Event-ID` header, else `?last_event_id=N`.
+fn last_event_id(
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> std::result::Result<Option<i64>, ApiError> {
+    let given = headers
+        .get("last-event-id")
+        .map(|value| value.to_str().unwrap_or("?").trim().to_string())
+        .or_else(|| query_param(uri, "last_event_id").map(str::to_string));
+    let Some(text) = given.filter(|text| !text.is_empty()) else {
+        return Ok(None);
+    };
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_input",
+                format!(
+                    "the last event id {text:?} is not an event id; send the `id` of the last event received (a whole number), or none to start from now"
+                ),
+            )
+        })
+}
+
+/// The value of query parameter `name` (taken as it is: the parameters read are numbers).
+fn query_param<'a>(uri: &'a axum::http::Uri, name: &str) -> Option<&'a str> {
+    uri.query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
 fn sse_event(event: &ApiEvent) -> Event {

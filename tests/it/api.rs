@@ -117,10 +117,20 @@ struct Events {
 impl Events {
     /// Subscribes to `url`/events and waits until the server counts the subscriber.
     fn subscribe(url: &str) -> Events {
+        Events::subscribe_to(url, "/events", None, 1)
+    }
+
+    /// Subscribes to `url``path`, sending `Last-Event-ID: last` when given, and waits until
+    /// the server counts `subscribers` streams.
+    fn subscribe_to(url: &str, path: &str, last: Option<i64>, subscribers: usize) -> Events {
         let (sender, lines) = mpsc::channel();
-        let events_url = format!("{url}/events");
+        let events_url = format!("{url}{path}");
         std::thread::spawn(move || {
-            let Ok(response) = client(None).get(&events_url).call() else {
+            let mut request = client(None).get(&events_url);
+            if let Some(last) = last {
+                request = request.header("Last-Event-ID", last.to_string());
+            }
+            let Ok(response) = request.call() else {
                 return;
             };
             let stream = BufReader::new(response.into_body().into_reader());
@@ -135,7 +145,10 @@ impl Events {
         wait_for(
             "the subscriber to be counted",
             Duration::from_secs(10),
-            || json_of(&http(url, "GET", "/health", &[], None).1)["subscribers"] == json!(1),
+            || {
+                json_of(&http(url, "GET", "/health", &[], None).1)["subscribers"]
+                    == json!(subscribers)
+            },
         );
         events
     }
@@ -841,6 +854,88 @@ fn overview_shows_instances_runs_locks_reservations_and_messages_behind_the_toke
     kill(orphan, Signal::SIGKILL);
     let output = worker.wait_after(Signal::SIGTERM, Duration::from_secs(30));
     assert_eq!(code(&output), 143, "{}", stderr(&output));
+    let output = server.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+}
+
+/// The ids of the database events among `seen`.
+fn logged_ids(seen: &[(String, Value)]) -> Vec<i64> {
+    seen.iter()
+        .filter_map(|(_, data)| data["id"].as_i64())
+        .collect()
+}
+
+#[test]
+fn a_stream_resumed_after_its_last_event_id_gets_exactly_the_missed_events_in_order() {
+    let repo = TestRepo::new();
+    let port = free_ports(1);
+    let mut server = repo.spawn_app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--instance",
+        "hub",
+    ]);
+    let url = wait_serving(&repo, &mut server, "hub").unwrap();
+    let run = |id: &str| {
+        let output = repo.run_app(&["run", "--no-worktree", "--instance", id, "--", "true"]);
+        assert_eq!(code(&output), 0, "{}", stderr(&output));
+    };
+    let stopped = |id: &'static str| move |data: &Value| data["instance"] == id;
+
+    let mut first = Events::subscribe(&url);
+    run("x1");
+    let mut seen = Vec::new();
+    first.until("instance.stopped", &mut seen, stopped("x1"));
+    let last = *logged_ids(&seen).last().unwrap();
+    drop(first);
+    // Missed while disconnected.
+    run("x2");
+    wait_for("the closed stream to go", Duration::from_secs(30), || {
+        json_of(&http(&url, "GET", "/health", &[], None).1)["subscribers"] == json!(0)
+    });
+    run("x3");
+
+    let mut resumed = Events::subscribe_to(&url, "/events", Some(last), 1);
+    let mut seen = Vec::new();
+    resumed.until("instance.stopped", &mut seen, stopped("x3"));
+    // And live after the switch.
+    run("x4");
+    resumed.until("instance.stopped", &mut seen, stopped("x4"));
+    let got = logged_ids(&seen);
+
+    let listed = repo.run_app(&["events", "--json"]);
+    assert_eq!(code(&listed), 0, "{}", stderr(&listed));
+    let logged: Vec<Value> = stdout(&listed).lines().map(json_of).collect();
+    let through = *got.last().unwrap();
+    let want: Vec<i64> = logged
+        .iter()
+        .filter_map(|event| event["id"].as_i64())
+        .filter(|id| *id > last && *id <= through)
+        .collect();
+    assert_eq!(got, want, "{seen:?}");
+    for id in ["x2", "x3", "x4"] {
+        for kind in ["instance.started", "instance.stopped"] {
+            assert!(
+                seen.iter().any(|(k, d)| k == kind && d["instance"] == id),
+                "no {kind} of {id}: {seen:?}"
+            );
+        }
+    }
+
+    // The same through the query for clients that cannot set the header.
+    let mut by_query =
+        Events::subscribe_to(&url, &format!("/events?last_event_id={last}"), None, 2);
+    let mut again = Vec::new();
+    by_query.until("instance.stopped", &mut again, stopped("x4"));
+    assert_eq!(logged_ids(&again), want);
+    for bad in ["?last_event_id=soon", "?last_event_id=-1"] {
+        let (status, body) = http(&url, "GET", &format!("/events{bad}"), &[], None);
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(json_of(&body)["kind"], "bad_input");
+    }
+    drop((resumed, by_query));
     let output = server.wait_after(Signal::SIGTERM, Duration::from_secs(30));
     assert_eq!(code(&output), 0, "{}", stderr(&output));
 }
