@@ -26,7 +26,8 @@ use crate::coordination::Coordination;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{Blocking, DbSettings, Location};
 use crate::doctor;
-use crate::error::Result;
+use crate::error::{InstanceError, Result};
+use crate::instance;
 use crate::lock::LockState;
 use crate::paths::AppPaths;
 use crate::process;
@@ -381,6 +382,49 @@ impl Dashboard for ApiDashboard {
     fn overview(&self, context: &ApiContext) -> Result<serde_json::Value> {
         let overview = self.source(context).gather()?;
         Ok(serde_json::to_value(overview).expect("overviews serialize"))
+    }
+
+    fn stop(&self, context: &ApiContext, id: &str) -> Result<serde_json::Value> {
+        let registry = Registry::open_read_only(&context.paths, &context.keys)?;
+        let timing = context.settings.timing;
+        // What `instance::stop` would refuse is refused now, with its error; the stop itself
+        // (the request, the wait, SIGKILL after the timeout) goes on without the caller, so a
+        // request never waits out a stop timeout, and the API can stop its own instance.
+        let record = registry
+            .snapshot()?
+            .instance(id)
+            .cloned()
+            .ok_or_else(|| InstanceError::Unknown { id: id.to_string() })?;
+        if let Liveness::Stale(reason) = record.liveness(timing.stale_after) {
+            return Err(InstanceError::NotRunning {
+                id: id.to_string(),
+                reason,
+            }
+            .into());
+        }
+        let owned = id.to_string();
+        std::thread::Builder::new()
+            .name("api-stop".into())
+            .spawn(move || {
+                match instance::stop(&registry, &owned, instance::DEFAULT_STOP_TIMEOUT, timing) {
+                    Ok((outcome, _)) => {
+                        tracing::info!(instance = %owned, ?outcome, "stopped through the API");
+                    }
+                    Err(err) => {
+                        tracing::warn!(instance = %owned, %err, "a stop through the API failed")
+                    }
+                }
+            })
+            .map_err(|source| crate::error::Error::Io {
+                action: "starting the stop of",
+                path: context.paths.control_socket(id),
+                source,
+            })?;
+        Ok(serde_json::json!({
+            "id": id,
+            "stopping": true,
+            "timeout_ms": instance::DEFAULT_STOP_TIMEOUT.as_millis() as u64,
+        }))
     }
 }
 

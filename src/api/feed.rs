@@ -106,6 +106,41 @@ impl Hub {
     }
 }
 
+/// The last `lines` lines of the file at `path`, read from at most its last `max_bytes`; its
+/// size, and whether the text starts after the file's beginning.
+pub(crate) fn tail_lines(
+    path: &std::path::Path,
+    lines: usize,
+    max_bytes: u64,
+) -> std::io::Result<(String, u64, bool)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let start = size.saturating_sub(max_bytes);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    // A cut in the middle of a line drops that partial line.
+    let whole = if start > 0 {
+        text.split_once('\n').map_or("", |(_, rest)| rest)
+    } else {
+        &text
+    };
+    let body = whole.strip_suffix('\n').unwrap_or(whole);
+    let all: Vec<&str> = if body.is_empty() {
+        Vec::new()
+    } else {
+        body.split('\n').collect()
+    };
+    let kept = &all[all.len().saturating_sub(lines)..];
+    let mut tail = kept.join("\n");
+    if !kept.is_empty() && whole.ends_with('\n') {
+        tail.push('\n');
+    }
+    Ok((tail, size, start > 0 || kept.len() < all.len()))
+}
+
 /// This repository's database events after id `after`, oldest first, at most `max`; and
 /// whether more were left out.
 pub(crate) fn replay(
@@ -440,6 +475,29 @@ impl LocalState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_tail_keeps_whole_lines_within_its_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, "one\ntwo\nthree\n").unwrap();
+        let tail = |lines, max| tail_lines(&path, lines, max).unwrap();
+        assert_eq!(tail(2, 1024), ("two\nthree\n".to_string(), 14, true));
+        assert_eq!(tail(10, 1024), ("one\ntwo\nthree\n".to_string(), 14, false));
+        assert_eq!(tail(0, 1024), (String::new(), 14, true));
+        // The last 8 bytes are "o\nthree\n": the cut line goes.
+        assert_eq!(tail(10, 8), ("three\n".to_string(), 14, true));
+        std::fs::write(&path, "no newline").unwrap();
+        assert_eq!(tail(1, 1024), ("no newline".to_string(), 10, false));
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(tail(5, 1024), (String::new(), 0, false));
+        assert_eq!(
+            tail_lines(&dir.path().join("none"), 1, 1)
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_slow_subscriber_is_told_it_lagged_and_others_are_not() {

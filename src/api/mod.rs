@@ -26,7 +26,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -76,6 +76,10 @@ pub struct ApiOptions {
 pub trait Dashboard: std::fmt::Debug + Send + Sync {
     /// Everything one screen shows (`GET /overview`), as JSON.
     fn overview(&self, context: &ApiContext) -> Result<Value>;
+    /// Asks live instance `id` to stop, as `app instance stop ID` does, and returns what was
+    /// done (the stop goes on in the background); [`InstanceError::Unknown`] for an id the
+    /// registry does not have, [`InstanceError::NotRunning`] for a stale one.
+    fn stop(&self, context: &ApiContext, id: &str) -> Result<Value>;
 }
 
 /// A bound listener, not yet serving.
@@ -314,6 +318,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/instances", get(instances))
         .route("/events", get(events))
         .route("/overview", get(overview))
+        .route("/runs/{run}/tasks/{task}/log", get(task_log))
+        .route("/instances/{id}/stop", post(stop_instance))
         .route("/messages", post(messages))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -423,6 +429,9 @@ impl From<Error> for ApiError {
             (Error::Instance(InstanceError::Unknown { .. }), _) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
+            (Error::Instance(InstanceError::NotRunning { .. }), _) => {
+                (StatusCode::CONFLICT, "not_running")
+            }
             (_, EXIT_USAGE) => (StatusCode::BAD_REQUEST, "bad_input"),
             (_, EXIT_BUSY) => (StatusCode::CONFLICT, "busy"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
@@ -496,7 +505,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such endpoint; see docs/API.md (GET /health, GET /instances, GET /overview, GET /events, POST /messages)",
+        "no such endpoint; see docs/API.md (GET /health, GET /instances, GET /overview, GET /events, GET /runs/RUN/tasks/TASK/log, POST /messages, POST /instances/ID/stop)",
     )
 }
 
@@ -572,6 +581,123 @@ pub const MAX_REPLAY: usize = 10_000;
 
 /// `GET /events`: with `Last-Event-ID: N` (or `?last_event_id=N`) the database events after N
 /// first, then live ones.
+/// The default `?tail=` of a task log, in lines.
+const DEFAULT_LOG_LINES: usize = 200;
+/// The most of a task log one request reads, from its end, in bytes (256 KiB).
+pub const MAX_LOG_BYTES: u64 = 256 * 1024;
+
+/// `GET /runs/{run}/tasks/{task}/log?tail=N`: the last N lines of the task's log, read from the
+/// path its row records (never one from the request), at most [`MAX_LOG_BYTES`].
+async fn task_log(
+    State(state): State<Arc<AppState>>,
+    Path((run, task)): Path<(String, String)>,
+    uri: axum::http::Uri,
+) -> std::result::Result<Json<Value>, ApiError> {
+    let lines = match query_param(&uri, "tail") {
+        None => DEFAULT_LOG_LINES,
+        Some(text) => text.parse::<usize>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_input",
+                format!("tail={text:?} is not a number of lines; send e.g. ?tail=100"),
+            )
+        })?,
+    };
+    let unknown = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("run {run:?} has no task {task:?} with a log; see GET /overview for the runs"),
+        )
+    };
+    let database = state.context.database.clone();
+    let (run_id, task_id) = (run.clone(), task.clone());
+    let row = tokio::task::spawn_blocking(move || {
+        let db = crate::db::Blocking::open(database.0, database.1)?;
+        let id = crate::ids::RunId::stored(run_id);
+        let tasks = db.run(async |db| crate::db::runs::tasks(db, &id).await)?;
+        Ok::<_, Error>(tasks.into_iter().find(|row| row.task_id == task_id))
+    })
+    .await
+    .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))?
+    .map_err(ApiError::from)?
+    .ok_or_else(unknown)?;
+    let path = row.log_path.clone().ok_or_else(unknown)?;
+    let read_path = std::path::PathBuf::from(&path);
+    let tail =
+        tokio::task::spawn_blocking(move || feed::tail_lines(&read_path, lines, MAX_LOG_BYTES))
+            .await
+            .map_err(|err| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string())
+            })?;
+    let (text, size, truncated) = match tail {
+        Ok(tail) => tail,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(unknown()),
+        Err(err) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "failed",
+                format!("reading the log {path}: {err}"),
+            ));
+        }
+    };
+    Ok(Json(json!({
+        "run": run,
+        "task": task,
+        "status": row.status.to_string(),
+        "path": path,
+        "size": size,
+        "truncated": truncated,
+        "text": text,
+    })))
+}
+
+/// `POST /instances/{id}/stop`: what `app instance stop ID` does, through the dashboard.
+async fn stop_instance(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> std::result::Result<(StatusCode, Json<Value>), ApiError> {
+    require_json(&headers)?;
+    let Some(dashboard) = state.context.dashboard.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this API cannot stop instances (it was started without a dashboard); use 'app instance stop'",
+        ));
+    };
+    let context = state.context.clone();
+    let value = tokio::task::spawn_blocking(move || dashboard.stop(&context, &id))
+        .await
+        .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))?
+        .map_err(ApiError::from)?;
+    Ok((StatusCode::ACCEPTED, Json(value)))
+}
+
+/// Refuses a request that is not declared JSON: browsers send other pages' form posts
+/// (text/plain, form-encoded) without asking first; JSON they must ask for (CORS), which this
+/// API never allows.
+fn require_json(headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if json_body {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_input",
+            "send the request as JSON with 'Content-Type: application/json'",
+        ))
+    }
+}
+
 async fn events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -718,24 +844,7 @@ async fn messages(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> std::result::Result<(StatusCode, Json<Value>), ApiError> {
-    // Browsers send other pages' form posts as text/plain without asking first; JSON they
-    // must ask for (CORS), which this API never allows.
-    let json_body = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| {
-            value
-                .trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-    if !json_body {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "bad_input",
-            "send the message as JSON with 'Content-Type: application/json'",
-        ));
-    }
+    require_json(&headers)?;
     let body = body.map_err(body_error)?;
     let request: PostMessage = serde_json::from_slice(&body).map_err(|err| {
         ApiError::new(

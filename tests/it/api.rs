@@ -939,3 +939,113 @@ fn a_stream_resumed_after_its_last_event_id_gets_exactly_the_missed_events_in_or
     let output = server.wait_after(Signal::SIGTERM, Duration::from_secs(30));
     assert_eq!(code(&output), 0, "{}", stderr(&output));
 }
+
+#[test]
+fn a_task_log_is_read_from_its_row_and_an_instance_is_stopped_behind_the_token() {
+    let repo = TestRepo::new();
+    let plan = repo.scratch().join("logs.json");
+    std::fs::write(
+        &plan,
+        json!({"name": "logs", "tasks": [
+            {"id": "talk", "command": ["sh", "-c", "echo one; echo two; echo three"]},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let run = repo.run_app(&["orchestrate", "--plan", plan.to_str().unwrap(), "--json"]);
+    assert_eq!(code(&run), 0, "{}", stderr(&run));
+    let run_id = json_of(&stdout(&run))["run"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let port = free_ports(1);
+    let mut command = repo.app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--instance",
+        "dash",
+    ]);
+    command.env("APP_API_TOKEN", "t0ken");
+    let mut server = repo.spawn(command);
+    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let auth = ("Authorization", "Bearer t0ken");
+
+    let log = format!("/runs/{run_id}/tasks/talk/log?tail=2");
+    assert_eq!(http(&url, "GET", &log, &[], None).0, 401);
+    let (status, body) = http(&url, "GET", &log, &[auth], None);
+    assert_eq!(status, 200, "{body}");
+    let tail = json_of(&body);
+    assert!(
+        tail["text"].as_str().unwrap().ends_with("two\nthree\n"),
+        "{tail}"
+    );
+    assert!(!tail["text"].as_str().unwrap().contains("one"), "{tail}");
+    assert_eq!(tail["truncated"], true);
+    assert_eq!(tail["status"], "succeeded");
+    let whole = json_of(
+        &http(
+            &url,
+            "GET",
+            &log.replace("tail=2", "tail=100"),
+            &[auth],
+            None,
+        )
+        .1,
+    );
+    let size = whole["size"].as_u64().unwrap();
+    assert_eq!(
+        whole["text"].as_str().unwrap().len() as u64,
+        size,
+        "{whole}"
+    );
+    for (path, want) in [
+        (format!("/runs/{run_id}/tasks/mute/log"), 404),
+        ("/runs/nothing-abcdef/tasks/talk/log".to_string(), 404),
+        (format!("/runs/{run_id}/tasks/talk/log?tail=many"), 400),
+    ] {
+        let (status, body) = http(&url, "GET", &path, &[auth], None);
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(json_of(&body)["error"].is_string(), "{body}");
+    }
+
+    let mut victim = repo.spawn_app(&[
+        "run",
+        "--no-worktree",
+        "--instance",
+        "victim",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    wait_serving(&repo, &mut victim, "victim");
+    let stop = "/instances/victim/stop";
+    assert_eq!(http(&url, "POST", stop, &[], Some("{}")).0, 401);
+    let plain = [auth, ("Content-Type", "text/plain")];
+    let (status, body) = http(&url, "POST", stop, &plain, Some("{}"));
+    assert_eq!(
+        status, 415,
+        "a form post from another page must not stop anything: {body}"
+    );
+    let (status, body) = http(&url, "POST", "/instances/ghost/stop", &[auth], None);
+    assert_eq!(
+        (status, &json_of(&body)["kind"]),
+        (404, &json!("not_found")),
+        "{body}"
+    );
+    // Refused requests stopped nothing.
+    victim.assert_running();
+    let (status, body) = http(&url, "POST", stop, &[auth], None);
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(json_of(&body)["id"], "victim");
+    let output = victim.wait(Duration::from_secs(30));
+    assert_eq!(code(&output), 128 + 15, "the command got SIGTERM");
+    assert!(repo.instances().iter().all(|r| r.id != "victim"));
+    let (status, _) = http(&url, "POST", stop, &[auth], None);
+    assert_eq!(status, 404);
+
+    let output = server.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+}
