@@ -9,6 +9,9 @@
 //!   process (`app lock run`, or the shell that called `app lock acquire` outside any instance).
 //!   A dead holder (pid gone or reused, instance unregistered or its heartbeat stale) or a run-out
 //!   `--ttl` loses the lock to the next acquirer; nobody has to clean up first.
+//! - A process waiting for a lock says so in `locks/waiting/<pid>-<start time>.json` (signed),
+//!   removed when its wait ends; a killed waiter's file is never listed (its process is gone)
+//!   and is removed by the next waiter.
 //! - Callers reach locks through [`LockStore`] (from [`crate::coordination::Coordination`]);
 //!   [`Locks`] is its implementation on this repository's files.
 
@@ -167,6 +170,33 @@ pub trait LockStore: std::fmt::Debug + Send + Sync {
     fn release(&self, name: &LockName, holder: &Holder, force: bool) -> Result<Released>;
     /// Every lock that has ever been granted, by name, with why its hold lapsed if it did.
     fn list(&self) -> Result<Vec<(LockState, Option<String>)>>;
+    /// Who waits for a lock now, oldest first (a store that does not record waiters: nobody).
+    fn waiters(&self) -> Result<Vec<Waiter>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A process waiting in [`LockStore::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiter {
+    /// The lock it waits for.
+    pub name: LockName,
+    /// Who will hold it.
+    pub holder: Holder,
+    /// The waiting process (the holder's instance may outlive it).
+    pub process: ProcessIdentity,
+    /// Since when it waits.
+    pub since: Timestamp,
+}
+
+/// A waiter's file, removed when the wait ends.
+#[derive(Debug)]
+struct Waiting(std::path::PathBuf);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Acquires through `locks` and returns a guard that releases on drop.
@@ -267,6 +297,47 @@ impl Locks {
         state::write_atomic(&self.paths.lock_state(&state.name), &bytes)
     }
 
+    /// Records this process as waiting for `request.name` until the returned guard drops, and
+    /// removes the files of waiters that are gone.
+    fn wait_as(&self, request: &Request) -> Result<Waiting> {
+        let dir = self.paths.lock_waiters_dir();
+        state::create_private_dir_all(&dir)?;
+        for (path, waiter) in self.load_waiters() {
+            if waiter.is_none_or(|w| w.process.presence() != process::Presence::Running) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let me = ProcessIdentity::current();
+        let path = self.paths.lock_waiter(me.pid, me.start_time);
+        let waiter = Waiter {
+            name: request.name.clone(),
+            holder: request.holder.clone(),
+            process: me,
+            since: Timestamp::now(),
+        };
+        let bytes = serde_json::to_vec_pretty(&self.key.seal(&waiter)).expect("waiters serialize");
+        state::write_atomic(&path, &bytes)?;
+        Ok(Waiting(path))
+    }
+
+    /// Every waiter file, with what it says when it verifies.
+    fn load_waiters(&self) -> Vec<(std::path::PathBuf, Option<Waiter>)> {
+        let dir = self.paths.lock_waiters_dir();
+        state::visible_names(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| name.ends_with(".json"))
+            .map(|name| {
+                let path = dir.join(name);
+                let waiter = std::fs::read(&path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                    .and_then(|value| sign::open(&value, Some(&self.key)).ok());
+                (path, waiter)
+            })
+            .collect()
+    }
+
     /// One attempt: grants the lock when free, lapsed, or already the caller's (then a ttl in
     /// `request` renews the hold from now). Returns the token, or the current state when
     /// someone else holds it.
@@ -329,6 +400,11 @@ impl LockStore for Locks {
         // Held: watch for its release. Trying again after the watch is set up catches a
         // release that happened in between.
         let watch = DirWatch::new(&self.paths.named_locks_dir(), RECHECK, false)?;
+        // Who waits is shown, not relied on: failing to say so does not stop the wait.
+        let _waiting = self
+            .wait_as(request)
+            .inspect_err(|err| tracing::warn!(%err, "cannot record this wait for the lock"))
+            .ok();
         loop {
             let held = match self.try_acquire(request)? {
                 Ok(token) => return Ok(token),
@@ -401,6 +477,22 @@ impl LockStore for Locks {
             }
         }
         Ok(out)
+    }
+
+    /// The waiters whose process still runs, oldest first.
+    fn waiters(&self) -> Result<Vec<Waiter>> {
+        let mut waiters: Vec<Waiter> = self
+            .load_waiters()
+            .into_iter()
+            .filter_map(|(_, waiter)| waiter)
+            .filter(|waiter| waiter.process.presence() == process::Presence::Running)
+            .collect();
+        waiters.sort_by(|a, b| {
+            a.since
+                .cmp(&b.since)
+                .then(a.process.pid.cmp(&b.process.pid))
+        });
+        Ok(waiters)
     }
 }
 

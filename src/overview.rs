@@ -28,7 +28,7 @@ use crate::db::{Blocking, DbSettings, Location};
 use crate::doctor;
 use crate::error::{InstanceError, Result};
 use crate::instance;
-use crate::lock::LockState;
+use crate::lock::{LockState, Waiter};
 use crate::paths::AppPaths;
 use crate::process;
 use crate::queue::Message;
@@ -255,7 +255,14 @@ impl Source {
         };
         attach_tasks(&mut instances, &runs);
         let locks = match coordination.existing_locks()? {
-            Some(store) => store.list()?.into_iter().map(lock_view).collect(),
+            Some(store) => {
+                let waiters = store.waiters()?;
+                store
+                    .list()?
+                    .into_iter()
+                    .map(|listed| lock_view(listed, &waiters))
+                    .collect()
+            }
             None => Vec::new(),
         };
         let reservations = match coordination.existing_reservations()? {
@@ -520,11 +527,19 @@ fn run_view(run: &RunRow, tasks: Vec<TaskRow>) -> RunView {
     }
 }
 
-fn lock_view((lock, lapsed): (LockState, Option<String>)) -> LockView {
+fn lock_view((lock, lapsed): (LockState, Option<String>), waiters: &[Waiter]) -> LockView {
+    let waiters = waiters
+        .iter()
+        .filter(|waiter| waiter.name == lock.name)
+        .map(|waiter| match &waiter.holder.instance {
+            Some(id) => id.clone(),
+            None => format!("pid {} on {}", waiter.holder.pid, waiter.holder.host),
+        })
+        .collect();
     LockView {
         lock,
         lapsed,
-        waiters: Vec::new(),
+        waiters,
         scope: "local".into(),
     }
 }

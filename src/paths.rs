@@ -19,6 +19,8 @@
 //!   journal/<id>.<nonce>.json  intent of a multi-step operation on instance <id> under way
 //!   locks/
 //!     named/<name>.json        named lock: holder, fencing token, expiry (kept when free)
+//!     waiting/<pid>-<start>.json  a process waiting for a named lock (signed; removed when
+//!                              its wait ends, a killed waiter's by the next waiter)
 //!     reservations.json        path reservations
 //!     .mutex                   flock taken around every lock and reservation change
 //! ```
@@ -186,6 +188,17 @@ impl AppPaths {
     /// The state file of lock `name`.
     pub fn lock_state(&self, name: &str) -> PathBuf {
         self.named_locks_dir().join(format!("{name}.json"))
+    }
+
+    /// Who waits for a named lock: one signed file per waiting process.
+    pub fn lock_waiters_dir(&self) -> PathBuf {
+        self.locks_dir().join("waiting")
+    }
+
+    /// The file of the process `pid` (started at `start_time`) while it waits for a lock.
+    pub fn lock_waiter(&self, pid: u32, start_time: u64) -> PathBuf {
+        self.lock_waiters_dir()
+            .join(format!("{pid}-{start_time}.json"))
     }
 
     /// The path reservations.

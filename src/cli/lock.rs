@@ -130,11 +130,11 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
         }
         LockCommand::List { json, .. } => {
             // Listing creates nothing: where no lock was ever taken there is nothing to list.
-            let all = match coordination.existing_locks()? {
-                Some(locks) => locks.list()?,
-                None => Vec::new(),
+            let (all, waiters) = match coordination.existing_locks()? {
+                Some(locks) => (locks.list()?, locks.waiters()?),
+                None => (Vec::new(), Vec::new()),
             };
-            list(all, json)
+            list(all, &waiters, json)
         }
         LockCommand::Run {
             timeout, command, ..
@@ -147,13 +147,21 @@ pub(super) fn run(ctx: &Context, command: LockCommand) -> Result<u8> {
     }
 }
 
-fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
+fn list(
+    all: Vec<(lock::LockState, Option<String>)>,
+    waiters: &[lock::Waiter],
+    json: bool,
+) -> Result<u8> {
+    let waiting = |name: &LockName| -> Vec<&lock::Waiter> {
+        waiters.iter().filter(|w| &w.name == name).collect()
+    };
     if json {
         let values: Vec<serde_json::Value> = all
             .iter()
             .map(|(state, lapsed)| {
                 let mut value = serde_json::to_value(state).expect("lock states serialize");
                 value["lapsed"] = serde_json::json!(lapsed);
+                value["waiters"] = serde_json::json!(waiting(&state.name));
                 value
             })
             .collect();
@@ -161,6 +169,7 @@ fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
         return Ok(0);
     }
     for (state, lapsed) in all {
+        let name = state.name.clone();
         match (&state.holder, lapsed) {
             (None, _) => outln!("{} free (last token {})", state.name, state.token),
             (Some(holder), None) => outln!(
@@ -179,6 +188,9 @@ fn list(all: Vec<(lock::LockState, Option<String>)>, json: bool) -> Result<u8> {
                 state.name,
                 state.token
             ),
+        }
+        for waiter in waiting(&name) {
+            outln!("  waiting: {} since {}", waiter.holder, waiter.since);
         }
     }
     Ok(0)

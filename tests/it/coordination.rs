@@ -561,3 +561,71 @@ fn listing_locks_and_reservations_creates_nothing() {
     }
     assert_eq!(repo.git(&["status", "--porcelain", "--ignored"]), "");
 }
+
+#[test]
+fn waiters_for_a_lock_are_listed_while_they_wait_and_a_killed_one_is_not() {
+    let repo = TestRepo::new();
+    let _owner = register(&repo, "owner");
+    let _patient = register(&repo, "patient");
+    let taken = app_as(&repo, "owner", &["lock", "acquire", "gpu"]);
+    assert_eq!(code(&taken), 0, "{}", stderr(&taken));
+    let waiting = |repo: &TestRepo| -> Vec<serde_json::Value> {
+        let list = repo.run_app(&["lock", "list", "--json"]);
+        let all: serde_json::Value = serde_json::from_str(&stdout(&list)).unwrap();
+        all[0]["waiters"].as_array().unwrap().clone()
+    };
+    assert_eq!(waiting(&repo), Vec::<serde_json::Value>::new());
+
+    let mut command = repo.app(&["lock", "acquire", "gpu", "--timeout", "60s"]);
+    command.env("APP_INSTANCE_ID", "patient");
+    let patient = repo.spawn(command);
+    let doomed = repo.spawn_app(&["lock", "acquire", "gpu", "--timeout", "60s"]);
+    wait_for("both waiters to be listed", Duration::from_secs(30), || {
+        waiting(&repo).len() == 2
+    });
+    let listed = waiting(&repo);
+    assert!(
+        listed
+            .iter()
+            .any(|w| w["holder"]["instance"] == "patient" && w["process"]["pid"] == patient.pid()),
+        "{listed:?}"
+    );
+    assert!(
+        listed.iter().any(|w| w["process"]["pid"] == doomed.pid()),
+        "{listed:?}"
+    );
+    let text = stdout(&repo.run_app(&["lock", "list"]));
+    assert!(text.contains("  waiting: instance patient"), "{text}");
+
+    // A waiter killed mid-wait is not listed, though its file is left.
+    doomed.kill_now();
+    let left = waiting(&repo);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["holder"]["instance"], "patient");
+
+    let released = app_as(&repo, "owner", &["lock", "release", "gpu"]);
+    assert_eq!(code(&released), 0, "{}", stderr(&released));
+    let output = patient.wait(Duration::from_secs(30));
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert_eq!(waiting(&repo), Vec::<serde_json::Value>::new());
+    let own = repo
+        .state_dir()
+        .join(format!("locks/waiting/{}-", output_pid(&listed, "patient")));
+    let files: Vec<String> = fs::read_dir(repo.state_dir().join("locks/waiting"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    assert!(
+        files.iter().all(|f| !f.starts_with(own.to_str().unwrap())),
+        "a waiter that got the lock removes its file: {files:?}"
+    );
+}
+
+/// The pid of the listed waiter for instance `id`.
+fn output_pid(listed: &[serde_json::Value], id: &str) -> u64 {
+    listed
+        .iter()
+        .find(|w| w["holder"]["instance"] == id)
+        .and_then(|w| w["process"]["pid"].as_u64())
+        .unwrap()
+}
