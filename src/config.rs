@@ -179,27 +179,8 @@ impl Settings {
             api_port_range: port_range("APP_API_PORT_RANGE", DEFAULT_API_PORT_RANGE)?,
             api_addr: nonblank("APP_API_ADDR")?,
             api_token: nonblank("APP_API_TOKEN")?,
-            lease_ttl: match duration("APP_LEASE_TTL", DEFAULT_LEASE_TTL)? {
-                ttl if ttl < Duration::from_secs(1) => {
-                    return Err(SettingsError::LeaseTooShort {
-                        var: "APP_LEASE_TTL",
-                    }
-                    .into());
-                }
-                ttl => ttl,
-            },
-            fleet_host: match nonblank("APP_FLEET_HOST")? {
-                Some(name) => {
-                    crate::ids::validate_host_name(&name).map_err(|err| {
-                        SettingsError::HostName {
-                            var: "APP_FLEET_HOST",
-                            reason: err.to_string(),
-                        }
-                    })?;
-                    name
-                }
-                None => crate::process::hostname().to_string(),
-            },
+            lease_ttl: lease_ttl(duration("APP_LEASE_TTL", DEFAULT_LEASE_TTL)?)?,
+            fleet_host: fleet_host(nonblank("APP_FLEET_HOST")?)?,
             shared_secret: var("APP_SHARED_SECRET").map(SharedSecret),
             caller: Caller {
                 instance_id: claim("APP_INSTANCE_ID"),
@@ -208,6 +189,28 @@ impl Settings {
             },
         })
     }
+}
+
+/// `APP_LEASE_TTL`: at least a second.
+fn lease_ttl(ttl: Duration) -> Result<Duration, SettingsError> {
+    if ttl < Duration::from_secs(1) {
+        return Err(SettingsError::LeaseTooShort {
+            var: "APP_LEASE_TTL",
+        });
+    }
+    Ok(ttl)
+}
+
+/// `APP_FLEET_HOST` (a host name), else this machine's host name.
+fn fleet_host(name: Option<String>) -> Result<String, SettingsError> {
+    let Some(name) = name else {
+        return Ok(crate::process::hostname().to_string());
+    };
+    crate::ids::validate_host_name(&name).map_err(|err| SettingsError::HostName {
+        var: "APP_FLEET_HOST",
+        reason: err.to_string(),
+    })?;
+    Ok(name)
 }
 
 /// A number of bytes above zero, from the variable `var`.
