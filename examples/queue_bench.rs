@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use app::ids::InstanceId;
 use app::lock::{self, Holder, Locks, Request};
 use app::paths::AppPaths;
 use app::process::ProcessIdentity;
@@ -88,9 +89,10 @@ fn latency(app: &str, recipient: &str, count: usize, gap_ms: u64, poll: bool) {
     std::thread::sleep(Duration::from_millis(300));
     let mut random = Random::seeded();
     let mut sent_at = HashMap::new();
+    let recipient = InstanceId::parse(recipient).expect("the bench's recipient is an id");
     let outgoing = Outgoing {
-        from: "bench-sender".into(),
-        to: Some(recipient.into()),
+        from: InstanceId::parse("bench-sender").expect("an id"),
+        to: Some(recipient.clone()),
         kind: "text".into(),
         ttl: queue::DEFAULT_TTL,
         payload: serde_json::json!("ping"),
@@ -98,7 +100,8 @@ fn latency(app: &str, recipient: &str, count: usize, gap_ms: u64, poll: bool) {
     for _ in 0..count {
         std::thread::sleep(Duration::from_micros(random.below(gap_ms * 1000 + 1)));
         let start = Instant::now();
-        let id = queue::send(&paths, &key, &outgoing, &[recipient.to_string()]).expect("send");
+        let id =
+            queue::send(&paths, &key, &outgoing, std::slice::from_ref(&recipient)).expect("send");
         sent_at.insert(id.clone(), start);
         let (got, at) = arrivals
             .recv_timeout(Duration::from_secs(30))

@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::error::{Result, SettingsError};
 use crate::time::parse_duration;
 
 /// Default time between two heartbeats of a running instance.
@@ -125,34 +125,41 @@ impl Settings {
 
     /// Reads and validates every setting through `var` (a variable's value, if set).
     pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> Result<Settings> {
-        let text = |name: &str| -> Result<Option<String>> {
+        let text = |name: &'static str| -> Result<Option<String>> {
             var(name)
                 .map(|value| {
                     value
                         .into_string()
-                        .map_err(|_| Error::bad_input(format!("{name} is not valid UTF-8")))
+                        .map_err(|_| SettingsError::NotUtf8 { var: name }.into())
                 })
                 .transpose()
         };
-        let duration = |name: &str, default: Duration| -> Result<Duration> {
+        let duration = |name: &'static str, default: Duration| -> Result<Duration> {
             match text(name)? {
-                Some(value) => {
-                    parse_duration(&value).map_err(|err| Error::bad_input(format!("{name}: {err}")))
-                }
+                Some(value) => parse_duration(&value).map_err(|err| {
+                    SettingsError::Duration {
+                        var: name,
+                        reason: err.to_string(),
+                    }
+                    .into()
+                }),
                 None => Ok(default),
             }
         };
         let heartbeat_interval = duration("APP_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL)?;
         if heartbeat_interval.is_zero() {
-            return Err(Error::bad_input(
-                "APP_HEARTBEAT_INTERVAL must be greater than zero",
-            ));
+            return Err(SettingsError::Zero {
+                var: "APP_HEARTBEAT_INTERVAL",
+            }
+            .into());
         }
-        let port_range = |name: &str, default: RangeInclusive<u16>| match text(name)? {
-            Some(value) => parse_port_range(name, &value, &default),
-            None => Ok(default),
+        let port_range = |name: &'static str, default: RangeInclusive<u16>| -> Result<_> {
+            match text(name)? {
+                Some(value) => Ok(parse_port_range(name, &value, &default)?),
+                None => Ok(default),
+            }
         };
-        let nonblank = |name: &str| -> Result<Option<String>> {
+        let nonblank = |name: &'static str| -> Result<Option<String>> {
             Ok(text(name)?.filter(|value| !value.trim().is_empty()))
         };
         // A claim that is not UTF-8 is no claim (as `std::env::var` saw it), never an error.
@@ -164,7 +171,7 @@ impl Settings {
             },
             db_retry_deadline: duration("APP_DB_RETRY_DEADLINE", DEFAULT_DB_RETRY_DEADLINE)?,
             max_message_bytes: match text("APP_MAX_MESSAGE_BYTES")? {
-                Some(value) => parse_message_bytes(&value)?,
+                Some(value) => parse_message_bytes("APP_MAX_MESSAGE_BYTES", &value)?,
                 None => DEFAULT_MAX_MESSAGE_BYTES,
             },
             poll_interval: duration("APP_POLL_INTERVAL", DEFAULT_POLL_INTERVAL)?,
@@ -172,22 +179,8 @@ impl Settings {
             api_port_range: port_range("APP_API_PORT_RANGE", DEFAULT_API_PORT_RANGE)?,
             api_addr: nonblank("APP_API_ADDR")?,
             api_token: nonblank("APP_API_TOKEN")?,
-            lease_ttl: match duration("APP_LEASE_TTL", DEFAULT_LEASE_TTL)? {
-                ttl if ttl < Duration::from_secs(1) => {
-                    return Err(Error::bad_input(
-                        "APP_LEASE_TTL must be at least 1s (hosts renew their leases every third of it)",
-                    ));
-                }
-                ttl => ttl,
-            },
-            fleet_host: match nonblank("APP_FLEET_HOST")? {
-                Some(name) => {
-                    crate::ids::validate_host_name(&name)
-                        .map_err(|err| Error::bad_input(format!("APP_FLEET_HOST: {err}")))?;
-                    name
-                }
-                None => crate::process::hostname().to_string(),
-            },
+            lease_ttl: lease_ttl(duration("APP_LEASE_TTL", DEFAULT_LEASE_TTL)?)?,
+            fleet_host: fleet_host(nonblank("APP_FLEET_HOST")?)?,
             shared_secret: var("APP_SHARED_SECRET").map(SharedSecret),
             caller: Caller {
                 instance_id: claim("APP_INSTANCE_ID"),
@@ -198,24 +191,46 @@ impl Settings {
     }
 }
 
-fn parse_message_bytes(text: &str) -> Result<usize> {
+/// `APP_LEASE_TTL`: at least a second.
+fn lease_ttl(ttl: Duration) -> Result<Duration, SettingsError> {
+    if ttl < Duration::from_secs(1) {
+        return Err(SettingsError::LeaseTooShort {
+            var: "APP_LEASE_TTL",
+        });
+    }
+    Ok(ttl)
+}
+
+/// `APP_FLEET_HOST` (a host name), else this machine's host name.
+fn fleet_host(name: Option<String>) -> Result<String, SettingsError> {
+    let Some(name) = name else {
+        return Ok(crate::process::hostname().to_string());
+    };
+    crate::ids::validate_host_name(&name).map_err(|err| SettingsError::HostName {
+        var: "APP_FLEET_HOST",
+        reason: err.to_string(),
+    })?;
+    Ok(name)
+}
+
+/// A number of bytes above zero, from the variable `var`.
+fn parse_message_bytes(var: &'static str, text: &str) -> Result<usize, SettingsError> {
     text.trim()
         .parse::<usize>()
         .ok()
         .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            Error::bad_input(format!(
-                "APP_MAX_MESSAGE_BYTES={text:?} is not a positive number of bytes"
-            ))
+        .ok_or_else(|| SettingsError::NotPositive {
+            var,
+            value: text.to_string(),
         })
 }
 
 /// A port range written `LOW-HIGH`, from the variable `var`.
 fn parse_port_range(
-    var: &str,
+    var: &'static str,
     text: &str,
     default: &RangeInclusive<u16>,
-) -> Result<RangeInclusive<u16>> {
+) -> Result<RangeInclusive<u16>, SettingsError> {
     let parsed = text
         .split_once('-')
         .and_then(|(low, high)| {
@@ -227,11 +242,11 @@ fn parse_port_range(
         .filter(|(low, high)| 0 < *low && low <= high);
     match parsed {
         Some((low, high)) => Ok(low..=high),
-        None => Err(Error::bad_input(format!(
-            "{var}={text:?} is not a port range; write it as LOW-HIGH, e.g. {}-{}",
-            default.start(),
-            default.end()
-        ))),
+        None => Err(SettingsError::PortRange {
+            var,
+            value: text.to_string(),
+            example: (*default.start(), *default.end()),
+        }),
     }
 }
 
@@ -244,11 +259,7 @@ pub fn data_dir() -> Result<std::path::PathBuf> {
     }
     directories::ProjectDirs::from("", "", "app")
         .map(|dirs| dirs.data_dir().to_path_buf())
-        .ok_or_else(|| {
-            Error::bad_input(
-                "cannot find a home directory for the default database; set APP_HOME, APP_DB_PATH or --db",
-            )
-        })
+        .ok_or_else(|| SettingsError::NoHome.into())
 }
 
 #[cfg(test)]
@@ -337,5 +348,49 @@ mod tests {
             assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
             assert!(err.to_string().contains(var), "{var}: {err}");
         }
+    }
+
+    #[test]
+    fn a_bad_setting_reads_as_it_always_has() {
+        for (var, value, text) in [
+            (
+                "APP_HEARTBEAT_INTERVAL",
+                "0s",
+                "APP_HEARTBEAT_INTERVAL must be greater than zero",
+            ),
+            (
+                "APP_STALE_AFTER",
+                "soon",
+                "APP_STALE_AFTER: invalid duration \"soon\"; write a number and a unit such as 500ms, 3s, 2m or 1h",
+            ),
+            (
+                "APP_MAX_MESSAGE_BYTES",
+                " 0",
+                "APP_MAX_MESSAGE_BYTES=\" 0\" is not a positive number of bytes",
+            ),
+            (
+                "APP_API_PORT_RANGE",
+                "3000",
+                "APP_API_PORT_RANGE=\"3000\" is not a port range; write it as LOW-HIGH, e.g. 3000-3010",
+            ),
+            (
+                "APP_LEASE_TTL",
+                "500ms",
+                "APP_LEASE_TTL must be at least 1s (hosts renew their leases every third of it)",
+            ),
+            (
+                "APP_FLEET_HOST",
+                "a b",
+                "APP_FLEET_HOST: invalid host name \"a b\": use 1-64 of letters, digits and '_.-', starting with a letter or digit",
+            ),
+        ] {
+            assert_eq!(settings(&[(var, value)]).unwrap_err().to_string(), text);
+        }
+        use std::os::unix::ffi::OsStringExt;
+        let err = Settings::from_vars(|name| {
+            (name == "APP_POLL_INTERVAL").then(|| OsString::from_vec(vec![0xff]))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "APP_POLL_INTERVAL is not valid UTF-8");
     }
 }

@@ -253,83 +253,95 @@ fn handle(
     shared: &Shared,
     own_uid: u32,
 ) -> io::Result<()> {
-    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+    if !peer_is_allowed(&stream, own_uid)? {
+        return Ok(());
+    }
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.by_ref().take(64 * 1024).read_line(&mut line)?;
+    let writer = Writer(Arc::new(Mutex::new(stream)));
+    let argv = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Exec(argv)) if !argv.is_empty() => argv,
+        Ok(Request::Stop) => {
+            (context.stop)();
+            return writer.send(EXIT, &[0]);
+        }
+        _ => {
+            return writer.send(
+                ERROR,
+                b"bad request: expected {\"exec\": [\"cmd\", ...]} or \"stop\"",
+            );
+        }
+    };
+    let (key, child) = match start_command(&argv, context, shared) {
+        Started::Running(key, child) => (key, child),
+        Started::Stopping => {
+            return writer.send(
+                ERROR,
+                b"the instance is stopping; it takes no more commands",
+            );
+        }
+        Started::Failed(err) => {
+            writer.send(
+                STDERR,
+                format!("app: cannot run {:?}: {err}\n", argv[0]).as_bytes(),
+            )?;
+            return writer.send(EXIT, &[process::spawn_failure_code(&err)]);
+        }
+    };
+    let (stdin, stdout, stderr) = child.take_pipes();
+    forward_input(reader, stdin);
+    let out = writer.pump(stdout.map(|s| Box::new(s) as Box<dyn Read + Send>), STDOUT);
+    let err = writer.pump(stderr.map(|s| Box::new(s) as Box<dyn Read + Send>), STDERR);
+    (context.events)("instance.exec", serde_json::json!({ "command": argv }));
+    let waited = child.wait();
+    // However this connection ends from here on, it stops counting as running.
+    let _done = Done(shared, key);
+    let status = waited?;
+    let _ = out.join();
+    let _ = err.join();
+    let code = process::exit_code(status);
+    (context.events)(
+        "instance.exec_exited",
+        serde_json::json!({ "command": argv, "exit_code": code }),
+    );
+    writer.send(EXIT, &[code])?;
+    // Ends the input thread's read too, so nothing of this connection outlives the command.
+    writer.stream().shutdown(std::net::Shutdown::Both)
+}
+
+/// Checks the peer's credentials; one of another user is refused (and logged) before
+/// anything is read.
+fn peer_is_allowed(stream: &UnixStream, own_uid: u32) -> io::Result<bool> {
+    let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io::Error::from)?;
     if !peer_allowed(peer.uid(), own_uid) {
         tracing::warn!(
             peer_uid = peer.uid(),
             "refused a control connection from another user"
         );
-        return Ok(());
+        return Ok(false);
     }
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.by_ref().take(64 * 1024).read_line(&mut line)?;
-    let writer = Arc::new(Mutex::new(stream));
-    let send = |kind: u8, body: &[u8]| -> io::Result<()> {
-        let mut stream = writer.lock().unwrap_or_else(|p| p.into_inner());
-        write_frame(&mut *stream, kind, body)
-    };
-    let argv = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Exec(argv)) if !argv.is_empty() => argv,
-        Ok(Request::Stop) => {
-            (context.stop)();
-            return send(EXIT, &[0]);
-        }
-        _ => {
-            return send(
-                ERROR,
-                b"bad request: expected {\"exec\": [\"cmd\", ...]} or \"stop\"",
-            );
-        }
-    };
-    // Registered under the lock a shutdown signals under, so no command starts unseen.
-    let mut children = shared.children();
-    if shared.closing.is_stopped() {
-        drop(children);
-        return send(
-            ERROR,
-            b"the instance is stopping; it takes no more commands",
-        );
+    Ok(true)
+}
+
+/// The connection's write side, shared by the output pumps and the handler: frames never
+/// interleave.
+struct Writer(Arc<Mutex<UnixStream>>);
+
+impl Writer {
+    fn stream(&self) -> std::sync::MutexGuard<'_, UnixStream> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
-    let spawned = process::Child::spawn_group(
-        Command::new(&argv[0])
-            .args(&argv[1..])
-            .current_dir(&context.cwd)
-            .envs(context.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .map(Arc::new);
-    let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
-    if let Ok(child) = &spawned {
-        children.insert(key, Arc::clone(child));
+
+    fn send(&self, kind: u8, body: &[u8]) -> io::Result<()> {
+        write_frame(&mut *self.stream(), kind, body)
     }
-    drop(children);
-    let child = match spawned {
-        Ok(child) => child,
-        Err(err) => {
-            send(
-                STDERR,
-                format!("app: cannot run {:?}: {err}\n", argv[0]).as_bytes(),
-            )?;
-            return send(EXIT, &[process::spawn_failure_code(&err)]);
-        }
-    };
-    let (mut stdin, stdout, stderr) = child.take_pipes();
-    // Input: frames from the client into the command's stdin, until an empty frame.
-    thread::spawn(move || {
-        while let Ok(Some((STDIN, body))) = read_frame(&mut reader) {
-            let Some(pipe) = stdin.as_mut() else { break };
-            if body.is_empty() || pipe.write_all(&body).is_err() {
-                break;
-            }
-        }
-        drop(stdin);
-    });
-    let pump = |source: Option<Box<dyn Read + Send>>, kind: u8| {
-        let writer = Arc::clone(&writer);
+
+    /// Copies `source` into frames of `kind` on a thread of its own, until its end or a write
+    /// fails.
+    fn pump(&self, source: Option<Box<dyn Read + Send>>, kind: u8) -> thread::JoinHandle<()> {
+        let writer = Arc::clone(&self.0);
         thread::spawn(move || {
             let Some(mut source) = source else { return };
             let mut buffer = vec![0u8; 64 * 1024];
@@ -343,31 +355,67 @@ fn handle(
                 }
             }
         })
-    };
-    let out = pump(stdout.map(|s| Box::new(s) as Box<dyn Read + Send>), STDOUT);
-    let err = pump(stderr.map(|s| Box::new(s) as Box<dyn Read + Send>), STDERR);
-    (context.events)("instance.exec", serde_json::json!({ "command": argv }));
-    let waited = child.wait();
-    // However this connection ends from here on, it stops counting as running.
-    struct Done<'a>(&'a Shared, u64);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.children().remove(&self.1);
-        }
     }
-    let _done = Done(shared, key);
-    let status = waited?;
-    let _ = out.join();
-    let _ = err.join();
-    let code = process::exit_code(status);
-    (context.events)(
-        "instance.exec_exited",
-        serde_json::json!({ "command": argv, "exit_code": code }),
-    );
-    send(EXIT, &[code])?;
-    // Ends the input thread's read too, so nothing of this connection outlives the command.
-    let stream = writer.lock().unwrap_or_else(|p| p.into_inner());
-    stream.shutdown(std::net::Shutdown::Both)
+}
+
+/// How starting an exec's command went.
+enum Started {
+    /// Running, and counted under `key` among the shared children.
+    Running(u64, Arc<process::Child>),
+    /// The server is closing: nothing was started.
+    Stopping,
+    /// The command could not be started.
+    Failed(io::Error),
+}
+
+/// Starts `argv` in the instance's directory and environment, registered under the lock a
+/// shutdown signals under, so no command starts unseen.
+fn start_command(argv: &[String], context: &ExecContext, shared: &Shared) -> Started {
+    let mut children = shared.children();
+    if shared.closing.is_stopped() {
+        return Started::Stopping;
+    }
+    let spawned = process::Child::spawn_group(
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(&context.cwd)
+            .envs(context.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .map(Arc::new);
+    let key = shared.next_key.fetch_add(1, Ordering::Relaxed);
+    match spawned {
+        Ok(child) => {
+            children.insert(key, Arc::clone(&child));
+            Started::Running(key, child)
+        }
+        Err(err) => Started::Failed(err),
+    }
+}
+
+/// Input: frames from the client into the command's stdin, until an empty frame (on a thread
+/// of its own).
+fn forward_input(mut reader: BufReader<UnixStream>, mut stdin: Option<std::process::ChildStdin>) {
+    thread::spawn(move || {
+        while let Ok(Some((STDIN, body))) = read_frame(&mut reader) {
+            let Some(pipe) = stdin.as_mut() else { break };
+            if body.is_empty() || pipe.write_all(&body).is_err() {
+                break;
+            }
+        }
+        drop(stdin);
+    });
+}
+
+/// Removes an exec's command from the running ones when dropped.
+struct Done<'a>(&'a Shared, u64);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.children().remove(&self.1);
+    }
 }
 
 /// Asks the instance listening on `socket` to stop its command; `Ok` once it took the request.

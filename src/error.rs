@@ -14,6 +14,7 @@ mod instance;
 mod mcp;
 mod paths;
 mod run;
+mod settings;
 mod worktree;
 
 pub use api::ApiStartError;
@@ -23,6 +24,7 @@ pub use instance::InstanceError;
 pub use mcp::McpError;
 pub use paths::PathsError;
 pub use run::RunError;
+pub use settings::SettingsError;
 pub use worktree::WorktreeError;
 
 /// Exit code for a failure that is neither bad input nor contention.
@@ -126,6 +128,10 @@ pub enum Error {
     #[error(transparent)]
     Instance(#[from] InstanceError),
 
+    /// A setting in the environment cannot be used.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+
     /// An orchestrated run was refused.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -173,6 +179,7 @@ impl Error {
             Error::Reserve(err) => err.exit_code(),
             Error::Worktree(err) => err.exit_code(),
             Error::Instance(err) => err.exit_code(),
+            Error::Settings(err) => err.exit_code(),
             Error::Run(err) => err.exit_code(),
             Error::Control(err) => err.exit_code(),
             Error::ApiStart(err) => err.exit_code(),

@@ -31,6 +31,7 @@ use crate::db::instances::{self, InstanceRow};
 use crate::db::messages::{self, Address, Aside, Copy, Waiting};
 use crate::db::{Blocking, DbSettings, Location};
 use crate::error::{Error, QueueError, Result};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::queue::{
     self, Arrivals, ENVELOPE_BYTES, FileQueue, Message, MessageStore, Outgoing, Post, Posted, Swept,
@@ -71,6 +72,32 @@ pub(crate) fn no_server(location: Option<&Location>) -> Error {
 struct Schedule {
     next: Instant,
     interval: Duration,
+}
+
+/// An instance live on another host, as the `instances` mirror holds it.
+#[derive(Debug, Clone)]
+struct Elsewhere {
+    id: InstanceId,
+    host: String,
+    repo_root: String,
+}
+
+impl Elsewhere {
+    /// The row's instance; `None` (and a warning) when its id is none, so one bad row of
+    /// another host does not stop a send.
+    fn from_row(row: InstanceRow) -> Option<Elsewhere> {
+        match InstanceId::from_trusted(row.id, "the fleet's instances table") {
+            Ok(id) => Some(Elsewhere {
+                id,
+                host: row.host,
+                repo_root: row.repo_root,
+            }),
+            Err(err) => {
+                tracing::warn!(%err, host = %row.host, "skipped a row of the instances table");
+                None
+            }
+        }
+    }
 }
 
 impl Schedule {
@@ -171,17 +198,17 @@ impl FleetQueue {
     /// Validates `post` whole, then files it where its recipients are: the files for this
     /// host's, the table for other hosts'. Bad input changes nothing.
     pub(crate) fn post(&self, roster: &dyn Roster, post: Post) -> Result<Posted> {
-        queue::validate(&post, self.max_bytes)?;
+        let addressed = queue::validate(&post, self.max_bytes)?;
         if post.fleet {
             self.keys.shared()?;
         }
-        if post.to == "all" {
+        let Some(to) = addressed.to else {
             return self.broadcast(roster, post);
-        }
+        };
         let live_here = roster
-            .instance(&post.to)
+            .instance(&to)
             .is_some_and(|record| roster.liveness(record) == Liveness::Live);
-        if !live_here && let Some(posted) = self.post_elsewhere(&post)? {
+        if !live_here && let Some(posted) = self.post_elsewhere(&post, addressed.from, to)? {
             return Ok(posted);
         }
         let (outgoing, recipients) = queue::route(roster, post, self.max_bytes)?;
@@ -191,7 +218,12 @@ impl FleetQueue {
 
     /// Files `post` for its recipient where it runs on another host; `None` when it runs on
     /// none (nothing was filed).
-    fn post_elsewhere(&self, post: &Post) -> Result<Option<Posted>> {
+    fn post_elsewhere(
+        &self,
+        post: &Post,
+        from: InstanceId,
+        to: InstanceId,
+    ) -> Result<Option<Posted>> {
         let db = self.db()?;
         let key = match self.keys.shared() {
             Ok(key) => key,
@@ -199,7 +231,7 @@ impl FleetQueue {
                 // Without the fleet's secret nothing can go to another host; say so only
                 // when one is what the sender asked for.
                 let elsewhere = self.live_elsewhere(&db)?;
-                return match elsewhere.iter().find(|row| row.id == post.to) {
+                return match elsewhere.iter().find(|row| row.id == to) {
                     Some(row) => Err(Error::bad_input(format!(
                         "instance {} runs on host {}: {err}",
                         row.id, row.host
@@ -209,16 +241,15 @@ impl FleetQueue {
             }
         };
         let id = queue::new_id();
-        let outgoing = queue::outgoing(post.clone(), Some(post.to.clone()));
-        let copy = self.copy(&key, &outgoing, (&id, Timestamp::now()), &post.to);
+        let outgoing = queue::outgoing(post.clone(), from, Some(to.clone()));
+        let copy = self.copy(&key, &outgoing, (&id, Timestamp::now()), &to);
         let live_since = instances::live_since(self.stale_after);
-        let landed =
-            db.run(async |db| messages::file_for(db, &copy, &post.to, &live_since).await)?;
+        let landed = db.run(async |db| messages::file_for(db, &copy, &to, &live_since).await)?;
         Ok(landed.map(|host| {
-            tracing::debug!(message = %id, recipient = %post.to, %host, "sent to another host");
+            tracing::debug!(message = %id, recipient = %to, %host, "sent to another host");
             Posted {
                 id,
-                recipients: vec![post.to.clone()],
+                recipients: vec![to],
             }
         }))
     }
@@ -228,7 +259,7 @@ impl FleetQueue {
         key: &SigningKey,
         outgoing: &'a Outgoing,
         (id, timestamp): (&'a str, Timestamp),
-        recipient: &str,
+        recipient: &InstanceId,
     ) -> Copy<'a> {
         let message = outgoing.copy(id, timestamp, recipient);
         Copy {
@@ -240,7 +271,7 @@ impl FleetQueue {
     }
 
     /// Every instance live on another host, once each.
-    fn live_elsewhere(&self, db: &Blocking) -> Result<Vec<InstanceRow>> {
+    fn live_elsewhere(&self, db: &Blocking) -> Result<Vec<Elsewhere>> {
         let rows = db.run(async |db| instances::live_everywhere(db, self.stale_after).await)?;
         let mut seen = HashSet::new();
         Ok(rows
@@ -248,6 +279,7 @@ impl FleetQueue {
             .rev()
             .filter(|row| row.host != self.server.host)
             .filter(|row| seen.insert((row.host.clone(), row.repo_root.clone(), row.id.clone())))
+            .filter_map(Elsewhere::from_row)
             .collect())
     }
 
@@ -263,7 +295,7 @@ impl FleetQueue {
         if fleet {
             let key = self.keys.shared()?;
             let db = self.db()?;
-            let elsewhere: Vec<InstanceRow> = self
+            let elsewhere: Vec<Elsewhere> = self
                 .live_elsewhere(&db)?
                 .into_iter()
                 .filter(|row| row.id != from)
@@ -415,7 +447,7 @@ impl FleetQueue {
 }
 
 impl MessageStore for FleetQueue {
-    fn send(&self, outgoing: &Outgoing, recipients: &[String]) -> Result<String> {
+    fn send(&self, outgoing: &Outgoing, recipients: &[InstanceId]) -> Result<String> {
         self.files.send(outgoing, recipients)
     }
 

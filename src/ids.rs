@@ -4,13 +4,16 @@
 //! Invariant: an [`InstanceId`], [`LockName`], [`Namespace`] or [`RunId`] value always
 //! satisfies its syntax, so code that holds one never checks it again. Values read back from
 //! app's own signed files and database rows are trusted as written (`Deserialize` and
-//! [`RunId::stored`] do not re-check), so a record written by another version reads as today.
+//! [`RunId::stored`] do not re-check), so a record written by another version reads as today;
+//! except a message's ids and the fleet's instance rows a message goes to
+//! ([`InstanceId::deserialize_checked`], [`InstanceId::from_trusted`]): one that is no id makes
+//! the message unparsable (quarantined) or the row skipped, never a panic.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, LockError, Result};
+use crate::error::{Error, InstanceError, LockError, Result};
 
 /// Declares a name type over `String` with `as_str`, `Display`, `AsRef<str>`, `Deref<str>`,
 /// comparison with text, and transparent serde.
@@ -105,6 +108,17 @@ macro_rules! name_type {
     };
 }
 
+/// Whether `text` is an instance id: `[a-z0-9][a-z0-9_-]{0,63}`.
+fn is_instance_id(text: &str) -> bool {
+    let mut chars = text.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    first_ok && rest_ok && text.len() <= 64
+}
+
 name_type! {
     /// An instance id: `[a-z0-9][a-z0-9_-]{0,63}`, a user's name or 8 random hex characters.
     InstanceId
@@ -113,18 +127,51 @@ name_type! {
 impl InstanceId {
     /// Checks a user-given instance name.
     pub fn parse(text: &str) -> Result<InstanceId> {
-        let mut chars = text.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        let rest_ok =
-            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-        if !first_ok || !rest_ok || text.len() > 64 {
+        if !is_instance_id(text) {
             return Err(Error::bad_input(format!(
                 "invalid instance name {text:?}: use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit"
             )));
         }
         Ok(InstanceId(text.to_string()))
+    }
+
+    /// An instance id read back from app's own records (`what`: a database row, a signed
+    /// file): checked as a user's is, and a bad one is [`InstanceError::BadStoredId`], never a
+    /// panic.
+    pub(crate) fn from_trusted(text: String, what: &'static str) -> Result<InstanceId> {
+        if !is_instance_id(&text) {
+            return Err(InstanceError::BadStoredId { id: text, what }.into());
+        }
+        Ok(InstanceId(text))
+    }
+
+    /// Serde's reading of an instance id that is checked (a message's ids): a bad one fails the
+    /// parse, so what holds it is not trusted.
+    pub(crate) fn deserialize_checked<'de, D>(
+        deserializer: D,
+    ) -> std::result::Result<InstanceId, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+    {
+        let text = String::deserialize(deserializer)?;
+        if !is_instance_id(&text) {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} is no instance id"
+            )));
+        }
+        Ok(InstanceId(text))
+    }
+
+    /// [`InstanceId::deserialize_checked`] for an optional one.
+    pub(crate) fn deserialize_checked_option<'de, D>(
+        deserializer: D,
+    ) -> std::result::Result<Option<InstanceId>, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+    {
+        #[derive(Deserialize)]
+        struct Checked(#[serde(deserialize_with = "InstanceId::deserialize_checked")] InstanceId);
+        Ok(Option::<Checked>::deserialize(deserializer)?.map(|Checked(id)| id))
     }
 
     /// A fresh random id: 8 lowercase hex characters from a v4 UUID.

@@ -46,11 +46,14 @@ pub struct Message {
     /// sort in sending order.
     pub id: String,
     /// Sending instance.
-    pub from: String,
+    #[serde(deserialize_with = "InstanceId::deserialize_checked")]
+    pub from: InstanceId,
     /// Addressed instance, or `None` for a broadcast.
-    pub to: Option<String>,
+    #[serde(default, deserialize_with = "InstanceId::deserialize_checked_option")]
+    pub to: Option<InstanceId>,
     /// The inbox this copy was filed to.
-    pub recipient: String,
+    #[serde(deserialize_with = "InstanceId::deserialize_checked")]
+    pub recipient: InstanceId,
     /// What kind of message: a lowercase word such as `text` or `join_request`.
     #[serde(rename = "type")]
     pub kind: String,
@@ -74,9 +77,9 @@ impl Message {
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// Sending instance.
-    pub from: String,
+    pub from: InstanceId,
     /// One instance, or `None` for every live instance.
-    pub to: Option<String>,
+    pub to: Option<InstanceId>,
     /// Message type.
     pub kind: String,
     /// Time to live.
@@ -111,12 +114,12 @@ pub fn check_payload(payload: &Value, max: usize) -> Result<()> {
 
 impl Outgoing {
     /// The copy of message `id`, sent at `timestamp`, for `recipient`'s inbox.
-    pub(crate) fn copy(&self, id: &str, timestamp: Timestamp, recipient: &str) -> Message {
+    pub(crate) fn copy(&self, id: &str, timestamp: Timestamp, recipient: &InstanceId) -> Message {
         Message {
             id: id.to_string(),
             from: self.from.clone(),
             to: self.to.clone(),
-            recipient: recipient.to_string(),
+            recipient: recipient.clone(),
             kind: self.kind.clone(),
             timestamp,
             ttl_ms: self.ttl.as_millis() as u64,
@@ -168,49 +171,65 @@ pub struct Posted {
     /// Its id.
     pub id: String,
     /// The inboxes it was filed to.
-    pub recipients: Vec<String>,
+    pub recipients: Vec<InstanceId>,
 }
 
 /// Validates `post` whole (type, payload size of at most `max_bytes`, sender, recipient known
 /// to `roster`) and finds its recipients (for `all`: every live instance but the sender).
 /// Writes nothing: bad input changes nothing. [`crate::coordination::Coordination::post`]
 /// files what it returns.
-pub fn route(roster: &dyn Roster, post: Post, max_bytes: usize) -> Result<(Outgoing, Vec<String>)> {
-    validate(&post, max_bytes)?;
-    let (to, recipients) = if post.to == "all" {
-        let live: Vec<String> = roster
-            .live_instances()
-            .into_iter()
-            .filter(|r| r.id != post.from)
-            .map(|r| r.id.to_string())
-            .collect();
-        (None, live)
-    } else {
-        InstanceId::parse(&post.to)?;
-        if roster.instance(&post.to).is_none() {
-            return Err(InstanceError::Unknown { id: post.to }.into());
+pub fn route(
+    roster: &dyn Roster,
+    post: Post,
+    max_bytes: usize,
+) -> Result<(Outgoing, Vec<InstanceId>)> {
+    let Addressed { from, to } = validate(&post, max_bytes)?;
+    let (to, recipients) = match to {
+        None => {
+            let live: Vec<InstanceId> = roster
+                .live_instances()
+                .into_iter()
+                .filter(|r| r.id != from)
+                .map(|r| r.id.clone())
+                .collect();
+            (None, live)
         }
-        (Some(post.to.clone()), vec![post.to.clone()])
+        Some(to) => {
+            if roster.instance(&to).is_none() {
+                return Err(InstanceError::Unknown { id: post.to }.into());
+            }
+            (Some(to.clone()), vec![to])
+        }
     };
-    Ok((outgoing(post, to), recipients))
+    Ok((outgoing(post, from, to), recipients))
+}
+
+/// The sender and recipient of a [`Post`], parsed.
+#[derive(Debug, Clone)]
+pub(crate) struct Addressed {
+    /// The sending instance.
+    pub from: InstanceId,
+    /// The one instance addressed; `None` for `all`.
+    pub to: Option<InstanceId>,
 }
 
 /// Checks what `post` says, without looking for its recipient: its type, its payload's size
-/// (at most `max_bytes`), its sender and recipient names.
-pub(crate) fn validate(post: &Post, max_bytes: usize) -> Result<()> {
+/// (at most `max_bytes`), its sender and recipient names, which it returns parsed.
+pub(crate) fn validate(post: &Post, max_bytes: usize) -> Result<Addressed> {
     validate_kind(&post.kind)?;
     check_payload(&post.payload, max_bytes)?;
-    InstanceId::parse(&post.from)?;
-    if post.to != "all" {
-        InstanceId::parse(&post.to)?;
-    }
-    Ok(())
+    let from = InstanceId::parse(&post.from)?;
+    let to = match post.to.as_str() {
+        "all" => None,
+        to => Some(InstanceId::parse(to)?),
+    };
+    Ok(Addressed { from, to })
 }
 
-/// The message `post` sends, addressed `to` one instance (`None`: a broadcast).
-pub(crate) fn outgoing(post: Post, to: Option<String>) -> Outgoing {
+/// The message `post` sends from `from`, addressed `to` one instance (`None`: a broadcast).
+pub(crate) fn outgoing(post: Post, from: InstanceId, to: Option<InstanceId>) -> Outgoing {
     Outgoing {
-        from: post.from,
+        from,
         to,
         kind: post.kind,
         ttl: post.ttl,
@@ -225,7 +244,7 @@ pub fn send(
     paths: &AppPaths,
     key: &SigningKey,
     outgoing: &Outgoing,
-    recipients: &[String],
+    recipients: &[InstanceId],
 ) -> Result<String> {
     let id = new_id();
     send_as(paths, key, outgoing, (&id, Timestamp::now()), recipients)?;
@@ -238,7 +257,7 @@ pub(crate) fn send_as(
     key: &SigningKey,
     outgoing: &Outgoing,
     (id, timestamp): (&str, Timestamp),
-    recipients: &[String],
+    recipients: &[InstanceId],
 ) -> Result<()> {
     for recipient in recipients {
         let message = outgoing.copy(id, timestamp, recipient);
@@ -281,7 +300,7 @@ impl Arrivals for DirWatch {
 pub trait MessageStore: std::fmt::Debug + Send + Sync {
     /// Files `outgoing` into each of `recipients`' inboxes, each copy signed for its
     /// recipient; returns the message id.
-    fn send(&self, outgoing: &Outgoing, recipients: &[String]) -> Result<String>;
+    fn send(&self, outgoing: &Outgoing, recipients: &[InstanceId]) -> Result<String>;
     /// Deliverable messages of `owner`, oldest first. Moves aside what cannot be trusted and
     /// what expired.
     fn pending(&self, owner: &str) -> Result<(Vec<Message>, Swept)>;
@@ -334,7 +353,7 @@ impl FileQueue {
 }
 
 impl MessageStore for FileQueue {
-    fn send(&self, outgoing: &Outgoing, recipients: &[String]) -> Result<String> {
+    fn send(&self, outgoing: &Outgoing, recipients: &[InstanceId]) -> Result<String> {
         // Sending signs: the first message of a repository creates its key.
         self.paths.ensure_state_dir()?;
         let key = self.keys.load_or_create()?;
@@ -621,6 +640,36 @@ mod tests {
         check_payload(&Value::String("x".repeat(1022)), 1024).unwrap();
         assert!(check_payload(&Value::String("x".repeat(1023)), 1024).is_err());
     }
+
+    #[test]
+    fn a_message_whose_ids_are_none_does_not_parse() {
+        let id = |text| InstanceId::parse(text).unwrap();
+        let message = Outgoing {
+            from: id("a"),
+            to: None,
+            kind: "text".into(),
+            ttl: DEFAULT_TTL,
+            payload: Value::Null,
+        }
+        .copy(&new_id(), Timestamp::now(), &id("b"));
+        let good = serde_json::to_value(&message).unwrap();
+        assert_eq!(good["to"], Value::Null);
+        assert_eq!(
+            serde_json::from_value::<Message>(good.clone()).unwrap(),
+            message
+        );
+        let mut without_to = good.clone();
+        without_to.as_object_mut().unwrap().remove("to");
+        assert_eq!(
+            serde_json::from_value::<Message>(without_to).unwrap(),
+            message
+        );
+        for field in ["from", "to", "recipient"] {
+            let mut bad = good.clone();
+            bad[field] = Value::from("../Not An Id");
+            assert!(serde_json::from_value::<Message>(bad).is_err(), "{field}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -662,12 +711,17 @@ mod proptests {
         })
     }
 
+    /// Any instance id (a message's ids are checked when it is read).
+    fn instance_id() -> impl Strategy<Value = InstanceId> {
+        "[a-z0-9][a-z0-9_-]{0,63}".prop_map(|id| InstanceId::parse(&id).expect("a valid id"))
+    }
+
     fn message() -> impl Strategy<Value = Message> {
         (
             "[a-z0-9]{1,20}",
-            any::<String>(),
-            proptest::option::of(any::<String>()),
-            any::<String>(),
+            instance_id(),
+            proptest::option::of(instance_id()),
+            instance_id(),
             "[a-z][a-z0-9_]{0,10}",
             0u64..253_402_300_799_999,
             any::<u64>(),

@@ -189,22 +189,25 @@ pub(crate) async fn tail_database(
     repo_root: String,
     stop: StopToken,
 ) {
-    // The stream carries what happened from now on: an event written while the database was
-    // still opening (a fresh file waits for its migrations) is not lost.
-    let began = Timestamp::now().to_string();
-    let mut warned = false;
-    let mut after_id: Option<i64> = None;
-    // A local file is only queried after it (or its write-ahead log) changed: most polls are
-    // two `stat` calls instead of a query.
-    let mut last_change = None;
-    let mut skipped = 0u32;
+    let mut tail = Tail {
+        hub,
+        location,
+        repo_root,
+        // The stream carries what happened from now on: an event written while the database
+        // was still opening (a fresh file waits for its migrations) is not lost.
+        began: Timestamp::now().to_string(),
+        warned: false,
+        after_id: None,
+        last_change: None,
+        skipped: 0,
+    };
     loop {
-        let db = match Db::open(location.clone(), settings).await {
+        let db = match Db::open(tail.location.clone(), settings).await {
             Ok(db) => db,
             Err(err) => {
-                if !warned {
-                    tracing::warn!(database = %location, %err, "the event stream cannot read the database; instance events are missing until it can");
-                    warned = true;
+                if !tail.warned {
+                    tracing::warn!(database = %tail.location, %err, "the event stream cannot read the database; instance events are missing until it can");
+                    tail.warned = true;
                 }
                 if wait_or_stop(&stop, REOPEN_AFTER).await {
                     return;
@@ -212,64 +215,112 @@ pub(crate) async fn tail_database(
                 continue;
             }
         };
-        loop {
-            if let Location::Local(path) = &location {
-                let change = file_change(path);
-                // Every few seconds it is queried anyway, in case a write kept mtime and size.
-                if after_id.is_some() && change == last_change && skipped < FORCED_QUERY_EVERY {
-                    skipped += 1;
-                    if wait_or_stop(&stop, DATABASE_INTERVAL).await {
-                        return;
-                    }
-                    continue;
-                }
-                last_change = change;
-                skipped = 0;
-            }
-            let start = match after_id {
-                Some(id) => id,
-                None => match events::latest_id_before(&db, &began).await {
-                    Ok(id) => *after_id.insert(id),
-                    Err(_) => {
-                        last_change = None;
-                        break;
-                    }
-                },
-            };
-            let filter = EventFilter {
-                after_id: start,
-                repo_root: Some(repo_root.clone()),
-                ..EventFilter::default()
-            };
-            match events::query(&db, &filter, 500).await {
-                Ok(rows) => {
-                    warned = false;
-                    for row in rows {
-                        after_id = Some(row.id);
-                        hub.publish(ApiEvent {
-                            id: Some(row.id),
-                            kind: row.kind,
-                            at: row.at,
-                            instance: row.instance,
-                            payload: row.payload,
-                        });
-                    }
-                }
-                Err(err) => {
-                    if !warned {
-                        tracing::warn!(database = %location, %err, "reading events failed; retrying");
-                        warned = true;
-                    }
-                    last_change = None;
-                    break;
-                }
-            }
-            if wait_or_stop(&stop, DATABASE_INTERVAL).await {
-                return;
-            }
+        if tail.follow(&db, &stop).await == Followed::Stopped {
+            return;
         }
         if wait_or_stop(&stop, REOPEN_AFTER).await {
             return;
+        }
+    }
+}
+
+/// Where the database feed is in the event log, across reopenings of the database.
+struct Tail {
+    hub: Hub,
+    location: Location,
+    repo_root: String,
+    /// When the feed began: the first query starts after the last event before it.
+    began: String,
+    /// Whether a failure was logged and nothing has succeeded since (one warning per outage).
+    warned: bool,
+    /// The last event copied (or the last one before `began`).
+    after_id: Option<i64>,
+    /// A local file is only queried after it (or its write-ahead log) changed: most polls are
+    /// two `stat` calls instead of a query.
+    last_change: Option<[(std::time::SystemTime, u64); 2]>,
+    /// Polls skipped since the last query.
+    skipped: u32,
+}
+
+/// How following an open database ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Followed {
+    /// The stop came.
+    Stopped,
+    /// Reading failed: the database is opened again.
+    Failed,
+}
+
+impl Tail {
+    /// Polls `db` for new events until the stop or a failed read.
+    async fn follow(&mut self, db: &Db, stop: &StopToken) -> Followed {
+        loop {
+            if !self.unchanged() && self.copy_new(db).await.is_err() {
+                self.last_change = None;
+                return Followed::Failed;
+            }
+            if wait_or_stop(stop, DATABASE_INTERVAL).await {
+                return Followed::Stopped;
+            }
+        }
+    }
+
+    /// Whether this poll can be skipped: a local file that did not change since the last query.
+    /// Every few seconds it is queried anyway, in case a write kept mtime and size.
+    fn unchanged(&mut self) -> bool {
+        let Location::Local(path) = &self.location else {
+            return false;
+        };
+        let change = file_change(path);
+        if self.after_id.is_some()
+            && change == self.last_change
+            && self.skipped < FORCED_QUERY_EVERY
+        {
+            self.skipped += 1;
+            return true;
+        }
+        self.last_change = change;
+        self.skipped = 0;
+        false
+    }
+
+    /// Publishes the events after the last one copied; `Err` when the database could not be
+    /// read (logged once per outage).
+    async fn copy_new(&mut self, db: &Db) -> Result<(), ()> {
+        let start = match self.after_id {
+            Some(id) => id,
+            None => match events::latest_id_before(db, &self.began).await {
+                Ok(id) => *self.after_id.insert(id),
+                Err(_) => return Err(()),
+            },
+        };
+        let filter = EventFilter {
+            after_id: start,
+            repo_root: Some(self.repo_root.clone()),
+            ..EventFilter::default()
+        };
+        match events::query(db, &filter, 500).await {
+            Ok(rows) => {
+                self.warned = false;
+                for row in rows {
+                    self.after_id = Some(row.id);
+                    self.hub.publish(ApiEvent {
+                        id: Some(row.id),
+                        kind: row.kind,
+                        at: row.at,
+                        instance: row.instance,
+                        payload: row.payload,
+                    });
+                }
+                Ok(())
+            }
+            Err(err) => {
+                if !self.warned {
+                    tracing::warn!(database = %self.location, %err, "reading events failed; retrying");
+                    self.warned = true;
+                }
+                Err(())
+            }
         }
     }
 }

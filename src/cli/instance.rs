@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::context::Context;
+use super::context::{Context, RepoContext};
 use super::output::{self, Fields, Table, outln};
 use crate::config::Timing;
 use crate::db::instances;
@@ -13,7 +13,7 @@ use crate::error::{EXIT_FAILURE, InstanceError, Result};
 use crate::ids::InstanceId;
 use crate::instance::{self, StopOutcome, StopRoute};
 use crate::paths::AppPaths;
-use crate::registry::{Entry, InstanceRecord, InstanceStatus, Liveness, Registry};
+use crate::registry::{Entry, InstanceRecord, InstanceStatus, Liveness, Registry, Snapshot};
 use crate::sign::Keys;
 use crate::time::{self, format_age};
 
@@ -355,61 +355,88 @@ pub(super) fn whoami(ctx: &Context) -> Result<u8> {
 /// `app broadcast`: runs the command in every chosen instance at once, then prints each one's
 /// output under its id and a summary. Exit 0 only when every one succeeded.
 pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
-    let timing = ctx.settings.timing;
+    let stale_after = ctx.settings.timing.stale_after;
     let repo = ctx.repo()?;
-    let (paths, snapshot) = (&repo.paths, repo.snapshot()?);
-    for id in &args.instances {
+    let snapshot = repo.snapshot()?;
+    let targets = broadcast_targets(&snapshot, &args.instances, stale_after)?;
+    let runs: Vec<_> = targets
+        .into_iter()
+        .map(|(id, liveness)| {
+            let handle = start_broadcast_run(&repo, &id, liveness, &args.command, stale_after);
+            (id, handle)
+        })
+        .collect();
+    Ok(report_broadcast(runs))
+}
+
+/// The instances a broadcast runs in, with their liveness: the named ones (each must be
+/// registered), else every live one.
+fn broadcast_targets(
+    snapshot: &Snapshot,
+    named: &[String],
+    stale_after: Duration,
+) -> Result<Vec<(String, Liveness)>> {
+    for id in named {
         InstanceId::parse(id)?;
         if snapshot.instance(id).is_none() {
             return Err(InstanceError::Unknown { id: id.clone() }.into());
         }
     }
-    let targets: Vec<(String, Liveness)> = if args.instances.is_empty() {
+    let targets: Vec<(String, Liveness)> = if named.is_empty() {
         snapshot
             .valid_instances()
             .into_iter()
-            .map(|r| (r.id.to_string(), r.liveness(timing.stale_after)))
+            .map(|r| (r.id.to_string(), r.liveness(stale_after)))
             .filter(|(_, liveness)| *liveness == Liveness::Live)
             .collect()
     } else {
-        args.instances
+        named
             .iter()
             .map(|id| {
                 let record = snapshot.instance(id).expect("checked above");
-                (id.clone(), record.liveness(timing.stale_after))
+                (id.clone(), record.liveness(stale_after))
             })
             .collect()
     };
     if targets.is_empty() {
         return Err(InstanceError::NoneLive.into());
     }
-    let runs: Vec<_> = targets
-        .into_iter()
-        .map(|(id, liveness)| {
-            let socket = paths.control_socket(&id);
-            let command = args.command.clone();
-            let (paths, keys) = (paths.clone(), repo.keys.clone());
-            let (target, stale_after) = (id.clone(), timing.stale_after);
-            let handle = std::thread::spawn(move || {
-                let (mut out, mut err) = (Vec::new(), Vec::new());
-                let mut starting = || still_starting(&paths, &keys, &target, stale_after);
-                let result = match liveness {
-                    Liveness::Stale(reason) => Err(format!("not running ({reason})")),
-                    Liveness::Live => crate::control::run_in(
-                        &socket,
-                        &command,
-                        false,
-                        &mut out,
-                        &mut err,
-                        &mut starting,
-                    )
-                    .map_err(|e| e.to_string()),
-                };
-                (result, out, err)
-            });
-            (id, handle)
-        })
-        .collect();
+    Ok(targets)
+}
+
+/// What one instance's run of a broadcast gave: its exit code or why it did not run, and its
+/// output and error output.
+type BroadcastRun = (std::result::Result<u8, String>, Vec<u8>, Vec<u8>);
+
+/// Runs `command` in instance `id` through its control socket, on a thread of its own.
+fn start_broadcast_run(
+    repo: &RepoContext<'_>,
+    id: &str,
+    liveness: Liveness,
+    command: &[String],
+    stale_after: Duration,
+) -> std::thread::JoinHandle<BroadcastRun> {
+    let socket = repo.paths.control_socket(id);
+    let command = command.to_vec();
+    let (paths, keys) = (repo.paths.clone(), repo.keys.clone());
+    let target = id.to_string();
+    std::thread::spawn(move || {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut starting = || still_starting(&paths, &keys, &target, stale_after);
+        let result = match liveness {
+            Liveness::Stale(reason) => Err(format!("not running ({reason})")),
+            Liveness::Live => {
+                crate::control::run_in(&socket, &command, false, &mut out, &mut err, &mut starting)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        (result, out, err)
+    })
+}
+
+/// Prints each run's output under its id, in the order started, and the summary; the exit
+/// code: 0 only when every one succeeded.
+fn report_broadcast(runs: Vec<(String, std::thread::JoinHandle<BroadcastRun>)>) -> u8 {
     let mut failed = Vec::new();
     let total = runs.len();
     for (id, handle) in runs {
@@ -430,13 +457,13 @@ pub(super) fn broadcast(ctx: &Context, args: BroadcastArgs) -> Result<u8> {
     }
     if failed.is_empty() {
         eprintln!("app broadcast: succeeded in all {total} instance(s)");
-        Ok(0)
+        0
     } else {
         eprintln!(
             "app broadcast: {} of {total} succeeded; failed: {}",
             total - failed.len(),
             failed.join(", ")
         );
-        Ok(EXIT_FAILURE)
+        EXIT_FAILURE
     }
 }

@@ -779,6 +779,20 @@ pub(crate) async fn leftovers(
         repo.map_or(Value::Null, |repo| Value::Text(repo.into())),
         Value::Integer(ttl_ms),
     ];
+    let statements = leftover_statements(run_ids);
+    let statements: Vec<(&str, Vec<Value>)> = statements
+        .iter()
+        .map(|sql| (sql.as_str(), params.clone()))
+        .collect();
+    let results = db
+        .batch("reading what the fleet left behind", &statements)
+        .await?;
+    Ok(Leftovers::from_results(&results))
+}
+
+/// The statements of [`leftovers`], in the order [`Leftovers::from_results`] reads their rows:
+/// dead hosts, held leases, expired messages, run statuses, task branches.
+fn leftover_statements(run_ids: &[String]) -> [String; 5] {
     let runs: Vec<String> = run_ids
         .iter()
         .map(|id| super::literal(&Value::Text(id.clone())))
@@ -787,7 +801,7 @@ pub(crate) async fn leftovers(
         true => "NULL".to_string(),
         false => runs.join(", "),
     };
-    let statements = [
+    [
         format!(
             "SELECT {HOST_COLUMNS}, {NOW_MS} FROM fleet_hosts AS h
              WHERE h.repo = ?1 AND {} ORDER BY h.name",
@@ -809,52 +823,51 @@ pub(crate) async fn leftovers(
         ),
         format!("SELECT id, status FROM runs WHERE id IN ({runs})"),
         format!("SELECT run_id, task_id, branch FROM run_tasks WHERE run_id IN ({runs})"),
-    ];
-    let statements: Vec<(&str, Vec<Value>)> = statements
-        .iter()
-        .map(|sql| (sql.as_str(), params.clone()))
-        .collect();
-    let results = db
-        .batch("reading what the fleet left behind", &statements)
-        .await?;
-    let rows = |i: usize| results.get(i).map(Vec::as_slice).unwrap_or_default();
-    Ok(Leftovers {
-        dead_hosts: rows(0)
-            .iter()
-            .map(|row| host_row(row, integer(&row[14]).unwrap_or(0)))
-            .collect(),
-        held: rows(1)
-            .iter()
-            .map(|row| Held {
-                run_id: text(&row[0]),
-                task_id: text(&row[1]),
-                attempt: integer(&row[2]).unwrap_or(0),
-                host: text(&row[3]),
-                token: integer(&row[4]).unwrap_or(0),
-                expired_ms: integer(&row[5]),
-                host_alive: integer(&row[6]).unwrap_or(0) != 0,
-            })
-            .collect(),
-        expired_messages: rows(2)
-            .iter()
-            .map(|row| {
-                (
-                    text(&row[0]),
-                    text(&row[1]),
-                    text(&row[2]),
-                    integer(&row[3]).unwrap_or(0),
-                )
-            })
-            .collect(),
-        runs: rows(3)
-            .iter()
-            .map(|row| (text(&row[0]), text(&row[1])))
-            .collect(),
-        branches: rows(4)
-            .iter()
-            .map(|row| ((text(&row[0]), text(&row[1])), text(&row[2])))
-            .collect(),
-    })
+    ]
+}
+
+impl Leftovers {
+    /// Reads the rows of the [`leftover_statements`], in their order.
+    fn from_results(results: &[Vec<Vec<Value>>]) -> Leftovers {
+        let rows = |i: usize| results.get(i).map(Vec::as_slice).unwrap_or_default();
+        Leftovers {
+            dead_hosts: rows(0)
+                .iter()
+                .map(|row| host_row(row, integer(&row[14]).unwrap_or(0)))
+                .collect(),
+            held: rows(1)
+                .iter()
+                .map(|row| Held {
+                    run_id: text(&row[0]),
+                    task_id: text(&row[1]),
+                    attempt: integer(&row[2]).unwrap_or(0),
+                    host: text(&row[3]),
+                    token: integer(&row[4]).unwrap_or(0),
+                    expired_ms: integer(&row[5]),
+                    host_alive: integer(&row[6]).unwrap_or(0) != 0,
+                })
+                .collect(),
+            expired_messages: rows(2)
+                .iter()
+                .map(|row| {
+                    (
+                        text(&row[0]),
+                        text(&row[1]),
+                        text(&row[2]),
+                        integer(&row[3]).unwrap_or(0),
+                    )
+                })
+                .collect(),
+            runs: rows(3)
+                .iter()
+                .map(|row| (text(&row[0]), text(&row[1])))
+                .collect(),
+            branches: rows(4)
+                .iter()
+                .map(|row| ((text(&row[0]), text(&row[1])), text(&row[2])))
+                .collect(),
+        }
+    }
 }
 
 /// Marks the dead host `name` stopped, only while it is the worker `pid`/`start_time` and its

@@ -90,6 +90,14 @@ pub enum InstanceError {
     /// An exec in every live instance, and none is live.
     #[error("no live instance to run it in; 'app instance list' shows them")]
     NoneLive,
+    /// A database row or a signed file of app's own holds an instance id that is none.
+    #[error("{what} holds {id:?}, which is no instance id; run 'app doctor' to see it")]
+    BadStoredId {
+        /// The id as stored.
+        id: String,
+        /// Where it was read, e.g. "the fleet's instances table".
+        what: &'static str,
+    },
 }
 
 impl InstanceError {
@@ -105,7 +113,8 @@ impl InstanceError {
             | InstanceError::Unverified { .. }
             | InstanceError::NotRunning { .. }
             | InstanceError::NotRunningForExec { .. }
-            | InstanceError::NoneLive => EXIT_FAILURE,
+            | InstanceError::NoneLive
+            | InstanceError::BadStoredId { .. } => EXIT_FAILURE,
         }
     }
 }

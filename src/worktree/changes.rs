@@ -456,7 +456,38 @@ fn rescue_once(
         .map(|head| repo.find_commit(head))
         .transpose()
         .git_context(context)?;
-    let baseline = match &parent {
+    let tree_id = rescue_tree(repo, path, changes, parent.as_ref())?;
+    let tree = repo.find_tree(tree_id).git_context(context)?;
+    let parents: Vec<&git2::Commit> = parent.iter().collect();
+    let parent_ids: Vec<Oid> = parent.iter().map(git2::Commit::id).collect();
+    if let Some(existing) = existing_rescue(repo, id, tree_id, &parent_ids) {
+        return Ok(existing);
+    }
+    let signature = repo
+        .signature()
+        .or_else(|_| git2::Signature::now("app", "app@localhost"))
+        .git_context(context)?;
+    let message = format!(
+        "app: rescued work of instance {id}\n\nFrom worktree {} ({reason}).\n",
+        path.display()
+    );
+    let commit = repo
+        .commit(None, &signature, &signature, &message, &tree, &parents)
+        .git_context(context)?;
+    let name = create_rescue_ref(repo, id, commit, &message)?;
+    Ok((name, commit))
+}
+
+/// Writes the tree of `parent` (or the empty tree) with `changes` applied from the files in
+/// `path` as they are now.
+fn rescue_tree(
+    repo: &Repository,
+    path: &Path,
+    changes: &Changes,
+    parent: Option<&git2::Commit>,
+) -> Result<Oid> {
+    let context = || format!("saving the work in {}", path.display());
+    let baseline = match parent {
         Some(parent) => parent.tree().git_context(context)?,
         None => {
             let empty = repo
@@ -470,23 +501,12 @@ fn rescue_once(
     for change in &changes.files {
         match change {
             Change::Written { path: rel, mode } => {
-                let abs = path.join(rel);
-                let bytes = if *mode == FileMode::Link {
-                    fs::read_link(&abs)
-                        .map(|t| t.as_os_str().as_bytes().to_vec())
-                        .map_err(|err| Error::io("reading", &abs, err))?
-                } else {
-                    match fs::read(&abs) {
-                        Ok(bytes) => bytes,
-                        // Removed since it was looked at: nothing left to save of it.
-                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                            if baseline.get_path(rel).is_ok() {
-                                update.remove(rel.as_path());
-                            }
-                            continue;
-                        }
-                        Err(err) => return Err(Error::io("reading", &abs, err)),
+                let Some(bytes) = written_bytes(&path.join(rel), *mode)? else {
+                    // Removed since it was looked at: nothing left to save of it.
+                    if baseline.get_path(rel).is_ok() {
+                        update.remove(rel.as_path());
                     }
+                    continue;
                 };
                 let blob = repo.blob(&bytes).git_context(context)?;
                 update.upsert(rel.as_path(), blob, *mode);
@@ -498,33 +518,40 @@ fn rescue_once(
             }
         }
     }
-    let tree_id = update
-        .create_updated(repo, &baseline)
-        .git_context(context)?;
-    let tree = repo.find_tree(tree_id).git_context(context)?;
-    let parents: Vec<&git2::Commit> = parent.iter().collect();
-    let parent_ids: Vec<Oid> = parent.iter().map(git2::Commit::id).collect();
+    update.create_updated(repo, &baseline).git_context(context)
+}
 
-    let names = rescue_refs(repo, id);
-    for (name, oid) in &names {
-        if let Ok(existing) = repo.find_commit(*oid)
-            && existing.tree_id() == tree_id
-            && existing.parent_ids().collect::<Vec<_>>() == parent_ids
-        {
-            return Ok((name.clone(), *oid));
-        }
+/// What a written file holds now (a symlink's target); `None` when a regular file was
+/// removed since it was looked at.
+fn written_bytes(abs: &Path, mode: FileMode) -> Result<Option<Vec<u8>>> {
+    if mode == FileMode::Link {
+        return fs::read_link(abs)
+            .map(|t| Some(t.as_os_str().as_bytes().to_vec()))
+            .map_err(|err| Error::io("reading", abs, err));
     }
-    let signature = repo
-        .signature()
-        .or_else(|_| git2::Signature::now("app", "app@localhost"))
-        .git_context(context)?;
-    let message = format!(
-        "app: rescued work of instance {id}\n\nFrom worktree {} ({reason}).\n",
-        path.display()
-    );
-    let commit = repo
-        .commit(None, &signature, &signature, &message, &tree, &parents)
-        .git_context(context)?;
+    match fs::read(abs) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(Error::io("reading", abs, err)),
+    }
+}
+
+/// A rescue ref of `id` that already holds this tree on these parents (a rescue done twice).
+fn existing_rescue(
+    repo: &Repository,
+    id: &str,
+    tree_id: Oid,
+    parent_ids: &[Oid],
+) -> Option<(String, Oid)> {
+    rescue_refs(repo, id).into_iter().find(|(_, oid)| {
+        repo.find_commit(*oid).is_ok_and(|existing| {
+            existing.tree_id() == tree_id && existing.parent_ids().collect::<Vec<_>>() == parent_ids
+        })
+    })
+}
+
+/// Points the first free name of `refs/app/rescue/<id>[-n]` at `commit`; returns the name.
+fn create_rescue_ref(repo: &Repository, id: &str, commit: Oid, message: &str) -> Result<String> {
     for n in 1.. {
         let name = if n == 1 {
             format!("refs/app/rescue/{id}")
@@ -532,9 +559,9 @@ fn rescue_once(
             format!("refs/app/rescue/{id}-{n}")
         };
         match super::reflock::retry(repo, &name, || {
-            repo.reference(&name, commit, false, &message)
+            repo.reference(&name, commit, false, message)
         }) {
-            Ok(_) => return Ok((name, commit)),
+            Ok(_) => return Ok(name),
             Err(err) if err.code() == ErrorCode::Exists => continue,
             Err(err) => return Err(Error::git(format!("creating {name}"), err)),
         }

@@ -18,6 +18,7 @@
 //!   which [`forget_missing`] (doctor) finishes.
 
 use std::fs;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use git2::Repository;
@@ -104,41 +105,73 @@ pub fn remove(
 ) -> Result<Removal> {
     let path = paths.worktree(target.id);
     let admin = paths.git_worktree_admin(target.id);
-    if fs::symlink_metadata(&path).is_err() {
-        forget_missing(paths, target.id)?;
-        return Ok(Removal::Absent);
+    let changes = match what_it_holds(paths, target.id, &path, &admin)? {
+        ControlFlow::Continue(changes) => changes,
+        ControlFlow::Break(removal) => return Ok(removal),
+    };
+    let rescued_to = match save_work(repo, target, &path, changes, keep)? {
+        ControlFlow::Continue(rescued_to) => rescued_to,
+        ControlFlow::Break(removal) => return Ok(removal),
+    };
+    crate::fault::point("remove.rescued");
+    remove_files(paths, key, target.id, &path, &admin, rescued_to)
+}
+
+/// The checks before anything is saved: gone, in use, empty, the user's to decide, or
+/// unreadable ends the removal here; otherwise what the worktree holds.
+fn what_it_holds(
+    paths: &AppPaths,
+    id: &str,
+    path: &Path,
+    admin: &Path,
+) -> Result<ControlFlow<Removal, Changes>> {
+    if fs::symlink_metadata(path).is_err() {
+        forget_missing(paths, id)?;
+        return Ok(ControlFlow::Break(Removal::Absent));
     }
     // A first look (at most a second old) decides whether to look further; a fresh one
     // decides the removal below.
-    let users = inuse::worktree_users(&Scan::recent(FIRST_LOOK), &path, &admin);
+    let users = inuse::worktree_users(&Scan::recent(FIRST_LOOK), path, admin);
     if !users.is_empty() {
-        return Ok(Removal::kept(format!(
+        return Ok(ControlFlow::Break(Removal::kept(format!(
             "in use by {}",
             inuse::describe(&users)
-        )));
+        ))));
     }
     // A start that crashed before its checkout began leaves an empty directory: nothing to
     // lose (rmdir refuses anything else).
-    if fs::remove_dir(&path).is_ok() {
-        forget_missing(paths, target.id)?;
-        return Ok(Removal::Absent);
+    if fs::remove_dir(path).is_ok() {
+        forget_missing(paths, id)?;
+        return Ok(ControlFlow::Break(Removal::Absent));
     }
-    if let Some(because) = user_must_decide(paths, target.id) {
-        return Ok(Removal::needs_user(because));
+    if let Some(because) = user_must_decide(paths, id) {
+        return Ok(ControlFlow::Break(Removal::needs_user(because)));
     }
-    let changes = match Changes::read(&path) {
+    let changes = match Changes::read(path) {
         Ok(changes) => changes,
         Err(err) => {
-            return Ok(Removal::needs_user(format!(
+            return Ok(ControlFlow::Break(Removal::needs_user(format!(
                 "cannot read what it holds ({err}); look at it and move it out of .app/worktrees/ yourself"
-            )));
+            ))));
         }
     };
     if let Some(nested) = changes.nested.first() {
-        let verdict = Verdict::nested(&path, nested);
-        verdict.save(&admin)?;
-        return Ok(Removal::needs_user(verdict.reason));
+        let verdict = Verdict::nested(path, nested);
+        verdict.save(admin)?;
+        return Ok(ControlFlow::Break(Removal::needs_user(verdict.reason)));
     }
+    Ok(ControlFlow::Continue(changes))
+}
+
+/// What `keep` asks for the work in `changes`: kept when unsaved work must stay, saved on a
+/// rescue ref (its name), or nothing to save or discarded (`None`).
+fn save_work(
+    repo: &Repository,
+    target: Target<'_>,
+    path: &Path,
+    changes: Changes,
+    keep: Keep,
+) -> Result<ControlFlow<Removal, Option<String>>> {
     let changes = if keep == Keep::RescueUndo {
         changes.without_deletions()
     } else {
@@ -147,23 +180,34 @@ pub fn remove(
     let rescued_to = match keep {
         Keep::IfClean => {
             if let Some(reason) = unsaved_beyond_branch(repo, &changes, target.branch)? {
-                return Ok(Removal::kept(reason));
+                return Ok(ControlFlow::Break(Removal::kept(reason)));
             }
             None
         }
         Keep::Rescue | Keep::RescueUndo => match work_reason(repo, &changes)? {
-            Some(reason) => Some(changes::rescue(repo, target.id, &path, &changes, &reason)?.0),
+            Some(reason) => Some(changes::rescue(repo, target.id, path, &changes, &reason)?.0),
             None => None,
         },
         Keep::Discard => None,
     };
-    crate::fault::point("remove.rescued");
+    Ok(ControlFlow::Continue(rescued_to))
+}
 
-    let mut intent = Intent::new(Operation::Remove, target.id);
-    intent.worktree = Some(path.clone());
+/// The destructive part, under an intent: asks once more whether anyone uses the worktree,
+/// then removes its files and git's records of it.
+fn remove_files(
+    paths: &AppPaths,
+    key: &SigningKey,
+    id: &str,
+    path: &Path,
+    admin: &Path,
+    rescued_to: Option<String>,
+) -> Result<Removal> {
+    let mut intent = Intent::new(Operation::Remove, id);
+    intent.worktree = Some(path.to_path_buf());
     journal::begin(paths, key, &intent)?;
     // Asked again right before the files go: whoever came in meanwhile keeps them.
-    let users = inuse::worktree_users(&Scan::take(), &path, &admin);
+    let users = inuse::worktree_users(&Scan::take(), path, admin);
     if !users.is_empty() {
         journal::end(paths, &intent)?;
         return Ok(Removal::kept(format!(
@@ -171,7 +215,7 @@ pub fn remove(
             inuse::describe(&users)
         )));
     }
-    if let Err((failed, err)) = remove_tree(&path) {
+    if let Err((failed, err)) = remove_tree(path) {
         // Nothing half-done for recovery to finish: what it held is saved; the rest stays
         // until the user sees to the path that resisted.
         journal::end(paths, &intent)?;
@@ -186,11 +230,11 @@ pub fn remove(
             ),
             &failed,
         );
-        verdict.save(&admin)?;
+        verdict.save(admin)?;
         return Ok(Removal::needs_user(verdict.reason));
     }
     crate::fault::point("remove.files-removed");
-    forget_missing(paths, target.id)?;
+    forget_missing(paths, id)?;
     journal::end(paths, &intent)?;
     Ok(Removal::Removed { rescued_to })
 }
