@@ -357,3 +357,78 @@ fn without_the_token_an_off_loopback_page_gets_nothing() {
     assert_no_errors(&browser);
     browser.screenshot("token");
 }
+
+/// The timeline's events of `kind`, as the instances they concern.
+fn timeline(browser: &Browser, kind: &str) -> Vec<String> {
+    browser
+        .execute(
+            "return [...document.querySelectorAll('#event-list li')].filter(li => li.dataset.eventKind === arguments[0]).map(li => li.dataset.eventInstance || '');",
+            json!([kind]),
+        )
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn after_a_disconnect_the_page_resumes_the_stream_without_losing_an_event() {
+    let Some(browser) = Browser::start("dashboard resume") else {
+        return;
+    };
+    let repo = TestRepo::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (first, url) = serve(&repo, "hub", &addr, &[]);
+    browser.navigate(&format!("{url}/"));
+    wait_rows(&browser, &["hub"], PAGE_WAIT);
+    browser.execute("window.__kept = 'no reload';", json!([]));
+    let _before = agent(&repo, "before");
+    browser.wait_for(
+        "before's start on the timeline",
+        PAGE_WAIT,
+        "return [...document.querySelectorAll('#event-list li[data-event-kind=\"instance.started\"]')].some(li => li.dataset.eventInstance === 'before');",
+    );
+
+    // The server goes away; an instance starts while no stream is open.
+    drop(first.wait_after(Signal::SIGTERM, Duration::from_secs(30)));
+    browser.wait_for(
+        "the page to notice the disconnect",
+        PAGE_WAIT,
+        "return document.getElementById('conn').dataset.conn !== 'live';",
+    );
+    let _during = agent(&repo, "during");
+    // A new server on the same address: the page reconnects with the last id it saw and gets
+    // what it missed from the database's log (a fresh stream would start from now).
+    let (_second, _) = serve(&repo, "hub2", &addr, &[]);
+    browser.wait_for(
+        "during's start, replayed",
+        PAGE_WAIT,
+        "return [...document.querySelectorAll('#event-list li[data-event-kind=\"instance.started\"]')].some(li => li.dataset.eventInstance === 'during');",
+    );
+    wait_rows(&browser, &["hub2", "before", "during"], PAGE_WAIT);
+    let started = timeline(&browser, "instance.started");
+    for id in ["before", "during"] {
+        assert_eq!(
+            started.iter().filter(|i| *i == id).count(),
+            1,
+            "{id} once: {started:?}"
+        );
+    }
+    assert_eq!(
+        browser.execute("return window.__kept;", json!([])),
+        json!("no reload")
+    );
+    // What the console shows are the refused reconnects while no server listened, nothing else.
+    let errors = browser.errors();
+    assert!(
+        errors.iter().all(|e| e.contains("net::ERR_")),
+        "only failed connections: {errors:#?}"
+    );
+    browser.screenshot("resume");
+}
