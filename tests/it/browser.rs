@@ -263,6 +263,19 @@ impl Browser {
         );
     }
 
+    /// The text of the open alert or confirm dialog, if one is open.
+    pub fn dialog_text(&self) -> Option<String> {
+        let path = format!("/session/{}/alert/text", self.session);
+        self.request("GET", &path, None)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+    }
+
+    /// Accepts the open dialog.
+    pub fn accept_dialog(&self) {
+        self.command("POST", "/alert/accept", Some(json!({})));
+    }
+
     /// The browser's console entries since the last call, as `LEVEL message`.
     pub fn console(&self) -> Vec<(String, String)> {
         self.command("POST", "/se/log", Some(json!({"type": "browser"})))

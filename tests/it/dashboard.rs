@@ -142,7 +142,7 @@ fn the_page_lists_instances_with_their_states_and_follows_starts_and_stops_live(
     // The page is not reloaded from here on: this mark would go with a reload.
     browser.execute("window.__kept = 'no reload';", json!([]));
 
-    let _three = agent(&repo, "three");
+    let three = agent(&repo, "three");
     wait_rows(&browser, &["three"], LIVE_WAIT);
     drop(two.wait_after(Signal::SIGTERM, Duration::from_secs(30)));
     browser.wait_for(
@@ -151,6 +151,22 @@ fn the_page_lists_instances_with_their_states_and_follows_starts_and_stops_live(
         &format!("const rows = (function () {{ {ROWS} }})(); return !('two' in rows);"),
     );
 
+    // Stop from the page: the confirmation first, then the instance goes.
+    browser.click(&browser.find("tr[data-instance='three'] button[data-action='stop']"));
+    let mut dialog = None;
+    wait_for("the stop confirmation", PAGE_WAIT, || {
+        dialog = browser.dialog_text();
+        dialog.is_some()
+    });
+    assert!(dialog.unwrap().contains("three"));
+    browser.accept_dialog();
+    let stopped = three.wait(PAGE_WAIT);
+    assert!(stopped.status.code().is_some(), "{}", stderr(&stopped));
+    browser.wait_for(
+        "three's row to go after the page stopped it",
+        PAGE_WAIT,
+        &format!("const rows = (function () {{ {ROWS} }})(); return !('three' in rows);"),
+    );
     assert_eq!(
         browser.execute("return window.__kept;", json!([])),
         json!("no reload")
@@ -191,7 +207,7 @@ fn write_plan(repo: &TestRepo, plan: &Value) -> PathBuf {
 }
 
 #[test]
-fn a_runs_graph_shows_each_tasks_state_in_its_wave() {
+fn a_runs_graph_shows_each_tasks_state_and_opens_its_log() {
     let Some(browser) = Browser::start("dashboard runs") else {
         return;
     };
@@ -240,6 +256,12 @@ fn a_runs_graph_shows_each_tasks_state_in_its_wave() {
     assert_eq!(shown["second"][1], "1");
     assert_eq!(shown["after-bad"][1], "1");
 
+    browser.click(&browser.find(&format!("[data-run='{run_id}'] [data-task='first']")));
+    browser.wait_for(
+        "the log of first",
+        PAGE_WAIT,
+        "const p = document.getElementById('log-panel'); return !p.hidden && document.getElementById('log-text').textContent.includes('hello-from-first');",
+    );
     assert_no_errors(&browser);
     browser.screenshot("runs");
 }
