@@ -139,6 +139,33 @@ fn the_page_lists_instances_with_their_states_and_follows_starts_and_stops_live(
             "{id} has a state: {shown:?}"
         );
     }
+    // Sorted by id; a click on the header reverses it; a state filter shows only that state.
+    let order =
+        "return [...document.querySelectorAll('#instance-rows tr')].map(r => r.dataset.instance);";
+    assert_eq!(
+        browser.execute(order, json!([])),
+        json!(["hub", "one", "two"])
+    );
+    browser.click(&browser.find("#instances th[data-sort='id']"));
+    assert_eq!(
+        browser.execute(order, json!([])),
+        json!(["two", "one", "hub"])
+    );
+    browser.click(&browser.find("#instances th[data-sort='id']"));
+    let hub_state = shown["hub"].as_str().unwrap();
+    let filtered = browser.execute(
+        "const s = document.getElementById('filter-state'); s.value = arguments[0]; s.dispatchEvent(new Event('change')); return [...document.querySelectorAll('#instance-rows tr')].map(r => r.dataset.state);",
+        json!([hub_state]),
+    );
+    assert!(
+        filtered.as_array().unwrap().iter().all(|s| s == hub_state)
+            && !filtered.as_array().unwrap().is_empty(),
+        "{filtered}"
+    );
+    browser.execute(
+        "const s = document.getElementById('filter-state'); s.value = ''; s.dispatchEvent(new Event('change'));",
+        json!([]),
+    );
     // The page is not reloaded from here on: this mark would go with a reload.
     browser.execute("window.__kept = 'no reload';", json!([]));
 
