@@ -314,6 +314,8 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, stop: StopToken) {
 
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
+        .route("/dashboard", get(dashboard))
         .route("/health", get(health))
         .route("/instances", get(instances))
         .route("/events", get(events))
@@ -460,7 +462,11 @@ async fn authorize(
         )
         .into_response();
     }
-    if let Some(token) = &state.token {
+    // The dashboard page holds no data: it is served to anyone who may reach the address, and
+    // every request it makes carries the token.
+    let page = request.method() == axum::http::Method::GET
+        && matches!(request.uri().path(), "/" | "/dashboard");
+    if let Some(token) = state.token.as_ref().filter(|_| !page) {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
@@ -515,6 +521,27 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this endpoint does not take that method; see docs/API.md",
     )
+}
+
+/// The web dashboard: one page, its styles and script inline, nothing fetched from elsewhere.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// What the page may do: run its own inline script and styles, talk to this origin only, never
+/// be framed.
+const DASHBOARD_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_POLICY),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        DASHBOARD_HTML,
+    )
+        .into_response()
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {

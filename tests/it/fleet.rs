@@ -1270,19 +1270,19 @@ fn a_host_in_its_own_network_namespace_reaches_the_server_over_a_veth_and_takes_
 /// A network namespace joined to the root namespace by a veth pair: a host inside reaches the
 /// server over a routed address, not a loopback it shares. Removed on drop, also when the test
 /// fails half-way.
-struct Netns {
+pub(crate) struct Netns {
     name: String,
     /// The root namespace's end of the pair (deleting it deletes both ends).
     outer_link: String,
     /// The address of that end, where the server listens.
-    outer: std::net::Ipv4Addr,
+    pub(crate) outer: std::net::Ipv4Addr,
 }
 
 impl Netns {
     /// A namespace named after this test process, with a /30 of 10.128.0.0/9 of its own; `None`,
     /// said loudly, where the machine does not allow one (not root, no `ip`, no namespaces),
     /// a failure under CI (which runs as root).
-    fn create() -> Option<Netns> {
+    pub(crate) fn create() -> Option<Netns> {
         let pid = std::process::id();
         let base = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + (pid % (1 << 21)) * 4;
         let netns = Netns {

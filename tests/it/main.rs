@@ -4,9 +4,11 @@
 
 mod api;
 mod attack;
+mod browser;
 mod ci;
 mod control;
 mod coordination;
+mod dashboard;
 mod db;
 mod doctor;
 mod environment;
