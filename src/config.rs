@@ -55,7 +55,30 @@ pub struct Settings {
     pub shared_secret: Option<SharedSecret>,
     /// Who the calling process says it is (`APP_INSTANCE_ID`, `APP_RUN_ID`, `APP_TASK_ID`).
     pub caller: Caller,
+    /// How agent states are derived (`APP_ACTIVITY_INTERVAL`, `APP_IDLE_AFTER`,
+    /// `APP_STUCK_AFTER`; docs/AGENT-STATE.md).
+    pub activity: ActivityTiming,
 }
+
+/// How a supervisor derives its agent's state (part of [`Settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivityTiming {
+    /// Time between two looks at the command's CPU time and worktree
+    /// (`APP_ACTIVITY_INTERVAL`).
+    pub interval: Duration,
+    /// Quiet time (no CPU, no change in the worktree) after which an agent is idle
+    /// (`APP_IDLE_AFTER`).
+    pub idle_after: Duration,
+    /// Idle time after which an agent holding a lock or a task is stuck (`APP_STUCK_AFTER`).
+    pub stuck_after: Duration,
+}
+
+/// Default time between two looks at an agent's CPU time and worktree.
+pub const DEFAULT_ACTIVITY_INTERVAL: Duration = Duration::from_secs(1);
+/// Default quiet time after which an agent is idle.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30);
+/// Default idle time after which an agent holding a lock or a task is stuck.
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(600);
 
 /// `APP_SHARED_SECRET` as the environment holds it; its value never prints (`Debug` shows
 /// `SharedSecret(..)`). It is judged only where a key is needed ([`crate::sign::Keys`]): an
@@ -188,6 +211,18 @@ impl Settings {
                 }
                 None => crate::process::hostname().to_string(),
             },
+            activity: ActivityTiming {
+                interval: match duration("APP_ACTIVITY_INTERVAL", DEFAULT_ACTIVITY_INTERVAL)? {
+                    d if d < Duration::from_millis(10) => {
+                        return Err(Error::bad_input(
+                            "APP_ACTIVITY_INTERVAL must be at least 10ms",
+                        ));
+                    }
+                    d => d,
+                },
+                idle_after: duration("APP_IDLE_AFTER", DEFAULT_IDLE_AFTER)?,
+                stuck_after: duration("APP_STUCK_AFTER", DEFAULT_STUCK_AFTER)?,
+            },
             shared_secret: var("APP_SHARED_SECRET").map(SharedSecret),
             caller: Caller {
                 instance_id: claim("APP_INSTANCE_ID"),
@@ -276,6 +311,9 @@ mod tests {
         assert_eq!((s.api_addr, s.api_token), (None, None));
         assert_eq!(s.shared_secret, None);
         assert_eq!(s.caller, Caller::default());
+        assert_eq!(s.activity.stuck_after, Duration::from_secs(600));
+        assert_eq!(s.activity.idle_after, DEFAULT_IDLE_AFTER);
+        assert_eq!(s.activity.interval, DEFAULT_ACTIVITY_INTERVAL);
     }
 
     #[test]
@@ -332,6 +370,9 @@ mod tests {
             ("APP_POLL_INTERVAL", "1x"),
             ("APP_PORT_RANGE", "9-1"),
             ("APP_API_PORT_RANGE", "3000"),
+            ("APP_STUCK_AFTER", "ten minutes"),
+            ("APP_IDLE_AFTER", "5x"),
+            ("APP_ACTIVITY_INTERVAL", "0s"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
