@@ -23,6 +23,7 @@ use crate::paths::AppPaths;
 use crate::state;
 use crate::time::Timestamp;
 
+pub use crate::config::ActivityTiming;
 pub(crate) use derive::Report;
 pub use tracker::{ExitedFn, HoldsFn, Probe, Tracker, Watched};
 
