@@ -37,6 +37,7 @@ fn main() {
         worktree: Some(worktree.clone()),
         base: Some(base),
         timing,
+        started: app::time::Timestamp::now(),
     };
     let started = Instant::now();
     let mut probe = Probe::new(watched, Box::new(|| false), Box::new(|| None));

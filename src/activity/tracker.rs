@@ -33,6 +33,9 @@ pub struct Watched {
     pub base: Option<Oid>,
     /// How often and with which thresholds.
     pub timing: ActivityTiming,
+    /// When the instance started: an older report (left by an earlier instance of the same
+    /// name that crashed) is not its.
+    pub started: Timestamp,
 }
 
 /// Asked each tick: whether the command has ended.
@@ -97,8 +100,9 @@ impl Probe {
             }
             None => (None, false),
         };
-        let report = load_report(&self.watched.paths, &self.watched.id)
-            .filter(|report| self.last_report != Some(report.at));
+        let report = load_report(&self.watched.paths, &self.watched.id).filter(|report| {
+            report.at >= self.watched.started && self.last_report != Some(report.at)
+        });
         if let Some(report) = &report {
             self.last_report = Some(report.at);
         }

@@ -396,6 +396,7 @@ impl<'a> Supervisor<'a> {
             worktree: self.record.worktree.clone(),
             base: self.plan.as_ref().map(|plan| plan.base),
             timing: self.settings.activity,
+            started: self.record.started_at,
         };
         let exited: activity::ExitedFn = Box::new(move || child.reaped());
         let holds = super::holds::what_is_held(
