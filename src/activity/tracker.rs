@@ -164,18 +164,21 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Ticks every `watched.timing.interval` until stopped.
+    /// Ticks once now, then every `watched.timing.interval` on a thread of its own until
+    /// stopped.
     pub fn start(watched: Watched, exited: ExitedFn, holds: HoldsFn) -> Tracker {
         let (paths, id, interval) = (
             watched.paths.clone(),
             watched.id.clone(),
             watched.timing.interval,
         );
+        // The first tick here, so the file exists once the caller goes on (the supervisor
+        // starts this before it records its command as running).
+        let mut probe = Probe::new(watched, exited, holds);
+        probe.tick();
         let stopper = Stopper::new();
         let stop = stopper.token();
         let handle = thread::spawn(move || {
-            let mut probe = Probe::new(watched, exited, holds);
-            probe.tick();
             while !stop.wait_timeout(interval) {
                 probe.tick();
             }

@@ -362,6 +362,10 @@ impl<'a> Supervisor<'a> {
                 Spawned::Cancelled(signal) => return Err(Ending::Cancelled(signal)),
             }
         };
+        // Its state is there before anyone sees it running.
+        if let Some(child) = &child {
+            self.activity = Some(self.track(Arc::clone(child)));
+        }
         self.record.child_pid = child.as_ref().map(|child| child.id());
         self.record.child_start_time = self.record.child_pid.and_then(process::start_time);
         self.record.status = InstanceStatus::Running;
@@ -382,9 +386,6 @@ impl<'a> Supervisor<'a> {
             tracing::warn!(instance = %id, %err, "recording the command's pid failed");
         }
         self.mirror.instance(&self.record);
-        if let Some(child) = &child {
-            self.activity = Some(self.track(Arc::clone(child)));
-        }
         Ok(child)
     }
 
