@@ -55,7 +55,30 @@ pub struct Settings {
     pub shared_secret: Option<SharedSecret>,
     /// Who the calling process says it is (`APP_INSTANCE_ID`, `APP_RUN_ID`, `APP_TASK_ID`).
     pub caller: Caller,
+    /// How agent states are derived (`APP_ACTIVITY_INTERVAL`, `APP_IDLE_AFTER`,
+    /// `APP_STUCK_AFTER`; docs/AGENT-STATE.md).
+    pub activity: ActivityTiming,
 }
+
+/// How a supervisor derives its agent's state (part of [`Settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivityTiming {
+    /// Time between two looks at the command's CPU time and worktree
+    /// (`APP_ACTIVITY_INTERVAL`).
+    pub interval: Duration,
+    /// Quiet time (no CPU, no change in the worktree) after which an agent is idle
+    /// (`APP_IDLE_AFTER`).
+    pub idle_after: Duration,
+    /// Idle time after which an agent holding a lock or a task is stuck (`APP_STUCK_AFTER`).
+    pub stuck_after: Duration,
+}
+
+/// Default time between two looks at an agent's CPU time and worktree.
+pub const DEFAULT_ACTIVITY_INTERVAL: Duration = Duration::from_secs(1);
+/// Default quiet time after which an agent is idle.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30);
+/// Default idle time after which an agent holding a lock or a task is stuck.
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(600);
 
 /// `APP_SHARED_SECRET` as the environment holds it; its value never prints (`Debug` shows
 /// `SharedSecret(..)`). It is judged only where a key is needed ([`crate::sign::Keys`]): an
@@ -181,6 +204,16 @@ impl Settings {
             api_token: nonblank("APP_API_TOKEN")?,
             lease_ttl: lease_ttl(duration("APP_LEASE_TTL", DEFAULT_LEASE_TTL)?)?,
             fleet_host: fleet_host(nonblank("APP_FLEET_HOST")?)?,
+            activity: ActivityTiming {
+                interval: at_least(
+                    "APP_ACTIVITY_INTERVAL",
+                    duration("APP_ACTIVITY_INTERVAL", DEFAULT_ACTIVITY_INTERVAL)?,
+                    Duration::from_millis(10),
+                    "10ms",
+                )?,
+                idle_after: duration("APP_IDLE_AFTER", DEFAULT_IDLE_AFTER)?,
+                stuck_after: duration("APP_STUCK_AFTER", DEFAULT_STUCK_AFTER)?,
+            },
             shared_secret: var("APP_SHARED_SECRET").map(SharedSecret),
             caller: Caller {
                 instance_id: claim("APP_INSTANCE_ID"),
@@ -199,6 +232,19 @@ fn lease_ttl(ttl: Duration) -> Result<Duration, SettingsError> {
         });
     }
     Ok(ttl)
+}
+
+/// A duration setting that must be at least `min` (`shown` as written in the error).
+fn at_least(
+    var: &'static str,
+    value: Duration,
+    min: Duration,
+    shown: &'static str,
+) -> Result<Duration, SettingsError> {
+    if value < min {
+        return Err(SettingsError::TooShort { var, min: shown });
+    }
+    Ok(value)
 }
 
 /// `APP_FLEET_HOST` (a host name), else this machine's host name.
@@ -287,6 +333,9 @@ mod tests {
         assert_eq!((s.api_addr, s.api_token), (None, None));
         assert_eq!(s.shared_secret, None);
         assert_eq!(s.caller, Caller::default());
+        assert_eq!(s.activity.stuck_after, Duration::from_secs(600));
+        assert_eq!(s.activity.idle_after, DEFAULT_IDLE_AFTER);
+        assert_eq!(s.activity.interval, DEFAULT_ACTIVITY_INTERVAL);
     }
 
     #[test]
@@ -343,6 +392,9 @@ mod tests {
             ("APP_POLL_INTERVAL", "1x"),
             ("APP_PORT_RANGE", "9-1"),
             ("APP_API_PORT_RANGE", "3000"),
+            ("APP_STUCK_AFTER", "ten minutes"),
+            ("APP_IDLE_AFTER", "5x"),
+            ("APP_ACTIVITY_INTERVAL", "0s"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);

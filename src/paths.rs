@@ -16,6 +16,8 @@
 //!     dead/<id>-<msg>.json     unacknowledged messages past their TTL, with the reason
 //!     quarantine/<file>        forged, oversized or unparsable files, with the reason
 //!   run/<id>.sock            control socket of live instance <id> (0600)
+//!   activity/<id>.json       agent state and progress of live instance <id> (its supervisor's)
+//!   activity/<id>.said.json  the last state instance <id> reported (`app status`)
 //!   journal/<id>.<nonce>.json  intent of a multi-step operation on instance <id> under way
 //!   locks/
 //!     named/<name>.json        named lock: holder, fencing token, expiry (kept when free)
@@ -219,6 +221,21 @@ impl AppPaths {
     /// The control socket of instance `id`.
     pub fn control_socket(&self, id: &str) -> PathBuf {
         self.run_dir().join(format!("{id}.sock"))
+    }
+
+    /// `.app/activity/`: what each live instance is doing.
+    pub fn activity_dir(&self) -> PathBuf {
+        self.state_dir.join("activity")
+    }
+
+    /// The agent state and progress of instance `id`, as its supervisor derived them.
+    pub fn activity(&self, id: &str) -> PathBuf {
+        self.activity_dir().join(format!("{id}.json"))
+    }
+
+    /// The last state instance `id` reported itself (`app status`).
+    pub fn activity_report(&self, id: &str) -> PathBuf {
+        self.activity_dir().join(format!("{id}.said.json"))
     }
 
     /// The output of task `task` of orchestrated run `run`: `.app/logs/runs/<run>/<task>.log`.

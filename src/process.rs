@@ -286,17 +286,29 @@ struct Stat {
     pid: u32,
     ppid: u32,
     zombie: bool,
+    /// CPU time in clock ticks: its own (utime + stime) and that of its children it waited
+    /// for (cutime + cstime).
+    own_cpu: u64,
+    children_cpu: u64,
 }
 
 fn read_stat(pid: u32) -> Option<Stat> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // After the command name: state (field 3) is fields[0], ppid fields[1], utime (field 14)
+    // fields[11], stime fields[12], cutime fields[13], cstime fields[14].
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Some(Stat {
         pid,
-        ppid,
-        zombie: matches!(state, "Z" | "X" | "x"),
+        ppid: fields.get(1)?.parse().ok()?,
+        zombie: matches!(*fields.first()?, "Z" | "X" | "x"),
+        own_cpu: tick(11) + tick(12),
+        children_cpu: tick(13) + tick(14),
     })
 }
 
@@ -327,6 +339,38 @@ pub fn descendants() -> Vec<ProcessIdentity> {
         }
     }
     found
+}
+
+/// The CPU time, in clock ticks ([`clock_ticks_per_second`]), used so far by the calling
+/// process's descendants: each one's own and its waited-for children's, plus the children the
+/// calling process itself waited for (a descendant that ended), never the caller's own
+/// threads. One pass over `/proc`. It may go down when a descendant ends unwaited for; callers
+/// take a drop as no use.
+pub fn descendants_cpu_ticks() -> u64 {
+    let stats = all_stats();
+    let me = std::process::id();
+    let mut total = stats
+        .iter()
+        .find(|s| s.pid == me)
+        .map_or(0, |s| s.children_cpu);
+    let mut parents = vec![me];
+    while let Some(parent) = parents.pop() {
+        for stat in stats.iter().filter(|s| s.ppid == parent) {
+            parents.push(stat.pid);
+            total += stat.own_cpu + stat.children_cpu;
+        }
+    }
+    total
+}
+
+/// The kernel's clock ticks per second (`_SC_CLK_TCK`, nearly always 100).
+pub fn clock_ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(100)
 }
 
 /// Reaps the calling process's exited children that nobody waits for (as a subreaper it

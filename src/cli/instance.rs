@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::context::{Context, RepoContext};
 use super::output::{self, Fields, Table, outln};
+use crate::activity;
 use crate::config::Timing;
 use crate::db::instances;
 use crate::error::{EXIT_FAILURE, InstanceError, Result};
@@ -63,7 +64,8 @@ pub struct BroadcastArgs {
 /// Arguments of `app instance list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// A table: id, pid, status, age, heartbeat age, branch, worktree, command.
+    /// A table: id, pid, status, age, heartbeat age, branch, worktree, api, command, agent
+    /// state, progress.
     #[arg(long)]
     long: bool,
     /// Include stale and forged entries, marked as such.
@@ -104,8 +106,8 @@ pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {
     let repo = ctx.repo()?;
     let (paths, registry) = (&repo.paths, repo.registry()?);
     match command {
-        InstanceCommand::List(args) => list(&registry, &args, timing),
-        InstanceCommand::Info { id, json } => info(&registry, &id, json, timing),
+        InstanceCommand::List(args) => list(paths, &registry, &args, timing),
+        InstanceCommand::Info { id, json } => info(paths, &registry, &id, json, timing),
         InstanceCommand::Exec { id, command } => {
             let snapshot = registry.snapshot()?;
             let record = snapshot
@@ -143,7 +145,7 @@ enum Row<'a> {
     Forged { key: &'a str, reason: &'a str },
 }
 
-fn list(registry: &Registry, args: &ListArgs, timing: Timing) -> Result<u8> {
+fn list(paths: &AppPaths, registry: &Registry, args: &ListArgs, timing: Timing) -> Result<u8> {
     let snapshot = registry.snapshot()?;
     let mut rows: Vec<Row> = snapshot
         .valid_instances()
@@ -158,10 +160,10 @@ fn list(registry: &Registry, args: &ListArgs, timing: Timing) -> Result<u8> {
         }));
     }
     if args.json {
-        let values: Vec<Value> = rows.iter().map(row_json).collect();
+        let values: Vec<Value> = rows.iter().map(|row| row_json(paths, row)).collect();
         output::json(&values);
     } else if args.long {
-        print_table(&rows);
+        print_table(paths, &rows);
     } else {
         for row in &rows {
             match row {
@@ -176,9 +178,22 @@ fn list(registry: &Registry, args: &ListArgs, timing: Timing) -> Result<u8> {
     Ok(0)
 }
 
-fn row_json(row: &Row) -> Value {
+/// A row's JSON: the record's keys, then `agent` and `progress` (null when its supervisor
+/// wrote none: another host's instance, a stale one, or no command).
+fn row_json(paths: &AppPaths, row: &Row) -> Value {
     match row {
-        Row::Valid(record, liveness) => record.to_json(liveness),
+        Row::Valid(record, liveness) => {
+            let mut value = record.to_json(liveness);
+            let activity = live_activity(paths, record, liveness);
+            if let Value::Object(map) = &mut value {
+                map.insert("agent".into(), json!(activity.as_ref().map(|a| &a.agent)));
+                map.insert(
+                    "progress".into(),
+                    json!(activity.as_ref().and_then(|a| a.progress)),
+                );
+            }
+            value
+        }
         Row::Forged { key, reason } => json!({"id": key, "liveness": "forged", "reason": reason}),
     }
 }
@@ -220,7 +235,18 @@ fn list_everywhere(ctx: &Context, args: &ListArgs) -> Result<u8> {
     Ok(0)
 }
 
-fn print_table(rows: &[Row]) {
+/// What the supervisor of a live instance of this host last derived.
+fn live_activity(
+    paths: &AppPaths,
+    record: &InstanceRecord,
+    liveness: &Liveness,
+) -> Option<activity::Activity> {
+    (*liveness == Liveness::Live)
+        .then(|| activity::read(paths, record.id.as_str()))
+        .flatten()
+}
+
+fn print_table(paths: &AppPaths, rows: &[Row]) {
     let header = [
         "ID",
         "PID",
@@ -231,27 +257,39 @@ fn print_table(rows: &[Row]) {
         "WORKTREE",
         "API",
         "COMMAND",
+        "STATE",
+        "PROGRESS",
     ];
     let mut table = Table::new(&header);
     for row in rows {
         table.row(match row {
-            Row::Valid(record, liveness) => vec![
-                record.id.to_string(),
-                record.pid.to_string(),
-                match liveness {
-                    Liveness::Live => record.status.to_string(),
-                    Liveness::Stale(_) => "stale".to_string(),
-                },
-                format_age(record.started_at.age()),
-                format_age(record.heartbeat_at.age()),
-                record.branch.clone().unwrap_or_else(|| "-".into()),
-                record
-                    .worktree
-                    .as_ref()
-                    .map_or_else(|| "-".into(), |w| w.display().to_string()),
-                record.api_url.clone().unwrap_or_else(|| "-".into()),
-                record.command.join(" "),
-            ],
+            Row::Valid(record, liveness) => {
+                let activity = live_activity(paths, record, liveness);
+                vec![
+                    record.id.to_string(),
+                    record.pid.to_string(),
+                    match liveness {
+                        Liveness::Live => record.status.to_string(),
+                        Liveness::Stale(_) => "stale".to_string(),
+                    },
+                    format_age(record.started_at.age()),
+                    format_age(record.heartbeat_at.age()),
+                    record.branch.clone().unwrap_or_else(|| "-".into()),
+                    record
+                        .worktree
+                        .as_ref()
+                        .map_or_else(|| "-".into(), |w| w.display().to_string()),
+                    record.api_url.clone().unwrap_or_else(|| "-".into()),
+                    record.command.join(" "),
+                    activity
+                        .as_ref()
+                        .map_or_else(|| "-".into(), |a| a.agent.state.to_string()),
+                    activity
+                        .as_ref()
+                        .and_then(|a| a.progress)
+                        .map_or_else(|| "-".into(), |p| p.compact()),
+                ]
+            }
             Row::Forged { key, .. } => {
                 let mut cells = vec![key.to_string(), "?".into(), "forged".into()];
                 cells.resize(header.len(), "-".into());
@@ -274,16 +312,17 @@ fn still_starting(paths: &AppPaths, keys: &Keys, id: &str, stale_after: Duration
         })
 }
 
-fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8> {
+fn info(paths: &AppPaths, registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8> {
     let snapshot = registry.snapshot()?;
     let record = snapshot
         .instance(id)
         .ok_or_else(|| InstanceError::Unknown { id: id.to_string() })?;
     let liveness = record.liveness(timing.stale_after);
     if json {
-        output::json(&row_json(&Row::Valid(record, liveness)));
+        output::json(&row_json(paths, &Row::Valid(record, liveness)));
         return Ok(0);
     }
+    let activity = live_activity(paths, record, &liveness);
     let state = match &liveness {
         Liveness::Live => format!("live ({})", record.status),
         Liveness::Stale(reason) => format!("stale ({reason})"),
@@ -329,6 +368,28 @@ fn info(registry: &Registry, id: &str, json: bool, timing: Timing) -> Result<u8>
     fields
         .field("api", or_dash(record.api_url.clone()))
         .field("command", record.command.join(" "));
+    if let Some(activity) = &activity {
+        let agent = &activity.agent;
+        fields.field(
+            "agent",
+            format!(
+                "{} since {} ({} ago): {}",
+                agent.state,
+                agent.since,
+                format_age(agent.since.age()),
+                agent.reason
+            ),
+        );
+        if let Some(p) = activity.progress {
+            fields.field(
+                "progress",
+                format!(
+                    "{} ahead, {} behind; committed {}; uncommitted {}",
+                    p.ahead, p.behind, p.committed, p.uncommitted
+                ),
+            );
+        }
+    }
     fields.print();
     Ok(0)
 }

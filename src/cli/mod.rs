@@ -18,6 +18,7 @@ mod output;
 mod queue;
 mod reserve;
 mod run;
+mod status;
 
 use std::path::PathBuf;
 
@@ -52,6 +53,9 @@ enum Command {
     Broadcast(instance::BroadcastArgs),
     /// Print the id of the instance whose worktree contains the current directory.
     Whoami,
+    /// Report this instance's state (working, idle, needs-input) for dashboards; for agent
+    /// hooks (docs/AGENT-STATE.md).
+    Status(status::StatusArgs),
     /// Shared notes by namespace: add, search, list.
     #[command(subcommand)]
     Notes(notes::NotesCommand),
@@ -134,6 +138,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Serve(args) => run::serve(ctx, args),
         Command::Instance(command) => instance::run(ctx, command),
         Command::Whoami => instance::whoami(ctx),
+        Command::Status(args) => status::status(ctx, args),
         Command::Broadcast(args) => instance::broadcast(ctx, args),
         Command::Notes(command) => notes::run(ctx, command),
         Command::Remember(args) => notes::remember(ctx, args),

@@ -98,13 +98,46 @@ pub enum InstanceError {
         /// Where it was read, e.g. "the fleet's instances table".
         what: &'static str,
     },
+    /// `app status` outside any instance, without `--instance`.
+    #[error(
+        "app status reports the state of the instance it runs in, and this is not inside one (no APP_INSTANCE_ID, not in an instance's worktree); run it from an instance's command or name one with --instance ID"
+    )]
+    StatusOutside,
+    /// `app status` with a word that is not a state an agent reports.
+    #[error("unknown state {word:?}; report one of working, idle, needs-input")]
+    UnknownState {
+        /// What was given.
+        word: String,
+    },
+    /// `app status` for an instance another host runs (its supervisor derives its state there).
+    #[error(
+        "instance {id} runs on host {host}; its state is derived there, so report it from that host"
+    )]
+    StatusElsewhere {
+        /// The instance.
+        id: String,
+        /// Its host.
+        host: String,
+    },
+    /// `app status` for an instance that is not running.
+    #[error("instance {id} is not running ({reason}); nothing was reported")]
+    StatusNotRunning {
+        /// The instance.
+        id: String,
+        /// Why it is not live.
+        reason: String,
+    },
 }
 
 impl InstanceError {
     /// The exit code: bad input, held by someone else, or a failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            InstanceError::Unknown { .. } | InstanceError::NoCommand => EXIT_USAGE,
+            InstanceError::Unknown { .. }
+            | InstanceError::NoCommand
+            | InstanceError::StatusOutside
+            | InstanceError::UnknownState { .. }
+            | InstanceError::StatusElsewhere { .. } => EXIT_USAGE,
             InstanceError::NameHeld { .. }
             | InstanceError::NameTaken { .. }
             | InstanceError::BranchHeld { .. }
@@ -114,7 +147,8 @@ impl InstanceError {
             | InstanceError::NotRunning { .. }
             | InstanceError::NotRunningForExec { .. }
             | InstanceError::NoneLive
-            | InstanceError::BadStoredId { .. } => EXIT_FAILURE,
+            | InstanceError::BadStoredId { .. }
+            | InstanceError::StatusNotRunning { .. } => EXIT_FAILURE,
         }
     }
 }

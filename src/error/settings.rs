@@ -31,6 +31,14 @@ pub enum SettingsError {
         /// The variable.
         var: &'static str,
     },
+    /// A duration below its least useful value.
+    #[error("{var} must be at least {min}")]
+    TooShort {
+        /// The variable.
+        var: &'static str,
+        /// The least value, as written.
+        min: &'static str,
+    },
     /// The value is no number of bytes above zero.
     #[error("{var}={value:?} is not a positive number of bytes")]
     NotPositive {

@@ -72,6 +72,45 @@ impl Holds {
     }
 }
 
+/// What an instance holds, as its agent state's `stuck` asks it (docs/AGENT-STATE.md): the
+/// locks of `--lock` (held by the supervisor), the locks its agent took itself (holder: the
+/// instance), and the orchestrated task it is an attempt of (`APP_RUN_ID`/`APP_TASK_ID` the
+/// orchestrator gave its `app run`). Asked only when the agent has been idle that long.
+pub(super) fn what_is_held(
+    paths: &crate::paths::AppPaths,
+    settings: &crate::config::Settings,
+    record: &InstanceRecord,
+    holds: &Holds,
+) -> crate::activity::HoldsFn {
+    let coordination = Coordination::new(paths, settings);
+    let (id, own) = (record.id.to_string(), holds.lock_order());
+    let task = match (&settings.caller.run_id, &settings.caller.task_id) {
+        (Some(run), Some(task)) if !run.is_empty() && !task.is_empty() => {
+            Some(format!("task {task} of run {run}"))
+        }
+        _ => None,
+    };
+    Box::new(move || {
+        let mut names = own.clone();
+        if let Ok(Some(locks)) = coordination.existing_locks()
+            && let Ok(states) = locks.list()
+        {
+            names.extend(states.into_iter().filter_map(|(state, _)| {
+                let holder = state.holder?;
+                (holder.instance.as_deref() == Some(id.as_str())).then(|| state.name.to_string())
+            }));
+        }
+        names.sort();
+        names.dedup();
+        let mut what = Vec::new();
+        if !names.is_empty() {
+            what.push(format!("lock {}", names.join(", ")));
+        }
+        what.extend(task.clone());
+        (!what.is_empty()).then(|| what.join(" and "))
+    })
+}
+
 /// How taking the holds went.
 pub(super) enum Taken {
     /// Everything is held.

@@ -31,6 +31,7 @@ use super::leftovers;
 use super::mirror::{self, DbMirror};
 use super::signals::{Slot, Spawned};
 use super::{EXIT_TIMED_OUT, Mode, Notice, RunOptions, RunOutcome};
+use crate::activity;
 use crate::api::{self, ApiServer};
 use crate::config::Settings;
 use crate::control::{self, ControlServer};
@@ -88,6 +89,8 @@ pub(super) struct Supervisor<'a> {
     host_beat: Option<HostBeat>,
     /// The locks and reservation of `--lock` and `--reserve`, once taken.
     held: Option<Held>,
+    /// The agent-state thread, while the command runs.
+    activity: Option<activity::Tracker>,
 }
 
 /// How an instance ends.
@@ -197,6 +200,7 @@ impl<'a> Supervisor<'a> {
             heartbeat: None,
             host_beat,
             held: None,
+            activity: None,
         })
     }
 
@@ -358,6 +362,10 @@ impl<'a> Supervisor<'a> {
                 Spawned::Cancelled(signal) => return Err(Ending::Cancelled(signal)),
             }
         };
+        // Its state is there before anyone sees it running.
+        if let Some(child) = &child {
+            self.activity = Some(self.track(Arc::clone(child)));
+        }
         self.record.child_pid = child.as_ref().map(|child| child.id());
         self.record.child_start_time = self.record.child_pid.and_then(process::start_time);
         self.record.status = InstanceStatus::Running;
@@ -379,6 +387,26 @@ impl<'a> Supervisor<'a> {
         }
         self.mirror.instance(&self.record);
         Ok(child)
+    }
+
+    /// The agent-state thread of the command `child` (docs/AGENT-STATE.md).
+    fn track(&self, child: Arc<process::Child>) -> activity::Tracker {
+        let watched = activity::Watched {
+            paths: self.paths.clone(),
+            id: self.record.id.to_string(),
+            worktree: self.record.worktree.clone(),
+            base: self.plan.as_ref().map(|plan| plan.base),
+            timing: self.settings.activity,
+            started: self.record.started_at,
+        };
+        let exited: activity::ExitedFn = Box::new(move || child.reaped());
+        let holds = super::holds::what_is_held(
+            self.paths,
+            self.settings,
+            &self.record,
+            &self.options.holds,
+        );
+        activity::Tracker::start(watched, exited, holds)
     }
 
     /// Heartbeats until the command exits (or, for `app serve`, until a stop request).
@@ -444,6 +472,9 @@ impl<'a> Supervisor<'a> {
             Ending::Exited { .. } => leftovers::settle(&self.slot, self.options.keep_running),
             _ => None,
         };
+        if let Some(tracker) = self.activity.take() {
+            tracker.stop();
+        }
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.stop();
         }

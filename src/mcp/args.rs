@@ -43,6 +43,17 @@ pub(crate) struct ListInstancesArgs {
     pub include_stale: bool,
 }
 
+/// Arguments of `status`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatusArgs {
+    /// Your state: "working", "idle" or "needs-input" (you wait for your human).
+    pub state: String,
+    /// Why, in one line (e.g. "waiting for review of the schema change").
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
 /// Arguments of `send_message`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

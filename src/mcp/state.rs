@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::State;
 use super::args::*;
+use crate::activity::{self, AgentState};
 use crate::coordination::Coordination;
 use crate::db::{Blocking, Db, DbSettings, Location, notes, runs};
 use crate::error::{InstanceError, McpError, Result, RunError};
@@ -100,7 +101,33 @@ impl State {
         let liveness = record.liveness(self.settings.timing.stale_after);
         let mut value = record.to_json(&liveness);
         value["repo_root"] = json!(self.paths.repo_root());
+        self.add_activity(&mut value, &record, &liveness);
         Ok(value)
+    }
+
+    /// The `agent` and `progress` keys of an instance's JSON: what its supervisor last
+    /// derived (null for a stale instance or one of another host).
+    fn add_activity(&self, value: &mut Value, record: &InstanceRecord, liveness: &Liveness) {
+        let activity = (*liveness == Liveness::Live)
+            .then(|| activity::read(&self.paths, record.id.as_str()))
+            .flatten();
+        value["agent"] = json!(activity.as_ref().map(|a| &a.agent));
+        value["progress"] = json!(activity.as_ref().and_then(|a| a.progress));
+    }
+
+    pub(super) fn status(&self, args: &StatusArgs) -> Result<Value> {
+        let state = AgentState::parse_reported(&args.state)?;
+        let record = self.record(&self.snapshot()?)?;
+        let stale_after = self.settings.timing.stale_after;
+        let report = activity::report(
+            &self.paths,
+            &record,
+            stale_after,
+            (state, args.message.as_deref()),
+        )?;
+        Ok(
+            json!({ "id": record.id, "state": report.state, "message": report.message, "at": report.at }),
+        )
     }
 
     pub(super) fn list_instances(&self, args: &ListInstancesArgs) -> Result<Value> {
@@ -113,6 +140,7 @@ impl State {
             .map(|(record, liveness)| {
                 let mut value = record.to_json(&liveness);
                 value["me"] = json!(record.id == self.me);
+                self.add_activity(&mut value, record, &liveness);
                 value
             })
             .collect();

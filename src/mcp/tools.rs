@@ -151,6 +151,13 @@ impl Server {
     }
 
     #[tool(
+        description = "Report your state for the dashboards (as 'app status' does): \"needs-input\" when you wait for your human (say why in message), \"working\" when you resume, \"idle\" when you are done for now. needs-input stays until you report again or work for a while. Returns what was recorded."
+    )]
+    async fn status(&self, Parameters(args): Parameters<StatusArgs>) -> CallToolResult {
+        self.blocking(move |state| state.status(&args)).await
+    }
+
+    #[tool(
         description = "The orchestrated run (app orchestrate) your instance works for: the run's status, your task, and every task you depend on with its status and branch (their commits are merged into your starting point). 'run' is null outside a run.",
         annotations(read_only_hint = true)
     )]
@@ -169,7 +176,7 @@ mod tests {
     fn every_tool_has_a_description_and_an_object_schema() {
         let router = Server::tool_router();
         let tools = router.list_all();
-        assert_eq!(tools.len(), 15);
+        assert_eq!(tools.len(), 16);
         for tool in tools {
             assert!(
                 tool.description.as_ref().is_some_and(|d| d.len() > 40),

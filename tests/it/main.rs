@@ -2,6 +2,7 @@
 //!
 //! Every test gets its own [`support::TestRepo`] and drives the real `app` binary.
 
+mod activity;
 mod api;
 mod attack;
 mod browser;

@@ -121,6 +121,7 @@ async fn two_agents_coordinate_through_the_tools() {
                 "reserve_paths",
                 "run_status",
                 "send_message",
+                "status",
                 "whoami"
             ]
         );
@@ -629,4 +630,50 @@ async fn the_lock_and_reservation_tools_take_the_fleet_option() {
     })
     .await
     .expect("within the limit");
+}
+
+#[tokio::test]
+async fn the_status_tool_reports_the_agents_state() {
+    tokio::time::timeout(LIMIT, async {
+        let repo = TestRepo::new();
+        let instances = two_instances(&repo);
+        let dir = instances[0].1.worktree.clone().unwrap();
+        let a = connect(&repo, &dir, &[]).await;
+        let said = ok(
+            &a,
+            "status",
+            json!({"state": "needs-input", "message": "which schema?"}),
+        )
+        .await;
+        assert_eq!(
+            (&said["id"], &said["state"]),
+            (&json!("alice"), &json!("needs-input"))
+        );
+        let error = refused(&a, "status", json!({"state": "sleepy"})).await;
+        assert!(error.contains("working, idle, needs-input"), "{error}");
+        let mut agent = Value::Null;
+        support::wait_for("the supervisor to take the report", LIMIT, || {
+            let listed = repo.run_app(&["instance", "list", "--json"]);
+            let rows: Vec<Value> = serde_json::from_slice(&listed.stdout).unwrap();
+            agent = rows
+                .into_iter()
+                .find(|row| row["id"] == "alice")
+                .map(|row| row["agent"].clone())
+                .unwrap_or_default();
+            agent["state"] == "needs-input"
+        });
+        assert_eq!(agent["reason"], "said: which schema?");
+        let listed = ok(&a, "list_instances", json!({})).await;
+        let mine = listed["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["me"] == true)
+            .unwrap()
+            .clone();
+        assert_eq!(mine["agent"]["state"], "needs-input", "{mine}");
+        assert!(mine["progress"].is_object(), "{mine}");
+    })
+    .await
+    .expect("within the time limit");
 }
