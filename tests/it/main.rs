@@ -7,6 +7,7 @@ mod attack;
 mod ci;
 mod control;
 mod coordination;
+mod dash;
 mod db;
 mod doctor;
 mod environment;

@@ -42,13 +42,13 @@ pub struct DashArgs {
 }
 
 pub(super) fn run(ctx: &Context, args: DashArgs) -> Result<u8> {
+    let source = open(ctx, args)?;
+    // The first read happens before the screen is taken, so a source out of reach is a plain
+    // error message on the normal screen (and is told first: it is what to fix).
+    let first = source.overview()?;
     if !io::stdout().is_terminal() {
         return Err(DashError::NotATerminal.into());
     }
-    let source = open(ctx, args)?;
-    // The first read happens before the screen is taken, so a source out of reach is a plain
-    // error message on the normal screen.
-    let first = source.overview()?;
     let (updates, messages) = mpsc::channel();
     start_threads(&source, &updates);
     let mut dash = Dash::new(source.describe());
