@@ -147,9 +147,44 @@ fn start_instance(repo: &TestRepo) -> (Running, String) {
     (run, id)
 }
 
+/// Runs a plan of two tasks (`greet`, then `after`) to its end.
+fn run_plan(repo: &TestRepo) {
+    let plan = repo.scratch().join("plan.json");
+    let text = r#"{"name": "logs", "tasks": [
+        {"id": "greet", "command": "echo hello from greet"},
+        {"id": "after", "command": "true", "depends_on": ["greet"]}]}"#;
+    std::fs::write(&plan, text).unwrap();
+    let output = repo.run_app(&[
+        "orchestrate",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+/// On the Runs tab, the plan's graph by wave, and Enter on its first task shows its log.
+fn check_task_log(repo: &TestRepo, tmux: &Tmux) {
+    tmux.keys(repo, "2");
+    let screen = tmux.wait_for_text(repo, "wave 2");
+    let after = screen.lines().find(|line| line.contains("wave 2")).unwrap();
+    assert!(
+        after.contains("after") && after.contains("succeeded"),
+        "{screen}"
+    );
+    tmux.keys(repo, "Enter");
+    tmux.wait_for_text(repo, "hello from greet");
+    tmux.keys(repo, "Escape");
+    wait_for("the log to close", Duration::from_secs(10), || {
+        !tmux.screen(repo).contains("hello from greet")
+    });
+}
+
 #[test]
 fn dash_shows_a_started_instance_and_quits_restoring_the_terminal() {
     let repo = TestRepo::new();
+    run_plan(&repo);
     let Some(tmux) = Tmux::start(&repo, &dash_then_report("")) else {
         return;
     };
@@ -166,6 +201,7 @@ fn dash_shows_a_started_instance_and_quits_restoring_the_terminal() {
     // The event log's row reaches the timeline.
     tmux.keys(&repo, "5");
     tmux.wait_for_text(&repo, "instance.started");
+    check_task_log(&repo, &tmux);
     quit_and_check_restored(&repo, &tmux);
 }
 
@@ -187,12 +223,15 @@ fn free_ports(len: u16) -> u16 {
     panic!("no {len} free ports");
 }
 
-#[test]
-fn dash_over_the_api_follows_its_events() {
-    let repo = TestRepo::new();
+/// Starts `app serve --with-api --instance hub` on a free port (with `token` as its
+/// `APP_API_TOKEN`, if any); returns it with its URL once it runs.
+fn serve_api(repo: &TestRepo, token: Option<&str>) -> (Running, String) {
     let base = free_ports(5);
     let mut serve = repo.app(&["serve", "--with-api", "--instance", "hub"]);
     serve.env("APP_API_PORT_RANGE", format!("{base}-{}", base + 4));
+    if let Some(token) = token {
+        serve.env("APP_API_TOKEN", token);
+    }
     let mut server = repo.spawn(serve);
     let mut url = None;
     wait_for("the API to listen", Duration::from_secs(30), || {
@@ -204,7 +243,31 @@ fn dash_over_the_api_follows_its_events() {
             .and_then(|r| r.api_url);
         url.is_some()
     });
-    let url = url.unwrap();
+    (server, url.unwrap())
+}
+
+#[test]
+fn dash_over_the_api_needs_its_token() {
+    let repo = TestRepo::new();
+    let (_server, url) = serve_api(&repo, Some("sesame-0123456789"));
+    let refused = repo.run_app(&["dash", "--api", &url]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("refused"), "{}", stderr(&refused));
+    // With the token the read succeeds; only the missing terminal stops it.
+    let read = repo.run_app(&["dash", "--api", &url, "--token", "sesame-0123456789"]);
+    assert_eq!(read.status.code(), Some(2), "{}", stderr(&read));
+    assert!(
+        stderr(&read).contains("not one; run it in a terminal"),
+        "{}",
+        stderr(&read)
+    );
+}
+
+#[test]
+fn dash_over_the_api_follows_its_events() {
+    let repo = TestRepo::new();
+    run_plan(&repo);
+    let (_server, url) = serve_api(&repo, None);
     let Some(tmux) = Tmux::start(&repo, &dash_then_report(&format!("--api {url}"))) else {
         return;
     };
@@ -214,6 +277,7 @@ fn dash_over_the_api_follows_its_events() {
     tmux.wait_for_text(&repo, &id);
     tmux.keys(&repo, "5");
     tmux.wait_for_text(&repo, "instance.started");
+    check_task_log(&repo, &tmux);
     quit_and_check_restored(&repo, &tmux);
 }
 

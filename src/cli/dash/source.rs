@@ -5,17 +5,20 @@
 //! stay current. Nothing is re-read per frame.
 
 use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ratatui::crossterm::event::KeyEvent;
 use serde::Deserialize;
 
 use super::view::EventLine;
 use crate::db::events::{self, EventFilter};
+use crate::db::runs;
 use crate::db::{Blocking, DbSettings, Location};
 use crate::error::{DashError, Result};
+use crate::ids::RunId;
 use crate::overview::{self, Overview};
 use crate::paths::AppPaths;
 use crate::time::Timestamp;
@@ -23,6 +26,9 @@ use crate::watch::DirWatch;
 
 /// How long pokes are gathered into one read.
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// The shortest time between two reads, however often things change (every instance's
+/// heartbeat rewrites the registry).
+const MIN_GAP: Duration = Duration::from_millis(500);
 /// A read at least this often, changes or not.
 const REFRESH: Duration = Duration::from_secs(5);
 /// How often the database event log is asked for new rows (and the `.app/` watch polls where
@@ -30,8 +36,10 @@ const REFRESH: Duration = Duration::from_secs(5);
 const EVENT_POLL: Duration = Duration::from_millis(500);
 /// Events of the log shown when the dashboard starts.
 const BACKLOG: i64 = 200;
-/// Bytes of a task's log shown.
+/// Bytes of a task's log shown (read locally).
 const LOG_TAIL: u64 = 64 * 1024;
+/// Lines of a task's log shown (read through the API).
+const LOG_LINES: usize = 500;
 /// Waits between reconnections to the API's event stream, growing to the last.
 const RECONNECT: [Duration; 4] = [
     Duration::from_millis(250),
@@ -73,16 +81,18 @@ pub(crate) trait Source: Send + Sync {
 /// Reads the overview after each burst of pokes and every [`REFRESH`]; returns once `updates`
 /// or `pokes` is closed.
 pub(crate) fn refresh(source: &dyn Source, pokes: &Receiver<()>, updates: &Sender<Msg>) {
+    let mut last = Instant::now();
     loop {
         match pokes.recv_timeout(REFRESH) {
             Ok(()) => {
                 // A burst (a heartbeat rewriting the registry and an event row) is one read.
-                std::thread::sleep(DEBOUNCE);
+                std::thread::sleep(DEBOUNCE.max(MIN_GAP.saturating_sub(last.elapsed())));
                 while pokes.try_recv().is_ok() {}
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
+        last = Instant::now();
         let msg = match source.overview() {
             Ok(overview) => Msg::Overview(Box::new(overview)),
             Err(err) => Msg::Status(format!("read failed: {err}")),
@@ -185,7 +195,17 @@ impl Source for Local {
     }
 
     fn log_tail(&self, run: &str, task: &str) -> String {
-        let path = self.paths.task_log(run, task);
+        // Where the task's row says its log is (a fleet task's differs), else the usual place.
+        let (location, settings) = self.database.clone();
+        let recorded = Blocking::open(location, settings).and_then(|db| {
+            let id = RunId::stored(run.to_string());
+            db.run(async |db| runs::tasks(db, &id).await)
+        });
+        let path = recorded
+            .ok()
+            .and_then(|rows| rows.into_iter().find(|row| row.task_id == task))
+            .and_then(|row| row.log_path)
+            .map_or_else(|| self.paths.task_log(run, task), PathBuf::from);
         match std::fs::File::open(&path) {
             Ok(file) => tail(file),
             Err(err) => format!("no log at {}: {err}", path.display()),
@@ -433,11 +453,31 @@ impl Source for Api {
     }
 
     fn log_tail(&self, run: &str, task: &str) -> String {
-        format!(
-            "the API at {} serves no task logs; on its host run: app runs logs {run} {task}",
-            self.base
-        )
+        let path = format!("/runs/{run}/tasks/{task}/log?tail={LOG_LINES}");
+        let read =
+            self.call(&self.agent, &path, None)
+                .and_then(|mut response| {
+                    let body = response.body_mut().read_to_string().map_err(|err| {
+                        DashError::Unreachable {
+                            url: format!("{}{path}", self.base),
+                            why: err.to_string(),
+                        }
+                    })?;
+                    Ok(serde_json::from_str::<WireLog>(&body).map(|log| log.text))
+                });
+        match read {
+            Ok(Ok(text)) if text.is_empty() => "(the log is empty)".into(),
+            Ok(Ok(text)) => text,
+            Ok(Err(err)) => format!("the API's answer is not a log: {err}"),
+            Err(err) => format!("no log: {err}"),
+        }
     }
+}
+
+/// The answer of `GET /runs/{run}/tasks/{task}/log`, as far as the dashboard reads it.
+#[derive(Debug, Deserialize)]
+struct WireLog {
+    text: String,
 }
 
 /// One event of `GET /events` as the API sends it.
