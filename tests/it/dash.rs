@@ -14,7 +14,7 @@ const TMUX: &str = "/usr/bin/tmux";
 /// A detached tmux server and session of its own, running one command; the whole server is
 /// killed on drop, so nothing outlives the test.
 struct Tmux {
-    socket: String,
+    socket: std::path::PathBuf,
 }
 
 impl Tmux {
@@ -30,12 +30,9 @@ impl Tmux {
             eprintln!("\n!!! {message}\n");
             return None;
         }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
+        // Its own server, its socket inside the test's temp dir (gone with it).
         let tmux = Tmux {
-            socket: format!("app-dash-{}-{nanos}", std::process::id()),
+            socket: repo.scratch().join("tmux.sock"),
         };
         let root = repo.root().to_str().unwrap();
         let output = tmux
@@ -50,7 +47,7 @@ impl Tmux {
 
     fn command(&self, repo: &TestRepo) -> Command {
         let mut command = repo.command(TMUX);
-        command.args(["-L", &self.socket]);
+        command.arg("-S").arg(&self.socket);
         command
     }
 
@@ -103,7 +100,9 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new(TMUX)
-            .args(["-L", &self.socket, "kill-server"])
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
             .env_clear()
             .output();
     }
