@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 mod api;
 mod control;
+mod dash;
 mod db;
 mod instance;
 mod mcp;
@@ -19,6 +20,7 @@ mod worktree;
 
 pub use api::ApiStartError;
 pub use control::ControlError;
+pub use dash::DashError;
 pub use db::{DbError, NoteError};
 pub use instance::InstanceError;
 pub use mcp::McpError;
@@ -156,6 +158,10 @@ pub enum Error {
     #[error(transparent)]
     Note(#[from] NoteError),
 
+    /// `app dash` was refused or could not reach its source.
+    #[error(transparent)]
+    Dash(#[from] DashError),
+
     /// A state file could not be parsed.
     #[error("{} is not valid JSON ({source}); run 'app doctor --fix' to move it aside (kept for you to read; running instances register again)", path.display())]
     Corrupt {
@@ -186,6 +192,7 @@ impl Error {
             Error::Mcp(err) => err.exit_code(),
             Error::Db(err) => err.exit_code(),
             Error::Note(err) => err.exit_code(),
+            Error::Dash(err) => err.exit_code(),
             Error::Spawn { source, .. } => crate::process::spawn_failure_code(source),
             Error::Failed(_)
             | Error::Git { .. }

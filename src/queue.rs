@@ -288,7 +288,7 @@ pub trait Arrivals {
 
 impl Arrivals for DirWatch {
     fn wait(&self, limit: Duration) {
-        DirWatch::wait(self, limit)
+        DirWatch::wait(self, limit);
     }
 }
 

@@ -64,13 +64,31 @@ impl DirWatch {
         })
     }
 
+    /// Also watches `dir` (which must exist), with its subdirectories when `recursive`; without
+    /// file-system events this does nothing (polling covers every directory alike).
+    pub(crate) fn also(&mut self, dir: &Path, recursive: bool) -> Result<()> {
+        let mode = if recursive {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        if let Some(watcher) = &mut self._watcher
+            && let Err(err) = watcher.watch(dir, mode)
+        {
+            tracing::warn!(dir = %dir.display(), %err, "cannot watch; polling covers it");
+        }
+        Ok(())
+    }
+
     /// Waits until the directory changes, the poll interval passes, or `limit` passes,
-    /// whichever comes first.
-    pub fn wait(&self, limit: Duration) {
+    /// whichever comes first; true when a change woke it.
+    pub fn wait(&self, limit: Duration) -> bool {
         if self.events.recv_timeout(limit.min(self.poll)).is_ok() {
             // One scan covers every event that arrived meanwhile.
             while self.events.try_recv().is_ok() {}
+            return true;
         }
+        false
     }
 }
 

@@ -5,6 +5,7 @@
 #![deny(clippy::print_stdout)]
 
 mod context;
+mod dash;
 mod db;
 mod doctor;
 mod events;
@@ -117,6 +118,8 @@ enum Command {
     Runs(orchestrate::RunsCommand),
     /// Serve the coordination tools to an agent over MCP (stdio); docs/MCP.md.
     Mcp(mcp::McpArgs),
+    /// The fleet on one terminal screen, from .app/ or an instance's API (--api URL).
+    Dash(dash::DashArgs),
     /// Find stale state left by crashes; --fix reclaims it without losing work.
     Doctor(doctor::DoctorArgs),
     /// Git hooks that use app.
@@ -155,6 +158,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::CheckPaths { files } => reserve::check_paths(ctx, files),
         Command::Hooks(command) => reserve::hooks(ctx, command),
         Command::Mcp(args) => mcp::mcp(ctx, args),
+        Command::Dash(args) => dash::run(ctx, args),
         Command::Doctor(args) => doctor::run(ctx, args),
         Command::Orchestrate(args) => orchestrate::orchestrate(ctx, args),
         Command::Ci(args) => run::ci(ctx, args),

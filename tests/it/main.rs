@@ -9,6 +9,7 @@ mod browser;
 mod ci;
 mod control;
 mod coordination;
+mod dash;
 mod dashboard;
 mod db;
 mod doctor;
