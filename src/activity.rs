@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{InstanceError, Result};
 use crate::paths::AppPaths;
+use crate::registry::{InstanceRecord, Liveness};
 use crate::state;
 use crate::time::Timestamp;
 
@@ -42,6 +43,19 @@ pub struct Activity {
 pub(crate) fn read(paths: &AppPaths, id: &str) -> Option<Activity> {
     let text = std::fs::read(paths.activity(id)).ok()?;
     serde_json::from_slice(&text).ok()
+}
+
+/// What the supervisor of `record` last derived, when it is live (a stale instance's file says
+/// nothing true, and one of another host has none here).
+pub(crate) fn live(
+    paths: &AppPaths,
+    record: &InstanceRecord,
+    liveness: &Liveness,
+) -> Option<Activity> {
+    if *liveness != Liveness::Live {
+        return None;
+    }
+    read(paths, record.id.as_str())
 }
 
 fn save(paths: &AppPaths, id: &str, activity: &Activity) -> Result<()> {

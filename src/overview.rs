@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::activity::{AgentState, Progress, StateReport};
+use crate::activity::{self, AgentState, Progress, StateReport};
 use crate::api::{ApiContext, Dashboard};
 use crate::config::Settings;
 use crate::coordination::Coordination;
@@ -246,7 +246,7 @@ impl Source {
         let mut instances: Vec<InstanceView> = snapshot
             .valid_instances()
             .into_iter()
-            .map(|record| instance_view(record, &record.liveness(stale_after)))
+            .map(|record| instance_view(&self.paths, record, &record.liveness(stale_after)))
             .collect();
         let (runs, host_db) = self.runs_and_latency();
         let (runs, db_failure) = match runs {
@@ -435,7 +435,8 @@ impl Dashboard for ApiDashboard {
     }
 }
 
-fn instance_view(record: &InstanceRecord, liveness: &Liveness) -> InstanceView {
+fn instance_view(paths: &AppPaths, record: &InstanceRecord, liveness: &Liveness) -> InstanceView {
+    let activity = activity::live(paths, record, liveness);
     let (liveness, reason) = match liveness {
         Liveness::Live => ("live", None),
         Liveness::Stale(reason) => ("stale", Some(reason.clone())),
@@ -444,8 +445,8 @@ fn instance_view(record: &InstanceRecord, liveness: &Liveness) -> InstanceView {
         record: record.clone(),
         liveness: liveness.into(),
         reason,
-        agent: None,
-        progress: None,
+        agent: activity.as_ref().map(|a| a.agent.clone()),
+        progress: activity.and_then(|a| a.progress),
         run: None,
         task: None,
     }

@@ -184,7 +184,7 @@ fn row_json(paths: &AppPaths, row: &Row) -> Value {
     match row {
         Row::Valid(record, liveness) => {
             let mut value = record.to_json(liveness);
-            let activity = live_activity(paths, record, liveness);
+            let activity = activity::live(paths, record, liveness);
             if let Value::Object(map) = &mut value {
                 map.insert("agent".into(), json!(activity.as_ref().map(|a| &a.agent)));
                 map.insert(
@@ -235,17 +235,6 @@ fn list_everywhere(ctx: &Context, args: &ListArgs) -> Result<u8> {
     Ok(0)
 }
 
-/// What the supervisor of a live instance of this host last derived.
-fn live_activity(
-    paths: &AppPaths,
-    record: &InstanceRecord,
-    liveness: &Liveness,
-) -> Option<activity::Activity> {
-    (*liveness == Liveness::Live)
-        .then(|| activity::read(paths, record.id.as_str()))
-        .flatten()
-}
-
 fn print_table(paths: &AppPaths, rows: &[Row]) {
     let header = [
         "ID",
@@ -264,7 +253,7 @@ fn print_table(paths: &AppPaths, rows: &[Row]) {
     for row in rows {
         table.row(match row {
             Row::Valid(record, liveness) => {
-                let activity = live_activity(paths, record, liveness);
+                let activity = activity::live(paths, record, liveness);
                 vec![
                     record.id.to_string(),
                     record.pid.to_string(),
@@ -322,7 +311,7 @@ fn info(paths: &AppPaths, registry: &Registry, id: &str, json: bool, timing: Tim
         output::json(&row_json(paths, &Row::Valid(record, liveness)));
         return Ok(0);
     }
-    let activity = live_activity(paths, record, &liveness);
+    let activity = activity::live(paths, record, &liveness);
     let state = match &liveness {
         Liveness::Live => format!("live ({})", record.status),
         Liveness::Stale(reason) => format!("stale ({reason})"),

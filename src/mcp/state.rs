@@ -108,9 +108,7 @@ impl State {
     /// The `agent` and `progress` keys of an instance's JSON: what its supervisor last
     /// derived (null for a stale instance or one of another host).
     fn add_activity(&self, value: &mut Value, record: &InstanceRecord, liveness: &Liveness) {
-        let activity = (*liveness == Liveness::Live)
-            .then(|| activity::read(&self.paths, record.id.as_str()))
-            .flatten();
+        let activity = activity::live(&self.paths, record, liveness);
         value["agent"] = json!(activity.as_ref().map(|a| &a.agent));
         value["progress"] = json!(activity.as_ref().and_then(|a| a.progress));
     }

@@ -1049,3 +1049,93 @@ fn a_task_log_is_read_from_its_row_and_an_instance_is_stopped_behind_the_token()
     let output = server.wait_after(Signal::SIGTERM, Duration::from_secs(30));
     assert_eq!(code(&output), 0, "{}", stderr(&output));
 }
+
+/// The overview carries what each supervisor derived: a busy loop is `working`, an agent that
+/// said it waits for its human is `needs-input`, with its words, first in the attention strip.
+#[test]
+fn overview_shows_each_agents_state_and_puts_one_that_needs_input_first() {
+    let repo = TestRepo::new();
+    let port = free_ports(1);
+    let mut server = repo.spawn_app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--instance",
+        "dash",
+    ]);
+    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let mut busy = repo.spawn_app(&[
+        "run",
+        "--no-worktree",
+        "--instance",
+        "busy",
+        "--",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ]);
+    wait_serving(&repo, &mut busy, "busy");
+    let mut asks = repo.spawn_app(&[
+        "run",
+        "--no-worktree",
+        "--instance",
+        "asks",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    wait_serving(&repo, &mut asks, "asks");
+    let said = repo
+        .app(&["status", "needs-input", "review the schema please"])
+        .env("APP_INSTANCE_ID", "asks")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&said), 0, "{}", stderr(&said));
+
+    let state_of = |overview: &Value, id: &str| {
+        overview["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .map(|i| i["agent"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let mut overview = Value::Null;
+    wait_for(
+        "busy working and asks needing input",
+        Duration::from_secs(20),
+        || {
+            let (status, body) = http(&url, "GET", "/overview", &[], None);
+            assert_eq!(status, 200, "{body}");
+            overview = json_of(&body);
+            state_of(&overview, "busy")["state"] == "working"
+                && state_of(&overview, "asks")["state"] == "needs-input"
+        },
+    );
+    assert_eq!(
+        state_of(&overview, "asks")["reason"],
+        "said: review the schema please",
+        "{overview:#}"
+    );
+    let first = &overview["attention"][0];
+    assert_eq!(
+        (&first["kind"], &first["subject"]),
+        (&json!("needs-input"), &json!("asks")),
+        "{overview:#}"
+    );
+    assert!(
+        first["text"]
+            .as_str()
+            .unwrap()
+            .contains("review the schema please"),
+        "{first}"
+    );
+
+    for (running, code_expected) in [(busy, 143), (asks, 143), (server, 0)] {
+        let output = running.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+        assert_eq!(code(&output), code_expected, "{}", stderr(&output));
+    }
+}
