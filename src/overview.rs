@@ -206,9 +206,9 @@ pub struct Source {
     database: (Location, DbSettings),
     /// Doctor's findings and when they were computed.
     findings: Mutex<Option<(Instant, Vec<FindingView>)>>,
-    /// The last overview and when it was read; held while a gather runs, so gathers never
-    /// overlap.
-    last: Mutex<Option<(Instant, Overview)>>,
+    /// The last overview, when it was read and how many events its reader had seen then;
+    /// held while a gather runs, so gathers never overlap.
+    last: Mutex<Option<(Instant, u64, Overview)>>,
 }
 
 impl Source {
@@ -227,14 +227,23 @@ impl Source {
 
     /// Everything one screen shows, now (or as read less than [`REUSE_FOR`] ago).
     pub fn gather(&self) -> Result<Overview> {
+        self.gather_after(0)
+    }
+
+    /// Everything one screen shows, now, or as read less than [`REUSE_FOR`] ago when no event
+    /// came since: `events` counts the events the caller has seen (an API's published ones),
+    /// and a read from before the newest is never handed out again (a client refreshing on
+    /// `instance.stopped` must not get the read that still lists the instance).
+    pub fn gather_after(&self, events: u64) -> Result<Overview> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, overview)) = last.as_ref()
+        if let Some((at, seen, overview)) = last.as_ref()
             && at.elapsed() < REUSE_FOR
+            && *seen == events
         {
             return Ok(overview.clone());
         }
         let overview = self.read()?;
-        *last = Some((Instant::now(), overview.clone()));
+        *last = Some((Instant::now(), events, overview.clone()));
         Ok(overview)
     }
 
@@ -386,8 +395,8 @@ impl ApiDashboard {
 }
 
 impl Dashboard for ApiDashboard {
-    fn overview(&self, context: &ApiContext) -> Result<serde_json::Value> {
-        let overview = self.source(context).gather()?;
+    fn overview(&self, context: &ApiContext, events: u64) -> Result<serde_json::Value> {
+        let overview = self.source(context).gather_after(events)?;
         Ok(serde_json::to_value(overview).expect("overviews serialize"))
     }
 

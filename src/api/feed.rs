@@ -19,6 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -79,6 +80,8 @@ impl ApiEvent {
 #[derive(Debug, Clone)]
 pub struct Hub {
     sender: broadcast::Sender<Arc<ApiEvent>>,
+    /// Events published so far.
+    published: Arc<AtomicU64>,
 }
 
 impl Hub {
@@ -86,13 +89,22 @@ impl Hub {
     pub fn new(capacity: usize) -> Self {
         Hub {
             sender: broadcast::channel(capacity.max(1)).0,
+            published: Arc::default(),
         }
     }
 
     /// Sends `event` to every subscriber; never blocks.
     pub fn publish(&self, event: ApiEvent) {
+        // Counted before it is sent, so a client that saw it and asks for the overview
+        // never gets a read from before it.
+        self.published.fetch_add(1, Ordering::SeqCst);
         // No subscriber is not an error: the event is simply not seen.
         let _ = self.sender.send(Arc::new(event));
+    }
+
+    /// How many events were published so far.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::SeqCst)
     }
 
     /// A new subscriber, seeing events published from now on.

@@ -74,8 +74,9 @@ pub struct ApiOptions {
 /// What the API serves from the layers above it (it may not import them): the dashboard's
 /// data. Every call runs on the blocking pool, so it may read files and the database.
 pub trait Dashboard: std::fmt::Debug + Send + Sync {
-    /// Everything one screen shows (`GET /overview`), as JSON.
-    fn overview(&self, context: &ApiContext) -> Result<Value>;
+    /// Everything one screen shows (`GET /overview`), as JSON; `events` is how many events the
+    /// server has published so far, so that no read older than the newest event is reused.
+    fn overview(&self, context: &ApiContext, events: u64) -> Result<Value>;
     /// Asks live instance `id` to stop, as `app instance stop ID` does, and returns what was
     /// done (the stop goes on in the background); [`InstanceError::Unknown`] for an id the
     /// registry does not have, [`InstanceError::NotRunning`] for a stale one.
@@ -594,8 +595,8 @@ async fn overview(
             "this API serves no overview (it was started without a dashboard)",
         ));
     };
-    let context = state.context.clone();
-    let value = tokio::task::spawn_blocking(move || dashboard.overview(&context))
+    let (context, events) = (state.context.clone(), state.hub.published());
+    let value = tokio::task::spawn_blocking(move || dashboard.overview(&context, events))
         .await
         .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed", err.to_string()))?
         .map_err(ApiError::from)?;
