@@ -59,6 +59,7 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir "$tmp/home"
+user_home=$HOME
 export HOME=$tmp/home XDG_CONFIG_HOME=$tmp/home/.config GIT_CONFIG_GLOBAL=/dev/null GIT_CONFIG_NOSYSTEM=1
 export APP_HOME=$tmp/home/app
 export GIT_AUTHOR_NAME=bench GIT_AUTHOR_EMAIL=bench@invalid GIT_COMMITTER_NAME=bench GIT_COMMITTER_EMAIL=bench@invalid
@@ -175,7 +176,8 @@ fi
 
 echo "== state detection per instance per tick =="
 if [[ -x $root/scripts/bench-state.sh ]]; then
-    "$root/scripts/bench-state.sh"
+    # With the user's home back: it builds with cargo.
+    (cd "$root" && HOME=$user_home "$root/scripts/bench-state.sh")
 else
     echo "  measured by scripts/bench-state.sh (not in this tree yet)"
 fi
