@@ -4,15 +4,16 @@
 //!
 //! Where `chromium` or `chromedriver` is missing (`scripts/install-browser.sh` installs both),
 //! [`Browser::start`] prints SKIPPED and returns `None`, or panics when `CI` is set.
+//!
+//! Self-contained (it uses nothing else of the suite), so `examples/dash_bench.rs` includes it
+//! too.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-use crate::support::hermetic;
 
 /// The key W3C WebDriver names an element reference by.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -79,8 +80,16 @@ impl Browser {
         };
         let port = free_port();
         let profile = tempfile::tempdir().unwrap();
-        let mut command = hermetic(&chromedriver);
-        // Chromium wants a home for its caches; the profile directory serves.
+        // chromedriver and Chromium get no more of this process's environment than PATH (and
+        // TMPDIR), as support::hermetic does; Chromium wants a home for its caches, the profile
+        // directory serves.
+        let mut command = Command::new(&chromedriver);
+        command.env_clear().env("LANG", "C").env("LC_ALL", "C");
+        for name in ["PATH", "TMPDIR"] {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
         command
             .env("HOME", profile.path())
             .arg(format!("--port={port}"))

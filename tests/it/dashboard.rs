@@ -122,6 +122,12 @@ fn the_page_lists_instances_with_their_states_and_follows_starts_and_stops_live(
 
     browser.navigate(&format!("{url}/"));
     wait_rows(&browser, &["hub", "one", "two"], PAGE_WAIT);
+    // The hook scripts/bench-dash.sh times the first render by: set once rows are shown.
+    let first = browser.execute("return window.dashboard.firstRenderMs;", json!([]));
+    assert!(
+        first.as_f64().is_some_and(|ms| ms > 0.0),
+        "firstRenderMs is a time since navigation start: {first}"
+    );
     // Each row's state is what the overview says of that instance.
     let (status, body) = get(&url, "/overview", None);
     assert_eq!(status, 200, "{body}");
