@@ -487,3 +487,154 @@ fn after_a_disconnect_the_page_resumes_the_stream_without_losing_an_event() {
     );
     browser.screenshot("resume");
 }
+
+/// `app run --instance ID -- COMMAND` with short activity timings, once its command runs.
+fn timed_agent(repo: &TestRepo, id: &str, command: &[&str]) -> Running {
+    let mut args = vec!["run", "--instance", id, "--"];
+    args.extend_from_slice(command);
+    let mut cmd = repo.app(&args);
+    cmd.env("APP_ACTIVITY_INTERVAL", "200ms")
+        .env("APP_IDLE_AFTER", "1s");
+    let agent = repo.spawn(cmd);
+    repo.wait_running(agent.pid());
+    agent
+}
+
+/// What row `id` shows now: state, since (its cell's timestamp), reason, progress.
+const ROW: &str = "const r = document.querySelector(`#instance-rows tr[data-instance=\"${arguments[0]}\"]`); if (!r) return null; const f = (n) => r.querySelector(`[data-field=\"${n}\"]`); return { state: r.dataset.state, pill: f('state').textContent, since: f('since').dataset.ago, since_text: f('since').textContent, reason: f('reason').textContent, progress: f('progress').textContent };";
+
+/// Waits until row `id` reads `state` with a reason that starts with `reason`; returns what
+/// it shows.
+fn wait_row_state(browser: &Browser, id: &str, state: &str, reason: &str) -> Value {
+    let script = format!(
+        "const row = (function () {{ {ROW} }}).apply(null, arguments); return row && row.state === {state} && row.reason.startsWith({reason}) ? row : null;",
+        state = json!(state),
+        reason = json!(reason)
+    );
+    let deadline = std::time::Instant::now() + PAGE_WAIT;
+    loop {
+        let row = browser.execute(&script, json!([id]));
+        if !row.is_null() {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} did not read {state} ({reason}...) within {PAGE_WAIT:?}; the row shows {}",
+            browser.execute(ROW, json!([id]))
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The instance `id` of `GET /overview`.
+fn overview_instance(url: &str, id: &str) -> Value {
+    let (status, body) = get(url, "/overview", None);
+    assert_eq!(status, 200, "{body}");
+    let overview: Value = serde_json::from_str(&body).unwrap();
+    overview["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {id} in {overview:#}"))
+}
+
+/// How the page writes a progress: ahead/behind, then what is committed, then what is not.
+fn progress_text(p: &Value) -> String {
+    let (c, u) = (&p["committed"], &p["uncommitted"]);
+    let mut text = format!(
+        "+{}/-{} · {}f +{} -{}",
+        p["ahead"], p["behind"], c["files"], c["insertions"], c["deletions"]
+    );
+    if u["files"].as_u64().unwrap_or(0) > 0 {
+        text.push_str(&format!(" · uncommitted {}f", u["files"]));
+    }
+    text
+}
+
+#[test]
+fn the_page_shows_each_agents_state_and_puts_one_that_needs_input_first_without_a_reload() {
+    let Some(browser) = Browser::start("dashboard agent state") else {
+        return;
+    };
+    let repo = TestRepo::new();
+    let (_server, url) = serve(&repo, "hub", "127.0.0.1:0", &[]);
+    let _busy = timed_agent(&repo, "busy", &["sh", "-c", "while :; do :; done"]);
+    let _sleepy = timed_agent(&repo, "sleepy", &["sleep", "600"]);
+    browser.navigate(&format!("{url}/"));
+    wait_rows(&browser, &["hub", "busy", "sleepy"], PAGE_WAIT);
+    browser.execute("window.__kept = 'no reload';", json!([]));
+
+    // A busy loop works, a sleep idles; each row says why and since when, as the overview does.
+    let busy = wait_row_state(&browser, "busy", "working", "cpu ");
+    assert_eq!(busy["pill"], "working", "{busy}");
+    assert!(
+        busy["reason"].as_str().unwrap().starts_with("cpu "),
+        "{busy}"
+    );
+    let sleepy = wait_row_state(&browser, "sleepy", "idle", "no cpu");
+    assert_eq!(sleepy["pill"], "idle", "{sleepy}");
+    let listed = overview_instance(&url, "sleepy");
+    assert_eq!(listed["agent"]["state"], "idle", "{listed}");
+    // The page reads the overview again within its fallback's period: wait for this read.
+    let sleepy = browser.wait_for(
+        "sleepy's row to match the overview",
+        PAGE_WAIT,
+        &format!(
+            "const row = (function () {{ {ROW} }}).apply(null, ['sleepy']); return row && row.since === {since} && row.reason === {reason} ? row : null;",
+            since = listed["agent"]["since"],
+            reason = listed["agent"]["reason"]
+        ),
+    );
+    assert!(
+        sleepy["reason"].as_str().unwrap().starts_with("no cpu"),
+        "{sleepy}"
+    );
+    assert!(
+        sleepy["since_text"].as_str().unwrap().ends_with(" ago"),
+        "{sleepy}"
+    );
+    assert!(
+        listed["progress"].is_object(),
+        "sleepy has a worktree: {listed}"
+    );
+    assert_eq!(
+        sleepy["progress"],
+        json!(progress_text(&listed["progress"])),
+        "{listed}"
+    );
+
+    // The sleep says it waits for its human: its row and the head of the attention strip say
+    // so, in its words, without a reload.
+    let said = repo
+        .app(&["status", "needs-input", "why"])
+        .env("APP_INSTANCE_ID", "sleepy")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&said), 0, "{}", stderr(&said));
+    let asks = wait_row_state(&browser, "sleepy", "needs-input", "said: ");
+    assert_eq!(asks["pill"], "needs-input", "{asks}");
+    assert_eq!(asks["reason"], "said: why", "{asks}");
+    let listed = overview_instance(&url, "sleepy");
+    assert_eq!(asks["since"], listed["agent"]["since"], "{listed}");
+    let first = browser.wait_for(
+        "sleepy first in the attention strip",
+        PAGE_WAIT,
+        "const li = document.querySelector('#attention-list li'); return li && li.dataset.attentionKind === 'needs-input' ? { subject: li.dataset.subject, text: li.textContent, none: !document.getElementById('attention-none').hidden } : null;",
+    );
+    assert_eq!(first["subject"], "sleepy", "{first}");
+    assert!(first["text"].as_str().unwrap().contains("why"), "{first}");
+    assert_eq!(first["none"], false, "{first}");
+    assert_eq!(
+        wait_row_state(&browser, "busy", "working", "cpu ")["pill"],
+        "working"
+    );
+    assert_eq!(
+        browser.execute("return window.__kept;", json!([])),
+        json!("no reload")
+    );
+    assert_no_errors(&browser);
+    browser.screenshot("agent-state");
+}
