@@ -12,9 +12,11 @@
 //! - A database that cannot be read costs the runs, not the rest: the screen still shows the
 //!   instances and coordination state, with the failure in the attention strip.
 
+mod fleet;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,8 @@ use crate::registry::{InstanceRecord, Liveness, Registry};
 use crate::reserve::Reservation;
 use crate::sign::Keys;
 use crate::time::Timestamp;
+
+pub use fleet::{FleetHostView, FleetView, LeaseView};
 
 /// How many runs the overview shows (the newest).
 pub const RUNS_SHOWN: u32 = 10;
@@ -67,6 +71,10 @@ pub struct Overview {
     pub messages: Vec<MessageView>,
     /// Doctor's findings (read only, never fixed from here).
     pub findings: Vec<FindingView>,
+    /// The fleet (hosts, leases), when the database is a server; `None` for a local file.
+    /// Its locks, reservations and other hosts' instances are in the lists above.
+    #[serde(default)]
+    pub fleet: Option<FleetView>,
 }
 
 /// The reading host's health.
@@ -117,6 +125,13 @@ pub struct InstanceView {
     /// The run and task it is an attempt of.
     pub run: Option<String>,
     pub task: Option<String>,
+    /// Its host's name in the fleet, when the database is a server.
+    #[serde(default)]
+    pub fleet_host: Option<String>,
+    /// Whether it runs on another fleet host: read from the database's `instances` mirror,
+    /// not this host's registry, live while its heartbeat is fresh.
+    #[serde(default)]
+    pub elsewhere: bool,
 }
 
 /// A run and its task graph.
@@ -185,6 +200,9 @@ pub struct MessageView {
     pub message: Message,
     /// `pending` or `dead`.
     pub state: String,
+    /// Why a dead letter was moved aside, as its file records it.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// One of doctor's findings.
@@ -196,6 +214,9 @@ pub struct FindingView {
     pub fix: String,
     pub fixable: bool,
 }
+
+/// What the database gives an overview: the runs, and the fleet when it is a server.
+type DatabaseRead = (Vec<RunView>, Option<fleet::FleetRead>);
 
 /// Where an overview is read from, and what the last reads left to reuse.
 #[derive(Debug)]
@@ -257,13 +278,13 @@ impl Source {
             .into_iter()
             .map(|record| instance_view(&self.paths, record, &record.liveness(stale_after)))
             .collect();
-        let (runs, host_db) = self.runs_and_latency();
-        let (runs, db_failure) = match runs {
-            Ok(runs) => (runs, None),
-            Err(err) => (Vec::new(), Some(err.to_string())),
+        let (read, host_db) = self.database_read();
+        let (runs, fleet, db_failure) = match read {
+            Ok((runs, fleet)) => (runs, fleet, None),
+            Err(err) => (Vec::new(), None, Some(err.to_string())),
         };
         attach_tasks(&mut instances, &runs);
-        let locks = match coordination.existing_locks()? {
+        let mut locks: Vec<LockView> = match coordination.existing_locks()? {
             Some(store) => {
                 let waiters = store.waiters()?;
                 store
@@ -274,7 +295,7 @@ impl Source {
             }
             None => Vec::new(),
         };
-        let reservations = match coordination.existing_reservations()? {
+        let mut reservations: Vec<ReservationView> = match coordination.existing_reservations()? {
             Some(store) => store
                 .list()?
                 .into_iter()
@@ -290,7 +311,18 @@ impl Source {
         let messages = messages(&coordination, &self.paths)?;
         let findings = self.findings();
         let host = host_health(&self.paths, &self.database.0, host_db);
-        let attention = attention(&instances, &runs, &findings, db_failure);
+        let mut fleet_items = Vec::new();
+        let fleet = fleet.map(|read| {
+            for view in &mut instances {
+                view.fleet_host = Some(read.view.host.clone());
+            }
+            instances.extend(read.instances);
+            locks.extend(read.locks);
+            reservations.extend(read.reservations);
+            fleet_items = fleet::attention(&read.view);
+            read.view
+        });
+        let attention = attention(&instances, &runs, &findings, db_failure, fleet_items);
         Ok(Overview {
             generated_at: Timestamp::now(),
             repo_root: self.paths.repo_root().display().to_string(),
@@ -302,13 +334,15 @@ impl Source {
             reservations,
             messages,
             findings,
+            fleet,
         })
     }
 
-    /// The newest runs with their tasks, and how long one trivial read took.
-    fn runs_and_latency(&self) -> (Result<Vec<RunView>>, Option<f64>) {
+    /// The newest runs with their tasks and, against a server, the fleet, all in one read (one
+    /// batch request against a server); and how long one trivial read took.
+    fn database_read(&self) -> (Result<DatabaseRead>, Option<f64>) {
         let db = match Blocking::open(self.database.0.clone(), self.database.1) {
-            Ok(db) => db,
+            Ok(db) => Arc::new(db),
             Err(err) => return (Err(err), None),
         };
         let started = Instant::now();
@@ -317,15 +351,33 @@ impl Source {
             .ok()
             .map(|_| started.elapsed().as_secs_f64() * 1000.0);
         let repo_root = self.paths.repo_root().display().to_string();
-        let runs = db.run(async |db| {
-            let mut views = Vec::new();
-            for run in runs::list(db, &repo_root, RUNS_SHOWN).await? {
-                let tasks = runs::tasks(db, &run.id).await?;
-                views.push(run_view(&run, tasks));
-            }
-            Ok(views)
-        });
-        (runs, latency)
+        let mut statements: Vec<(String, Vec<libsql::Value>)> =
+            runs::newest_statements(&repo_root, RUNS_SHOWN).into();
+        let in_fleet = !db.is_local();
+        if in_fleet {
+            statements.extend(fleet::statements(&self.settings.fleet_host));
+        }
+        let read = db
+            .run(async |db| {
+                let statements: Vec<(&str, Vec<libsql::Value>)> = statements
+                    .iter()
+                    .map(|(sql, params)| (sql.as_str(), params.clone()))
+                    .collect();
+                db.read_all("reading the overview", &statements).await
+            })
+            .and_then(|results| {
+                let runs = runs::newest_from(&results[0], &results[1])?
+                    .into_iter()
+                    .map(|(run, tasks)| run_view(&run, tasks))
+                    .collect();
+                let fleet = if in_fleet {
+                    Some(fleet::read(&results[2..], &db, &self.settings)?)
+                } else {
+                    None
+                };
+                Ok((runs, fleet))
+            });
+        (read, latency)
     }
 
     /// Doctor's findings, computed again when the last are older than [`FINDINGS_EVERY`].
@@ -458,6 +510,8 @@ fn instance_view(paths: &AppPaths, record: &InstanceRecord, liveness: &Liveness)
         progress: activity.and_then(|a| a.progress),
         run: None,
         task: None,
+        fleet_host: None,
+        elsewhere: false,
     }
 }
 
@@ -563,22 +617,26 @@ fn messages(coordination: &Coordination, paths: &AppPaths) -> Result<Vec<Message
         views.extend(pending.into_iter().map(|message| MessageView {
             message,
             state: "pending".into(),
+            reason: None,
         }));
     }
-    let mut dead: Vec<Message> = crate::state::visible_names(&paths.dead_letters())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|name| name.ends_with(".json"))
-        .filter_map(|name| {
-            let bytes = std::fs::read(paths.dead_letters().join(name)).ok()?;
-            let record: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-            serde_json::from_value(record["message"].clone()).ok()
-        })
-        .collect();
-    dead.sort_by(|a, b| a.id.cmp(&b.id));
-    views.extend(dead.into_iter().map(|message| MessageView {
+    let mut dead: Vec<(Message, Option<String>)> =
+        crate::state::visible_names(&paths.dead_letters())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| name.ends_with(".json"))
+            .filter_map(|name| {
+                let bytes = std::fs::read(paths.dead_letters().join(name)).ok()?;
+                let record: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+                let message = serde_json::from_value(record["message"].clone()).ok()?;
+                Some((message, record["reason"].as_str().map(str::to_string)))
+            })
+            .collect();
+    dead.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id));
+    views.extend(dead.into_iter().map(|(message, reason)| MessageView {
         message,
         state: "dead".into(),
+        reason,
     }));
     Ok(views)
 }
@@ -635,8 +693,9 @@ fn attention(
     runs: &[RunView],
     findings: &[FindingView],
     db_failure: Option<String>,
+    fleet: Vec<(u8, Attention)>,
 ) -> Vec<Attention> {
-    let mut items: Vec<(u8, Attention)> = Vec::new();
+    let mut items: Vec<(u8, Attention)> = fleet;
     for view in instances {
         let id = view.record.id.to_string();
         if let Some(report) = &view.agent {
@@ -651,12 +710,22 @@ fn attention(
         }
         if view.liveness == "stale" {
             let text = view.reason.clone().unwrap_or_else(|| "stale".into());
+            let text = match view.elsewhere {
+                true => format!(
+                    "{text}; 'app doctor --fix' on {} reclaims it",
+                    view.record.host
+                ),
+                false => text,
+            };
             items.push((
                 3,
                 Attention {
                     kind: "dead-instance".into(),
                     subject: id,
-                    text: format!("{text}; 'app doctor --fix' reclaims it"),
+                    text: match view.elsewhere {
+                        true => text,
+                        false => format!("{text}; 'app doctor --fix' reclaims it"),
+                    },
                     since: Some(view.record.heartbeat_at),
                 },
             ));

@@ -323,10 +323,14 @@ pub struct FleetTask {
     pub report: Report,
     /// Labels a host needs for it.
     pub needs: Labels,
+    /// Milliseconds until its lease runs out (zero or less: it ran out), by the server's
+    /// clock; `None` without a lease.
+    pub lease_expires_in_ms: Option<i64>,
 }
 
 const TASK_COLUMNS: &str = "run_id, task_id, attempt, state, host, token, \
-     coalesce(lease_expires < {now}, 0), started_at, finished_at, exit_code, tip, detail, output, needs";
+     coalesce(lease_expires < {now}, 0), started_at, finished_at, exit_code, tip, detail, output, needs, \
+     lease_expires - {now}";
 
 fn task_row(row: &[Value]) -> FleetTask {
     FleetTask {
@@ -346,6 +350,7 @@ fn task_row(row: &[Value]) -> FleetTask {
             output: opt_text(&row[12]),
         },
         needs: labels(&row[13]),
+        lease_expires_in_ms: integer(&row[14]),
     }
 }
 
@@ -380,19 +385,47 @@ pub struct Overview {
     pub waiting: Vec<FleetTask>,
 }
 
+/// The statements of [`overview`] (hosts, running tasks, waiting tasks), for a caller that
+/// folds them into a read of its own.
+pub fn overview_statements() -> [String; 3] {
+    let columns = task_columns();
+    [
+        format!("SELECT {HOST_COLUMNS}, {NOW_MS} FROM fleet_hosts ORDER BY name"),
+        format!(
+            "SELECT {columns} FROM fleet_tasks WHERE host IS NOT NULL AND state IN ('leased', 'started')
+             ORDER BY host, run_id, task_id"
+        ),
+        format!(
+            "SELECT {columns} FROM fleet_tasks WHERE state = 'offered'
+                OR (state IN ('leased', 'started') AND lease_expires < {NOW_MS})
+             ORDER BY run_id, task_id"
+        ),
+    ]
+}
+
+/// The overview the three result sets of [`overview_statements`] hold.
+pub fn overview_from(results: &[Vec<Vec<Value>>]) -> Overview {
+    let tasks = |rows: Option<&Vec<Vec<Value>>>| {
+        rows.map(|rows| rows.iter().map(|row| task_row(row)).collect())
+            .unwrap_or_default()
+    };
+    Overview {
+        hosts: results
+            .first()
+            .map(|rows| {
+                rows.iter()
+                    .map(|row| host_row(row, integer(&row[14]).unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        running: tasks(results.get(1)),
+        waiting: tasks(results.get(2)),
+    }
+}
+
 /// The fleet's hosts, running and waiting tasks, read in one request.
 pub async fn overview(db: &Db) -> Result<Overview> {
-    let columns = task_columns();
-    let hosts = format!("SELECT {HOST_COLUMNS}, {NOW_MS} FROM fleet_hosts ORDER BY name");
-    let running = format!(
-        "SELECT {columns} FROM fleet_tasks WHERE host IS NOT NULL AND state IN ('leased', 'started')
-         ORDER BY host, run_id, task_id"
-    );
-    let waiting = format!(
-        "SELECT {columns} FROM fleet_tasks WHERE state = 'offered'
-            OR (state IN ('leased', 'started') AND lease_expires < {NOW_MS})
-         ORDER BY run_id, task_id"
-    );
+    let [hosts, running, waiting] = overview_statements();
     let results = db
         .batch(
             "reading the fleet",
@@ -403,15 +436,7 @@ pub async fn overview(db: &Db) -> Result<Overview> {
             ],
         )
         .await?;
-    let tasks = |rows: &Vec<Vec<Value>>| rows.iter().map(|row| task_row(row)).collect();
-    Ok(Overview {
-        hosts: results[0]
-            .iter()
-            .map(|row| host_row(row, integer(&row[14]).unwrap_or(0)))
-            .collect(),
-        running: tasks(&results[1]),
-        waiting: tasks(&results[2]),
-    })
+    Ok(overview_from(&results))
 }
 
 /// An offer of one attempt of a task.

@@ -277,16 +277,22 @@ pub async fn release_lock(db: &Db, ask: &LockAsk<'_>, force: bool) -> Result<Loc
     })
 }
 
+/// The statement of [`locks`], for a caller that folds it into a read of its own.
+pub fn locks_statement() -> String {
+    format!("SELECT {} ORDER BY l.name", lock_columns())
+}
+
+/// The locks the result set of [`locks_statement`] holds.
+pub fn locks_from(rows: &[Vec<Value>]) -> Vec<LockRow> {
+    rows.iter().map(|row| lock_row(row)).collect()
+}
+
 /// Every fleet lock ever granted, by name (one read).
 pub async fn locks(db: &Db) -> Result<Vec<LockRow>> {
     let rows = db
-        .query_rows(
-            "listing the fleet locks",
-            &format!("SELECT {} ORDER BY l.name", lock_columns()),
-            vec![],
-        )
+        .query_rows("listing the fleet locks", &locks_statement(), vec![])
         .await?;
-    Ok(rows.iter().map(|row| lock_row(row)).collect())
+    Ok(locks_from(&rows))
 }
 
 /// The fleet lock `name`, if it was ever granted (one read).
@@ -331,23 +337,21 @@ pub struct ReservationsRead {
     pub rows: Vec<ReservationRow>,
 }
 
-/// Every fleet reservation and the change tag, in one read.
-pub async fn reservations(db: &Db) -> Result<ReservationsRead> {
-    let rows = db
-        .query_rows(
-            "reading the fleet reservations",
-            &format!(
-                "SELECT c.value, r.id, r.instance, r.pid, r.start_time, r.boot_id, r.host,
-                    r.patterns, r.shared, r.reason, r.created_at, r.expires_ms - {NOW_MS},
-                    {NOW_MS} - m.heartbeat_ms
-                 FROM fleet_counters AS c
-                 LEFT JOIN fleet_reservations AS r ON 1
-                 LEFT JOIN fleet_members AS m ON m.host = r.host
-                 WHERE c.name = 'reservations' ORDER BY r.created_at, r.id"
-            ),
-            vec![],
-        )
-        .await?;
+/// The statement of [`reservations`], for a caller that folds it into a read of its own.
+pub fn reservations_statement() -> String {
+    format!(
+        "SELECT c.value, r.id, r.instance, r.pid, r.start_time, r.boot_id, r.host,
+            r.patterns, r.shared, r.reason, r.created_at, r.expires_ms - {NOW_MS},
+            {NOW_MS} - m.heartbeat_ms
+         FROM fleet_counters AS c
+         LEFT JOIN fleet_reservations AS r ON 1
+         LEFT JOIN fleet_members AS m ON m.host = r.host
+         WHERE c.name = 'reservations' ORDER BY r.created_at, r.id"
+    )
+}
+
+/// The reservations and change tag the result set of [`reservations_statement`] holds.
+pub fn reservations_from(rows: &[Vec<Value>]) -> ReservationsRead {
     let tag = rows.first().and_then(|row| integer(&row[0])).unwrap_or(0);
     let rows = rows
         .iter()
@@ -365,7 +369,19 @@ pub async fn reservations(db: &Db) -> Result<ReservationsRead> {
             })
         })
         .collect();
-    Ok(ReservationsRead { tag, rows })
+    ReservationsRead { tag, rows }
+}
+
+/// Every fleet reservation and the change tag, in one read.
+pub async fn reservations(db: &Db) -> Result<ReservationsRead> {
+    let rows = db
+        .query_rows(
+            "reading the fleet reservations",
+            &reservations_statement(),
+            vec![],
+        )
+        .await?;
+    Ok(reservations_from(&rows))
 }
 
 /// A change of the fleet reservations: rows to drop and rows to write (by id).

@@ -165,18 +165,38 @@ pub async fn history(db: &Db, repo_root: &Path, id: &str) -> Result<Vec<Instance
     .await
 }
 
+/// How many registrations of other hosts [`elsewhere_statement`] reads at most.
+pub const ELSEWHERE_SHOWN: i64 = 200;
+
+/// The statement reading the registrations of hosts other than `host` that have not stopped,
+/// the most recent heartbeat first (at most [`ELSEWHERE_SHOWN`]); read them with
+/// [`rows_from`].
+pub fn elsewhere_statement(host: &str) -> (String, Vec<Value>) {
+    (
+        format!(
+            "{SELECT} WHERE host != ?1 AND status != ?2 ORDER BY last_heartbeat DESC, id LIMIT ?3"
+        ),
+        vec![
+            Value::Text(host.to_string()),
+            Value::Text(MirrorStatus::Stopped.as_str().into()),
+            Value::Integer(ELSEWHERE_SHOWN),
+        ],
+    )
+}
+
+const SELECT: &str = "SELECT id, repo_root, host, pid, start_time, worktree, branch, base, command,
+                        status, started_at, last_heartbeat, stopped_at, exit_code
+                 FROM instances";
+
 async fn select(db: &Db, clause: &str, params: Vec<Value>) -> Result<Vec<InstanceRow>> {
     let rows = db
-        .query_rows(
-            "reading instances",
-            &format!(
-                "SELECT id, repo_root, host, pid, start_time, worktree, branch, base, command,
-                        status, started_at, last_heartbeat, stopped_at, exit_code
-                 FROM instances {clause}"
-            ),
-            params,
-        )
+        .query_rows("reading instances", &format!("{SELECT} {clause}"), params)
         .await?;
+    rows_from(&rows)
+}
+
+/// The registrations in `rows`, read with the columns of [`elsewhere_statement`].
+pub fn rows_from(rows: &[Vec<Value>]) -> Result<Vec<InstanceRow>> {
     rows.iter()
         .map(|row| {
             Ok(InstanceRow {

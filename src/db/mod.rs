@@ -411,6 +411,24 @@ impl Db {
         .await
     }
 
+    /// Runs the read-only `statements` and returns the rows of each: one batch request against
+    /// a server (the statements see one snapshot), one query after another on a local file
+    /// (no write lock taken for a read).
+    pub async fn read_all(
+        &self,
+        what: &str,
+        statements: &[(&str, Vec<Value>)],
+    ) -> Result<Vec<Vec<Vec<Value>>>> {
+        if !self.is_local() {
+            return self.batch(what, statements).await;
+        }
+        let mut out = Vec::with_capacity(statements.len());
+        for (sql, params) in statements {
+            out.push(self.query_rows(what, sql, params.clone()).await?);
+        }
+        Ok(out)
+    }
+
     /// Runs `body` in a `BEGIN IMMEDIATE` transaction, committing when it succeeds and retrying
     /// the whole transaction while the database is busy.
     pub async fn transaction<T>(

@@ -234,6 +234,61 @@ pub async fn list(db: &Db, repo_root: &str, limit: u32) -> Result<Vec<RunRow>> {
 const TASK_COLUMNS: &str = "run_id, task_id, status, attempts, started_at, finished_at, exit_code, \
                             branch, instance, log_path, detail";
 
+/// The statements of [`newest`]: the newest `limit` runs of `repo_root`, and every task of
+/// those runs, for a caller that folds them into a read of its own.
+pub fn newest_statements(repo_root: &str, limit: u32) -> [(String, Vec<Value>); 2] {
+    let newest = "SELECT id FROM runs WHERE repo_root = ?1 ORDER BY started_at DESC, id LIMIT ?2";
+    let params = vec![
+        Value::Text(repo_root.to_string()),
+        Value::Integer(limit.into()),
+    ];
+    [
+        (
+            format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE repo_root = ?1 \
+                 ORDER BY started_at DESC, id LIMIT ?2"
+            ),
+            params.clone(),
+        ),
+        (
+            format!("SELECT {TASK_COLUMNS} FROM run_tasks WHERE run_id IN ({newest})"),
+            params,
+        ),
+    ]
+}
+
+/// The runs and tasks the two result sets of [`newest_statements`] hold: each run (newest
+/// first) with its tasks, in no particular order.
+pub fn newest_from(
+    runs: &[Vec<Value>],
+    tasks: &[Vec<Value>],
+) -> Result<Vec<(RunRow, Vec<TaskRow>)>> {
+    let mut out: Vec<(RunRow, Vec<TaskRow>)> = runs
+        .iter()
+        .map(|row| Ok((run_row(row)?, Vec::new())))
+        .collect::<Result<_>>()?;
+    for row in tasks {
+        let task = task_row(row)?;
+        if let Some((_, tasks)) = out.iter_mut().find(|(run, _)| run.id == task.run_id) {
+            tasks.push(task);
+        }
+    }
+    Ok(out)
+}
+
+/// The newest `limit` runs of `repo_root` with their tasks, in one read (one request against
+/// a server).
+pub async fn newest(db: &Db, repo_root: &str, limit: u32) -> Result<Vec<(RunRow, Vec<TaskRow>)>> {
+    let [runs, tasks] = newest_statements(repo_root, limit);
+    let results = db
+        .read_all(
+            "reading the newest runs",
+            &[(runs.0.as_str(), runs.1), (tasks.0.as_str(), tasks.1)],
+        )
+        .await?;
+    newest_from(&results[0], &results[1])
+}
+
 /// The tasks of run `id`, in no particular order.
 pub async fn tasks(db: &Db, id: &RunId) -> Result<Vec<TaskRow>> {
     let rows = db

@@ -60,7 +60,9 @@ impl FleetLocks {
         })
     }
 
-    fn state(&self, row: &LockRow) -> (LockState, Option<String>) {
+    /// A stored lock as the lock types name it, and why its hold no longer counts if it
+    /// does not.
+    pub(crate) fn state(&self, row: &LockRow) -> (LockState, Option<String>) {
         let lapsed = row.holder.as_ref().and_then(|holder| {
             self.fleet
                 .lapsed(holder, row.expires_in_ms, row.host_age_ms)

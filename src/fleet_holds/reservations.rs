@@ -39,6 +39,12 @@ impl FleetReservations {
         self.fleet.db.run(async |db| holds::reservations(db).await)
     }
 
+    /// A stored reservation as the reservation types name it, and why it no longer counts
+    /// if it does not.
+    pub(crate) fn judge(&self, row: &ReservationRow) -> (Reservation, Option<String>) {
+        (reservation(row), self.lapsed(row))
+    }
+
     fn lapsed(&self, row: &ReservationRow) -> Option<String> {
         self.fleet
             .lapsed(&row.holder, row.expires_in_ms, row.host_age_ms)

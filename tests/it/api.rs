@@ -13,7 +13,7 @@ use crate::support::{Running, TestRepo, code, hermetic, kill, stderr, stdout, wa
 
 /// `n` consecutive ports that are free now, in 12000-19999: below both the kernel's ephemeral
 /// range and the default range of `--ports` leases.
-fn free_ports(n: u16) -> u16 {
+pub(crate) fn free_ports(n: u16) -> u16 {
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -76,7 +76,7 @@ fn client(timeout: Option<Duration>) -> ureq::Agent {
 
 /// One HTTP/1.1 request; returns the status and the body. Content-Type is JSON unless the test
 /// gives its own; Host is the URL's unless the test gives its own.
-fn http(
+pub(crate) fn http(
     url: &str,
     method: &str,
     path: &str,
@@ -104,7 +104,7 @@ fn http(
     (status, body)
 }
 
-fn json_of(body: &str) -> Value {
+pub(crate) fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|err| panic!("not JSON ({err}): {body}"))
 }
 
@@ -849,6 +849,7 @@ fn overview_shows_instances_runs_locks_reservations_and_messages_behind_the_toke
     assert!(overview["host"]["mem_total_bytes"].as_u64().unwrap() > 0);
     assert!(overview["host"]["disk_total_bytes"].as_u64().unwrap() > 0);
     assert_eq!(overview["host"]["db_kind"], "file");
+    assert_eq!(overview["fleet"], Value::Null, "a local file has no fleet");
     assert!(overview["host"]["db_latency_ms"].is_number());
 
     kill(orphan, Signal::SIGKILL);

@@ -1755,3 +1755,121 @@ fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_ta
     assert_eq!(events.len(), 12, "every task ran once");
     assert!(most <= 2, "at most --capacity at once, saw {most}");
 }
+
+/// `GET /overview` of `url` with token `token`.
+fn overview(url: &str, token: &str) -> Value {
+    let auth = format!("Bearer {token}");
+    let (status, body) =
+        crate::api::http(url, "GET", "/overview", &[("Authorization", &auth)], None);
+    assert_eq!(status, 200, "{body}");
+    crate::api::json_of(&body)
+}
+
+#[test]
+fn the_overview_against_a_server_shows_the_hosts_fleet_locks_other_hosts_instances_and_a_dead_host()
+{
+    let Some(fleet) = Fleet::new(2) else { return };
+    let port = crate::api::free_ports(1);
+    let mut serve = fleet.app(
+        0,
+        &[
+            "serve",
+            "--with-api",
+            "--api-addr",
+            &format!("127.0.0.1:{port}"),
+            "--instance",
+            "dash",
+        ],
+    );
+    serve.env("APP_API_TOKEN", "t0ken");
+    let _serve = fleet.hosts[0].spawn(serve);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for("the API to answer", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let worker = fleet.worker(1, &["--capacity", "2", "--labels", "gpu=1"]);
+    let holder = shell_holding(&fleet, 0, "deploy");
+    let token = fleet.fleet_lock(0, "deploy")["token"].clone();
+    let _far = fleet.instance(1, "far", 0);
+
+    let seen = overview(&url, "t0ken");
+    assert_eq!(seen["host"]["db_kind"], "server", "{seen:#}");
+    let view = &seen["fleet"];
+    assert_eq!(view["host"], "host0", "{seen:#}");
+    let host1 = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "host1")
+        .unwrap_or_else(|| panic!("no host1: {seen:#}"));
+    assert_eq!(
+        (&host1["state"], &host1["capacity"], &host1["labels"]),
+        (&json!("running"), &json!(2), &json!({"gpu": "1"})),
+        "{seen:#}"
+    );
+    assert!(!host1["version"].as_str().unwrap().is_empty(), "{seen:#}");
+    let lock = seen["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "deploy")
+        .unwrap_or_else(|| panic!("no fleet lock: {seen:#}"));
+    assert_eq!(lock["scope"], "fleet", "{seen:#}");
+    assert_eq!(lock["token"], token, "{seen:#}");
+    assert_eq!(lock["holder"]["pid"], holder.pid(), "{seen:#}");
+    let instance = |overview: &Value, id: &str| {
+        overview["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no instance {id}: {overview:#}"))
+    };
+    let far = instance(&seen, "far");
+    assert_eq!(
+        (&far["elsewhere"], &far["fleet_host"], &far["liveness"]),
+        (&json!(true), &json!("host1"), &json!("live")),
+        "{seen:#}"
+    );
+    let dash = instance(&seen, "dash");
+    assert_eq!(
+        (&dash["elsewhere"], &dash["fleet_host"]),
+        (&json!(false), &json!("host0")),
+        "{seen:#}"
+    );
+    let dead_hosts = |overview: &Value| -> Vec<Value> {
+        overview["attention"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "dead-host")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(dead_hosts(&seen), Vec::<Value>::new(), "{seen:#}");
+
+    // The worker dies: after the lease TTL (3 s) its host is dead in the attention strip.
+    worker.kill_now();
+    let mut seen = Value::Null;
+    wait_for(
+        "the dead host in the attention strip",
+        Duration::from_secs(30),
+        || {
+            seen = overview(&url, "t0ken");
+            !dead_hosts(&seen).is_empty()
+        },
+    );
+    let dead = &dead_hosts(&seen)[0];
+    assert_eq!(dead["subject"], "host1", "{seen:#}");
+    let host1 = seen["fleet"]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "host1")
+        .cloned()
+        .unwrap();
+    assert_eq!(host1["state"], "dead", "{seen:#}");
+    let typed: app::overview::Overview = serde_json::from_value(seen.clone()).unwrap();
+    assert!(typed.fleet.is_some());
+}
