@@ -109,34 +109,46 @@ impl Drop for Tmux {
 }
 
 /// The shell command a pane runs: `app dash ARGS`, then what it exited with and whether the
-/// terminal is back in canonical mode (`icanon`, not raw mode's `-icanon`).
+/// terminal is back in canonical mode with echo (`icanon`, `echo`; raw mode has `-icanon`,
+/// `-echo`), then `report done`.
 fn dash_then_report(args: &str) -> String {
+    report_after(&format!("'{}' dash {args}", env!("CARGO_BIN_EXE_app")))
+}
+
+/// `command`, then the report [`dash_then_report`] describes.
+fn report_after(command: &str) -> String {
     format!(
-        "'{}' dash {args}; echo \"dash exited $?\"; stty -a | tr ' ' '\\n' | grep -x -- '-\\?icanon'; exec sleep 600",
-        env!("CARGO_BIN_EXE_app")
+        "{command}; echo \"dash exited $?\"; stty -a | tr ' ' '\\n' | grep -x -- '-\\?\\(icanon\\|echo\\)'; echo 'report done'; exec sleep 600"
     )
 }
 
 /// Quits with `q` and checks the dashboard ended with 0 and gave the terminal back.
 fn quit_and_check_restored(repo: &TestRepo, tmux: &Tmux) {
     tmux.keys(repo, "q");
-    let screen = tmux.wait_for_text(repo, "dash exited");
-    assert!(screen.contains("dash exited 0"), "{screen}");
-    wait_for("the mode report", Duration::from_secs(10), || {
-        tmux.screen(repo)
-            .lines()
-            .any(|line| line.trim().ends_with("icanon"))
-    });
-    let screen = tmux.screen(repo);
+    check_restored(repo, tmux, 0);
+}
+
+/// Waits for the pane's report and checks the dashboard exited with `code` and gave the
+/// terminal back: canonical mode and echo on, the main screen shown, no dashboard on it.
+/// Returns the screen.
+fn check_restored(repo: &TestRepo, tmux: &Tmux, code: i32) -> String {
+    let screen = tmux.wait_for_text(repo, "report done");
     assert!(
-        screen.lines().any(|line| line.trim() == "icanon"),
-        "the terminal is still in raw mode:\n{screen}"
+        screen.contains(&format!("dash exited {code}\n")),
+        "{screen}"
     );
+    for mode in ["icanon", "echo"] {
+        assert!(
+            screen.lines().any(|line| line.trim() == mode),
+            "the terminal is still in raw mode (no {mode:?}):\n{screen}"
+        );
+    }
     assert!(
         !screen.contains("Attention"),
         "the dashboard is still shown:\n{screen}"
     );
     assert!(!tmux.alternate(repo), "the alternate screen is still on");
+    screen
 }
 
 /// Starts `app run -- sleep 600` and returns it with its instance id, once it runs.
@@ -202,6 +214,43 @@ fn dash_shows_a_started_instance_and_quits_restoring_the_terminal() {
     tmux.wait_for_text(&repo, "instance.started");
     check_task_log(&repo, &tmux);
     quit_and_check_restored(&repo, &tmux);
+}
+
+#[test]
+fn dash_quits_on_ctrl_c_restoring_the_terminal() {
+    let repo = TestRepo::new();
+    let Some(tmux) = Tmux::start(&repo, &dash_then_report("")) else {
+        return;
+    };
+    tmux.wait_for_text(&repo, "Instances (0)");
+    assert!(
+        tmux.alternate(&repo),
+        "the dashboard is not on the alternate screen"
+    );
+    tmux.keys(&repo, "C-c");
+    check_restored(&repo, &tmux, 0);
+}
+
+#[test]
+fn dash_panicking_after_its_first_frame_restores_the_terminal() {
+    let repo = TestRepo::new();
+    // The panic point fires once the first frame is drawn, in raw mode on the alternate screen.
+    let command = format!(
+        "APP_FAULT_POINT=dash.draw '{}' dash",
+        env!("CARGO_BIN_EXE_app")
+    );
+    let Some(tmux) = Tmux::start(&repo, &report_after(&command)) else {
+        return;
+    };
+    // 101: what a Rust program exits with after a panic.
+    let screen = check_restored(&repo, &tmux, 101);
+    // The message stays above the shell's report: nothing after the panic wrote over it.
+    let line = |text: &str| screen.lines().position(|line| line.contains(text));
+    let (message, report) = (line("fault point dash.draw reached"), line("dash exited"));
+    assert!(
+        message.is_some() && line("panicked at").is_some() && message < report,
+        "the panic message is not on the normal screen, above the report:\n{screen}"
+    );
 }
 
 /// A free port range of `len` ports on the loopback.

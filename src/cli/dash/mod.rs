@@ -14,6 +14,7 @@ mod view;
 
 use std::io::{self, IsTerminal, Stdout};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 
 use clap::Args;
@@ -56,6 +57,7 @@ pub(super) fn run(ctx: &Context, args: DashArgs) -> Result<u8> {
     let mut screen = Screen::enter()?;
     loop {
         screen.draw(&dash)?;
+        crate::fault::panic_point("dash.draw");
         let Ok(msg) = messages.recv() else {
             return Ok(0);
         };
@@ -140,6 +142,7 @@ impl Screen {
             restore();
             previous(info);
         }));
+        TAKEN.store(true, Ordering::SeqCst);
         let entered = terminal::enable_raw_mode()
             .and_then(|()| execute!(io::stdout(), terminal::EnterAlternateScreen, cursor::Hide))
             .and_then(|()| Terminal::new(CrosstermBackend::new(io::stdout())));
@@ -166,8 +169,16 @@ impl Drop for Screen {
     }
 }
 
-/// Puts the terminal back as it was; harmless when it already is.
+/// Whether the screen is taken (raw mode, alternate screen) and not yet given back.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Puts the terminal back as it was, once: a panic restores it in its hook and again when the
+/// unwinding drops the [`Screen`], and leaving the alternate screen a second time would move
+/// the cursor back to where it was when the screen was taken, over the panic's message.
 fn restore() {
+    if !TAKEN.swap(false, Ordering::SeqCst) {
+        return;
+    }
     let _ = terminal::disable_raw_mode();
     let _ = execute!(io::stdout(), terminal::LeaveAlternateScreen, cursor::Show);
 }
