@@ -11,22 +11,28 @@ mod api;
 mod control;
 mod dash;
 mod db;
+mod ids;
 mod instance;
 mod mcp;
 mod paths;
+mod registry;
 mod run;
 mod settings;
+mod sign;
 mod worktree;
 
 pub use api::ApiStartError;
 pub use control::ControlError;
 pub use dash::DashError;
 pub use db::{DbError, NoteError};
+pub use ids::IdError;
 pub use instance::InstanceError;
 pub use mcp::McpError;
 pub use paths::PathsError;
+pub use registry::RegistryError;
 pub use run::RunError;
 pub use settings::SettingsError;
+pub use sign::SignError;
 pub use worktree::WorktreeError;
 
 /// Exit code for a failure that is neither bad input nor contention.
@@ -134,6 +140,18 @@ pub enum Error {
     #[error(transparent)]
     Settings(#[from] SettingsError),
 
+    /// A user-given name or label is not one.
+    #[error(transparent)]
+    Id(#[from] IdError),
+
+    /// The signing key was refused or could not be made.
+    #[error(transparent)]
+    Sign(#[from] SignError),
+
+    /// A signed registry file cannot be read.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+
     /// An orchestrated run was refused.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -186,6 +204,9 @@ impl Error {
             Error::Worktree(err) => err.exit_code(),
             Error::Instance(err) => err.exit_code(),
             Error::Settings(err) => err.exit_code(),
+            Error::Id(err) => err.exit_code(),
+            Error::Sign(err) => err.exit_code(),
+            Error::Registry(err) => err.exit_code(),
             Error::Run(err) => err.exit_code(),
             Error::Control(err) => err.exit_code(),
             Error::ApiStart(err) => err.exit_code(),

@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, InstanceError, LockError, Result};
+use crate::error::{IdError, InstanceError, LockError, Result};
 
 /// Declares a name type over `String` with `as_str`, `Display`, `AsRef<str>`, `Deref<str>`,
 /// comparison with text, and transparent serde.
@@ -128,9 +128,7 @@ impl InstanceId {
     /// Checks a user-given instance name.
     pub fn parse(text: &str) -> Result<InstanceId> {
         if !is_instance_id(text) {
-            return Err(Error::bad_input(format!(
-                "invalid instance name {text:?}: use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit"
-            )));
+            return Err(IdError::InstanceName { name: text.into() }.into());
         }
         Ok(InstanceId(text.to_string()))
     }
@@ -218,9 +216,7 @@ impl Namespace {
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
         let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || "_.:/@-".contains(c));
         if !first_ok || !rest_ok || text.len() > 128 {
-            return Err(Error::bad_input(format!(
-                "invalid namespace {text:?}: use 1-128 characters from letters, digits and '_.:/@-', starting with a letter or digit (e.g. project:myapp or global)"
-            )));
+            return Err(IdError::Namespace { name: text.into() }.into());
         }
         Ok(Namespace(text.to_string()))
     }
@@ -253,11 +249,9 @@ pub fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, Str
     let mut labels = std::collections::BTreeMap::new();
     for item in text.split(',').filter(|item| !item.trim().is_empty()) {
         let Some((key, value)) = item.trim().split_once('=') else {
-            return Err(Error::bad_input(format!(
-                "--labels: {item:?} is not key=value; write e.g. --labels gpu=1,os=linux"
-            )));
+            return Err(IdError::LabelNotPair { item: item.into() }.into());
         };
-        validate_label(key, value).map_err(|err| Error::bad_input(format!("--labels: {err}")))?;
+        validate_label(key, value).map_err(|reason| IdError::Label { reason })?;
         labels.insert(key.to_string(), value.to_string());
     }
     Ok(labels)
@@ -268,9 +262,7 @@ pub fn validate_host_name(text: &str) -> Result<()> {
     if is_label_word(text) {
         return Ok(());
     }
-    Err(Error::bad_input(format!(
-        "invalid host name {text:?}: use 1-64 of letters, digits and '_.-', starting with a letter or digit"
-    )))
+    Err(IdError::HostName { name: text.into() }.into())
 }
 
 /// A plan's name or a task id: 1-32 of `a-z`, `0-9`, `-` and `_`, starting with a letter or
@@ -325,6 +317,7 @@ impl RunId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     #[test]
     fn instance_ids() {

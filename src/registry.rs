@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RegistryError, Result};
 use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
@@ -408,9 +408,7 @@ impl Registry {
     /// Runs `change` on both registries under the exclusive lock, reloading them first and
     /// saving whichever changed. Nothing is saved when `change` fails.
     pub fn update<T>(&self, change: impl FnOnce(&mut Tables) -> Result<T>) -> Result<T> {
-        let key = self.key.clone().ok_or_else(|| {
-            Error::Failed("the registry was opened read-only; this is a bug in app".into())
-        })?;
+        let key = self.key.clone().ok_or(RegistryError::ReadOnly)?;
         let guard = state::lock_exclusive(&self.paths.registry_lock())?;
         let mut tables = Tables {
             key,
@@ -450,11 +448,12 @@ fn load_doc(path: &Path) -> Result<RegistryDoc> {
         source,
     })?;
     if doc.version > FORMAT_VERSION {
-        return Err(Error::Failed(format!(
-            "{} has format version {}, newer than this app understands ({FORMAT_VERSION}); upgrade app",
-            path.display(),
-            doc.version
-        )));
+        return Err(RegistryError::NewerFormat {
+            path: path.to_path_buf(),
+            version: doc.version,
+            understood: FORMAT_VERSION,
+        }
+        .into());
     }
     Ok(doc)
 }

@@ -18,7 +18,7 @@ use sha2::Sha256;
 
 use crate::config::Settings;
 pub use crate::config::SharedSecret;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result, SignError};
 use crate::paths::AppPaths;
 use crate::state;
 
@@ -136,9 +136,7 @@ impl Keys {
     pub fn load(&self) -> Result<Option<SigningKey>> {
         if let Some(secret) = self.configured.as_ref().and_then(SharedSecret::text) {
             if secret.is_empty() {
-                return Err(Error::bad_input(
-                    "APP_SHARED_SECRET is set but empty; unset it or give it a value",
-                ));
+                return Err(SignError::EmptySecret.into());
             }
             return Ok(Some(SigningKey::from_bytes(secret.as_bytes())));
         }
@@ -150,9 +148,7 @@ impl Keys {
     /// generated `.app/secret` differs on each host, so hosts would refuse each other).
     pub fn shared(&self) -> Result<SigningKey> {
         if !self.configured() {
-            return Err(Error::bad_input(
-                "the fleet needs APP_SHARED_SECRET, the same on every host (e.g. 'export APP_SHARED_SECRET=$(openssl rand -hex 32)' once, then the same value everywhere)",
-            ));
+            return Err(SignError::NoFleetSecret.into());
         }
         Ok(self.load()?.expect("a configured secret is a key"))
     }
@@ -171,7 +167,7 @@ impl Keys {
         // Two first starts may race: the loser reads the winner's key.
         state::create_atomic(&path, encoded.as_bytes())?;
         let bytes = state::read_optional(&path)?
-            .ok_or_else(|| Error::Failed(format!("{} vanished after creation", path.display())))?;
+            .ok_or_else(|| SignError::Vanished { path: path.clone() })?;
         Ok(SigningKey::from_bytes(trim_ascii(bytes)))
     }
 
