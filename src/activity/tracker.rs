@@ -86,6 +86,11 @@ impl Probe {
         }
     }
 
+    /// Gives up a probe whose command never started: its files go.
+    pub fn discard(self) {
+        remove(&self.watched.paths, &self.watched.id);
+    }
+
     /// One tick: observe, derive, write when changed. Returns what it derived.
     pub fn tick(&mut self) -> (StateReport, Option<Progress>) {
         let (ticks, now) = (process::descendants_cpu_ticks(), Instant::now());
@@ -164,18 +169,16 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Ticks once now, then every `watched.timing.interval` on a thread of its own until
-    /// stopped.
-    pub fn start(watched: Watched, exited: ExitedFn, holds: HoldsFn) -> Tracker {
+    /// Ticks `probe` (made, and ticked once, before the command started: see
+    /// [`Probe::new`]) every `interval` on a thread of its own until stopped; `exited` says
+    /// from now on whether the command has ended.
+    pub fn start(mut probe: Probe, exited: ExitedFn) -> Tracker {
+        probe.exited = exited;
         let (paths, id, interval) = (
-            watched.paths.clone(),
-            watched.id.clone(),
-            watched.timing.interval,
+            probe.watched.paths.clone(),
+            probe.watched.id.clone(),
+            probe.watched.timing.interval,
         );
-        // The first tick here, so the file exists once the caller goes on (the supervisor
-        // starts this before it records its command as running).
-        let mut probe = Probe::new(watched, exited, holds);
-        probe.tick();
         let stopper = Stopper::new();
         let stop = stopper.token();
         let handle = thread::spawn(move || {

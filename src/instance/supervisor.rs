@@ -350,6 +350,10 @@ impl<'a> Supervisor<'a> {
         let child = if matches!(self.options.mode, Mode::Serve) {
             None
         } else {
+            // The agent's state is watched, and written once, before the command starts:
+            // nothing it writes is missed, and it never waits for the first diff of its
+            // worktree before the registry shows it running.
+            let probe = self.probe();
             let argv = &self.options.command;
             let mut command = Command::new(&argv[0]);
             command
@@ -357,15 +361,22 @@ impl<'a> Supervisor<'a> {
                 .current_dir(&self.record.cwd)
                 .envs(env.iter().map(|(k, v)| (k, v)));
             match self.slot.spawn(&mut command) {
-                Spawned::Running(child) => Some(child),
-                Spawned::Failed(err) => return Err(Ending::SpawnFailed(err)),
-                Spawned::Cancelled(signal) => return Err(Ending::Cancelled(signal)),
+                Spawned::Running(child) => {
+                    let reaped = Arc::clone(&child);
+                    let exited: activity::ExitedFn = Box::new(move || reaped.reaped());
+                    self.activity = Some(activity::Tracker::start(probe, exited));
+                    Some(child)
+                }
+                Spawned::Failed(err) => {
+                    probe.discard();
+                    return Err(Ending::SpawnFailed(err));
+                }
+                Spawned::Cancelled(signal) => {
+                    probe.discard();
+                    return Err(Ending::Cancelled(signal));
+                }
             }
         };
-        // Its state is there before anyone sees it running.
-        if let Some(child) = &child {
-            self.activity = Some(self.track(Arc::clone(child)));
-        }
         self.record.child_pid = child.as_ref().map(|child| child.id());
         self.record.child_start_time = self.record.child_pid.and_then(process::start_time);
         self.record.status = InstanceStatus::Running;
@@ -389,8 +400,8 @@ impl<'a> Supervisor<'a> {
         Ok(child)
     }
 
-    /// The agent-state thread of the command `child` (docs/AGENT-STATE.md).
-    fn track(&self, child: Arc<process::Child>) -> activity::Tracker {
+    /// The agent-state probe of the command about to start (docs/AGENT-STATE.md), ticked once.
+    fn probe(&self) -> activity::Probe {
         let watched = activity::Watched {
             paths: self.paths.clone(),
             id: self.record.id.to_string(),
@@ -399,14 +410,15 @@ impl<'a> Supervisor<'a> {
             timing: self.settings.activity,
             started: self.record.started_at,
         };
-        let exited: activity::ExitedFn = Box::new(move || child.reaped());
         let holds = super::holds::what_is_held(
             self.paths,
             self.settings,
             &self.record,
             &self.options.holds,
         );
-        activity::Tracker::start(watched, exited, holds)
+        let mut probe = activity::Probe::new(watched, Box::new(|| false), holds);
+        probe.tick();
+        probe
     }
 
     /// Heartbeats until the command exits (or, for `app serve`, until a stop request).
