@@ -37,6 +37,7 @@ use crate::sign::{Keys, SigningKey};
 use crate::state::visible_names;
 use crate::stop::StopToken;
 use crate::time::Timestamp;
+use crate::watch::DirWatch;
 
 /// How often the database is asked for new events.
 const DATABASE_INTERVAL: Duration = Duration::from_millis(250);
@@ -350,10 +351,16 @@ fn file_change(path: &std::path::Path) -> Option<[(std::time::SystemTime, u64); 
     Some([stamp(path), stamp(std::path::Path::new(&wal))])
 }
 
-/// Scans `.app/` for changes into the hub until the stop.
+/// Scans `.app/` for changes into the hub until the stop: every [`LOCAL_INTERVAL`], and at
+/// once (after [`LOCAL_GAP`]) when a file changes in the queue or the locks.
 pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, stop: StopToken) {
     let mut seen = Some(LocalState::default());
+    let mut watch = None;
     loop {
+        // The watch is made before the scan, so a change during the scan still wakes the next.
+        if watch.is_none() {
+            watch = local_watch(&paths);
+        }
         let Some(mut state) = seen.take() else { return };
         let (paths, settings) = (paths.clone(), settings.clone());
         let scanned = tokio::task::spawn_blocking(move || {
@@ -373,10 +380,44 @@ pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, s
                 return;
             }
         }
-        if wait_or_stop(&stop, LOCAL_INTERVAL).await {
+        let stopped = match watch.take() {
+            Some(dirs) => {
+                let woken = tokio::task::spawn_blocking(move || {
+                    dirs.wait(LOCAL_INTERVAL);
+                    dirs
+                });
+                tokio::select! {
+                    dirs = woken => {
+                        watch = dirs.ok();
+                        wait_or_stop(&stop, LOCAL_GAP).await
+                    }
+                    () = stop.stopped() => true,
+                }
+            }
+            None => wait_or_stop(&stop, LOCAL_INTERVAL).await,
+        };
+        if stopped {
             return;
         }
     }
+}
+
+/// The shortest time between two scans woken by file events (a burst of writes is one scan).
+const LOCAL_GAP: Duration = Duration::from_millis(20);
+
+/// A watch on the queue's inboxes and the locks, once `.app/` has them (never made here: an
+/// API only reads `.app/`).
+fn local_watch(paths: &AppPaths) -> Option<DirWatch> {
+    let (inboxes, locks) = (paths.inboxes_dir(), paths.locks_dir());
+    if !inboxes.is_dir() {
+        return None;
+    }
+    let mut watch = DirWatch::new(&inboxes, LOCAL_INTERVAL, false).ok()?;
+    watch.also(&inboxes, true).ok()?;
+    if locks.is_dir() {
+        watch.also(&locks, true).ok()?;
+    }
+    Some(watch)
 }
 
 /// Waits `period`; returns true when the stop came first (or had come already).
