@@ -62,6 +62,15 @@ fn wait_serving(repo: &TestRepo, run: &mut Running, id: &str) -> Option<String> 
 /// The client every request goes through: no proxy taken from the environment, error statuses
 /// returned as responses (the tests assert them), and a new connection per request, closed after
 /// its response, so no idle connection outlives a request into a server's shutdown.
+/// `app run --no-worktree --instance ID -- COMMAND`, once it is registered.
+fn start_in_place(repo: &TestRepo, id: &str, command: &[&str]) -> Running {
+    let mut args = vec!["run", "--no-worktree", "--instance", id, "--"];
+    args.extend_from_slice(command);
+    let mut running = repo.spawn_app(&args);
+    wait_serving(repo, &mut running, id);
+    running
+}
+
 fn client(timeout: Option<Duration>) -> ureq::Agent {
     ureq::Agent::config_builder()
         .proxy(None)
@@ -711,27 +720,9 @@ fn overview_shows_instances_runs_locks_reservations_and_messages_behind_the_toke
     command.env("APP_API_TOKEN", "t0ken");
     let mut server = repo.spawn(command);
     let url = wait_serving(&repo, &mut server, "dash").unwrap();
-    let mut worker = repo.spawn_app(&[
-        "run",
-        "--no-worktree",
-        "--instance",
-        "w1",
-        "--",
-        "sleep",
-        "300",
-    ]);
-    wait_serving(&repo, &mut worker, "w1");
+    let worker = start_in_place(&repo, "w1", &["sleep", "300"]);
     // An instance whose supervisor died: stale. Its orphaned command is ended at the end.
-    let mut doomed = repo.spawn_app(&[
-        "run",
-        "--no-worktree",
-        "--instance",
-        "gone",
-        "--",
-        "sleep",
-        "300",
-    ]);
-    wait_serving(&repo, &mut doomed, "gone");
+    let doomed = start_in_place(&repo, "gone", &["sleep", "300"]);
     let orphan = repo
         .instances()
         .into_iter()
@@ -1012,16 +1003,7 @@ fn a_task_log_is_read_from_its_row_and_an_instance_is_stopped_behind_the_token()
         assert!(json_of(&body)["error"].is_string(), "{body}");
     }
 
-    let mut victim = repo.spawn_app(&[
-        "run",
-        "--no-worktree",
-        "--instance",
-        "victim",
-        "--",
-        "sleep",
-        "300",
-    ]);
-    wait_serving(&repo, &mut victim, "victim");
+    let mut victim = start_in_place(&repo, "victim", &["sleep", "300"]);
     let stop = "/instances/victim/stop";
     assert_eq!(http(&url, "POST", stop, &[], Some("{}")).0, 401);
     let plain = [auth, ("Content-Type", "text/plain")];
@@ -1066,27 +1048,8 @@ fn overview_shows_each_agents_state_and_puts_one_that_needs_input_first() {
         "dash",
     ]);
     let url = wait_serving(&repo, &mut server, "dash").unwrap();
-    let mut busy = repo.spawn_app(&[
-        "run",
-        "--no-worktree",
-        "--instance",
-        "busy",
-        "--",
-        "sh",
-        "-c",
-        "while :; do :; done",
-    ]);
-    wait_serving(&repo, &mut busy, "busy");
-    let mut asks = repo.spawn_app(&[
-        "run",
-        "--no-worktree",
-        "--instance",
-        "asks",
-        "--",
-        "sleep",
-        "300",
-    ]);
-    wait_serving(&repo, &mut asks, "asks");
+    let busy = start_in_place(&repo, "busy", &["sh", "-c", "while :; do :; done"]);
+    let asks = start_in_place(&repo, "asks", &["sleep", "300"]);
     let said = repo
         .app(&["status", "needs-input", "review the schema please"])
         .env("APP_INSTANCE_ID", "asks")
