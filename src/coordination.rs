@@ -22,7 +22,7 @@ use crate::fleet_holds::{Fleet, FleetLocks, FleetReservations};
 use crate::fleet_queue::{self, FleetQueue, Server};
 use crate::lock::{LockStore, Locks};
 use crate::paths::AppPaths;
-use crate::queue::{self, FileQueue, MessageStore, Post, Posted};
+use crate::queue::{self, FileQueue, Inbox, InboxName, MessageStore, Post, Posted};
 use crate::registry::{LocalRoster, Roster, Snapshot};
 use crate::reserve::{ReservationStore, Reservations};
 use crate::sign::{Keys, SigningKey};
@@ -167,6 +167,17 @@ impl Coordination {
                 self.max_message_bytes,
             )),
         }
+    }
+
+    /// The stray inbox directory `name` ([`InboxName::Stray`]), read with `key`: `app doctor`
+    /// reports and retires it as an inbox of an instance that is gone.
+    pub(crate) fn stray_inbox(&self, name: &str, key: Option<SigningKey>) -> Inbox {
+        Inbox::stray(&self.paths, name, key, self.max_message_bytes)
+    }
+
+    /// The inbox directories of this repository, sorted ([`queue::inbox_names`]).
+    pub(crate) fn inbox_names(&self) -> Vec<InboxName> {
+        queue::inbox_names(&self.paths)
     }
 
     /// Who is alive, judged from `snapshot` of this repository's registry.

@@ -187,7 +187,7 @@ impl FleetQueue {
         Ok(db)
     }
 
-    fn address<'a>(&'a self, owner: &'a str) -> Address<'a> {
+    fn address<'a>(&'a self, owner: &'a InstanceId) -> Address<'a> {
         Address {
             host: &self.server.host,
             repo_root: &self.repo_root,
@@ -325,7 +325,7 @@ impl FleetQueue {
 
     /// The copies of `owner` in the table, delivered or moved aside; nothing when the table
     /// is not due for a poll.
-    fn poll(&self, owner: &str) -> (Vec<Message>, Swept) {
+    fn poll(&self, owner: &InstanceId) -> (Vec<Message>, Swept) {
         let now = Instant::now();
         {
             let schedule = self.schedule.lock().unwrap_or_else(PoisonError::into_inner);
@@ -355,7 +355,7 @@ impl FleetQueue {
         }
     }
 
-    fn read_table(&self, owner: &str) -> Result<(Vec<Message>, Swept)> {
+    fn read_table(&self, owner: &InstanceId) -> Result<(Vec<Message>, Swept)> {
         let db = self.db()?;
         let at = self.address(owner);
         let waiting = db.run(async |db| messages::waiting(db, at).await)?;
@@ -399,7 +399,7 @@ impl FleetQueue {
     }
 
     /// The message a copy holds, when it can be trusted: the reason when not.
-    fn open(&self, owner: &str, copy: &Waiting) -> std::result::Result<Message, String> {
+    fn open(&self, owner: &InstanceId, copy: &Waiting) -> std::result::Result<Message, String> {
         let len = copy.body.len();
         if len > self.max_bytes + ENVELOPE_BYTES {
             return Err(format!(
@@ -409,20 +409,20 @@ impl FleetQueue {
         let value: Value =
             serde_json::from_str(&copy.body).map_err(|err| format!("not JSON: {err}"))?;
         let message: Message = sign::open(&value, self.key.as_ref())?;
-        if message.recipient != owner || message.id != copy.id {
+        if message.recipient != *owner || message.id != copy.id {
             return Err("filed for another recipient or under another id than its own".into());
         }
         queue::check_payload(&message.payload, self.max_bytes).map_err(|err| err.to_string())?;
         Ok(message)
     }
 
-    fn ack_in_table(&self, owner: &str, ids: &[String]) -> Result<Vec<bool>> {
+    fn ack_in_table(&self, owner: &InstanceId, ids: &[String]) -> Result<Vec<bool>> {
         let db = self.db()?;
         let at = self.address(owner);
         db.run(async |db| messages::ack(db, at, ids).await)
     }
 
-    fn find_in_table(&self, owner: &str, id: &str) -> Result<Option<(Message, bool)>> {
+    fn find_in_table(&self, owner: &InstanceId, id: &str) -> Result<Option<(Message, bool)>> {
         let db = self.db()?;
         let at = self.address(owner);
         let found = db.run(async |db| messages::find(db, at, id).await)?;
@@ -451,7 +451,7 @@ impl MessageStore for FleetQueue {
         self.files.send(outgoing, recipients)
     }
 
-    fn pending(&self, owner: &str) -> Result<(Vec<Message>, Swept)> {
+    fn pending(&self, owner: &InstanceId) -> Result<(Vec<Message>, Swept)> {
         let (mut found, mut swept) = self.files.pending(owner)?;
         let (remote, remote_swept) = self.poll(owner);
         found.extend(remote);
@@ -461,11 +461,11 @@ impl MessageStore for FleetQueue {
         Ok((found, swept))
     }
 
-    fn inspect(&self, owner: &str) -> Result<(Vec<Message>, Swept)> {
+    fn inspect(&self, owner: &InstanceId) -> Result<(Vec<Message>, Swept)> {
         self.files.inspect(owner)
     }
 
-    fn find(&self, owner: &str, id: &str) -> Option<Message> {
+    fn find(&self, owner: &InstanceId, id: &str) -> Option<Message> {
         self.files.find(owner, id).or_else(|| {
             self.find_in_table(owner, id)
                 .ok()
@@ -474,7 +474,7 @@ impl MessageStore for FleetQueue {
         })
     }
 
-    fn ack(&self, owner: &str, id: &str) -> Result<bool> {
+    fn ack(&self, owner: &InstanceId, id: &str) -> Result<bool> {
         queue::validate_id(id)?;
         if !self.is_from_table(id) {
             match self.files.ack(owner, id) {
@@ -489,13 +489,13 @@ impl MessageStore for FleetQueue {
             Some(_) => Ok(false),
             None => Err(QueueError::NotWaiting {
                 id: id.into(),
-                owner: owner.into(),
+                owner: owner.to_string(),
             }
             .into()),
         }
     }
 
-    fn ack_all(&self, owner: &str, ids: &[String]) -> Result<Vec<bool>> {
+    fn ack_all(&self, owner: &InstanceId, ids: &[String]) -> Result<Vec<bool>> {
         let (table, files): (Vec<&String>, Vec<&String>) =
             ids.iter().partition(|id| self.is_from_table(id));
         let mut acked: std::collections::HashMap<&String, bool> = std::collections::HashMap::new();
@@ -511,15 +511,20 @@ impl MessageStore for FleetQueue {
         Ok(ids.iter().map(|id| acked[id]).collect())
     }
 
-    fn retire(&self, owner: &str, reason: &str) -> Result<usize> {
+    fn retire(&self, owner: &InstanceId, reason: &str) -> Result<usize> {
         self.files.retire(owner, reason)
     }
 
-    fn owners(&self) -> Vec<String> {
+    fn owners(&self) -> Vec<InstanceId> {
         self.files.owners()
     }
 
-    fn arrivals(&self, owner: &str, poll: Duration, poll_only: bool) -> Result<Box<dyn Arrivals>> {
+    fn arrivals(
+        &self,
+        owner: &InstanceId,
+        poll: Duration,
+        poll_only: bool,
+    ) -> Result<Box<dyn Arrivals>> {
         Ok(Box::new(FleetArrivals {
             files: self.files.arrivals(owner, poll, poll_only)?,
             schedule: Arc::clone(&self.schedule),

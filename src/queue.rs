@@ -303,27 +303,33 @@ pub trait MessageStore: std::fmt::Debug + Send + Sync {
     fn send(&self, outgoing: &Outgoing, recipients: &[InstanceId]) -> Result<String>;
     /// Deliverable messages of `owner`, oldest first. Moves aside what cannot be trusted and
     /// what expired.
-    fn pending(&self, owner: &str) -> Result<(Vec<Message>, Swept)>;
+    fn pending(&self, owner: &InstanceId) -> Result<(Vec<Message>, Swept)>;
     /// What [`MessageStore::pending`] would deliver and move aside, without moving anything.
-    fn inspect(&self, owner: &str) -> Result<(Vec<Message>, Swept)>;
+    fn inspect(&self, owner: &InstanceId) -> Result<(Vec<Message>, Swept)>;
     /// Message `id` of `owner`, waiting or acknowledged, when it verifies.
-    fn find(&self, owner: &str, id: &str) -> Option<Message>;
+    fn find(&self, owner: &InstanceId, id: &str) -> Option<Message>;
     /// Acknowledges message `id` of `owner`: it will not be handed out again. Returns false
     /// when it was acknowledged before; [`QueueError::NotWaiting`] when it is not `owner`'s.
-    fn ack(&self, owner: &str, id: &str) -> Result<bool>;
+    fn ack(&self, owner: &InstanceId, id: &str) -> Result<bool>;
     /// Acknowledges every message of `ids`, as [`MessageStore::ack`] each; a store shared by
     /// many hosts does it in one request.
-    fn ack_all(&self, owner: &str, ids: &[String]) -> Result<Vec<bool>> {
+    fn ack_all(&self, owner: &InstanceId, ids: &[String]) -> Result<Vec<bool>> {
         ids.iter().map(|id| self.ack(owner, id)).collect()
     }
     /// Moves every message of `owner`, an instance that is gone, aside (to the dead letters,
     /// untrusted ones to quarantine) and forgets its inbox. Returns how many it moved.
-    fn retire(&self, owner: &str, reason: &str) -> Result<usize>;
-    /// The owners that have an inbox, sorted.
-    fn owners(&self) -> Vec<String>;
+    fn retire(&self, owner: &InstanceId, reason: &str) -> Result<usize>;
+    /// The instances that have an inbox, sorted; an inbox directory whose name is no instance
+    /// id (no send makes one) is not among them ([`inbox_names`] lists it).
+    fn owners(&self) -> Vec<InstanceId>;
     /// A waiter woken when a message may have arrived for `owner`: at the latest every `poll`;
     /// with `poll_only`, only then.
-    fn arrivals(&self, owner: &str, poll: Duration, poll_only: bool) -> Result<Box<dyn Arrivals>>;
+    fn arrivals(
+        &self,
+        owner: &InstanceId,
+        poll: Duration,
+        poll_only: bool,
+    ) -> Result<Box<dyn Arrivals>>;
 }
 
 /// The queue of one repository in `.app/coordination_queue/`.
@@ -347,7 +353,7 @@ impl FileQueue {
         }
     }
 
-    fn inbox(&self, owner: &str) -> Inbox {
+    fn inbox(&self, owner: &InstanceId) -> Inbox {
         Inbox::new(&self.paths, owner, self.key.clone(), self.max_bytes)
     }
 }
@@ -360,48 +366,42 @@ impl MessageStore for FileQueue {
         send(&self.paths, &key, outgoing, recipients)
     }
 
-    fn pending(&self, owner: &str) -> Result<(Vec<Message>, Swept)> {
+    fn pending(&self, owner: &InstanceId) -> Result<(Vec<Message>, Swept)> {
         self.inbox(owner).pending()
     }
 
-    fn inspect(&self, owner: &str) -> Result<(Vec<Message>, Swept)> {
+    fn inspect(&self, owner: &InstanceId) -> Result<(Vec<Message>, Swept)> {
         self.inbox(owner).inspect()
     }
 
-    fn find(&self, owner: &str, id: &str) -> Option<Message> {
+    fn find(&self, owner: &InstanceId, id: &str) -> Option<Message> {
         self.inbox(owner).find(id)
     }
 
-    fn ack(&self, owner: &str, id: &str) -> Result<bool> {
+    fn ack(&self, owner: &InstanceId, id: &str) -> Result<bool> {
         self.inbox(owner).ack(id)
     }
 
-    fn retire(&self, owner: &str, reason: &str) -> Result<usize> {
-        let inbox = self.inbox(owner);
-        let moved = inbox.retire(reason)?;
-        let acked = self.paths.acked(owner);
-        if acked.exists() {
-            fs::remove_dir_all(&acked).map_err(|err| Error::io("removing", &acked, err))?;
-        }
-        let _ = fs::remove_dir(inbox.dir());
-        Ok(moved)
+    fn retire(&self, owner: &InstanceId, reason: &str) -> Result<usize> {
+        self.inbox(owner).retire(reason)
     }
 
-    fn owners(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(self.paths.inboxes_dir())
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
+    fn owners(&self) -> Vec<InstanceId> {
+        inbox_names(&self.paths)
+            .into_iter()
+            .filter_map(|name| match name {
+                InboxName::Instance(id) => Some(id),
+                InboxName::Stray(_) => None,
             })
-            .unwrap_or_default();
-        names.sort();
-        names
+            .collect()
     }
 
-    fn arrivals(&self, owner: &str, poll: Duration, poll_only: bool) -> Result<Box<dyn Arrivals>> {
+    fn arrivals(
+        &self,
+        owner: &InstanceId,
+        poll: Duration,
+        poll_only: bool,
+    ) -> Result<Box<dyn Arrivals>> {
         Ok(Box::new(DirWatch::new(
             &self.paths.inbox(owner),
             poll,
@@ -410,10 +410,60 @@ impl MessageStore for FileQueue {
     }
 }
 
-/// One instance's inbox.
+/// An inbox directory's name, as [`inbox_names`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum InboxName {
+    /// The inbox of an instance.
+    Instance(InstanceId),
+    /// A directory whose name is no instance id, which no send makes (a user's or another
+    /// program's): read as [`Inbox::stray`], every file in it is untrusted.
+    Stray(String),
+}
+
+impl InboxName {
+    /// The directory's name.
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            InboxName::Instance(id) => id.as_str(),
+            InboxName::Stray(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for InboxName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The directories in `.app/coordination_queue/inbox/`, sorted by name: each instance's
+/// ([`MessageStore::owners`]) and the stray ones, which only `app doctor` looks at.
+pub(crate) fn inbox_names(paths: &AppPaths) -> Vec<InboxName> {
+    let mut names: Vec<String> = fs::read_dir(paths.inboxes_dir())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| match InstanceId::parse(&name) {
+            Ok(id) => InboxName::Instance(id),
+            Err(_) => InboxName::Stray(name),
+        })
+        .collect()
+}
+
+/// One inbox directory: an instance's, or a stray one ([`Inbox::stray`]).
 #[derive(Debug)]
 pub struct Inbox {
     paths: AppPaths,
+    /// The directory's name: the owning instance's id, or a stray directory's name (then no
+    /// file in it can name it as recipient, so every one is untrusted).
     owner: String,
     key: Option<SigningKey>,
     max_bytes: usize,
@@ -421,10 +471,27 @@ pub struct Inbox {
 
 impl Inbox {
     /// The inbox of instance `owner`.
-    pub fn new(paths: &AppPaths, owner: &str, key: Option<SigningKey>, max_bytes: usize) -> Self {
+    pub fn new(
+        paths: &AppPaths,
+        owner: &InstanceId,
+        key: Option<SigningKey>,
+        max_bytes: usize,
+    ) -> Self {
+        Self::stray(paths, owner, key, max_bytes)
+    }
+
+    /// The inbox directory `name` ([`InboxName::Stray`]), which is no instance id: read as an
+    /// instance's inbox is, so each of its files is untrusted (no message names it as
+    /// recipient) and [`Inbox::retire`] moves them to quarantine.
+    pub(crate) fn stray(
+        paths: &AppPaths,
+        name: &str,
+        key: Option<SigningKey>,
+        max_bytes: usize,
+    ) -> Self {
         Inbox {
             paths: paths.clone(),
-            owner: owner.to_string(),
+            owner: name.to_string(),
             key,
             max_bytes,
         }
@@ -446,7 +513,8 @@ impl Inbox {
     }
 
     /// Moves every message of this inbox to `dead/` (untrusted files to `quarantine/`), for an
-    /// instance that is gone. Returns how many files it moved.
+    /// instance that is gone, and forgets the inbox (its acknowledged copies and its directory,
+    /// when empty). Returns how many files it moved.
     pub fn retire(&self, reason: &str) -> Result<usize> {
         let (messages, swept) = self.pending()?;
         for message in &messages {
@@ -456,6 +524,11 @@ impl Inbox {
                 reason,
             )?;
         }
+        let acked = self.paths.acked(&self.owner);
+        if acked.exists() {
+            fs::remove_dir_all(&acked).map_err(|err| Error::io("removing", &acked, err))?;
+        }
+        let _ = fs::remove_dir(self.dir());
         Ok(messages.len() + swept.expired + swept.quarantined)
     }
 

@@ -514,8 +514,12 @@ impl LocalState {
                 .filter(|k| !self.messages.contains(*k) && !self.acked.contains(*k))
                 .collect();
             for (recipient, id) in appeared {
-                // Only what verifies is announced; the rest is the receiver's to quarantine.
-                let Some(message) = store.find(recipient, id) else {
+                // Only what verifies is announced; the rest is the receiver's to quarantine
+                // (all of an inbox whose name is no instance id: no message names it).
+                let Ok(recipient) = InstanceId::parse(recipient) else {
+                    continue;
+                };
+                let Some(message) = store.find(&recipient, id) else {
                     continue;
                 };
                 out.push(ApiEvent::now(

@@ -40,12 +40,7 @@ pub(super) fn mcp(ctx: &Context, args: McpArgs) -> Result<u8> {
                 record.id
             )));
         }
-        crate::mcp::serve(
-            repo.paths,
-            record.id.into_string(),
-            ctx.settings.clone(),
-            db,
-        )?;
+        crate::mcp::serve(repo.paths, record.id, ctx.settings.clone(), db)?;
         return Ok(0);
     }
     if args.registered {

@@ -94,7 +94,7 @@ fn acting(
     snapshot: &Snapshot,
     flag: Option<String>,
     what: &str,
-) -> Result<String> {
+) -> Result<InstanceId> {
     let id = match flag {
         Some(id) => id,
         None => repo
@@ -106,9 +106,9 @@ fn acting(
                 ))
             })?,
     };
-    InstanceId::parse(&id)?;
+    let id = InstanceId::parse(&id)?;
     if snapshot.instance(&id).is_none() {
-        return Err(InstanceError::Unknown { id }.into());
+        return Err(InstanceError::Unknown { id: id.into() }.into());
     }
     Ok(id)
 }
@@ -126,7 +126,7 @@ pub(super) fn send(ctx: &Context, args: SendArgs) -> Result<u8> {
     };
     let from = match args.from {
         Some(from) => from,
-        None => acting(&repo, &snapshot, None, "--from")?,
+        None => acting(&repo, &snapshot, None, "--from")?.into(),
     };
     let broadcast = args.to == "all";
     let posted = coordination.post(

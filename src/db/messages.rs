@@ -14,6 +14,7 @@ use libsql::Value;
 use super::fleet::NOW_MS;
 use super::{Db, integer, text};
 use crate::error::Result;
+use crate::ids::InstanceId;
 
 /// How long an acknowledged (or moved aside) copy is kept, in milliseconds: far longer than a
 /// sender retries a request, so a resent copy finds its record and is not filed again.
@@ -30,7 +31,7 @@ pub(crate) struct Address<'a> {
     /// Its repository's root on that host.
     pub repo_root: &'a str,
     /// The instance.
-    pub recipient: &'a str,
+    pub recipient: &'a InstanceId,
 }
 
 /// A copy to file: message `id`, signed for its recipient (`body`).
@@ -81,7 +82,7 @@ fn as_refs(statements: &[(String, Vec<Value>)]) -> Vec<(&str, Vec<Value>)> {
 pub(crate) async fn file_for(
     db: &Db,
     copy: &Copy<'_>,
-    recipient: &str,
+    recipient: &InstanceId,
     live_since: &str,
 ) -> Result<Option<String>> {
     let (sender, sender_host) = copy.sender;
@@ -99,7 +100,7 @@ pub(crate) async fn file_for(
             ),
             vec![
                 Value::Text(copy.id.into()),
-                Value::Text(recipient.into()),
+                Value::Text(recipient.to_string()),
                 Value::Text(sender.into()),
                 Value::Text(sender_host.into()),
                 Value::Text(copy.body.clone()),
@@ -111,7 +112,7 @@ pub(crate) async fn file_for(
             "SELECT host FROM messages WHERE id = ?1 AND recipient = ?2 AND host != ?3".into(),
             vec![
                 Value::Text(copy.id.into()),
-                Value::Text(recipient.into()),
+                Value::Text(recipient.to_string()),
                 Value::Text(sender_host.into()),
             ],
         ),
@@ -141,7 +142,7 @@ pub(crate) async fn file(db: &Db, copies: &[(Address<'_>, Copy<'_>)]) -> Result<
                 Value::Text(copy.id.into()),
                 Value::Text(to.host.into()),
                 Value::Text(to.repo_root.into()),
-                Value::Text(to.recipient.into()),
+                Value::Text(to.recipient.to_string()),
                 Value::Text(sender.into()),
                 Value::Text(sender_host.into()),
                 Value::Text(copy.body.clone()),
@@ -158,7 +159,7 @@ fn address_params(at: Address<'_>) -> Vec<Value> {
     vec![
         Value::Text(at.host.into()),
         Value::Text(at.repo_root.into()),
-        Value::Text(at.recipient.into()),
+        Value::Text(at.recipient.to_string()),
     ]
 }
 

@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::error::Result;
 use crate::paths::AppPaths;
+use crate::queue::InboxName;
 use crate::registry::Snapshot;
 use crate::sign::SigningKey;
 
@@ -80,9 +81,12 @@ fn inbox_problems(
     problems: &mut Vec<Problem>,
 ) -> Result<()> {
     let store = coordination.messages_with(key.cloned());
-    for owner in store.owners() {
-        let (messages, swept) = store.inspect(&owner)?;
-        if snapshot.instance(&owner).is_none() {
+    for owner in coordination.inbox_names() {
+        let (messages, swept) = match &owner {
+            InboxName::Instance(id) => store.inspect(id)?,
+            InboxName::Stray(name) => coordination.stray_inbox(name, key.cloned()).inspect()?,
+        };
+        if snapshot.instance(owner.as_str()).is_none() {
             let files = messages.len() + swept.expired + swept.quarantined;
             if files > 0 {
                 problems.push(Problem::OrphanInbox { owner, files });

@@ -19,6 +19,7 @@ use crate::inuse;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
 use crate::process::ProcessIdentity;
+use crate::queue::InboxName;
 use crate::reclaim::{self, Reclaimer};
 use crate::registry::{InstanceRecord, Registry};
 use crate::sign::Keys;
@@ -251,16 +252,25 @@ fn reclaim_orphan(
 }
 
 /// Moves the messages of the gone instance `owner` aside and removes its inbox.
-fn retire_inbox(paths: &AppPaths, options: &Options, owner: &str) -> Result<String> {
-    let messages = Coordination::new(paths, &options.settings).messages()?;
-    let moved = messages.retire(owner, &format!("instance {owner} is gone"))?;
+fn retire_inbox(paths: &AppPaths, options: &Options, owner: &InboxName) -> Result<String> {
+    let coordination = Coordination::new(paths, &options.settings);
+    let key = coordination.keys().load()?;
+    let reason = format!("instance {owner} is gone");
+    let moved = match owner {
+        InboxName::Instance(id) => coordination.messages_with(key).retire(id, &reason)?,
+        InboxName::Stray(name) => coordination.stray_inbox(name, key).retire(&reason)?,
+    };
     Ok(format!("moved {moved} file(s) aside"))
 }
 
 /// Sweeps the expired and untrusted messages out of `owner`'s inbox.
-fn sweep_inbox(paths: &AppPaths, options: &Options, owner: &str) -> Result<String> {
-    let messages = Coordination::new(paths, &options.settings).messages()?;
-    let (_, swept) = messages.pending(owner)?;
+fn sweep_inbox(paths: &AppPaths, options: &Options, owner: &InboxName) -> Result<String> {
+    let coordination = Coordination::new(paths, &options.settings);
+    let key = coordination.keys().load()?;
+    let (_, swept) = match owner {
+        InboxName::Instance(id) => coordination.messages_with(key).pending(id)?,
+        InboxName::Stray(name) => coordination.stray_inbox(name, key).pending()?,
+    };
     Ok(format!(
         "moved {} to dead/ and {} to quarantine/",
         swept.expired, swept.quarantined

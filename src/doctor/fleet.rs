@@ -27,6 +27,7 @@ use crate::coordination::Coordination;
 use crate::db::fleet::{self, HandedBack, Held, HostRow, Leftovers};
 use crate::db::{Blocking, DbSettings, Location};
 use crate::error::{Error, GitContext, Result};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote};
 
@@ -327,7 +328,9 @@ pub(super) fn sweep_messages(
     let messages = Coordination::new(paths, &options.settings)
         .with_database(&location, DbSettings::from(&options.settings))
         .messages()?;
-    let (_, swept) = messages.pending(recipient)?;
+    // A recipient is a row of the table: its copies go to files named after it.
+    let recipient = InstanceId::from_trusted(recipient.to_string(), "the fleet's message table")?;
+    let (_, swept) = messages.pending(&recipient)?;
     Ok(format!(
         "moved {} to dead/ and {} to quarantine/",
         swept.expired, swept.quarantined

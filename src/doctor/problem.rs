@@ -8,6 +8,7 @@ use super::Finding;
 use crate::db::fleet::{Held, HostRow};
 use crate::ids::LockName;
 use crate::journal::{Intent, Operation};
+use crate::queue::InboxName;
 use crate::registry::InstanceRecord;
 use crate::time::format_age;
 
@@ -89,11 +90,11 @@ pub(super) enum Problem {
         forged: usize,
     },
     OrphanInbox {
-        owner: String,
+        owner: InboxName,
         files: usize,
     },
     Messages {
-        owner: String,
+        owner: InboxName,
         expired: usize,
         untrusted: usize,
     },
@@ -304,7 +305,7 @@ impl Problem {
             ),
             Problem::OrphanInbox { owner, files } => (
                 "messages",
-                owner.clone(),
+                owner.to_string(),
                 format!("{files} message file(s) for an instance that is gone"),
                 "move them to dead/ (untrusted ones to quarantine/)".into(),
             ),
@@ -314,7 +315,7 @@ impl Problem {
                 untrusted,
             } => (
                 "messages",
-                owner.clone(),
+                owner.to_string(),
                 format!("{expired} expired and {untrusted} untrusted message(s) in its inbox"),
                 "move them to dead/ and quarantine/".into(),
             ),

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use crate::config::Settings;
 use crate::db::Blocking;
 use crate::error::{McpError, Result};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::sign::Keys;
 
@@ -57,7 +58,7 @@ struct State {
     /// `.app/secret`).
     keys: Keys,
     /// The instance this server acts for.
-    me: String,
+    me: InstanceId,
     settings: Settings,
     /// `--db`, when given; the database opens at the first tool that needs it.
     db_flag: Option<PathBuf>,
@@ -70,7 +71,7 @@ struct State {
 #[tracing::instrument(skip_all)]
 pub fn serve(
     paths: AppPaths,
-    me: String,
+    me: InstanceId,
     settings: Settings,
     db_flag: Option<PathBuf>,
 ) -> Result<()> {

@@ -66,7 +66,7 @@ impl State {
     pub(super) fn record(&self, snapshot: &Snapshot) -> Result<InstanceRecord> {
         snapshot.instance(&self.me).cloned().ok_or_else(|| {
             InstanceError::Unknown {
-                id: self.me.clone(),
+                id: self.me.to_string(),
             }
             .into()
         })
@@ -152,7 +152,7 @@ impl State {
         let posted = coordination.post(
             &*coordination.roster(&snapshot),
             queue::Post {
-                from: self.me.clone(),
+                from: self.me.to_string(),
                 to: args.to,
                 kind: args.kind.unwrap_or_else(|| "text".into()),
                 ttl,
@@ -228,7 +228,7 @@ impl State {
         if !unknown.is_empty() {
             return Err(McpError::NotWaiting {
                 ids: unknown.join(", "),
-                owner: self.me.clone(),
+                owner: self.me.to_string(),
             }
             .into());
         }

@@ -10,6 +10,7 @@ use rmcp::{tool, tool_router};
 use super::args::*;
 use super::{Server, State};
 use crate::config::Settings;
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::sign::Keys;
 
@@ -18,7 +19,7 @@ impl Server {
     /// A server acting for instance `me` of the repository at `paths`.
     pub fn new(
         paths: AppPaths,
-        me: String,
+        me: InstanceId,
         settings: Settings,
         db_flag: Option<PathBuf>,
     ) -> Server {

@@ -358,6 +358,56 @@ fn untrusted_message_files_are_quarantined_and_never_delivered() {
 }
 
 #[test]
+fn an_inbox_directory_whose_name_is_no_instance_id_is_an_orphan_doctor_quarantines() {
+    let repo = TestRepo::new();
+    let _instance = register(&repo, "target");
+    let output = repo.run_app(&["send", "--from", "x", "--to", "target", "hi"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let id = stdout(&output).trim().to_string();
+    let inboxes = repo.state_dir().join("coordination_queue/inbox");
+    // A copy put by hand under a name no send makes: no message names it as its recipient.
+    let stray = inboxes.join("Not An Id");
+    fs::create_dir(&stray).unwrap();
+    let name = format!("{id}.json");
+    fs::copy(inboxes.join("target").join(&name), stray.join(&name)).unwrap();
+
+    let report = repo.run_app(&["doctor", "--json"]);
+    assert_eq!(code(&report), 1, "{}", stderr(&report));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&report)).unwrap();
+    let orphan = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|finding| finding["subject"] == "Not An Id")
+        .unwrap_or_else(|| panic!("the stray inbox is reported: {report}"));
+    assert_eq!(orphan["kind"], "messages");
+    assert_eq!(
+        orphan["problem"],
+        "1 message file(s) for an instance that is gone"
+    );
+
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert!(
+        stdout(&fixed).contains("fixed messages Not An Id: moved 1 file(s) aside"),
+        "{}",
+        stdout(&fixed)
+    );
+    assert!(!stray.exists(), "the stray inbox is forgotten");
+    let reason = repo.state_dir().join(format!(
+        "coordination_queue/quarantine/Not An Id-{name}.reason"
+    ));
+    assert!(
+        fs::read_to_string(reason)
+            .unwrap()
+            .contains("filed under another inbox or name than its own")
+    );
+    // The genuine copy still waits for its instance.
+    let output = repo.run_app(&["recv", "--instance", "target"]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    assert!(stdout(&output).contains("hi"), "{}", stdout(&output));
+}
+
+#[test]
 fn bad_coordination_input_is_refused_and_changes_nothing() {
     let repo = TestRepo::new();
     let _instance = register(&repo, "peer");
