@@ -3,8 +3,8 @@
 //!
 //! Invariant: an [`InstanceId`], [`LockName`], [`Namespace`] or [`RunId`] value always
 //! satisfies its syntax, so code that holds one never checks it again. Values read back from
-//! app's own signed files and database rows are trusted as written (`Deserialize` and
-//! [`RunId::stored`] do not re-check), so a record written by another version reads as today;
+//! app's own signed files and database rows are trusted as written (`Deserialize`,
+//! [`InstanceId::stored`], [`LockName::stored`] and [`RunId::stored`] do not re-check), so a record written by another version reads as today;
 //! except a message's ids and the fleet's instance rows a message goes to
 //! ([`InstanceId::deserialize_checked`], [`InstanceId::from_trusted`]): one that is no id makes
 //! the message unparsable (quarantined) or the row skipped, never a panic.
@@ -141,6 +141,12 @@ impl InstanceId {
             return Err(InstanceError::BadStoredId { id: text, what }.into());
         }
         Ok(InstanceId(text))
+    }
+
+    /// An instance id as a database row holds it, trusted as written (as a signed file's is:
+    /// app wrote it from an id).
+    pub(crate) fn stored(text: String) -> InstanceId {
+        InstanceId(text)
     }
 
     /// Serde's reading of an instance id that is checked (a message's ids): a bad one fails the

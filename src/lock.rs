@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::error::LockError;
 use crate::error::Result;
-use crate::ids::LockName;
+use crate::ids::{InstanceId, LockName};
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
 use crate::registry::{InstanceRecord, Liveness, LocalRoster, Registry, Roster, Snapshot};
@@ -37,7 +37,7 @@ const RECHECK: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     /// The instance, when an instance holds it.
-    pub instance: Option<String>,
+    pub instance: Option<InstanceId>,
     /// The process whose life bounds the hold (an instance's supervisor, or a plain process).
     pub pid: u32,
     /// That process's start time, so a reused pid is not taken for it.
@@ -52,7 +52,7 @@ impl Holder {
     /// An instance as holder.
     pub fn instance(record: &InstanceRecord) -> Holder {
         Holder {
-            instance: Some(record.id.to_string()),
+            instance: Some(record.id.clone()),
             pid: record.pid,
             start_time: record.start_time,
             boot_id: record.boot_id.clone(),
@@ -559,7 +559,7 @@ mod tests {
             Err(format!("process {} is gone", u32::MAX - 1))
         );
         let instance = Holder {
-            instance: Some("3f9a1c2e".into()),
+            instance: Some(InstanceId::parse("3f9a1c2e").unwrap()),
             ..holder
         };
         assert_eq!(

@@ -596,7 +596,7 @@ fn lock_view((lock, lapsed): (LockState, Option<String>), waiters: &[Waiter]) ->
         .iter()
         .filter(|waiter| waiter.name == lock.name)
         .map(|waiter| match &waiter.holder.instance {
-            Some(id) => id.clone(),
+            Some(id) => id.to_string(),
             None => format!("pid {} on {}", waiter.holder.pid, waiter.holder.host),
         })
         .collect();

@@ -5,6 +5,7 @@ use clap::Args;
 use super::context::Context;
 use super::output;
 use crate::error::{Error, IoContext, Result};
+use crate::ids::InstanceId;
 use crate::instance::{self, RunOptions};
 
 /// Arguments of `app mcp`.
@@ -59,7 +60,7 @@ pub(super) fn mcp(ctx: &Context, args: McpArgs) -> Result<u8> {
         command.extend(["--db".into(), db.display().to_string()]);
     }
     let options = RunOptions {
-        name: args.name,
+        name: args.name.as_deref().map(InstanceId::parse).transpose()?,
         mode: instance::Mode::InPlace,
         command,
         db,

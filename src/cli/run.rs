@@ -9,7 +9,7 @@ use clap::Args;
 use super::context::Context;
 use crate::api::{ApiOptions, DEFAULT_CAPACITY};
 use crate::error::{Error, Result};
-use crate::ids::InstanceId;
+use crate::ids::{InstanceId, LockName};
 use crate::instance::{self, Holds, Mode, Notice, RunOptions, WorktreeKind, WorktreeOptions};
 use crate::overview::ApiDashboard;
 use crate::ports;
@@ -125,8 +125,9 @@ pub(super) fn ci(ctx: &Context, args: CiArgs) -> Result<u8> {
 }
 
 pub(super) fn serve(ctx: &Context, args: ServeCommandArgs) -> Result<u8> {
+    let cwd = super::current_dir()?;
     let options = RunOptions {
-        name: args.name,
+        name: args.name.as_deref().map(InstanceId::parse).transpose()?,
         mode: Mode::Serve,
         command: vec!["app".into(), "serve".into()],
         db: ctx.db.clone(),
@@ -135,7 +136,7 @@ pub(super) fn serve(ctx: &Context, args: ServeCommandArgs) -> Result<u8> {
         notify: Some(notify),
         ..RunOptions::default()
     };
-    let outcome = instance::run(&super::current_dir()?, &options, &ctx.settings)?;
+    let outcome = instance::run(&cwd, &options, &ctx.settings)?;
     eprintln!("app: instance {} stopped", outcome.id);
     Ok(outcome.exit_code)
 }
@@ -186,9 +187,11 @@ pub struct RunArgs {
 pub(super) fn run(ctx: &Context, args: RunArgs) -> Result<u8> {
     let cwd = super::current_dir()?;
     let keep = args.keep && !args.no_worktree;
+    let mode = mode(&args)?;
+    let (name, locks) = parsed(&args)?;
     let options = RunOptions {
-        mode: mode(&args)?,
-        name: args.name,
+        mode,
+        name,
         keep_running: args.keep_running,
         command: args.command,
         db: ctx.db.clone(),
@@ -198,7 +201,7 @@ pub(super) fn run(ctx: &Context, args: RunArgs) -> Result<u8> {
         notify: Some(notify),
         deadline: None,
         holds: Holds {
-            locks: args.locks,
+            locks,
             reserve: args.reserve,
             reason: args.reserve_reason,
         },
@@ -226,6 +229,22 @@ pub(super) fn run(ctx: &Context, args: RunArgs) -> Result<u8> {
         );
     }
     Ok(outcome.exit_code)
+}
+
+/// The instance name and the lock names of `app run`'s flags, parsed; in the order
+/// `instance::run` checks the rest (the name, the port count, the locks, then the globs), so
+/// a command line with several faults gets the same first error as ever.
+fn parsed(args: &RunArgs) -> Result<(Option<InstanceId>, Vec<LockName>)> {
+    let name = args.name.as_deref().map(InstanceId::parse).transpose()?;
+    if let Some(count) = args.ports {
+        ports::validate_count(count)?;
+    }
+    let locks = args
+        .locks
+        .iter()
+        .map(|lock| LockName::parse(lock))
+        .collect::<Result<_>>()?;
+    Ok((name, locks))
 }
 
 /// The mode `app run`'s flags ask for. `--no-worktree` leaves no room for `--branch` or

@@ -18,6 +18,7 @@ mod beat;
 mod locks;
 mod reservations;
 
+use crate::ids::InstanceId;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -77,7 +78,7 @@ impl Fleet {
     /// `holder` as this host stores it: on this fleet host.
     fn row(&self, holder: &Holder) -> HolderRow {
         HolderRow {
-            instance: holder.instance.clone(),
+            instance: holder.instance.as_ref().map(InstanceId::to_string),
             pid: holder.pid.into(),
             start_time: holder.start_time as i64,
             boot_id: holder.boot_id.clone(),
@@ -134,7 +135,7 @@ impl Fleet {
 /// A stored holder as the lock and reservation types name it.
 fn holder_of(row: &HolderRow) -> Holder {
     Holder {
-        instance: row.instance.clone(),
+        instance: row.instance.clone().map(InstanceId::stored),
         pid: u32::try_from(row.pid).unwrap_or(0),
         start_time: u64::try_from(row.start_time).unwrap_or(0),
         boot_id: row.boot_id.clone(),

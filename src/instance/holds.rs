@@ -39,7 +39,7 @@ const CANCEL_CHECK: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Holds {
     /// Named locks, taken in name order.
-    pub locks: Vec<String>,
+    pub locks: Vec<LockName>,
     /// Path globs relative to the repository root, reserved exclusively.
     pub reserve: Vec<String>,
     /// Why the paths are reserved, for `app reservations`.
@@ -52,11 +52,8 @@ impl Holds {
         self.locks.is_empty() && self.reserve.is_empty()
     }
 
-    /// Checks the lock names and the globs: bad input (exit 2) before anything is written.
+    /// Checks the globs: bad input (exit 2) before anything is written.
     pub(super) fn validate(&self) -> Result<()> {
-        for name in &self.locks {
-            LockName::parse(name)?;
-        }
         for pattern in &self.reserve {
             Glob::parse(pattern)?;
         }
@@ -64,7 +61,7 @@ impl Holds {
     }
 
     /// The lock names in the order they are taken: sorted, each once.
-    fn lock_order(&self) -> Vec<String> {
+    fn lock_order(&self) -> Vec<LockName> {
         let mut names = self.locks.clone();
         names.sort();
         names.dedup();
@@ -83,7 +80,8 @@ pub(super) fn what_is_held(
     holds: &Holds,
 ) -> crate::activity::HoldsFn {
     let coordination = Coordination::new(paths, settings);
-    let (id, own) = (record.id.to_string(), holds.lock_order());
+    let own: Vec<String> = holds.lock_order().into_iter().map(String::from).collect();
+    let id = record.id.to_string();
     let task = match (&settings.caller.run_id, &settings.caller.task_id) {
         (Some(run), Some(task)) if !run.is_empty() && !task.is_empty() => {
             Some(format!("task {task} of run {run}"))
@@ -125,7 +123,7 @@ pub(super) enum Taken {
 #[derive(Debug, Default)]
 pub(super) struct Held {
     /// In the order taken.
-    locks: Vec<(LockGuard, String)>,
+    locks: Vec<(LockGuard, LockName)>,
     reservation: Option<(Box<dyn ReservationStore>, Holder)>,
 }
 
@@ -171,12 +169,12 @@ pub(super) fn take(
 /// run (`Ok(Err(signal))`).
 fn take_lock(
     coordination: &Coordination,
-    name: &str,
+    name: &LockName,
     holder: &Holder,
     slot: &Slot,
 ) -> Result<std::result::Result<LockGuard, i32>> {
     let request = Request {
-        name: LockName::parse(name)?,
+        name: name.clone(),
         holder: holder.clone(),
         ttl: None,
         timeout: CANCEL_CHECK,

@@ -51,8 +51,8 @@ pub use stop::{StopOutcome, StopRoute, stop};
 /// What `app run` was asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// A name to use as the instance id instead of a random one.
-    pub name: Option<String>,
+    /// A name to use as the instance id instead of a random one (parsed where it was given).
+    pub name: Option<InstanceId>,
     /// Where the instance works, and whether it runs a command.
     pub mode: Mode,
     /// Leave processes the command left behind running (the worktree then stays while they
@@ -185,7 +185,8 @@ pub struct RunOutcome {
 /// Runs `options.command` as a new instance and supervises it until it exits.
 #[tracing::instrument(skip_all, fields(cwd = %cwd.display()))]
 pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunOutcome> {
-    let name = validate(options)?;
+    validate(options)?;
+    let name = options.name.clone();
     let database = (
         Location::resolve(options.db.as_deref())?,
         DbSettings::from(settings),
@@ -242,17 +243,16 @@ pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunO
     result
 }
 
-/// The checks of `options` that need nothing on disk; the instance name asked for, parsed.
-fn validate(options: &RunOptions) -> Result<Option<InstanceId>> {
+/// The checks of `options` that need nothing on disk (the name and the lock names were
+/// parsed where they were given).
+fn validate(options: &RunOptions) -> Result<()> {
     if options.command.is_empty() && !matches!(options.mode, Mode::Serve) {
         return Err(InstanceError::NoCommand.into());
     }
-    let name = options.name.as_deref().map(InstanceId::parse).transpose()?;
     if let Some(count) = options.ports {
         ports::validate_count(count)?;
     }
-    options.holds.validate()?;
-    Ok(name)
+    options.holds.validate()
 }
 
 /// Binds the API's address; when every port of the default range is taken the instance runs
