@@ -1873,3 +1873,113 @@ fn the_overview_against_a_server_shows_the_hosts_fleet_locks_other_hosts_instanc
     let typed: app::overview::Overview = serde_json::from_value(seen.clone()).unwrap();
     assert!(typed.fleet.is_some());
 }
+
+/// The instance `id` as `app instance list --json` on host `n` shows it (null when absent).
+fn listed(fleet: &Fleet, n: usize, id: &str) -> Value {
+    let out = fleet.run(n, &["instance", "list", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_worker_is_a_registered_instance_seen_from_other_hosts_and_app_instance_stop_drains_it() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let worker = fleet.worker(1, &["--instance", "w1", "--capacity", "2"]);
+    let pid = worker.pid();
+    let row = listed(&fleet, 1, "w1");
+    assert_eq!(row["pid"], pid, "{row}");
+    assert_eq!(row["status"], "running", "{row}");
+    assert_eq!(row["worktree"], Value::Null, "{row}");
+    assert_eq!(
+        row["command"],
+        json!(["app", "worker", "--capacity", "2"]),
+        "{row}"
+    );
+    let out = fleet.run(1, &["instance", "list", "--long"]);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("w1 ") && l.contains("app worker --capacity 2")),
+        "{}",
+        stdout(&out)
+    );
+    // Another host sees it, on its host, through the database.
+    wait_for(
+        "host0 to see the worker on host1",
+        Duration::from_secs(20),
+        || {
+            let out = fleet.run(0, &["instance", "list", "--everywhere"]);
+            stdout(&out)
+                .lines()
+                .any(|l| l.starts_with(&format!("w1:{pid} host1 ")))
+        },
+    );
+    // `app instance stop` is the first SIGTERM: a drain, exit 0, unregistered, host stopped.
+    let out = fleet.run(1, &["instance", "stop", "w1"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = worker.wait(Duration::from_secs(30));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("instance w1"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("draining"), "{}", stderr(&out));
+    assert_eq!(listed(&fleet, 1, "w1"), Value::Null);
+    let out = fleet.run(0, &["fleet", "--json"]);
+    let hosts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let host1 = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"]["name"] == "host1")
+        .cloned()
+        .unwrap();
+    assert_eq!(host1["host"]["state"], "stopped", "{host1}");
+    let out = fleet.run(0, &["instance", "list", "--everywhere"]);
+    assert!(
+        !stdout(&out).lines().any(|l| l.starts_with("w1:")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_sigkilled_worker_leaves_a_dead_in_place_instance_that_doctor_fix_reclaims() {
+    let Some(fleet) = Fleet::new(1) else { return };
+    let worker = fleet.worker(0, &["--instance", "w0"]);
+    assert_eq!(listed(&fleet, 0, "w0")["status"], "running");
+    worker.kill_now();
+    let (_, report) = doctor(&fleet, 0, false);
+    let dead = of_kind(&report, "findings", "dead-instance");
+    assert_eq!(dead.len(), 1, "{report}");
+    assert_eq!(dead[0]["subject"], "w0", "{report}");
+    let (_, report) = doctor(&fleet, 0, true);
+    let fixed = of_kind(&report, "fixed", "dead-instance");
+    assert_eq!(fixed.len(), 1, "{report}");
+    assert_eq!(listed(&fleet, 0, "w0"), Value::Null);
+    let (_, report) = doctor(&fleet, 0, false);
+    assert!(
+        of_kind(&report, "findings", "dead-instance").is_empty(),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_bad_worker_instance_name_exits_2_and_registers_nothing() {
+    let Some(fleet) = Fleet::new(1) else { return };
+    let out = fleet.run(0, &["worker", "--instance", "Not A Name"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("Not A Name"), "{}", stderr(&out));
+    let out = fleet.run(0, &["fleet", "--json"]);
+    let hosts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hosts["hosts"], json!([]), "{hosts}");
+    assert!(
+        !fleet.hosts[0]
+            .root()
+            .join(".app/process_registry.json")
+            .exists()
+    );
+}
