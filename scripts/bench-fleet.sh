@@ -16,8 +16,10 @@
 #       workers; target: under 1 request per second per host). Then what a fleet of 20 hosts
 #       with 10 agents each would ask of the server, against the ~95 write transactions per
 #       second sqld with one connection serves (issue 16).
-#   (d) Cross-host message latency: only once `app send`/`recv` reach other hosts (the
-#       database has a `messages` table); skipped until then.
+#   (d) Cross-host message latency: BENCH_MESSAGES (default 50) messages, one at a time, from
+#       an instance on host 1 (`app send --to rx`) to instance rx on host 2 (`app recv
+#       --follow`): from the start of each `app send` to the receiver printing it; p50 and
+#       p99 (target: p50 under 250 ms).
 # Every workers' start is outside the timing; every side of (a) and (b) starts fresh workers
 # (a worker that just started looks for tasks every 250 ms, an idle one every 2 s, which would
 # otherwise add up to 2 s at random to a side). BENCH_ROUNDS (default 2) rounds of (a) and (b)
@@ -25,18 +27,25 @@
 # Needs nothing from ../shared. TMPDIR picks the file system (TMPDIR=/dev/shm: the tool's own
 # cost). sqld comes from APP_TEST_SQLD or scripts/start-sqld.sh --install-only.
 #
-#   scripts/bench-fleet.sh   BENCH_TASKS_A=N, BENCH_TASKS_B=N, BENCH_ROUNDS=N, BENCH_IDLE=SECONDS;
+#   scripts/bench-fleet.sh   BENCH_TASKS_A=N, BENCH_TASKS_B=N, BENCH_ROUNDS=N, BENCH_IDLE=SECONDS,
+#                            BENCH_MESSAGES=N; BENCH_ONLY=abcd (the parts to run; c needs a and b);
 #                            BENCH_APP=PATH runs that app binary instead of building a release one
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+only=${BENCH_ONLY:-abcd}
+messages=${BENCH_MESSAGES:-50}
 tasks_a=${BENCH_TASKS_A:-32}
 tasks_b=${BENCH_TASKS_B:-32}
 rounds=${BENCH_ROUNDS:-2}
 idle_s=${BENCH_IDLE:-60}
-for value in "$tasks_a" "$tasks_b" "$rounds" "$idle_s"; do
-    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "bench-fleet: BENCH_TASKS_A, BENCH_TASKS_B, BENCH_ROUNDS and BENCH_IDLE must be positive integers, got '$value'" >&2; exit 2; }
+for value in "$tasks_a" "$tasks_b" "$rounds" "$idle_s" "$messages"; do
+    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "bench-fleet: BENCH_TASKS_A, BENCH_TASKS_B, BENCH_ROUNDS, BENCH_IDLE and BENCH_MESSAGES must be positive integers, got '$value'" >&2; exit 2; }
 done
+[[ $only =~ ^[abcd]+$ ]] || { echo "bench-fleet: BENCH_ONLY takes letters of abcd (the parts to run), got '$only'" >&2; exit 2; }
+[[ $only != *c* || ( $only == *a* && $only == *b* ) ]] || { echo "bench-fleet: part (c) divides by the runs of (a) and (b): BENCH_ONLY with c needs a and b too" >&2; exit 2; }
+# Whether part $1 runs.
+want() { [[ $only == *$1* ]]; }
 command -v curl >/dev/null || { echo "bench-fleet: skipped: curl (to read sqld's metrics) is missing"; exit 0; }
 
 cd "$root"
@@ -53,13 +62,13 @@ if [[ -z $sqld ]] && ! sqld=$("$root/scripts/start-sqld.sh" --install-only); the
 fi
 
 tmp=$(mktemp -d)
-sqld_pid= workers=()
+sqld_pid= workers=() others=()
 cleanup() {
     local pid
-    for pid in "${workers[@]}" $sqld_pid; do
+    for pid in "${workers[@]}" "${others[@]}" $sqld_pid; do
         kill -TERM "$pid" 2>/dev/null || true
     done
-    for pid in "${workers[@]}" $sqld_pid; do
+    for pid in "${workers[@]}" "${others[@]}" $sqld_pid; do
         wait "$pid" 2>/dev/null || true
     done
     rm -rf "$tmp"
@@ -179,93 +188,141 @@ time_plan() {
 
 echo "fleet benchmark: sqld $APP_DB_URL (one connection), repositories on $(stat -f -c %T "$tmp") ($tmp), $(nproc) CPUs"
 
-echo "== (a) $tasks_a tasks of 'sleep 1' + a commit: 1 worker against 2, capacity 4 each =="
-plan "$tmp/a.json" "$tasks_a" 8 "sleep 1"
-one_total=0 two_total=0 two_requests=0 ratios=()
-for ((round = 1; round <= rounds; round++)); do
-    for side in $( ((round % 2)) && echo "1 2" || echo "2 1"); do
-        start_workers "$side" 4
-        time_plan "$tmp/a.json" --fleet
-        stop_workers
-        if ((side == 1)); then
-            one_us=$REPLY
-        else
-            two_us=$REPLY two_requests=$((two_requests + REQUESTS))
-        fi
-    done
-    one_total=$((one_total + one_us)) two_total=$((two_total + two_us))
-    ratios+=("$(awk -v a="$two_us" -v b="$one_us" 'BEGIN {printf "%.2fx", a / b}')")
-done
-awk -v one="$one_total" -v two="$two_total" -v n="$rounds" -v each="${ratios[*]}" 'BEGIN {
-    printf "  %-34s %8.1f ms per round (%d rounds)\n", "1 worker, capacity 4", one / n / 1000, n
-    printf "  %-34s %8.1f ms per round\n", "2 workers, capacity 4", two / n / 1000
-    printf "  ratio %.2fx (2 workers / 1, summed over the rounds; each round: %s; target: at most 0.55x)\n", two / one, each }'
-
-echo "== (b) $tasks_b tasks of 'true' + a commit, 4 at once: fleet (2 workers of capacity 2) against local =="
-plan "$tmp/b.json" "$tasks_b" 4 "true"
-fleet_total=0 local_total=0 fleet_requests=0 local_requests=0
-for ((round = 1; round <= rounds; round++)); do
-    for side in $( ((round % 2)) && echo "fleet local" || echo "local fleet"); do
-        if [[ $side == fleet ]]; then
-            start_workers 2 2
-            time_plan "$tmp/b.json" --fleet
+if want a; then
+    echo "== (a) $tasks_a tasks of 'sleep 1' + a commit: 1 worker against 2, capacity 4 each =="
+    plan "$tmp/a.json" "$tasks_a" 8 "sleep 1"
+    one_total=0 two_total=0 two_requests=0 ratios=()
+    for ((round = 1; round <= rounds; round++)); do
+        for side in $( ((round % 2)) && echo "1 2" || echo "2 1"); do
+            start_workers "$side" 4
+            time_plan "$tmp/a.json" --fleet
             stop_workers
-            fleet_total=$((fleet_total + REPLY)) fleet_requests=$((fleet_requests + REQUESTS))
-        else
-            time_plan "$tmp/b.json"
-            local_total=$((local_total + REPLY)) local_requests=$((local_requests + REQUESTS))
-        fi
+            if ((side == 1)); then
+                one_us=$REPLY
+            else
+                two_us=$REPLY two_requests=$((two_requests + REQUESTS))
+            fi
+        done
+        one_total=$((one_total + one_us)) two_total=$((two_total + two_us))
+        ratios+=("$(awk -v a="$two_us" -v b="$one_us" 'BEGIN {printf "%.2fx", a / b}')")
     done
-done
-awk -v f="$fleet_total" -v l="$local_total" -v n="$rounds" -v t="$tasks_b" 'BEGIN {
-    printf "  %-34s %8.1f ms per round (%d rounds)\n", "fleet", f / n / 1000, n
-    printf "  %-34s %8.1f ms per round\n", "local", l / n / 1000
-    printf "  overhead per task %.1f ms ((fleet - local) / tasks; ratio %.2fx; target: under 100 ms)\n", (f - l) / n / t / 1000, f / l }'
+    awk -v one="$one_total" -v two="$two_total" -v n="$rounds" -v each="${ratios[*]}" 'BEGIN {
+        printf "  %-34s %8.1f ms per round (%d rounds)\n", "1 worker, capacity 4", one / n / 1000, n
+        printf "  %-34s %8.1f ms per round\n", "2 workers, capacity 4", two / n / 1000
+        printf "  ratio %.2fx (2 workers / 1, summed over the rounds; each round: %s; target: at most 0.55x)\n", two / one, each }'
+fi
 
-echo "== (c) database requests (sqld's own count of HTTP requests) =="
-# An orchestrator watching a run no host can take (a label nobody offers), no worker running.
-printf '{"name": "waits", "tasks": [{"id": "w", "command": "true", "on": {"nobody": "1"}}]}\n' >"$tmp/c.json"
-watch_s=10
-requests; r0=$REPLY
-(enter 0 && exec "$app" orchestrate --plan "$tmp/c.json" --fleet --progress none) >/dev/null 2>"$tmp/watch.log" &
-watcher=$!
-sleep "$watch_s"
-requests; watching=$((REPLY - r0))
-kill -TERM "$watcher"
-wait "$watcher" || true
-# Two idle workers, once they are past their first busy seconds.
-start_workers 2 1
-sleep 6
-requests; r0=$REPLY
-sleep "$idle_s"
-requests; idle=$((REPLY - r0))
-stop_workers
-awk -v a="$two_requests" -v ta="$((tasks_a * rounds))" -v f="$fleet_requests" -v l="$local_requests" \
-    -v tb="$((tasks_b * rounds))" -v w="$watching" -v ws="$watch_s" -v i="$idle" -v is="$idle_s" 'BEGIN {
-    per_host = i / 2 / is; per_task = f / tb; watch = w / ws
-    printf "  per task, (a) on 2 workers (sleep 1)   %6.1f requests\n", a / ta
-    printf "  per task, (b) on the fleet (true)      %6.1f requests   (local run of (b): %.1f; the fleet adds %.1f)\n", per_task, l / tb, per_task - l / tb
-    printf "  an orchestrator watching a run         %6.2f requests/s\n", watch
-    printf "  an idle host                           %6.2f requests/s = %.0f per idle host-minute (target: under 1/s)\n", per_host, per_host * 60
-    printf "  20 hosts x 10 agents, 1 run watched, each agent ending a task every D seconds\n"
-    printf "  (per-task figure of (b), which also carries that run'"'"'s watching and heartbeats):\n"
-    split("60 600 1800", ds, " ")
-    for (k = 1; k <= 3; k++) {
-        d = ds[k]
-        printf "    D = %4d s: %6.1f requests/s (20 x %.2f idle + %.2f watching + 200 / %d x %.1f per task)\n", d, 20 * per_host + watch + 200 / d * per_task, per_host, watch, d, per_task
+if want b; then
+    echo "== (b) $tasks_b tasks of 'true' + a commit, 4 at once: fleet (2 workers of capacity 2) against local =="
+    plan "$tmp/b.json" "$tasks_b" 4 "true"
+    fleet_total=0 local_total=0 fleet_requests=0 local_requests=0
+    for ((round = 1; round <= rounds; round++)); do
+        for side in $( ((round % 2)) && echo "fleet local" || echo "local fleet"); do
+            if [[ $side == fleet ]]; then
+                start_workers 2 2
+                time_plan "$tmp/b.json" --fleet
+                stop_workers
+                fleet_total=$((fleet_total + REPLY)) fleet_requests=$((fleet_requests + REQUESTS))
+            else
+                time_plan "$tmp/b.json"
+                local_total=$((local_total + REPLY)) local_requests=$((local_requests + REQUESTS))
+            fi
+        done
+    done
+    awk -v f="$fleet_total" -v l="$local_total" -v n="$rounds" -v t="$tasks_b" 'BEGIN {
+        printf "  %-34s %8.1f ms per round (%d rounds)\n", "fleet", f / n / 1000, n
+        printf "  %-34s %8.1f ms per round\n", "local", l / n / 1000
+        printf "  overhead per task %.1f ms ((fleet - local) / tasks; ratio %.2fx; target: under 100 ms)\n", (f - l) / n / t / 1000, f / l }'
+fi
+
+if want c; then
+    echo "== (c) database requests (sqld's own count of HTTP requests) =="
+    # An orchestrator watching a run no host can take (a label nobody offers), no worker running.
+    printf '{"name": "waits", "tasks": [{"id": "w", "command": "true", "on": {"nobody": "1"}}]}\n' >"$tmp/c.json"
+    watch_s=10
+    requests; r0=$REPLY
+    (enter 0 && exec "$app" orchestrate --plan "$tmp/c.json" --fleet --progress none) >/dev/null 2>"$tmp/watch.log" &
+    watcher=$!
+    sleep "$watch_s"
+    requests; watching=$((REPLY - r0))
+    kill -TERM "$watcher"
+    wait "$watcher" || true
+    # Two idle workers, once they are past their first busy seconds.
+    start_workers 2 1
+    sleep 6
+    requests; r0=$REPLY
+    sleep "$idle_s"
+    requests; idle=$((REPLY - r0))
+    stop_workers
+    awk -v a="$two_requests" -v ta="$((tasks_a * rounds))" -v f="$fleet_requests" -v l="$local_requests" \
+        -v tb="$((tasks_b * rounds))" -v w="$watching" -v ws="$watch_s" -v i="$idle" -v is="$idle_s" 'BEGIN {
+        per_host = i / 2 / is; per_task = f / tb; watch = w / ws
+        printf "  per task, (a) on 2 workers (sleep 1)   %6.1f requests\n", a / ta
+        printf "  per task, (b) on the fleet (true)      %6.1f requests   (local run of (b): %.1f; the fleet adds %.1f)\n", per_task, l / tb, per_task - l / tb
+        printf "  an orchestrator watching a run         %6.2f requests/s\n", watch
+        printf "  an idle host                           %6.2f requests/s = %.0f per idle host-minute (target: under 1/s)\n", per_host, per_host * 60
+        printf "  20 hosts x 10 agents, 1 run watched, each agent ending a task every D seconds\n"
+        printf "  (per-task figure of (b), which also carries that run'"'"'s watching and heartbeats):\n"
+        split("60 600 1800", ds, " ")
+        for (k = 1; k <= 3; k++) {
+            d = ds[k]
+            printf "    D = %4d s: %6.1f requests/s (20 x %.2f idle + %.2f watching + 200 / %d x %.1f per task)\n", d, 20 * per_host + watch + 200 / d * per_task, per_host, watch, d, per_task
+        }
+        spare = 95 - 20 * per_host - watch
+        if (spare > 0)
+            printf "  against ~95 write transactions/s: the server keeps up while the tasks last over %.1f s on average\n", 200 * per_task / spare
+        else
+            printf "  against ~95 write transactions/s: the idle fleet alone needs more\n"
+        printf "  (every request counted, reads too: an upper bound of the write transactions)\n" }'
+fi
+
+if want d; then
+    echo "== (d) cross-host message latency: $messages messages, a sender on host 1 to a receiver on host 2 =="
+    # The receiver: instance rx on host 2 running `app recv --follow --json`, each line it prints
+    # stamped with the microsecond it was read. The sender: instance tx (`app serve`) on host 1;
+    # each message carries the microsecond before its `app send` started, and the next is sent
+    # once this one was received (so the receiver polls the server at its busy rate, 250 ms).
+    recv_log=$tmp/recv.log
+    : >"$recv_log"
+    (enter 2 && exec "$app" run --no-worktree --instance rx -- bash -c \
+        '"$0" recv --follow --json | while IFS= read -r line; do t=${EPOCHREALTIME/[.,]/}; printf "%s %s\n" "$((10#$t))" "$line"; done' \
+        "$app") >"$recv_log" 2>"$tmp/recv.err" &
+    others+=($!)
+    receiver=$!
+    (enter 1 && exec "$app" serve --instance tx) 2>"$tmp/send.err" &
+    others+=($!)
+    sender=$!
+    for _ in $(seq 400); do
+        on 1 "$app" instance list --everywhere 2>/dev/null | grep -q '^rx:.* host2 ' &&
+            on 1 "$app" instance list 2>/dev/null | grep -q '^tx:' && break
+        sleep 0.05
+    done
+    on 1 "$app" instance list --everywhere | grep -q '^rx:.* host2 ' || {
+        echo "bench-fleet: FAILED: host 1 does not see the receiver on host 2:" >&2
+        cat "$tmp/recv.err" "$tmp/send.err" >&2
+        exit 1
     }
-    spare = 95 - 20 * per_host - watch
-    if (spare > 0)
-        printf "  against ~95 write transactions/s: the server keeps up while the tasks last over %.1f s on average\n", 200 * per_task / spare
-    else
-        printf "  against ~95 write transactions/s: the idle fleet alone needs more\n"
-    printf "  (every request counted, reads too: an upper bound of the write transactions)\n" }'
-
-echo "== (d) cross-host message latency =="
-tables=$(curl -fsS -X POST "$APP_DB_URL/v2/pipeline" \
-    -d '{"requests":[{"type":"execute","stmt":{"sql":"SELECT name FROM sqlite_master WHERE type = '"'"'table'"'"' AND name = '"'"'messages'"'"'"}},{"type":"close"}]}')
-if [[ $tables != *'"messages"'* ]]; then
-    echo "  skipped: cross-host messages not built yet"
-else
-    echo "  skipped: the database has a messages table, but this script does not measure it yet"
+    : >"$tmp/latencies"
+    : >"$tmp/sends"
+    for ((i = 1; i <= messages; i++)); do
+        now_us; sent=$REPLY
+        on 1 "$app" send --from tx --to rx "bench-$i-$sent" >/dev/null
+        now_us; echo $((REPLY - sent)) >>"$tmp/sends"
+        got=
+        for _ in $(seq 3000); do
+            got=$(grep -m1 "\"bench-$i-$sent\"" "$recv_log" | cut -d' ' -f1) && [[ -n $got ]] && break
+            sleep 0.005
+        done
+        [[ -n $got ]] || { echo "bench-fleet: FAILED: message $i did not arrive within 15 s" >&2; cat "$tmp/recv.err" >&2; exit 1; }
+        echo $((got - sent)) >>"$tmp/latencies"
+    done
+    for pid in "$receiver" "$sender"; do kill -TERM "$pid"; wait "$pid" || true; done
+    others=()
+    # p50, p99 and max of the microseconds in file $1, in ms.
+    quantiles() {
+        sort -n "$1" | awk '{v[NR] = $1} END {
+            printf "p50 %.1f ms, p99 %.1f ms, max %.1f ms", v[int((NR - 1) * 0.50) + 1] / 1000, v[int((NR - 1) * 0.99) + 1] / 1000, v[NR] / 1000 }'
+    }
+    echo "  send to receive (each \`app send\` start to the receiver printing it): $(quantiles "$tmp/latencies") over $messages (target: p50 under 250 ms)"
+    echo "  the \`app send\` process alone (its start to its exit):              $(quantiles "$tmp/sends")"
 fi

@@ -35,7 +35,7 @@ use crate::db::{Blocking, DbSettings, Location};
 use crate::error::{Error, GitContext, IoContext, Result};
 use crate::fleet_holds::HostFlock;
 use crate::ids::RunId;
-use crate::orchestrate::StopFlag;
+use crate::instance::{self, Hosted, Mode, RunOptions};
 use crate::orchestrate::attempt::{self, AttemptSpec};
 use crate::orchestrate::fleet::{
     TIMED_OUT, attempt_ref, require_server_at, secret_check, shared_key,
@@ -70,6 +70,10 @@ pub struct WorkerOptions {
     pub db: Option<PathBuf>,
     /// The settings read at the start of the command.
     pub settings: Settings,
+    /// The instance id to register under (`--instance`; default a generated one).
+    pub instance: Option<crate::ids::InstanceId>,
+    /// What the instance records as its command (`app instance list`).
+    pub command: Vec<String>,
 }
 
 /// What happened, for the person watching.
@@ -81,6 +85,8 @@ pub enum WorkerEvent {
         host: String,
         /// The repository it serves.
         repo: String,
+        /// Its instance id (`app instance list`, `app instance stop`).
+        instance: String,
     },
     /// A task was leased and starts.
     Took {
@@ -126,6 +132,8 @@ struct Shared {
     db: Mutex<Blocking>,
     key: SigningKey,
     host: String,
+    /// The host row as registered.
+    row: HostRow,
     exe: PathBuf,
     db_flag: Option<PathBuf>,
 }
@@ -136,65 +144,92 @@ impl Shared {
     }
 }
 
-/// Runs the worker in the repository at `cwd` until it is stopped.
-pub fn run(
-    cwd: &Path,
-    options: &WorkerOptions,
-    stop: &StopFlag,
-    report: &mut dyn FnMut(WorkerEvent),
-) -> Result<()> {
-    let paths = AppPaths::discover(cwd)?;
-    // Bad settings change nothing: checked before .app/ or a database is made.
-    let location = Location::resolve(options.db.as_deref())?;
-    require_server_at(&location)?;
-    let key = shared_key(&paths, &options.settings)?;
-    let remote = Remote::open(paths.repo_root(), &options.remote)?;
-    paths.ensure_state_dir()?;
-    let db = Blocking::open(location, DbSettings::from(&options.settings))?;
-    let me = ProcessIdentity::current();
-    let ttl_ms = options.settings.lease_ttl.as_millis() as i64;
-    let host = HostRow {
-        name: options.name.clone(),
-        repo: remote.repo_key(),
-        capacity: options.capacity as i64,
-        labels: options.labels.clone(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: me.pid.into(),
-        start_time: me.start_time as i64,
-        started_at: Timestamp::now().to_string(),
-        heartbeat_age_ms: 0,
-        state: "running".into(),
-        running: 0,
-        load: load(),
-        secret_check: secret_check(&key),
-        note: None,
+/// Runs the worker in the repository at `cwd` until it is stopped: a registered in-place
+/// instance ([`instance::host`], as `app serve` is one) whose loop takes and runs tasks. Its
+/// stop requests (signals, `app instance stop`) drain it, a second one stops its tasks.
+/// Returns `app`'s exit code: 0 after a drain, 128+N when a second signal N stopped tasks.
+pub fn run(cwd: &Path, options: &WorkerOptions, report: &mut dyn FnMut(WorkerEvent)) -> Result<u8> {
+    let shared = Arc::new(Shared::prepare(cwd, options)?);
+    let host = &shared.row;
+    let run_options = RunOptions {
+        name: options.instance.clone(),
+        mode: Mode::Serve,
+        command: options.command.clone(),
+        db: options.db.clone(),
+        // Tasks a failing worker leaves running end as they would without it (their leases
+        // are recorded and pushed when it runs again).
+        keep_running: true,
+        ..RunOptions::default()
     };
-    let holder = db.run(async |db| fleet::register_host(db, &host, ttl_ms).await)?;
-    if (holder.pid, holder.start_time) != (host.pid, host.start_time) {
-        return Err(Error::bad_input(format!(
-            "the fleet host name {:?} is taken by a live worker (pid {}, last heartbeat {} ms ago); give this one another --name",
-            host.name, holder.pid, holder.heartbeat_age_ms
-        )));
-    }
-    let shared = Arc::new(Shared {
-        exe: std::env::current_exe().io_context("finding", "the app executable")?,
-        paths,
-        remote,
-        db: Mutex::new(db),
-        key,
-        host: host.name.clone(),
-        db_flag: options.db.clone(),
+    let outcome = instance::host(cwd, &run_options, &options.settings, |hosted| {
+        push_leftovers(&shared);
+        push_rescues(&shared);
+        report(WorkerEvent::Registered {
+            host: host.name.clone(),
+            repo: host.repo.clone(),
+            instance: hosted.id().to_string(),
+        });
+        Worker::new(Arc::clone(&shared), options, host).serve(hosted, report)?;
+        Ok(match hosted.last_signal() {
+            Some(signal) if hosted.stop_requests() > 1 => process::signal_exit_code(signal),
+            _ => 0,
+        })
     });
-    push_leftovers(&shared);
-    push_rescues(&shared);
-    report(WorkerEvent::Registered {
-        host: host.name.clone(),
-        repo: host.repo.clone(),
-    });
-    let result = Worker::new(Arc::clone(&shared), options, &host).serve(stop, report);
     let (pid, start_time) = (host.pid, host.start_time);
     let stopped = shared.db(async |db| fleet::stop_host(db, &host.name, pid, start_time).await);
-    result.and(stopped)
+    let outcome = outcome?;
+    stopped?;
+    Ok(outcome.exit_code)
+}
+
+impl Shared {
+    /// Checks what the worker needs (a server database, the shared secret, the remote) before
+    /// anything is written, then registers the host row.
+    fn prepare(cwd: &Path, options: &WorkerOptions) -> Result<Shared> {
+        let paths = AppPaths::discover(cwd)?;
+        // Bad settings change nothing: checked before .app/ or a database is made.
+        let location = Location::resolve(options.db.as_deref())?;
+        require_server_at(&location)?;
+        let key = shared_key(&paths, &options.settings)?;
+        let remote = Remote::open(paths.repo_root(), &options.remote)?;
+        paths.ensure_state_dir()?;
+        let db = Blocking::open(location, DbSettings::from(&options.settings))?;
+        let me = ProcessIdentity::current();
+        let ttl_ms = options.settings.lease_ttl.as_millis() as i64;
+        let row = HostRow {
+            name: options.name.clone(),
+            repo: remote.repo_key(),
+            capacity: options.capacity as i64,
+            labels: options.labels.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: me.pid.into(),
+            start_time: me.start_time as i64,
+            started_at: Timestamp::now().to_string(),
+            heartbeat_age_ms: 0,
+            state: "running".into(),
+            running: 0,
+            load: load(),
+            secret_check: secret_check(&key),
+            note: None,
+        };
+        let holder = db.run(async |db| fleet::register_host(db, &row, ttl_ms).await)?;
+        if (holder.pid, holder.start_time) != (row.pid, row.start_time) {
+            return Err(Error::bad_input(format!(
+                "the fleet host name {:?} is taken by a live worker (pid {}, last heartbeat {} ms ago); give this one another --name",
+                row.name, holder.pid, holder.heartbeat_age_ms
+            )));
+        }
+        Ok(Shared {
+            exe: std::env::current_exe().io_context("finding", "the app executable")?,
+            paths,
+            remote,
+            db: Mutex::new(db),
+            key,
+            host: row.name.clone(),
+            row,
+            db_flag: options.db.clone(),
+        })
+    }
 }
 
 /// The worker's loop state.
@@ -234,12 +269,12 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn serve(&mut self, stop: &StopFlag, report: &mut dyn FnMut(WorkerEvent)) -> Result<()> {
+    fn serve(&mut self, stop: &Hosted, report: &mut dyn FnMut(WorkerEvent)) -> Result<()> {
         let beat_every = self.options.settings.lease_ttl / 3;
         let mut signals_seen = 0;
         loop {
-            if stop.count() > signals_seen {
-                signals_seen = stop.count();
+            if stop.stop_requests() > signals_seen {
+                signals_seen = stop.stop_requests();
                 self.draining = true;
                 if signals_seen == 1 {
                     report(WorkerEvent::Draining {

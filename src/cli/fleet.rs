@@ -33,6 +33,9 @@ pub struct WorkerArgs {
     /// The git remote the fleet shares.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_REMOTE)]
     remote: String,
+    /// Use NAME as the worker's instance id instead of a random one.
+    #[arg(long = "instance", value_name = "NAME")]
+    instance: Option<String>,
 }
 
 /// Arguments of `app fleet`.
@@ -63,6 +66,17 @@ pub(super) fn worker(ctx: &Context, args: WorkerArgs) -> Result<u8> {
     }
     let name = args.name.unwrap_or_else(|| process::hostname().to_string());
     ids::validate_host_name(&name)?;
+    // A bad instance name is refused before the host row is written.
+    let instance = args
+        .instance
+        .as_deref()
+        .map(ids::InstanceId::parse)
+        .transpose()?;
+    let mut command = vec!["app".to_string(), "worker".to_string()];
+    command.extend(["--capacity".to_string(), args.capacity.to_string()]);
+    if !args.labels.is_empty() {
+        command.extend(["--labels".to_string(), args.labels.clone()]);
+    }
     let options = WorkerOptions {
         name,
         capacity: args.capacity,
@@ -70,25 +84,21 @@ pub(super) fn worker(ctx: &Context, args: WorkerArgs) -> Result<u8> {
         remote: args.remote,
         db: ctx.db.clone(),
         settings: ctx.settings.clone(),
+        instance,
+        command,
     };
-    let cwd = super::current_dir()?;
-    let stop = StopFlag::default();
-    let (handle, watcher) = count_signals(&stop)?;
     let mut report = |event: WorkerEvent| eprintln!("[{}] {}", Timestamp::now(), describe(&event));
-    let result = worker::run(&cwd, &options, &stop, &mut report);
-    handle.close();
-    let _ = watcher.join();
-    result?;
-    Ok(match stop.signal() {
-        Some(signal) if stop.count() > 1 => process::signal_exit_code(signal),
-        _ => 0,
-    })
+    worker::run(&super::current_dir()?, &options, &mut report)
 }
 
 fn describe(event: &WorkerEvent) -> String {
     match event {
-        WorkerEvent::Registered { host, repo } => {
-            format!("worker {host}: taking tasks of fleet runs of {repo}")
+        WorkerEvent::Registered {
+            host,
+            repo,
+            instance,
+        } => {
+            format!("worker {host} (instance {instance}): taking tasks of fleet runs of {repo}")
         }
         WorkerEvent::Took { attempt, token } => format!("{attempt}: leased (token {token})"),
         WorkerEvent::Ended {

@@ -774,6 +774,10 @@ pub(crate) struct Leftovers {
     pub runs: BTreeMap<String, String>,
     /// The branch of each task of those runs, by (run, task).
     pub branches: BTreeMap<(String, String), String>,
+    /// Every fleet lock (of every repository of the server).
+    pub locks: Vec<super::holds::LockRow>,
+    /// Every fleet reservation.
+    pub reservations: Vec<super::holds::ReservationRow>,
 }
 
 /// A host is alive while it is not stopped and its heartbeat is within ?2 ms (by the server's
@@ -816,8 +820,9 @@ pub(crate) async fn leftovers(
 }
 
 /// The statements of [`leftovers`], in the order [`Leftovers::from_results`] reads their rows:
-/// dead hosts, held leases, expired messages, run statuses, task branches.
-fn leftover_statements(run_ids: &[String]) -> [String; 5] {
+/// dead hosts, held leases, expired messages, run statuses, task branches, fleet locks, fleet
+/// reservations.
+fn leftover_statements(run_ids: &[String]) -> [String; 7] {
     let runs: Vec<String> = run_ids
         .iter()
         .map(|id| super::literal(&Value::Text(id.clone())))
@@ -848,6 +853,8 @@ fn leftover_statements(run_ids: &[String]) -> [String; 5] {
         ),
         format!("SELECT id, status FROM runs WHERE id IN ({runs})"),
         format!("SELECT run_id, task_id, branch FROM run_tasks WHERE run_id IN ({runs})"),
+        super::holds::locks_statement(),
+        super::holds::reservations_statement(),
     ]
 }
 
@@ -891,6 +898,8 @@ impl Leftovers {
                 .iter()
                 .map(|row| ((text(&row[0]), text(&row[1])), text(&row[2])))
                 .collect(),
+            locks: super::holds::locks_from(rows(5)),
+            reservations: super::holds::reservations_from(rows(6)).rows,
         }
     }
 }

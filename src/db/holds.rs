@@ -459,3 +459,137 @@ pub async fn change_reservations(
         .and_then(|row| integer(&row[0]))
         == Some(new))
 }
+
+/// How freeing a dead holder's fleet lock or reservation (`app doctor --fix`) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadFreed {
+    /// It was still the dead holder's: freed.
+    Freed,
+    /// Its holder is alive again (its host's heartbeat is fresh): left alone.
+    Alive,
+    /// It is no longer that holder's (released, or taken over meanwhile): nothing to do.
+    Moved,
+}
+
+/// Still the holder `?3..?5` (pid, start time, host) and still dead: its host's heartbeat is
+/// older than `?6` ms, or `?7` (the caller's `/proc` found it gone on its own host).
+const STILL_DEAD: &str = "{t}.pid = ?3 AND {t}.start_time = ?4 AND {t}.host = ?5
+    AND (?7 OR NOT EXISTS (SELECT 1 FROM fleet_members AS m
+                           WHERE m.host = {t}.host AND m.heartbeat_ms >= {now} - ?6))";
+
+fn still_dead(table: &str) -> String {
+    STILL_DEAD.replace("{t}", table).replace("{now}", NOW_MS)
+}
+
+fn dead_params(
+    first: Value,
+    second: Value,
+    holder: &HolderRow,
+    lease_ttl_ms: i64,
+    dead_here: bool,
+) -> Vec<Value> {
+    vec![
+        first,
+        second,
+        Value::Integer(holder.pid),
+        Value::Integer(holder.start_time),
+        Value::Text(holder.host.clone()),
+        Value::Integer(lease_ttl_ms),
+        Value::Integer(dead_here.into()),
+    ]
+}
+
+/// Frees the fleet lock `name` while it is still held under `token` by the dead `holder`
+/// (judged by the server's clock with `lease_ttl_ms`, or `dead_here`), in one request that
+/// renews no heartbeat: a lock a live holder holds, or one taken over meanwhile, is never
+/// touched. Sent twice, the second finds it free under the same token ([`DeadFreed::Freed`]).
+pub async fn free_dead_lock(
+    db: &Db,
+    (name, token): (&str, i64),
+    holder: &HolderRow,
+    (lease_ttl_ms, dead_here): (i64, bool),
+) -> Result<DeadFreed> {
+    let params = dead_params(
+        Value::Text(name.into()),
+        Value::Integer(token),
+        holder,
+        lease_ttl_ms,
+        dead_here,
+    );
+    let free = format!(
+        "UPDATE fleet_locks SET instance = NULL, pid = NULL, start_time = NULL, boot_id = NULL,
+            host = NULL, acquired_at = NULL, expires_ms = NULL
+         WHERE name = ?1 AND token = ?2 AND {}",
+        still_dead("fleet_locks")
+    );
+    let results = db
+        .batch(
+            "freeing a dead holder's fleet lock",
+            &[
+                (free.as_str(), params.clone()),
+                (
+                    "SELECT token, pid, start_time, host FROM fleet_locks WHERE name = ?1",
+                    params,
+                ),
+            ],
+        )
+        .await?;
+    let row = results.last().and_then(|rows| rows.first());
+    Ok(match row {
+        Some(row) if integer(&row[0]) == Some(token) => match integer(&row[1]) {
+            None => DeadFreed::Freed,
+            Some(pid) if pid == holder.pid && text(&row[3]) == holder.host => DeadFreed::Alive,
+            Some(_) => DeadFreed::Moved,
+        },
+        _ => DeadFreed::Moved,
+    })
+}
+
+/// Deletes the fleet reservation `id` while the dead `holder` still holds it (judged as
+/// [`free_dead_lock`] judges), setting the change tag to `new` (a value of the caller's) so
+/// that a change read before it is made again; one request that renews no heartbeat. Sent
+/// twice, the second finds the tag `new`.
+pub async fn drop_dead_reservation(
+    db: &Db,
+    (id, new): (&str, i64),
+    holder: &HolderRow,
+    (lease_ttl_ms, dead_here): (i64, bool),
+) -> Result<DeadFreed> {
+    let params = dead_params(
+        Value::Text(id.into()),
+        Value::Integer(new),
+        holder,
+        lease_ttl_ms,
+        dead_here,
+    );
+    let tag = format!(
+        "UPDATE fleet_counters SET value = ?2 WHERE name = 'reservations' AND EXISTS
+            (SELECT 1 FROM fleet_reservations AS r WHERE r.id = ?1 AND {})",
+        still_dead("r")
+    );
+    let results = db
+        .batch(
+            "dropping a dead holder's fleet reservation",
+            &[
+                (tag.as_str(), params.clone()),
+                (
+                    "DELETE FROM fleet_reservations WHERE id = ?1
+                     AND (SELECT value FROM fleet_counters WHERE name = 'reservations') = ?2",
+                    params.clone(),
+                ),
+                (
+                    "SELECT (SELECT value FROM fleet_counters WHERE name = 'reservations') = ?2,
+                        EXISTS (SELECT 1 FROM fleet_reservations WHERE id = ?1)",
+                    params,
+                ),
+            ],
+        )
+        .await?;
+    let row = results.last().and_then(|rows| rows.first());
+    let flag = |at: usize| row.and_then(|row| integer(&row[at])).unwrap_or(0) != 0;
+    Ok(match (flag(0), flag(1)) {
+        (true, _) => DeadFreed::Freed,
+        (false, true) => DeadFreed::Alive,
+        (false, false) => DeadFreed::Moved,
+    })
+}

@@ -170,6 +170,8 @@ fn fix_one<'a>(
         Problem::Unmirrored { record } => write_row(paths, options, record),
         Problem::DeadHost { host, .. } => fleet::stop_host(options, host),
         Problem::ExpiredLease { lease } => fleet::hand_back(options, lease),
+        Problem::DeadFleetLock { lock, holder, .. } => fleet::free_lock(options, lock, holder),
+        Problem::DeadFleetReservation { row, .. } => fleet::drop_reservation(options, row),
         Problem::FleetMessages { recipient, .. } => {
             fleet::sweep_messages(paths, options, recipient)
         }

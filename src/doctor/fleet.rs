@@ -1,6 +1,7 @@
 //! The fleet as doctor sees it, when the database is a server (docs/FLEET.md): hosts that
-//! stopped heartbeating, leases past their expiry, copies of the fleet's message table waiting
-//! past their TTL, and task refs on the remote that no run needs or knows.
+//! stopped heartbeating, leases past their expiry, fleet locks and reservations whose holder is
+//! dead, copies of the fleet's message table waiting past their TTL, and task refs on the
+//! remote that no run needs or knows.
 //!
 //! Invariants:
 //! - One read of the server ([`fleet::leftovers`]), after one listing of the remote's refs (so
@@ -8,7 +9,10 @@
 //! - Each fix is one guarded request that changes a row only while it is what the diagnosis
 //!   saw: a host is marked stopped (never deleted) only while its heartbeat is still stale, so a
 //!   worker that comes back is live again at its next heartbeat; a lease is handed back only
-//!   while it is the same token, still expired, and no live host holds it.
+//!   while it is the same token, still expired, and no live host holds it; a fleet lock or
+//!   reservation is freed only while the same holder holds it (the lock under the same token)
+//!   and is still dead (its host's heartbeat stale by the server's clock, or `/proc` of this
+//!   host, asked again just before, says it is gone), in a request that renews no heartbeat.
 //! - Messages are moved aside only by their receiving side's own code, for this host's
 //!   inboxes: their dead letters and quarantined copies are kept as files of this `.app/`.
 //!   Copies waiting for other hosts are only noticed: their receivers move them.
@@ -25,8 +29,10 @@ use super::problem::{FleetRefState, Problem};
 use super::{Diagnosis, Options};
 use crate::coordination::Coordination;
 use crate::db::fleet::{self, HandedBack, Held, HostRow, Leftovers};
+use crate::db::holds::{self, DeadFreed, HolderRow, LockRow, ReservationRow};
 use crate::db::{Blocking, DbSettings, Location};
 use crate::error::{Error, GitContext, Result};
+use crate::fleet_holds;
 use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote};
@@ -110,6 +116,7 @@ fn diagnose(
     let repo = remote.as_ref().map(Remote::repo_key);
     let left = db.run(async |db| fleet::leftovers(db, repo.as_deref(), ttl_ms, &runs).await)?;
     host_problems(&left, ttl_ms, &mut found.problems);
+    hold_problems(options, &left, &mut found.problems);
     message_problems(paths, options, &left, found);
     if let Some(remote) = &remote {
         ref_problems(paths, remote, (&refs, &branches), &left, found)?;
@@ -158,6 +165,33 @@ fn host_problems(left: &Leftovers, ttl_ms: i64, problems: &mut Vec<Problem>) {
         problems.push(Problem::ExpiredLease {
             lease: lease.clone(),
         });
+    }
+}
+
+/// Fleet locks and reservations whose holder is dead, judged as `fleet_holds` judges them:
+/// its host's heartbeat is stale, or it is a process of this host that `/proc` says is gone.
+fn hold_problems(options: &Options, left: &Leftovers, problems: &mut Vec<Problem>) {
+    let here = (
+        options.settings.fleet_host.as_str(),
+        options.settings.lease_ttl,
+    );
+    for lock in &left.locks {
+        let Some(holder) = &lock.holder else { continue };
+        if let Some(reason) = fleet_holds::dead_holder(holder, lock.host_age_ms, here) {
+            problems.push(Problem::DeadFleetLock {
+                lock: lock.clone(),
+                holder: holder.clone(),
+                reason,
+            });
+        }
+    }
+    for row in &left.reservations {
+        if let Some(reason) = fleet_holds::dead_holder(&row.holder, row.host_age_ms, here) {
+            problems.push(Problem::DeadFleetReservation {
+                row: row.clone(),
+                reason,
+            });
+        }
     }
 }
 
@@ -335,6 +369,38 @@ pub(super) fn sweep_messages(
         "moved {} to dead/ and {} to quarantine/",
         swept.expired, swept.quarantined
     ))
+}
+
+/// What freeing a dead holder's lock or reservation did, as doctor says it.
+fn freed(done: DeadFreed) -> String {
+    match done {
+        DeadFreed::Freed => "released".into(),
+        DeadFreed::Alive => "its holder is alive again; left alone".into(),
+        DeadFreed::Moved => "released or taken over meanwhile; nothing to do".into(),
+    }
+}
+
+/// Frees the fleet `lock` of the dead `holder`, unless it changed or its holder came back.
+pub(super) fn free_lock(options: &Options, lock: &LockRow, holder: &HolderRow) -> Result<String> {
+    let ttl_ms = options.settings.lease_ttl.as_millis() as i64;
+    // Asked afresh: a pid this host reused is a live process, not the holder.
+    let dead_here = fleet_holds::dead_here(holder, &options.settings.fleet_host).is_some();
+    let done = server(options)?.run(async |db| {
+        holds::free_dead_lock(db, (&lock.name, lock.token), holder, (ttl_ms, dead_here)).await
+    })?;
+    Ok(freed(done))
+}
+
+/// Drops the fleet reservation `row` of a dead holder, unless its holder came back.
+pub(super) fn drop_reservation(options: &Options, row: &ReservationRow) -> Result<String> {
+    let ttl_ms = options.settings.lease_ttl.as_millis() as i64;
+    let dead_here = fleet_holds::dead_here(&row.holder, &options.settings.fleet_host).is_some();
+    // A tag of this change's own, as every reservation change takes.
+    let new = (uuid::Uuid::new_v4().as_u64_pair().0 >> 1) as i64;
+    let done = server(options)?.run(async |db| {
+        holds::drop_dead_reservation(db, (&row.id, new), &row.holder, (ttl_ms, dead_here)).await
+    })?;
+    Ok(freed(done))
 }
 
 /// Deletes the attempt ref `name` on the remote, only while it still holds `commit` and the

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::Finding;
 use crate::db::fleet::{Held, HostRow};
+use crate::db::holds::{HolderRow, LockRow, ReservationRow};
 use crate::ids::LockName;
 use crate::journal::{Intent, Operation};
 use crate::queue::InboxName;
@@ -127,6 +128,17 @@ pub(super) enum Problem {
     FleetMessages {
         recipient: String,
         count: i64,
+    },
+    /// A fleet lock whose holder is dead (`reason`), as `fleet_holds` judges it.
+    DeadFleetLock {
+        lock: LockRow,
+        holder: HolderRow,
+        reason: String,
+    },
+    /// A fleet reservation whose holder is dead (`reason`).
+    DeadFleetReservation {
+        row: ReservationRow,
+        reason: String,
     },
     /// A task branch or attempt ref on the remote that no run needs any more, or that no run
     /// of the database references.
@@ -355,6 +367,33 @@ impl Problem {
                 format!("{count} message(s) from other hosts waiting past their TTL in the fleet's message table"),
                 "move them to dead/ as its receiving side does (untrusted ones to quarantine/); the table keeps its record".into(),
             ),
+            Problem::DeadFleetLock {
+                lock,
+                holder,
+                reason,
+            } => (
+                "fleet-lock",
+                lock.name.clone(),
+                format!(
+                    "held (token {}) by {} on host {}, which is dead: {reason}",
+                    lock.token,
+                    holder_text(holder),
+                    holder.host
+                ),
+                "release it (only while that holder still holds it under that token and is still dead); the next grant gets a higher token".into(),
+            ),
+            Problem::DeadFleetReservation { row, reason } => (
+                "fleet-reservation",
+                row.id.clone(),
+                format!(
+                    "{} reserved {} by {} on host {}, which is dead: {reason}",
+                    if row.shared { "shared" } else { "exclusive" },
+                    row.patterns.join(", "),
+                    holder_text(&row.holder),
+                    row.holder.host
+                ),
+                "drop it (only while that holder is still dead)".into(),
+            ),
             Problem::FleetRef {
                 name,
                 commit,
@@ -395,6 +434,14 @@ impl Problem {
 }
 
 type Text = (&'static str, String, String, String);
+
+/// "instance 3f9a1c2e (pid 12)" or "pid 12".
+fn holder_text(holder: &HolderRow) -> String {
+    match &holder.instance {
+        Some(instance) => format!("instance {instance} (pid {})", holder.pid),
+        None => format!("pid {}", holder.pid),
+    }
+}
 
 fn dead_host(host: &HostRow, ttl_ms: i64, holds: &[String]) -> Text {
     let age = |ms: i64| format_age(std::time::Duration::from_millis(ms.max(0) as u64));

@@ -93,7 +93,7 @@ impl LockStore for FleetLocks {
             if let Some(dead) = row
                 .holder
                 .as_ref()
-                .and_then(|other| self.fleet.dead_here(other))
+                .and_then(|other| super::dead_here(other, &self.fleet.host))
             {
                 row = self.take(request, &holder, Some(dead))?;
                 if row.holder.as_ref() == Some(&holder) {
@@ -126,7 +126,7 @@ impl LockStore for FleetLocks {
                 read => {
                     let dead = read
                         .and_then(|read| read.holder)
-                        .and_then(|holder| self.fleet.dead_here(&holder));
+                        .and_then(|holder| super::dead_here(&holder, &self.fleet.host));
                     self.take(request, &holder, dead)?
                 }
             };
@@ -153,7 +153,7 @@ impl LockStore for FleetLocks {
         let mut released = release(None)?;
         // A holder of this host that is gone lapses at once, as its host sees it.
         if let LockReleased::NotYours(other) = &released
-            && let Some(dead) = self.fleet.dead_here(other)
+            && let Some(dead) = super::dead_here(other, &self.fleet.host)
         {
             released = release(Some(dead))?;
         }

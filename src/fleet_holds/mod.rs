@@ -101,35 +101,46 @@ impl Fleet {
                 crate::time::format_age(Duration::from_millis(ms.unsigned_abs()))
             ));
         }
-        match host_age_ms {
-            None => return Some(format!("host {} has no fleet heartbeat", holder.host)),
-            Some(age) if age > self.lease_ttl_ms() => {
-                return Some(format!(
-                    "host {} has had no fleet heartbeat for {} (lease TTL {})",
-                    holder.host,
-                    crate::time::format_age(Duration::from_millis(age.unsigned_abs())),
-                    crate::time::format_age(self.lease_ttl)
-                ));
-            }
-            Some(_) => {}
-        }
-        self.dead_here(holder)
-            .map(|_| format!("{} is gone", holder_of(holder)))
+        dead_holder(holder, host_age_ms, (&self.host, self.lease_ttl))
     }
+}
 
-    /// `(pid, start time)` of `holder` when it is a process of this host that `/proc` says
-    /// is gone.
-    fn dead_here(&self, holder: &HolderRow) -> Option<(i64, i64)> {
-        if holder.host != self.host {
-            return None;
+/// Why `holder` is dead, judged from host `here` with lease TTL `lease_ttl`, if it is: its
+/// host's heartbeat (`host_age_ms` old) is missing or stale, or it is a process of `here`
+/// that `/proc` says is gone. (A hold also lapses when its `--ttl` runs out; that is not
+/// its holder's death.)
+pub(crate) fn dead_holder(
+    holder: &HolderRow,
+    host_age_ms: Option<i64>,
+    (here, lease_ttl): (&str, Duration),
+) -> Option<String> {
+    match host_age_ms {
+        None => return Some(format!("host {} has no fleet heartbeat", holder.host)),
+        Some(age) if age > lease_ttl.as_millis() as i64 => {
+            return Some(format!(
+                "host {} has had no fleet heartbeat for {} (lease TTL {})",
+                holder.host,
+                crate::time::format_age(Duration::from_millis(age.unsigned_abs())),
+                crate::time::format_age(lease_ttl)
+            ));
         }
-        let identity = ProcessIdentity {
-            pid: u32::try_from(holder.pid).ok()?,
-            start_time: u64::try_from(holder.start_time).ok()?,
-            boot_id: holder.boot_id.clone(),
-        };
-        (identity.presence() != Presence::Running).then_some((holder.pid, holder.start_time))
+        Some(_) => {}
     }
+    dead_here(holder, here).map(|_| format!("{} is gone", holder_of(holder)))
+}
+
+/// `(pid, start time)` of `holder` when it is a process of host `here` that `/proc` says is
+/// gone.
+pub(crate) fn dead_here(holder: &HolderRow, here: &str) -> Option<(i64, i64)> {
+    if holder.host != here {
+        return None;
+    }
+    let identity = ProcessIdentity {
+        pid: u32::try_from(holder.pid).ok()?,
+        start_time: u64::try_from(holder.start_time).ok()?,
+        boot_id: holder.boot_id.clone(),
+    };
+    (identity.presence() != Presence::Running).then_some((holder.pid, holder.start_time))
 }
 
 /// A stored holder as the lock and reservation types name it.

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::config::Timing;
 use crate::db::instances::InstanceRow;
@@ -17,6 +18,10 @@ use crate::sign::{Keys, SigningKey};
 use crate::stop::Stopper;
 use crate::time::Timestamp;
 
+/// How early a beat may mirror: the wait between beats is never shorter than asked, so
+/// without this a mirror due every beat would be skipped every other one.
+const MARGIN: Duration = Duration::from_millis(50);
+
 /// The running heartbeat thread; [`Heartbeat::stop`] ends it.
 pub(super) struct Heartbeat {
     stopper: Stopper,
@@ -25,21 +30,27 @@ pub(super) struct Heartbeat {
 
 impl Heartbeat {
     /// Every `heartbeat_interval`, refreshes the heartbeat of `record`'s instance (writing the
-    /// entry again from `record` when it was lost) and sends the row to the mirror.
+    /// entry again from `record` when it was lost), and sends the row to the mirror when
+    /// `mirror_every` passed since it last did.
     pub(super) fn start(
         (paths, keys, key): (AppPaths, Keys, SigningKey),
         record: InstanceRecord,
-        timing: Timing,
+        (timing, mirror_every): (Timing, Duration),
         (mirror, repo_root, host): (MirrorSender, PathBuf, String),
     ) -> Heartbeat {
         let stopper = Stopper::new();
         let stop = stopper.token();
         let handle = thread::spawn(move || {
+            let mut mirrored = Instant::now();
             while !stop.wait_timeout(timing.heartbeat_interval) {
                 match beat(&paths, &keys, &key, &record) {
-                    Ok(current) => mirror.send(Update::Instance(InstanceRow::from_record(
-                        &current, &repo_root, &host,
-                    ))),
+                    Ok(current) if mirrored.elapsed() + MARGIN >= mirror_every => {
+                        mirrored = Instant::now();
+                        mirror.send(Update::Instance(InstanceRow::from_record(
+                            &current, &repo_root, &host,
+                        )));
+                    }
+                    Ok(_) => {}
                     Err(err) => tracing::warn!(instance = %record.id, %err, "heartbeat failed"),
                 }
             }

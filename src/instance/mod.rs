@@ -17,6 +17,7 @@
 //! (the database copy), `stop` (`app instance stop`), `owner` (whom a caller acts for).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use git2::Repository;
@@ -85,7 +86,8 @@ pub enum Mode {
     /// (`app run --no-worktree`, `app mcp`).
     InPlace,
     /// Run no command: register in the current directory and wait for a stop request (`app
-    /// serve`; `command` is only recorded).
+    /// serve`; `command` is only recorded), or run a loop of `app`'s own in its place
+    /// ([`host`]: `app worker`).
     Serve,
 }
 
@@ -182,9 +184,64 @@ pub struct RunOutcome {
     pub cleanup: Option<Cleanup>,
 }
 
+/// A loop of `app`'s own that runs as a registered instance in place of a command ([`host`]):
+/// it sees the instance's id and the stop requests sent to it (signals, `app instance stop`).
+pub struct Hosted {
+    id: String,
+    slot: Arc<signals::Slot>,
+}
+
+impl Hosted {
+    /// The instance's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// How many stop requests came so far (the first asks to wind down, the next to hurry).
+    pub fn stop_requests(&self) -> usize {
+        self.slot.requests().0 as usize
+    }
+
+    /// The signal of the latest stop request (SIGTERM for `app instance stop`), if any came.
+    pub fn last_signal(&self) -> Option<i32> {
+        self.slot.requests().1
+    }
+}
+
+/// The loop a hosted instance runs; its result is `app`'s exit code.
+pub(crate) type HostedBody<'a> = Box<dyn FnOnce(&Hosted) -> Result<u8> + 'a>;
+
 /// Runs `options.command` as a new instance and supervises it until it exits.
 #[tracing::instrument(skip_all, fields(cwd = %cwd.display()))]
 pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunOutcome> {
+    launch(cwd, options, settings, None)
+}
+
+/// Runs `body` as a registered in-place instance, the way `app serve` is one (`options.mode`
+/// must be [`Mode::Serve`]; `command` is recorded as what it runs): the same registration,
+/// heartbeat, database mirror, control socket and stop requests, and the same `end`. Signals
+/// and `app instance stop` reach `body` as [`Hosted::stop_requests`]; its error ends the
+/// instance and is returned.
+pub fn host<'a>(
+    cwd: &Path,
+    options: &RunOptions,
+    settings: &Settings,
+    body: impl FnOnce(&Hosted) -> Result<u8> + 'a,
+) -> Result<RunOutcome> {
+    if !matches!(options.mode, Mode::Serve) {
+        return Err(crate::Error::bad_input(
+            "a hosted loop runs in place, as `app serve` does",
+        ));
+    }
+    launch(cwd, options, settings, Some(Box::new(body)))
+}
+
+fn launch(
+    cwd: &Path,
+    options: &RunOptions,
+    settings: &Settings,
+    body: Option<HostedBody<'_>>,
+) -> Result<RunOutcome> {
     validate(options)?;
     let name = options.name.clone();
     let database = (
@@ -238,6 +295,7 @@ pub fn run(cwd: &Path, options: &RunOptions, settings: &Settings) -> Result<RunO
         slot,
         database,
         api,
+        body,
     });
     forwarder.close();
     result

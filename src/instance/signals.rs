@@ -37,6 +37,8 @@ struct ChildSlot {
     pending: Option<i32>,
     /// Stop requests: signals sent to the supervisor itself, or any signal to `app serve`.
     stops: u32,
+    /// The signal of the latest stop request (SIGTERM for one from inside `app`).
+    last_request: Option<i32>,
 }
 
 /// The slot shared by the supervisor, the signal thread and the control socket.
@@ -99,6 +101,12 @@ impl Slot {
     /// Whether a second stop request asked to stop at once.
     pub(super) fn forced(&self) -> bool {
         self.lock().stops >= 2
+    }
+
+    /// How many stop requests came, and the signal of the latest (a hosted loop's view).
+    pub(super) fn requests(&self) -> (u32, Option<i32>) {
+        let state = self.lock();
+        (state.stops, state.last_request)
     }
 
     /// Blocks until the first stop request (`app serve`).
@@ -174,6 +182,7 @@ fn deliver(slot: &Arc<Slot>, signal: i32, reached_group: bool) {
     let request = !reached_group || state.child.is_none();
     if request {
         state.stops += 1;
+        state.last_request = Some(signal);
         slot.requested.stop();
     }
     match &state.child {

@@ -30,7 +30,7 @@ use super::holds::{self, Held, Taken};
 use super::leftovers;
 use super::mirror::{self, DbMirror};
 use super::signals::{Slot, Spawned};
-use super::{EXIT_TIMED_OUT, Mode, Notice, RunOptions, RunOutcome};
+use super::{EXIT_TIMED_OUT, Hosted, HostedBody, Mode, Notice, RunOptions, RunOutcome};
 use crate::activity;
 use crate::api::{self, ApiServer};
 use crate::config::Settings;
@@ -60,6 +60,8 @@ pub(super) struct Launch<'a> {
     pub slot: Arc<Slot>,
     pub database: (Location, DbSettings),
     pub api: Option<api::Binding>,
+    /// The loop run in place of a command ([`super::host`]).
+    pub body: Option<HostedBody<'a>>,
 }
 
 /// A registered instance and what serves it.
@@ -91,6 +93,10 @@ pub(super) struct Supervisor<'a> {
     held: Option<Held>,
     /// The agent-state thread, while the command runs.
     activity: Option<activity::Tracker>,
+    /// The loop run in place of a command, until it runs.
+    body: Option<HostedBody<'a>>,
+    /// Whether the instance runs such a loop.
+    hosted: bool,
 }
 
 /// How an instance ends.
@@ -104,6 +110,8 @@ enum Ending {
     Refused(Error),
     /// The command could not be started.
     SpawnFailed(std::io::Error),
+    /// The hosted loop failed.
+    Failed(Error),
     /// A signal arrived before the command started.
     Cancelled(i32),
     /// The command exited (or `app serve` was asked to stop), with `app`'s exit code.
@@ -139,6 +147,7 @@ impl<'a> Supervisor<'a> {
             slot,
             database,
             api,
+            body,
         } = launch;
         let registry = Registry::open_for_write(paths, keys)?;
         let mut record = new_record(&id, plan.as_ref(), options, api.as_ref())?;
@@ -166,7 +175,8 @@ impl<'a> Supervisor<'a> {
         };
         fault::point("run.registered");
         let mirror = DbMirror::start(paths, database.clone(), &settings.fleet_host);
-        let host_beat = host_beat(settings, &database);
+        // A hosted loop (`app worker`) folds this host's fleet heartbeat into its own requests.
+        let host_beat = host_beat(settings, &database).filter(|_| body.is_none());
         mirror.instance(&record);
         mirror.event(
             &id,
@@ -201,6 +211,8 @@ impl<'a> Supervisor<'a> {
             host_beat,
             held: None,
             activity: None,
+            hosted: body.is_some(),
+            body,
         })
     }
 
@@ -248,10 +260,18 @@ impl<'a> Supervisor<'a> {
 
     fn start_heartbeat(&self) -> Heartbeat {
         let (sender, repo_root) = self.mirror.sender();
+        let timing = self.settings.timing;
+        // A hosted loop (`app worker`) is frugal with a server: its database row is renewed
+        // only as often as keeps it live for other hosts (a third of the stale age).
+        let mirror_every = if self.hosted {
+            timing.heartbeat_interval.max(timing.stale_after / 3)
+        } else {
+            timing.heartbeat_interval
+        };
         Heartbeat::start(
             (self.paths.clone(), self.keys.clone(), self.key.clone()),
             self.record.clone(),
-            self.settings.timing,
+            (timing, mirror_every),
             (sender, repo_root, self.mirror.host().to_string()),
         )
     }
@@ -433,6 +453,19 @@ impl<'a> Supervisor<'a> {
         }
         self.heartbeat = Some(self.start_heartbeat());
         let Some(child) = child else {
+            if let Some(body) = self.body.take() {
+                let hosted = Hosted {
+                    id: self.record.id.to_string(),
+                    slot: Arc::clone(&self.slot),
+                };
+                return match body(&hosted) {
+                    Ok(code) => Ending::Exited {
+                        code,
+                        reason: format!("it ended with {code}"),
+                    },
+                    Err(err) => Ending::Failed(err),
+                };
+            }
             self.slot.wait_for_stop();
             return Ending::Exited {
                 code: 0,
@@ -481,7 +514,9 @@ impl<'a> Supervisor<'a> {
         // What the command left behind is stopped (or, asked to, kept with its worktree)
         // before anything looks at the worktree, so nothing writes there after the clean check.
         let still_running = match &ending {
-            Ending::Exited { .. } => leftovers::settle(&self.slot, self.options.keep_running),
+            Ending::Exited { .. } | Ending::Failed(_) => {
+                leftovers::settle(&self.slot, self.options.keep_running)
+            }
             _ => None,
         };
         if let Some(tracker) = self.activity.take() {
@@ -544,6 +579,7 @@ impl Ending {
             Ending::StartFailed(_) | Ending::Abandoned(_) => "the instance could not start",
             Ending::Refused(_) => "a lock or reservation was refused",
             Ending::SpawnFailed(_) => "the command could not start",
+            Ending::Failed(_) => "it failed",
             Ending::Cancelled(_) => "cancelled by a signal",
             Ending::Exited { reason, .. } => reason,
         }
@@ -556,7 +592,7 @@ impl Ending {
             Ending::StartFailed(err) | Ending::Abandoned(err) => {
                 (None, json!({ "error": err.to_string() }))
             }
-            Ending::Refused(err) => (
+            Ending::Refused(err) | Ending::Failed(err) => (
                 Some(err.exit_code()),
                 json!({ "exit_code": err.exit_code(), "error": err.to_string(), "cleanup": cleanup }),
             ),
@@ -593,7 +629,7 @@ impl Ending {
         };
         match self {
             Ending::StartFailed(err) | Ending::Abandoned(err) => Err(err),
-            Ending::Refused(err) => {
+            Ending::Refused(err) | Ending::Failed(err) => {
                 cleanup?;
                 Err(err)
             }

@@ -1873,3 +1873,229 @@ fn the_overview_against_a_server_shows_the_hosts_fleet_locks_other_hosts_instanc
     let typed: app::overview::Overview = serde_json::from_value(seen.clone()).unwrap();
     assert!(typed.fleet.is_some());
 }
+
+/// The instance `id` as `app instance list --json` on host `n` shows it (null when absent).
+fn listed(fleet: &Fleet, n: usize, id: &str) -> Value {
+    let out = fleet.run(n, &["instance", "list", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_worker_is_a_registered_instance_seen_from_other_hosts_and_app_instance_stop_drains_it() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let worker = fleet.worker(1, &["--instance", "w1", "--capacity", "2"]);
+    let pid = worker.pid();
+    let row = listed(&fleet, 1, "w1");
+    assert_eq!(row["pid"], pid, "{row}");
+    assert_eq!(row["status"], "running", "{row}");
+    assert_eq!(row["worktree"], Value::Null, "{row}");
+    assert_eq!(
+        row["command"],
+        json!(["app", "worker", "--capacity", "2"]),
+        "{row}"
+    );
+    let out = fleet.run(1, &["instance", "list", "--long"]);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("w1 ") && l.contains("app worker --capacity 2")),
+        "{}",
+        stdout(&out)
+    );
+    // Another host sees it, on its host, through the database.
+    wait_for(
+        "host0 to see the worker on host1",
+        Duration::from_secs(20),
+        || {
+            let out = fleet.run(0, &["instance", "list", "--everywhere"]);
+            stdout(&out)
+                .lines()
+                .any(|l| l.starts_with(&format!("w1:{pid} host1 ")))
+        },
+    );
+    // `app instance stop` is the first SIGTERM: a drain, exit 0, unregistered, host stopped.
+    let out = fleet.run(1, &["instance", "stop", "w1"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = worker.wait(Duration::from_secs(30));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("instance w1"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("draining"), "{}", stderr(&out));
+    assert_eq!(listed(&fleet, 1, "w1"), Value::Null);
+    let out = fleet.run(0, &["fleet", "--json"]);
+    let hosts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let host1 = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"]["name"] == "host1")
+        .cloned()
+        .unwrap();
+    assert_eq!(host1["host"]["state"], "stopped", "{host1}");
+    let out = fleet.run(0, &["instance", "list", "--everywhere"]);
+    assert!(
+        !stdout(&out).lines().any(|l| l.starts_with("w1:")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_sigkilled_worker_leaves_a_dead_in_place_instance_that_doctor_fix_reclaims() {
+    let Some(fleet) = Fleet::new(1) else { return };
+    let worker = fleet.worker(0, &["--instance", "w0"]);
+    assert_eq!(listed(&fleet, 0, "w0")["status"], "running");
+    worker.kill_now();
+    let (_, report) = doctor(&fleet, 0, false);
+    let dead = of_kind(&report, "findings", "dead-instance");
+    assert_eq!(dead.len(), 1, "{report}");
+    assert_eq!(dead[0]["subject"], "w0", "{report}");
+    let (_, report) = doctor(&fleet, 0, true);
+    let fixed = of_kind(&report, "fixed", "dead-instance");
+    assert_eq!(fixed.len(), 1, "{report}");
+    assert_eq!(listed(&fleet, 0, "w0"), Value::Null);
+    let (_, report) = doctor(&fleet, 0, false);
+    assert!(
+        of_kind(&report, "findings", "dead-instance").is_empty(),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_bad_worker_instance_name_exits_2_and_registers_nothing() {
+    let Some(fleet) = Fleet::new(1) else { return };
+    let out = fleet.run(0, &["worker", "--instance", "Not A Name"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("Not A Name"), "{}", stderr(&out));
+    let out = fleet.run(0, &["fleet", "--json"]);
+    let hosts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hosts["hosts"], json!([]), "{hosts}");
+    assert!(
+        !fleet.hosts[0]
+            .root()
+            .join(".app/process_registry.json")
+            .exists()
+    );
+}
+
+/// The fleet reservations as `app reservations --fleet --json` on host `n` lists them.
+fn fleet_reservations(fleet: &Fleet, n: usize) -> Vec<Value> {
+    let out = fleet.run(n, &["reservations", "--fleet", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn doctor_reports_the_fleet_locks_and_reservations_of_dead_holders_and_fix_frees_only_those() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    // Live holders on host1, whose heartbeat `app lock run` keeps fresh.
+    let live = fleet.hosts[1]
+        .spawn(fleet.app(1, &["lock", "run", "--fleet", "live", "--", "sleep", "600"]));
+    wait_for("the live lock", Duration::from_secs(20), || {
+        fleet.fleet_lock(1, "live")["holder"] != Value::Null
+    });
+    let live_reserver = fleet.hosts[1]
+        .spawn(fleet.shell(1, "\"$APP_BIN\" reserve --fleet 'src/**' && exec sleep 600"));
+    wait_for("the live reservation", Duration::from_secs(20), || {
+        fleet_reservations(&fleet, 1).len() == 1
+    });
+    // Both hosts have used app before (doctor looks at a repository with an .app/).
+    for n in 0..2 {
+        let out = fleet.run(n, &["run", "--no-worktree", "--", "true"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    // A holder on host0 takes a lock and a reservation, then is SIGKILLed; nothing else of
+    // app runs on host0, so its heartbeat goes stale after the lease TTL (3 s).
+    let victim = fleet.hosts[0].spawn(fleet.shell(
+        0,
+        "\"$APP_BIN\" reserve --fleet 'docs/**' && \"$APP_BIN\" lock acquire --fleet victim && exec sleep 600",
+    ));
+    let pid = victim.pid();
+    wait_for("the victim's lock", Duration::from_secs(20), || {
+        fleet.fleet_lock(0, "victim")["holder"]["pid"] == pid
+    });
+    let token = fleet.fleet_lock(0, "victim")["token"].as_u64().unwrap();
+    kill(pid, Signal::SIGKILL);
+    drop(victim);
+    // On host0, /proc says the holder is gone: reported at once.
+    let (_, report) = doctor(&fleet, 0, false);
+    let locks = of_kind(&report, "findings", "fleet-lock");
+    assert_eq!(locks.len(), 1, "{report}");
+    assert_eq!(locks[0]["subject"], "victim", "{report}");
+    assert!(
+        locks[0]["problem"].as_str().unwrap().contains("is gone"),
+        "{report}"
+    );
+    assert_eq!(
+        of_kind(&report, "findings", "fleet-reservation").len(),
+        1,
+        "{report}"
+    );
+    // On host1 once host0's heartbeat is past the TTL; the live holds are never reported.
+    let mut report = Value::Null;
+    wait_for(
+        "host1's doctor to see host0's holder dead",
+        Duration::from_secs(30),
+        || {
+            report = doctor(&fleet, 1, false).1;
+            !of_kind(&report, "findings", "fleet-lock").is_empty()
+        },
+    );
+    let locks = of_kind(&report, "findings", "fleet-lock");
+    assert_eq!(locks.len(), 1, "{report}");
+    assert_eq!(locks[0]["subject"], "victim", "{report}");
+    assert!(
+        locks[0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("host host0 has had no fleet heartbeat"),
+        "{report}"
+    );
+    let reservations = of_kind(&report, "findings", "fleet-reservation");
+    assert_eq!(reservations.len(), 1, "{report}");
+    assert!(
+        reservations[0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("docs/**"),
+        "{report}"
+    );
+    let (_, report) = doctor(&fleet, 1, true);
+    for kind in ["fleet-lock", "fleet-reservation"] {
+        let fixed = of_kind(&report, "fixed", kind);
+        assert_eq!(fixed.len(), 1, "{kind}: {report}");
+        assert_eq!(fixed[0]["outcome"]["Ok"], "released", "{report}");
+    }
+    // Freed: the victim's lock is free with its token kept, the live ones are untouched.
+    let victim = fleet.fleet_lock(1, "victim");
+    assert_eq!(victim["holder"], Value::Null, "{victim}");
+    assert_eq!(victim["token"], token, "{victim}");
+    let held = fleet.fleet_lock(1, "live");
+    assert_eq!(held["holder"]["host"], "host1", "{held}");
+    assert_eq!(held["lapsed"], Value::Null, "{held}");
+    let left = fleet_reservations(&fleet, 1);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["holder"]["pid"], live_reserver.pid(), "{left:?}");
+    assert_eq!(left[0]["lapsed"], Value::Null, "{left:?}");
+    let (_, report) = doctor(&fleet, 1, false);
+    assert!(
+        of_kind(&report, "findings", "fleet-lock").is_empty(),
+        "{report}"
+    );
+    assert!(
+        of_kind(&report, "findings", "fleet-reservation").is_empty(),
+        "{report}"
+    );
+    drop(live_reserver);
+    drop(live);
+}
