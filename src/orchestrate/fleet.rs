@@ -32,6 +32,7 @@ use crate::ids::RunId;
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote, Update};
 use crate::sign::{Keys, SigningKey};
+use crate::worker::ms;
 
 /// The remote a fleet run uses unless told (`--remote`).
 pub const DEFAULT_REMOTE: &str = "origin";
@@ -234,7 +235,13 @@ impl Orchestrator {
             })
             .filter(|update| update.expected.as_deref() != Some(update.commit.as_str()))
             .collect();
+        let at = Instant::now();
         let pushed = fleet.remote.push_all(&updates)?;
+        tracing::debug!(
+            ms = ms(at),
+            refs = updates.len(),
+            "orchestrate: pushed the starts"
+        );
         let mut refused = HashMap::new();
         for (update, answer) in updates.iter().zip(pushed) {
             let branch = update.target.trim_start_matches("refs/heads/").to_string();
@@ -283,7 +290,10 @@ impl Orchestrator {
                 needs: &task.on,
             })
             .collect();
-        self.db.run(async |db| fleet::offer(db, &offers).await)
+        let at = Instant::now();
+        self.db.run(async |db| fleet::offer(db, &offers).await)?;
+        tracing::debug!(ms = ms(at), offers = offers.len(), "orchestrate: offered");
+        Ok(())
     }
 
     /// Reads the run's fleet rows (at most every [`POLL_INTERVAL`]): attempts hosts started are
@@ -306,7 +316,10 @@ impl Orchestrator {
                 .run(async |db| fleet::run_heartbeat(db, &run).await)?;
             self.fleet().last_beat = Some(Instant::now());
         }
+        let at = Instant::now();
         let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
+        let read = ms(at);
+        let at = Instant::now();
         let mut finished = Vec::new();
         for row in rows {
             if !self.running.contains_key(&row.task_id) {
@@ -325,7 +338,16 @@ impl Orchestrator {
                 LeaseState::Offered | LeaseState::Withdrawn => {}
             }
         }
+        let observed = ms(at);
+        let at = Instant::now();
         let outcomes = self.accept(&finished)?;
+        tracing::debug!(
+            read_ms = read,
+            observe_ms = observed,
+            accept_ms = ms(at),
+            ended = finished.len(),
+            "orchestrate: polled"
+        );
         for row in &finished {
             if let Some(seen) = self.fleet().seen.get_mut(&row.task_id) {
                 seen.ended = true;
@@ -484,7 +506,13 @@ impl Orchestrator {
             .iter()
             .map(|(_, end)| (end.source.clone(), end.source.clone()))
             .collect();
+        let at = Instant::now();
         let fetched = self.fleet().remote.fetch_all(&pairs)?;
+        tracing::debug!(
+            ms = ms(at),
+            refs = pairs.len(),
+            "orchestrate: fetched the ends"
+        );
         Ok(ends
             .into_iter()
             .zip(fetched)
@@ -524,7 +552,13 @@ impl Orchestrator {
             .filter(|u| u.expected.as_deref() != Some(u.commit.as_str()))
             .cloned()
             .collect();
+        let at = Instant::now();
         let answers = fleet.remote.push_all(&pushing)?;
+        tracing::debug!(
+            ms = ms(at),
+            refs = pushing.len(),
+            "orchestrate: pushed the ends"
+        );
         let mut refused = HashMap::new();
         for (update, answer) in pushing.iter().zip(answers) {
             match answer {

@@ -117,10 +117,15 @@ impl Orchestrator {
                 self.signal_running(signal);
             }
             if !stopping {
+                let at = std::time::Instant::now();
                 self.skip_blocked(report)?;
                 self.start_ready(&outcomes, report)?;
                 if self.fleet.is_some() {
                     self.send_offers(report)?;
+                }
+                let took = crate::worker::ms(at);
+                if took > 0 {
+                    tracing::debug!(ms = took, "orchestrate: started what is ready");
                 }
             }
             if self.running.is_empty() {
@@ -312,7 +317,9 @@ impl Orchestrator {
             detail,
         });
         if succeeded {
+            let at = std::time::Instant::now();
             self.check_siblings(&task, report)?;
+            tracing::debug!(task = %task.id, ms = crate::worker::ms(at), "orchestrate: checked the siblings");
         }
         Ok(status == TaskStatus::Failed)
     }
