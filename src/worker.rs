@@ -209,6 +209,9 @@ struct Worker<'a> {
     last_beat: Instant,
     last_look: Option<Instant>,
     last_activity: Instant,
+    /// A task just ended here: the next look claims at once, without the read first (a run
+    /// offers its ready tasks ahead, so another one is likely waiting).
+    claim_next: bool,
     draining: bool,
     /// The right to write this host's fleet heartbeat, folded into the worker's own.
     host_flock: Option<HostFlock>,
@@ -227,6 +230,7 @@ impl<'a> Worker<'a> {
             last_beat: Instant::now(),
             last_look: None,
             last_activity: Instant::now(),
+            claim_next: false,
             draining: false,
             host_flock: HostFlock::new(&options.settings.fleet_host)
                 .inspect_err(|err| tracing::warn!(%err, "no fleet heartbeat from this worker"))
@@ -265,6 +269,7 @@ impl<'a> Worker<'a> {
                     self.slots.remove(&lease);
                     self.last_activity = Instant::now();
                     self.last_look = None;
+                    self.claim_next = true;
                     report(event);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -338,7 +343,9 @@ impl<'a> Worker<'a> {
             ttl_ms: self.options.settings.lease_ttl.as_millis() as i64,
         };
         let at = Instant::now();
-        if !self.shared.db(async |db| fleet::any_for(db, &ask).await)? {
+        if !std::mem::take(&mut self.claim_next)
+            && !self.shared.db(async |db| fleet::any_for(db, &ask).await)?
+        {
             tracing::debug!(ms = ms(at), "worker: looked, nothing for this host");
             return Ok(());
         }

@@ -183,9 +183,23 @@ impl FleetRun {
         Ok(fleet)
     }
 
-    /// What the run's row records of the fleet side.
-    pub(super) fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "remote": self.remote.name(), "repo": self.repo })
+    /// What the run's row records of the fleet side: the remote, the repository, and the
+    /// run's cap, which the server keeps when hosts lease its tasks.
+    pub(super) fn describe(&self, max_concurrent: usize) -> serde_json::Value {
+        serde_json::json!({
+            "remote": self.remote.name(),
+            "repo": self.repo,
+            "max_concurrent": max_concurrent,
+        })
+    }
+
+    /// How long until the next poll of the run's rows is due (at least a millisecond).
+    pub(super) fn until_poll(&self) -> Duration {
+        self.last_poll
+            .map_or(Duration::ZERO, |at| {
+                POLL_INTERVAL.saturating_sub(at.elapsed())
+            })
+            .max(Duration::from_millis(1))
     }
 
     /// Whether the remote has a branch of this name.
@@ -418,6 +432,10 @@ impl Orchestrator {
                 ended: false,
             },
         );
+        // Its time runs from here: offered early, it may have waited for a host.
+        if let Some(running) = self.running.get_mut(&row.task_id) {
+            running.started = Instant::now();
+        }
         report(Progress::Started {
             task: row.task_id.clone(),
             attempt: row.attempt,
@@ -582,6 +600,15 @@ impl Orchestrator {
     /// A stop: the offers no host took are taken back and their tasks cancelled; attempts hosts
     /// run go on (`--resume` adopts them).
     pub(super) fn withdraw_offers(&mut self) -> Result<()> {
+        self.withdraw_untaken()?;
+        // What hosts still run stays `running` in the run's rows.
+        self.running.clear();
+        Ok(())
+    }
+
+    /// Takes back the offers no host took: their tasks are pending again (and, the run
+    /// stopping, never start); the attempts hosts leased stay in flight.
+    pub(super) fn withdraw_untaken(&mut self) -> Result<()> {
         let run = self.run.id.clone();
         self.db.run(async |db| fleet::withdraw(db, &run).await)?;
         let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
@@ -594,8 +621,6 @@ impl Orchestrator {
                 task.status = TaskStatus::Pending;
             }
         }
-        // What hosts still run stays `running` in the run's rows.
-        self.running.clear();
         Ok(())
     }
 
