@@ -29,7 +29,10 @@
 #
 #   scripts/bench-fleet.sh   BENCH_TASKS_A=N, BENCH_TASKS_B=N, BENCH_ROUNDS=N, BENCH_IDLE=SECONDS,
 #                            BENCH_MESSAGES=N; BENCH_ONLY=abcd (the parts to run; c needs a and b);
-#                            BENCH_APP=PATH runs that app binary instead of building a release one
+#                            BENCH_APP=PATH runs that app binary instead of building a release one;
+#                            BENCH_LOGS=DIR keeps every run's orchestrator and worker logs there
+#                            (with APP_LOG=app::worker=debug,app::orchestrate=debug: the phase
+#                            timings of every task, docs/FLEET.md)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -62,7 +65,11 @@ if [[ -z $sqld ]] && ! sqld=$("$root/scripts/start-sqld.sh" --install-only); the
 fi
 
 tmp=$(mktemp -d)
-sqld_pid= workers=() others=()
+sqld_pid= workers=() others=() logs=${BENCH_LOGS:-} kept=0
+if [[ -n $logs ]]; then
+    mkdir -p "$logs"
+    logs=$(realpath "$logs")
+fi
 cleanup() {
     local pid
     for pid in "${workers[@]}" "${others[@]}" $sqld_pid; do
@@ -184,6 +191,20 @@ time_plan() {
     now_us; t0=$((REPLY - t0))
     requests; REQUESTS=$((REPLY - r0))
     REPLY=$t0
+    keep_logs "$(basename "$1" .json)$([[ $* == *--fleet* ]] && echo -fleet || echo -local)"
+}
+
+# Copies the logs of the run that just ended to BENCH_LOGS (if set), named after $1 (workers'
+# logs as they stand: a worker's later runs append to it).
+keep_logs() {
+    [[ -n $logs ]] || return 0
+    local n
+    kept=$((kept + 1))
+    cp "$tmp/orchestrate.log" "$logs/$kept-$1-orchestrate.log"
+    for n in 1 2; do
+        [[ -f $tmp/worker$n.log ]] && cp "$tmp/worker$n.log" "$logs/$kept-$1-worker$n.log"
+    done
+    return 0
 }
 
 echo "fleet benchmark: sqld $APP_DB_URL (one connection), repositories on $(stat -f -c %T "$tmp") ($tmp), $(nproc) CPUs"

@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, GitContext, Result};
 
 /// A named remote of the repository at `root`.
 #[derive(Debug, Clone)]
@@ -248,21 +248,15 @@ impl Remote {
             .collect())
     }
 
-    /// The commit our ref `name` holds, if it exists.
+    /// The commit our ref `name` holds, if it exists (read in-process: no `git` per ref).
     fn resolve(&self, name: &str) -> Result<Option<String>> {
-        let output = git(
-            &self.root,
-            [
-                OsStr::new("rev-parse"),
-                OsStr::new("--verify"),
-                OsStr::new("--quiet"),
-                OsStr::new(&format!("{name}^{{commit}}")),
-            ],
-        )?;
-        Ok(output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string()))
+        let repo = git2::Repository::open(&self.root)
+            .git_context(|| format!("opening {}", self.root.display()))?;
+        Ok(repo
+            .revparse_single(name)
+            .and_then(|object| object.peel_to_commit())
+            .ok()
+            .map(|commit| commit.id().to_string()))
     }
 
     fn failed(&self, what: &str, output: &Output) -> Error {

@@ -244,6 +244,9 @@ struct Worker<'a> {
     last_beat: Instant,
     last_look: Option<Instant>,
     last_activity: Instant,
+    /// A task just ended here: the next look claims at once, without the read first (a run
+    /// offers its ready tasks ahead, so another one is likely waiting).
+    claim_next: bool,
     draining: bool,
     /// The right to write this host's fleet heartbeat, folded into the worker's own.
     host_flock: Option<HostFlock>,
@@ -262,6 +265,7 @@ impl<'a> Worker<'a> {
             last_beat: Instant::now(),
             last_look: None,
             last_activity: Instant::now(),
+            claim_next: false,
             draining: false,
             host_flock: HostFlock::new(&options.settings.fleet_host)
                 .inspect_err(|err| tracing::warn!(%err, "no fleet heartbeat from this worker"))
@@ -300,6 +304,7 @@ impl<'a> Worker<'a> {
                     self.slots.remove(&lease);
                     self.last_activity = Instant::now();
                     self.last_look = None;
+                    self.claim_next = true;
                     report(event);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -372,13 +377,26 @@ impl<'a> Worker<'a> {
             limit: (self.options.capacity - self.slots.len()) as i64,
             ttl_ms: self.options.settings.lease_ttl.as_millis() as i64,
         };
-        if !self.shared.db(async |db| fleet::any_for(db, &ask).await)? {
+        let at = Instant::now();
+        if !std::mem::take(&mut self.claim_next)
+            && !self.shared.db(async |db| fleet::any_for(db, &ask).await)?
+        {
+            tracing::debug!(ms = ms(at), "worker: looked, nothing for this host");
             return Ok(());
         }
+        let looked = ms(at);
+        let at = Instant::now();
         let uid = uuid::Uuid::new_v4().simple().to_string();
         let claimed = self
             .shared
             .db(async |db| fleet::claim(db, &ask, &uid).await)?;
+        tracing::debug!(
+            look_ms = looked,
+            ms = ms(at),
+            limit = ask.limit,
+            took = claimed.len(),
+            "worker: claimed"
+        );
         if !claimed.is_empty() {
             self.last_activity = Instant::now();
         }
@@ -488,10 +506,12 @@ impl Job {
             output: tail(&log),
         };
         let (run, task, token) = (&self.task.run_id, &self.task.task_id, self.task.token);
+        let at = Instant::now();
         let accepted = self
             .shared
             .db(async |db| fleet::report(db, run, task, token, &ended).await)
             .unwrap_or(false);
+        tracing::debug!(task = %self.name, ms = ms(at), "worker: reported the end");
         WorkerEvent::Ended {
             attempt: self.name.clone(),
             exit_code,
@@ -517,16 +537,21 @@ impl Job {
             .start
             .clone()
             .ok_or_else(|| Error::Failed("the offer names no start commit".into()))?;
+        let at = Instant::now();
         self.check_out_start(&spec, &start)?;
+        tracing::debug!(task = %self.name, ms = ms(at), "worker: fetched the start");
         let started = Report {
             started_at: Some(Timestamp::now().to_string()),
             ..Report::default()
         };
         let (run, task, token) = (&self.task.run_id, &self.task.task_id, self.task.token);
+        let at = Instant::now();
         if !shared.db(async |db| fleet::report(db, run, task, token, &started).await)? {
             lease.forget(&shared.paths);
             return Ok(None);
         }
+        tracing::debug!(task = %self.name, ms = ms(at), "worker: reported the start");
+        let at = Instant::now();
         let instance = format!("{}{}", spec.instance_prefix, self.task.attempt);
         let log = shared.paths.task_log(run.as_str(), task);
         let output = attempt::open_log(&log, self.task.attempt, &spec.argv)?;
@@ -550,7 +575,10 @@ impl Job {
             child.signal(Signal::SIGTERM);
         }
         let outcome = attempt::await_attempt(&child, task.clone(), spec.timeout());
+        tracing::debug!(task = %self.name, ms = ms(at), "worker: app run ended");
+        let at = Instant::now();
         let tip = self.push_result(&spec, &instance)?;
+        tracing::debug!(task = %self.name, ms = ms(at), "worker: pushed the result");
         lease.forget(&shared.paths);
         let detail = if outcome.timed_out {
             Some(TIMED_OUT.to_string())
@@ -749,6 +777,11 @@ fn tail(log: &Path) -> Option<String> {
     let bytes = std::fs::read(log).ok()?;
     let from = bytes.len().saturating_sub(OUTPUT_TAIL);
     Some(String::from_utf8_lossy(&bytes[from..]).into_owned())
+}
+
+/// Milliseconds since `at`, for the phase timings of `APP_LOG=debug`.
+pub(crate) fn ms(at: Instant) -> u64 {
+    at.elapsed().as_millis() as u64
 }
 
 /// The one-minute load average.

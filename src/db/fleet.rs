@@ -545,16 +545,34 @@ fn eligible() -> String {
     ELIGIBLE.replace("{now}", NOW_MS)
 }
 
-/// Whether any task is waiting for `ask`'s host: a read, so an idle host does not take the
-/// server's write lock.
+/// The rowids of the task rows `ask`'s host may lease now: [`ELIGIBLE`] ones, and of each run
+/// no more than its `max_concurrent` (in its row's `report`, `$.fleet.max_concurrent`) minus
+/// the tasks it has leased or started under a live lease; by run, then task. The orchestrator
+/// offers every ready task at once and this keeps the run's cap, so a host whose task ended
+/// takes the next one without waiting for the orchestrator.
+fn takeable() -> String {
+    format!(
+        "SELECT rid FROM (
+            SELECT rowid AS rid, run_id, task_id,
+                row_number() OVER (PARTITION BY run_id ORDER BY task_id) AS n
+            FROM fleet_tasks WHERE {eligible}) AS e
+         WHERE e.n <= coalesce(
+                (SELECT json_extract(report, '$.fleet.max_concurrent') FROM runs WHERE id = e.run_id),
+                1000000000)
+            - (SELECT count(*) FROM fleet_tasks AS r WHERE r.run_id = e.run_id
+                AND r.state IN ('leased', 'started') AND r.lease_expires >= {NOW_MS})
+         ORDER BY run_id, task_id",
+        eligible = eligible()
+    )
+}
+
+/// Whether any task is waiting that `ask`'s host may take now (within its run's cap): a read,
+/// so an idle host does not take the server's write lock.
 pub async fn any_for(db: &Db, ask: &Ask<'_>) -> Result<bool> {
     let rows = db
         .query_rows(
             "looking for fleet tasks",
-            &format!(
-                "SELECT 1 FROM fleet_tasks WHERE ?1 = ?1 AND {} LIMIT 1",
-                eligible()
-            ),
+            &format!("SELECT 1 FROM ({}) WHERE ?1 = ?1 LIMIT 1", takeable()),
             ask_params(ask, "")[..4].to_vec(),
         )
         .await?;
@@ -592,9 +610,9 @@ pub async fn claim(db: &Db, ask: &Ask<'_>, uid: &str) -> Result<Vec<Claimed>> {
             "UPDATE fleet_tasks SET state = 'leased', host = ?5, token = {token}, claim = ?1,
                 lease_expires = {NOW_MS} + ?7, attempt = attempt + 1, started_at = NULL,
                 finished_at = NULL, exit_code = NULL, tip = NULL, detail = NULL, output = NULL
-             WHERE rowid IN (SELECT rowid FROM fleet_tasks WHERE {} ORDER BY run_id, task_id LIMIT ?6)
+             WHERE rowid IN ({} LIMIT ?6)
                AND (SELECT done FROM fleet_claims WHERE uid = ?1) = 0",
-            eligible()
+            takeable()
         ),
         "UPDATE fleet_claims SET done = 1 WHERE uid = ?1".to_string(),
         format!(

@@ -32,6 +32,7 @@ use crate::ids::RunId;
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote, Update};
 use crate::sign::{Keys, SigningKey};
+use crate::worker::ms;
 
 /// The remote a fleet run uses unless told (`--remote`).
 pub const DEFAULT_REMOTE: &str = "origin";
@@ -182,9 +183,23 @@ impl FleetRun {
         Ok(fleet)
     }
 
-    /// What the run's row records of the fleet side.
-    pub(super) fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "remote": self.remote.name(), "repo": self.repo })
+    /// What the run's row records of the fleet side: the remote, the repository, and the
+    /// run's cap, which the server keeps when hosts lease its tasks.
+    pub(super) fn describe(&self, max_concurrent: usize) -> serde_json::Value {
+        serde_json::json!({
+            "remote": self.remote.name(),
+            "repo": self.repo,
+            "max_concurrent": max_concurrent,
+        })
+    }
+
+    /// How long until the next poll of the run's rows is due (at least a millisecond).
+    pub(super) fn until_poll(&self) -> Duration {
+        self.last_poll
+            .map_or(Duration::ZERO, |at| {
+                POLL_INTERVAL.saturating_sub(at.elapsed())
+            })
+            .max(Duration::from_millis(1))
     }
 
     /// Whether the remote has a branch of this name.
@@ -234,7 +249,13 @@ impl Orchestrator {
             })
             .filter(|update| update.expected.as_deref() != Some(update.commit.as_str()))
             .collect();
+        let at = Instant::now();
         let pushed = fleet.remote.push_all(&updates)?;
+        tracing::debug!(
+            ms = ms(at),
+            refs = updates.len(),
+            "orchestrate: pushed the starts"
+        );
         let mut refused = HashMap::new();
         for (update, answer) in updates.iter().zip(pushed) {
             let branch = update.target.trim_start_matches("refs/heads/").to_string();
@@ -283,7 +304,10 @@ impl Orchestrator {
                 needs: &task.on,
             })
             .collect();
-        self.db.run(async |db| fleet::offer(db, &offers).await)
+        let at = Instant::now();
+        self.db.run(async |db| fleet::offer(db, &offers).await)?;
+        tracing::debug!(ms = ms(at), offers = offers.len(), "orchestrate: offered");
+        Ok(())
     }
 
     /// Reads the run's fleet rows (at most every [`POLL_INTERVAL`]): attempts hosts started are
@@ -306,7 +330,10 @@ impl Orchestrator {
                 .run(async |db| fleet::run_heartbeat(db, &run).await)?;
             self.fleet().last_beat = Some(Instant::now());
         }
+        let at = Instant::now();
         let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
+        let read = ms(at);
+        let at = Instant::now();
         let mut finished = Vec::new();
         for row in rows {
             if !self.running.contains_key(&row.task_id) {
@@ -325,7 +352,16 @@ impl Orchestrator {
                 LeaseState::Offered | LeaseState::Withdrawn => {}
             }
         }
+        let observed = ms(at);
+        let at = Instant::now();
         let outcomes = self.accept(&finished)?;
+        tracing::debug!(
+            read_ms = read,
+            observe_ms = observed,
+            accept_ms = ms(at),
+            ended = finished.len(),
+            "orchestrate: polled"
+        );
         for row in &finished {
             if let Some(seen) = self.fleet().seen.get_mut(&row.task_id) {
                 seen.ended = true;
@@ -396,6 +432,10 @@ impl Orchestrator {
                 ended: false,
             },
         );
+        // Its time runs from here: offered early, it may have waited for a host.
+        if let Some(running) = self.running.get_mut(&row.task_id) {
+            running.started = Instant::now();
+        }
         report(Progress::Started {
             task: row.task_id.clone(),
             attempt: row.attempt,
@@ -484,7 +524,13 @@ impl Orchestrator {
             .iter()
             .map(|(_, end)| (end.source.clone(), end.source.clone()))
             .collect();
+        let at = Instant::now();
         let fetched = self.fleet().remote.fetch_all(&pairs)?;
+        tracing::debug!(
+            ms = ms(at),
+            refs = pairs.len(),
+            "orchestrate: fetched the ends"
+        );
         Ok(ends
             .into_iter()
             .zip(fetched)
@@ -524,7 +570,13 @@ impl Orchestrator {
             .filter(|u| u.expected.as_deref() != Some(u.commit.as_str()))
             .cloned()
             .collect();
+        let at = Instant::now();
         let answers = fleet.remote.push_all(&pushing)?;
+        tracing::debug!(
+            ms = ms(at),
+            refs = pushing.len(),
+            "orchestrate: pushed the ends"
+        );
         let mut refused = HashMap::new();
         for (update, answer) in pushing.iter().zip(answers) {
             match answer {
@@ -548,6 +600,15 @@ impl Orchestrator {
     /// A stop: the offers no host took are taken back and their tasks cancelled; attempts hosts
     /// run go on (`--resume` adopts them).
     pub(super) fn withdraw_offers(&mut self) -> Result<()> {
+        self.withdraw_untaken()?;
+        // What hosts still run stays `running` in the run's rows.
+        self.running.clear();
+        Ok(())
+    }
+
+    /// Takes back the offers no host took: their tasks are pending again (and, the run
+    /// stopping, never start); the attempts hosts leased stay in flight.
+    pub(super) fn withdraw_untaken(&mut self) -> Result<()> {
         let run = self.run.id.clone();
         self.db.run(async |db| fleet::withdraw(db, &run).await)?;
         let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
@@ -560,8 +621,6 @@ impl Orchestrator {
                 task.status = TaskStatus::Pending;
             }
         }
-        // What hosts still run stays `running` in the run's rows.
-        self.running.clear();
         Ok(())
     }
 

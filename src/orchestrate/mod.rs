@@ -264,7 +264,7 @@ pub fn start(
         pid: Some(me.pid.into()),
         start_time: Some(me.start_time as i64),
         report: match &fleet {
-            Some(fleet) => json!({ "fleet": fleet.describe() }),
+            Some(fleet) => json!({ "fleet": fleet.describe(plan.max_concurrent) }),
             None => json!({}),
         },
     };
@@ -318,6 +318,10 @@ pub fn resume(
             resume::take_back(&paths, &keys, &db, &run.id, options.settings.timing, report)?
         }
     };
+    if fleet.is_some() {
+        // The server keeps the run's cap (`db::fleet::claim`): `--max-concurrent` applies to it.
+        run.report["fleet"]["max_concurrent"] = json!(plan.max_concurrent);
+    }
     let me = ProcessIdentity::current();
     run.status = RunStatus::Running;
     run.finished_at = None;

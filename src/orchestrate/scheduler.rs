@@ -117,10 +117,15 @@ impl Orchestrator {
                 self.signal_running(signal);
             }
             if !stopping {
+                let at = std::time::Instant::now();
                 self.skip_blocked(report)?;
                 self.start_ready(&outcomes, report)?;
                 if self.fleet.is_some() {
                     self.send_offers(report)?;
+                }
+                let took = crate::worker::ms(at);
+                if took > 0 {
+                    tracing::debug!(ms = took, "orchestrate: started what is ready");
                 }
             }
             if self.running.is_empty() {
@@ -129,10 +134,19 @@ impl Orchestrator {
             if self.fleet.is_some() {
                 for outcome in self.poll_fleet(report)? {
                     let failed = self.finish(outcome, stopping, report)?;
-                    stopping |= failed && self.options.fail_fast;
+                    if failed && self.options.fail_fast && !stopping {
+                        stopping = true;
+                        // What no host took yet never starts; leased attempts end as they do.
+                        self.withdraw_untaken()?;
+                    }
                 }
             }
-            match finished.recv_timeout(Duration::from_millis(100)) {
+            // A fleet run's ends come from its polls: wait for the next one, not longer.
+            let wait = match &self.fleet {
+                Some(fleet) => fleet.until_poll(),
+                None => Duration::from_millis(100),
+            };
+            match finished.recv_timeout(wait) {
                 Ok(outcome) => {
                     let failed = self.finish(outcome, stopping, report)?;
                     if failed && self.options.fail_fast && !stopping {
@@ -255,7 +269,11 @@ impl Orchestrator {
         report: &mut dyn FnMut(Progress),
     ) -> Result<()> {
         for task in self.plan.tasks.clone() {
-            if self.running.len() >= self.plan.max_concurrent {
+            // A fleet run offers every ready task; the server leases no more than
+            // max_concurrent of them at once (`db::fleet::claim`). With --fail-fast it offers
+            // only what may run now, so no host starts a task after a failure it did not see.
+            let offers_ahead = self.fleet.is_some() && !self.options.fail_fast;
+            if !offers_ahead && self.running.len() >= self.plan.max_concurrent {
                 return Ok(());
             }
             let ready = self.rows[&task.id].status == TaskStatus::Pending
@@ -312,7 +330,9 @@ impl Orchestrator {
             detail,
         });
         if succeeded {
+            let at = std::time::Instant::now();
             self.check_siblings(&task, report)?;
+            tracing::debug!(task = %task.id, ms = crate::worker::ms(at), "orchestrate: checked the siblings");
         }
         Ok(status == TaskStatus::Failed)
     }

@@ -1756,6 +1756,61 @@ fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_ta
     assert!(most <= 2, "at most --capacity at once, saw {most}");
 }
 
+#[test]
+fn a_fleet_run_offers_every_ready_task_yet_never_runs_more_than_max_concurrent_across_hosts() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let log = fleet.hosts[0].scratch().join("spans");
+    let tasks: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({
+                "id": format!("t{i}"),
+                "command": format!(
+                    "echo \"start $(date +%s%N)\" >> {l} && sleep 1 && echo \"end $(date +%s%N)\" >> {l}",
+                    l = log.display()
+                ),
+            })
+        })
+        .collect();
+    let plan = json!({ "name": "cap", "max_concurrent": 3, "tasks": tasks });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _one = fleet.worker(1, &["--capacity", "3"]);
+    let _two = fleet.worker(2, &["--capacity", "3"]);
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["run"]["status"], "succeeded", "{summary}");
+    let mut events: Vec<(u128, i32)> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (what, at) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), if what == "start" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort();
+    let (mut running, mut most) = (0, 0);
+    for (_, change) in &events {
+        running += change;
+        most = most.max(running);
+    }
+    assert_eq!(events.len(), 16, "every task ran once");
+    assert!(
+        most <= 3,
+        "at most max_concurrent at once over both hosts (6 slots), saw {most}"
+    );
+}
+
 /// `GET /overview` of `url` with token `token`.
 fn overview(url: &str, token: &str) -> Value {
     let auth = format!("Bearer {token}");
