@@ -219,6 +219,11 @@ pub fn format_age(age: Duration) -> String {
     }
 }
 
+/// Milliseconds since `at`, for the phase timings of `APP_LOG=debug`.
+pub(crate) fn elapsed_ms(at: std::time::Instant) -> u64 {
+    at.elapsed().as_millis() as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

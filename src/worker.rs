@@ -381,10 +381,13 @@ impl<'a> Worker<'a> {
         if !std::mem::take(&mut self.claim_next)
             && !self.shared.db(async |db| fleet::any_for(db, &ask).await)?
         {
-            tracing::debug!(ms = ms(at), "worker: looked, nothing for this host");
+            tracing::debug!(
+                ms = crate::time::elapsed_ms(at),
+                "worker: looked, nothing for this host"
+            );
             return Ok(());
         }
-        let looked = ms(at);
+        let looked = crate::time::elapsed_ms(at);
         let at = Instant::now();
         let uid = uuid::Uuid::new_v4().simple().to_string();
         let claimed = self
@@ -392,7 +395,7 @@ impl<'a> Worker<'a> {
             .db(async |db| fleet::claim(db, &ask, &uid).await)?;
         tracing::debug!(
             look_ms = looked,
-            ms = ms(at),
+            ms = crate::time::elapsed_ms(at),
             limit = ask.limit,
             took = claimed.len(),
             "worker: claimed"
@@ -511,7 +514,7 @@ impl Job {
             .shared
             .db(async |db| fleet::report(db, run, task, token, &ended).await)
             .unwrap_or(false);
-        tracing::debug!(task = %self.name, ms = ms(at), "worker: reported the end");
+        tracing::debug!(task = %self.name, ms = crate::time::elapsed_ms(at), "worker: reported the end");
         WorkerEvent::Ended {
             attempt: self.name.clone(),
             exit_code,
@@ -539,7 +542,7 @@ impl Job {
             .ok_or_else(|| Error::Failed("the offer names no start commit".into()))?;
         let at = Instant::now();
         self.check_out_start(&spec, &start)?;
-        tracing::debug!(task = %self.name, ms = ms(at), "worker: fetched the start");
+        tracing::debug!(task = %self.name, ms = crate::time::elapsed_ms(at), "worker: fetched the start");
         let started = Report {
             started_at: Some(Timestamp::now().to_string()),
             ..Report::default()
@@ -550,7 +553,7 @@ impl Job {
             lease.forget(&shared.paths);
             return Ok(None);
         }
-        tracing::debug!(task = %self.name, ms = ms(at), "worker: reported the start");
+        tracing::debug!(task = %self.name, ms = crate::time::elapsed_ms(at), "worker: reported the start");
         let at = Instant::now();
         let instance = format!("{}{}", spec.instance_prefix, self.task.attempt);
         let log = shared.paths.task_log(run.as_str(), task);
@@ -575,10 +578,10 @@ impl Job {
             child.signal(Signal::SIGTERM);
         }
         let outcome = attempt::await_attempt(&child, task.clone(), spec.timeout());
-        tracing::debug!(task = %self.name, ms = ms(at), "worker: app run ended");
+        tracing::debug!(task = %self.name, ms = crate::time::elapsed_ms(at), "worker: app run ended");
         let at = Instant::now();
         let tip = self.push_result(&spec, &instance)?;
-        tracing::debug!(task = %self.name, ms = ms(at), "worker: pushed the result");
+        tracing::debug!(task = %self.name, ms = crate::time::elapsed_ms(at), "worker: pushed the result");
         lease.forget(&shared.paths);
         let detail = if outcome.timed_out {
             Some(TIMED_OUT.to_string())
@@ -777,11 +780,6 @@ fn tail(log: &Path) -> Option<String> {
     let bytes = std::fs::read(log).ok()?;
     let from = bytes.len().saturating_sub(OUTPUT_TAIL);
     Some(String::from_utf8_lossy(&bytes[from..]).into_owned())
-}
-
-/// Milliseconds since `at`, for the phase timings of `APP_LOG=debug`.
-pub(crate) fn ms(at: Instant) -> u64 {
-    at.elapsed().as_millis() as u64
 }
 
 /// The one-minute load average.

@@ -32,7 +32,7 @@ use crate::ids::RunId;
 use crate::paths::AppPaths;
 use crate::remote::{Pushed, Remote, Update};
 use crate::sign::{Keys, SigningKey};
-use crate::worker::ms;
+use crate::time::elapsed_ms;
 
 /// The remote a fleet run uses unless told (`--remote`).
 pub const DEFAULT_REMOTE: &str = "origin";
@@ -252,7 +252,7 @@ impl Orchestrator {
         let at = Instant::now();
         let pushed = fleet.remote.push_all(&updates)?;
         tracing::debug!(
-            ms = ms(at),
+            ms = elapsed_ms(at),
             refs = updates.len(),
             "orchestrate: pushed the starts"
         );
@@ -306,7 +306,11 @@ impl Orchestrator {
             .collect();
         let at = Instant::now();
         self.db.run(async |db| fleet::offer(db, &offers).await)?;
-        tracing::debug!(ms = ms(at), offers = offers.len(), "orchestrate: offered");
+        tracing::debug!(
+            ms = elapsed_ms(at),
+            offers = offers.len(),
+            "orchestrate: offered"
+        );
         Ok(())
     }
 
@@ -332,7 +336,7 @@ impl Orchestrator {
         }
         let at = Instant::now();
         let rows = self.db.run(async |db| fleet::run_tasks(db, &run).await)?;
-        let read = ms(at);
+        let read = elapsed_ms(at);
         let at = Instant::now();
         let mut finished = Vec::new();
         for row in rows {
@@ -352,13 +356,13 @@ impl Orchestrator {
                 LeaseState::Offered | LeaseState::Withdrawn => {}
             }
         }
-        let observed = ms(at);
+        let observed = elapsed_ms(at);
         let at = Instant::now();
         let outcomes = self.accept(&finished)?;
         tracing::debug!(
             read_ms = read,
             observe_ms = observed,
-            accept_ms = ms(at),
+            accept_ms = elapsed_ms(at),
             ended = finished.len(),
             "orchestrate: polled"
         );
@@ -527,7 +531,7 @@ impl Orchestrator {
         let at = Instant::now();
         let fetched = self.fleet().remote.fetch_all(&pairs)?;
         tracing::debug!(
-            ms = ms(at),
+            ms = elapsed_ms(at),
             refs = pairs.len(),
             "orchestrate: fetched the ends"
         );
@@ -573,7 +577,7 @@ impl Orchestrator {
         let at = Instant::now();
         let answers = fleet.remote.push_all(&pushing)?;
         tracing::debug!(
-            ms = ms(at),
+            ms = elapsed_ms(at),
             refs = pushing.len(),
             "orchestrate: pushed the ends"
         );

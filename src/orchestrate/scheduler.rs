@@ -123,7 +123,7 @@ impl Orchestrator {
                 if self.fleet.is_some() {
                     self.send_offers(report)?;
                 }
-                let took = crate::worker::ms(at);
+                let took = crate::time::elapsed_ms(at);
                 if took > 0 {
                     tracing::debug!(ms = took, "orchestrate: started what is ready");
                 }
@@ -332,7 +332,7 @@ impl Orchestrator {
         if succeeded {
             let at = std::time::Instant::now();
             self.check_siblings(&task, report)?;
-            tracing::debug!(task = %task.id, ms = crate::worker::ms(at), "orchestrate: checked the siblings");
+            tracing::debug!(task = %task.id, ms = crate::time::elapsed_ms(at), "orchestrate: checked the siblings");
         }
         Ok(status == TaskStatus::Failed)
     }
