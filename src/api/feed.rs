@@ -5,8 +5,8 @@
 //!   `instance.stopped`, `instance.exec`, ... as every supervisor records them, on this machine
 //!   or another one sharing a libSQL server).
 //! - The local feed watches this repository's `.app/` state and reports what is only on disk:
-//!   instances that went stale, messages filed into inboxes or acknowledged, locks taken and
-//!   released.
+//!   instances that went stale, agents whose state changed (`.app/activity/`), messages filed
+//!   into inboxes or acknowledged, locks taken and released.
 //!
 //! Invariants:
 //! - Publishing never waits for a subscriber: each one reads from a ring of `capacity` events;
@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::activity::{self, AgentState};
 use crate::config::Settings;
 use crate::coordination::Coordination;
 use crate::db::events::{self, EventFilter};
@@ -352,14 +353,15 @@ fn file_change(path: &std::path::Path) -> Option<[(std::time::SystemTime, u64); 
 }
 
 /// Scans `.app/` for changes into the hub until the stop: every [`LOCAL_INTERVAL`], and at
-/// once (after [`LOCAL_GAP`]) when a file changes in the queue or the locks.
+/// once (after [`LOCAL_GAP`]) when a file changes in the queue, the locks or the activity.
 pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, stop: StopToken) {
     let mut seen = Some(LocalState::default());
-    let mut watch = None;
+    let mut watch: Option<LocalWatch> = None;
     loop {
-        // The watch is made before the scan, so a change during the scan still wakes the next.
-        if watch.is_none() {
-            watch = local_watch(&paths);
+        // The watch is made before the scan, so a change during the scan still wakes the next;
+        // made again when a directory it could not cover has appeared since.
+        if watch.as_ref().is_none_or(|w| w.incomplete(&paths)) {
+            watch = LocalWatch::new(&paths).or(watch);
         }
         let Some(mut state) = seen.take() else { return };
         let (paths, settings) = (paths.clone(), settings.clone());
@@ -382,10 +384,7 @@ pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, s
         }
         let stopped = match watch.take() {
             Some(dirs) => {
-                let woken = tokio::task::spawn_blocking(move || {
-                    dirs.wait(LOCAL_INTERVAL);
-                    dirs
-                });
+                let woken = tokio::task::spawn_blocking(move || dirs.wait(LOCAL_INTERVAL));
                 tokio::select! {
                     dirs = woken => {
                         watch = dirs.ok();
@@ -405,19 +404,50 @@ pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, s
 /// The shortest time between two scans woken by file events (a burst of writes is one scan).
 const LOCAL_GAP: Duration = Duration::from_millis(20);
 
-/// A watch on the queue's inboxes and the locks, once `.app/` has them (never made here: an
-/// API only reads `.app/`).
-fn local_watch(paths: &AppPaths) -> Option<DirWatch> {
-    let (inboxes, locks) = (paths.inboxes_dir(), paths.locks_dir());
-    if !inboxes.is_dir() {
-        return None;
+/// A watch on the queue's inboxes, the locks and the agents' activity, once `.app/` has them
+/// (never made here: an API only reads `.app/`).
+struct LocalWatch {
+    dirs: DirWatch,
+    /// Whether the locks and the activity directories existed, and so are watched.
+    covers: [bool; 2],
+}
+
+impl LocalWatch {
+    fn new(paths: &AppPaths) -> Option<LocalWatch> {
+        let inboxes = paths.inboxes_dir();
+        if !inboxes.is_dir() {
+            return None;
+        }
+        let mut dirs = DirWatch::new(&inboxes, LOCAL_INTERVAL, false).ok()?;
+        dirs.also(&inboxes, true).ok()?;
+        let mut covers = [false; 2];
+        for (covered, (dir, recursive)) in covers.iter_mut().zip(Self::optional(paths)) {
+            if dir.is_dir() {
+                dirs.also(&dir, recursive).ok()?;
+                *covered = true;
+            }
+        }
+        Some(LocalWatch { dirs, covers })
     }
-    let mut watch = DirWatch::new(&inboxes, LOCAL_INTERVAL, false).ok()?;
-    watch.also(&inboxes, true).ok()?;
-    if locks.is_dir() {
-        watch.also(&locks, true).ok()?;
+
+    /// The directories watched once they exist: the locks (with their subdirectories) and the
+    /// activity files.
+    fn optional(paths: &AppPaths) -> [(PathBuf, bool); 2] {
+        [(paths.locks_dir(), true), (paths.activity_dir(), false)]
     }
-    Some(watch)
+
+    /// Whether a directory this watch lacks exists now.
+    fn incomplete(&self, paths: &AppPaths) -> bool {
+        self.covers
+            .iter()
+            .zip(Self::optional(paths))
+            .any(|(covered, (dir, _))| !covered && dir.is_dir())
+    }
+
+    fn wait(self, limit: Duration) -> LocalWatch {
+        self.dirs.wait(limit);
+        self
+    }
 }
 
 /// Waits `period`; returns true when the stop came first (or had come already).
@@ -443,6 +473,19 @@ pub struct LocalState {
     acked: HashSet<(String, String)>,
     /// Locks by name: the last token and whether it was held.
     locks: HashMap<LockName, (u64, bool)>,
+    /// Activity files by instance: the file's identity when last read, and the state and since
+    /// it said (the tracker rewrites the file for its progress and reason too: only a new
+    /// state, or a new `since` of the same one, is news).
+    agents: HashMap<String, (FileStamp, Option<(AgentState, Timestamp)>)>,
+}
+
+/// What tells one version of a file from the next: `write_atomic` renames a new inode in.
+type FileStamp = (u64, std::time::SystemTime, u64);
+
+fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.modified().ok()?, meta.len()))
 }
 
 impl LocalState {
@@ -455,6 +498,7 @@ impl LocalState {
         let key = keys.load().ok().flatten();
         self.scan_messages(&coordination, paths, key, &mut out);
         self.scan_locks(&coordination, &mut out);
+        self.scan_agents(paths, &mut out);
         let primed = std::mem::replace(&mut self.primed, true);
         if primed { out } else { Vec::new() }
     }
@@ -545,6 +589,48 @@ impl LocalState {
         }
         self.messages = inbox;
         self.acked = acked;
+    }
+
+    /// `instance.state` for each agent whose state changed since the last scan (and for one
+    /// that appeared: its first state).
+    fn scan_agents(&mut self, paths: &AppPaths, out: &mut Vec<ApiEvent>) {
+        let mut now = HashMap::new();
+        for name in visible_names(&paths.activity_dir()).unwrap_or_default() {
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let Some(stamp) = file_stamp(&paths.activity(id)) else {
+                continue;
+            };
+            let before = self.agents.remove(id);
+            let known = before.as_ref().and_then(|(_, state)| *state);
+            if before.as_ref().is_some_and(|(was, _)| *was == stamp) {
+                now.insert(id.to_string(), (stamp, known));
+                continue;
+            }
+            // Not an activity (an agent's report, `<id>.said.json`, or a file being replaced):
+            // nothing to announce, read again when it changes.
+            let Some(activity) = activity::read(paths, id) else {
+                now.insert(id.to_string(), (stamp, known));
+                continue;
+            };
+            let agent = activity.agent;
+            let state = (agent.state, agent.since);
+            if known.as_ref() != Some(&state) {
+                out.push(ApiEvent::now(
+                    "instance.state",
+                    Some(id),
+                    json!({
+                        "id": id,
+                        "state": agent.state,
+                        "since": agent.since,
+                        "reason": agent.reason,
+                    }),
+                ));
+            }
+            now.insert(id.to_string(), (stamp, Some(state)));
+        }
+        self.agents = now;
     }
 
     fn scan_locks(&mut self, coordination: &Coordination, out: &mut Vec<ApiEvent>) {

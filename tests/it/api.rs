@@ -1103,3 +1103,84 @@ fn overview_shows_each_agents_state_and_puts_one_that_needs_input_first() {
         assert_eq!(code(&output), code_expected, "{}", stderr(&output));
     }
 }
+
+#[test]
+fn an_agents_state_change_is_an_event_and_a_rewrite_of_the_same_state_is_not() {
+    let repo = TestRepo::new();
+    let port = free_ports(1);
+    let mut server = repo.spawn_app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--instance",
+        "dash",
+    ]);
+    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let mut events = Events::subscribe(&url);
+    // The command reports for itself, as an agent's hook does; ticks every 50 ms rewrite its
+    // activity file every 500 ms with the same state.
+    let mut command = repo.app(&[
+        "run",
+        "--no-worktree",
+        "--instance",
+        "asks",
+        "--",
+        "sh",
+        "-c",
+        "\"$APP_BIN\" status needs-input 'which schema?' && exec sleep 300",
+    ]);
+    command.env("APP_ACTIVITY_INTERVAL", "50ms");
+    let mut asks = repo.spawn(command);
+    wait_serving(&repo, &mut asks, "asks");
+
+    let mut seen = Vec::new();
+    let event = events.until("instance.state", &mut seen, |e| {
+        e["instance"] == "asks" && e["payload"]["state"] == "needs-input"
+    });
+    let payload = &event["payload"];
+    assert_eq!(payload["id"], "asks", "{event}");
+    assert_eq!(payload["reason"], "said: which schema?", "{event}");
+    let file = repo.state_dir().join("activity/asks.json");
+    let on_disk = json_of(&std::fs::read_to_string(&file).unwrap());
+    assert_eq!(on_disk["agent"]["since"], payload["since"], "{on_disk}");
+
+    // The tracker rewrites the file (a new inode each time) with the same state: twice, then
+    // a message marks a later scan, and no instance.state came in between.
+    use std::os::unix::fs::MetadataExt;
+    let inode = || std::fs::metadata(&file).map(|m| m.ino()).unwrap_or(0);
+    for _ in 0..2 {
+        let before = inode();
+        wait_for(
+            "a rewrite of the activity file",
+            Duration::from_secs(20),
+            || inode() != before,
+        );
+    }
+    let send = repo.run_app(&[
+        "send",
+        "--from",
+        "dash",
+        "--to",
+        "asks",
+        "after the rewrites",
+    ]);
+    assert_eq!(code(&send), 0, "{}", stderr(&send));
+    let mut between = Vec::new();
+    events.until("message.sent", &mut between, |e| {
+        e["payload"]["payload"] == "after the rewrites"
+    });
+    let repeated: Vec<_> = between
+        .iter()
+        .filter(|(kind, e)| kind == "instance.state" && e["instance"] == "asks")
+        .collect();
+    assert!(
+        repeated.is_empty(),
+        "state events for rewrites: {repeated:?}"
+    );
+
+    for (running, code_expected) in [(asks, 143), (server, 0)] {
+        let output = running.wait_after(Signal::SIGTERM, Duration::from_secs(30));
+        assert_eq!(code(&output), code_expected, "{}", stderr(&output));
+    }
+}
