@@ -80,6 +80,11 @@ impl DirWatch {
         Ok(())
     }
 
+    /// Whether file-system events wake it (else it only polls).
+    pub(crate) fn has_events(&self) -> bool {
+        self._watcher.is_some()
+    }
+
     /// Waits until the directory changes, the poll interval passes, or `limit` passes,
     /// whichever comes first; true when a change woke it.
     pub fn wait(&self, limit: Duration) -> bool {

@@ -1,12 +1,14 @@
 //! Where `app dash` reads from: the repository's `.app/` and database directly ([`Local`]), or
 //! an instance's HTTP API ([`Api`]). Either one follows what happens (file-system events and
 //! the database event log's new rows; the API's SSE stream) and only then asks for a new
-//! overview, through [`refresh`]: debounced, plus a slow periodic read so ages and host health
-//! stay current. Nothing is re-read per frame.
+//! overview, through [`refresh`]: debounced. While that following is whole ([`Source::live`])
+//! nothing else causes a read; while it is not (a lost stream, a watch that polls, no event
+//! log), a periodic read every [`REFRESH`] is the fallback. Nothing is re-read per frame.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,8 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 /// The shortest time between two reads, however often things change (every instance's
 /// heartbeat rewrites the registry).
 const MIN_GAP: Duration = Duration::from_millis(500);
-/// A read at least this often, changes or not.
+/// A read this often while the source is not [`Source::live`] (and a redraw while it is, so
+/// ages move on the screen).
 const REFRESH: Duration = Duration::from_secs(5);
 /// How often the database event log is asked for new rows (and the `.app/` watch polls where
 /// it has no file-system events).
@@ -74,20 +77,39 @@ pub(crate) trait Source: Send + Sync {
     /// Sends what happens to `updates` and pokes `pokes` whenever the overview may have
     /// changed; returns once `updates` is closed.
     fn follow(&self, pokes: &Sender<()>, updates: &Sender<Msg>);
+    /// Whether `follow` sees every change now (the API's stream is connected; the watch of
+    /// `.app/` has file-system events and the event log is open): then only its pokes cause
+    /// reads.
+    fn live(&self) -> bool;
     /// The tail of a task's log, or a line saying why there is none.
     fn log_tail(&self, run: &str, task: &str) -> String;
 }
 
-/// Reads the overview after each burst of pokes and every [`REFRESH`]; returns once `updates`
-/// or `pokes` is closed.
+/// Reads the overview after each burst of pokes, and every [`REFRESH`] while the source is
+/// not live; returns once `updates` or `pokes` is closed.
 pub(crate) fn refresh(source: &dyn Source, pokes: &Receiver<()>, updates: &Sender<Msg>) {
+    refresh_every(source, pokes, updates, REFRESH);
+}
+
+fn refresh_every(
+    source: &dyn Source,
+    pokes: &Receiver<()>,
+    updates: &Sender<Msg>,
+    period: Duration,
+) {
     let mut last = Instant::now();
     loop {
-        match pokes.recv_timeout(REFRESH) {
+        match pokes.recv_timeout(period) {
             Ok(()) => {
                 // A burst (a heartbeat rewriting the registry and an event row) is one read.
                 std::thread::sleep(DEBOUNCE.max(MIN_GAP.saturating_sub(last.elapsed())));
                 while pokes.try_recv().is_ok() {}
+            }
+            Err(RecvTimeoutError::Timeout) if source.live() => {
+                if updates.send(Msg::Redraw).is_err() {
+                    return;
+                }
+                continue;
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
@@ -108,6 +130,7 @@ pub(crate) struct Local {
     reader: overview::Source,
     paths: AppPaths,
     database: (Location, DbSettings),
+    live: AtomicBool,
 }
 
 impl Local {
@@ -121,6 +144,7 @@ impl Local {
             reader,
             paths,
             database,
+            live: AtomicBool::new(false),
         }
     }
 
@@ -134,16 +158,24 @@ impl Local {
         db.run(async |db| events::query(db, &filter, 1000).await)
     }
 
-    /// A watch on the state `gather` reads: `.app/` itself (the registries), its locks and its
-    /// queue; not its worktrees, whose edits are the agents' own.
-    fn watch(&self) -> Result<DirWatch> {
+    /// A watch on the state `gather` reads: `.app/` itself (the registries), its locks, its
+    /// queue and the agents' activity; not its worktrees, whose edits are the agents' own.
+    /// Also the directories it could not cover yet (made again once they exist).
+    fn watch(&self) -> Result<(DirWatch, Vec<PathBuf>)> {
         let mut watch = DirWatch::new(self.paths.state_dir(), EVENT_POLL, false)?;
-        for dir in [self.paths.locks_dir(), self.paths.queue_dir()] {
+        let mut missing = Vec::new();
+        for (dir, recursive) in [
+            (self.paths.locks_dir(), true),
+            (self.paths.queue_dir(), true),
+            (self.paths.activity_dir(), false),
+        ] {
             if dir.is_dir() {
-                watch.also(&dir, true)?;
+                watch.also(&dir, recursive)?;
+            } else {
+                missing.push(dir);
             }
         }
-        Ok(watch)
+        Ok((watch, missing))
     }
 }
 
@@ -157,7 +189,7 @@ impl Source for Local {
     }
 
     fn follow(&self, pokes: &Sender<()>, updates: &Sender<Msg>) {
-        let watch = match self.watch() {
+        let (mut watch, mut missing) = match self.watch() {
             Ok(watch) => watch,
             Err(err) => {
                 let _ = updates.send(Msg::Status(format!("not watching .app/: {err}")));
@@ -169,6 +201,13 @@ impl Source for Local {
             if db.is_none() {
                 db = self.open_log(updates);
             }
+            if missing.iter().any(|dir| dir.is_dir())
+                && let Ok(made) = self.watch()
+            {
+                (watch, missing) = made;
+            }
+            self.live
+                .store(watch.has_events() && db.is_some(), Ordering::SeqCst);
             let changed = watch.wait(EVENT_POLL);
             let mut happened = false;
             if let Some((log, after)) = &mut db {
@@ -192,6 +231,10 @@ impl Source for Local {
                 return;
             }
         }
+    }
+
+    fn live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
     }
 
     fn log_tail(&self, run: &str, task: &str) -> String {
@@ -273,6 +316,8 @@ pub(crate) struct Api {
     agent: ureq::Agent,
     stream: ureq::Agent,
     last_id: Mutex<Option<i64>>,
+    /// Whether the event stream is open.
+    live: AtomicBool,
 }
 
 impl Api {
@@ -318,6 +363,7 @@ impl Api {
             agent,
             stream,
             last_id: Mutex::new(None),
+            live: AtomicBool::new(false),
         })
     }
 
@@ -372,6 +418,7 @@ impl Api {
             .lock()
             .expect("never poisoned: no panic holds it");
         let response = self.call(&self.stream, "/events", last_id)?;
+        self.live.store(true, Ordering::SeqCst);
         let _ = updates.send(Msg::Status("following events".into()));
         // Whatever happened while we were away shows in a fresh read.
         if pokes.send(()).is_err() {
@@ -432,7 +479,9 @@ impl Source for Api {
     fn follow(&self, pokes: &Sender<()>, updates: &Sender<Msg>) {
         let mut failures = 0;
         loop {
-            match self.read_stream(pokes, updates) {
+            let read = self.read_stream(pokes, updates);
+            self.live.store(false, Ordering::SeqCst);
+            match read {
                 Ok(false) => return,
                 Ok(true) => failures = 0,
                 Err(err) => {
@@ -450,6 +499,10 @@ impl Source for Api {
             }
             std::thread::sleep(RECONNECT[failures.min(RECONNECT.len() - 1)]);
         }
+    }
+
+    fn live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
     }
 
     fn log_tail(&self, run: &str, task: &str) -> String {
@@ -569,6 +622,62 @@ mod tests {
             (lagged.kind.as_str(), lagged.detail.as_str()),
             ("lagged", r#"{"missed":3}"#)
         );
+    }
+
+    /// A source that only counts reads and says whether it is live.
+    struct Counted {
+        live: AtomicBool,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Source for Counted {
+        fn describe(&self) -> String {
+            "counted".into()
+        }
+        fn overview(&self) -> Result<Overview> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Err(DashError::NotATerminal.into())
+        }
+        fn follow(&self, _: &Sender<()>, _: &Sender<Msg>) {}
+        fn live(&self) -> bool {
+            self.live.load(Ordering::SeqCst)
+        }
+        fn log_tail(&self, _: &str, _: &str) -> String {
+            String::new()
+        }
+    }
+
+    #[test]
+    fn a_live_source_is_read_only_when_poked_and_one_that_is_not_also_every_period() {
+        let source = std::sync::Arc::new(Counted {
+            live: AtomicBool::new(true),
+            reads: Default::default(),
+        });
+        let (pokes, poked) = std::sync::mpsc::channel();
+        let (updates, screen) = std::sync::mpsc::channel();
+        let refresher = std::sync::Arc::clone(&source);
+        let thread = std::thread::spawn(move || {
+            refresh_every(&*refresher, &poked, &updates, Duration::from_millis(20));
+        });
+        let reads = || source.reads.load(Ordering::SeqCst);
+        // Proving that no read happens needs a wait: many periods long. The screen is redrawn.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(reads(), 0);
+        assert!(matches!(screen.recv().unwrap(), Msg::Redraw));
+        pokes.send(()).unwrap();
+        let read = screen.iter().find(|msg| matches!(msg, Msg::Status(_)));
+        assert!(read.is_some());
+        assert_eq!(reads(), 1);
+        // Not live: the period reads again, without a poke.
+        source.live.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reads() < 3 {
+            assert!(Instant::now() < deadline, "no periodic read");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(pokes);
+        drop(screen);
+        thread.join().unwrap();
     }
 
     #[test]
