@@ -8,7 +8,8 @@
 //!
 //! Invariants:
 //! - `.app/activity/<id>.json` is written only by instance `id`'s supervisor, atomically, and
-//!   removed when it ends; `.app/activity/<id>.said.json` only by `app status` (and the MCP
+//!   removed when it ends (a killed supervisor's by `app doctor --fix`, once nothing of the
+//!   instance runs); `.app/activity/<id>.said.json` only by `app status` (and the MCP
 //!   tool) acting for `id`, atomically. Readers never lock.
 //! - Only instances of this host have these files: for others [`read`] has nothing.
 

@@ -11,7 +11,7 @@
 //!   `--ttl` loses the lock to the next acquirer; nobody has to clean up first.
 //! - A process waiting for a lock says so in `locks/waiting/<pid>-<start time>.json` (signed),
 //!   removed when its wait ends; a killed waiter's file is never listed (its process is gone)
-//!   and is removed by the next waiter.
+//!   and is removed by the next waiter (or `app doctor --fix`).
 //! - Callers reach locks through [`LockStore`] (from [`crate::coordination::Coordination`]);
 //!   [`Locks`] is its implementation on this repository's files.
 

@@ -22,7 +22,7 @@
 //!   locks/
 //!     named/<name>.json        named lock: holder, fencing token, expiry (kept when free)
 //!     waiting/<pid>-<start>.json  a process waiting for a named lock (signed; removed when
-//!                              its wait ends, a killed waiter's by the next waiter)
+//!                              its wait ends, a killed waiter's by the next waiter or doctor)
 //!     reservations.json        path reservations
 //!     .mutex                   flock taken around every lock and reservation change
 //! ```

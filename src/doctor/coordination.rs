@@ -1,5 +1,6 @@
-//! What dead holders leave in the coordination state: named locks still held, lapsed or forged
-//! reservations, inboxes of instances that are gone, expired and untrusted messages. Dead
+//! What dead holders leave in the coordination state: named locks still held, the records of
+//! lock waiters that are gone, lapsed or forged reservations, inboxes of instances that are
+//! gone, expired and untrusted messages. Dead
 //! letters and quarantined files are only noticed: they are kept for the user to read.
 
 use std::fs;
@@ -24,6 +25,7 @@ pub(super) fn problems(
 ) -> Result<()> {
     let coordination = Coordination::new(paths, settings);
     lock_problems(&coordination, &mut found.problems)?;
+    dead_waiters(paths, &mut found.problems);
     reservation_problems(&coordination, &mut found.problems)?;
     inbox_problems(&coordination, key, snapshot, &mut found.problems)?;
     set_aside(paths, &mut found.notices);
@@ -51,6 +53,29 @@ fn lock_problems(coordination: &Coordination, problems: &mut Vec<Problem>) -> Re
         }),
     }
     Ok(())
+}
+
+/// Records in `locks/waiting/` whose process is gone: the file's name is its process's pid and
+/// start time (`<pid>-<start>.json`), asked of `/proc`, whatever the file says. A name of
+/// another shape is not app's and is left alone.
+fn dead_waiters(paths: &AppPaths, problems: &mut Vec<Problem>) {
+    let dir = paths.lock_waiters_dir();
+    for name in crate::state::visible_names(&dir).unwrap_or_default() {
+        if let Some(pid) = waiter_gone(&name) {
+            problems.push(Problem::DeadWaiter {
+                path: dir.join(name),
+                pid,
+            });
+        }
+    }
+}
+
+/// The pid of the waiter named `name` when it no longer runs (no process with that pid and
+/// start time).
+pub(super) fn waiter_gone(name: &str) -> Option<u32> {
+    let (pid, start) = name.strip_suffix(".json")?.split_once('-')?;
+    let (pid, start): (u32, u64) = (pid.parse().ok()?, start.parse().ok()?);
+    (crate::process::start_time(pid) != Some(start)).then_some(pid)
 }
 
 /// Reservations that lapsed or do not verify, as one problem.

@@ -1,7 +1,8 @@
 //! [`diagnose`]: look at everything, change nothing. The checks run in the order `--fix`
 //! handles what they find: lock files a killed writer left on app's refs first (the fixes after
 //! them change those refs), then interrupted operations (finishing them changes what the rest
-//! sees), then instances, git's state, coordination, files, the database.
+//! sees), then instances, git's state, coordination, files (sockets before agent-state files,
+//! which a socket that answers keeps), the database.
 
 use std::fs;
 use std::path::Path;
@@ -64,6 +65,7 @@ pub fn diagnose(paths: &AppPaths, keys: &Keys, options: &Options) -> Result<Diag
         &mut found,
     )?;
     files::stale_sockets(paths, &snapshot, stale_after, &mut found.problems);
+    files::leftover_activity(paths, &snapshot, stale_after, &mut found.problems);
     files::temp_files(paths.state_dir(), paths, &mut found.problems);
     files::permissions(paths.state_dir(), paths, &mut found.problems);
     database::problems(paths, &snapshot, options, &mut found);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use git2::{ErrorCode, Repository};
 
 use super::problem::{FleetRefState, Problem};
-use super::{Diagnosis, Fixed, Options, diagnose, fleet, git};
+use super::{Diagnosis, Fixed, Options, diagnose, files, fleet, git};
 use crate::coordination::Coordination;
 use crate::db::{Blocking, DbSettings, instances};
 use crate::error::{Error, Result};
@@ -86,6 +86,46 @@ fn failure(err: &Error) -> String {
 /// Whether `err` is git refusing to change a ref because its lock file is there.
 fn ref_locked(err: &Error) -> bool {
     matches!(err, Error::Git { source, .. } if source.code() == ErrorCode::Locked)
+}
+
+/// Removes the agent-state files of instance `id` that are as they were when judged, after a
+/// fresh look that nothing of any instance they may belong to runs.
+fn remove_activity(
+    paths: &AppPaths,
+    keys: &Keys,
+    options: &Options,
+    id: &str,
+    files: &[(std::path::PathBuf, super::problem::FileStamp)],
+) -> Result<String> {
+    let snapshot = Registry::open_read_only(paths, keys)?.snapshot()?;
+    let stale_after = options.settings.timing.stale_after;
+    let mut removed = 0;
+    let mut kept = Vec::new();
+    for (path, stamp) in files {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let owners = name
+            .as_deref()
+            .map(files::activity_owners)
+            .unwrap_or_default();
+        let running = owners
+            .iter()
+            .find_map(|owner| files::instance_runs(paths, &snapshot, owner, stale_after).ok());
+        if let Some(why) = running {
+            kept.push(format!("{} ({why})", path.display()));
+        } else if super::problem::file_stamp(path).as_ref() != Some(stamp) {
+            kept.push(format!("{} (written again since)", path.display()));
+        } else {
+            state::remove_if_present(path)?;
+            removed += 1;
+        }
+    }
+    Ok(match kept.as_slice() {
+        [] => format!("removed {removed} file(s) of {id}"),
+        _ => format!(
+            "removed {removed} file(s) of {id}; left alone: {}",
+            kept.join(", ")
+        ),
+    })
 }
 
 /// The reclaimer of this pass (`slot`), opened when it is first needed.
@@ -163,6 +203,21 @@ fn fix_one<'a>(
         Problem::OrphanInbox { owner, .. } => retire_inbox(paths, options, owner),
         Problem::Messages { owner, .. } => sweep_inbox(paths, options, owner),
         Problem::StaleRefLock { path } => remove_ref_lock(path),
+        Problem::LeftoverActivity { id, files, .. } => {
+            remove_activity(paths, keys, options, id, files)
+        }
+        Problem::DeadWaiter { path, .. } => {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name
+                .as_deref()
+                .and_then(super::coordination::waiter_gone)
+                .is_none()
+            {
+                return Ok("its process runs; left alone".into());
+            }
+            state::remove_if_present(path)?;
+            Ok("removed".into())
+        }
         Problem::TempFile { path } | Problem::StaleSocket { path, .. } => {
             state::remove_if_present(path)?;
             Ok("removed".into())

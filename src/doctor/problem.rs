@@ -103,6 +103,18 @@ pub(super) enum Problem {
         path: PathBuf,
         reason: String,
     },
+    /// The agent-state files of instance `id` (`.app/activity/`), with what each was when
+    /// judged, while nothing of that instance runs.
+    LeftoverActivity {
+        id: String,
+        files: Vec<(PathBuf, FileStamp)>,
+        reason: String,
+    },
+    /// The record of a lock waiter (`locks/waiting/<pid>-<start>.json`) whose process is gone.
+    DeadWaiter {
+        path: PathBuf,
+        pid: u32,
+    },
     TempFile {
         path: PathBuf,
     },
@@ -147,6 +159,17 @@ pub(super) enum Problem {
         commit: String,
         state: FleetRefState,
     },
+}
+
+/// What tells one version of a file from the next (inode, modification time, size):
+/// `write_atomic` renames a new inode in, so a file written again since it was judged differs.
+pub(super) type FileStamp = (u64, std::time::SystemTime, u64);
+
+/// The stamp of the file at `path`, if there is one.
+pub(super) fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    Some((meta.ino(), meta.modified().ok()?, meta.len()))
 }
 
 /// What a task ref on the remote is to the runs of the database.
@@ -341,6 +364,21 @@ impl Problem {
                 "socket",
                 path.display().to_string(),
                 format!("control socket of an instance that {reason}"),
+                "remove it".into(),
+            ),
+            Problem::LeftoverActivity { id, files, reason } => (
+                "activity",
+                id.clone(),
+                format!(
+                    "{} agent-state file(s) in .app/activity/ of an instance that {reason}",
+                    files.len()
+                ),
+                "remove them (after a fresh look that nothing of it runs and they were not written again)".into(),
+            ),
+            Problem::DeadWaiter { path, pid } => (
+                "lock-waiter",
+                path.display().to_string(),
+                format!("the record of a lock waiter (pid {pid}) that is gone"),
                 "remove it".into(),
             ),
             Problem::Database { reason } => (

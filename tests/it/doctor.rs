@@ -476,3 +476,139 @@ fn a_ref_lock_a_live_process_holds_is_never_removed() {
     assert_eq!(show(&repo, "refs/app/rescue/gone", "draft.txt"), "draft\n");
     assert_reclaimed(&repo);
 }
+
+/// The findings of `app doctor --json` of `kind`, as (subject, problem).
+fn findings_of(repo: &TestRepo, kind: &str) -> Vec<(String, String)> {
+    let output = repo.run_app(&["doctor", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output))
+        .unwrap_or_else(|err| panic!("{err}: {}{}", stdout(&output), stderr(&output)));
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == kind)
+        .map(|f| {
+            (
+                f["subject"].as_str().unwrap().to_string(),
+                f["problem"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until process `pid` is gone or a zombie.
+fn wait_dead(pid: u32) {
+    wait_for(
+        &format!("pid {pid} to die"),
+        Duration::from_secs(30),
+        || fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")),
+    );
+}
+
+#[test]
+fn a_killed_instances_agent_state_and_a_killed_lock_waiters_record_are_removed_and_live_ones_kept()
+{
+    let repo = TestRepo::new();
+    let activity = repo.state_dir().join("activity");
+    let start = |id: &str| {
+        let mut command = repo.app(&["run", "--instance", id, "--", "sleep", "600"]);
+        command.env("APP_ACTIVITY_INTERVAL", "50ms");
+        let running = repo.spawn(command);
+        repo.wait_running(running.pid());
+        let file = activity.join(format!("{id}.json"));
+        wait_for(
+            &format!("{id}'s state file"),
+            Duration::from_secs(30),
+            || file.exists(),
+        );
+        running
+    };
+    let killed = start("killed");
+    let live = start("live");
+    let said = repo
+        .app(&["status", "needs-input", "ready?"])
+        .env("APP_INSTANCE_ID", "killed")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&said), 0, "{}", stderr(&said));
+    assert!(activity.join("killed.said.json").exists());
+
+    // A holder and two waiters for one lock; one waiter is killed mid-wait.
+    let holder = repo.spawn_app(&["lock", "run", "db", "--", "sleep", "600"]);
+    let waiting = repo.state_dir().join("locks/waiting");
+    wait_for("the holder to hold db", Duration::from_secs(30), || {
+        stdout(&repo.run_app(&["lock", "list"])).contains("db")
+    });
+    let waiter = |n: usize| {
+        let running = repo.spawn_app(&["lock", "acquire", "db", "--timeout", "10m"]);
+        wait_for(
+            &format!("{n} waiter record(s)"),
+            Duration::from_secs(30),
+            || fs::read_dir(&waiting).map_or(0, |d| d.count()) == n,
+        );
+        running
+    };
+    let gone_waiter = waiter(1);
+    let live_waiter = waiter(2);
+    let record_of = |pid: u32| {
+        fs::read_dir(&waiting)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("{pid}-"))
+            })
+            .unwrap_or_else(|| panic!("no waiter record of pid {pid}"))
+    };
+    let (gone_record, live_record) = (record_of(gone_waiter.pid()), record_of(live_waiter.pid()));
+
+    // The supervisor and its command at once (a group of their own), and the one waiter.
+    let (killed_pid, gone_pid) = (killed.pid(), gone_waiter.pid());
+    drop(killed.kill_now());
+    drop(gone_waiter.kill_now());
+    wait_dead(killed_pid);
+    wait_dead(gone_pid);
+
+    let reported = findings_of(&repo, "activity");
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert_eq!(reported[0].0, "killed", "{reported:?}");
+    assert!(
+        reported[0].1.starts_with("2 agent-state file(s)"),
+        "{reported:?}"
+    );
+    let waiters = findings_of(&repo, "lock-waiter");
+    assert_eq!(
+        waiters
+            .iter()
+            .map(|(subject, _)| subject.as_str())
+            .collect::<Vec<_>>(),
+        [gone_record.display().to_string()],
+        "{waiters:?}"
+    );
+    // Without --fix nothing went.
+    assert!(activity.join("killed.json").exists() && gone_record.exists());
+
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert!(
+        stdout(&fixed).contains("killed"),
+        "{}{}",
+        stdout(&fixed),
+        stderr(&fixed)
+    );
+    assert!(!activity.join("killed.json").exists());
+    assert!(!activity.join("killed.said.json").exists());
+    assert!(!gone_record.exists());
+    // What runs keeps its files: the live instance's state, the live waiter's record.
+    assert!(activity.join("live.json").exists());
+    assert!(live_record.exists());
+    assert!(findings_of(&repo, "activity").is_empty());
+    assert!(findings_of(&repo, "lock-waiter").is_empty());
+
+    drop(live_waiter.kill_now());
+    drop(holder.kill_now());
+    let output = live.wait_after(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30));
+    assert_eq!(code(&output), 143, "{}", stderr(&output));
+}
