@@ -2154,3 +2154,111 @@ fn doctor_reports_the_fleet_locks_and_reservations_of_dead_holders_and_fix_frees
     drop(live_reserver);
     drop(live);
 }
+
+#[test]
+fn the_overview_lists_the_expired_lease_of_a_worker_killed_mid_task_in_its_attention_strip() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let port = crate::api::free_ports(1);
+    let mut serve = fleet.app(
+        0,
+        &[
+            "serve",
+            "--with-api",
+            "--api-addr",
+            &format!("127.0.0.1:{port}"),
+            "--instance",
+            "dash",
+        ],
+    );
+    serve.env("APP_API_TOKEN", "t0ken");
+    let _serve = fleet.hosts[0].spawn(serve);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for("the API to answer", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let marks = fleet.hosts[0].scratch();
+    let pid_file = marks.join("pid-of-a");
+    let script = format!("echo $$ > {}; exec sleep 60", pid_file.display());
+    let plan = json!({ "name": "lapses", "tasks": [{ "id": "a", "command": script }] });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let doomed = fleet.worker(1, &[]);
+    let _orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    ));
+    wait_for("the attempt to start", Duration::from_secs(30), || {
+        fs::read_to_string(&pid_file).is_ok_and(|pid| pid.trim().parse::<u32>().is_ok())
+    });
+    let expired = |overview: &Value| -> Vec<Value> {
+        overview["attention"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "expired-lease")
+            .cloned()
+            .collect()
+    };
+    // While its worker renews it, the lease is no attention item.
+    let seen = overview(&url, "t0ken");
+    assert_eq!(expired(&seen), Vec::<Value>::new(), "{seen:#}");
+    let lease = seen["fleet"]["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["task"] == "a")
+        .cloned()
+        .unwrap_or_else(|| panic!("no lease of a: {seen:#}"));
+    assert_eq!(
+        (&lease["host"], &lease["expired"]),
+        (&json!("host1"), &json!(false)),
+        "{seen:#}"
+    );
+    let run = lease["run"].as_str().unwrap().to_string();
+
+    // The worker and the attempt's command die at once; after the lease TTL (3 s) the lease
+    // has expired by the server's clock.
+    doomed.kill_now();
+    let command: u32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(command, Signal::SIGKILL);
+    let mut seen = Value::Null;
+    wait_for(
+        "the expired lease in the attention strip",
+        Duration::from_secs(30),
+        || {
+            seen = overview(&url, "t0ken");
+            !expired(&seen).is_empty()
+        },
+    );
+    let item = &expired(&seen)[0];
+    assert_eq!(item["subject"], format!("{run}/a"), "{seen:#}");
+    let text = item["text"].as_str().unwrap();
+    assert!(
+        text.contains("task a (attempt 1, token ") && text.contains("on host host1 expired"),
+        "{seen:#}"
+    );
+    assert!(item["since"].is_string(), "{seen:#}");
+    let lease = seen["fleet"]["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["task"] == "a")
+        .cloned()
+        .unwrap();
+    assert_eq!(lease["expired"], true, "{seen:#}");
+    assert!(
+        lease["expires_in_ms"].as_i64().is_some_and(|ms| ms <= 0),
+        "{seen:#}"
+    );
+}
