@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 use crate::support::{Running, TestRepo, stderr, wait_for};
 
 const TMUX: &str = "/usr/bin/tmux";
@@ -358,4 +360,88 @@ fn dash_without_a_terminal_or_with_a_bad_api_is_refused() {
     let output = repo.run_app(&["dash", "--api", &url]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains(&url), "{}", stderr(&output));
+}
+
+/// `app serve --with-api --instance ID --api-addr ADDR`, once it is registered as running.
+fn serve_on(repo: &TestRepo, id: &str, addr: &str) -> Running {
+    let mut server = repo.spawn_app(&["serve", "--with-api", "--instance", id, "--api-addr", addr]);
+    wait_for(&format!("{id} to serve"), Duration::from_secs(30), || {
+        server.assert_running();
+        repo.instances()
+            .into_iter()
+            .any(|r| r.id.as_str() == id && r.status.to_string() == "running")
+    });
+    server
+}
+
+/// How many lines of the events tab say `kind` of instance `id`.
+fn event_lines(screen: &str, kind: &str, id: &str) -> usize {
+    screen
+        .lines()
+        .filter(|line| {
+            let mut words = line.split_whitespace().skip_while(|w| *w != kind);
+            words.next().is_some() && words.next() == Some(id)
+        })
+        .count()
+}
+
+#[test]
+fn dash_over_the_api_follows_a_restarted_server_on_the_same_port_without_losing_an_event() {
+    let repo = TestRepo::new();
+    let port = free_ports(1);
+    let addr = format!("127.0.0.1:{port}");
+    let first = serve_on(&repo, "hub", &addr);
+    let url = format!("http://{addr}");
+    let Some(tmux) = Tmux::start(&repo, &dash_then_report(&format!("--api {url}"))) else {
+        return;
+    };
+    tmux.wait_for_text(&repo, "hub");
+    let start = |id: &str| {
+        let run = repo.spawn_app(&[
+            "run",
+            "--no-worktree",
+            "--instance",
+            id,
+            "--",
+            "sleep",
+            "600",
+        ]);
+        repo.wait_running(run.pid());
+        run
+    };
+    let _before = start("before");
+    tmux.keys(&repo, "5");
+    wait_for(
+        "before's start on the events tab",
+        Duration::from_secs(30),
+        || event_lines(&tmux.screen(&repo), "instance.started", "before") == 1,
+    );
+
+    // The server goes; an instance starts while no stream is open; a new server takes the
+    // same address, and the dashboard resumes after the last event it saw.
+    drop(first.wait_after(Signal::SIGTERM, Duration::from_secs(30)));
+    tmux.wait_for_text(&repo, "reconnecting");
+    let _during = start("during");
+    let _second = serve_on(&repo, "hub2", &addr);
+    let mut screen = String::new();
+    wait_for("during's start, replayed", Duration::from_secs(30), || {
+        screen = tmux.screen(&repo);
+        event_lines(&screen, "instance.started", "during") == 1
+    });
+    assert_eq!(
+        event_lines(&screen, "instance.started", "before"),
+        1,
+        "once:\n{screen}"
+    );
+    // Live again: an instance started now shows on the events tab and in the instances.
+    let _after = start("after");
+    wait_for("after's start, live", Duration::from_secs(30), || {
+        event_lines(&tmux.screen(&repo), "instance.started", "after") == 1
+    });
+    tmux.keys(&repo, "1");
+    let screen = tmux.wait_for_text(&repo, "Instances (4)");
+    for id in ["hub2", "before", "during", "after"] {
+        assert!(screen.contains(id), "{id} listed:\n{screen}");
+    }
+    quit_and_check_restored(&repo, &tmux);
 }
