@@ -353,20 +353,72 @@ fn file_change(path: &std::path::Path) -> Option<[(std::time::SystemTime, u64); 
 }
 
 /// Scans `.app/` for changes into the hub until the stop: every [`LOCAL_INTERVAL`], and at
-/// once (after [`LOCAL_GAP`]) when a file changes in the queue, the locks or the activity.
+/// once (after [`LOCAL_GAP`]) when a file changes in the queue or the locks.
 pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, stop: StopToken) {
-    let mut seen = Some(LocalState::default());
-    let mut watch: Option<LocalWatch> = None;
+    let watched = paths.clone();
+    follow_local(
+        (&hub, &stop, "scanning .app/"),
+        (LocalState::default(), paths, settings),
+        move |watch: Option<LocalWatch>| {
+            // Made again when a directory it could not cover has appeared since.
+            if watch.as_ref().is_none_or(|w| w.incomplete(&watched)) {
+                LocalWatch::new(&watched).or(watch)
+            } else {
+                watch
+            }
+        },
+        |(state, paths, settings)| state.scan(paths, settings),
+        LocalWatch::wait,
+    )
+    .await;
+}
+
+/// Follows the agents' state files (`.app/activity/`) into the hub until the stop: woken by
+/// their changes (at most every [`LOCAL_GAP`]), and every [`LOCAL_INTERVAL`]. Apart from the
+/// other `.app/` scan, so that a supervisor rewriting its file (every few ticks) costs a
+/// listing of that directory, not a scan of the registry, the queue and the locks.
+pub(crate) async fn watch_agents(hub: Hub, paths: AppPaths, stop: StopToken) {
+    let dir = paths.activity_dir();
+    follow_local(
+        (&hub, &stop, "following the agents' state"),
+        (AgentStates::default(), paths),
+        move |watch: Option<DirWatch>| {
+            // Never made here (an API only reads `.app/`): watched once it exists.
+            watch.or_else(|| {
+                dir.is_dir()
+                    .then(|| DirWatch::new(&dir, LOCAL_INTERVAL, false).ok())
+                    .flatten()
+            })
+        },
+        |(agents, paths)| agents.scan(paths),
+        |watch, limit| {
+            watch.wait(limit);
+            watch
+        },
+    )
+    .await;
+}
+
+/// The loop of a feed of `.app/`: make (or keep) its watch, scan on a blocking thread, publish,
+/// wait for the watch or the interval; the watch is made before the scan, so a change during
+/// the scan still wakes the next one.
+async fn follow_local<S, W>(
+    (hub, stop, what): (&Hub, &StopToken, &str),
+    state: S,
+    mut rewatch: impl FnMut(Option<W>) -> Option<W>,
+    scan: fn(&mut S) -> Vec<ApiEvent>,
+    wait: fn(W, Duration) -> W,
+) where
+    S: Send + 'static,
+    W: Send + 'static,
+{
+    let mut seen = Some(state);
+    let mut watch: Option<W> = None;
     loop {
-        // The watch is made before the scan, so a change during the scan still wakes the next;
-        // made again when a directory it could not cover has appeared since.
-        if watch.as_ref().is_none_or(|w| w.incomplete(&paths)) {
-            watch = LocalWatch::new(&paths).or(watch);
-        }
+        watch = rewatch(watch.take());
         let Some(mut state) = seen.take() else { return };
-        let (paths, settings) = (paths.clone(), settings.clone());
         let scanned = tokio::task::spawn_blocking(move || {
-            let events = state.scan(&paths, &settings);
+            let events = scan(&mut state);
             (state, events)
         })
         .await;
@@ -378,22 +430,22 @@ pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, s
                 seen = Some(state);
             }
             Err(err) => {
-                tracing::warn!(%err, "scanning .app/ for the event stream failed; it stops");
+                tracing::warn!(%err, "{what} for the event stream failed; it stops");
                 return;
             }
         }
         let stopped = match watch.take() {
             Some(dirs) => {
-                let woken = tokio::task::spawn_blocking(move || dirs.wait(LOCAL_INTERVAL));
+                let woken = tokio::task::spawn_blocking(move || wait(dirs, LOCAL_INTERVAL));
                 tokio::select! {
                     dirs = woken => {
                         watch = dirs.ok();
-                        wait_or_stop(&stop, LOCAL_GAP).await
+                        wait_or_stop(stop, LOCAL_GAP).await
                     }
                     () = stop.stopped() => true,
                 }
             }
-            None => wait_or_stop(&stop, LOCAL_INTERVAL).await,
+            None => wait_or_stop(stop, LOCAL_INTERVAL).await,
         };
         if stopped {
             return;
@@ -404,44 +456,32 @@ pub(crate) async fn watch_local(hub: Hub, paths: AppPaths, settings: Settings, s
 /// The shortest time between two scans woken by file events (a burst of writes is one scan).
 const LOCAL_GAP: Duration = Duration::from_millis(20);
 
-/// A watch on the queue's inboxes, the locks and the agents' activity, once `.app/` has them
-/// (never made here: an API only reads `.app/`).
+/// A watch on the queue's inboxes and the locks, once `.app/` has them (never made here: an
+/// API only reads `.app/`).
 struct LocalWatch {
     dirs: DirWatch,
-    /// Whether the locks and the activity directories existed, and so are watched.
-    covers: [bool; 2],
+    /// Whether the locks directory existed, and so is watched.
+    locks: bool,
 }
 
 impl LocalWatch {
     fn new(paths: &AppPaths) -> Option<LocalWatch> {
-        let inboxes = paths.inboxes_dir();
+        let (inboxes, locks) = (paths.inboxes_dir(), paths.locks_dir());
         if !inboxes.is_dir() {
             return None;
         }
         let mut dirs = DirWatch::new(&inboxes, LOCAL_INTERVAL, false).ok()?;
         dirs.also(&inboxes, true).ok()?;
-        let mut covers = [false; 2];
-        for (covered, (dir, recursive)) in covers.iter_mut().zip(Self::optional(paths)) {
-            if dir.is_dir() {
-                dirs.also(&dir, recursive).ok()?;
-                *covered = true;
-            }
+        let locks = locks.is_dir();
+        if locks {
+            dirs.also(&paths.locks_dir(), true).ok()?;
         }
-        Some(LocalWatch { dirs, covers })
+        Some(LocalWatch { dirs, locks })
     }
 
-    /// The directories watched once they exist: the locks (with their subdirectories) and the
-    /// activity files.
-    fn optional(paths: &AppPaths) -> [(PathBuf, bool); 2] {
-        [(paths.locks_dir(), true), (paths.activity_dir(), false)]
-    }
-
-    /// Whether a directory this watch lacks exists now.
+    /// Whether the locks directory has appeared since this watch was made without it.
     fn incomplete(&self, paths: &AppPaths) -> bool {
-        self.covers
-            .iter()
-            .zip(Self::optional(paths))
-            .any(|(covered, (dir, _))| !covered && dir.is_dir())
+        !self.locks && paths.locks_dir().is_dir()
     }
 
     fn wait(self, limit: Duration) -> LocalWatch {
@@ -473,10 +513,29 @@ pub struct LocalState {
     acked: HashSet<(String, String)>,
     /// Locks by name: the last token and whether it was held.
     locks: HashMap<LockName, (u64, bool)>,
-    /// Activity files by instance: the file's identity when last read, and the state and since
-    /// it said (the tracker rewrites the file for its progress and reason too: only a new
-    /// state, or a new `since` of the same one, is news).
-    agents: HashMap<String, (FileStamp, Option<(AgentState, Timestamp)>)>,
+}
+
+/// What an `instance.state` event said: the state, since when, and the kind of its reason.
+type Announced = (AgentState, Timestamp, String);
+
+/// The kind of a reason: its text up to the first digit. "cpu 43%" and "cpu 97%" are one kind,
+/// "started", "cpu 43%" and "the worktree changed" three: a working agent whose reason moves
+/// from "started" to its CPU use is news, its CPU use going up and down is not.
+fn reason_kind(reason: &str) -> String {
+    let cut = reason
+        .find(|c: char| c.is_ascii_digit())
+        .unwrap_or(reason.len());
+    reason[..cut].trim_end().to_string()
+}
+
+/// What the last look at `.app/activity/` saw; the first one only records.
+#[derive(Debug, Default)]
+struct AgentStates {
+    primed: bool,
+    /// Activity files by instance: the file's identity when last read, and what it said (the
+    /// tracker rewrites the file for its progress and reason too: only a new state, a new
+    /// `since` of the same one, or a new kind of reason is news).
+    agents: HashMap<String, (FileStamp, Option<Announced>)>,
 }
 
 /// What tells one version of a file from the next: `write_atomic` renames a new inode in.
@@ -498,7 +557,6 @@ impl LocalState {
         let key = keys.load().ok().flatten();
         self.scan_messages(&coordination, paths, key, &mut out);
         self.scan_locks(&coordination, &mut out);
-        self.scan_agents(paths, &mut out);
         let primed = std::mem::replace(&mut self.primed, true);
         if primed { out } else { Vec::new() }
     }
@@ -591,48 +649,6 @@ impl LocalState {
         self.acked = acked;
     }
 
-    /// `instance.state` for each agent whose state changed since the last scan (and for one
-    /// that appeared: its first state).
-    fn scan_agents(&mut self, paths: &AppPaths, out: &mut Vec<ApiEvent>) {
-        let mut now = HashMap::new();
-        for name in visible_names(&paths.activity_dir()).unwrap_or_default() {
-            let Some(id) = name.strip_suffix(".json") else {
-                continue;
-            };
-            let Some(stamp) = file_stamp(&paths.activity(id)) else {
-                continue;
-            };
-            let before = self.agents.remove(id);
-            let known = before.as_ref().and_then(|(_, state)| *state);
-            if before.as_ref().is_some_and(|(was, _)| *was == stamp) {
-                now.insert(id.to_string(), (stamp, known));
-                continue;
-            }
-            // Not an activity (an agent's report, `<id>.said.json`, or a file being replaced):
-            // nothing to announce, read again when it changes.
-            let Some(activity) = activity::read(paths, id) else {
-                now.insert(id.to_string(), (stamp, known));
-                continue;
-            };
-            let agent = activity.agent;
-            let state = (agent.state, agent.since);
-            if known.as_ref() != Some(&state) {
-                out.push(ApiEvent::now(
-                    "instance.state",
-                    Some(id),
-                    json!({
-                        "id": id,
-                        "state": agent.state,
-                        "since": agent.since,
-                        "reason": agent.reason,
-                    }),
-                ));
-            }
-            now.insert(id.to_string(), (stamp, Some(state)));
-        }
-        self.agents = now;
-    }
-
     fn scan_locks(&mut self, coordination: &Coordination, out: &mut Vec<ApiEvent>) {
         let Ok(Some(locks)) = coordination.existing_locks() else {
             return;
@@ -666,9 +682,72 @@ impl LocalState {
     }
 }
 
+impl AgentStates {
+    /// `instance.state` for each agent whose state (or its start, or the kind of its reason)
+    /// changed since the last scan, and for one that appeared: its first state.
+    fn scan(&mut self, paths: &AppPaths) -> Vec<ApiEvent> {
+        let mut out = Vec::new();
+        let mut now = HashMap::new();
+        for name in visible_names(&paths.activity_dir()).unwrap_or_default() {
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let Some(stamp) = file_stamp(&paths.activity(id)) else {
+                continue;
+            };
+            let before = self.agents.remove(id);
+            let known = before.as_ref().and_then(|(_, state)| state.clone());
+            if before.as_ref().is_some_and(|(was, _)| *was == stamp) {
+                now.insert(id.to_string(), (stamp, known));
+                continue;
+            }
+            // Not an activity (an agent's report, `<id>.said.json`, or a file being replaced):
+            // nothing to announce, read again when it changes.
+            let Some(activity) = activity::read(paths, id) else {
+                now.insert(id.to_string(), (stamp, known));
+                continue;
+            };
+            let agent = activity.agent;
+            let state = (agent.state, agent.since, reason_kind(&agent.reason));
+            if known.as_ref() != Some(&state) {
+                out.push(ApiEvent::now(
+                    "instance.state",
+                    Some(id),
+                    json!({
+                        "id": id,
+                        "state": agent.state,
+                        "since": agent.since,
+                        "reason": agent.reason,
+                    }),
+                ));
+            }
+            now.insert(id.to_string(), (stamp, Some(state)));
+        }
+        self.agents = now;
+        let primed = std::mem::replace(&mut self.primed, true);
+        if primed { out } else { Vec::new() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reasons_kind_is_its_text_before_the_first_digit() {
+        assert_eq!(reason_kind("cpu 43%"), reason_kind("cpu 97%"));
+        assert_eq!(reason_kind("started"), "started");
+        assert_ne!(reason_kind("started"), reason_kind("cpu 5%"));
+        assert_ne!(reason_kind("cpu 5%"), reason_kind("the worktree changed"));
+        assert_eq!(
+            reason_kind("no cpu and no change for 3s"),
+            reason_kind("no cpu and no change for 45s")
+        );
+        assert_eq!(
+            reason_kind("said: waiting for review"),
+            "said: waiting for review"
+        );
+    }
 
     #[test]
     fn a_log_tail_keeps_whole_lines_within_its_byte_limit() {

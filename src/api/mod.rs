@@ -301,6 +301,7 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, stop: StopToken) {
         context.settings.clone(),
         stop.clone(),
     );
+    let agents = feed::watch_agents(state.hub.clone(), context.paths.clone(), stop.clone());
     let shutdown = async move { stop.stopped().await };
     let server = async {
         if let Err(err) = axum::serve(listener, router(Arc::clone(&state)))
@@ -310,7 +311,7 @@ async fn serve(listener: TcpListener, state: Arc<AppState>, stop: StopToken) {
             tracing::warn!(%err, "the API server failed");
         }
     };
-    tokio::join!(server, local);
+    tokio::join!(server, local, agents);
 }
 
 fn router(state: Arc<AppState>) -> Router {
