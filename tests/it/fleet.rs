@@ -1708,11 +1708,9 @@ fn doctor_on_a_local_database_asks_nothing_of_the_remote_and_says_what_it_said_b
     assert_eq!(stdout(&out), "app doctor: nothing to reclaim\n");
 }
 
-#[test]
-fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_tasks() {
-    let Some(fleet) = Fleet::new(2) else { return };
-    let log = fleet.hosts[0].scratch().join("spans");
-    let tasks: Vec<Value> = (0..6)
+/// `count` plan tasks that each sleep a second between a start and an end line in `log`.
+fn timed_sleeps(count: usize, log: &Path) -> Vec<Value> {
+    (0..count)
         .map(|i| {
             json!({
                 "id": format!("t{i}"),
@@ -1722,7 +1720,34 @@ fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_ta
                 ),
             })
         })
+        .collect()
+}
+
+/// The start and end lines [`timed_sleeps`] wrote to `log`: how many, and the most tasks that
+/// ran at once.
+fn spans(log: &Path) -> (usize, i32) {
+    let mut events: Vec<(u128, i32)> = fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (what, at) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), if what == "start" { 1 } else { -1 })
+        })
         .collect();
+    events.sort();
+    let (mut running, mut most) = (0, 0);
+    for (_, change) in &events {
+        running += change;
+        most = most.max(running);
+    }
+    (events.len(), most)
+}
+
+#[test]
+fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_tasks() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let log = fleet.hosts[0].scratch().join("spans");
+    let tasks = timed_sleeps(6, &log);
     let plan = json!({ "name": "capacity", "max_concurrent": 6, "tasks": tasks });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _worker = fleet.worker(1, &["--capacity", "2"]);
@@ -1738,21 +1763,8 @@ fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_ta
         ],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let mut events: Vec<(u128, i32)> = fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let (what, at) = line.split_once(' ').unwrap();
-            (at.parse().unwrap(), if what == "start" { 1 } else { -1 })
-        })
-        .collect();
-    events.sort();
-    let (mut running, mut most) = (0, 0);
-    for (_, change) in &events {
-        running += change;
-        most = most.max(running);
-    }
-    assert_eq!(events.len(), 12, "every task ran once");
+    let (events, most) = spans(&log);
+    assert_eq!(events, 12, "every task ran once");
     assert!(most <= 2, "at most --capacity at once, saw {most}");
 }
 
@@ -1760,17 +1772,7 @@ fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_ta
 fn a_fleet_run_offers_every_ready_task_yet_never_runs_more_than_max_concurrent_across_hosts() {
     let Some(fleet) = Fleet::new(3) else { return };
     let log = fleet.hosts[0].scratch().join("spans");
-    let tasks: Vec<Value> = (0..8)
-        .map(|i| {
-            json!({
-                "id": format!("t{i}"),
-                "command": format!(
-                    "echo \"start $(date +%s%N)\" >> {l} && sleep 1 && echo \"end $(date +%s%N)\" >> {l}",
-                    l = log.display()
-                ),
-            })
-        })
-        .collect();
+    let tasks = timed_sleeps(8, &log);
     let plan = json!({ "name": "cap", "max_concurrent": 3, "tasks": tasks });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _one = fleet.worker(1, &["--capacity", "3"]);
@@ -1790,21 +1792,8 @@ fn a_fleet_run_offers_every_ready_task_yet_never_runs_more_than_max_concurrent_a
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["run"]["status"], "succeeded", "{summary}");
-    let mut events: Vec<(u128, i32)> = fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let (what, at) = line.split_once(' ').unwrap();
-            (at.parse().unwrap(), if what == "start" { 1 } else { -1 })
-        })
-        .collect();
-    events.sort();
-    let (mut running, mut most) = (0, 0);
-    for (_, change) in &events {
-        running += change;
-        most = most.max(running);
-    }
-    assert_eq!(events.len(), 16, "every task ran once");
+    let (events, most) = spans(&log);
+    assert_eq!(events, 16, "every task ran once");
     assert!(
         most <= 3,
         "at most max_concurrent at once over both hosts (6 slots), saw {most}"
