@@ -53,14 +53,16 @@ pub fn fix(paths: &AppPaths, keys: &Keys, options: &Options) -> Result<(Vec<Fixe
         if !diagnosis.any_fixable() {
             break;
         }
-        // What this pass's reclaims share, opened at the first of them.
-        let mut reclaimer = None;
-        for problem in diagnosis.problems.iter().filter(|p| p.fixable()) {
+        let problems: Vec<&Problem> = diagnosis
+            .problems
+            .iter()
+            .filter(|p| p.fixable() && !locked_out.contains(&p.finding()))
+            .collect();
+        for (problem, outcome) in problems
+            .iter()
+            .zip(fix_all(paths, keys, options, &problems))
+        {
             let finding = problem.finding();
-            if locked_out.contains(&finding) {
-                continue;
-            }
-            let outcome = fix_one(paths, keys, options, &mut reclaimer, problem);
             if outcome.as_ref().is_err_and(ref_locked) {
                 locked_out.push(finding.clone());
             }
@@ -72,6 +74,88 @@ pub fn fix(paths: &AppPaths, keys: &Keys, options: &Options) -> Result<(Vec<Fixe
         diagnosis = diagnose(paths, keys, options)?;
     }
     Ok((done, diagnosis))
+}
+
+/// Fixes `problems` in their order, the outcome of each in the same order. A row of instance
+/// reclaims (one worktree each: an in-use proof, a comparison with HEAD, a rescue, a removal)
+/// shares the cores: up to [`RECLAIMERS`] threads, each with its own repository handle, take
+/// the next one in turn. They are independent: each acts on its own worktree, branch and
+/// intent, and the registry, git's refs and the rescue refs take their locks as they do when
+/// two processes reclaim.
+fn fix_all(
+    paths: &AppPaths,
+    keys: &Keys,
+    options: &Options,
+    problems: &[&Problem],
+) -> Vec<Result<String>> {
+    let mut outcomes = Vec::with_capacity(problems.len());
+    let mut rest = problems;
+    while let Some(first) = rest.first() {
+        let run = rest.iter().take_while(|p| is_reclaim(p)).count();
+        if run > 1 {
+            outcomes.extend(reclaim_all(paths, keys, options, &rest[..run]));
+            rest = &rest[run..];
+        } else {
+            outcomes.push(fix_one(paths, keys, options, &mut None, first));
+            rest = &rest[1..];
+        }
+    }
+    outcomes
+}
+
+/// At most this many threads reclaim instances at once (the cores there are, up to it).
+const RECLAIMERS: usize = 4;
+
+/// Whether `problem` is fixed by reclaiming an instance's worktree.
+fn is_reclaim(problem: &Problem) -> bool {
+    matches!(
+        problem,
+        Problem::DeadInstance { .. } | Problem::OrphanWorktree { .. }
+    )
+}
+
+/// [`fix_one`] for each of `problems` (instance reclaims), on as many threads as there are
+/// cores (at most [`RECLAIMERS`]); the outcomes in the order of `problems`.
+fn reclaim_all(
+    paths: &AppPaths,
+    keys: &Keys,
+    options: &Options,
+    problems: &[&Problem],
+) -> Vec<Result<String>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .clamp(1, RECLAIMERS)
+        .min(problems.len());
+    let next = AtomicUsize::new(0);
+    let outcomes: Vec<Mutex<Option<Result<String>>>> =
+        problems.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut reclaimer = None;
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(problem) = problems.get(index) else {
+                        break;
+                    };
+                    let outcome = fix_one(paths, keys, options, &mut reclaimer, problem);
+                    *outcomes[index]
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner()) = Some(outcome);
+                }
+            });
+        }
+    });
+    outcomes
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .expect("every problem is taken by a thread")
+        })
+        .collect()
 }
 
 /// The text of a failed fix. git refusing a change for a lock file (which says who holds it

@@ -220,6 +220,14 @@ fn fifty_instances_killed_at_once_are_reclaimed_with_every_byte_of_work() {
     assert_eq!(code(&fixed), 0, "{}{}", stdout(&fixed), stderr(&fixed));
     drop(runs);
     assert_reclaimed(&repo);
+    // Reclaimed on several threads, reported in the diagnosis's order, each once.
+    let reported: Vec<String> = stdout(&fixed)
+        .lines()
+        .filter_map(|line| line.strip_prefix("fixed dead-instance "))
+        .filter_map(|rest| rest.split(':').next().map(str::to_string))
+        .collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("mass-{i:02}")).collect();
+    assert_eq!(reported, expected, "{}", stdout(&fixed));
     for i in 0..50 {
         let id = format!("mass-{i:02}");
         let content = format!("work of {id}");
