@@ -176,9 +176,17 @@ fn read_proc(pid: u32) -> Option<Proc> {
     if let Some(root) = link("root").filter(|root| root != Path::new("/")) {
         places.push((Hold::Root, root));
     }
-    if let Some(exe) = link("exe") {
-        places.push((Hold::Exe, exe));
-    }
+    // No executable means no memory: a kernel thread, or a process past the point of its exit
+    // where it runs no code of its own any more. Its files and environment say nothing (most
+    // processes on a machine are kernel threads: this halves a scan).
+    let Some(exe) = link("exe") else {
+        return Some(Proc {
+            pid,
+            places,
+            worktree_env: None,
+        });
+    };
+    places.push((Hold::Exe, exe));
     if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.filter_map(|fd| fd.ok()) {
             let mut name = std::ffi::OsString::from("fd/");
