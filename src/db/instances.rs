@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::status::{self, stored_status};
 use super::{Db, integer, opt, opt_text, text};
+use crate::activity::StateReport;
 use crate::error::Result;
 use crate::registry::{InstanceRecord, InstanceStatus};
 use crate::time::Timestamp;
@@ -68,6 +69,8 @@ pub struct InstanceRow {
     pub stopped_at: Option<String>,
     /// The command's exit code (128+N for signal N), once stopped.
     pub exit_code: Option<i64>,
+    /// What its agent was doing at its last heartbeat row, when known.
+    pub agent: Option<StateReport>,
 }
 
 impl InstanceRow {
@@ -90,6 +93,7 @@ impl InstanceRow {
             last_heartbeat: record.heartbeat_at.to_string(),
             stopped_at: None,
             exit_code: None,
+            agent: None,
         }
     }
 }
@@ -99,13 +103,15 @@ pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
     db.execute(
         "mirroring an instance",
         "INSERT INTO instances (id, repo_root, host, pid, start_time, worktree, branch, base,
-                                command, status, started_at, last_heartbeat, stopped_at, exit_code)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                                command, status, started_at, last_heartbeat, stopped_at, exit_code,
+                                agent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT (host, repo_root, id, started_at) DO UPDATE SET
              pid = excluded.pid, start_time = excluded.start_time, worktree = excluded.worktree,
              branch = excluded.branch, base = excluded.base, command = excluded.command,
              status = excluded.status, last_heartbeat = excluded.last_heartbeat,
-             stopped_at = excluded.stopped_at, exit_code = excluded.exit_code",
+             stopped_at = excluded.stopped_at, exit_code = excluded.exit_code,
+             agent = COALESCE(excluded.agent, instances.agent)",
         vec![
             Value::Text(row.id.clone()),
             Value::Text(row.repo_root.clone()),
@@ -121,6 +127,10 @@ pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
             Value::Text(row.last_heartbeat.clone()),
             opt(row.stopped_at.clone()),
             row.exit_code.map_or(Value::Null, Value::Integer),
+            opt(row
+                .agent
+                .as_ref()
+                .map(|agent| serde_json::to_string(agent).expect("a state report serializes"))),
         ],
     )
     .await
@@ -185,7 +195,7 @@ pub fn elsewhere_statement(host: &str) -> (String, Vec<Value>) {
 }
 
 const SELECT: &str = "SELECT id, repo_root, host, pid, start_time, worktree, branch, base, command,
-                        status, started_at, last_heartbeat, stopped_at, exit_code
+                        status, started_at, last_heartbeat, stopped_at, exit_code, agent
                  FROM instances";
 
 async fn select(db: &Db, clause: &str, params: Vec<Value>) -> Result<Vec<InstanceRow>> {
@@ -214,6 +224,8 @@ pub fn rows_from(rows: &[Vec<Value>]) -> Result<Vec<InstanceRow>> {
                 last_heartbeat: text(&row[11]),
                 stopped_at: opt_text(&row[12]),
                 exit_code: integer(&row[13]),
+                // Unknown (or written by a newer binary in a shape this one cannot read).
+                agent: opt_text(&row[14]).and_then(|json| serde_json::from_str(&json).ok()),
             })
         })
         .collect()

@@ -46,6 +46,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "messages",
         sql: include_str!("../../schema/0005_messages.sql"),
     },
+    Migration {
+        version: 6,
+        name: "instance_agent",
+        sql: include_str!("../../schema/0006_instance_agent.sql"),
+    },
 ];
 
 /// The version of every migration this binary applies, in order.

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::activity;
 use crate::config::Timing;
 use crate::db::instances::InstanceRow;
 use crate::db::mirror::{MirrorSender, Update};
@@ -46,9 +47,10 @@ impl Heartbeat {
                 match beat(&paths, &keys, &key, &record) {
                     Ok(current) if mirrored.elapsed() + MARGIN >= mirror_every => {
                         mirrored = Instant::now();
-                        mirror.send(Update::Instance(InstanceRow::from_record(
-                            &current, &repo_root, &host,
-                        )));
+                        let mut row = InstanceRow::from_record(&current, &repo_root, &host);
+                        // What its agent does, for the other hosts' dashboards.
+                        row.agent = activity::read(&paths, record.id.as_str()).map(|a| a.agent);
+                        mirror.send(Update::Instance(row));
                     }
                     Ok(_) => {}
                     Err(err) => tracing::warn!(instance = %record.id, %err, "heartbeat failed"),

@@ -248,7 +248,8 @@ fn elsewhere(row: InstanceRow, stale_after: Duration) -> Option<InstanceView> {
         record,
         liveness: liveness.into(),
         reason,
-        agent: None,
+        // As its host's heartbeat row last told it, while that is fresh.
+        agent: row.agent.filter(|_| liveness == "live"),
         progress: None,
         run: None,
         task: None,

@@ -2251,3 +2251,79 @@ fn the_overview_lists_the_expired_lease_of_a_worker_killed_mid_task_in_its_atten
         "{seen:#}"
     );
 }
+
+#[test]
+fn another_hosts_agent_state_reaches_the_overview_with_its_heartbeat_row() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let port = crate::api::free_ports(1);
+    let mut serve = fleet.app(
+        0,
+        &[
+            "serve",
+            "--with-api",
+            "--api-addr",
+            &format!("127.0.0.1:{port}"),
+            "--instance",
+            "dash",
+        ],
+    );
+    serve.env("APP_API_TOKEN", "t0ken");
+    let _serve = fleet.hosts[0].spawn(serve);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for("the API to answer", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let mut asks = fleet.app(
+        1,
+        &[
+            "run",
+            "--no-worktree",
+            "--instance",
+            "asks",
+            "--",
+            "sh",
+            "-c",
+            "\"$APP_BIN\" status needs-input 'review the schema please' && exec sleep 600",
+        ],
+    );
+    asks.env("APP_HEARTBEAT_INTERVAL", "200ms");
+    let _asks = fleet.hosts[1].spawn(asks);
+    let agent_of_asks = |overview: &Value| {
+        overview["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == "asks")
+            .map(|i| (i["fleet_host"].clone(), i["agent"].clone()))
+    };
+    let mut seen = Value::Null;
+    wait_for(
+        "host1's agent needing input, seen from host0",
+        Duration::from_secs(30),
+        || {
+            seen = overview(&url, "t0ken");
+            agent_of_asks(&seen).is_some_and(|(_, agent)| agent["state"] == "needs-input")
+        },
+    );
+    let (host, agent) = agent_of_asks(&seen).unwrap();
+    assert_eq!(host, "host1", "{seen:#}");
+    assert!(
+        agent["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("review the schema please")),
+        "{seen:#}"
+    );
+    assert!(agent["since"].is_string(), "{seen:#}");
+    // And in the list of every host's instances.
+    let out = fleet.run(0, &["instance", "list", "--everywhere", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "asks")
+        .cloned()
+        .unwrap_or_else(|| panic!("asks is not listed: {listed:#}"));
+    assert_eq!(row["agent"]["state"], "needs-input", "{listed:#}");
+}
