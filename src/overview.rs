@@ -25,7 +25,7 @@ use crate::activity::{self, AgentState, Progress, StateReport};
 use crate::api::{ApiContext, Dashboard};
 use crate::config::Settings;
 use crate::coordination::Coordination;
-use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
+use crate::db::runs::{self, RunRow, RunStatus, RunningAttempt, TaskRow, TaskStatus};
 use crate::db::{Blocking, DbSettings, Location};
 use crate::doctor;
 use crate::error::{InstanceError, Result};
@@ -216,7 +216,7 @@ pub struct FindingView {
 }
 
 /// What the database gives an overview: the runs, and the fleet when it is a server.
-type DatabaseRead = (Vec<RunView>, Option<fleet::FleetRead>);
+type DatabaseRead = (Vec<RunView>, Vec<RunningAttempt>, Option<fleet::FleetRead>);
 
 /// Where an overview is read from, and what the last reads left to reuse.
 #[derive(Debug)]
@@ -279,11 +279,11 @@ impl Source {
             .map(|record| instance_view(&self.paths, record, &record.liveness(stale_after)))
             .collect();
         let (read, host_db) = self.database_read();
-        let (runs, fleet, db_failure) = match read {
-            Ok((runs, fleet)) => (runs, fleet, None),
-            Err(err) => (Vec::new(), None, Some(err.to_string())),
+        let (runs, running, fleet, db_failure) = match read {
+            Ok((runs, running, fleet)) => (runs, running, fleet, None),
+            Err(err) => (Vec::new(), Vec::new(), None, Some(err.to_string())),
         };
-        attach_tasks(&mut instances, &runs);
+        attach_tasks(&mut instances, &runs, &running);
         let mut locks: Vec<LockView> = match coordination.existing_locks()? {
             Some(store) => {
                 let waiters = store.waiters()?;
@@ -353,6 +353,7 @@ impl Source {
         let repo_root = self.paths.repo_root().display().to_string();
         let mut statements: Vec<(String, Vec<libsql::Value>)> =
             runs::newest_statements(&repo_root, RUNS_SHOWN).into();
+        statements.push(runs::running_attempts_statement(&repo_root));
         let in_fleet = !db.is_local();
         if in_fleet {
             statements.extend(fleet::statements(&self.settings.fleet_host));
@@ -370,12 +371,13 @@ impl Source {
                     .into_iter()
                     .map(|(run, tasks)| run_view(&run, tasks))
                     .collect();
+                let running = runs::running_attempts_from(&results[2]);
                 let fleet = if in_fleet {
-                    Some(fleet::read(&results[2..], &db, &self.settings)?)
+                    Some(fleet::read(&results[3..], &db, &self.settings)?)
                 } else {
                     None
                 };
-                Ok((runs, fleet))
+                Ok((runs, running, fleet))
             });
         (read, latency)
     }
@@ -515,16 +517,21 @@ fn instance_view(paths: &AppPaths, record: &InstanceRecord, liveness: &Liveness)
     }
 }
 
-/// Names the run and task of every instance that is the last attempt of a task shown.
-fn attach_tasks(instances: &mut [InstanceView], runs: &[RunView]) {
-    let attempts: HashMap<&str, (&str, &str)> = runs
-        .iter()
-        .flat_map(|run| {
-            run.tasks.iter().filter_map(move |task| {
-                let instance = task.instance.as_deref()?;
-                Some((instance, (run.id.as_str(), task.id.as_str())))
-            })
+/// Names the run and task of every instance that is the last attempt of a task shown or runs
+/// an attempt of any run of the repository (not only of the runs shown).
+fn attach_tasks(instances: &mut [InstanceView], runs: &[RunView], running: &[RunningAttempt]) {
+    let shown = runs.iter().flat_map(|run| {
+        run.tasks.iter().filter_map(move |task| {
+            let instance = task.instance.as_deref()?;
+            Some((instance, (run.id.as_str(), task.id.as_str())))
         })
+    });
+    let attempts: HashMap<&str, (&str, &str)> = shown
+        .chain(
+            running
+                .iter()
+                .map(|(run, task, instance)| (instance.as_str(), (run.as_str(), task.as_str()))),
+        )
         .collect();
     for view in instances {
         if let Some((run, task)) = attempts.get(view.record.id.as_str()) {

@@ -257,6 +257,36 @@ pub fn newest_statements(repo_root: &str, limit: u32) -> [(String, Vec<Value>); 
     ]
 }
 
+/// How many running attempts [`running_attempts_statement`] reads at most.
+pub const RUNNING_SHOWN: i64 = 500;
+
+/// The statement reading the running attempts of every run of `repo_root` (not only the
+/// newest): run, task and the instance that runs it; read them with [`running_attempts_from`].
+pub fn running_attempts_statement(repo_root: &str) -> (String, Vec<Value>) {
+    (
+        "SELECT run_id, task_id, instance FROM run_tasks \
+         WHERE status = ?2 AND instance IS NOT NULL \
+         AND run_id IN (SELECT id FROM runs WHERE repo_root = ?1) \
+         ORDER BY started_at DESC LIMIT ?3"
+            .to_string(),
+        vec![
+            Value::Text(repo_root.to_string()),
+            Value::Text(TaskStatus::Running.as_str().into()),
+            Value::Integer(RUNNING_SHOWN),
+        ],
+    )
+}
+
+/// A running attempt as [`running_attempts_statement`] reads it: run, task, instance.
+pub type RunningAttempt = (String, String, String);
+
+/// The running attempts in the result set of [`running_attempts_statement`].
+pub fn running_attempts_from(rows: &[Vec<Value>]) -> Vec<RunningAttempt> {
+    rows.iter()
+        .map(|row| (text(&row[0]), text(&row[1]), text(&row[2])))
+        .collect()
+}
+
 /// The runs and tasks the two result sets of [`newest_statements`] hold: each run (newest
 /// first) with its tasks, in no particular order.
 pub fn newest_from(

@@ -1184,3 +1184,70 @@ fn an_agents_state_change_is_an_event_and_a_rewrite_of_the_same_state_is_not() {
         assert_eq!(code(&output), code_expected, "{}", stderr(&output));
     }
 }
+
+#[test]
+fn an_attempt_of_a_run_older_than_the_runs_shown_still_names_its_run_and_task() {
+    let repo = TestRepo::new();
+    let started = repo.scratch().join("started");
+    let plan = |name: &str, command: Value| {
+        let path = repo.scratch().join(format!("{name}.json"));
+        std::fs::write(
+            &path,
+            json!({"name": name, "tasks": [{"id": "only", "command": command}]}).to_string(),
+        )
+        .unwrap();
+        path
+    };
+    let long = plan(
+        "long",
+        json!([
+            "sh",
+            "-c",
+            format!("touch {} && exec sleep 600", started.display())
+        ]),
+    );
+    let _long = repo.spawn_app(&["orchestrate", "--plan", long.to_str().unwrap()]);
+    wait_for("the long task to start", Duration::from_secs(30), || {
+        started.exists()
+    });
+    // Enough newer runs that the long one is no longer among the runs an overview shows.
+    for i in 0..app::overview::RUNS_SHOWN {
+        let quick = plan(&format!("quick-{i}"), json!(["true"]));
+        let out = repo.run_app(&["orchestrate", "--plan", quick.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let port = free_ports(1);
+    let mut server = repo.spawn_app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--instance",
+        "dash",
+    ]);
+    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let (status, body) = http(&url, "GET", "/overview", &[], None);
+    assert_eq!(status, 200, "{body}");
+    let overview = json_of(&body);
+    let shown: Vec<&str> = overview["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["name"].as_str().unwrap())
+        .collect();
+    assert!(!shown.contains(&"long"), "{overview:#}");
+    let attempt = overview["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["run"].is_string())
+        .unwrap_or_else(|| panic!("no instance names a run: {overview:#}"));
+    assert_eq!(attempt["task"], "only", "{overview:#}");
+    let out = repo.run_app(&["runs", "show", attempt["run"].as_str().unwrap(), "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        json_of(&stdout(&out))["run"]["name"],
+        "long",
+        "{overview:#}"
+    );
+}
