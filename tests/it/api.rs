@@ -63,6 +63,21 @@ fn wait_serving(repo: &TestRepo, run: &mut Running, id: &str) -> Option<String> 
 /// returned as responses (the tests assert them), and a new connection per request, closed after
 /// its response, so no idle connection outlives a request into a server's shutdown.
 /// `app run --no-worktree --instance ID -- COMMAND`, once it is registered.
+/// `app serve --with-api --instance dash` on a free loopback port, once it serves, and its URL.
+fn serve_dash(repo: &TestRepo) -> (Running, String) {
+    let port = free_ports(1);
+    let mut server = repo.spawn_app(&[
+        "serve",
+        "--with-api",
+        "--api-addr",
+        &format!("127.0.0.1:{port}"),
+        "--instance",
+        "dash",
+    ]);
+    let url = wait_serving(repo, &mut server, "dash").unwrap();
+    (server, url)
+}
+
 fn start_in_place(repo: &TestRepo, id: &str, command: &[&str]) -> Running {
     let mut args = vec!["run", "--no-worktree", "--instance", id, "--"];
     args.extend_from_slice(command);
@@ -1038,16 +1053,7 @@ fn a_task_log_is_read_from_its_row_and_an_instance_is_stopped_behind_the_token()
 #[test]
 fn overview_shows_each_agents_state_and_puts_one_that_needs_input_first() {
     let repo = TestRepo::new();
-    let port = free_ports(1);
-    let mut server = repo.spawn_app(&[
-        "serve",
-        "--with-api",
-        "--api-addr",
-        &format!("127.0.0.1:{port}"),
-        "--instance",
-        "dash",
-    ]);
-    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let (server, url) = serve_dash(&repo);
     let busy = start_in_place(&repo, "busy", &["sh", "-c", "while :; do :; done"]);
     let asks = start_in_place(&repo, "asks", &["sleep", "300"]);
     let said = repo
@@ -1107,16 +1113,7 @@ fn overview_shows_each_agents_state_and_puts_one_that_needs_input_first() {
 #[test]
 fn an_agents_state_change_is_an_event_and_a_rewrite_of_the_same_state_is_not() {
     let repo = TestRepo::new();
-    let port = free_ports(1);
-    let mut server = repo.spawn_app(&[
-        "serve",
-        "--with-api",
-        "--api-addr",
-        &format!("127.0.0.1:{port}"),
-        "--instance",
-        "dash",
-    ]);
-    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let (server, url) = serve_dash(&repo);
     let mut events = Events::subscribe(&url);
     // The command reports for itself, as an agent's hook does; ticks every 50 ms rewrite its
     // activity file every 500 ms with the same state.
@@ -1216,16 +1213,7 @@ fn an_attempt_of_a_run_older_than_the_runs_shown_still_names_its_run_and_task() 
         let out = repo.run_app(&["orchestrate", "--plan", quick.to_str().unwrap()]);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    let port = free_ports(1);
-    let mut server = repo.spawn_app(&[
-        "serve",
-        "--with-api",
-        "--api-addr",
-        &format!("127.0.0.1:{port}"),
-        "--instance",
-        "dash",
-    ]);
-    let url = wait_serving(&repo, &mut server, "dash").unwrap();
+    let (_server, url) = serve_dash(&repo);
     let (status, body) = http(&url, "GET", "/overview", &[], None);
     assert_eq!(status, 200, "{body}");
     let overview = json_of(&body);

@@ -1801,18 +1801,8 @@ fn a_fleet_run_offers_every_ready_task_yet_never_runs_more_than_max_concurrent_a
 }
 
 /// `GET /overview` of `url` with token `token`.
-fn overview(url: &str, token: &str) -> Value {
-    let auth = format!("Bearer {token}");
-    let (status, body) =
-        crate::api::http(url, "GET", "/overview", &[("Authorization", &auth)], None);
-    assert_eq!(status, 200, "{body}");
-    crate::api::json_of(&body)
-}
-
-#[test]
-fn the_overview_against_a_server_shows_the_hosts_fleet_locks_other_hosts_instances_and_a_dead_host()
-{
-    let Some(fleet) = Fleet::new(2) else { return };
+/// `app serve --with-api` (token `t0ken`) on host 0, once its API answers, and its URL.
+fn serve_api(fleet: &Fleet) -> (Running, String) {
     let port = crate::api::free_ports(1);
     let mut serve = fleet.app(
         0,
@@ -1826,11 +1816,26 @@ fn the_overview_against_a_server_shows_the_hosts_fleet_locks_other_hosts_instanc
         ],
     );
     serve.env("APP_API_TOKEN", "t0ken");
-    let _serve = fleet.hosts[0].spawn(serve);
-    let url = format!("http://127.0.0.1:{port}");
+    let serve = fleet.hosts[0].spawn(serve);
     wait_for("the API to answer", Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
+    (serve, format!("http://127.0.0.1:{port}"))
+}
+
+fn overview(url: &str, token: &str) -> Value {
+    let auth = format!("Bearer {token}");
+    let (status, body) =
+        crate::api::http(url, "GET", "/overview", &[("Authorization", &auth)], None);
+    assert_eq!(status, 200, "{body}");
+    crate::api::json_of(&body)
+}
+
+#[test]
+fn the_overview_against_a_server_shows_the_hosts_fleet_locks_other_hosts_instances_and_a_dead_host()
+{
+    let Some(fleet) = Fleet::new(2) else { return };
+    let (_serve, url) = serve_api(&fleet);
     let worker = fleet.worker(1, &["--capacity", "2", "--labels", "gpu=1"]);
     let holder = shell_holding(&fleet, 0, "deploy");
     let token = fleet.fleet_lock(0, "deploy")["token"].clone();
@@ -2147,24 +2152,7 @@ fn doctor_reports_the_fleet_locks_and_reservations_of_dead_holders_and_fix_frees
 #[test]
 fn the_overview_lists_the_expired_lease_of_a_worker_killed_mid_task_in_its_attention_strip() {
     let Some(fleet) = Fleet::new(2) else { return };
-    let port = crate::api::free_ports(1);
-    let mut serve = fleet.app(
-        0,
-        &[
-            "serve",
-            "--with-api",
-            "--api-addr",
-            &format!("127.0.0.1:{port}"),
-            "--instance",
-            "dash",
-        ],
-    );
-    serve.env("APP_API_TOKEN", "t0ken");
-    let _serve = fleet.hosts[0].spawn(serve);
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for("the API to answer", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let (_serve, url) = serve_api(&fleet);
     let marks = fleet.hosts[0].scratch();
     let pid_file = marks.join("pid-of-a");
     let script = format!("echo $$ > {}; exec sleep 60", pid_file.display());
@@ -2255,24 +2243,7 @@ fn the_overview_lists_the_expired_lease_of_a_worker_killed_mid_task_in_its_atten
 #[test]
 fn another_hosts_agent_state_reaches_the_overview_with_its_heartbeat_row() {
     let Some(fleet) = Fleet::new(2) else { return };
-    let port = crate::api::free_ports(1);
-    let mut serve = fleet.app(
-        0,
-        &[
-            "serve",
-            "--with-api",
-            "--api-addr",
-            &format!("127.0.0.1:{port}"),
-            "--instance",
-            "dash",
-        ],
-    );
-    serve.env("APP_API_TOKEN", "t0ken");
-    let _serve = fleet.hosts[0].spawn(serve);
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for("the API to answer", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let (_serve, url) = serve_api(&fleet);
     let mut asks = fleet.app(
         1,
         &[
