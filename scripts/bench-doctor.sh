@@ -73,9 +73,14 @@ now_us; start=$REPLY
 "$app" doctor >/dev/null && { echo "bench-doctor: FAILED: doctor found nothing" >&2; exit 1; }
 now_us; diagnose_us=$((REPLY - start))
 
+# Wall time is what a user waits; CPU time (user + system, bash's `time`, children included)
+# is what each side costs, and stays comparable on a loaded machine.
+TIMEFORMAT='%U %S'
+cpu_ms() { awk '{ printf "%d", ($1 + $2) * 1000 }' "$1"; }
 now_us; start=$REPLY
-"$app" doctor --fix >"$tmp/fix.out" || { cat "$tmp/fix.out" >&2; echo "bench-doctor: FAILED: doctor --fix left problems" >&2; exit 1; }
+{ time "$app" doctor --fix >"$tmp/fix.out"; } 2>"$tmp/fix.cpu" || { cat "$tmp/fix.out" >&2; echo "bench-doctor: FAILED: doctor --fix left problems" >&2; exit 1; }
 now_us; fix_us=$((REPLY - start))
+fix_cpu=$(cpu_ms "$tmp/fix.cpu")
 left=$(find .app/worktrees -mindepth 1 -maxdepth 1 | wc -l)
 rescued=$(git for-each-ref refs/app/rescue | wc -l)
 ((left == 0)) || { echo "bench-doctor: FAILED: $left worktrees left" >&2; exit 1; }
@@ -86,14 +91,15 @@ for ((i = 0; i < count; i++)); do
     git worktree add -q -b "plain-$i" "$tmp/plain-$i" >/dev/null 2>&1
 done
 now_us; start=$REPLY
-for ((i = 0; i < count; i++)); do
+{ time for ((i = 0; i < count; i++)); do
     git worktree remove --force "$tmp/plain-$i"
-done
+done; } 2>"$tmp/git.cpu"
 now_us; git_us=$((REPLY - start))
+git_cpu=$(cpu_ms "$tmp/git.cpu")
 
-awk -v n="$count" -v d="$diagnose_us" -v f="$fix_us" -v g="$git_us" -v r="$rescued" 'BEGIN {
+awk -v n="$count" -v d="$diagnose_us" -v f="$fix_us" -v g="$git_us" -v r="$rescued" -v fc="$fix_cpu" -v gc="$git_cpu" 'BEGIN {
     printf "  app doctor         %8.1f ms  (finds %d dead instances)\n", d / 1000, n
-    printf "  app doctor --fix   %8.1f ms  (%d rescued, %d removed, branches deleted, unregistered)\n", f / 1000, r, n
-    printf "  git worktree remove --force x%d  %8.1f ms\n", n, g / 1000
-    printf "  doctor --fix / git remove: %.2fx\n", f / g
+    printf "  app doctor --fix   %8.1f ms  (%d rescued, %d removed, branches deleted, unregistered), cpu %d ms\n", f / 1000, r, n, fc
+    printf "  git worktree remove --force x%d  %8.1f ms, cpu %d ms\n", n, g / 1000, gc
+    printf "  doctor --fix / git remove: %.2fx wall, %.2fx cpu\n", f / g, fc / gc
 }'
