@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use super::status::{self, stored_status};
 use super::{Db, integer, opt, opt_text, text};
-use crate::activity::StateReport;
 use crate::error::Result;
 use crate::registry::{InstanceRecord, InstanceStatus};
 use crate::time::Timestamp;
@@ -69,8 +68,9 @@ pub struct InstanceRow {
     pub stopped_at: Option<String>,
     /// The command's exit code (128+N for signal N), once stopped.
     pub exit_code: Option<i64>,
-    /// What its agent was doing at its last heartbeat row, when known.
-    pub agent: Option<StateReport>,
+    /// What its agent was doing at its last heartbeat row, when known: an
+    /// `activity::StateReport` as JSON (the database keeps it; the layers above read it).
+    pub agent: Option<serde_json::Value>,
 }
 
 impl InstanceRow {
@@ -127,10 +127,7 @@ pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
             Value::Text(row.last_heartbeat.clone()),
             opt(row.stopped_at.clone()),
             row.exit_code.map_or(Value::Null, Value::Integer),
-            opt(row
-                .agent
-                .as_ref()
-                .map(|agent| serde_json::to_string(agent).expect("a state report serializes"))),
+            opt(row.agent.as_ref().map(serde_json::Value::to_string)),
         ],
     )
     .await

@@ -49,7 +49,8 @@ impl Heartbeat {
                         mirrored = Instant::now();
                         let mut row = InstanceRow::from_record(&current, &repo_root, &host);
                         // What its agent does, for the other hosts' dashboards.
-                        row.agent = activity::read(&paths, record.id.as_str()).map(|a| a.agent);
+                        row.agent = activity::read(&paths, record.id.as_str())
+                            .and_then(|a| serde_json::to_value(a.agent).ok());
                         mirror.send(Update::Instance(row));
                     }
                     Ok(_) => {}

@@ -248,8 +248,12 @@ fn elsewhere(row: InstanceRow, stale_after: Duration) -> Option<InstanceView> {
         record,
         liveness: liveness.into(),
         reason,
-        // As its host's heartbeat row last told it, while that is fresh.
-        agent: row.agent.filter(|_| liveness == "live"),
+        // As its host's heartbeat row last told it, while that is fresh (unknown when written
+        // by a binary whose state report this one cannot read).
+        agent: row
+            .agent
+            .filter(|_| liveness == "live")
+            .and_then(|agent| serde_json::from_value(agent).ok()),
         progress: None,
         run: None,
         task: None,
