@@ -69,8 +69,10 @@ pub struct Changes {
 }
 
 impl Changes {
-    /// Reads the worktree at `path`.
-    pub fn read(path: &Path) -> Result<Changes> {
+    /// Reads the worktree at `path`, a worktree of `repo`. HEAD's trees are read through
+    /// `repo`, whose object cache a caller that reads many worktrees of one base (doctor)
+    /// keeps warm; the worktree's own handle gives its HEAD, index and ignore rules.
+    pub fn read(repo: &Repository, path: &Path) -> Result<Changes> {
         let context = || format!("reading the changes in {}", path.display());
         let wt = Repository::open(path).git_context(context)?;
         let head = wt.head().ok();
@@ -78,7 +80,12 @@ impl Changes {
             .as_ref()
             .filter(|h| h.is_branch())
             .and_then(|h| h.shorthand().ok().map(str::to_string));
-        let head_commit = head.as_ref().and_then(|h| h.peel_to_commit().ok());
+        let head_commit = head
+            .as_ref()
+            .and_then(|h| h.peel_to_commit().ok())
+            .map(|c| repo.find_commit(c.id()))
+            .transpose()
+            .git_context(context)?;
         let head_tree = head_commit
             .as_ref()
             .map(|c| c.tree())
@@ -95,7 +102,7 @@ impl Changes {
             (&mut candidates, &mut nested),
         )?;
         // What is staged but no longer on disk as staged (or staged and then changed back).
-        let staged = wt
+        let staged = repo
             .diff_tree_to_index(head_tree.as_ref(), Some(&index), None)
             .git_context(context)?;
         for delta in staged.deltas() {

@@ -105,7 +105,7 @@ pub fn remove(
 ) -> Result<Removal> {
     let path = paths.worktree(target.id);
     let admin = paths.git_worktree_admin(target.id);
-    let changes = match what_it_holds(paths, target.id, &path, &admin)? {
+    let changes = match what_it_holds(repo, paths, target.id, &path, &admin)? {
         ControlFlow::Continue(changes) => changes,
         ControlFlow::Break(removal) => return Ok(removal),
     };
@@ -120,6 +120,7 @@ pub fn remove(
 /// The checks before anything is saved: gone, in use, empty, the user's to decide, or
 /// unreadable ends the removal here; otherwise what the worktree holds.
 fn what_it_holds(
+    repo: &Repository,
     paths: &AppPaths,
     id: &str,
     path: &Path,
@@ -147,7 +148,7 @@ fn what_it_holds(
     if let Some(because) = user_must_decide(paths, id) {
         return Ok(ControlFlow::Break(Removal::needs_user(because)));
     }
-    let changes = match Changes::read(path) {
+    let changes = match Changes::read(repo, path) {
         Ok(changes) => changes,
         Err(err) => {
             return Ok(ControlFlow::Break(Removal::needs_user(format!(
