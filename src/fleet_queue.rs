@@ -16,9 +16,9 @@
 //! - Delivery is at least once, as for the files: a copy is handed out, then acknowledged; a
 //!   copy has one row, so it is never handed out again once acknowledged.
 //! - Frugal with the server: a send is one request; a receiver polls the table with one read,
-//!   every [`POLL_FASTEST`] after something arrived, doubling to [`POLL_SLOWEST`] while idle;
-//!   acknowledging what one poll delivered is one request. An unreachable server is a warning:
-//!   the files keep working.
+//!   every [`POLL_FASTEST`] for [`BUSY_FOR`] after it started, something arrived or it sent to
+//!   another host, then doubling to [`POLL_SLOWEST`] while idle; acknowledging what one poll
+//!   delivered is one request. An unreachable server is a warning: the files keep working.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,8 +40,12 @@ use crate::registry::{Liveness, Roster};
 use crate::sign::{self, Keys, SigningKey};
 use crate::time::Timestamp;
 
-/// The shortest time between two polls of the table: after something arrived.
-pub(crate) const POLL_FASTEST: Duration = Duration::from_millis(250);
+/// The time between two polls of the table while the receiver is busy ([`BUSY_FOR`]).
+pub(crate) const POLL_FASTEST: Duration = Duration::from_millis(125);
+/// How long a receiver stays busy, polling every [`POLL_FASTEST`], after it started, after a
+/// poll found something and after it sent to another host: the next message of a burst, or
+/// the reply, is seen within that interval instead of the backed-off one.
+pub(crate) const BUSY_FOR: Duration = Duration::from_secs(2);
 /// The longest time between two polls of the table: while nothing arrives.
 pub(crate) const POLL_SLOWEST: Duration = Duration::from_secs(2);
 
@@ -72,6 +76,8 @@ pub(crate) fn no_server(location: Option<&Location>) -> Error {
 struct Schedule {
     next: Instant,
     interval: Duration,
+    /// Until when polls come every [`POLL_FASTEST`].
+    busy_until: Instant,
 }
 
 /// An instance live on another host, as the `instances` mirror holds it.
@@ -101,21 +107,33 @@ impl Elsewhere {
 }
 
 impl Schedule {
-    fn new() -> Schedule {
+    fn new(now: Instant) -> Schedule {
         Schedule {
-            next: Instant::now(),
+            next: now,
             interval: POLL_FASTEST,
+            busy_until: now + BUSY_FOR,
         }
     }
 
-    /// After a poll at `now` that found something or not.
+    /// After a poll at `now` that found something or not: busy for [`BUSY_FOR`] after a find,
+    /// then each empty poll doubles the wait up to [`POLL_SLOWEST`].
     fn polled(&mut self, now: Instant, found: bool) {
-        self.interval = if found {
+        if found {
+            self.busy_until = now + BUSY_FOR;
+        }
+        self.interval = if now < self.busy_until {
             POLL_FASTEST
         } else {
             (self.interval * 2).min(POLL_SLOWEST)
         };
         self.next = now + self.interval;
+    }
+
+    /// This receiver sent to another host at `now`: a reply may come soon.
+    fn sent(&mut self, now: Instant) {
+        self.busy_until = now + BUSY_FOR;
+        self.interval = POLL_FASTEST;
+        self.next = self.next.min(now + POLL_FASTEST);
     }
 }
 
@@ -167,7 +185,7 @@ impl FleetQueue {
             repo_root: paths.repo_root().display().to_string(),
             server,
             db: Mutex::new(None),
-            schedule: Arc::new(Mutex::new(Schedule::new())),
+            schedule: Arc::new(Mutex::new(Schedule::new(Instant::now()))),
             from_table: Mutex::new(HashSet::new()),
             warned: AtomicBool::new(false),
         }
@@ -247,6 +265,7 @@ impl FleetQueue {
         let landed = db.run(async |db| messages::file_for(db, &copy, &to, &live_since).await)?;
         Ok(landed.map(|host| {
             tracing::debug!(message = %id, recipient = %to, %host, "sent to another host");
+            self.sent_elsewhere();
             Posted {
                 id,
                 recipients: vec![to],
@@ -313,6 +332,7 @@ impl FleetQueue {
                 .collect();
             if !copies.is_empty() {
                 db.run(async |db| messages::file(db, &copies).await)?;
+                self.sent_elsewhere();
             }
             recipients.extend(elsewhere.iter().map(|row| row.id.clone()));
         }
@@ -321,6 +341,14 @@ impl FleetQueue {
         let key = self.keys.load_or_create()?;
         queue::send_as(&self.paths, &key, &outgoing, (&id, timestamp), &local)?;
         Ok(Posted { id, recipients })
+    }
+
+    /// Polls fast for a while: this store just sent to another host.
+    fn sent_elsewhere(&self) {
+        self.schedule
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sent(Instant::now());
     }
 
     /// The copies of `owner` in the table, delivered or moved aside; nothing when the table
@@ -554,18 +582,48 @@ impl Arrivals for FleetArrivals {
 mod tests {
     use super::*;
 
+    /// The intervals of `polls` empty polls, each at the time the one before scheduled.
+    fn empty_polls(schedule: &mut Schedule, polls: usize) -> Vec<u128> {
+        (0..polls)
+            .map(|_| {
+                schedule.polled(schedule.next, false);
+                schedule.interval.as_millis()
+            })
+            .collect()
+    }
+
     #[test]
-    fn polls_back_off_while_idle_and_speed_up_when_something_arrives() {
-        let mut schedule = Schedule::new();
-        let now = Instant::now();
-        let mut intervals = Vec::new();
-        for _ in 0..6 {
-            schedule.polled(now, false);
-            intervals.push(schedule.interval.as_millis());
-        }
-        assert_eq!(intervals, [500, 1000, 2000, 2000, 2000, 2000]);
+    fn polls_stay_fast_while_busy_back_off_while_idle_and_speed_up_when_something_arrives() {
+        let start = Instant::now();
+        let mut schedule = Schedule::new(start);
+        assert_eq!(schedule.next, start);
+        // Busy for BUSY_FOR after the start: every poll in it comes POLL_FASTEST after the last.
+        let fast = usize::try_from(BUSY_FOR.as_millis() / POLL_FASTEST.as_millis()).unwrap();
+        let busy = empty_polls(&mut schedule, fast);
+        assert!(
+            busy.iter().all(|&ms| ms == POLL_FASTEST.as_millis()),
+            "{busy:?}"
+        );
+        // Then the waits double up to POLL_SLOWEST.
+        assert_eq!(
+            empty_polls(&mut schedule, 6),
+            [250, 500, 1000, 2000, 2000, 2000]
+        );
+        // A find makes the receiver busy again.
+        let now = schedule.next;
         schedule.polled(now, true);
-        assert_eq!(schedule.interval, POLL_FASTEST);
         assert_eq!(schedule.next, now + POLL_FASTEST);
+        let again = empty_polls(&mut schedule, fast - 1);
+        assert!(
+            again.iter().all(|&ms| ms == POLL_FASTEST.as_millis()),
+            "{again:?}"
+        );
+        assert_eq!(empty_polls(&mut schedule, 2), [250, 500]);
+        // So does a send to another host, and its next poll comes no later than POLL_FASTEST.
+        let now = schedule.next - Duration::from_millis(10);
+        schedule.sent(now);
+        assert!(schedule.next <= now + POLL_FASTEST);
+        schedule.polled(now + POLL_FASTEST, false);
+        assert_eq!(schedule.interval, POLL_FASTEST);
     }
 }
