@@ -314,11 +314,11 @@ if want d; then
     others+=($!)
     sender=$!
     for _ in $(seq 400); do
-        on 1 "$app" instance list --everywhere 2>/dev/null | grep -q '^rx:.* host2 ' &&
-            on 1 "$app" instance list 2>/dev/null | grep -q '^tx:' && break
+        on 1 "$app" instance list --everywhere 2>/dev/null | grep >/dev/null '^rx:.* host2 ' &&
+            on 1 "$app" instance list 2>/dev/null | grep >/dev/null '^tx:' && break
         sleep 0.05
     done
-    on 1 "$app" instance list --everywhere | grep -q '^rx:.* host2 ' || {
+    on 1 "$app" instance list --everywhere | grep >/dev/null '^rx:.* host2 ' || {
         echo "bench-fleet: FAILED: host 1 does not see the receiver on host 2:" >&2
         cat "$tmp/recv.err" "$tmp/send.err" >&2
         exit 1
