@@ -6,8 +6,8 @@
 //! - One heartbeat request renews the host row and every lease it holds; a lease missing from
 //!   the answer was lost, and its attempt is stopped (SIGTERM to its `app run`, which saves
 //!   its work as on any exit). Its reports are refused by the database anyway.
-//! - A task runs from the commit the orchestrator offered (fetched from the remote and checked
-//!   against the offer); a local branch holding other work is saved under
+//! - A task runs from the commit the orchestrator offered (this clone's, or fetched from the
+//!   remote and checked against the offer); a local branch holding other work is saved under
 //!   `refs/app/attempts/` first.
 //! - What an attempt made is pushed to its own ref, `refs/app/fleet/<run>/<task>/<token>`,
 //!   before its end is reported; rescue refs of this host go to `refs/app/rescue/<host>/<id>`.
@@ -542,7 +542,7 @@ impl Job {
             .ok_or_else(|| Error::Failed("the offer names no start commit".into()))?;
         let at = Instant::now();
         self.check_out_start(&spec, &start)?;
-        tracing::debug!(task = %self.name, ms = crate::time::elapsed_ms(at), "worker: fetched the start");
+        tracing::debug!(task = %self.name, ms = crate::time::elapsed_ms(at), "worker: checked out the start");
         let started = Report {
             started_at: Some(Timestamp::now().to_string()),
             ..Report::default()
@@ -611,24 +611,30 @@ impl Job {
             .map_err(|err| Error::Failed(format!("the offer cannot be read: {err}")))
     }
 
-    /// Points the task's local branch at the offered start, fetched from the remote; other
-    /// work on that branch is saved first.
+    /// Points the task's local branch at the offered start (fetched from the remote unless
+    /// this clone has that commit already: the signed offer names it by its hash); other work
+    /// on that branch is saved first.
     fn check_out_start(&self, spec: &AttemptSpec, start: &str) -> Result<()> {
         let shared = &self.shared;
-        let incoming = format!("refs/app/fleet/{}/{}/start", spec.run, spec.task);
-        let fetched = shared
-            .remote
-            .fetch(&format!("refs/heads/{}", spec.branch), &incoming)?;
-        if fetched.as_deref() != Some(start) {
-            return Err(Error::Failed(format!(
-                "the remote's branch {} holds {}, not the offered start {start}",
-                spec.branch,
-                fetched.as_deref().unwrap_or("nothing")
-            )));
-        }
         let repo = Repository::open(shared.paths.repo_root())
             .git_context(|| format!("opening {}", shared.paths.repo_root().display()))?;
-        let start = Oid::from_str(start).git_context(|| format!("reading {start}"))?;
+        let start_id = Oid::from_str(start).git_context(|| format!("reading {start}"))?;
+        if repo.find_commit(start_id).is_ok() {
+            tracing::debug!(task = %self.name, %start, "worker: has the start, not fetched");
+        } else {
+            let incoming = format!("refs/app/fleet/{}/{}/start", spec.run, spec.task);
+            let fetched = shared
+                .remote
+                .fetch(&format!("refs/heads/{}", spec.branch), &incoming)?;
+            if fetched.as_deref() != Some(start) {
+                return Err(Error::Failed(format!(
+                    "the remote's branch {} holds {}, not the offered start {start}",
+                    spec.branch,
+                    fetched.as_deref().unwrap_or("nothing")
+                )));
+            }
+        }
+        let start = start_id;
         let target = format!("refs/heads/{}", spec.branch);
         if let Some(path) = crate::worktree::checked_out_in(&repo, &spec.branch)? {
             return Err(Error::Failed(format!(

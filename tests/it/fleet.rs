@@ -1743,6 +1743,78 @@ fn spans(log: &Path) -> (usize, i32) {
     (events.len(), most)
 }
 
+/// The local refs of host `n` the worker's fetches of a start write.
+fn fetched_starts(fleet: &Fleet, n: usize) -> Vec<String> {
+    fleet.hosts[n]
+        .git(&["for-each-ref", "--format=%(refname)", "refs/app/fleet/"])
+        .lines()
+        .filter(|name| name.ends_with("/start"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs a one-task fleet plan named `name` on host 0; its run id.
+fn one_task_run(fleet: &Fleet, name: &str, ran: &Path) -> String {
+    let plan = json!({ "name": name, "tasks": [{ "id": "t", "command": committing("t", ran) }] });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let out = fleet.run(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "none",
+            "--json",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["run"]["status"], "succeeded", "{summary}");
+    summary["run"]["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_worker_that_has_the_offered_start_runs_it_without_fetching_and_fetches_one_it_lacks() {
+    let Some(fleet) = Fleet::new(2) else { return };
+    let ran = fleet.hosts[0].scratch().join("ran");
+    let _worker = fleet.worker(1, &["--capacity", "1"]);
+    // The start is the clones' shared first commit: host 1 has it, and fetches nothing.
+    let first = one_task_run(&fleet, "has", &ran);
+    assert_eq!(fetched_starts(&fleet, 1), Vec::<String>::new());
+    let tip = fleet.hosts[0].git(&["rev-parse", &format!("app/{first}/t")]);
+    assert_eq!(
+        fleet.hosts[1].git(&["rev-parse", &format!("app/{first}/t^")]),
+        fleet.hosts[0].git(&["rev-parse", "main"]),
+        "the task ran from the offered start"
+    );
+    assert_eq!(
+        fleet.hosts[1].git(&["rev-parse", &format!("app/{first}/t")]),
+        tip,
+        "its commit is the one the orchestrator took"
+    );
+    // A commit only host 0 has: the start of the next run, which host 1 fetches.
+    fs::write(fleet.hosts[0].root().join("newer.txt"), "newer\n").unwrap();
+    fleet.hosts[0].git(&["add", "newer.txt"]);
+    fleet.hosts[0].git(&["commit", "-qm", "newer"]);
+    let main = fleet.hosts[0].git(&["rev-parse", "main"]);
+    let second = one_task_run(&fleet, "lacks", &ran);
+    assert_eq!(
+        fetched_starts(&fleet, 1),
+        vec![format!("refs/app/fleet/{second}/t/start")]
+    );
+    assert_eq!(
+        fleet.hosts[1].git(&["rev-parse", &format!("refs/app/fleet/{second}/t/start")]),
+        main
+    );
+    assert_eq!(
+        fleet.hosts[1].git(&["rev-parse", &format!("app/{second}/t^")]),
+        main,
+        "the task ran from the fetched start"
+    );
+}
+
 #[test]
 fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_tasks() {
     let Some(fleet) = Fleet::new(2) else { return };
