@@ -663,6 +663,68 @@ fn ctrl_c_takes_back_untaken_offers_leaves_leased_attempts_running_and_resume_fi
     );
 }
 
+#[test]
+fn fail_fast_on_the_fleet_takes_back_the_offers_no_host_took_and_the_run_ends() {
+    let Some(fleet) = Fleet::new(3) else { return };
+    let ran = fleet.hosts[0].scratch().join("ran");
+    // Both are offered at once (max_concurrent 2); only "bad" finds a host.
+    let plan = json!({
+        "name": "failfast",
+        "max_concurrent": 2,
+        "tasks": [
+            { "id": "bad", "command": "exit 7" },
+            { "id": "gpu", "command": committing("gpu", &ran), "on": { "gpu": "1" } },
+        ],
+    });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _plain = fleet.worker(1, &[]);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--fail-fast",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    ));
+    // Without taking the offer back, the run would wait for a host with gpu=1.
+    let out = orchestrator.wait(Duration::from_secs(60));
+    assert_eq!(code(&out), 1, "{}\n{}", stdout(&out), stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["run"]["status"], "failed", "{summary}");
+    let status = |id: &str| {
+        summary["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["task_id"] == id)
+            .map(|t| t["status"].clone())
+    };
+    assert_eq!(status("bad"), Some(json!("failed")), "{summary}");
+    assert_eq!(status("gpu"), Some(json!("cancelled")), "{summary}");
+    // The offer is gone from the server: a host that could take it now takes nothing.
+    let _gpu = fleet.worker(2, &["--labels", "gpu=1"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !fs::read_to_string(&ran)
+            .unwrap_or_default()
+            .contains("gpu "),
+        "a taken-back offer is not run"
+    );
+    let view = fleet.run(0, &["fleet", "--json"]);
+    assert_eq!(code(&view), 0, "{}", stderr(&view));
+    let view: Value = serde_json::from_slice(&view.stdout).unwrap();
+    assert_eq!(
+        view["waiting"],
+        json!([]),
+        "no task of the run waits for a host: {view}"
+    );
+}
+
 /// What `app recv --json` printed: one message per line.
 fn received(out: &str) -> Vec<Value> {
     out.lines()
