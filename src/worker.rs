@@ -42,7 +42,7 @@ use crate::orchestrate::fleet::{
 };
 use crate::paths::AppPaths;
 use crate::process::{self, ProcessIdentity};
-use crate::remote::Remote;
+use crate::remote::{Pushed, Remote, Update};
 use crate::sign::SigningKey;
 use crate::time::Timestamp;
 
@@ -129,6 +129,8 @@ struct Slot {
 struct Shared {
     paths: AppPaths,
     remote: Remote,
+    /// The attempts' result pushes, gathered.
+    pushes: Pushes,
     db: Mutex<Blocking>,
     key: SigningKey,
     host: String,
@@ -136,6 +138,80 @@ struct Shared {
     row: HostRow,
     exe: PathBuf,
     db_flag: Option<PathBuf>,
+}
+
+/// The result pushes of this worker's attempts, gathered: an attempt that ends while
+/// another's push is under way waits for it and then goes with every attempt that waited in
+/// one `git push` (one connection to the remote, each ref still only over its expected value).
+/// A lone attempt's push starts at once, so this only ever saves pushes.
+#[derive(Default)]
+struct Pushes {
+    state: Mutex<Gathered>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Gathered {
+    /// The updates waiting for the next push, by ticket.
+    waiting: Vec<(u64, Vec<Update>)>,
+    /// How each pushed ticket ended (an error as its message, shared by its push).
+    answers: HashMap<u64, std::result::Result<Vec<Pushed>, String>>,
+    pushing: bool,
+    next: u64,
+}
+
+impl Pushes {
+    fn state(&self) -> std::sync::MutexGuard<'_, Gathered> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes `updates` to `remote`, with whatever other attempts wait meanwhile; how each of
+    /// `updates` ended, in order.
+    fn push(&self, remote: &Remote, updates: Vec<Update>) -> Result<Vec<Pushed>> {
+        let mut state = self.state();
+        let ticket = state.next;
+        state.next += 1;
+        state.waiting.push((ticket, updates));
+        loop {
+            if let Some(answer) = state.answers.remove(&ticket) {
+                return answer.map_err(Error::Failed);
+            }
+            if state.pushing {
+                state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            state.pushing = true;
+            let batch = std::mem::take(&mut state.waiting);
+            drop(state);
+            let all: Vec<Update> = batch.iter().flat_map(|(_, u)| u.iter().cloned()).collect();
+            let at = Instant::now();
+            let pushed = remote.push_all(&all);
+            tracing::debug!(
+                attempts = batch.len(),
+                refs = all.len(),
+                ms = crate::time::elapsed_ms(at),
+                "worker: pushed results"
+            );
+            state = self.state();
+            match pushed {
+                Ok(answers) => {
+                    let mut answers = answers.into_iter();
+                    for (each, updates) in batch {
+                        let mine = answers.by_ref().take(updates.len()).collect();
+                        state.answers.insert(each, Ok(mine));
+                    }
+                }
+                Err(err) => {
+                    let message = err.to_string();
+                    for (each, _) in batch {
+                        state.answers.insert(each, Err(message.clone()));
+                    }
+                }
+            }
+            state.pushing = false;
+            self.done.notify_all();
+        }
+    }
 }
 
 impl Shared {
@@ -223,6 +299,7 @@ impl Shared {
             exe: std::env::current_exe().io_context("finding", "the app executable")?,
             paths,
             remote,
+            pushes: Pushes::default(),
             db: Mutex::new(db),
             key,
             host: row.name.clone(),
@@ -671,12 +748,19 @@ impl Job {
             return Ok(None);
         };
         let tip = tip.to_string();
-        let target = attempt_ref(&spec.run, &spec.task, self.task.token);
-        shared.remote.push(&tip, &target, None)?;
+        let mut updates = vec![Update {
+            commit: tip.clone(),
+            target: attempt_ref(&spec.run, &spec.task, self.task.token),
+            expected: None,
+        }];
         if let Ok(rescue) = repo.refname_to_id(&format!("refs/app/rescue/{instance}")) {
-            let target = format!("refs/app/rescue/{}/{instance}", shared.host);
-            shared.remote.push(&rescue.to_string(), &target, None)?;
+            updates.push(Update {
+                commit: rescue.to_string(),
+                target: format!("refs/app/rescue/{}/{instance}", shared.host),
+                expected: None,
+            });
         }
+        shared.pushes.push(&shared.remote, updates)?;
         Ok(Some(tip))
     }
 }

@@ -1878,6 +1878,85 @@ fn a_worker_that_has_the_offered_start_runs_it_without_fetching_and_fetches_one_
 }
 
 #[test]
+fn attempts_that_end_while_a_result_push_is_under_way_go_in_one_push_together() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(fleet) = Fleet::new(2) else { return };
+    let marks = fleet.hosts[0].scratch();
+    let ran = marks.join("ran");
+    // The remote logs how many attempt refs each push brings, and holds the first such push
+    // until the test lets it go.
+    let hook = fleet.remote.join("hooks/pre-receive");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nrefs=$(grep -c ' refs/app/fleet/')\n[ \"$refs\" -gt 0 ] || exit 0\n\
+             echo $refs >> {m}/pushes\n\
+             if [ ! -e {m}/entered ]; then\n\
+               touch {m}/entered\n\
+               i=0; while [ ! -e {m}/release ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done\n\
+             fi\n",
+            m = marks.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let tasks: Vec<Value> = (1..=4)
+        .map(|i| {
+            let id = format!("t{i}");
+            json!({ "id": id, "command": committing(&id, &ran) })
+        })
+        .collect();
+    let plan = json!({ "name": "gathered", "max_concurrent": 4, "tasks": tasks });
+    let plan = write_plan(&fleet.hosts[0], &plan);
+    let _worker = fleet.worker(1, &["--capacity", "4"]);
+    let orchestrator = fleet.hosts[0].spawn(fleet.app(
+        0,
+        &[
+            "orchestrate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--fleet",
+            "--progress",
+            "none",
+            "--json",
+        ],
+    ));
+    wait_for("the first result push", Duration::from_secs(30), || {
+        marks.join("entered").exists()
+    });
+    // Every attempt's `app run` has ended (only the worker is left on its host), then a
+    // moment for the worker to see it: the three whose push waits for the first one's.
+    wait_for("every attempt to end", Duration::from_secs(30), || {
+        let out = fleet.run(1, &["instance", "list", "--json"]);
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        fs::read_to_string(&ran).is_ok_and(|text| text.lines().count() == 4)
+            && listed.as_array().is_some_and(|all| all.len() == 1)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    fs::write(marks.join("release"), "").unwrap();
+    let out = orchestrator.wait(Duration::from_secs(60));
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["run"]["status"], "succeeded", "{summary}");
+    let pushes = fs::read_to_string(marks.join("pushes")).unwrap();
+    assert_eq!(
+        pushes.lines().collect::<Vec<_>>(),
+        ["1", "3"],
+        "the first attempt's push, then the three that waited for it in one"
+    );
+    let run = summary["run"]["id"].as_str().unwrap();
+    for i in 1..=4 {
+        assert_eq!(
+            fleet
+                .remote_refs(&format!("refs/app/fleet/{run}/t{i}/*"))
+                .len(),
+            1,
+            "t{i}'s attempt ref is on the remote"
+        );
+    }
+}
+
+#[test]
 fn a_worker_never_runs_more_than_its_capacity_though_one_claim_leases_several_tasks() {
     let Some(fleet) = Fleet::new(2) else { return };
     let log = fleet.hosts[0].scratch().join("spans");
