@@ -58,11 +58,10 @@ pub fn fix(paths: &AppPaths, keys: &Keys, options: &Options) -> Result<(Vec<Fixe
             .iter()
             .filter(|p| p.fixable() && !locked_out.contains(&p.finding()))
             .collect();
-        for (problem, outcome) in problems
-            .iter()
-            .zip(fix_all(paths, keys, options, &problems))
-        {
-            let finding = problem.finding();
+        // Described before they are fixed: a finding's text looks at what it is about.
+        let findings: Vec<_> = problems.iter().map(|p| p.finding()).collect();
+        let outcomes = fix_all(paths, keys, options, &problems);
+        for (finding, outcome) in findings.into_iter().zip(outcomes) {
             if outcome.as_ref().is_err_and(ref_locked) {
                 locked_out.push(finding.clone());
             }
