@@ -143,8 +143,10 @@ impl InstanceId {
         Ok(InstanceId(text))
     }
 
-    /// An instance id as a database row holds it, trusted as written (as a signed file's is:
-    /// app wrote it from an id).
+    /// An instance id as a database row holds it, or a name in `.app/worktrees/` and git's
+    /// worktree records, trusted as written (as a signed file's is: app wrote it from an id;
+    /// doctor judges a hand-made one there by its name as ever, comparing and joining it to
+    /// paths only).
     pub(crate) fn stored(text: String) -> InstanceId {
         InstanceId(text)
     }

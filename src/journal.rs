@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::process::{Presence, ProcessIdentity};
 use crate::sign::{self, SigningKey};
@@ -41,7 +42,7 @@ pub struct Intent {
     /// The operation.
     pub operation: Operation,
     /// The instance it is about.
-    pub instance: String,
+    pub instance: InstanceId,
     /// The process doing it.
     pub pid: u32,
     /// That process's start time.
@@ -69,11 +70,11 @@ pub struct Intent {
 impl Intent {
     /// A new intent of the calling process for `operation` on `instance`, with a fresh nonce
     /// and no worktree, branch or base.
-    pub fn new(operation: Operation, instance: &str) -> Intent {
+    pub fn new(operation: Operation, instance: &InstanceId) -> Intent {
         let me = ProcessIdentity::current();
         Intent {
             operation,
-            instance: instance.to_string(),
+            instance: instance.clone(),
             pid: me.pid,
             start_time: me.start_time,
             boot_id: me.boot_id,
@@ -143,4 +144,25 @@ pub fn list(paths: &AppPaths, key: Option<&SigningKey>) -> Result<Vec<Found>> {
         found.push(intent.map_err(|reason| (path, reason)));
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An intent exactly as the versions whose `instance` was a `String` wrote it (the bytes
+    /// its signature covers, then the signature added to the object).
+    const OLD: &str = r#"{"operation":"start","instance":"agent-1","pid":4242,"start_time":17,"boot_id":"b00t","nonce":"0123456789ab","worktree":"/r/.app/worktrees/agent-1","branch":"app/agent-1","base":"4b825dc642cb6eb9a060e54bf8d69288fbee4904","create_branch":true,"reuse":false,"written_at":"2026-12-02T13:00:00.123Z"}"#;
+
+    #[test]
+    fn an_intent_of_the_string_id_versions_opens_and_writes_the_same_bytes() {
+        let key = SigningKey::from_bytes(b"k".to_vec());
+        let mut sealed: serde_json::Value = serde_json::from_str(OLD).unwrap();
+        sealed["signature"] = key.sign(OLD.as_bytes()).into();
+        let intent: Intent = sign::open(&sealed, Some(&key)).expect("the old intent verifies");
+        assert_eq!(intent.instance, "agent-1");
+        assert_eq!(intent.operation, Operation::Start);
+        assert_eq!(serde_json::to_string(&intent).unwrap(), OLD);
+        assert_eq!(key.seal(&intent), sealed);
+    }
 }

@@ -472,7 +472,8 @@ impl Dashboard for ApiDashboard {
             }
             .into());
         }
-        let owned = id.to_string();
+        // The record was found under `id`: its id is that one, typed.
+        let owned = record.id.clone();
         std::thread::Builder::new()
             .name("api-stop".into())
             .spawn(move || {

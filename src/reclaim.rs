@@ -20,6 +20,7 @@ use std::path::Path;
 use git2::{Oid, Repository};
 
 use crate::error::{GitContext, Result};
+use crate::ids::InstanceId;
 use crate::inuse::Supervisor;
 use crate::journal::{self, Intent, Operation};
 use crate::paths::AppPaths;
@@ -305,7 +306,7 @@ impl<'a> Reclaimer<'a> {
     pub(crate) fn reclaim(
         &self,
         work: Work,
-        id: &str,
+        id: &InstanceId,
         path: Option<&Path>,
         branch: Option<&str>,
     ) -> Result<String> {
@@ -342,7 +343,7 @@ pub(crate) fn reclaim(
     paths: &AppPaths,
     keys: &Keys,
     work: Work,
-    id: &str,
+    id: &InstanceId,
     path: Option<&Path>,
     branch: Option<&str>,
 ) -> Result<String> {

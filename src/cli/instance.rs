@@ -91,12 +91,12 @@ pub(super) fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
 pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {
     // An id no instance can have is bad input, not an unknown instance ("no instance  is
     // registered" for an empty one).
-    if let InstanceCommand::Info { id, .. }
-    | InstanceCommand::Exec { id, .. }
-    | InstanceCommand::Stop { id, .. } = &command
-    {
-        InstanceId::parse(id)?;
-    }
+    let named = match &command {
+        InstanceCommand::Info { id, .. }
+        | InstanceCommand::Exec { id, .. }
+        | InstanceCommand::Stop { id, .. } => Some(InstanceId::parse(id)?),
+        InstanceCommand::List(_) => None,
+    };
     let timing = ctx.settings.timing;
     if let InstanceCommand::List(args) = &command
         && args.everywhere
@@ -121,7 +121,8 @@ pub(super) fn run(ctx: &Context, command: InstanceCommand) -> Result<u8> {
                 still_starting(paths, &repo.keys, &id, stale_after)
             })
         }
-        InstanceCommand::Stop { id, timeout } => {
+        InstanceCommand::Stop { timeout, .. } => {
+            let id = named.expect("a stop names its instance, parsed above");
             let (outcome, route) = instance::stop(&registry, &id, timeout, timing)?;
             let how = match route {
                 StopRoute::Socket => "asked through its control socket",

@@ -13,6 +13,7 @@ use git2::Repository;
 use super::problem::Problem;
 use super::{Diagnosis, Options, coordination, database, files, git};
 use crate::error::{Error, GitContext, Result};
+use crate::ids::InstanceId;
 use crate::inuse::{self, Scan, Supervisor};
 use crate::journal;
 use crate::paths::AppPaths;
@@ -111,7 +112,7 @@ fn journal_problems(
     paths: &AppPaths,
     key: Option<&SigningKey>,
     problems: &mut Vec<Problem>,
-) -> Result<Vec<String>> {
+) -> Result<Vec<InstanceId>> {
     let mut journaled = Vec::new();
     for entry in journal::list(paths, key)? {
         match entry {
@@ -132,7 +133,7 @@ fn journal_problems(
 fn instance_problem(
     paths: &AppPaths,
     scan: &Scan,
-    journaled: &[String],
+    journaled: &[InstanceId],
     entry: &Entry<InstanceRecord>,
     stale_after: Duration,
 ) -> Option<Problem> {
@@ -147,7 +148,7 @@ fn instance_problem(
         }
         Entry::Valid(record) => record,
     };
-    if journaled.iter().any(|id| *id == record.id) {
+    if journaled.contains(&record.id) {
         return None;
     }
     let Liveness::Stale(reason) = record.liveness(stale_after) else {

@@ -15,6 +15,7 @@ use super::{Diagnosis, Fixed, Options, diagnose, files, fleet, git};
 use crate::coordination::Coordination;
 use crate::db::{Blocking, DbSettings, instances};
 use crate::error::{Error, Result};
+use crate::ids::InstanceId;
 use crate::inuse;
 use crate::lock::Holder;
 use crate::paths::AppPaths;
@@ -375,7 +376,7 @@ fn reclaim_dead(
 fn reclaim_orphan(
     reclaimer: &Reclaimer<'_>,
     options: &Options,
-    id: &str,
+    id: &InstanceId,
     path: &Path,
 ) -> Result<String> {
     let snapshot = reclaimer.registry().snapshot()?;

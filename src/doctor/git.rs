@@ -12,6 +12,7 @@ use git2::{BranchType, Oid, Repository};
 use super::diagnose::unregistered_in_use;
 use super::problem::Problem;
 use crate::error::{GitContext, Result};
+use crate::ids::InstanceId;
 use crate::inuse::{self, Scan};
 use crate::paths::AppPaths;
 use crate::registry::{Entry, Liveness, Snapshot};
@@ -23,7 +24,7 @@ pub(super) fn worktree_problems(
     paths: &AppPaths,
     repo: &Repository,
     snapshot: &Snapshot,
-    (scan, journaled): (&Scan, &[String]),
+    (scan, journaled): (&Scan, &[InstanceId]),
     stale_after: Duration,
     problems: &mut Vec<Problem>,
 ) -> Result<()> {
@@ -36,7 +37,7 @@ fn orphan_worktrees(
     paths: &AppPaths,
     repo: &Repository,
     snapshot: &Snapshot,
-    (scan, journaled): (&Scan, &[String]),
+    (scan, journaled): (&Scan, &[InstanceId]),
     problems: &mut Vec<Problem>,
 ) {
     // Forged entries were judged with their worktree already.
@@ -49,10 +50,12 @@ fn orphan_worktrees(
     let Ok(entries) = fs::read_dir(paths.worktrees_dir()) else {
         return;
     };
-    let mut names: Vec<String> = entries
+    // A directory there is named after the instance app made it for (a hand-made one with
+    // another name is judged as ever: its name is only compared and joined to paths).
+    let mut names: Vec<InstanceId> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .map(|e| InstanceId::stored(e.file_name().to_string_lossy().into_owned()))
         .collect();
     names.sort();
     for id in names {
@@ -68,7 +71,10 @@ fn orphan_worktrees(
             Ok(_) if repo.find_worktree(&id).is_ok() => {
                 match worktree::user_must_decide(paths, &id) {
                     None => Problem::OrphanWorktree { id, path },
-                    Some(reason) => Problem::NeedsUser { id, reason },
+                    Some(reason) => Problem::NeedsUser {
+                        id: id.into_string(),
+                        reason,
+                    },
                 }
             }
             // A start killed before it wrote the `.git`, or a removal killed after it removed
@@ -99,7 +105,7 @@ fn dangling_metadata(
     paths: &AppPaths,
     repo: &Repository,
     snapshot: &Snapshot,
-    journaled: &[String],
+    journaled: &[InstanceId],
     stale_after: Duration,
     problems: &mut Vec<Problem>,
 ) -> Result<()> {
@@ -122,7 +128,7 @@ fn dangling_metadata(
             })
         {
             problems.push(Problem::DanglingMetadata {
-                name: name.to_string(),
+                name: InstanceId::stored(name.to_string()),
                 admin,
             });
         }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::Finding;
 use crate::db::fleet::{Held, HostRow};
 use crate::db::holds::{HolderRow, LockRow, ReservationRow};
-use crate::ids::LockName;
+use crate::ids::{InstanceId, LockName};
 use crate::journal::{Intent, Operation};
 use crate::queue::InboxName;
 use crate::registry::InstanceRecord;
@@ -61,7 +61,7 @@ pub(super) enum Problem {
         reason: String,
     },
     OrphanWorktree {
-        id: String,
+        id: InstanceId,
         path: PathBuf,
     },
     Unreadable {
@@ -69,7 +69,7 @@ pub(super) enum Problem {
         reason: String,
     },
     DanglingMetadata {
-        name: String,
+        name: InstanceId,
         admin: PathBuf,
     },
     IdleBranch {
@@ -203,7 +203,7 @@ impl Problem {
             ),
             Problem::HalfDone(intent) => (
                 "journal",
-                intent.instance.clone(),
+                intent.instance.to_string(),
                 format!(
                     "a {} of instance {} was interrupted (pid {} is gone)",
                     match intent.operation {
@@ -289,7 +289,7 @@ impl Problem {
             ),
             Problem::OrphanWorktree { id, path } => (
                 "orphan-worktree",
-                id.clone(),
+                id.to_string(),
                 format!("{} belongs to no registered instance", path.display()),
                 reclaim_plan(Some(path)),
             ),
@@ -301,7 +301,7 @@ impl Problem {
             ),
             Problem::DanglingMetadata { name, admin } => (
                 "worktree-metadata",
-                name.clone(),
+                name.to_string(),
                 format!(
                     "git still lists worktree {name} ({}) whose directory is gone",
                     admin.display()

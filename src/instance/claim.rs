@@ -40,9 +40,9 @@ pub(super) fn choose_id(
 }
 
 /// Whether `id` was ever used in this repository as far as any trace shows.
-fn id_in_use(repo: &Repository, paths: &AppPaths, snapshot: &Snapshot, id: &str) -> bool {
+fn id_in_use(repo: &Repository, paths: &AppPaths, snapshot: &Snapshot, id: &InstanceId) -> bool {
     snapshot.instances.iter().any(|entry| match entry {
-        Entry::Valid(record) => record.id == id,
+        Entry::Valid(record) => &record.id == id,
         Entry::Forged { key, .. } => key == id,
     }) || paths.worktree(id).exists()
         || paths.git_worktree_admin(id).exists()
@@ -175,7 +175,7 @@ fn claim_branch(
 /// `count` consecutive ports no other live instance holds.
 fn lease_ports(
     tables: &Tables,
-    id: &str,
+    id: &InstanceId,
     (count, port_range): (usize, RangeInclusive<u16>),
     timing: Timing,
 ) -> Result<Vec<u16>> {
@@ -184,7 +184,7 @@ fn lease_ports(
         .into_iter()
         .filter_map(|entry| match entry {
             Entry::Valid(other)
-                if other.id != id && other.liveness(timing.stale_after) == Liveness::Live =>
+                if &other.id != id && other.liveness(timing.stale_after) == Liveness::Live =>
             {
                 Some(other.ports)
             }

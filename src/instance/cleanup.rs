@@ -13,6 +13,7 @@ use git2::Repository;
 use super::leftovers::describe;
 use super::{RunOptions, WorktreeKind};
 use crate::error::Result;
+use crate::ids::InstanceId;
 use crate::process::ProcessIdentity;
 use crate::registry::{Entry, InstanceRecord, InstanceStatus, Registry};
 use crate::sign::SigningKey;
@@ -150,7 +151,7 @@ impl Teardown<'_> {
 }
 
 /// Removes the instance's registry entry, and its branch entry when given.
-fn unregister(registry: &Registry, id: &str, branch: Option<&str>) {
+fn unregister(registry: &Registry, id: &InstanceId, branch: Option<&str>) {
     let result = registry.update(|tables| {
         tables.remove_instance(id);
         if let Some(branch) = branch {
@@ -168,7 +169,7 @@ pub(super) fn intent(
     operation: journal::Operation,
     plan: Option<&WorktreePlan>,
     create_branch: bool,
-    id: &str,
+    id: &InstanceId,
 ) -> journal::Intent {
     let mut intent = journal::Intent::new(operation, id);
     if let Some(plan) = plan {

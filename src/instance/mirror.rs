@@ -8,6 +8,7 @@ use crate::db::events::NewEvent;
 use crate::db::instances::{InstanceRow, MirrorStatus};
 use crate::db::mirror::{Mirror, MirrorSender, Update};
 use crate::db::{DbSettings, Location};
+use crate::ids::InstanceId;
 use crate::paths::AppPaths;
 use crate::registry::InstanceRecord;
 use crate::time::Timestamp;
@@ -55,7 +56,7 @@ impl DbMirror {
         )));
     }
 
-    pub(super) fn event(&self, id: &str, kind: &str, payload: serde_json::Value) {
+    pub(super) fn event(&self, id: &InstanceId, kind: &str, payload: serde_json::Value) {
         self.mirror.send(event(&self.repo_root, id, kind, payload));
     }
 
@@ -81,7 +82,12 @@ impl DbMirror {
 }
 
 /// An event of instance `id` in the repository at `repo_root`.
-pub(super) fn event(repo_root: &Path, id: &str, kind: &str, payload: serde_json::Value) -> Update {
+pub(super) fn event(
+    repo_root: &Path,
+    id: &InstanceId,
+    kind: &str,
+    payload: serde_json::Value,
+) -> Update {
     Update::Event(NewEvent {
         uid: crate::db::events::new_uid(),
         at: Timestamp::now(),

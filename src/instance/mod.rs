@@ -149,14 +149,14 @@ pub enum Notice {
     /// The API listens at `url`.
     ApiListening {
         /// The instance.
-        id: String,
+        id: InstanceId,
         /// Where.
         url: String,
     },
     /// Every port of the range was taken; the instance runs without an API.
     ApiUnavailable {
         /// The instance.
-        id: String,
+        id: InstanceId,
         /// The ports tried.
         range: std::ops::RangeInclusive<u16>,
     },
@@ -173,7 +173,7 @@ pub enum Notice {
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
     /// The instance id.
-    pub id: String,
+    pub id: InstanceId,
     /// Exit code for `app`: the command's own, or 128+N when it died of signal N.
     pub exit_code: u8,
     /// The worktree, when the instance had one.
@@ -187,13 +187,13 @@ pub struct RunOutcome {
 /// A loop of `app`'s own that runs as a registered instance in place of a command ([`host`]):
 /// it sees the instance's id and the stop requests sent to it (signals, `app instance stop`).
 pub struct Hosted {
-    id: String,
+    id: InstanceId,
     slot: Arc<signals::Slot>,
 }
 
 impl Hosted {
     /// The instance's id.
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &InstanceId {
         &self.id
     }
 
@@ -318,7 +318,7 @@ fn validate(options: &RunOptions) -> Result<()> {
 fn bind_api(
     options: &ApiOptions,
     settings: &Settings,
-    id: &str,
+    id: &InstanceId,
     notify: Option<fn(&Notice)>,
 ) -> Result<Option<api::Binding>> {
     match api::bind(options, settings)? {
@@ -326,7 +326,7 @@ fn bind_api(
         Bound::AllTaken(range) => {
             match notify {
                 Some(notify) => notify(&Notice::ApiUnavailable {
-                    id: id.to_string(),
+                    id: id.clone(),
                     range,
                 }),
                 None => {

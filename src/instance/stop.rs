@@ -11,6 +11,7 @@ use nix::sys::signal::Signal;
 use crate::config::Timing;
 use crate::control;
 use crate::error::{InstanceError, Result};
+use crate::ids::InstanceId;
 use crate::process::{Presence, ProcessIdentity};
 use crate::registry::{Liveness, Registry};
 
@@ -37,7 +38,7 @@ pub enum StopRoute {
 /// then after `timeout` SIGKILL to the command, and to the supervisor if it still does not exit.
 pub fn stop(
     registry: &Registry,
-    id: &str,
+    id: &InstanceId,
     timeout: Duration,
     timing: Timing,
 ) -> Result<(StopOutcome, StopRoute)> {

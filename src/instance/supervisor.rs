@@ -352,7 +352,7 @@ impl<'a> Supervisor<'a> {
             Ok(server) => {
                 if let Some(notify) = self.options.notify {
                     notify(&Notice::ApiListening {
-                        id: id.to_string(),
+                        id: id.clone(),
                         url: server.url().to_string(),
                     });
                 }
@@ -455,7 +455,7 @@ impl<'a> Supervisor<'a> {
         let Some(child) = child else {
             if let Some(body) = self.body.take() {
                 let hosted = Hosted {
-                    id: self.record.id.to_string(),
+                    id: self.record.id.clone(),
                     slot: Arc::clone(&self.slot),
                 };
                 return match body(&hosted) {
@@ -621,7 +621,7 @@ impl Ending {
         record: &InstanceRecord,
     ) -> Result<RunOutcome> {
         let outcome = |exit_code, cleanup| RunOutcome {
-            id: record.id.to_string(),
+            id: record.id.clone(),
             exit_code,
             worktree: record.worktree.clone(),
             branch: record.branch.clone(),

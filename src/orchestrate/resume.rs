@@ -17,7 +17,7 @@ use crate::db::instances::MirrorStatus;
 use crate::db::runs::{self, RunRow, RunStatus, TaskRow, TaskStatus};
 use crate::db::{self, Blocking};
 use crate::error::{Result, RunError};
-use crate::ids::RunId;
+use crate::ids::{InstanceId, RunId};
 use crate::paths::AppPaths;
 use crate::process::{self, Presence, ProcessIdentity};
 use crate::registry::{Liveness, Registry};
@@ -101,7 +101,8 @@ pub(super) fn take_back(
             continue;
         }
         if let Some(instance) = &row.instance {
-            leftovers.push(survey(paths, keys, db, row, instance, timing)?);
+            let instance = InstanceId::stored(instance.clone());
+            leftovers.push(survey(paths, keys, db, row, &instance, timing)?);
         }
     }
     // Starts and stops the dead attempts' `app run` left half-done are finished or undone
@@ -116,7 +117,7 @@ pub(super) fn take_back(
         if let Some(done) = reclaim_attempt(paths, keys, timing, &leftover.instance)? {
             report(Progress::Reclaimed {
                 task: leftover.task.clone(),
-                instance: leftover.instance.clone(),
+                instance: leftover.instance.to_string(),
                 done,
             });
         }
@@ -142,7 +143,7 @@ pub(super) fn take_back(
 /// A task's last attempt, as a resume finds it.
 struct Leftover {
     task: String,
-    instance: String,
+    instance: InstanceId,
     /// Its supervisor still runs (and heartbeats): it is stopped first.
     live: bool,
     /// It got as far as starting its command.
@@ -157,7 +158,7 @@ fn survey(
     keys: &Keys,
     db: &Blocking,
     row: &TaskRow,
-    instance: &str,
+    instance: &InstanceId,
     timing: Timing,
 ) -> Result<Leftover> {
     let snapshot = Registry::open_read_only(paths, keys)?.snapshot()?;
@@ -188,7 +189,7 @@ fn survey(
     };
     Ok(Leftover {
         task: row.task_id.clone(),
-        instance: instance.to_string(),
+        instance: instance.clone(),
         live,
         started,
     })
@@ -202,7 +203,7 @@ fn reclaim_attempt(
     paths: &AppPaths,
     keys: &Keys,
     timing: Timing,
-    instance: &str,
+    instance: &InstanceId,
 ) -> Result<Option<String>> {
     let snapshot = Registry::open_read_only(paths, keys)?.snapshot()?;
     if let Some(record) = snapshot.instance(instance) {

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use git2::{ErrorCode, FileMode, ObjectType, Oid, Repository};
 
 use crate::error::{Error, GitContext, Result, WorktreeError};
+use crate::ids::InstanceId;
 
 /// Index flag: assume-unchanged (`GIT_INDEX_ENTRY_VALID`).
 const ASSUME_UNCHANGED: u16 = 0x8000;
@@ -413,7 +414,7 @@ pub fn reachable_from_refs(repo: &Repository, commit: Oid) -> Result<bool> {
 /// of `id` already holds exactly this (same tree, same parent), that one is returned.
 pub fn rescue(
     repo: &Repository,
-    id: &str,
+    id: &InstanceId,
     path: &Path,
     changes: &Changes,
     reason: &str,
@@ -452,7 +453,7 @@ fn saved_whole(repo: &Repository, commit: Oid, changes: &Changes) -> bool {
 
 fn rescue_once(
     repo: &Repository,
-    id: &str,
+    id: &InstanceId,
     path: &Path,
     changes: &Changes,
     reason: &str,
@@ -546,7 +547,7 @@ fn written_bytes(abs: &Path, mode: FileMode) -> Result<Option<Vec<u8>>> {
 /// A rescue ref of `id` that already holds this tree on these parents (a rescue done twice).
 fn existing_rescue(
     repo: &Repository,
-    id: &str,
+    id: &InstanceId,
     tree_id: Oid,
     parent_ids: &[Oid],
 ) -> Option<(String, Oid)> {
@@ -558,7 +559,12 @@ fn existing_rescue(
 }
 
 /// Points the first free name of `refs/app/rescue/<id>[-n]` at `commit`; returns the name.
-fn create_rescue_ref(repo: &Repository, id: &str, commit: Oid, message: &str) -> Result<String> {
+fn create_rescue_ref(
+    repo: &Repository,
+    id: &InstanceId,
+    commit: Oid,
+    message: &str,
+) -> Result<String> {
     for n in 1.. {
         let name = if n == 1 {
             format!("refs/app/rescue/{id}")
@@ -577,7 +583,7 @@ fn create_rescue_ref(repo: &Repository, id: &str, commit: Oid, message: &str) ->
 }
 
 /// The rescue refs of instance `id` and the commits they point at.
-fn rescue_refs(repo: &Repository, id: &str) -> Vec<(String, Oid)> {
+fn rescue_refs(repo: &Repository, id: &InstanceId) -> Vec<(String, Oid)> {
     let mut found = BTreeMap::new();
     let first = format!("refs/app/rescue/{id}");
     let more = format!("{first}-");

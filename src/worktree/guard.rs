@@ -25,6 +25,7 @@ use git2::Repository;
 
 use super::changes::{self, Changes};
 use crate::error::{Error, Result};
+use crate::ids::InstanceId;
 use crate::inuse::{self, Scan};
 use crate::journal::{self, Intent, Operation};
 use crate::paths::AppPaths;
@@ -54,7 +55,7 @@ pub enum Keep {
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     /// Instance id: the directory and git's worktree name.
-    pub id: &'a str,
+    pub id: &'a InstanceId,
     /// With [`Keep::IfClean`]: the branch its HEAD must be on (elsewhere counts as work).
     pub branch: Option<&'a str>,
 }
@@ -122,7 +123,7 @@ pub fn remove(
 fn what_it_holds(
     repo: &Repository,
     paths: &AppPaths,
-    id: &str,
+    id: &InstanceId,
     path: &Path,
     admin: &Path,
 ) -> Result<ControlFlow<Removal, Changes>> {
@@ -199,7 +200,7 @@ fn save_work(
 fn remove_files(
     paths: &AppPaths,
     key: &SigningKey,
-    id: &str,
+    id: &InstanceId,
     path: &Path,
     admin: &Path,
     rescued_to: Option<String>,
@@ -245,7 +246,7 @@ fn remove_files(
 /// (their repositories live in git's record of the worktree), or an earlier look found a
 /// repository of its own inside and nothing has moved there since ([`Verdict`]). The text
 /// says what to do. Cheap: a few small reads, no walk of the worktree.
-pub fn user_must_decide(paths: &AppPaths, id: &str) -> Option<String> {
+pub fn user_must_decide(paths: &AppPaths, id: &InstanceId) -> Option<String> {
     let path = paths.worktree(id);
     let admin = paths.git_worktree_admin(id);
     if !points_back(&admin, &path) {
@@ -415,7 +416,7 @@ fn remove_tree(root: &Path) -> std::result::Result<(), (std::path::PathBuf, std:
 
 /// Removes git's record of worktree `id` when its directory (`.app/worktrees/<id>`) is gone,
 /// and only then. Records of worktrees elsewhere are not app's to judge.
-pub fn forget_missing(paths: &AppPaths, id: &str) -> Result<bool> {
+pub fn forget_missing(paths: &AppPaths, id: &InstanceId) -> Result<bool> {
     let path = paths.worktree(id);
     let admin = paths.git_worktree_admin(id);
     if fs::symlink_metadata(&path).is_ok() || !admin.is_dir() {
@@ -438,7 +439,7 @@ pub fn forget_missing(paths: &AppPaths, id: &str) -> Result<bool> {
 /// directory was moved rather than deleted), `refs/worktree/*`, `refs/bisect/*`. Before the
 /// record goes, each that points at a commit no shared ref reaches gets a rescue ref of its
 /// own (`refs/app/rescue/<id>-<ref>-<commit>`).
-fn keep_private_refs(paths: &AppPaths, id: &str, admin: &Path) -> Result<()> {
+fn keep_private_refs(paths: &AppPaths, id: &InstanceId, admin: &Path) -> Result<()> {
     let mut refs = vec![("head".to_string(), admin.join("HEAD"))];
     let mut dirs = vec![admin.join("refs")];
     while let Some(dir) = dirs.pop() {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use git2::{BranchType, ErrorCode, Oid, Repository};
 
 use crate::error::{Error, GitContext, IoContext, Result, WorktreeError};
+use crate::ids::InstanceId;
 use crate::inuse::Supervisor;
 use crate::paths::AppPaths;
 use crate::process::ProcessIdentity;
@@ -35,7 +36,7 @@ pub(crate) const CHECKOUT_LOCK_REASON: &str = "initializing";
 #[derive(Debug, Clone)]
 pub struct WorktreePlan {
     /// Worktree name in git (`.git/worktrees/<id>`) and directory name.
-    pub id: String,
+    pub id: InstanceId,
     /// `.app/worktrees/<id>`.
     pub path: PathBuf,
     /// Branch to check out.
@@ -52,7 +53,7 @@ pub struct WorktreePlan {
 }
 
 /// The default branch name of instance `id`.
-pub fn default_branch(id: &str) -> String {
+pub fn default_branch(id: &InstanceId) -> String {
     format!("app/{id}")
 }
 
@@ -78,7 +79,7 @@ pub fn validate_branch_name(name: &str) -> Result<()> {
 pub fn plan(
     repo: &Repository,
     paths: &AppPaths,
-    id: &str,
+    id: &InstanceId,
     (branch, base): (Option<&str>, Option<&str>),
     detach: bool,
 ) -> Result<WorktreePlan> {
@@ -114,7 +115,7 @@ pub fn plan(
             .peel_to_commit()
             .git_context(|| format!("branch {branch} does not point at a commit"))?;
         return Ok(WorktreePlan {
-            id: id.to_string(),
+            id: id.clone(),
             path,
             branch,
             base: tip.id(),
@@ -125,7 +126,7 @@ pub fn plan(
     }
     let base = resolve_base(repo, base)?;
     Ok(WorktreePlan {
-        id: id.to_string(),
+        id: id.clone(),
         path,
         branch,
         base,
@@ -138,7 +139,7 @@ pub fn plan(
 fn plan_reuse(
     repo: &Repository,
     paths: &AppPaths,
-    id: &str,
+    id: &InstanceId,
     branch: Option<&str>,
     base: Option<&str>,
     path: PathBuf,
@@ -172,7 +173,7 @@ fn plan_reuse(
         .git_context(|| format!("reading HEAD of {}", path.display()))?;
     let _ = repo;
     Ok(WorktreePlan {
-        id: id.to_string(),
+        id: id.clone(),
         path,
         branch: current,
         base: tip.id(),
@@ -322,7 +323,7 @@ fn add_worktree(admin: &Path, plan: &WorktreePlan, nonce: &str) -> Result<()> {
     fs::create_dir(admin).map_err(|err| {
         if err.kind() == std::io::ErrorKind::AlreadyExists {
             WorktreeError::AdminTaken {
-                id: plan.id.clone(),
+                id: plan.id.to_string(),
                 admin: admin.to_path_buf(),
             }
             .into()
@@ -444,7 +445,7 @@ pub fn end_instance(
     repo: &Repository,
     paths: &AppPaths,
     key: &SigningKey,
-    (id, branch): (&str, Option<&str>),
+    (id, branch): (&InstanceId, Option<&str>),
     (base, created_branch): (Oid, bool),
     keep: Keep,
 ) -> Result<Cleanup> {

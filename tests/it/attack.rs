@@ -7,6 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use app::ids::InstanceId;
 use app::inuse::Scan;
 use app::journal::{self, Intent, Operation};
 use app::paths::AppPaths;
@@ -209,7 +210,7 @@ fn dead_intent(repo: &TestRepo, id: &str, operation: Operation) -> Intent {
     let pid = dead.id();
     dead.wait().unwrap();
     let paths = AppPaths::discover(repo.root()).unwrap();
-    let mut intent = Intent::new(operation, id);
+    let mut intent = Intent::new(operation, &InstanceId::parse(id).unwrap());
     intent.pid = pid;
     intent.start_time = 1;
     intent.worktree = Some(paths.worktree(id));
@@ -255,7 +256,7 @@ fn a_refused_claim_removes_only_its_own_intent() {
     let _running = start_writer(&repo, "l4");
     // An operation on l4 under way by a live writer (this test process).
     let paths = AppPaths::discover(repo.root()).unwrap();
-    let mut live = Intent::new(Operation::Remove, "l4");
+    let mut live = Intent::new(Operation::Remove, &InstanceId::parse("l4").unwrap());
     live.worktree = Some(paths.worktree("other"));
     write_intent(&repo, &live);
     let refused = repo.run_app(&["run", "--instance", "l4", "--", "true"]);
