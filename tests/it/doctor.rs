@@ -553,7 +553,14 @@ fn a_killed_instances_agent_state_and_a_killed_lock_waiters_record_are_removed_a
         wait_for(
             &format!("{n} waiter record(s)"),
             Duration::from_secs(30),
-            || fs::read_dir(&waiting).map_or(0, |d| d.count()) == n,
+            // A record being written is a dot-prefixed temp file until its rename.
+            || {
+                fs::read_dir(&waiting).map_or(0, |d| {
+                    d.flatten()
+                        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                        .count()
+                }) == n
+            },
         );
         running
     };
