@@ -52,8 +52,16 @@ pub struct NewEvent {
 
 /// Appends an event.
 pub async fn record(db: &Db, event: &NewEvent) -> Result<()> {
-    db.execute(
-        "recording an event",
+    let (sql, params) = record_statement(event);
+    db.execute("recording an event", sql, params)
+        .await
+        .map(drop)
+}
+
+/// The statement of [`record`], for a batch that writes it with others in one request. It is
+/// idempotent (keyed by the event's uid), as a batch sent again must be.
+pub fn record_statement(event: &NewEvent) -> (&'static str, Vec<Value>) {
+    (
         "INSERT INTO events (uid, at, host, repo_root, instance, kind, payload)
          VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (uid) DO NOTHING",
         vec![
@@ -66,8 +74,6 @@ pub async fn record(db: &Db, event: &NewEvent) -> Result<()> {
             Value::Text(event.uid.clone()),
         ],
     )
-    .await
-    .map(drop)
 }
 
 /// The id of the newest event written at a time before `at` (RFC 3339, as events store it), or

@@ -100,8 +100,16 @@ impl InstanceRow {
 
 /// Inserts the row, or updates the registration it mirrors.
 pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
-    db.execute(
-        "mirroring an instance",
+    let (sql, params) = upsert_statement(row);
+    db.execute("mirroring an instance", sql, params)
+        .await
+        .map(drop)
+}
+
+/// The statement of [`upsert`], for a batch that writes it with others in one request. It is
+/// idempotent (an upsert of the whole row), as a batch sent again must be.
+pub fn upsert_statement(row: &InstanceRow) -> (&'static str, Vec<Value>) {
+    (
         "INSERT INTO instances (id, repo_root, host, pid, start_time, worktree, branch, base,
                                 command, status, started_at, last_heartbeat, stopped_at, exit_code,
                                 agent)
@@ -130,8 +138,6 @@ pub async fn upsert(db: &Db, row: &InstanceRow) -> Result<()> {
             opt(row.agent.as_ref().map(serde_json::Value::to_string)),
         ],
     )
-    .await
-    .map(drop)
 }
 
 /// Instances on any host and in any repository whose last heartbeat is younger than

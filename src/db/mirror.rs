@@ -7,6 +7,7 @@
 //! - Nothing is lost while the database is away: the latest instance row (a full row, so one
 //!   write catches up on everything) and every event stay pending and are written in order on
 //!   the next attempt, which the next update (at least every heartbeat) triggers.
+//! - One flush is one request: the pending row and events in one batch, all or none.
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
@@ -17,6 +18,7 @@ use super::events::{self, NewEvent};
 use super::instances::{self, InstanceRow};
 use super::{Db, DbSettings, Location};
 use crate::error::Result;
+use libsql::Value;
 
 /// A change to mirror.
 #[derive(Debug, Clone)]
@@ -178,13 +180,18 @@ async fn flush(
         *db = Some(Db::open(location.clone(), settings).await?);
     }
     let db = db.as_ref().expect("opened just above");
-    if let Some(row) = &pending.row {
-        instances::upsert(db, row).await?;
-        pending.row = None;
-    }
-    while let Some(event) = pending.events.front() {
-        events::record(db, event).await?;
-        pending.events.pop_front();
-    }
+    // Everything pending in one request (one transaction: all of it or none, in order; each
+    // statement idempotent, so a batch sent again writes nothing twice). An `app run` thus
+    // costs the server one write at its start (row and `instance.started`) and one at its
+    // end, which its exit waits for, instead of one per row and per event.
+    let statements: Vec<(&str, Vec<Value>)> = pending
+        .row
+        .iter()
+        .map(instances::upsert_statement)
+        .chain(pending.events.iter().map(events::record_statement))
+        .collect();
+    db.batch("mirroring an instance", &statements).await?;
+    pending.row = None;
+    pending.events.clear();
     Ok(())
 }

@@ -79,6 +79,7 @@ against_both!(
     killed_writers_lose_no_committed_note,
     a_held_write_lock_makes_writers_wait_then_fails_past_the_deadline,
     concurrent_first_starts_migrate_once,
+    run_mirrors_its_instance_and_lifecycle_into_the_database,
 );
 
 const WRITERS: usize = 8;
@@ -339,8 +340,15 @@ fn mirrored(repo: &TestRepo) -> Db {
     .unwrap()
 }
 
-fn event_kinds(repo: &TestRepo, id: &str) -> Vec<String> {
-    let output = repo.run_app(&["events", "--json", "--instance", id]);
+/// `app ARGS` in `repo` against `target`'s database.
+fn app_on(repo: &TestRepo, target: &Target, args: &[&str]) -> std::process::Output {
+    let mut command = repo.app(args);
+    target.apply(&mut command);
+    command.stdin(std::process::Stdio::null()).output().unwrap()
+}
+
+fn event_kinds(repo: &TestRepo, target: &Target, id: &str) -> Vec<String> {
+    let output = app_on(repo, target, &["events", "--json", "--instance", id]);
     assert_eq!(code(&output), 0, "{}", stderr(&output));
     stdout(&output)
         .lines()
@@ -351,37 +359,43 @@ fn event_kinds(repo: &TestRepo, id: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn run_mirrors_its_instance_and_lifecycle_into_the_database() {
-    let repo = TestRepo::new();
-    let run = repo.spawn_app(&["run", "--instance", "mirrored", "--", "sleep", "30"]);
+// Against a server the mirror writes its row and events in one batch request: the remote
+// variant reads back what such a batch wrote.
+fn run_mirrors_its_instance_and_lifecycle_into_the_database(repo: &TestRepo, target: &Target) {
+    let mut command = repo.app(&["run", "--instance", "mirrored", "--", "sleep", "30"]);
+    target.apply(&mut command);
+    let run = repo.spawn(command);
     let record = repo.wait_running(run.pid());
     wait_for(
         "the instance to appear in the database",
         Duration::from_secs(30),
         || {
-            let output = repo.run_app(&["instance", "list", "--everywhere"]);
+            let output = app_on(repo, target, &["instance", "list", "--everywhere"]);
             stdout(&output).starts_with(&format!("mirrored:{} ", record.pid))
         },
     );
-    assert_eq!(event_kinds(&repo, "mirrored"), ["instance.started"]);
+    assert_eq!(event_kinds(repo, target, "mirrored"), ["instance.started"]);
 
     crate::support::kill(run.pid(), nix::sys::signal::Signal::SIGTERM);
     let output = run.wait(Duration::from_secs(30));
     assert_eq!(code(&output), 128 + 15, "{}", stderr(&output));
 
-    let output = repo.run_app(&["instance", "list", "--everywhere", "--json"]);
+    let output = app_on(
+        repo,
+        target,
+        &["instance", "list", "--everywhere", "--json"],
+    );
     assert_eq!(
         stdout(&output).trim(),
         "[]",
         "a stopped instance is not live"
     );
     assert_eq!(
-        event_kinds(&repo, "mirrored"),
+        event_kinds(repo, target, "mirrored"),
         ["instance.started", "instance.stopped"]
     );
     let rows = block_on(app::db::instances::history(
-        &mirrored(&repo),
+        &target.open(),
         repo.root(),
         "mirrored",
     ))
