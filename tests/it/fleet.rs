@@ -65,6 +65,22 @@ impl Fleet {
         command
     }
 
+    /// `app orchestrate --plan PLAN --fleet --progress PROGRESS --json` on host 0.
+    fn orchestrate(&self, plan: &std::path::Path, progress: &str) -> Command {
+        self.app(
+            0,
+            &[
+                "orchestrate",
+                "--plan",
+                plan.to_str().unwrap(),
+                "--fleet",
+                "--progress",
+                progress,
+                "--json",
+            ],
+        )
+    }
+
     /// A shell running `script` on host `n`, in the fleet (`$APP_BIN` is `app`).
     fn shell(&self, n: usize, script: &str) -> Command {
         let mut command = self.hosts[n].command("sh");
@@ -281,18 +297,7 @@ fn a_worker_that_slept_past_its_lease_can_neither_report_nor_push_over_the_new_a
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let sleeper = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "plain",
-            "--json",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
     wait_for(
         "the first attempt to start",
         Duration::from_secs(30),
@@ -600,18 +605,7 @@ fn ctrl_c_takes_back_untaken_offers_leaves_leased_attempts_running_and_resume_fi
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _plain = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "plain",
-            "--json",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
     wait_for("task a to start", Duration::from_secs(30), || {
         marks.join("started-a").exists()
     });
@@ -1194,18 +1188,7 @@ fn a_worker_killed_mid_task_loses_its_lease_and_the_task_finishes_on_another_hos
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let doomed = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "plain",
-            "--json",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
     wait_for(
         "the first attempt to start",
         Duration::from_secs(30),
@@ -1485,18 +1468,7 @@ fn doctor_reports_a_sigkilled_worker_and_its_expired_lease_and_fix_hands_the_tas
     let plan = json!({ "name": "dies", "tasks": [{ "id": "a", "command": script }] });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let doomed = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "plain",
-            "--json",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
     let pid_file = marks.join("pid-host1");
     wait_for(
         "the first attempt to start",
@@ -1909,18 +1881,7 @@ fn attempts_that_end_while_a_result_push_is_under_way_go_in_one_push_together() 
     let plan = json!({ "name": "gathered", "max_concurrent": 4, "tasks": tasks });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _worker = fleet.worker(1, &["--capacity", "4"]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "none",
-            "--json",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "none"));
     wait_for("the first result push", Duration::from_secs(30), || {
         marks.join("entered").exists()
     });
@@ -2372,18 +2333,7 @@ fn the_overview_lists_the_expired_lease_of_a_worker_killed_mid_task_in_its_atten
     let plan = json!({ "name": "lapses", "tasks": [{ "id": "a", "command": script }] });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let doomed = fleet.worker(1, &[]);
-    let _orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "plain",
-            "--json",
-        ],
-    ));
+    let _orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
     wait_for("the attempt to start", Duration::from_secs(30), || {
         fs::read_to_string(&pid_file).is_ok_and(|pid| pid.trim().parse::<u32>().is_ok())
     });
