@@ -77,11 +77,16 @@ fn orphan_worktrees(
                     },
                 }
             }
-            // A start killed before it wrote the `.git`, or a removal killed after it removed
-            // it (it goes last), leaves an empty directory, and a lost or untrusted intent
+            // A start killed before it wrote the `.git` (or while it wrote it: only a part of
+            // it is there), or a removal killed after it removed it (it goes last), leaves an
+            // empty directory, and a lost or untrusted intent
             // leaves nobody to finish it: nothing in it to lose, and the guarded removal takes
             // nothing but an empty directory nobody uses.
-            _ if is_empty_dir(&path) => Problem::OrphanWorktree { id, path },
+            _ if is_empty_dir(&path)
+                || worktree::only_a_partial_dot_git(&path, &paths.git_worktree_admin(&id)) =>
+            {
+                Problem::OrphanWorktree { id, path }
+            }
             Ok(_) => Problem::Unreadable {
                 path,
                 reason: format!("git has no worktree named {id}"),

@@ -140,8 +140,12 @@ fn what_it_holds(
             inuse::describe(&users)
         ))));
     }
-    // A start that crashed before its checkout began leaves an empty directory: nothing to
-    // lose (rmdir refuses anything else).
+    // A start that crashed before its checkout began leaves an empty directory, or one with
+    // only the beginning of the `.git` file it was writing: nothing to lose (rmdir refuses
+    // anything else).
+    if only_a_partial_dot_git(path, admin) {
+        let _ = fs::remove_file(path.join(".git"));
+    }
     if fs::remove_dir(path).is_ok() {
         forget_missing(paths, id)?;
         return Ok(ControlFlow::Break(Removal::Absent));
@@ -239,6 +243,29 @@ fn remove_files(
     forget_missing(paths, id)?;
     journal::end(paths, &intent)?;
     Ok(Removal::Removed { rescued_to })
+}
+
+/// Whether the worktree directory `path` holds nothing but part of the `.git` file a start
+/// writes (`gitdir: <admin>`, cut short by a kill while it was written): nothing there to
+/// lose. A whole `.git`, or anything beside it, is not this.
+pub fn only_a_partial_dot_git(path: &Path, admin: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(path) else {
+        return false;
+    };
+    let names: Vec<_> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    if names != [".git"] {
+        return false;
+    }
+    let dot_git = path.join(".git");
+    if !fs::symlink_metadata(&dot_git).is_ok_and(|meta| meta.is_file()) {
+        return false;
+    }
+    let whole = format!("gitdir: {}\n", admin.display());
+    fs::read(&dot_git)
+        .is_ok_and(|start| start.len() < whole.len() && whole.as_bytes().starts_with(&start))
 }
 
 /// Why only its user can decide what becomes of worktree `id`, if so: git does not record it

@@ -26,7 +26,9 @@ pub mod changes;
 pub mod guard;
 pub(crate) mod reflock;
 
-pub use guard::{Keep, Removal, Target, forget_missing, remove, user_must_decide};
+pub use guard::{
+    Keep, Removal, Target, forget_missing, only_a_partial_dot_git, remove, user_must_decide,
+};
 
 /// What an unfinished checkout writes into git's `locked` file of the worktree (as `git
 /// worktree add` does), so a concurrent `git worktree prune` leaves it alone.

@@ -627,3 +627,49 @@ fn a_killed_instances_agent_state_and_a_killed_lock_waiters_record_are_removed_a
     let output = live.wait_after(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30));
     assert_eq!(code(&output), 143, "{}", stderr(&output));
 }
+
+#[test]
+fn a_start_killed_while_writing_its_dot_git_leaves_nothing_to_lose_and_anything_beside_it_is_kept()
+{
+    let repo = TestRepo::new();
+    let out = repo.run_app(&["run", "--no-worktree", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let git_dir = repo.root().join(".git");
+    let half = |id: &str, cut: usize| {
+        let dir = repo.root().join(".app/worktrees").join(id);
+        fs::create_dir_all(&dir).unwrap();
+        let whole = format!("gitdir: {}\n", git_dir.join("worktrees").join(id).display());
+        fs::write(dir.join(".git"), &whole.as_bytes()[..cut]).unwrap();
+        dir
+    };
+    // Killed after the file was made, and in the middle of its line.
+    let empty = half("cut-empty", 0);
+    let partial = half("cut-partial", 11);
+    // The same beginning with a file of someone's beside it, and a `.git` that is not ours.
+    let beside = half("cut-beside", 11);
+    fs::write(beside.join("notes.txt"), "mine").unwrap();
+    let foreign = repo.root().join(".app/worktrees/cut-foreign");
+    fs::create_dir_all(&foreign).unwrap();
+    fs::write(foreign.join(".git"), "gitdir: /elsewhere").unwrap();
+
+    let fixed = repo.run_app(&["doctor", "--fix"]);
+    assert!(!empty.exists(), "{}", stdout(&fixed));
+    assert!(!partial.exists(), "{}", stdout(&fixed));
+    assert_eq!(
+        fs::read_to_string(beside.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        fs::read_to_string(foreign.join(".git")).unwrap(),
+        "gitdir: /elsewhere"
+    );
+    let left = stdout(&repo.run_app(&["doctor"]));
+    assert!(
+        left.contains("cut-beside") && left.contains("cut-foreign"),
+        "{left}"
+    );
+    assert!(
+        !left.contains("cut-empty") && !left.contains("cut-partial"),
+        "{left}"
+    );
+}
