@@ -65,20 +65,11 @@ impl Fleet {
         command
     }
 
-    /// `app orchestrate --plan PLAN --fleet --progress PROGRESS --json` on host 0.
-    fn orchestrate(&self, plan: &std::path::Path, progress: &str) -> Command {
-        self.app(
-            0,
-            &[
-                "orchestrate",
-                "--plan",
-                plan.to_str().unwrap(),
-                "--fleet",
-                "--progress",
-                progress,
-                "--json",
-            ],
-        )
+    /// `app orchestrate --plan PLAN --fleet FLAGS...` on host 0.
+    fn orchestrate(&self, plan: &std::path::Path, flags: &[&str]) -> Command {
+        let mut args = vec!["orchestrate", "--plan", plan.to_str().unwrap(), "--fleet"];
+        args.extend_from_slice(flags);
+        self.app(0, &args)
     }
 
     /// A shell running `script` on host `n`, in the fleet (`$APP_BIN` is `app`).
@@ -297,7 +288,8 @@ fn a_worker_that_slept_past_its_lease_can_neither_report_nor_push_over_the_new_a
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let sleeper = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
+    let orchestrator =
+        fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "plain", "--json"]));
     wait_for(
         "the first attempt to start",
         Duration::from_secs(30),
@@ -462,17 +454,7 @@ fn a_killed_orchestrator_stops_nothing_and_another_host_resumes_the_run_with_its
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _worker = fleet.worker(2, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "plain",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "plain"]));
     wait_for("task a to start", Duration::from_secs(30), || {
         marks.join("started-a").exists()
     });
@@ -605,7 +587,8 @@ fn ctrl_c_takes_back_untaken_offers_leaves_leased_attempts_running_and_resume_fi
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _plain = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
+    let orchestrator =
+        fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "plain", "--json"]));
     wait_for("task a to start", Duration::from_secs(30), || {
         marks.join("started-a").exists()
     });
@@ -672,19 +655,8 @@ fn fail_fast_on_the_fleet_takes_back_the_offers_no_host_took_and_the_run_ends() 
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _plain = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--fail-fast",
-            "--progress",
-            "plain",
-            "--json",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0]
+        .spawn(fleet.orchestrate(&plan, &["--fail-fast", "--progress", "plain", "--json"]));
     // Without taking the offer back, the run would wait for a host with gpu=1.
     let out = orchestrator.wait(Duration::from_secs(60));
     assert_eq!(code(&out), 1, "{}\n{}", stdout(&out), stderr(&out));
@@ -938,17 +910,7 @@ fn a_host_with_another_secret_takes_nothing_and_app_fleet_says_it_is_refused() {
     let plan =
         json!({ "name": "secret", "tasks": [{ "id": "t", "command": committing("t", &ran) }] });
     let plan = write_plan(&fleet.hosts[0], &plan);
-    let orchestrator = fleet.hosts[0].spawn(fleet.app(
-        0,
-        &[
-            "orchestrate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--fleet",
-            "--progress",
-            "plain",
-        ],
-    ));
+    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "plain"]));
     wait_for("the task to be offered", Duration::from_secs(20), || {
         stdout(&fleet.run(0, &["fleet"])).contains("waiting: secret-")
     });
@@ -1188,7 +1150,8 @@ fn a_worker_killed_mid_task_loses_its_lease_and_the_task_finishes_on_another_hos
     });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let doomed = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
+    let orchestrator =
+        fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "plain", "--json"]));
     wait_for(
         "the first attempt to start",
         Duration::from_secs(30),
@@ -1468,7 +1431,8 @@ fn doctor_reports_a_sigkilled_worker_and_its_expired_lease_and_fix_hands_the_tas
     let plan = json!({ "name": "dies", "tasks": [{ "id": "a", "command": script }] });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let doomed = fleet.worker(1, &[]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
+    let orchestrator =
+        fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "plain", "--json"]));
     let pid_file = marks.join("pid-host1");
     wait_for(
         "the first attempt to start",
@@ -1881,7 +1845,8 @@ fn attempts_that_end_while_a_result_push_is_under_way_go_in_one_push_together() 
     let plan = json!({ "name": "gathered", "max_concurrent": 4, "tasks": tasks });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let _worker = fleet.worker(1, &["--capacity", "4"]);
-    let orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "none"));
+    let orchestrator =
+        fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "none", "--json"]));
     wait_for("the first result push", Duration::from_secs(30), || {
         marks.join("entered").exists()
     });
@@ -2333,7 +2298,8 @@ fn the_overview_lists_the_expired_lease_of_a_worker_killed_mid_task_in_its_atten
     let plan = json!({ "name": "lapses", "tasks": [{ "id": "a", "command": script }] });
     let plan = write_plan(&fleet.hosts[0], &plan);
     let doomed = fleet.worker(1, &[]);
-    let _orchestrator = fleet.hosts[0].spawn(fleet.orchestrate(&plan, "plain"));
+    let _orchestrator =
+        fleet.hosts[0].spawn(fleet.orchestrate(&plan, &["--progress", "plain", "--json"]));
     wait_for("the attempt to start", Duration::from_secs(30), || {
         fs::read_to_string(&pid_file).is_ok_and(|pid| pid.trim().parse::<u32>().is_ok())
     });
